@@ -1,0 +1,241 @@
+"""The on-disk activation cache: safetensors shards, a manifest, and a shuffled reader.
+
+A cache is a directory (format spec: docs/formats.md):
+
+    manifest.json              provenance, sizes, one entry per shard (rows, sha256), `complete`
+    shard_00000.safetensors    activations [n, d_model], tokens [n], doc [n], pos [n]
+    ...
+
+Shards hold a fixed number of contexts, so an interrupted harvest resumes after the last shard
+the manifest lists and produces byte-identical shards. A shard file is written to a temporary
+name and renamed, and only then entered in the manifest (itself written atomically); a cache is
+complete only once its manifest says so. Writers and readers of the format both live here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import UserError
+from .fsutil import sha256_file, write_json_atomic
+
+FORMAT = "sae_lens_lite.activations"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a cache was made from. A writer refuses to resume into a cache whose provenance differs.
+PROVENANCE_KEYS = (
+    "model", "weights_hash", "hook", "corpus", "tokenizer", "dtype", "context_length",
+    "contexts_per_shard", "filters", "seed", "max_contexts",
+)  # fmt: skip
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+class CacheWriter:
+    """Appends shards to a cache directory and keeps the manifest in step.
+
+    Holds an exclusive lock on the directory while open, so two harvests cannot interleave."""
+
+    def __init__(self, path: str | os.PathLike, provenance: dict, d_model: int, overwrite: bool = False):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{self.path} is being written by another process; wait for it or choose another --out") from None
+        self.provenance = {k: provenance.get(k) for k in PROVENANCE_KEYS}
+        old = _read_manifest(self.path)
+        if old is None and any(p.name != ".lock" for p in self.path.iterdir()) and not overwrite:
+            raise UserError(f"{self.path} is not empty and is not an activation cache: choose another --out or pass --overwrite")
+        if old is not None and _provenance(old) != json.loads(json.dumps(self.provenance)):
+            if not overwrite:
+                diff = [k for k in PROVENANCE_KEYS if old.get(k) != json.loads(json.dumps(self.provenance)).get(k)]
+                raise UserError(
+                    f"{self.path} holds a cache made differently (differs in: {', '.join(diff)}); "
+                    "choose another --out or pass --overwrite"
+                )
+            old = None
+        if old is None:
+            for p in self.path.iterdir():
+                if p.name != ".lock" and p.is_file():
+                    p.unlink()
+        self.manifest = old or {
+            "format": FORMAT, "version": VERSION, "complete": False, **self.provenance,
+            "d_model": d_model, "n_tokens": 0, "n_contexts": 0, "shards": [],
+        }  # fmt: skip
+        # Anything not in the manifest is debris from an interrupted write.
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for p in self.path.glob("shard_*"):
+            if p.name not in listed:
+                p.unlink()
+        if old is None:
+            write_json_atomic(self.path / MANIFEST, self.manifest)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int) -> None:
+        """acts [n, d_model]; tokens, doc, pos [n]; n_contexts: how many contexts it covers."""
+        name = shard_name(self.n_shards)
+        tmp = self.path / (name + ".tmp")
+        tensors = {
+            "activations": acts.to(DTYPES[self.manifest["dtype"]]).contiguous().cpu(),
+            "tokens": tokens.to(torch.int32).contiguous().cpu(),
+            "doc": doc.to(torch.int32).contiguous().cpu(),
+            "pos": pos.to(torch.int32).contiguous().cpu(),
+        }
+        try:
+            save_file(tensors, str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"could not write {tmp}: {e.strerror}; free some space and run the same command to resume") from None
+        os.replace(tmp, self.path / name)
+        m = self.manifest
+        m["shards"].append({"file": name, "n_rows": int(acts.shape[0]), "n_contexts": n_contexts, "sha256": sha256_file(self.path / name)})
+        m["n_tokens"] += int(acts.shape[0])
+        m["n_contexts"] += n_contexts
+        write_json_atomic(self.path / MANIFEST, m)
+
+    def finish(self, **extra) -> dict:
+        self.manifest.update(extra, complete=True)
+        write_json_atomic(self.path / MANIFEST, self.manifest)
+        self.close()
+        return self.manifest
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+
+def _read_manifest(path: Path) -> dict | None:
+    f = path / MANIFEST
+    if not f.exists():
+        return None
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{f} is not valid JSON; the cache is damaged, harvest it again with --overwrite") from None
+    if m.get("format") != FORMAT:
+        raise UserError(f"{f} is not an sae_lens_lite activation manifest")
+    return m
+
+
+def _provenance(m: dict) -> dict:
+    return {k: m.get(k) for k in PROVENANCE_KEYS}
+
+
+@dataclass
+class ActivationCache:
+    """Read side of the format. `verify` checks each shard's sha256 the first time it is read."""
+
+    path: Path
+    manifest: dict
+    verify: bool = True
+    _verified: set = field(default_factory=set, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = True) -> "ActivationCache":
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"activation cache {path} not found; create it with `sae-lite harvest --out {path}`")
+        m = _read_manifest(path)
+        if m is None:
+            raise UserError(f"{path} has no {MANIFEST}; it is not an activation cache")
+        if not m["complete"]:
+            raise UserError(f"the cache {path} is incomplete (interrupted harvest); run the same harvest command again to finish it")
+        return cls(path, m, verify)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def check_shard(self, i: int) -> None:
+        """Raise a UserError naming shard i if its size or sha256 differs from the manifest."""
+        entry = self.manifest["shards"][i]
+        f = self.path / entry["file"]
+        if not f.exists():
+            raise UserError(f"shard {f} is missing; harvest the cache again")
+        if sha256_file(f) != entry["sha256"]:
+            raise UserError(f"shard {f} is corrupt (sha256 differs from the manifest); harvest the cache again")
+
+    def read_shard(self, i: int, keys: tuple[str, ...] = ("activations", "tokens", "doc", "pos")) -> dict[str, Tensor]:
+        if self.verify and i not in self._verified:
+            self.check_shard(i)
+            self._verified.add(i)
+        f = self.path / self.manifest["shards"][i]["file"]
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                return {k: st.get_tensor(k) for k in keys}
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise UserError(f"cannot read shard {f}: {e}") from None
+
+    def load(self, keys: tuple[str, ...] = ("activations", "tokens", "doc", "pos"), dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The whole cache concatenated in order (use only when it fits in memory)."""
+        parts = [self.read_shard(i, keys) for i in range(self.n_shards)]
+        out = {k: torch.cat([p[k] for p in parts]) for k in keys}
+        if dtype is not None and "activations" in out:
+            out["activations"] = out["activations"].to(dtype)
+        return out
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        shards_in_memory: int = 8,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[Tensor]:
+        """One pass over the cache in batches [batch_size, d_model] (the last may be smaller).
+
+        Shuffling is two-level and deterministic for a seed: a random shard order, then rows
+        permuted within a window of `shards_in_memory` shards. RAM stays bounded by the window
+        whatever the cache size."""
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.n_shards, generator=g).tolist() if shuffle else list(range(self.n_shards))
+        carry = torch.empty(0, self.d_model, dtype=dtype)
+        pin = torch.device(device).type == "cuda"
+        for w in range(0, len(order), shards_in_memory):
+            window = [self.read_shard(i, ("activations",))["activations"].to(dtype) for i in order[w : w + shards_in_memory]]
+            rows = torch.cat([carry, *window])
+            if shuffle:
+                rows = rows[torch.randperm(len(rows), generator=g)]
+            n_full = len(rows) // batch_size * batch_size
+            last_window = w + shards_in_memory >= len(order)
+            end = len(rows) if last_window else n_full
+            for b in range(0, end, batch_size):
+                batch = rows[b : b + batch_size]
+                if pin:
+                    batch = batch.pin_memory()
+                yield batch.to(device, non_blocking=pin)
+            carry = rows[n_full:] if not last_window else carry[:0]

