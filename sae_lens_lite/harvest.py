@@ -1,0 +1,248 @@
+"""Run the model over a corpus with hooks, stop at the layer, and write the activation cache.
+
+Corpus → tokens → fixed-length contexts → forward (stopped after the deepest hook) → filter rows
+→ shards. Several hooks are harvested in one pass, one cache per hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .cache import DTYPES, CacheWriter
+from .errors import UserError
+from .models import LoadedModel, hook_point, load_model, run_to_hooks
+
+DEFAULT_CORPUS = "pydoc"  # Python's own documentation, shipped with every CPython install
+
+
+@dataclass
+class HarvestConfig:
+    model: str = "smollm2-135m"
+    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"])
+    dataset: str = DEFAULT_CORPUS  # .txt/.jsonl/.parquet file, "pydoc", or a hub dataset id
+    split: str = "train"  # for hub datasets
+    text_column: str = "text"
+    tokens: int = 200_000  # how many tokens to run through the model (before filtering)
+    context_length: int = 128
+    batch_size: int = 16  # contexts per forward
+    out: str = "runs/acts"  # one hook: this directory; several: out/<hook name>
+    dtype: str = "bfloat16"  # storage dtype of the activations
+    model_dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    contexts_per_shard: int = 256
+    drop_special: bool = True  # drop BOS/EOS/pad rows (attention sinks and separators)
+    drop_first: int = 0  # drop the first k positions of every context
+    outlier_factor: float = 0.0  # drop rows whose norm exceeds this × the median norm (0: off)
+    nonfinite: str = "error"  # NaN/Inf rows: "error" refuses the harvest, "skip" drops them
+    seed: int = 0
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---- corpus ---------------------------------------------------------------------------------
+
+
+def load_texts(dataset: str, split: str = "train", text_column: str = "text") -> list[str]:
+    """Documents of a corpus: a local .txt (one document), .jsonl/.json/.parquet/.csv file (one
+    per row), a directory of .txt files, "pydoc", or a hub dataset id (online only)."""
+    if dataset == DEFAULT_CORPUS:
+        import pydoc_data.topics
+
+        return [t for t in pydoc_data.topics.topics.values() if t.strip()]
+    path = Path(dataset)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise UserError(f"corpus directory {dataset} holds no .txt files")
+        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise UserError(f"corpus file {dataset} not found")
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    import datasets
+
+    datasets.disable_progress_bars()
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    try:
+        if path.suffix in builders:
+            if not path.is_file():
+                raise UserError(f"corpus file {dataset} not found")
+            ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+        elif path.suffix or dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:
+            raise UserError(f"corpus {dataset} not found (expected a .txt/.jsonl/.parquet/.csv file, a directory, '{DEFAULT_CORPUS}' or a hub id)")
+        else:
+            ds = datasets.load_dataset(dataset, split=split)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot load corpus {dataset!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if text_column not in ds.column_names:
+        raise UserError(f"corpus {dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column")
+    return [t for t in ds[text_column] if isinstance(t, str)]
+
+
+def corpus_fingerprint(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", errors="replace"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def tokenize_corpus(tokenizer, texts: list[str], context_length: int, max_tokens: int | None = None) -> Tensor:
+    """Tokenize documents, join them with EOS between, and pack into contexts [n_ctx, context_length].
+
+    Packing (rather than padding) wastes no compute; the separator tells the model where one
+    document ends. The final partial context is dropped."""
+    if not any(t.strip() for t in texts):
+        raise UserError("the corpus is empty (no non-whitespace text); point --dataset at real text")
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    need = None if max_tokens is None else max_tokens + context_length
+    for t in texts:
+        if not t.strip():
+            continue
+        ids.extend(tokenizer(t, add_special_tokens=False).input_ids)
+        if sep is not None:
+            ids.append(sep)
+        if need is not None and len(ids) >= need:
+            break
+    n_ctx = len(ids) // context_length
+    if max_tokens is not None:
+        n_ctx = min(n_ctx, max(1, max_tokens // context_length))
+    if n_ctx == 0:
+        raise UserError(f"the corpus has {len(ids)} tokens, fewer than one context of {context_length}; use a smaller --context-length")
+    return torch.tensor(ids[: n_ctx * context_length], dtype=torch.long).view(n_ctx, context_length)
+
+
+def check_context_length(lm: LoadedModel, context_length: int) -> None:
+    if context_length <= 0:
+        raise UserError(f"--context-length must be positive, got {context_length}")
+    if lm.max_context is not None and context_length > lm.max_context:
+        raise UserError(f"--context-length {context_length} is longer than the model allows ({lm.max_context})")
+
+
+# ---- filtering ------------------------------------------------------------------------------
+
+
+def keep_mask(tokens: Tensor, acts: Tensor, cfg: HarvestConfig, special_ids: set[int]) -> Tensor:
+    """Which rows of a batch to keep. tokens [b, T], acts [b, T, d] → bool [b, T]."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    if cfg.drop_special and special_ids:
+        keep &= ~torch.isin(tokens, torch.tensor(sorted(special_ids), device=tokens.device))
+    if cfg.drop_first:
+        keep[:, : cfg.drop_first] = False
+    if cfg.outlier_factor > 0:
+        norms = acts.float().norm(dim=-1)  # [b, T]
+        keep &= norms <= cfg.outlier_factor * norms.median()
+    return keep
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return {i for i in ids if i is not None}
+
+
+# ---- the harvest loop -----------------------------------------------------------------------
+
+
+def cache_dirs(cfg: HarvestConfig) -> dict[str, Path]:
+    if len(cfg.hooks) == 1:
+        return {cfg.hooks[0]: Path(cfg.out)}
+    return {h: Path(cfg.out) / h for h in cfg.hooks}
+
+
+def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path]:
+    """Write one activation cache per hook; returns {hook: cache directory}. Resumable."""
+    if not cfg.hooks:
+        raise UserError("no hook given; pass --hook blocks.L.hook_resid_post (for example)")
+    if cfg.nonfinite not in ("error", "skip"):
+        raise UserError(f"--nonfinite must be 'error' or 'skip', got {cfg.nonfinite!r}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
+    device = resolve_device(cfg.device)
+    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column)
+    if lm is None:
+        lm = load_model(cfg.model, device, model_dtype(cfg.model_dtype, device), cfg.trust_remote_code)
+    for h in cfg.hooks:
+        hook_point(lm.model, h)  # unknown hooks fail before any file is written
+    check_context_length(lm, cfg.context_length)
+    contexts = tokenize_corpus(lm.tokenizer, texts, cfg.context_length, cfg.tokens)  # [n_ctx, T]
+    special = special_token_ids(lm.tokenizer)
+
+    base = {
+        "model": cfg.model, "weights_hash": lm.weights_hash, "corpus": cfg.dataset,
+        "corpus_sha256": corpus_fingerprint(texts), "tokenizer": type(lm.tokenizer).__name__ + ":" + str(getattr(lm.tokenizer, "name_or_path", "")),
+        "dtype": cfg.dtype, "context_length": cfg.context_length, "contexts_per_shard": cfg.contexts_per_shard,
+        "seed": cfg.seed, "max_contexts": len(contexts),
+        "filters": {"drop_special": cfg.drop_special, "special_ids": sorted(special), "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor, "nonfinite": cfg.nonfinite},
+    }  # fmt: skip
+    dirs = cache_dirs(cfg)
+    writers = {h: CacheWriter(d, {**base, "hook": h}, lm.d_model, cfg.overwrite) for h, d in dirs.items()}
+    try:
+        todo = [h for h, w in writers.items() if not w.complete]
+        if not todo:
+            return dirs
+        # Every cache of one harvest advances together; resume from the least advanced.
+        start_shard = min(writers[h].n_shards for h in todo)
+        n_ctx = len(contexts)
+        per = cfg.contexts_per_shard
+        n_shards = (n_ctx + per - 1) // per
+        bar = tqdm(total=n_ctx * cfg.context_length, initial=start_shard * per * cfg.context_length, unit="tok", desc="harvest", dynamic_ncols=True)
+        skipped = {h: writers[h].manifest.get("nonfinite_rows", 0) for h in todo}
+        for s in range(start_shard, n_shards):
+            ctx = contexts[s * per : (s + 1) * per]
+            rows: dict[str, list[Tensor]] = {h: [] for h in todo}
+            meta: dict[str, list[Tensor]] = {h: [] for h in todo}
+            for b in range(0, len(ctx), cfg.batch_size):
+                ids = ctx[b : b + cfg.batch_size].to(device)  # [b, T]
+                acts = run_to_hooks(lm.model, ids, todo)
+                doc = torch.arange(s * per + b, s * per + b + len(ids), device=device)[:, None].expand_as(ids)
+                pos = torch.arange(ids.shape[1], device=device)[None, :].expand_as(ids)
+                for h in todo:
+                    a = acts[h]  # [b, T, d]
+                    keep = keep_mask(ids, a, cfg, special)
+                    finite = torch.isfinite(a).all(dim=-1)
+                    bad = int((keep & ~finite).sum())
+                    if bad and cfg.nonfinite == "error":
+                        raise UserError(f"{bad} activation rows at {h} are NaN or Inf (shard {s}); pass --nonfinite skip to drop them")
+                    skipped[h] += bad
+                    keep &= finite
+                    rows[h].append(a[keep].to(DTYPES[cfg.dtype]).cpu())
+                    meta[h].append(torch.stack([ids[keep], doc[keep], pos[keep]]).cpu())
+                bar.update(ids.numel())
+            for h in todo:
+                if writers[h].n_shards > s:
+                    continue  # this cache already had the shard (it was ahead of the others)
+                tok, doc, pos = torch.cat(meta[h], dim=1)
+                writers[h].add_shard(torch.cat(rows[h]), tok, doc, pos, n_contexts=len(ctx))
+        bar.close()
+        for h in todo:
+            writers[h].finish(d_model=lm.d_model, nonfinite_rows=skipped[h], harvest_config=asdict(cfg))
+    finally:
+        for w in writers.values():
+            w.close()
+    return dirs
