@@ -1,0 +1,439 @@
+"""Feature analysis: top activations, per-feature statistics, logit lens, monosemanticity ranking.
+
+Pass 1 streams the cache in order (so a row index names a token) through the SAE and keeps, per
+feature, the top-k activations and their rows, the firing count, sum and max, and a histogram.
+Memory is bounded by k × d_sae whatever the cache size. Pass 2 re-encodes only the rows inside
+the top examples' context windows, to shade every context token by the feature's activation.
+The score (defined in docs/analysis.md) and the logit lens are computed from those, then
+features.json, ranking.csv, the browser page (browser/) and the plots are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .cache import ActivationCache
+from .errors import UserError
+from .fsutil import prepare_out_dir
+from .harvest import resolve_device
+from .models import LoadedModel, load_model
+from .sae import SAE
+
+FORMAT = "sae_lens_lite.features"
+LOG2_BINS = 6
+N_BINS = 1 << LOG2_BINS  # histogram bins per feature
+N_LENS = 10  # tokens listed as promoted / suppressed by the logit lens
+N_TOP_TOKENS = 5
+
+
+@dataclass
+class AnalyzeConfig:
+    sae: str = field(default="runs/sae", metadata={"help": "SAE directory (from `sae-lite train` or `sae-lite import`)"})
+    acts: str = field(default="runs/acts", metadata={"help": "activation cache to read the features on (from `sae-lite harvest`)"})
+    out: str = field(default="runs/analysis", metadata={"help": "output directory: features.json, ranking.csv, index.html, plots"})
+    top_k: int = field(default=16, metadata={"help": "top-activating examples kept per feature; memory is top_k × d_sae"})
+    ctx_before: int = field(default=16, metadata={"help": "context tokens shown before each example's token"})
+    ctx_after: int = field(default=4, metadata={"help": "context tokens shown after it (the next one feeds the logit-lens check)"})
+    batch_size: int = field(default=4096, metadata={"help": "rows encoded at once; lower it if the device runs out of memory"})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu or auto (GPU when there is one)"})
+    max_features: int | None = field(default=None, metadata={"help": "put only the N best-ranked features in the page (features.json keeps all)"})
+    model: str | None = field(default=None, metadata={"help": "model for token text and the logit lens; default: the one the cache was harvested from"})
+    overwrite: bool = field(default=False, metadata={"help": "write into a non-empty --out that holds other files"})
+
+
+# ---- pass 1: streamed statistics --------------------------------------------------------------
+
+
+@dataclass
+class FeatureStats:
+    top_vals: Tensor  # [d_sae, k] largest activations, descending (0 where fewer than k firings)
+    top_rows: Tensor  # [d_sae, k] their cache rows, -1 where absent
+    count: Tensor  # [d_sae] rows where the feature fired (> 0)
+    total: Tensor  # [d_sae] sum of its activations
+    max: Tensor  # [d_sae]
+    hist: Tensor  # [d_sae, N_BINS] firing activations in bins of width 2**hist_exp / N_BINS
+    hist_exp: Tensor  # [d_sae] int64
+    l0: Tensor  # [d_sae + 1] number of rows with 0, 1, 2, ... features firing
+    n_rows: int
+
+
+def ordered_batches(cache: ActivationCache, batch_size: int, device) -> Iterator[tuple[int, Tensor]]:
+    """(first row index, activations [b, d_model]) over the whole cache in row order."""
+    start = 0
+    for i in tqdm(range(cache.n_shards), desc="analyze", unit="shard", dynamic_ncols=True):
+        acts = cache.read_shard(i, ("activations",))["activations"]
+        for b in range(0, len(acts), batch_size):
+            yield start + b, acts[b : b + batch_size].to(device, torch.float32)
+        start += len(acts)
+
+
+@torch.no_grad()
+def feature_stats(sae: SAE, batches, k: int) -> FeatureStats:
+    d, dev = sae.d_sae, sae.W_enc.device
+    top_vals = torch.zeros(d, k, device=dev)
+    top_rows = torch.full((d, k), -1, dtype=torch.long, device=dev)
+    count = torch.zeros(d, dtype=torch.long, device=dev)
+    total = torch.zeros(d, dtype=torch.float64, device=dev)
+    mx = torch.zeros(d, device=dev)
+    hist = torch.zeros(d, N_BINS, dtype=torch.long, device=dev)
+    hist_exp = torch.full((d,), -1000, dtype=torch.long, device=dev)
+    l0 = torch.zeros(d + 1, dtype=torch.long, device=dev)
+    n = 0
+    for start, x in batches:
+        f = sae.encode(x)  # [b, d_sae]
+        fired = f > 0
+        count += fired.sum(0)
+        total += f.sum(0, dtype=torch.float64)
+        mx = torch.maximum(mx, f.max(0).values)
+        l0 += torch.bincount(fired.sum(1), minlength=d + 1)
+        # Merge this batch's top rows into the running top-k: only k × d_sae values are kept.
+        v, i = f.topk(min(k, len(f)), dim=0)  # [kb, d_sae]
+        vals, rows = torch.cat([top_vals, v.T], 1), torch.cat([top_rows, i.T + start], 1)
+        top_vals, j = vals.topk(k, dim=1)
+        top_rows = rows.gather(1, j)
+        _add_to_histogram(hist, hist_exp, f, fired)
+        n += len(f)
+    top_rows[top_vals <= 0] = -1
+    return FeatureStats(top_vals, top_rows, count, total, mx, hist, hist_exp, l0, n)
+
+
+def _add_to_histogram(hist: Tensor, hist_exp: Tensor, f: Tensor, fired: Tensor) -> None:
+    """Exact linear histograms without knowing the max in advance: feature j's bins cover
+    [0, 2**e_j); when a larger value arrives the range doubles and pairs of bins merge."""
+    exp = torch.frexp(f.max(0).values).exponent.long()  # batch max < 2**exp exactly
+    new_exp = torch.where(fired.any(0), torch.maximum(hist_exp, exp), hist_exp)
+    shift = (new_exp - hist_exp).clamp(max=LOG2_BINS)  # doubling LOG2_BINS times puts all in bin 0
+    for s in shift.unique().tolist():
+        if s > 0:
+            idx = (shift == s).nonzero().squeeze(1)
+            merged = hist[idx].view(len(idx), N_BINS >> s, 1 << s).sum(-1)
+            hist[idx] = F.pad(merged, (0, N_BINS - merged.shape[1]))
+    hist_exp.copy_(new_exp)
+    r, c = fired.nonzero(as_tuple=True)
+    # v * 2**(LOG2_BINS - e) is exact in floating point, so the bin is too.
+    b = torch.ldexp(f[r, c], LOG2_BINS - hist_exp[c]).floor().long().clamp_(0, N_BINS - 1)
+    hist.view(-1).index_add_(0, c * N_BINS + b, torch.ones_like(b))
+
+
+# ---- pass 2: context windows ---------------------------------------------------------------------
+
+
+def context_windows(doc: Tensor, pos: Tensor, rows: Tensor, before: int, after: int) -> Tensor:
+    """Cache rows of the window around each of `rows` [...] → [..., before + 1 + after], -1 where
+    a position is absent (outside the context, or dropped by the harvest filters)."""
+    span = int(pos.max()) + 1 + before + after  # windows of one context cannot reach the next
+    key = doc.long() * span + pos.long()  # [n]
+    order = key.argsort()
+    sorted_key = key[order]
+    r = rows.clamp(min=0)
+    want = key[r][..., None] + torch.arange(-before, after + 1)  # [..., W]
+    idx = torch.searchsorted(sorted_key, want).clamp(max=len(key) - 1)
+    hit = (sorted_key[idx] == want) & (rows >= 0)[..., None]
+    return torch.where(hit, order[idx], -1)
+
+
+@torch.no_grad()
+def window_activations(sae: SAE, cache: ActivationCache, win: Tensor, batch_size: int) -> Tensor:
+    """Feature j's activation on every row of its windows: win [d_sae, k, W] → [d_sae, k, W]."""
+    dev = sae.W_enc.device
+    valid = win >= 0
+    rows = win[valid]  # [p] one entry per (feature, window row) pair
+    feats = torch.arange(win.shape[0])[:, None, None].expand_as(win)[valid]
+    order = rows.argsort()
+    rows, feats = rows[order], feats[order]
+    vals = torch.zeros(len(rows))
+    start = 0
+    for i, shard in enumerate(cache.manifest["shards"]):
+        lo, hi = torch.searchsorted(rows, torch.tensor([start, start + shard["n_rows"]])).tolist()
+        if hi > lo:
+            acts = cache.read_shard(i, ("activations",))["activations"]
+            need, inv = rows[lo:hi].unique(return_inverse=True)  # sorted, so `inv` is too
+            for c in range(0, len(need), batch_size):
+                a, b = torch.searchsorted(inv, torch.tensor([c, c + batch_size])).tolist()
+                lat = sae.encode(acts[need[c : c + batch_size] - start].to(dev, torch.float32))
+                vals[lo + a : lo + b] = lat[(inv[a:b] - c).to(dev), feats[lo + a : lo + b].to(dev)].cpu()
+        start += shard["n_rows"]
+    out = torch.zeros(win.shape)
+    out[valid] = torch.empty_like(vals).index_put_((order,), vals)
+    return out
+
+
+# ---- logit lens -----------------------------------------------------------------------------------
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last block and the unembedding (Llama model.norm, GPT-2
+    transformer.ln_f, NeoX gpt_neox.final_layer_norm): the last norm child of the base model."""
+    norms = [m for m in model.base_model.children() if "norm" in type(m).__name__.lower()]
+    if not norms:
+        raise UserError(f"cannot find the final norm of {type(model).__name__} for the logit lens")
+    return norms[-1]
+
+
+@torch.no_grad()
+def logit_lens(model: nn.Module, W_dec: Tensor, n: int = N_LENS, n_vocab: int | None = None, chunk: int = 256):
+    """Tokens each decoder direction promotes and suppresses: W_dec [d_sae, d_model] →
+    (top values, top ids, bottom values, bottom ids), each [d_sae, n].
+
+    A direction is scaled to RMS 1 (a normalised residual), passed through the final norm and the
+    unembedding, and the output for the zero vector is subtracted: that removes the norm's and the
+    head's biases, which would add the same logits to every feature."""
+    norm, head = final_norm(model), model.get_output_embeddings()
+    p = head.weight
+    zero = head(norm(torch.zeros(1, 1, W_dec.shape[1], device=p.device, dtype=p.dtype)))[0].float()  # [1, V]
+    out = []
+    for c in range(0, len(W_dec), chunk):
+        d = W_dec[c : c + chunk].to(p.device, p.dtype)
+        d = d / d.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        logits = (head(norm(d[None]))[0].float() - zero)[:, :n_vocab]  # [c, V]
+        up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+        out.append((up.values.cpu(), up.indices.cpu(), down.values.cpu(), down.indices.cpu()))
+    return tuple(torch.cat(t) for t in zip(*out))
+
+
+# ---- monosemanticity score (definition and reasoning: docs/analysis.md) -------------------------
+
+
+def pair_agreement(labels: Tensor, w: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """Activation-weighted share of example pairs i ≠ j whose labels are equal.
+    labels [F, k] (-1: unknown), w [F, k] weights; exclude [F, k, k] pairs to skip. → [F] (nan: no pairs)."""
+    w = w * (labels >= 0)
+    W = w[:, :, None] * w[:, None, :] * (1 - torch.eye(w.shape[1]))  # [F, k, k]
+    if exclude is not None:
+        W = W * ~exclude
+    eq = labels[:, :, None] == labels[:, None, :]
+    return (W * eq).sum((1, 2)) / W.sum((1, 2))
+
+
+def window_jaccard(a: Tensor, b: Tensor) -> Tensor:
+    """Jaccard similarity of the token sets of windows a [..., L] and b [..., L] (-1 = absent)."""
+    def first(x):  # each token once: drop repeats and absent positions
+        rep = (x[..., :, None] == x[..., None, :]).tril(-1).any(-1)
+        return (x >= 0) & ~rep
+
+    va, vb = first(a), first(b)
+    inter = (va[..., :, None] & vb[..., None, :] & (a[..., :, None] == b[..., None, :])).sum((-1, -2))
+    union = va.sum(-1) + vb.sum(-1) - inter
+    return inter / union.clamp(min=1)
+
+
+def kappa(observed: Tensor, chance: Tensor | float) -> Tensor:
+    """Agreement beyond chance, as in Cohen's kappa, clipped to [0, 1]."""
+    return ((observed - chance) / (1 - chance)).nan_to_num(0.0).clamp(0, 1)
+
+
+def monosemanticity(win_tokens: Tensor, win_docs: Tensor, win_pos: Tensor, acts: Tensor, center: int,
+                    promoted: Tensor, unigram: Tensor, bag_chance: float, k: int) -> dict[str, Tensor]:  # fmt: skip
+    """Score features from their top examples. win_tokens/win_docs/win_pos [F, k, W] (-1 absent),
+    acts [F, k] top activations, promoted [F, n] logit-lens token ids, unigram [V] token frequencies."""
+    p_same = float((unigram**2).sum())  # chance that two random tokens are equal
+    tok = pair_agreement(win_tokens[:, :, center], acts)
+    prev = pair_agreement(win_tokens[:, :, center - 1], acts)
+    # Context bags: pairs whose windows overlap (same context, nearby) would agree trivially.
+    d, p = win_docs[:, :, center], win_pos[:, :, center]
+    overlap = (d[:, :, None] == d[:, None, :]) & ((p[:, :, None] - p[:, None, :]).abs() <= center)
+    bag = torch.zeros(len(acts))
+    for c in range(0, len(acts), 128):
+        ctx = win_tokens[c : c + 128, :, :center]  # [c, k, before]
+        J = window_jaccard(ctx[:, :, None], ctx[:, None, :])  # [c, k, k]
+        w = acts[c : c + 128]
+        W = w[:, :, None] * w[:, None, :] * (1 - torch.eye(k)) * ~overlap[c : c + 128]
+        bag[c : c + 128] = (W * J).sum((1, 2)) / W.sum((1, 2))
+    # Logit lens: is the token that follows one the decoder direction promotes?
+    nxt = win_tokens[:, :, center + 1] if win_tokens.shape[2] > center + 1 else torch.full_like(acts, -1, dtype=torch.long)
+    hit = (nxt[:, :, None] == promoted[:, None, :]).any(-1).float()
+    w = acts * (nxt >= 0)
+    lens_obs = (w * hit).sum(1) / w.sum(1)
+    lens_chance = unigram[promoted].sum(1)
+    s = {"token": kappa(tok, p_same), "context": torch.maximum(kappa(prev, p_same), kappa(bag, bag_chance)), "lens": kappa(lens_obs, lens_chance)}
+    n_ex = (acts > 0).sum(1)
+    support = ((n_ex - 1) / (k - 1)).clamp(0, 1)  # few firings: weak evidence, whatever they agree on
+    s["score"] = support * torch.stack([s["token"], s["context"], s["lens"]]).amax(0)
+    return s
+
+
+def random_window_jaccard(tokens: Tensor, doc: Tensor, pos: Tensor, before: int, n_pairs: int = 2048) -> float:
+    """Chance level of the context-bag agreement: mean Jaccard of windows at random rows of
+    different contexts."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(len(tokens), (2, n_pairs), generator=g)
+    keep = doc[a] != doc[b]
+    if not keep.any():
+        return 0.0
+    win = context_windows(doc, pos, torch.stack([a[keep], b[keep]]), before, 0)[..., :before]  # [2, p, before]
+    t = torch.where(win >= 0, tokens[win.clamp(min=0)].long(), -1)
+    return float(window_jaccard(t[0], t[1]).mean())
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+
+def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
+    """Write features.json, ranking.csv, index.html and plots to cfg.out; returns a summary."""
+    t0 = time.time()
+    if cfg.top_k < 2:
+        raise UserError(f"--top-k must be at least 2 (the score compares examples in pairs), got {cfg.top_k}")
+    if cfg.ctx_before < 1 or cfg.ctx_after < 0:
+        raise UserError("--ctx-before must be at least 1 and --ctx-after at least 0")
+    device = resolve_device(cfg.device)
+    sae = SAE.load(cfg.sae).folded().to(device)  # folded: W_dec rows in activation units
+    cache = ActivationCache.open(cfg.acts)
+    m = cache.manifest
+    if sae.d_in != cache.d_model:
+        raise UserError(f"the SAE reads vectors of size {sae.d_in} but the cache {cfg.acts} holds {cache.d_model}; pass the cache it was trained on")
+    if sae.cfg.hook and m.get("hook") and sae.cfg.hook != m["hook"]:
+        raise UserError(f"the SAE was trained on {sae.cfg.hook} but the cache holds {m['hook']}; pass the matching --acts")
+    model_name = cfg.model or m.get("model") or sae.cfg.model
+    if lm is None:
+        if not model_name:
+            raise UserError("the cache does not name its model; pass --model for token text and the logit lens")
+        lm = load_model(model_name, device)
+    out = prepare_out_dir(cfg.out, cfg.overwrite, marker="features.json")
+
+    k, before, after = cfg.top_k, cfg.ctx_before, cfg.ctx_after
+    st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), k)
+    st = FeatureStats(*(t.cpu() if isinstance(t, Tensor) else t for t in vars(st).values()))
+    meta = cache.load(("tokens", "doc", "pos"))
+    tokens, doc, pos = meta["tokens"].long(), meta["doc"], meta["pos"]
+    n_vocab = len(lm.tokenizer)
+    if int(tokens.max()) >= n_vocab:
+        raise UserError(f"the cache holds token ids up to {int(tokens.max())} but the tokenizer of {lm.name} has {n_vocab}; pass the right --model")
+
+    win = context_windows(doc, pos, st.top_rows, before, after)  # [d_sae, k, W] rows
+    win_acts = window_activations(sae, cache, win, cfg.batch_size)  # [d_sae, k, W]
+    gather = lambda t: torch.where(win >= 0, t[win.clamp(min=0)].long(), -1)  # noqa: E731
+    win_tok, win_doc, win_pos = gather(tokens), gather(doc), gather(pos)
+    up_v, up_i, down_v, down_i = logit_lens(lm.model, sae.W_dec, n_vocab=n_vocab)
+    unigram = torch.bincount(tokens, minlength=n_vocab).double() / len(tokens)
+    bag_chance = random_window_jaccard(tokens, doc, pos, before)
+    s = monosemanticity(win_tok, win_doc, win_pos, st.top_vals, before, up_i, unigram, bag_chance, k)
+    rank = torch.empty(sae.d_sae, dtype=torch.long)
+    order = s["score"].argsort(descending=True, stable=True)
+    rank[order] = torch.arange(1, sae.d_sae + 1)
+
+    ids = sorted(set(win_tok[win_tok >= 0].tolist()) | set(up_i.flatten().tolist()) | set(down_i.flatten().tolist()))
+    vocab = {str(i): lm.tokenizer.decode([i]) for i in ids}
+    r4 = lambda t: t.double().round(decimals=4).tolist()  # noqa: E731
+    r3 = lambda t: t.double().round(decimals=3).tolist()  # noqa: E731
+    freq_t = st.count.double() / max(st.n_rows, 1)
+    freq, means, maxes = freq_t.tolist(), r4(st.total / st.count.clamp(min=1)), r4(st.max)
+    scores, comps = r4(s["score"]), {c: r4(s[c]) for c in ("token", "context", "lens")}
+    features = []
+    for j in range(sae.d_sae):
+        n_ex = int((st.top_vals[j] > 0).sum())
+        counts = st.hist[j].tolist()
+        while counts and counts[-1] == 0:
+            counts.pop()
+        vals, rows_j = r4(st.top_vals[j, :n_ex]), st.top_rows[j, :n_ex].tolist()
+        toks, docs, poss, wacts = win_tok[j, :n_ex].tolist(), win_doc[j].tolist(), win_pos[j].tolist(), r4(win_acts[j, :n_ex])
+        mass: dict[int, float] = {}
+        examples = []
+        for e in range(n_ex):
+            mass[toks[e][before]] = mass.get(toks[e][before], 0.0) + vals[e]
+            keep = [i for i, t in enumerate(toks[e]) if t >= 0]
+            examples.append({
+                "row": rows_j[e], "doc": docs[e][before], "pos": poss[e][before], "act": vals[e],
+                "center": sum(i < before for i in keep), "tokens": [toks[e][i] for i in keep], "acts": [wacts[e][i] for i in keep],
+            })  # fmt: skip
+        top_tokens = sorted(mass.items(), key=lambda kv: -kv[1])[:N_TOP_TOKENS]
+        features.append({
+            "id": j, "rank": int(rank[j]), "score": scores[j],
+            "token_score": comps["token"][j], "context_score": comps["context"][j], "lens_score": comps["lens"][j],
+            "frequency": freq[j], "mean_act": means[j], "max_act": maxes[j],
+            "hist": {"bin_width": 2.0 ** (int(st.hist_exp[j]) - LOG2_BINS) if counts else 0.0, "counts": counts},
+            "top_tokens": [[t, round(v / sum(vals), 4)] for t, v in top_tokens],
+            "lens": {"promoted": [[t, v] for t, v in zip(up_i[j].tolist(), r3(up_v[j]))],
+                     "suppressed": [[t, v] for t, v in zip(down_i[j].tolist(), r3(down_v[j]))]},
+            "examples": examples,
+        })  # fmt: skip
+    analysis = {
+        "format": FORMAT, "version": 1, "sae": str(cfg.sae), "acts": str(cfg.acts), "model": lm.name,
+        "hook": m.get("hook"), "n_tokens": st.n_rows, "d_sae": sae.d_sae, "top_k": k, "ctx_before": before,
+        "ctx_after": after, "chance": {"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
+        "vocab": vocab, "features": features,
+    }  # fmt: skip
+    _write_text(out / "features.json", json.dumps(analysis, separators=(",", ":"), ensure_ascii=False))
+    _write_ranking(out / "ranking.csv", [features[i] for i in order.tolist()], vocab)
+    from .browser import write_page
+
+    write_page(analysis, out / "index.html", cfg.max_features)
+    plots = write_plots(out, freq_t, st.l0, s["score"], st.n_rows)
+    l0_mean = float((st.l0 * torch.arange(len(st.l0))).sum() / max(st.n_rows, 1))
+    summary = {
+        "out": str(out), "features_json": str(out / "features.json"), "page": str(out / "index.html"),
+        "ranking": str(out / "ranking.csv"), "plots": plots, "n_tokens": st.n_rows, "d_sae": sae.d_sae,
+        "dead_features": int((st.count == 0).sum()), "mean_l0": l0_mean, "top_features": order[:10].tolist(),
+        "seconds": round(time.time() - t0, 1),
+    }  # fmt: skip
+    print(f"analyzed {sae.d_sae} features on {st.n_rows} tokens in {summary['seconds']} s; open {out / 'index.html'}")
+    return summary
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        cols = ["rank", "id", "score", "token_score", "context_score", "lens_score", "frequency", "mean_act", "max_act"]
+        w.writerow(cols + ["top_token", "top_promoted"])
+        for r in ranked:
+            top = vocab[str(r["top_tokens"][0][0])] if r["top_tokens"] else ""
+            w.writerow([r[c] for c in cols] + [top, vocab[str(r["lens"]["promoted"][0][0])]])
+    os.replace(tmp, path)
+
+
+def write_plots(out: Path, freq: Tensor, l0: Tensor, score: Tensor, n_rows: int) -> list[str]:
+    """feature_density.png, l0_per_token.png, score_distribution.png (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return []
+    alive = freq[freq > 0]
+    figs = {
+        "feature_density.png": (torch.log10(alive).numpy(), "log10 firing frequency",
+                                f"feature density ({int((freq == 0).sum())} dead of {len(freq)})"),
+        "score_distribution.png": (score.numpy(), "monosemanticity score", "score distribution"),
+    }  # fmt: skip
+    paths = []
+    for name, (x, xlabel, title) in figs.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist(x, bins=50)
+        ax.set(xlabel=xlabel, ylabel="features", title=title)
+        paths.append(_save(fig, out / name))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    last = int(l0.nonzero().max()) + 1 if l0.any() else 1
+    ax.bar(range(last), (l0[:last] / max(n_rows, 1)).numpy(), width=1.0)
+    ax.set(xlabel="features firing on a token (L0)", ylabel="share of tokens", title="L0 per token")
+    paths.append(_save(fig, out / "l0_per_token.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return str(path)

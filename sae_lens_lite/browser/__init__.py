@@ -1,0 +1,87 @@
+"""The offline feature browser: one self-contained HTML page built from an analysis.
+
+The page is template.html with style.css, app.js and the data inlined: no network, no CDN (a
+Content-Security-Policy forbids every fetch). The data sits in a <script type="application/json">
+block with every "<" written as \\u003c, so no token text (say "</script>") can end the block, and
+app.js puts token text into the page with textContent only, so tokens are never parsed as markup.
+
+To stay usable with 40,000 features the data is compact: features are positional arrays (the
+field order is FIELDS, mirrored at the top of app.js), token strings are stored once in a vocab
+table, and context activations are quantised to 0..99 of the feature's max. The list renders
+100 rows at a time as it scrolls; a feature's card is built only when it is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+FIELDS = ("id", "rank", "score", "components", "frequency", "mean_act", "max_act", "bin_width", "hist",
+          "top_tokens", "promoted", "suppressed", "examples")  # fmt: skip
+# An example is [center index, activation, [token ...], [activation 0..99 ...]].
+
+
+def page_data(analysis: dict, max_features: int | None = None) -> dict:
+    """The compact form of features.json that the page embeds (best-ranked first)."""
+    feats = sorted(analysis["features"], key=lambda f: f["rank"])
+    if max_features is not None:
+        feats = feats[:max_features]
+    text = analysis["vocab"]
+    index: dict[int, int] = {}  # token id -> position in the page's vocab
+
+    def v(t: int) -> int:
+        if t not in index:
+            index[t] = len(index)
+        return index[t]
+
+    rows = []
+    for f in feats:
+        top = f["max_act"] or 1.0
+        rows.append([
+            f["id"], f["rank"], f["score"], [f["token_score"], f["context_score"], f["lens_score"]],
+            f["frequency"], f["mean_act"], f["max_act"], f["hist"]["bin_width"], f["hist"]["counts"],
+            [[v(t), round(100 * s, 1)] for t, s in f["top_tokens"]],
+            [[v(t), x] for t, x in f["lens"]["promoted"]],
+            [[v(t), x] for t, x in f["lens"]["suppressed"]],
+            [[e["center"], e["act"], [v(t) for t in e["tokens"]], [min(99, round(99 * a / top)) for a in e["acts"]]]
+             for e in f["examples"]],
+        ])  # fmt: skip
+    vocab = [None] * len(index)
+    for t, i in index.items():
+        vocab[i] = text.get(str(t), f"<{t}>")
+    meta = {k: analysis.get(k) for k in ("model", "hook", "sae", "n_tokens", "d_sae", "top_k", "ctx_before", "ctx_after")}
+    meta["n_shown"] = len(rows)
+    return {"meta": meta, "fields": FIELDS, "vocab": vocab, "features": rows}
+
+
+def render(data: dict) -> str:
+    """The HTML page for `page_data` output."""
+    files = resources.files(__name__)
+    template = (files / "template.html").read_text(encoding="utf-8")
+    css = (files / "style.css").read_text(encoding="utf-8")
+    js = (files / "app.js").read_text(encoding="utf-8")
+    assert "</script" not in js.lower() and "</style" not in css.lower()
+    # "<" → \u003c keeps "</script>" (and "<!--") out of the block; JSON.parse reads it back as "<".
+    # U+2028/2029 are escaped too, as every JSON-in-HTML writer does.
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    payload = payload.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    parts = {"/*STYLE*/": css, "/*DATA*/": payload, "/*APP*/": js}
+    for marker in parts:
+        assert template.count(marker) == 1, marker
+    # Split on the markers instead of str.replace, so no inserted text is ever scanned again.
+    out, rest = [], template
+    for marker in sorted(parts, key=template.index):
+        before, rest = rest.split(marker, 1)
+        out += [before, parts[marker]]
+    return "".join(out + [rest])
+
+
+def write_page(analysis: dict, path: str | os.PathLike, max_features: int | None = None) -> Path:
+    """Write the browser page for an analysis (the dict in features.json) atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render(page_data(analysis, max_features)), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
