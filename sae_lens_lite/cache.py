@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # What a cache was made from. A writer refuses to resume into a cache whose provenance differs.
 PROVENANCE_KEYS = (
     "model", "weights_hash", "hook", "corpus", "tokenizer", "dtype", "context_length",
-    "contexts_per_shard", "filters", "seed", "max_contexts",
+    "contexts_per_shard", "filters", "max_contexts",
 )  # fmt: skip
 
 

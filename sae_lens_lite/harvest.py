@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cache import DTYPES, CacheWriter
+from .config import opt
 from .errors import UserError
 from .models import LoadedModel, hook_point, load_model, run_to_hooks
 
@@ -24,26 +25,25 @@ DEFAULT_CORPUS = "pydoc"  # Python's own documentation, shipped with every CPyth
 
 @dataclass
 class HarvestConfig:
-    model: str = "smollm2-135m"
-    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"])
-    dataset: str = DEFAULT_CORPUS  # .txt/.jsonl/.parquet file, "pydoc", or a hub dataset id
-    split: str = "train"  # for hub datasets
-    text_column: str = "text"
-    tokens: int = 200_000  # how many tokens to run through the model (before filtering)
-    context_length: int = 128
-    batch_size: int = 16  # contexts per forward
-    out: str = "runs/acts"  # one hook: this directory; several: out/<hook name>
-    dtype: str = "bfloat16"  # storage dtype of the activations
-    model_dtype: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
-    device: str = "auto"
-    contexts_per_shard: int = 256
-    drop_special: bool = True  # drop BOS/EOS/pad rows (attention sinks and separators)
-    drop_first: int = 0  # drop the first k positions of every context
-    outlier_factor: float = 0.0  # drop rows whose norm exceeds this × the median norm (0: off)
-    nonfinite: str = "error"  # NaN/Inf rows: "error" refuses the harvest, "skip" drops them
-    seed: int = 0
-    overwrite: bool = False
-    trust_remote_code: bool = False
+    model: str = opt("smollm2-135m", "hub id, local model directory, .gguf file, or smollm2-135m (offline default)")
+    hooks: list[str] = opt(["blocks.6.hook_resid_post"], "hook point(s), e.g. blocks.6.hook_resid_post; several give one cache each", flag="--hook")
+    dataset: str = opt(DEFAULT_CORPUS, "corpus: a .txt/.jsonl/.parquet/.csv file, a directory of .txt, 'pydoc' (Python's docs, offline) or a hub dataset id")
+    split: str = opt("train", "split of a hub dataset")
+    text_column: str = opt("text", "column holding the text in .jsonl/.parquet/.csv/hub corpora")
+    tokens: int = opt(200_000, "tokens to run through the model (before filtering)")
+    context_length: int = opt(128, "tokens per context; documents are packed, EOS between them")
+    batch_size: int = opt(16, "contexts per forward pass")
+    out: str = opt("runs/acts", "cache directory (with several hooks: one subdirectory per hook)")
+    dtype: str = opt("bfloat16", "storage dtype of activations: bfloat16, float16 or float32")
+    model_dtype: str = opt("auto", "dtype the model runs in; auto = bfloat16 on GPU, float32 on CPU")
+    device: str = opt("auto", "cuda, cpu, or auto")
+    contexts_per_shard: int = opt(256, "contexts per shard file (the unit of resume)")
+    drop_special: bool = opt(True, "drop BOS/EOS/pad rows (separators and attention sinks)")
+    drop_first: int = opt(0, "drop the first k positions of every context")
+    outlier_factor: float = opt(0.0, "drop rows whose norm exceeds this multiple of the batch median (0 = keep all)")
+    nonfinite: str = opt("error", "NaN/Inf activations: 'error' refuses the harvest, 'skip' drops those rows")
+    overwrite: bool = opt(False, "replace a cache in --out made with different settings")
+    trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model (off unless you trust it)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -197,7 +197,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         "model": cfg.model, "weights_hash": lm.weights_hash, "corpus": cfg.dataset,
         "corpus_sha256": corpus_fingerprint(texts), "tokenizer": type(lm.tokenizer).__name__ + ":" + str(getattr(lm.tokenizer, "name_or_path", "")),
         "dtype": cfg.dtype, "context_length": cfg.context_length, "contexts_per_shard": cfg.contexts_per_shard,
-        "seed": cfg.seed, "max_contexts": len(contexts),
+        "max_contexts": len(contexts),
         "filters": {"drop_special": cfg.drop_special, "special_ids": sorted(special), "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor, "nonfinite": cfg.nonfinite},
     }  # fmt: skip
     dirs = cache_dirs(cfg)

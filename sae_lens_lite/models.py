@@ -129,6 +129,7 @@ def load_model(
     else:
         local, source = None, name
         weights_hash = "hub"
+        _check_hub(name)
 
     target = str(local) if local is not None else name
     try:
@@ -149,6 +150,26 @@ def load_model(
     model.eval().requires_grad_(False).to(device)
     arch(model)  # fail early on an architecture we cannot hook
     return LoadedModel(model, tokenizer, name, source, weights_hash)
+
+
+def _check_hub(name: str) -> None:
+    """Fail in seconds, not after a minute of retries, when a hub model is neither cached nor
+    reachable (the usual case offline)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: transformers can load it offline
+    hint = f"Offline, use `{SMOLLM2_NAME}`, a local model directory or a .gguf file"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"cannot load model {name!r}: not a local directory or .gguf file, not in the hub cache, and HF_HUB_OFFLINE is set. {hint}")
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise UserError(f"cannot load model {name!r}: not a local directory or .gguf file, and the hub ({host}) is unreachable. {hint}") from None
 
 
 def _converted_gguf(gguf: Path, weights_hash: str) -> Path:

@@ -1,0 +1,133 @@
+"""`sae-lite`: argument parsing only. Every subcommand maps its flags onto a stage's config
+dataclass and calls that stage's function; errors a user can fix print as one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import add_dataclass_args, from_namespace, load_run_file
+from .errors import UserError
+
+EPILOG = """\
+typical session:
+  sae-lite harvest --model smollm2-135m --hook blocks.6.hook_resid_post --dataset pydoc --tokens 100000 --out runs/acts
+  sae-lite train --acts runs/acts --expansion 8 --out runs/sae
+  sae-lite evaluate --sae runs/sae --dataset held_out.txt
+  sae-lite analyze --sae runs/sae --acts runs/acts --out runs/analysis
+  sae-lite export --sae runs/sae --format saelens --out runs/saelens
+or all of it from one file:
+  sae-lite run configs/demo.toml train.l1=3
+Interrupted work resumes when the same command is run again."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .analyze import AnalyzeConfig
+    from .evaluate import EvalConfig
+    from .export import ExportConfig, ImportConfig
+    from .harvest import HarvestConfig
+    from .train import TrainConfig
+
+    p = argparse.ArgumentParser(
+        prog="sae-lite",
+        description="Train, evaluate, inspect and export sparse autoencoders on language-model activations.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stages = [
+        ("harvest", HarvestConfig, "run a model over a corpus and cache activations at hook points"),
+        ("train", TrainConfig, "train an SAE on a cached activation set"),
+        ("evaluate", EvalConfig, "reconstruction, sparsity and spliced CE loss on held-out text, with PCA/VAE baselines"),
+        ("analyze", AnalyzeConfig, "top activations, monosemanticity ranking, logit lens, HTML feature browser"),
+        ("export", ExportConfig, "write a feature dictionary or a SAELens-compatible directory"),
+        ("import", ImportConfig, "convert a SAELens or sparsify SAE into ours"),
+    ]
+    for name, cls, help in stages:
+        sp = sub.add_parser(name, help=help, description=help)
+        add_dataclass_args(sp, cls)
+        sp.set_defaults(config_cls=cls)
+
+    run = sub.add_parser("run", help="every stage from a run file (configs/*.toml) with key=value overrides",
+                         description="Run harvest, train, evaluate, analyze and export from one TOML file. "
+                         "Overrides look like train.l1=3 or harvest.tokens=50000.")  # fmt: skip
+    run.add_argument("config", help="TOML run file, e.g. configs/demo.toml")
+    run.add_argument("overrides", nargs="*", help="section.key=value settings that replace the file's")
+
+    hooks = sub.add_parser("hooks", help="list a model's hook points", description="List the hook points of a model.")
+    hooks.add_argument("--model", default="smollm2-135m", help="hub id, local directory, .gguf file or smollm2-135m")
+
+    cache = sub.add_parser("cache", help="inspect or verify an activation cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    verify = cache_sub.add_parser("verify", help="check every shard's sha256 against the manifest")
+    verify.add_argument("dir", help="activation cache directory")
+    info = cache_sub.add_parser("info", help="print the manifest summary")
+    info.add_argument("dir", help="activation cache directory")
+    return p
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "run":
+        from .pipeline import run_pipeline
+
+        paths = run_pipeline(load_run_file(args.config, args.overrides))
+        print("\ndone. outputs:")
+        for k in ("sae", "eval", "analysis", "export"):
+            print(f"  {k:9s} {paths[k]}")
+        browser = paths["analysis"] / "index.html"
+        if browser.exists():
+            print(f"  feature browser: {browser.resolve()}")
+        return 0
+    if cmd == "hooks":
+        from .models import hook_names, load_model
+
+        print("\n".join(hook_names(load_model(args.model).model)))
+        return 0
+    if cmd == "cache":
+        from .cache import ActivationCache
+
+        c = ActivationCache.open(args.dir)
+        if args.cache_command == "verify":
+            from tqdm.auto import tqdm
+
+            for i in tqdm(range(c.n_shards), desc="verify", unit="shard"):
+                c.check_shard(i)
+            print(f"{args.dir}: {c.n_shards} shards, {c.n_tokens} rows, all checksums match")
+        else:
+            print(json.dumps({k: v for k, v in c.manifest.items() if k not in ("shards", "harvest_config")}, indent=2))
+        return 0
+
+    from .analyze import analyze
+    from .evaluate import evaluate
+    from .export import export, import_cmd
+    from .harvest import harvest
+    from .train import train
+
+    fn = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export, "import": import_cmd}[cmd]
+    result = fn(from_namespace(args.config_cls, args))
+    if cmd == "harvest":
+        for hook, path in result.items():
+            print(f"{hook}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return dispatch(args)
+    except UserError as e:
+        print(f"sae-lite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sae-lite {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk or unreadable file deep inside a library
+        print(f"sae-lite {args.command}: error: {e.strerror or e} ({getattr(e, 'filename', '') or ''})", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Config plumbing shared by every stage: documented fields, dataclass → CLI flags, run files.
+
+Each stage owns one small dataclass config. Its fields carry their --help text, so the CLI is
+generated from the configs and cannot drift from them; a run file (TOML, see configs/) has one
+table per stage with the same keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+
+from .errors import UserError
+
+
+def opt(default, help: str, **kw):
+    """A config field with its --help text. `flag="--x"` adds a short alias for the CLI."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _field_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    tp = hints[f.name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return list, (args[0] if args else str)
+    if args and origin is not None:  # Optional[X] / X | None
+        return args[0], None
+    return tp, None
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field: `foo_bar` → `--foo-bar`; bools get --x/--no-x; lists take several values."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        help = f.metadata.get("help", "")
+        names = [f"--{f.name.replace('_', '-')}"]
+        if "flag" in f.metadata:
+            names.insert(0, f.metadata["flag"])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        tp, item = _field_type(cls, f)
+        kw = dict(dest=f.name, default=default, help=f"{help} (default: {default})")
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if tp is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif tp is list:
+            parser.add_argument(*names, nargs="+", type=item, **kw)
+        elif tp in (int, float, str):
+            parser.add_argument(*names, type=tp, **kw)
+        else:  # dicts and other structures are set in run files only
+            continue
+
+
+def from_namespace(cls, ns: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def build(cls, values: dict, section: str = ""):
+    """Make a config from a dict, naming unknown keys (typos in run files are common)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"[{section}] " if section else ""
+        raise UserError(f"{where}unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def parse_value(text: str):
+    """A key=value override's value, read as TOML (numbers, booleans, lists), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_run_file(path: str | Path, overrides: list[str]) -> dict:
+    """Read a TOML run file and apply `section.key=value` (or top-level `key=value`) overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"run file {path} not found; see configs/ for examples")
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like section.key=value (e.g. train.l1=3)")
+        key, value = item.split("=", 1)
+        *sections, leaf = key.strip().split(".")
+        node = cfg
+        for s in sections:
+            node = node.setdefault(s, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {s} is not a section")
+        node[leaf] = parse_value(value.strip())
+    return cfg

@@ -1,0 +1,59 @@
+"""Every stage from one run file: harvest → train → evaluate → analyze → export.
+
+The run file (TOML, see configs/demo.toml) has a top-level `out` directory and one table per
+stage, holding that stage's config fields. Paths between stages are filled in here, so a run
+file only says what differs from the defaults. Each stage resumes or skips finished work, so
+running the same command again after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .analyze import AnalyzeConfig, analyze
+from .config import build
+from .errors import UserError
+from .evaluate import EvalConfig, evaluate
+from .export import ExportConfig, export
+from .harvest import HarvestConfig, harvest
+from .train import TrainConfig, train
+
+STAGES = ("harvest", "train", "evaluate", "analyze", "export")
+
+
+def run_pipeline(cfg: dict) -> dict[str, Path]:
+    """Run the stages named in cfg["stages"] (default all); returns the output paths."""
+    unknown = set(cfg) - {"out", "stages", *STAGES}
+    if unknown:
+        raise UserError(f"unknown run-file entries {', '.join(sorted(unknown))}; valid: out, stages, {', '.join(STAGES)}")
+    out = Path(cfg.get("out", "runs/run"))
+    stages = cfg.get("stages", list(STAGES))
+    bad = set(stages) - set(STAGES)
+    if bad:
+        raise UserError(f"unknown stage(s) {', '.join(sorted(bad))}; valid: {', '.join(STAGES)}")
+    h = build(HarvestConfig, {"out": str(out / "acts"), **cfg.get("harvest", {})}, "harvest")
+    if len(h.hooks) != 1:
+        raise UserError("a run file trains one SAE: give [harvest] exactly one hook (use `sae-lite harvest` for several)")
+    paths = {"acts": Path(h.out), "sae": out / "sae", "eval": out / "eval", "analysis": out / "analysis", "export": out / "export"}
+
+    if "harvest" in stages:
+        print(f"== harvest {h.hooks[0]} of {h.model} on {h.dataset}")
+        harvest(h)
+    if "train" in stages:
+        print("== train")
+        train(build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train"))
+    if "evaluate" in stages:
+        print("== evaluate")
+        evaluate(build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **cfg.get("evaluate", {})}, "evaluate"))
+    if "analyze" in stages:
+        print("== analyze")
+        a = {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})}
+        analyze(build(AnalyzeConfig, a, "analyze"))
+    if "export" in stages:
+        ex = dict(cfg.get("export", {}))
+        formats = ex.pop("formats", ["saelens", "dictionary"])
+        for fmt in formats:
+            print(f"== export {fmt}")
+            e = {"sae": str(paths["sae"]), "format": fmt, "out": str(paths["export"] / fmt), "analysis": str(paths["analysis"]), **ex}
+            export(build(ExportConfig, e, "export"))
+    return paths

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from sae_lens_lite.cache import ActivationCache, CacheWriter
+from sae_lens_lite.errors import UserError
+
+PROV = {"model": "m", "hook": "h", "dtype": "float32", "context_length": 4, "contexts_per_shard": 5}
+
+
+def make_cache(path, n_shards=4, rows=20, d=3):
+    w = CacheWriter(path, PROV, d_model=d)
+    for s in range(n_shards):
+        ids = torch.arange(s * rows, (s + 1) * rows)
+        acts = ids[:, None].float().repeat(1, d)  # row i holds the value i: easy to track
+        w.add_shard(acts, ids, ids // 4, ids % 4, n_contexts=5)
+    w.finish()
+    return ActivationCache.open(path)
+
+
+def test_shuffled_reader_visits_every_row_once_deterministically(tmp_path):
+    c = make_cache(tmp_path / "c")
+    def ids(seed, **kw):
+        return torch.cat([b[:, 0] for b in c.iter_batches(7, seed=seed, **kw)]).long().tolist()
+    a, b, other = ids(1, shards_in_memory=2), ids(1, shards_in_memory=2), ids(2, shards_in_memory=2)
+    assert sorted(a) == list(range(80)) and a == b and a != other
+    assert a != list(range(80))
+    assert ids(0, shuffle=False) == list(range(80))
+    sizes = [len(x) for x in c.iter_batches(7, seed=0, shards_in_memory=1)]
+    assert sizes[:-1] == [7] * 11 and sizes[-1] == 3
+
+
+def test_corrupt_or_truncated_shard_is_named(tmp_path):
+    c = make_cache(tmp_path / "c")
+    f = tmp_path / "c" / "shard_00002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x10
+    f.write_bytes(bytes(data))
+    c.check_shard(1)
+    with pytest.raises(UserError, match="shard_00002.*corrupt"):
+        c.check_shard(2)
+    with pytest.raises(UserError, match="shard_00002"):
+        list(ActivationCache.open(tmp_path / "c").iter_batches(8, shuffle=False))
+    f.write_bytes(bytes(data[:100]))
+    with pytest.raises(UserError, match="shard_00002"):
+        ActivationCache.open(tmp_path / "c").load()
+
+
+def test_incomplete_cache_and_second_writer_are_refused(tmp_path):
+    w = CacheWriter(tmp_path / "c", PROV, d_model=3)
+    w.add_shard(torch.zeros(4, 3), torch.zeros(4), torch.zeros(4), torch.zeros(4), n_contexts=1)
+    with pytest.raises(UserError, match="another process"):
+        CacheWriter(tmp_path / "c", PROV, d_model=3)
+    with pytest.raises(UserError, match="incomplete"):
+        ActivationCache.open(tmp_path / "c")
+    w.close()
+    # A stray temporary file from a killed write is removed on resume; listed shards stay.
+    (tmp_path / "c" / "shard_00001.safetensors.tmp").write_bytes(b"junk")
+    w2 = CacheWriter(tmp_path / "c", PROV, d_model=3)
+    assert w2.n_shards == 1 and not (tmp_path / "c" / "shard_00001.safetensors.tmp").exists()
+    w2.close()
+    with pytest.raises(UserError, match="not found"):
+        ActivationCache.open(tmp_path / "nothing")
+
+
+def test_full_disk_leaves_no_shard_that_looks_complete(tmp_path, monkeypatch):
+    import sae_lens_lite.cache as cache_mod
+
+    w = CacheWriter(tmp_path / "c", PROV, d_model=3)
+
+    def full(tensors, filename, **kw):
+        open(filename, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "save_file", full)
+    with pytest.raises(UserError, match="No space left.*resume"):
+        w.add_shard(torch.zeros(4, 3), torch.zeros(4), torch.zeros(4), torch.zeros(4), n_contexts=1)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".lock", "manifest.json"]
+    assert w.n_shards == 0

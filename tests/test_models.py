@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model, tiny_tokenizer
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.models import blocks, edit_hook, hook_names, hook_point, load_model, run_to_hooks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_equal_hidden_states_and_stopping_changes_nothing(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states  # [n_layers + 1] x [b, T, d]
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    stopped = run_to_hooks(model, ids, names, stop=True)
+    full = run_to_hooks(model, ids, names, stop=False)
+    torch.testing.assert_close(stopped["blocks.0.hook_resid_pre"], hs[0], rtol=0, atol=0)
+    torch.testing.assert_close(stopped["blocks.1.hook_resid_pre"], hs[1], rtol=0, atol=0)
+    torch.testing.assert_close(stopped["blocks.1.hook_resid_post"], hs[2], rtol=0, atol=0)
+    for n in names:
+        torch.testing.assert_close(stopped[n], full[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attn_and_mlp_outputs_sum_to_the_residual_update(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 96, (2, 7))
+    L = 1
+    acts = run_to_hooks(model, ids, [f"blocks.{L}.{k}" for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")])
+    pre, attn, mlp, post = (acts[f"blocks.{L}.{k}"] for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"))
+    torch.testing.assert_close(pre + attn + mlp, post, rtol=1e-5, atol=1e-5)
+    assert attn.abs().sum() > 0 and mlp.abs().sum() > 0
+
+
+def test_forward_stops_after_the_hooked_layer():
+    model = tiny_model("llama", n_layers=4)
+    calls = {}
+    for i, block in enumerate(blocks(model)):
+        block.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+    model.lm_head.register_forward_hook(lambda m, a, o: calls.__setitem__("lm_head", 1))
+    run_to_hooks(model, torch.randint(0, 96, (1, 5)), ["blocks.1.hook_mlp_out"])
+    assert calls == {0: 1}  # block 1 raised inside its MLP hook, before its own output
+    calls.clear()
+    run_to_hooks(model, torch.randint(0, 96, (1, 5)), ["blocks.2.hook_resid_post", "blocks.0.hook_resid_post"])
+    assert calls == {0: 1, 1: 1, 2: 1}
+
+
+def test_unknown_hook_lists_the_valid_ones():
+    model = tiny_model("gpt2")
+    with pytest.raises(UserError, match="hook_resid_post"):
+        hook_point(model, "blocks.0.resid")
+    with pytest.raises(UserError, match="beyond the model's depth"):
+        hook_point(model, "blocks.7.hook_resid_post")
+    assert len(hook_names(model)) == 3 * 4
+
+
+def test_edit_hook_identity_keeps_logits_and_zeroing_changes_them():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        clean = model(ids).logits
+        with edit_hook(model, "blocks.1.hook_resid_post", lambda a: a.clone()):
+            same = model(ids).logits
+        with edit_hook(model, "blocks.1.hook_resid_pre", lambda a: torch.zeros_like(a)):
+            zeroed = model(ids).logits
+    torch.testing.assert_close(same, clean, rtol=0, atol=0)
+    assert (zeroed - clean).abs().max() > 1e-3
+
+
+def test_load_model_from_local_directory(tmp_path):
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path))
+    assert lm.n_layers == 3 and lm.d_model == 32 and lm.weights_hash != "unknown"
+    ids = torch.randint(0, 96, (1, 5))
+    torch.testing.assert_close(lm.model(ids).logits, model(ids).logits)
+
+
+def test_unknown_model_offline_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load model"):
+        load_model("no-such-org/no-such-model-xyz")
+    with pytest.raises(UserError, match="not found"):
+        load_model(str(tmp_path / "missing.gguf"))
