@@ -1,0 +1,445 @@
+"""Export and import: feature dictionaries, the SAELens directory format out and in, sparsify in.
+
+Every format mapping lives here, writer next to reader (formats: docs/formats.md):
+
+    ours      f = act((x*s - b_dec) @ W_enc + b_enc)          x_hat = (f @ W_dec + b_dec) / s
+    SAELens   f = act((x - b_dec) @ W_enc + b_enc)            x_hat = f @ W_dec + b_dec
+              (apply_b_dec_to_input=True, normalize_activations="none", s folded into the weights)
+    sparsify  f = topk(relu(encoder(x - b_dec)))              x_hat = f @ W_dec + b_dec
+              (encoder is an nn.Linear: its weight is W_enc transposed, [d_sae, d_in])
+
+Converters go wrong on orientation, on b_dec and on input normalisation, so each is explicit
+below and tests/test_export.py checks the round trips and, when `sae-lens` is installed, that
+SAELens's own loader computes the same encode/decode as we do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from . import __version__
+from .errors import UserError
+from .fsutil import prepare_out_dir, sha256_file, write_json_atomic
+from .sae import SAE, SAEConfig, WEIGHTS_FILE as OUR_WEIGHTS, CONFIG_FILE as OUR_CONFIG
+
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_SPARSITY = "sparsity.safetensors"
+# SAELens reads configs whose metadata.sae_lens_version is below 6.0 through a legacy path that
+# renames keys; we write the 6.x layout, so we declare the 6.0 format.
+SAELENS_FORMAT_VERSION = "6.0.0"
+SPARSIFY_CFG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
+DICT_HEADER, DICT_FEATURES, DICT_WEIGHTS = "dictionary.json", "features.jsonl", "dictionary.safetensors"
+DICT_FORMAT, DICT_VERSION = "sae_lens_lite.dictionary", 1
+# Our built-in model names, as the hub ids SAELens users and Neuronpedia know them by.
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # ours is its Q4_1 GGUF, dequantised
+
+
+def _help(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ExportConfig:
+    sae: str = _help("runs/sae", "SAE directory to export (from `sae-lite train` or `sae-lite import`)")
+    format: str = _help("saelens", "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors", choices=["saelens", "dictionary"])  # fmt: skip
+    out: str = _help("runs/export", "output directory")
+    analysis: str | None = _help(None, "analysis directory whose features.json gives per-feature scores, top tokens and frequencies")
+    acts: str | None = _help(None, "activation cache to measure firing frequencies on when no analysis gives them (for SAELens's sparsity file)")
+    overwrite: bool = _help(False, "replace the contents of a non-empty --out")
+
+
+@dataclass
+class ImportConfig:
+    src: str = _help("", "SAELens directory, sparsify directory, or a SAELens release name (online, needs sae-lens)")
+    sae_id: str | None = _help(None, "SAE id inside a SAELens release (hub imports only)")
+    out: str = _help("runs/imported", "directory to write our SAE to")
+    model: str | None = _help(None, "model name to record when the source does not say (sparsify directories do not)")
+    hook: str | None = _help(None, "hook name to record, e.g. blocks.6.hook_resid_post, when the source's cannot be mapped")
+    overwrite: bool = _help(False, "replace the contents of a non-empty --out")
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Write the SAE at cfg.sae in cfg.format to cfg.out; returns the output directory."""
+    if cfg.format not in ("saelens", "dictionary"):
+        raise UserError(f"unknown export --format {cfg.format!r}: use saelens or dictionary")
+    sae = SAE.load(cfg.sae)
+    features = read_analysis(cfg.analysis, sae.d_sae) if cfg.analysis else {}
+    freq = firing_frequency(sae, features, cfg.acts)
+    marker = SAELENS_CFG if cfg.format == "saelens" else DICT_HEADER
+    out = prepare_out_dir(cfg.out, cfg.overwrite, marker)
+    if cfg.format == "saelens":
+        return save_saelens(sae, out, freq, source=Path(cfg.sae))
+    return save_dictionary(sae, out, features, freq, source=Path(cfg.sae))
+
+
+def _provenance(sae: SAE, source: Path | None) -> dict:
+    return {
+        "model": sae.cfg.model, "hook": sae.cfg.hook, "context_length": sae.cfg.context_length,
+        "activation": sae.cfg.activation, "k": sae.cfg.k, "d_in": sae.d_in, "d_sae": sae.d_sae,
+        "input_scale_folded": float(sae.input_scale),
+        "source_sae": str(source) if source else None,
+        "source_sae_sha256": sha256_file(source / OUR_WEIGHTS) if source and (source / OUR_WEIGHTS).exists() else None,
+        "sae_lens_lite_version": __version__,
+    }  # fmt: skip
+
+
+# ---- firing frequencies ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def firing_frequency(sae: SAE, features: dict[int, dict], acts: str | None, batch_size: int = 4096) -> Tensor | None:
+    """Fraction of tokens on which each latent is > 0 [d_sae]: from the analysis when it has them
+    for every feature, else measured on the activation cache `acts`, else None."""
+    if features and all(features.get(i, {}).get("frequency") is not None for i in range(sae.d_sae)):
+        return torch.tensor([float(features[i]["frequency"]) for i in range(sae.d_sae)])
+    if not acts:
+        return None
+    from .cache import ActivationCache
+
+    cache = ActivationCache.open(acts)
+    hook = cache.manifest.get("hook")
+    if sae.cfg.hook and hook and hook != sae.cfg.hook:
+        raise UserError(f"--acts {acts} holds {hook} but the SAE was trained on {sae.cfg.hook}; pass the matching cache")
+    if cache.d_model != sae.d_in:
+        raise UserError(f"--acts {acts} has d_model {cache.d_model}, the SAE expects d_in {sae.d_in}")
+    counts = torch.zeros(sae.d_sae, dtype=torch.long)
+    for x in cache.iter_batches(batch_size, shuffle=False):  # [batch, d_in]
+        counts += (sae.encode(x) > 0).sum(0)
+    return counts.double().div(max(cache.n_tokens, 1)).float()
+
+
+# ---- SAELens directory ----------------------------------------------------------------------
+
+
+def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
+    """The cfg.json SAELens 6.x expects for our SAE (after input_scale has been folded)."""
+    meta = dict(sae.cfg.meta.get("saelens_metadata") or {})  # kept from an import, if any
+    filters = sae.cfg.meta.get("filters") or {}
+    ours = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,  # not trained by SAELens
+        "model_name": HUB_IDS.get(sae.cfg.model, sae.cfg.model),
+        "hook_name": sae.cfg.hook,
+        "hook_head_index": None,
+        "context_size": sae.cfg.context_length,
+        # Our harvest packs documents with EOS between them and prepends no BOS.
+        "prepend_bos": False,
+        "exclude_special_tokens": filters.get("drop_special"),
+        "dataset_path": sae.cfg.meta.get("corpus"),
+        # Ours, so that importing the directory back restores our model name and metadata.
+        "sae_lens_lite": {**_provenance(sae, source), "meta": {k: v for k, v in sae.cfg.meta.items() if k not in ("saelens_metadata", "imported_from")}},
+    }
+    meta.update({k: v for k, v in ours.items() if v is not None or k not in meta})
+    cfg = {
+        "architecture": "topk" if sae.cfg.activation == "topk" else "standard",
+        "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True,  # we subtract b_dec before encoding
+        "normalize_activations": "none",  # the input scale is folded into the weights instead
+        "reshape_activations": "none",
+        "metadata": meta,
+    }  # fmt: skip
+    if sae.cfg.activation == "topk":
+        cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
+    return cfg
+
+
+def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path | None = None) -> Path:
+    """Write a SAELens directory. cfg.json goes last: it is what makes the directory loadable."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = saelens_cfg(sae, source)
+    f = sae.folded()
+    _atomic_save({"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / SAELENS_WEIGHTS)
+    if freq is not None:
+        # SAELens stores log10 of the firing frequency, with the same 1e-10 floor for dead latents.
+        _atomic_save({"sparsity": torch.log10(freq.float() + 1e-10)}, out / SAELENS_SPARSITY)
+    else:
+        (out / SAELENS_SPARSITY).unlink(missing_ok=True)  # never leave a stale one from an earlier export
+    write_json_atomic(out / SAELENS_CFG, cfg)
+    return out
+
+
+def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
+    """Our SAE computing what SAELens computes for this config and state dict (standard, topk)."""
+    meta = dict(cfg.get("metadata") or {})
+    for old, new in (("hook_point", "hook_name"), ("hook_name", "hook_name"), ("model_name", "model_name"), ("context_size", "context_size")):
+        if meta.get(new) is None and cfg.get(old) is not None:  # configs before SAELens 6 keep these at top level
+            meta[new] = cfg[old]
+    ours = meta.pop("sae_lens_lite", None) or {}  # present when we wrote the directory
+    arch = cfg.get("architecture", "standard")
+    act_fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if arch == "standard" and act_fn == "topk" and k:  # pre-6 topk configs
+        arch = "topk"
+    if arch not in ("standard", "topk") or (arch == "standard" and act_fn not in ("relu", None)):
+        raise UserError(f"SAELens architecture {arch!r} (activation {act_fn!r}) cannot be imported; we support standard (ReLU) and topk")
+    norm = cfg.get("normalize_activations", "none")
+    # "expected_average_only_in" is a training-time scale that SAELens's inference SAE does not
+    # apply either (it is folded into the weights at the end of training), so it maps to nothing.
+    if norm not in ("none", "expected_average_only_in", None):
+        raise UserError(f"SAELens normalize_activations={norm!r} is a per-input normalisation we cannot represent; only 'none' imports")
+    if cfg.get("reshape_activations", "none") != "none":
+        raise UserError(f"SAELens reshape_activations={cfg['reshape_activations']!r} (attention hook_z SAEs) cannot be imported")
+    missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(state)
+    if missing:
+        raise UserError(f"the SAELens weights lack {', '.join(sorted(missing))}; is this a {arch} SAE?")
+    scale = state.get("scaling_factor", state.get("finetuning_scaling_factor"))
+    if scale is not None and not torch.allclose(scale.float(), torch.ones_like(scale.float())):
+        raise UserError("the SAELens SAE has a finetuning scaling factor, which we cannot import")
+    W_enc, W_dec = state["W_enc"].double(), state["W_dec"].double()  # [d_in, d_sae], [d_sae, d_in]
+    b_enc, b_dec = state["b_enc"].double(), state["b_dec"].double()
+    d_in, d_sae = W_enc.shape
+    if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+        raise UserError(f"SAELens weight shapes do not fit together: W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}")
+    if not cfg.get("apply_b_dec_to_input", True):
+        # SAELens encodes x, not x - b_dec: (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc) is the same.
+        b_enc = b_enc + b_dec @ W_enc
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens selects on pre * |W_dec| and decodes f / |W_dec|: fold both into the weights.
+        n = W_dec.norm(dim=-1)  # [d_sae]
+        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+    sae = SAE(SAEConfig(
+        d_in=d_in, d_sae=d_sae, activation="topk" if arch == "topk" else "relu", k=int(k) if arch == "topk" else None,
+        model=ours.get("model", meta.get("model_name")), hook=meta.get("hook_name"), context_length=meta.get("context_size"),
+        meta={**(ours.get("meta") or {}), "imported_from": origin, "saelens_metadata": meta},
+    ))  # fmt: skip
+    with torch.no_grad():
+        for name, t in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
+            getattr(sae, name).copy_(t.float())
+    return sae
+
+
+# ---- sparsify directory ---------------------------------------------------------------------
+
+# sparsify names its hook points by HF module; a decoder layer's output is the residual stream after it.
+_SPARSIFY_HOOKS = [
+    (r"(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)", "hook_resid_post"),
+    (r"(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)\.mlp", "hook_mlp_out"),
+    (r"(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)\.(?:self_attn|attn|attention)", "hook_attn_out"),
+]
+
+
+def sparsify_hook(name: str) -> str | None:
+    for pattern, kind in _SPARSIFY_HOOKS:
+        if m := re.fullmatch(pattern, name):
+            return f"blocks.{m.group(1)}.{kind}"
+    return None
+
+
+def from_sparsify(path: Path) -> SAE:
+    """Our SAE computing what sparsify's SparseCoder computes: topk(relu(encoder(x - b_dec)))."""
+    cfg = _read_json(path / SPARSIFY_CFG)
+    state = _read_tensors(path / SPARSIFY_WEIGHTS)
+    if cfg.get("transcode"):
+        raise UserError(f"{path} is a sparsify transcoder (it predicts another layer's output), not an SAE; it cannot be imported")
+    if cfg.get("activation", "topk") != "topk":
+        raise UserError(f"{path} uses sparsify activation {cfg['activation']!r}; only topk imports")
+    if cfg.get("skip_connection") or "W_skip" in state:
+        raise UserError(f"{path} has a skip connection, which our SAE has no place for")
+    missing = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} - set(state)
+    if missing:
+        raise UserError(f"{path / SPARSIFY_WEIGHTS} lacks {', '.join(sorted(missing))}; it is not a sparsify SAE")
+    enc = state["encoder.weight"].float()  # [d_sae, d_in], nn.Linear's orientation
+    d_sae, d_in = enc.shape
+    k = int(cfg.get("k", 32))
+    if state["W_dec"].shape != (d_sae, d_in):
+        raise UserError(f"sparsify W_dec has shape {tuple(state['W_dec'].shape)}, expected {(d_sae, d_in)}")
+    # Selecting the top k of relu(pre) and of pre then relu-ing give the same latents.
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk", k=k, hook=sparsify_hook(path.name), meta={"sparsify_cfg": cfg}))
+    with torch.no_grad():
+        sae.W_enc.copy_(enc.T)
+        sae.b_enc.copy_(state["encoder.bias"].float())
+        sae.W_dec.copy_(state["W_dec"].float())
+        sae.b_dec.copy_(state["b_dec"].float())
+    return sae
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+
+def import_sae(src: str | os.PathLike, sae_id: str | None = None) -> SAE:
+    """Our SAE from a SAELens directory, a sparsify directory, one of our own, or a SAELens
+    release on the hub (`src` = release name, with `sae_id`; needs sae-lens and a connection)."""
+    path = Path(src)
+    if path.is_dir():
+        files = {p.name for p in path.iterdir()}
+        origin = {"path": str(path)}
+        if {SAELENS_CFG, SAELENS_WEIGHTS} <= files:
+            origin.update(format="saelens", sha256=sha256_file(path / SAELENS_WEIGHTS))
+            return from_saelens(_read_json(path / SAELENS_CFG), _read_tensors(path / SAELENS_WEIGHTS), origin)
+        if {SPARSIFY_CFG, SPARSIFY_WEIGHTS} <= files:
+            sae = from_sparsify(path)
+            sae.cfg.meta["imported_from"] = {**origin, "format": "sparsify", "sha256": sha256_file(path / SPARSIFY_WEIGHTS)}
+            return sae
+        if {OUR_CONFIG, OUR_WEIGHTS} <= files:
+            return SAE.load(path)
+        subs = sorted(p.name for p in path.iterdir() if (p / SPARSIFY_CFG).exists())
+        if subs:
+            raise UserError(f"{path} holds one SAE per hook point; import one of them, e.g. {path / subs[0]} (all: {', '.join(subs)})")
+        raise UserError(f"{path} is neither a SAELens ({SAELENS_CFG} + {SAELENS_WEIGHTS}) nor a sparsify ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}) directory")
+    if sae_id is None:
+        raise UserError(f"{src} is not a directory; to load a SAELens release from the hub also pass --sae-id")
+    return _from_saelens_hub(str(src), sae_id)
+
+
+def _from_saelens_hub(release: str, sae_id: str) -> SAE:
+    try:
+        from sae_lens import SAE as SAELensSAE
+    except ImportError:
+        raise UserError("importing a SAELens release from the hub needs sae-lens: pip install 'sae_lens_lite[saelens]'") from None
+    try:
+        loaded = SAELensSAE.from_pretrained(release, sae_id, device="cpu", dtype="float32")
+    except Exception as e:  # unknown release, no connection, ...: the library's message says which
+        raise UserError(f"SAELens could not load release {release!r}, SAE {sae_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    loaded = loaded[0] if isinstance(loaded, tuple) else loaded  # sae-lens < 6 returned (sae, cfg, sparsity)
+    state = {k: v.detach() for k, v in loaded.state_dict().items()}
+    return from_saelens(loaded.cfg.to_dict(), state, {"format": "saelens-hub", "release": release, "sae_id": sae_id})
+
+
+def import_cmd(cfg: ImportConfig) -> Path:
+    """`sae-lite import`: convert cfg.src into our SAE directory cfg.out."""
+    if not cfg.src:
+        raise UserError("nothing to import: pass --src (a SAELens or sparsify directory, or a SAELens release with --sae-id)")
+    sae = import_sae(cfg.src, cfg.sae_id)
+    if cfg.model:
+        sae.cfg.model = cfg.model
+    if cfg.hook:
+        sae.cfg.hook = cfg.hook
+    out = prepare_out_dir(cfg.out, cfg.overwrite, OUR_CONFIG)
+    return sae.save(out)
+
+
+# ---- feature dictionary ---------------------------------------------------------------------
+
+# What we read from each entry of the analysis's features.json, under the first name present.
+ANALYSIS_FIELDS = {
+    "id": ("id", "feature", "feature_id", "latent", "index"),
+    "rank": ("rank",),
+    "score": ("score", "monosemanticity", "interpretability"),
+    "frequency": ("frequency", "freq", "firing_rate", "density"),
+    "top_tokens": ("top_tokens", "tokens"),
+    "top_contexts": ("top_contexts", "top_examples", "examples", "contexts"),
+    "logit_lens": ("logit_lens", "top_logits", "logits"),
+}
+
+
+def read_analysis(analysis: str | os.PathLike, d_sae: int) -> dict[int, dict]:
+    """{feature id: {rank, score, frequency, top_tokens, top_contexts, logit_lens}} from
+    `analysis`/features.json: a list of feature objects, or an object whose "features" is
+    such a list or maps ids to objects. Missing fields are None; unknown ones are ignored."""
+    path = Path(analysis)
+    f = path / "features.json" if path.is_dir() or not path.suffix else path
+    if not f.exists():
+        raise UserError(f"{f} not found; run `sae-lite analyze --out {path}` first or leave out --analysis")
+    data = _read_json(f)
+    if isinstance(data, dict):
+        if data.get("d_sae") not in (None, d_sae):
+            raise UserError(f"{f} describes an SAE with {data['d_sae']} features, this one has {d_sae}; pass the matching analysis")
+        data = data.get("features", [])
+    if isinstance(data, dict):
+        data = [{"id": int(i), **v} for i, v in data.items()]
+    if not isinstance(data, list):
+        raise UserError(f"{f}: expected a list of features or an object with a 'features' field")
+    out: dict[int, dict] = {}
+    for n, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise UserError(f"{f}: feature entry {n} is not an object")
+        got = {key: next((entry[a] for a in names if a in entry), None) for key, names in ANALYSIS_FIELDS.items()}
+        fid = got.pop("id")
+        if not isinstance(fid, int) or not 0 <= fid < d_sae:
+            raise UserError(f"{f}: feature entry {n} has id {fid!r}, expected an integer in [0, {d_sae}); is it this SAE's analysis?")
+        if isinstance(got["score"], float) and not math.isfinite(got["score"]):
+            got["score"] = None  # NaN (e.g. a feature that never fired) is no score, and cannot be ranked
+        freq = got["frequency"]
+        if freq is not None and not 0 <= float(freq) <= 1:
+            raise UserError(f"{f}: feature {fid} has frequency {freq}, expected a fraction of tokens in [0, 1]")
+        out[fid] = got
+    if out and all(v["rank"] is None for v in out.values()) and any(v["score"] is not None for v in out.values()):
+        # No ranks given: rank by score, highest first; unscored features get none.
+        scored = sorted((i for i, v in out.items() if v["score"] is not None), key=lambda i: -float(out[i]["score"]))
+        for r, i in enumerate(scored):
+            out[i]["rank"] = r
+    return out
+
+
+def save_dictionary(sae: SAE, out: Path, features: dict[int, dict], freq: Tensor | None, source: Path | None = None) -> Path:
+    """dictionary.safetensors (folded weights + provenance), features.jsonl (one line per feature,
+    in id order), and dictionary.json last (header with provenance; marks the export complete)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prov = _provenance(sae, source)
+    f = sae.folded()
+    # safetensors metadata must be str → str.
+    st_meta = {"format": DICT_FORMAT, "version": str(DICT_VERSION), **{k: json.dumps(v) for k, v in prov.items()}}
+    _atomic_save({"W_dec": f.W_dec, "W_enc": f.W_enc, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / DICT_WEIGHTS, st_meta)
+    tmp = out / (DICT_FEATURES + ".tmp")
+    with open(tmp, "w") as fh:
+        for i in range(sae.d_sae):
+            a = features.get(i, {})
+            line = {
+                "id": i, "rank": a.get("rank"), "score": a.get("score"),
+                "frequency": float(freq[i]) if freq is not None else a.get("frequency"),
+                "top_tokens": a.get("top_tokens") or [], "top_contexts": a.get("top_contexts") or [],
+                "logit_lens": a.get("logit_lens"), "label": "",
+            }  # fmt: skip
+            fh.write(json.dumps(_jsonable(line), allow_nan=False) + "\n")
+    os.replace(tmp, out / DICT_FEATURES)
+    header = {"format": DICT_FORMAT, "version": DICT_VERSION, **prov, "files": {"weights": DICT_WEIGHTS, "features": DICT_FEATURES},
+              "has_analysis": bool(features), "has_frequency": freq is not None}  # fmt: skip
+    write_json_atomic(out / DICT_HEADER, header)
+    return out
+
+
+def _jsonable(o):
+    """Plain JSON: tensors to lists, NaN/Inf to null (JSON has no NaN; readers choke on it)."""
+    if isinstance(o, Tensor):
+        o = o.tolist()
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+def load_dictionary(path: str | os.PathLike) -> tuple[dict, list[dict], dict[str, Tensor]]:
+    """(header, feature lines, weights) of a dictionary export."""
+    path = Path(path)
+    if not (path / DICT_HEADER).exists():
+        raise UserError(f"{path} is not a complete feature dictionary (no {DICT_HEADER}); export it again")
+    header = _read_json(path / DICT_HEADER)
+    lines = [json.loads(line) for line in (path / DICT_FEATURES).read_text().splitlines() if line.strip()]
+    return header, lines, _read_tensors(path / DICT_WEIGHTS)
