@@ -1,0 +1,488 @@
+"""Evaluate an SAE on held-out text: reconstruction, sparsity, and the model's loss with it spliced in.
+
+Every number is defined once, in this module, and in words in docs/metrics.md.
+
+    text → contexts [n_ctx, T]
+    pass 1: forward stopped at the hook → activations x [n, d_in] at the evaluated positions
+            → reconstruction and sparsity metrics (streamed through the SAE); baselines fitted
+    pass 2: per batch, the full model clean, then with x_hat / zeros / the mean spliced in at the
+            hook → sums of CE and KL(clean ‖ spliced)
+    → report.json, report.md, density.png
+
+Evaluated positions are the tokens that are not special (BOS/EOS/pad): the harvest drops those
+rows by default, so the SAE never saw them, and every intervention leaves them untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .baselines import fit_pca, fit_vae, vae_activity
+from .config import opt
+from .errors import UserError
+from .fsutil import write_json_atomic
+from .harvest import check_context_length, load_texts, resolve_device, special_token_ids, tokenize_corpus
+from .models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
+from .sae import SAE
+
+DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense"
+CHUNK = 4096  # rows per SAE/baseline call when streaming over activations
+FIT_ROWS = 65536  # activations read from --acts to fit the baselines
+OUR_FILES = ("report.json", "report.md", "density.png")
+
+
+@dataclass
+class EvalConfig:
+    sae: str = opt("runs/sae", "SAE directory to evaluate (config.json + sae.safetensors)")
+    model: str | None = opt(None, "model to splice the SAE into; default: the model named in the SAE's config")
+    dataset: str = opt("pydoc", "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id); pass text held out from training")
+    tokens: int = opt(16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)")
+    skip_tokens: int = opt(0, "skip the corpus's first tokens (rounded up to whole contexts), e.g. the part harvested for training")
+    context_length: int | None = opt(None, "tokens per context; default: the SAE's training context length")
+    batch_size: int = opt(8, "contexts per forward")
+    device: str = opt("auto", "cpu, cuda, or auto")
+    baselines: bool = opt(True, "also score PCA (k = SAE L0, 2x, 4x) and a Gaussian VAE of the same sizes")
+    acts: str | None = opt(None, "activation cache to fit the baselines on (e.g. the SAE's); default: the first half of the eval contexts")
+    out: str | None = opt(None, "directory for report.json, report.md and density.png; default: <sae>/eval")
+    overwrite: bool = opt(False, "replace an existing report in --out")
+
+
+# ---- metrics on activations ---------------------------------------------------------------
+
+
+class ReconStats:
+    """Sums for reconstruction metrics over one set of tokens, added in any number of batches.
+
+    `mean` [d_in] must be that whole set's mean: explained variance is relative to the mean,
+    not to zero (relative to zero it looks near-perfect for any x with a large offset)."""
+
+    def __init__(self, mean: Tensor):
+        self.mean = mean.detach().double()
+        self.sse = self.sst = 0.0
+        self.n = 0
+
+    def add(self, x: Tensor, x_hat: Tensor) -> "ReconStats":
+        x = x.double()  # [n, d_in]
+        self.sse += float((x - x_hat.double()).pow(2).sum())
+        self.sst += float((x - self.mean).pow(2).sum())
+        self.n += x.shape[0]
+        return self
+
+    def result(self) -> dict:
+        d = self.mean.numel()
+        fvu = self.sse / self.sst if self.sst > 0 else None  # undefined if every x is the same
+        return {
+            "mse": self.sse / (self.n * d),  # per element: independent of batch size and d_in
+            "explained_variance": None if fvu is None else 1 - fvu,
+            "fvu": fvu,
+            "n_tokens": self.n,
+        }
+
+
+def reconstruction_metrics(x: Tensor, x_hat: Tensor) -> dict:
+    """mse, explained_variance, fvu of x_hat [n, d_in] against x [n, d_in]."""
+    return ReconStats(x.double().mean(0)).add(x, x_hat).result()
+
+
+class SparsityStats:
+    """Sums for sparsity metrics over latents [n, d_sae], added in any number of batches."""
+
+    def __init__(self, d_sae: int):
+        self.fires = torch.zeros(d_sae, dtype=torch.float64)  # tokens on which each latent is nonzero
+        self.l0 = self.l1 = 0.0
+        self.n = 0
+
+    def add(self, latents: Tensor) -> "SparsityStats":
+        on = latents != 0  # [n, d_sae]
+        self.fires += on.sum(0).double().cpu()
+        self.l0 += float(on.sum())
+        self.l1 += float(latents.double().abs().sum())
+        self.n += latents.shape[0]
+        return self
+
+    def result(self) -> dict:
+        freq = self.fires / self.n  # [d_sae] firing frequency
+        d = freq.numel()
+        dead, dense = int((freq == 0).sum()), int((freq > DENSE_FREQ).sum())
+        return {
+            "l0": self.l0 / self.n,
+            "l1": self.l1 / self.n,
+            "dead": dead,
+            "dead_fraction": dead / d,
+            "dense": dense,
+            "dense_fraction": dense / d,
+            "d_sae": d,
+            "n_tokens": self.n,
+            "firing_frequency": freq,  # tensor; dropped from the JSON report
+        }
+
+
+def sparsity_metrics(latents: Tensor) -> dict:
+    """l0, l1, dead/dense counts and fractions, and per-latent firing frequency of latents [n, d_sae]."""
+    return SparsityStats(latents.shape[1]).add(latents).result()
+
+
+@torch.no_grad()
+def score_reconstruction(reconstruct: Callable[[Tensor], Tensor], x: Tensor) -> dict:
+    """reconstruction_metrics of reconstruct(x), streamed in chunks (x [n, d_in])."""
+    stats = ReconStats(x.double().mean(0))
+    for i in range(0, len(x), CHUNK):
+        stats.add(x[i : i + CHUNK], reconstruct(x[i : i + CHUNK]))
+    return stats.result()
+
+
+# ---- the model's loss with an activation replaced -----------------------------------------
+
+
+def next_token_logprobs(model, input_ids: Tensor, hook: str | None = None, fn=None) -> Tensor:
+    """log p(next token) [b, T-1, vocab] from positions 0..T-2 of input_ids [b, T]. With `hook`,
+    fn(act [b, T, d]) may return a replacement for the activation there (see models.edit_hook)."""
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        if hook is not None and fn is not None:
+            stack.enter_context(edit_hook(model, hook, fn))
+        logits = model(input_ids=input_ids, use_cache=False).logits  # [b, T, vocab]
+    return logits[:, :-1].float().log_softmax(-1)
+
+
+def token_ce(logp: Tensor, input_ids: Tensor) -> Tensor:
+    """Cross-entropy in nats [b, T-1] of next-token log-probs [b, T-1, vocab]: position t predicts input_ids[:, t+1]."""
+    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def ce_loss(model, input_ids: Tensor, hook: str | None = None, fn=None) -> Tensor:
+    """Per-prediction CE [b, T-1] (nats) of the model on input_ids [b, T], optionally edited at `hook`."""
+    return token_ce(next_token_logprobs(model, input_ids, hook, fn), input_ids)
+
+
+def kl_div(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) per position, in nats; [..., vocab] → [...]."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def ce_loss_recovered(clean: float, spliced: float, ablated: float) -> float | None:
+    """(L_ablated − L_spliced) / (L_ablated − L_clean): 1 = as good as clean, 0 = as bad as ablating."""
+    gap = ablated - clean
+    return None if abs(gap) < 1e-9 else (ablated - spliced) / gap
+
+
+def splice(reconstruct: Callable[[Tensor], Tensor], mask: Tensor):
+    """An edit_hook fn replacing act [b, T, d] by reconstruct(act) where mask [b, T] is True."""
+
+    def fn(act: Tensor) -> Tensor:
+        new = reconstruct(act.reshape(-1, act.shape[-1])).reshape(act.shape).to(act.dtype)
+        return torch.where(mask[..., None], new, act)
+
+    return fn
+
+
+# ---- the evaluation run -------------------------------------------------------------------
+
+
+def eval_contexts(tokenizer, dataset: str, context_length: int, tokens: int, skip_tokens: int) -> Tensor:
+    """Contexts [n_ctx, T] packed exactly as the harvest packs them, after the first skip_tokens."""
+    skip = math.ceil(skip_tokens / context_length)  # whole contexts: no skipped token leaks in
+    want = max(1, tokens // context_length)
+    ctx = tokenize_corpus(tokenizer, load_texts(dataset), context_length, (skip + want) * context_length)
+    if len(ctx) <= skip:
+        raise UserError(
+            f"{dataset} has only {len(ctx) * context_length} tokens in whole contexts, none left after "
+            f"--skip-tokens {skip_tokens}; lower --skip-tokens or use a larger corpus"
+        )
+    return ctx[skip : skip + want]
+
+
+def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
+    """Evaluate the SAE in cfg.sae; writes report.json, report.md, density.png and returns the report."""
+    times, t0 = {}, time.perf_counter()
+    if cfg.tokens < 1 or cfg.skip_tokens < 0 or cfg.batch_size < 1:
+        raise UserError("--tokens and --batch-size must be positive and --skip-tokens non-negative")
+    device = resolve_device(cfg.device)
+    sae = SAE.load(cfg.sae, device).eval().requires_grad_(False)
+    hook = sae.cfg.hook
+    if not hook:
+        raise UserError(f"{cfg.sae}/config.json names no hook; set \"hook\" there to where the SAE was trained")
+    T = cfg.context_length or sae.cfg.context_length or 128
+    out = _out_dir(cfg)
+    if lm is None:
+        if not (cfg.model or sae.cfg.model):
+            raise UserError(f"{cfg.sae}/config.json names no model; pass --model")
+        lm = load_model(cfg.model or sae.cfg.model, device)
+    hook_point(lm.model, hook)
+    if lm.d_model != sae.d_in:
+        raise UserError(f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model")
+    check_context_length(lm, T)
+    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, cfg.skip_tokens)  # [n_ctx, T]
+    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
+    # Baselines are fitted on the first half of the contexts and everything in the comparison
+    # table is scored on the second half, unless they are fitted on a separate cache.
+    n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
+    if cfg.baselines and not cfg.acts and n_fit == 0:
+        raise UserError("baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens or pass --no-baselines")
+    times["load"] = time.perf_counter() - t0
+
+    # pass 1: activations at the hook
+    t = time.perf_counter()
+    x, row_ctx = _hook_activations(lm.model, contexts, hook, special, cfg.batch_size, device)  # [n, d], [n]
+    if len(x) == 0:
+        raise UserError(f"{cfg.dataset} gave no non-special tokens to evaluate on")
+    in_score = row_ctx >= n_fit  # [n]
+    mean = x.mean(0)  # [d_in], the mean-ablation value
+    with torch.inference_mode():
+        recon, sparse = ReconStats(mean), SparsityStats(sae.d_sae)
+        for i in range(0, len(x), CHUNK):
+            o = sae(x[i : i + CHUNK])
+            recon.add(x[i : i + CHUNK], o.x_hat)
+            sparse.add(o.latents)
+    recon, sparse = recon.result(), sparse.result()
+    times["activations_and_sae"] = time.perf_counter() - t
+
+    # baselines: reconstruct functions, fitted once, scored the same way as the SAE
+    t = time.perf_counter()
+    methods: dict[str, Callable[[Tensor], Tensor]] = {"sae": lambda a: sae(a).x_hat}
+    active = {"sae": sparse["l0"]}
+    vae_info = {}
+    if cfg.baselines:
+        fit_x = x[~in_score] if not cfg.acts else _fit_activations(cfg.acts, hook, sae.d_in, device)
+        for k in baseline_sizes(sparse["l0"], sae.d_in):
+            methods[f"pca_{k}"] = fit_pca(fit_x, k).reconstruct
+            active[f"pca_{k}"] = float(k)
+            vae = fit_vae(fit_x, k)
+            methods[f"vae_{k}"] = vae.reconstruct
+            vae_info[f"vae_{k}"] = vae_activity(vae, x[in_score])
+            active[f"vae_{k}"] = vae_info[f"vae_{k}"]["active_dims_per_token"]
+    times["baselines_fit"] = time.perf_counter() - t
+
+    # pass 2: CE and KL with each method spliced in
+    t = time.perf_counter()
+    interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
+    sums = _ce_pass(lm.model, contexts, hook, special, interventions, n_fit, cfg.batch_size, device)
+    times["ce_kl"] = time.perf_counter() - t
+
+    ce_all = _ce_summary(sums["all"], ["sae"])
+    report = {
+        "sae": str(cfg.sae), "model": lm.name, "hook": hook, "dataset": cfg.dataset,
+        "skip_tokens": cfg.skip_tokens, "context_length": T, "n_contexts": len(contexts),
+        "n_predictions": int(sums["all"]["n"]), "n_activations": len(x),
+        "ce": ce_all, "reconstruction": recon,
+        "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"},
+        "density_histogram": _density_histogram(sparse["firing_frequency"]),
+    }  # fmt: skip
+    if cfg.baselines:
+        score = sums["score"]
+        table = []
+        for m in methods:
+            ce = _ce_summary(score, [m])
+            row = {"method": m, "active_dims_per_token": active[m], **score_reconstruction(methods[m], x[in_score])}
+            row.update(ce_loss=ce[m], ce_loss_recovered=ce[f"{m}_recovered"], kl=ce[f"kl_{m}"])
+            table.append(row | vae_info.get(m, {}))
+        report["baselines"] = {
+            "fit_on": f"activation cache {cfg.acts}" if cfg.acts else f"eval contexts 0..{n_fit - 1}",
+            "scored_on": f"eval contexts {n_fit}..{len(contexts) - 1}",
+            "ce_clean": score["ce/clean"] / score["n"], "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
+            "rows": table,
+        }  # fmt: skip
+    report["warnings"] = _warnings(cfg, sae, sparse)
+    report["config"] = asdict(cfg)
+
+    report["files"] = {"report": "report.json", "summary": "report.md"}
+    if plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {hook}"):
+        report["files"]["density"] = "density.png"
+    times["total"] = time.perf_counter() - t0
+    report["timing_s"] = times
+    (out / "report.md.tmp").write_text(markdown_summary(report))
+    (out / "report.md.tmp").replace(out / "report.md")
+    write_json_atomic(out / "report.json", report)  # last: its presence marks a finished evaluation
+    print(f"eval: CE loss recovered {_fmt(ce_all['sae_recovered'])}, explained variance {_fmt(recon['explained_variance'])}, "
+          f"L0 {sparse['l0']:.1f}; report in {out}")  # fmt: skip
+    return report
+
+
+def baseline_sizes(l0: float, d_in: int) -> list[int]:
+    """PCA components / VAE latent dims: the SAE's L0 (rounded) and 2x, 4x that, capped at d_in."""
+    k = max(1, round(l0))
+    return sorted({min(d_in, m * k) for m in (1, 2, 4)})
+
+
+def _out_dir(cfg: EvalConfig) -> Path:
+    out = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory: choose another --out")
+    if (out / "report.json").exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds an evaluation report; pass --overwrite to replace it or choose another --out")
+    if out.exists() and not cfg.overwrite and any(p.name not in OUR_FILES and not p.name.endswith(".tmp") for p in out.iterdir()):
+        raise UserError(f"{out} is not empty and holds other work: choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _hook_activations(model, contexts, hook, special, batch_size, device) -> tuple[Tensor, Tensor]:
+    """Activations [n, d] at the evaluated positions of all contexts, and each row's context index [n]."""
+    xs, ctx_idx = [], []
+    for b in tqdm(range(0, len(contexts), batch_size), desc="eval: activations", unit="batch", dynamic_ncols=True):
+        ids = contexts[b : b + batch_size].to(device)  # [b, T]
+        keep = ~torch.isin(ids, special.to(device))  # [b, T]
+        act = run_to_hooks(model, ids, [hook])[hook]  # [b, T, d]
+        xs.append(act[keep].float())
+        ctx_idx.append((torch.arange(len(ids), device=device)[:, None] + b).expand_as(ids)[keep])
+    return torch.cat(xs), torch.cat(ctx_idx)
+
+
+def _fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
+    """Up to FIT_ROWS activations from the leading shards of a cache."""
+    from .cache import ActivationCache
+
+    cache = ActivationCache.open(path)
+    if cache.manifest.get("hook") != hook or cache.d_model != d_in:
+        raise UserError(f"--acts {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads {hook} (d={d_in})")
+    rows, n = [], 0
+    for i in range(cache.n_shards):
+        rows.append(cache.read_shard(i, ("activations",))["activations"].float())
+        n += len(rows[-1])
+        if n >= FIT_ROWS:
+            break
+    return torch.cat(rows)[:FIT_ROWS].to(device)
+
+
+@torch.inference_mode()
+def _ce_pass(model, contexts, hook, special, interventions, n_fit, batch_size, device) -> dict:
+    """Sums of CE (clean and per intervention) and KL(clean ‖ intervention) over all predictions,
+    and over the score split (contexts n_fit..). Baselines run on the score split only."""
+    sums = {"all": defaultdict(float), "score": defaultdict(float)}
+    always = ("sae", "zero_ablation", "mean_ablation")
+    # batches never straddle the fit/score boundary
+    starts = [*range(0, n_fit, batch_size), *range(n_fit, len(contexts), batch_size)]
+    for b in tqdm(starts, desc="eval: CE/KL", unit="batch", dynamic_ncols=True):
+        e = min(b + batch_size, n_fit if b < n_fit else len(contexts))
+        ids = contexts[b:e].to(device)  # [b, T]
+        mask = ~torch.isin(ids, special.to(device))
+        scored = b >= n_fit
+        clean = next_token_logprobs(model, ids)  # [b, T-1, vocab]
+        splits = [sums["all"], sums["score"]] if scored else [sums["all"]]
+        for s in splits:
+            s["n"] += ids.shape[0] * (ids.shape[1] - 1)
+            s["ce/clean"] += float(token_ce(clean, ids).double().sum())
+        for name, reconstruct in interventions.items():
+            if name not in always and not scored:
+                continue
+            logp = next_token_logprobs(model, ids, hook, splice(reconstruct, mask))
+            ce, kl = float(token_ce(logp, ids).double().sum()), float(kl_div(clean, logp).double().sum())
+            for s in splits:
+                s[f"ce/{name}"] += ce
+                s[f"kl/{name}"] += kl
+    return sums
+
+
+def _ce_summary(s: dict, methods: list[str]) -> dict:
+    n = s["n"]
+    clean, zero, mean = s["ce/clean"] / n, s["ce/zero_ablation"] / n, s["ce/mean_ablation"] / n
+    out = {"clean": clean, "zero_ablation": zero, "mean_ablation": mean}
+    for m in methods:
+        out[m] = s[f"ce/{m}"] / n
+        out[f"{m}_recovered"] = ce_loss_recovered(clean, out[m], zero)
+        out[f"{m}_recovered_vs_mean"] = ce_loss_recovered(clean, out[m], mean)
+    for m in [*methods, "zero_ablation", "mean_ablation"]:
+        out[f"kl_{m}"] = s[f"kl/{m}"] / n
+    return out
+
+
+def _density_histogram(freq: Tensor, bins: int = 40) -> dict:
+    live = freq[freq > 0].log10()
+    if len(live) == 0:
+        return {"bin_edges_log10": [], "counts": [], "dead": int((freq == 0).sum())}
+    lo = float(live.min())
+    counts = torch.histc(live.float(), bins=bins, min=lo, max=0.0)
+    edges = torch.linspace(lo, 0.0, bins + 1)
+    return {"bin_edges_log10": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts], "dead": int((freq == 0).sum())}
+
+
+def plot_density(freq: Tensor, path: Path, title: str) -> bool:
+    """Histogram of log10 firing frequency of the latents that fire at all; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("eval: matplotlib is not installed, skipping density.png (pip install matplotlib)")
+        return False
+    live = freq[freq > 0].log10().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(live, bins=50, color="#4477aa")
+    ax.axvline(math.log10(DENSE_FREQ), color="#cc3311", linestyle="--", linewidth=1, label="dense (10%)")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title}\n{int((freq == 0).sum())} of {len(freq)} latents dead (not shown)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _warnings(cfg: EvalConfig, sae: SAE, sparse: dict) -> list[str]:
+    w = []
+    if sae.cfg.meta.get("corpus") == cfg.dataset and cfg.skip_tokens == 0:
+        w.append(f"the SAE was trained on {cfg.dataset} and --skip-tokens is 0: the eval text is probably not held out")
+    w.append(f"'dead' means no firing on these {sparse['n_tokens']} tokens; latents rarer than 1 in {sparse['n_tokens']} look dead")
+    return w
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_summary(r: dict) -> str:
+    ce, rec, sp = r["ce"], r["reconstruction"], r["sparsity"]
+    lines = [
+        f"# SAE evaluation: {r['sae']}",
+        "",
+        f"{r['model']} at `{r['hook']}`; {r['n_contexts']} contexts of {r['context_length']} tokens from "
+        f"`{r['dataset']}` (after skipping {r['skip_tokens']} tokens); {r['n_predictions']} next-token predictions, "
+        f"{r['n_activations']} activations. Definitions: docs/metrics.md.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| CE loss clean / SAE spliced (nats) | {ce['clean']:.4f} / {ce['sae']:.4f} |",
+        f"| CE loss zero-ablated / mean-ablated | {ce['zero_ablation']:.4f} / {ce['mean_ablation']:.4f} |",
+        f"| CE loss recovered (vs zero / vs mean ablation) | {_fmt(ce['sae_recovered'])} / {_fmt(ce['sae_recovered_vs_mean'])} |",
+        f"| KL(clean ‖ SAE) per token (nats) | {ce['kl_sae']:.4f} |",
+        f"| explained variance / FVU | {_fmt(rec['explained_variance'])} / {_fmt(rec['fvu'])} |",
+        f"| MSE (per element) | {rec['mse']:.6g} |",
+        f"| L0 / L1 | {sp['l0']:.2f} / {sp['l1']:.4g} |",
+        f"| dead latents | {sp['dead']} of {sp['d_sae']} ({100 * sp['dead_fraction']:.1f}%) |",
+        f"| dense latents (>10% of tokens) | {sp['dense']} ({100 * sp['dense_fraction']:.1f}%) |",
+    ]
+    if "baselines" in r:
+        b = r["baselines"]
+        lines += [
+            "",
+            "## SAE vs PCA vs VAE",
+            "",
+            f"Baselines fitted on {b['fit_on']}; every row scored on {b['scored_on']} "
+            f"(CE clean {b['ce_clean']:.4f}, zero-ablated {b['ce_zero_ablation']:.4f}).",
+            "",
+            "| method | active dims / token | explained variance | CE loss recovered | CE loss | KL (nats) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in b["rows"]:
+            lines.append(
+                f"| {row['method']} | {row['active_dims_per_token']:.1f} | {_fmt(row['explained_variance'])} | "
+                f"{_fmt(row['ce_loss_recovered'])} | {row['ce_loss']:.4f} | {row['kl']:.4f} |"
+            )
+    if r.get("warnings"):
+        lines += ["", *[f"- note: {w}" for w in r["warnings"]]]
+    if "density" in r["files"]:
+        lines += ["", "![feature density](density.png)"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,234 @@
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, needs_smollm2, tiny_model
+from sae_lens_lite.baselines import fit_pca, fit_vae, kl_to_prior, vae_activity
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.evaluate import (
+    EvalConfig,
+    ReconStats,
+    SparsityStats,
+    baseline_sizes,
+    ce_loss,
+    ce_loss_recovered,
+    eval_contexts,
+    evaluate,
+    kl_div,
+    plot_density,
+    reconstruction_metrics,
+    sparsity_metrics,
+    splice,
+)
+from sae_lens_lite.harvest import tokenize_corpus
+from sae_lens_lite.sae import SAE, SAEConfig
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+# ---- metrics on hand-made inputs ------------------------------------------------------------
+
+
+def test_reconstruction_metrics_known_answers():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean [2, 0]; total squared deviation 2
+    m = reconstruction_metrics(x, torch.tensor([[2.0, 0.0], [2.0, 0.0]]))  # predicts the mean
+    assert m["explained_variance"] == 0.0 and m["fvu"] == 1.0
+    assert m["mse"] == 2 / 4  # squared error 2 over 2 tokens x 2 dims
+    m = reconstruction_metrics(x, torch.tensor([[1.5, 0.0], [3.0, 0.0]]))  # error 0.25
+    assert m["explained_variance"] == pytest.approx(1 - 0.25 / 2) and m["fvu"] == pytest.approx(0.125)
+    assert reconstruction_metrics(x, x)["explained_variance"] == 1.0
+    same = reconstruction_metrics(torch.ones(3, 2), torch.zeros(3, 2))
+    assert same["explained_variance"] is None and same["mse"] == 1.0  # no variance: EV undefined
+
+
+def test_explained_variance_is_relative_to_the_mean_not_to_zero():
+    x = torch.tensor([[10.0], [12.0]])
+    m = reconstruction_metrics(x, torch.tensor([[11.0], [11.0]]))
+    # Relative to zero this would be 1 - 2/244 ≈ 0.99; relative to the mean it is 0.
+    assert m["explained_variance"] == 0.0
+
+
+def test_mse_does_not_scale_with_batch_size_and_streaming_matches_one_shot():
+    g = torch.Generator().manual_seed(0)
+    x, x_hat = torch.randn(100, 8, generator=g), torch.randn(100, 8, generator=g)
+    one = reconstruction_metrics(x, x_hat)
+    assert reconstruction_metrics(x.repeat(5, 1), x_hat.repeat(5, 1))["mse"] == pytest.approx(one["mse"])
+    stream = ReconStats(x.mean(0))
+    for i in range(0, 100, 7):
+        stream.add(x[i : i + 7], x_hat[i : i + 7])
+    got = stream.result()
+    for k in ("mse", "explained_variance", "fvu"):
+        assert got[k] == pytest.approx(one[k], rel=1e-12)
+
+
+def test_sparsity_metrics_known_answers():
+    f = torch.tensor([[0.0, 1.0, 0.0, 2.0], [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    m = sparsity_metrics(f)
+    assert m["l0"] == pytest.approx(4 / 3) and m["l1"] == pytest.approx(11 / 3)
+    assert m["firing_frequency"].tolist() == pytest.approx([0, 2 / 3, 0, 2 / 3])
+    assert (m["dead"], m["dead_fraction"], m["dense"], m["dense_fraction"]) == (2, 0.5, 2, 0.5)
+    # dense means strictly more than 10% of tokens: 1 in 10 is not dense, 2 in 10 is
+    f = torch.zeros(10, 2)
+    f[0, 0] = 1.0
+    f[:2, 1] = 1.0
+    m = sparsity_metrics(f)
+    assert m["dense"] == 1 and m["dead"] == 0
+    s = SparsityStats(2).add(f[:3]).add(f[3:])
+    assert s.result()["firing_frequency"].tolist() == m["firing_frequency"].tolist()
+
+
+def test_kl_and_ce_loss_recovered_known_answers():
+    p, q = torch.tensor([0.5, 0.5]).log(), torch.tensor([0.25, 0.75]).log()
+    assert float(kl_div(p, q)) == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75), rel=1e-6)
+    assert float(kl_div(p, p)) == 0.0
+    assert ce_loss_recovered(clean=2.0, spliced=3.0, ablated=6.0) == 0.75
+    assert ce_loss_recovered(clean=2.0, spliced=2.0, ablated=6.0) == 1.0
+    assert ce_loss_recovered(clean=2.0, spliced=2.5, ablated=2.0) is None
+
+
+# ---- CE loss with splicing on a tiny model ---------------------------------------------------
+
+
+def test_ce_loss_matches_hf_and_identity_splice_is_exactly_clean():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(0))
+    clean = ce_loss(model, ids)  # [3, 11]
+    assert clean.shape == (3, 11)
+    with torch.no_grad():
+        hf = model(input_ids=ids, labels=ids).loss
+    assert float(clean.mean()) == pytest.approx(float(hf), rel=1e-5)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    assert torch.equal(ce_loss(model, ids, HOOK, splice(lambda a: a.clone(), mask)), clean)
+
+
+def test_zero_splice_equals_running_on_zero_embeddings():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    zero = ce_loss(model, ids, "blocks.0.hook_resid_pre", splice(torch.zeros_like, mask))
+    with torch.no_grad():  # resid_pre of block 0 is the embedding: ablating it = zero embeddings
+        logits = model(inputs_embeds=torch.zeros(2, 10, 32)).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    torch.testing.assert_close(zero, want.view(2, 9))
+    # a mask keeps the unmasked positions clean: ablating only the last position changes nothing before it
+    last = torch.zeros(2, 10, dtype=torch.bool)
+    last[:, -1] = True
+    assert torch.equal(ce_loss(model, ids, HOOK, splice(torch.zeros_like, last)), ce_loss(model, ids))
+
+
+# ---- baselines ------------------------------------------------------------------------------
+
+
+def test_pca_known_answers():
+    x = torch.tensor([[2.0, 1.0], [2.0, -1.0], [-2.0, 1.0], [-2.0, -1.0]]) + 7  # variances 4 and 1
+    assert reconstruction_metrics(x, fit_pca(x, 1).reconstruct(x))["explained_variance"] == pytest.approx(0.8)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(300, 16, generator=g) * 3 + 5
+    assert torch.equal(fit_pca(y, 16).reconstruct(y), y)  # k = d: exact to float32
+    z = torch.randn(300, 3, generator=g) @ torch.randn(3, 16, generator=g) + 4  # a 3-dim affine subspace
+    torch.testing.assert_close(fit_pca(z, 3).reconstruct(z), z, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="1 <= k"):
+        fit_pca(y, 17)
+
+
+def test_vae_learns_low_rank_data_and_reports_its_activity():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 3, generator=g) @ torch.randn(3, 24, generator=g) * 2 + 0.02 * torch.randn(4096, 24, generator=g) + 3
+    vae = fit_vae(x, 3, steps=600)
+    assert reconstruction_metrics(x, vae.reconstruct(x))["explained_variance"] > 0.98
+    act = vae_activity(vae, x)
+    assert act["d_latent"] == 3 and act["active_units"] == 3 and act["active_dims_per_token"] <= 3
+    assert act["kl_per_token"] > 0
+    assert float(kl_to_prior(torch.zeros(2), torch.zeros(2)).sum()) == 0.0  # the prior itself
+
+
+def test_baseline_sizes():
+    assert baseline_sizes(10.4, 576) == [10, 20, 40]
+    assert baseline_sizes(200, 576) == [200, 400, 576]
+    assert baseline_sizes(0.0, 8) == [1, 2, 4]
+
+
+# ---- the evaluation run ---------------------------------------------------------------------
+
+
+def _sae(tmp_path, kind: str, d: int = 32, context_length: int = 16):
+    """'identity': relu(x) - relu(-x) = x exactly, with d_sae = 2d; 'zero': x_hat = 0."""
+    sae = SAE(SAEConfig(d_in=d, d_sae=2 * d, model="tiny", hook=HOOK, context_length=context_length))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        if kind == "identity":
+            sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))  # [d, 2d]
+            sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))  # [2d, d]
+        else:
+            sae.W_dec.zero_()
+    return sae.save(tmp_path / kind)
+
+
+def test_eval_contexts_skip_whole_contexts_like_the_harvest(tiny_lm, corpus_file):
+    full = tokenize_corpus(tiny_lm.tokenizer, [corpus_file.read_text()], 16)
+    assert torch.equal(eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 48, 32), full[2:5])
+    assert torch.equal(eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 16, 33), full[3:4])  # rounds up
+    with pytest.raises(UserError, match="skip-tokens"):
+        eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 16, 10**7)
+
+
+def test_identity_sae_gives_clean_loss_and_baselines_are_scored(tiny_lm, corpus_file, tmp_path):
+    cfg = EvalConfig(sae=str(_sae(tmp_path, "identity")), dataset=str(corpus_file), tokens=128, batch_size=3)
+    r = evaluate(cfg, lm=tiny_lm)
+    ce = r["ce"]
+    assert ce["sae"] == ce["clean"] and ce["kl_sae"] == 0.0 and ce["sae_recovered"] == 1.0
+    assert ce["zero_ablation"] > ce["clean"] and ce["kl_zero_ablation"] > 0
+    assert r["reconstruction"]["explained_variance"] == pytest.approx(1.0, abs=1e-9)
+    assert r["sparsity"]["l0"] == 32  # one of relu(x_i), relu(-x_i) fires per coordinate
+    assert r["n_contexts"] == 8 and r["n_predictions"] == 8 * 15
+    rows = {row["method"]: row for row in r["baselines"]["rows"]}
+    assert set(rows) == {"sae", "pca_32", "vae_32"}  # k = L0 = d_in caps every size
+    assert rows["pca_32"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["pca_32"]["kl"] < 1e-6 and rows["pca_32"]["active_dims_per_token"] == 32
+    assert rows["sae"]["ce_loss"] == r["baselines"]["ce_clean"]
+    out = tmp_path / "identity" / "eval"
+    assert json.loads((out / "report.json").read_text())["ce"] == ce
+    assert "SAE vs PCA vs VAE" in (out / "report.md").read_text() and (out / "density.png").stat().st_size > 0
+    with pytest.raises(UserError, match="overwrite"):
+        evaluate(cfg, lm=tiny_lm)
+
+
+def test_zero_sae_gives_the_zero_ablation_loss(tiny_lm, corpus_file, tmp_path):
+    cfg = EvalConfig(sae=str(_sae(tmp_path, "zero")), dataset=str(corpus_file), tokens=64, baselines=False, out=str(tmp_path / "ev"))
+    r = evaluate(cfg, lm=tiny_lm)
+    assert r["ce"]["sae"] == r["ce"]["zero_ablation"] and r["ce"]["sae_recovered"] == 0.0
+    assert r["reconstruction"]["explained_variance"] < 0  # predicting 0 is worse than predicting the mean
+    assert "baselines" not in r
+
+
+def test_density_plot_is_optional(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    assert plot_density(torch.tensor([0.0, 0.5]), tmp_path / "d.png", "t") is False
+    assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "d.png").exists()
+
+
+def test_mismatched_model_is_a_user_error(tiny_lm, corpus_file, tmp_path):
+    sae = SAE(SAEConfig(d_in=16, d_sae=32, hook=HOOK, context_length=16)).save(tmp_path / "s")
+    with pytest.raises(UserError, match="d_model 32"):
+        evaluate(EvalConfig(sae=str(sae), dataset=str(corpus_file)), lm=tiny_lm)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_identity_and_zero_splice_on_real_smollm2(tmp_path):
+    from sae_lens_lite.models import load_model
+
+    lm = load_model("smollm2-135m")
+    text = SHARED_DATA / "wikitext2-test.txt"
+    dataset = str(text) if text.exists() else "pydoc"
+    ident = SAE(SAEConfig(d_in=576, d_sae=1152, model="smollm2-135m", hook="blocks.3.hook_resid_post", context_length=64))
+    with torch.no_grad():
+        eye = torch.eye(576)
+        ident.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        ident.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+    r = evaluate(EvalConfig(sae=str(ident.save(tmp_path / "id")), dataset=dataset, tokens=256, baselines=False), lm=lm)
+    assert r["ce"]["sae"] == r["ce"]["clean"] and r["ce"]["kl_sae"] == 0.0
+    assert 1.0 < r["ce"]["clean"] < 6.0 < r["ce"]["zero_ablation"]  # a real LM on real text; ablation hurts
