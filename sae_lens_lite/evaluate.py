@@ -47,7 +47,7 @@ class EvalConfig:
     model: str | None = opt(None, "model to splice the SAE into; default: the model named in the SAE's config")
     dataset: str = opt("pydoc", "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id); pass text held out from training")
     tokens: int = opt(16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)")
-    skip_tokens: int = opt(0, "skip the corpus's first tokens (rounded up to whole contexts), e.g. the part harvested for training")
+    skip_tokens: int | None = opt(None, "skip the corpus's first tokens (rounded up to whole contexts); default: what the SAE's training cache took from this corpus, else 0")
     context_length: int | None = opt(None, "tokens per context; default: the SAE's training context length")
     batch_size: int = opt(8, "contexts per forward")
     device: str = opt("auto", "cpu, cuda, or auto")
@@ -195,8 +195,8 @@ def eval_contexts(tokenizer, dataset: str, context_length: int, tokens: int, ski
     ctx = tokenize_corpus(tokenizer, load_texts(dataset), context_length, (skip + want) * context_length)
     if len(ctx) <= skip:
         raise UserError(
-            f"{dataset} has only {len(ctx) * context_length} tokens in whole contexts, none left after "
-            f"--skip-tokens {skip_tokens}; lower --skip-tokens or use a larger corpus"
+            f"{dataset} has only {len(ctx) * context_length} tokens in whole contexts, none left after skipping "
+            f"the first {skip_tokens} (by default, the part the SAE was trained on); pass held-out text with --dataset"
         )
     return ctx[skip : skip + want]
 
@@ -204,7 +204,7 @@ def eval_contexts(tokenizer, dataset: str, context_length: int, tokens: int, ski
 def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     """Evaluate the SAE in cfg.sae; writes report.json, report.md, density.png and returns the report."""
     times, t0 = {}, time.perf_counter()
-    if cfg.tokens < 1 or cfg.skip_tokens < 0 or cfg.batch_size < 1:
+    if cfg.tokens < 1 or (cfg.skip_tokens or 0) < 0 or cfg.batch_size < 1:
         raise UserError("--tokens and --batch-size must be positive and --skip-tokens non-negative")
     device = resolve_device(cfg.device)
     sae = SAE.load(cfg.sae, device).eval().requires_grad_(False)
@@ -221,7 +221,11 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     if lm.d_model != sae.d_in:
         raise UserError(f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model")
     check_context_length(lm, T)
-    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, cfg.skip_tokens)  # [n_ctx, T]
+    trained_on = training_text(sae)
+    skip = cfg.skip_tokens
+    if skip is None:  # keep the eval text disjoint from the SAE's training text by default
+        skip = trained_on[1] if trained_on and _same_corpus(trained_on[0], cfg.dataset) else 0
+    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip)  # [n_ctx, T]
     special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
     # Baselines are fitted on the first half of the contexts and everything in the comparison
     # table is scored on the second half, unless they are fitted on a separate cache.
@@ -271,7 +275,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     ce_all = _ce_summary(sums["all"], ["sae"])
     report = {
         "sae": str(cfg.sae), "model": lm.name, "hook": hook, "dataset": cfg.dataset,
-        "skip_tokens": cfg.skip_tokens, "context_length": T, "n_contexts": len(contexts),
+        "skip_tokens": skip, "context_length": T, "n_contexts": len(contexts),
         "n_predictions": int(sums["all"]["n"]), "n_activations": len(x),
         "ce": ce_all, "reconstruction": recon,
         "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"},
@@ -291,7 +295,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
             "ce_clean": score["ce/clean"] / score["n"], "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
             "rows": table,
         }  # fmt: skip
-    report["warnings"] = _warnings(cfg, sae, sparse)
+    report["warnings"] = _warnings(cfg.dataset, skip, trained_on, sparse)
     report["config"] = asdict(cfg)
 
     report["files"] = {"report": "report.json", "summary": "report.md"}
@@ -431,10 +435,31 @@ def plot_density(freq: Tensor, path: Path, title: str) -> bool:
     return True
 
 
-def _warnings(cfg: EvalConfig, sae: SAE, sparse: dict) -> list[str]:
+def training_text(sae: SAE) -> tuple[str, int] | None:
+    """(corpus, tokens harvested from its start) of the cache the SAE was trained on, if still readable."""
+    from .cache import ActivationCache
+
+    acts = sae.cfg.meta.get("acts")
+    if not acts:
+        return None
+    try:
+        m = ActivationCache.open(acts, verify=False).manifest
+    except UserError:
+        return None  # the cache was moved or deleted; the report then says overlap was not checked
+    return m["corpus"], int(m["n_contexts"]) * int(m["context_length"])
+
+
+def _same_corpus(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def _warnings(dataset: str, skip: int, trained_on: tuple[str, int] | None, sparse: dict) -> list[str]:
     w = []
-    if sae.cfg.meta.get("corpus") == cfg.dataset and cfg.skip_tokens == 0:
-        w.append(f"the SAE was trained on {cfg.dataset} and --skip-tokens is 0: the eval text is probably not held out")
+    if trained_on is None:
+        w.append("the SAE's training cache was not found, so overlap between training and eval text was not checked")
+    elif _same_corpus(trained_on[0], dataset) and skip < trained_on[1]:
+        w.append(f"the eval text overlaps the SAE's training text (its first {trained_on[1]} tokens); "
+                 f"pass --skip-tokens {trained_on[1]} or held-out text")  # fmt: skip
     w.append(f"'dead' means no firing on these {sparse['n_tokens']} tokens; latents rarer than 1 in {sparse['n_tokens']} look dead")
     return w
 

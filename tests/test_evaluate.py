@@ -171,7 +171,7 @@ def test_eval_contexts_skip_whole_contexts_like_the_harvest(tiny_lm, corpus_file
     full = tokenize_corpus(tiny_lm.tokenizer, [corpus_file.read_text()], 16)
     assert torch.equal(eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 48, 32), full[2:5])
     assert torch.equal(eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 16, 33), full[3:4])  # rounds up
-    with pytest.raises(UserError, match="skip-tokens"):
+    with pytest.raises(UserError, match="held-out text"):
         eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 16, 10**7)
 
 
@@ -202,6 +202,23 @@ def test_zero_sae_gives_the_zero_ablation_loss(tiny_lm, corpus_file, tmp_path):
     assert r["ce"]["sae"] == r["ce"]["zero_ablation"] and r["ce"]["sae_recovered"] == 0.0
     assert r["reconstruction"]["explained_variance"] < 0  # predicting 0 is worse than predicting the mean
     assert "baselines" not in r
+
+
+def test_eval_text_skips_the_sae_training_text_by_default(tiny_lm, corpus_file, tmp_path):
+    from sae_lens_lite.harvest import HarvestConfig, harvest
+
+    acts = tmp_path / "acts"
+    harvest(HarvestConfig(model="tiny", hooks=[HOOK], dataset=str(corpus_file), tokens=64, context_length=16, out=str(acts)), lm=tiny_lm)
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, hook=HOOK, context_length=16, meta={"acts": str(acts)}))
+    path = sae.save(tmp_path / "s")
+    r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False), lm=tiny_lm)
+    assert r["skip_tokens"] == 64 and not any("overlap" in w for w in r["warnings"])
+    r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, skip_tokens=0, baselines=False, overwrite=True), lm=tiny_lm)
+    assert any("--skip-tokens 64" in w for w in r["warnings"])
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text())
+    r = evaluate(EvalConfig(sae=str(path), dataset=str(other), tokens=32, baselines=False, overwrite=True), lm=tiny_lm)
+    assert r["skip_tokens"] == 0  # a different corpus is held out already
 
 
 def test_density_plot_is_optional(monkeypatch, tmp_path, capsys):
