@@ -206,14 +206,20 @@ def logit_lens(model: nn.Module, W_dec: Tensor, n: int = N_LENS, n_vocab: int | 
 
 
 def pair_agreement(labels: Tensor, w: Tensor, exclude: Tensor | None = None) -> Tensor:
-    """Activation-weighted share of example pairs i ≠ j whose labels are equal.
-    labels [F, k] (-1: unknown), w [F, k] weights; exclude [F, k, k] pairs to skip. → [F] (nan: no pairs)."""
-    w = w * (labels >= 0)
+    """Activation-weighted share of example pairs i ≠ j whose labels are equal; an unknown label
+    (-1) agrees with nothing. labels [F, k], w [F, k] weights; exclude [F, k, k] pairs to skip → [F]."""
     W = w[:, :, None] * w[:, None, :] * (1 - torch.eye(w.shape[1]))  # [F, k, k]
     if exclude is not None:
         W = W * ~exclude
-    eq = labels[:, :, None] == labels[:, None, :]
+    eq = (labels[:, :, None] == labels[:, None, :]) & (labels >= 0)[:, :, None]
     return (W * eq).sum((1, 2)) / W.sum((1, 2))
+
+
+def heaviest(labels: Tensor, w: Tensor) -> Tensor:
+    """The label carrying the most weight in each row: labels [F, k], w [F, k] → [F] (-1: none)."""
+    eq = (labels[:, :, None] == labels[:, None, :]) & (labels >= 0)[:, None, :]
+    mass = (eq * w[:, None, :]).sum(-1)  # [F, k] weight of each example's label
+    return torch.where(mass.amax(1) > 0, labels.gather(1, mass.argmax(1, keepdim=True))[:, 0], -1)
 
 
 def window_jaccard(a: Tensor, b: Tensor) -> Tensor:
@@ -234,12 +240,22 @@ def kappa(observed: Tensor, chance: Tensor | float) -> Tensor:
 
 
 def monosemanticity(win_tokens: Tensor, win_docs: Tensor, win_pos: Tensor, acts: Tensor, center: int,
-                    promoted: Tensor, unigram: Tensor, bag_chance: float, k: int) -> dict[str, Tensor]:  # fmt: skip
+                    promoted: Tensor, unigram: Tensor, freq: Tensor, bag_chance: float, k: int) -> dict[str, Tensor]:  # fmt: skip
     """Score features from their top examples. win_tokens/win_docs/win_pos [F, k, W] (-1 absent),
-    acts [F, k] top activations, promoted [F, n] logit-lens token ids, unigram [V] token frequencies."""
+    acts [F, k] top activations, promoted [F, n] logit-lens token ids, unigram [V] token
+    frequencies, freq [F] the features' firing frequencies."""
     p_same = float((unigram**2).sum())  # chance that two random tokens are equal
-    tok = pair_agreement(win_tokens[:, :, center], acts)
-    prev = pair_agreement(win_tokens[:, :, center - 1], acts)
+
+    def bound(share: Tensor) -> Tensor:
+        # An explanation covering tokens of total frequency `share` can account for at most
+        # share / freq of the feature's firings: a dense feature is not "one token" however
+        # its top examples look (random directions in a residual stream with outlier tokens).
+        return (share / freq.clamp(min=1e-12)).clamp(max=1)
+
+    cur, prv = win_tokens[:, :, center], win_tokens[:, :, center - 1]
+    share_of = lambda t: torch.where(t >= 0, unigram[t.clamp(min=0)], 0.0)  # noqa: E731
+    tok = kappa(pair_agreement(cur, acts), p_same) * bound(share_of(heaviest(cur, acts)))
+    prev = kappa(pair_agreement(prv, acts), p_same) * bound(share_of(heaviest(prv, acts)))
     # Context bags: pairs whose windows overlap (same context, nearby) would agree trivially.
     d, p = win_docs[:, :, center], win_pos[:, :, center]
     overlap = (d[:, :, None] == d[:, None, :]) & ((p[:, :, None] - p[:, None, :]).abs() <= center)
@@ -252,11 +268,11 @@ def monosemanticity(win_tokens: Tensor, win_docs: Tensor, win_pos: Tensor, acts:
         bag[c : c + 128] = (W * J).sum((1, 2)) / W.sum((1, 2))
     # Logit lens: is the token that follows one the decoder direction promotes?
     nxt = win_tokens[:, :, center + 1] if win_tokens.shape[2] > center + 1 else torch.full_like(acts, -1, dtype=torch.long)
-    hit = (nxt[:, :, None] == promoted[:, None, :]).any(-1).float()
-    w = acts * (nxt >= 0)
-    lens_obs = (w * hit).sum(1) / w.sum(1)
+    hit = (nxt[:, :, None] == promoted[:, None, :]).any(-1).float()  # an absent next token is a miss
+    lens_obs = (acts * hit).sum(1) / acts.sum(1)
     lens_chance = unigram[promoted].sum(1)
-    s = {"token": kappa(tok, p_same), "context": torch.maximum(kappa(prev, p_same), kappa(bag, bag_chance)), "lens": kappa(lens_obs, lens_chance)}
+    lens = kappa(lens_obs, lens_chance) * bound(lens_chance)
+    s = {"token": tok, "context": torch.maximum(prev, kappa(bag, bag_chance)), "lens": lens}
     n_ex = (acts > 0).sum(1)
     support = ((n_ex - 1) / (k - 1)).clamp(0, 1)  # few firings: weak evidence, whatever they agree on
     s["score"] = support * torch.stack([s["token"], s["context"], s["lens"]]).amax(0)
@@ -315,9 +331,10 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     gather = lambda t: torch.where(win >= 0, t[win.clamp(min=0)].long(), -1)  # noqa: E731
     win_tok, win_doc, win_pos = gather(tokens), gather(doc), gather(pos)
     up_v, up_i, down_v, down_i = logit_lens(lm.model, sae.W_dec, n_vocab=n_vocab)
-    unigram = torch.bincount(tokens, minlength=n_vocab).double() / len(tokens)
+    unigram = (torch.bincount(tokens, minlength=n_vocab).double() / len(tokens)).float()
     bag_chance = random_window_jaccard(tokens, doc, pos, before)
-    s = monosemanticity(win_tok, win_doc, win_pos, st.top_vals, before, up_i, unigram, bag_chance, k)
+    freq_t = st.count.double() / max(st.n_rows, 1)
+    s = monosemanticity(win_tok, win_doc, win_pos, st.top_vals, before, up_i, unigram, freq_t.float(), bag_chance, k)
     rank = torch.empty(sae.d_sae, dtype=torch.long)
     order = s["score"].argsort(descending=True, stable=True)
     rank[order] = torch.arange(1, sae.d_sae + 1)
@@ -326,7 +343,6 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     vocab = {str(i): lm.tokenizer.decode([i]) for i in ids}
     r4 = lambda t: t.double().round(decimals=4).tolist()  # noqa: E731
     r3 = lambda t: t.double().round(decimals=3).tolist()  # noqa: E731
-    freq_t = st.count.double() / max(st.n_rows, 1)
     freq, means, maxes = freq_t.tolist(), r4(st.total / st.count.clamp(min=1)), r4(st.max)
     scores, comps = r4(s["score"]), {c: r4(s[c]) for c in ("token", "context", "lens")}
     features = []

@@ -7,7 +7,7 @@ app.js puts token text into the page with textContent only, so tokens are never 
 
 To stay usable with 40,000 features the data is compact: features are positional arrays (the
 field order is FIELDS, mirrored at the top of app.js), token strings are stored once in a vocab
-table, and context activations are quantised to 0..99 of the feature's max. The list renders
+table keyed by token id, and context activations are quantised to 0..99 of the feature's max. The list renders
 100 rows at a time as it scrolls; a feature's card is built only when it is opened.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 FIELDS = ("id", "rank", "score", "components", "frequency", "mean_act", "max_act", "bin_width", "hist",
           "top_tokens", "promoted", "suppressed", "examples")  # fmt: skip
-# An example is [center index, activation, [token ...], [activation 0..99 ...]].
+# An example is [center index, activation, [token id ...], [activation 0..99 ...]].
 
 
 def page_data(analysis: dict, max_features: int | None = None) -> dict:
@@ -28,29 +28,22 @@ def page_data(analysis: dict, max_features: int | None = None) -> dict:
     feats = sorted(analysis["features"], key=lambda f: f["rank"])
     if max_features is not None:
         feats = feats[:max_features]
-    text = analysis["vocab"]
-    index: dict[int, int] = {}  # token id -> position in the page's vocab
-
-    def v(t: int) -> int:
-        if t not in index:
-            index[t] = len(index)
-        return index[t]
-
+    used: set[int] = set()
     rows = []
     for f in feats:
-        top = f["max_act"] or 1.0
+        scale = 99 / (f["max_act"] or 1.0)
+        examples = []
+        for e in f["examples"]:
+            used.update(e["tokens"])
+            examples.append([e["center"], e["act"], e["tokens"], [min(99, int(a * scale + 0.5)) for a in e["acts"]]])
+        lens = f["lens"]["promoted"] + f["lens"]["suppressed"]
+        used.update(t for t, _ in f["top_tokens"] + lens)
         rows.append([
             f["id"], f["rank"], f["score"], [f["token_score"], f["context_score"], f["lens_score"]],
             f["frequency"], f["mean_act"], f["max_act"], f["hist"]["bin_width"], f["hist"]["counts"],
-            [[v(t), round(100 * s, 1)] for t, s in f["top_tokens"]],
-            [[v(t), x] for t, x in f["lens"]["promoted"]],
-            [[v(t), x] for t, x in f["lens"]["suppressed"]],
-            [[e["center"], e["act"], [v(t) for t in e["tokens"]], [min(99, round(99 * a / top)) for a in e["acts"]]]
-             for e in f["examples"]],
+            [[t, round(100 * s, 1)] for t, s in f["top_tokens"]], f["lens"]["promoted"], f["lens"]["suppressed"], examples,
         ])  # fmt: skip
-    vocab = [None] * len(index)
-    for t, i in index.items():
-        vocab[i] = text.get(str(t), f"<{t}>")
+    vocab = {str(t): analysis["vocab"].get(str(t), f"<{t}>") for t in sorted(used)}
     meta = {k: analysis.get(k) for k in ("model", "hook", "sae", "n_tokens", "d_sae", "top_k", "ctx_before", "ctx_after")}
     meta["n_shown"] = len(rows)
     return {"meta": meta, "fields": FIELDS, "vocab": vocab, "features": rows}
