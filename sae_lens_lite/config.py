@@ -40,13 +40,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        help = f.metadata.get("help", "")
+        help = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         names = [f"--{f.name.replace('_', '-')}"]
         if "flag" in f.metadata:
             names.insert(0, f.metadata["flag"])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         tp, item = _field_type(cls, f)
-        kw = dict(dest=f.name, default=default, help=f"{help} (default: {default})")
+        kw = dict(dest=f.name, default=default, help=f"{help} (default: {str(default).replace('%', '%%')})")
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if tp is bool:

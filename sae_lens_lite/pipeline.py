@@ -54,6 +54,7 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
         formats = ex.pop("formats", ["saelens", "dictionary"])
         for fmt in formats:
             print(f"== export {fmt}")
-            e = {"sae": str(paths["sae"]), "format": fmt, "out": str(paths["export"] / fmt), "analysis": str(paths["analysis"]), **ex}
+            analysis = str(paths["analysis"]) if (paths["analysis"] / "features.json").exists() else None
+            e = {"sae": str(paths["sae"]), "format": fmt, "out": str(paths["export"] / fmt), "analysis": analysis, "acts": str(paths["acts"]), **ex}
             export(build(ExportConfig, e, "export"))
     return paths
