@@ -98,7 +98,7 @@ class SAE(nn.Module):
 
     def pre_activation(self, x: Tensor) -> Tensor:
         x = x.to(self.W_enc.dtype) * self.input_scale  # [n, d_in]
-        return (x - self.b_dec) @ self.W_enc + self.b_enc  # [n, d_sae]
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]; addmm fuses the bias add
 
     def activate(self, pre: Tensor) -> Tensor:
         if self.cfg.activation == "topk":
@@ -110,7 +110,7 @@ class SAE(nn.Module):
         return self.activate(self.pre_activation(x))  # [n, d_sae]
 
     def decode(self, f: Tensor) -> Tensor:
-        return (f @ self.W_dec + self.b_dec) / self.input_scale  # [n, d_in]
+        return torch.addmm(self.b_dec, f, self.W_dec) / self.input_scale  # [n, d_in]
 
     def forward(self, x: Tensor) -> SAEOutput:
         pre = self.pre_activation(x)

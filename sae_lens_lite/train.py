@@ -1,0 +1,510 @@
+"""The training loop: loss, schedules, dead latents, metrics and resumable checkpoints.
+
+Three sparsity recipes share one loop (`penalty`):
+
+- "l1"   ReLU SAE, Anthropic's April 2024 update: inputs scaled so E‖x‖ = √d_in, loss
+         ‖x − x̂‖² + λ Σ_i f_i ‖W_dec,i‖, λ warmed up over the first 5% of steps, the learning
+         rate decayed to 0 over the last 20%, Adam, gradient-norm clipping. Optional resampling of
+         dead latents towards badly reconstructed inputs (Anthropic, Towards Monosemanticity).
+- "kl"   ReLU SAE with the classic sparse autoencoder's penalty (Ng, CS294A notes):
+         β Σ_j KL(ρ ‖ ρ̂_j), ρ̂_j a latent's mean (soft) firing over the batch, ρ the target rate.
+- "topk" keep the k largest pre-activations (Gao et al. 2024), unit-norm decoder rows, and the
+         AuxK loss: dead latents learn to reconstruct what the live ones missed.
+
+Everything is computed in the normalised space (x · s). The scale s is stored in the SAE as
+`input_scale`; `SAE.folded()` folds it into the weights for export.
+
+Nothing is read back to the host during a step: metrics, λ and the dead-latent counters live on
+the device and are read every `log_every` steps. A run writes `metrics.jsonl`, checkpoints
+(`checkpoint.json` + a safetensors file) every `checkpoint_every` tokens, and the SAE directory;
+running the same command again resumes from the last checkpoint and reproduces the
+uninterrupted run (same data order, optimizer state and schedule position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .fsutil import prepare_out_dir, write_json_atomic
+from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
+
+PENALTIES = ("l1", "kl", "topk")
+LAMBDA_WARMUP = 0.05  # fraction of steps over which λ (or β) rises linearly from 0 (Anthropic, April 2024)
+LR_WARMUP = 0.01  # fraction of steps over which the learning rate rises linearly from 0
+LR_DECAY = 0.20  # the learning rate decays linearly to 0 over this last fraction (Anthropic, April 2024)
+CLIP_NORM = 1.0  # gradient-norm clipping (Anthropic, April 2024)
+AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
+L0_GAIN = 0.01  # --target-l0: per step, λ *= (L0 / target)^gain
+INIT_TOKENS = 65_536  # tokens used to estimate the input scale and the data mean
+CHECKPOINT = "checkpoint.json"
+METRICS = "metrics.jsonl"
+# Fields that change the result: a run resumes only if they are the same.
+RUN_KEYS = (
+    "expansion", "penalty", "l1", "k", "kl_beta", "kl_rho", "target_l0", "lr", "batch_size",
+    "tokens", "seed", "dead_window", "resample_dead", "precision",
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    acts: str = field(default="runs/acts", metadata={"help": "activation cache directory (from `sae-lite harvest`)"})
+    out: str = field(default="runs/sae", metadata={"help": "output directory: the SAE, metrics.jsonl and checkpoints"})
+    expansion: int = field(default=8, metadata={"help": "d_sae = expansion × d_in"})
+    penalty: str = field(default="l1", metadata={"help": "sparsity: l1 (Anthropic 2024), kl (target firing rate) or topk (Gao 2024)"})
+    l1: float = field(default=5.0, metadata={"help": "λ of the L1 penalty; ~5 suits the √d_in input normalisation"})
+    kl_beta: float = field(default=1.0, metadata={"help": "β of the KL penalty"})
+    kl_rho: float = field(default=0.005, metadata={"help": "target firing rate ρ of every latent for the KL penalty"})
+    k: int = field(default=32, metadata={"help": "latents kept per token for topk"})
+    target_l0: float = field(default=0.0, metadata={"help": "adapt λ (or β) during training until L0 settles here (0: off; l1/kl)"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (warm-up over the first 1% of steps, linear decay over the last 20%)"})
+    batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
+    tokens: int = field(default=0, metadata={"help": "training tokens (0: the cache size, at least 2M, i.e. several passes over a small cache)"})
+    seed: int = field(default=0, metadata={"help": "initialisation and data order"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    precision: str = field(default="auto", metadata={"help": "matmul precision: auto (bf16 where the hardware has it), float32 or bfloat16; weights stay fp32"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the loss (faster on long GPU runs, slow to start)"})
+    dead_window: int = field(default=1_000_000, metadata={"help": "a latent that has not fired for this many tokens counts as dead"})
+    resample_dead: bool = field(default=False, metadata={"help": "l1/kl: every dead_window tokens, point dead latents at badly reconstructed inputs"})
+    checkpoint_every: int = field(default=5_000_000, metadata={"help": "write a resumable checkpoint every this many tokens"})
+    log_every: int = field(default=50, metadata={"help": "steps between metric reads (metrics.jsonl, progress bar)"})
+    wandb: str = field(default="", metadata={"help": "also log to this Weights & Biases project (needs `pip install wandb`)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --out instead of resuming it"})
+
+
+# ---- schedules (pure functions of the step, so a resumed run continues exactly) ---------------
+
+
+def lr_at(step: int, total: int, lr: float) -> float:
+    """lr · min(1, (step+1)/warm-up steps) · min(1, (total − step)/decay steps)."""
+    warm = max(1, round(LR_WARMUP * total))
+    decay = max(1, round(LR_DECAY * total))
+    return lr * min(1.0, (step + 1) / warm) * min(1.0, (total - step) / decay)
+
+
+def penalty_warmup_at(step: int, total: int) -> float:
+    """Multiplier of λ (or β): rises linearly from 0 at step 0 to 1 after 5% of the steps."""
+    return min(1.0, step / max(1, round(LAMBDA_WARMUP * total)))
+
+
+# ---- the loss -------------------------------------------------------------------------------
+
+
+def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
+    """Every loss term for a batch x [n, d_in] (raw units), each a scalar, plus what the metrics
+    need. `dead` [d_sae] bool marks latents for the AuxK loss."""
+    out = sae(x)
+    s = sae.input_scale
+    f = out.latents  # [n, d_sae]
+    n = x.shape[0]
+    err = (x - out.x_hat.float()) * s  # [n, d_in] reconstruction error in normalised units
+    t = {}
+    # Squared error summed over d_in, averaged over tokens: ‖x − x̂‖² per token.
+    t["mse"] = err.pow(2).sum(-1).mean()
+    fired = f.sum(0, dtype=torch.float32)  # [d_sae] total activation of each latent
+    if cfg.penalty == "l1":
+        # Σ_i f_i ‖W_dec,i‖ (Anthropic, April 2024): weighting by the decoder norm stops the
+        # penalty from being dodged by shrinking f and growing W_dec.
+        t["l1"] = (fired * sae.W_dec.norm(dim=1)).sum() / n  # elementwise: autocast would run a matmul in bf16
+    if cfg.penalty == "kl":
+        # ρ̂_j: soft firing rate, tanh of the latent's contribution ‖f_j W_dec,j‖ (≈1 when it
+        # fires at a normal size, so ρ̂_j ≈ its firing rate; scale-free like the L1 term).
+        rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1)).mean(0).clamp(1e-6, 1 - 1e-6)  # [d_sae]
+        rho = cfg.kl_rho
+        t["kl"] = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    if cfg.penalty == "topk":
+        # AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the residual error, which
+        # gives dead latents a gradient again. Zero when nothing is dead.
+        k_aux = min(sae.d_in // 2, sae.d_sae)
+        pre = out.pre_acts.float().masked_fill(~dead, -torch.inf)
+        vals, idx = pre.topk(k_aux, dim=-1)  # [n, k_aux]
+        e_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.relu(), mode="sum")  # [n, d_in]
+        t["aux"] = (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
+    # For metrics and dead-latent tracking (no gradient):
+    t["fired"] = fired.detach() > 0  # [d_sae]
+    t["l0"] = torch.count_nonzero(f.detach()) / n
+    t["sse"] = err.detach().pow(2).sum()  # explained variance: 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²
+    xs = x * s
+    t["sst"] = (xs - xs.mean(0)).pow(2).sum()
+    return t
+
+
+def total_loss(t: dict[str, Tensor], lam: Tensor, cfg: TrainConfig) -> Tensor:
+    if cfg.penalty == "l1":
+        return t["mse"] + lam * t["l1"]
+    if cfg.penalty == "kl":
+        return t["mse"] + lam * t["kl"]
+    return t["mse"] + AUX_COEF * t["aux"]
+
+
+# ---- setup helpers --------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); then bf16 matmuls are several
+    times faster than fp32 (measured in scripts/bench_train.py). Elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for matmuls (None: plain fp32). Master weights and Adam stay fp32."""
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise UserError(f"unknown --precision {precision!r}: use auto, float32 or bfloat16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.penalty not in PENALTIES:
+        raise UserError(f"unknown --penalty {cfg.penalty!r}: use l1, kl or topk")
+    if cfg.expansion <= 0:
+        raise UserError(f"--expansion must be a positive integer, got {cfg.expansion}")
+    if cfg.batch_size <= 0 or cfg.log_every <= 0 or cfg.dead_window <= 0 or cfg.checkpoint_every <= 0:
+        raise UserError("--batch-size, --log-every, --dead-window and --checkpoint-every must be positive")
+    if cfg.lr <= 0 or cfg.l1 < 0 or cfg.kl_beta < 0 or cfg.tokens < 0 or cfg.target_l0 < 0:
+        raise UserError("--lr must be positive and --l1, --kl-beta, --tokens, --target-l0 not negative")
+    if not 0 < cfg.kl_rho < 1:
+        raise UserError(f"--kl-rho is a firing rate and must lie in (0, 1), got {cfg.kl_rho}")
+    if cfg.penalty == "topk" and cfg.target_l0:
+        raise UserError("--target-l0 adapts the l1/kl coefficient; for topk set the L0 directly with --k")
+
+
+@torch.no_grad()
+def init_from_data(sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int) -> None:
+    """Anthropic, April 2024: scale inputs so E‖x‖ = √d_in; decoder rows in random directions at a
+    small norm, encoder = decoder transpose; b_dec at the (scaled) data mean."""
+    rows, n = [], 0
+    for x in batches(0):
+        rows.append(x.float().cpu())
+        n += len(x)
+        if n >= INIT_TOKENS:
+            break
+    if not rows:
+        raise UserError("no training data: the activation source yielded no batch")
+    x = torch.cat(rows)  # [n, d_in]
+    mean_norm = x.norm(dim=1).mean()
+    if not torch.isfinite(mean_norm) or mean_norm == 0:
+        raise UserError("the activations are all zero or not finite; check the cache")
+    g = torch.Generator().manual_seed(seed)
+    topk = sae.cfg.activation == "topk"
+    sae.reset_parameters(dec_norm=1.0 if topk else 0.1, generator=g)  # TopK keeps unit-norm rows
+    s = math.sqrt(sae.d_in) / float(mean_norm)
+    sae.input_scale.fill_(s)
+    sae.b_dec.copy_(x.mean(0) * s)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def save_checkpoint(out: Path, step: int, state: dict[str, Tensor], info: dict) -> None:
+    """A safetensors file per checkpoint, then checkpoint.json pointing at it (written atomically),
+    then the older file removed: a crash at any point leaves a complete checkpoint."""
+    name = f"checkpoint_{step:09d}.safetensors"
+    tmp = out / (name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, out / name)
+    write_json_atomic(out / CHECKPOINT, {**info, "file": name})
+    for p in out.glob("checkpoint_*.safetensors"):
+        if p.name != name:
+            p.unlink()
+
+
+def read_checkpoint(out: Path) -> dict | None:
+    f = out / CHECKPOINT
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{f} is damaged; pass --overwrite to start the run again") from None
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    return {f"opt.{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+def train_on_batches(
+    sae_cfg: SAEConfig,
+    cfg: TrainConfig,
+    batches: Callable[[int], Iterator[Tensor]],
+    total_tokens: int,
+    out: Path | None = None,
+    progress: bool = True,
+) -> SAE:
+    """Train an SAE on batches [batch_size, d_in] from `batches(epoch)` (a fresh, deterministic
+    iterator per epoch; partial batches are skipped). With `out`, write metrics and checkpoints
+    there and resume from the last checkpoint; without, train in memory (tests, benchmarks)."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    total = total_tokens // cfg.batch_size  # steps
+    if total < 1:
+        raise UserError(f"{total_tokens} training tokens is less than one batch of {cfg.batch_size}; train on more tokens or use a smaller --batch-size")
+
+    sae = SAE(sae_cfg)
+    init_from_data(sae, batches, cfg.seed)
+    sae.to(device)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    fused = device.type in ("cpu", "cuda")
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+    lam = torch.tensor(cfg.kl_beta if cfg.penalty == "kl" else cfg.l1, device=device)  # base λ (or β)
+    since_fired = torch.zeros(sae.d_sae, device=device)  # [d_sae] tokens since each latent last fired
+    acc = torch.zeros(8, device=device)  # summed metrics since the last log (see ACC below)
+    step, epoch, batch_in_epoch = 0, 0, 0
+
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt = read_checkpoint(out) if out is not None else None
+    if ckpt is not None:
+        if ckpt["sae_config"]["d_in"] != sae_cfg.d_in:
+            raise UserError(
+                f"{out} holds a run with d_in={ckpt['sae_config']['d_in']} but the activations have d_in={sae_cfg.d_in}; "
+                "choose another --out or pass --overwrite"
+            )
+        diff = [k for k in RUN_KEYS if ckpt["train_config"].get(k) != asdict(cfg)[k]]
+        if diff:
+            raise UserError(f"{out} holds a run with different settings ({', '.join(diff)}); use the same flags to resume, another --out, or --overwrite")
+        if ckpt.get("complete"):
+            print(f"{out} already holds the finished run; pass --overwrite to train again")
+            return SAE.load(out, device)
+        tensors = load_file(str(out / ckpt["file"]), device=str(device))
+        sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        load_optimizer(opt, tensors)
+        lam, since_fired, acc = tensors["lam"], tensors["since_fired"], tensors["acc"]
+        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        _truncate_metrics(out / METRICS, step)
+
+    loss_fn = torch.compile(loss_terms) if cfg.compile else loss_terms
+    log = _Logger(cfg, out, total, step, progress)
+    ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size)
+    dead_steps = max(1, cfg.dead_window // cfg.batch_size)
+    warm_steps = round(LAMBDA_WARMUP * total)
+
+    def state() -> dict[str, Tensor]:
+        return {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, **optimizer_tensors(opt), "lam": lam, "since_fired": since_fired, "acc": acc}
+
+    def info(complete: bool = False) -> dict:
+        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "tokens": step * cfg.batch_size,
+                "complete": complete, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)}  # fmt: skip
+
+    for epoch, batch_in_epoch, x in _batch_stream(batches, cfg.batch_size, epoch, batch_in_epoch):
+        if step >= total:
+            break
+        x = x.to(device, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, cfg.lr)
+        dead = since_fired >= cfg.dead_window
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            t = loss_fn(sae, x, cfg, dead)
+        lam_now = lam * penalty_warmup_at(step, total)
+        loss = total_loss(t, lam_now, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
+        opt.step()
+        with torch.no_grad():
+            if cfg.penalty == "topk":  # Gao et al. 2024: unit-norm decoder rows
+                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+            since_fired = torch.where(t["fired"], 0.0, since_fired + len(x))
+            if cfg.target_l0 and step >= warm_steps:
+                lam = lam * (t["l0"].clamp_min(1e-3) / cfg.target_l0) ** L0_GAIN
+            acc += torch.stack([torch.ones((), device=device), t["mse"].detach(), t["sse"], t["sst"], t["l0"],
+                                t.get(_PENALTY_TERM[cfg.penalty], torch.zeros((), device=device)).detach(),
+                                lam_now.detach(), (since_fired >= cfg.dead_window).float().mean()])  # fmt: skip
+        step += 1
+        batch_in_epoch += 1
+        if cfg.resample_dead and cfg.penalty != "topk" and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
+            resample_dead_latents(sae, opt, x, since_fired, cfg, step)
+        if step % cfg.log_every == 0 or step == total:
+            log.write(step, acc, opt.param_groups[0]["lr"])
+            acc.zero_()
+        if out is not None and step % ckpt_steps == 0 and step < total:
+            save_checkpoint(out, step, state(), info())
+    log.close()
+    if step < total:
+        raise UserError(f"the activation source ran dry after {step} of {total} steps (an epoch yielded no full batch)")
+    sae.cfg.meta.update(input_scale=float(sae.input_scale), train_config=asdict(cfg), final_metrics=log.last)
+    if out is not None:
+        sae.save(out)
+        write_json_atomic(out / CHECKPOINT, info(complete=True))
+        for p in out.glob("checkpoint_*.safetensors"):
+            p.unlink()
+    return sae
+
+
+_PENALTY_TERM = {"l1": "l1", "kl": "kl", "topk": "aux"}
+ACC = ("steps", "mse", "sse", "sst", "l0", "penalty", "lam", "dead_frac")
+
+
+def _batch_stream(batches, batch_size: int, epoch: int, skip: int):
+    """(epoch, index in epoch, batch) forever, starting at batch `skip` of `epoch`. Each epoch is a
+    fresh pass with its own seed; partial batches are dropped so every step has the same shape."""
+    while True:
+        i, any_full = 0, False
+        for x in batches(epoch):
+            if len(x) != batch_size:
+                continue
+            any_full = True
+            if i >= skip:
+                yield epoch, i, x
+            i += 1
+        if not any_full:
+            return
+        epoch, skip = epoch + 1, 0
+
+
+@torch.no_grad()
+def resample_dead_latents(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, since_fired: Tensor, cfg: TrainConfig, step: int) -> None:
+    """Anthropic (Towards Monosemanticity, 2023): point each dead latent at an input sampled with
+    probability ∝ its squared reconstruction error, with a small encoder norm, and reset its Adam
+    state so old moments do not pull it back."""
+    dead = (since_fired >= cfg.dead_window).nonzero().squeeze(1)  # [n_dead]
+    if len(dead) == 0:
+        return
+    xs = x.float() * sae.input_scale
+    err2 = (xs - sae(x).x_hat.float() * sae.input_scale).pow(2).sum(-1)  # [n]
+    g = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + step)  # no RNG state to checkpoint
+    pick = torch.multinomial(err2 + 1e-12, len(dead), replacement=True, generator=g)
+    dirs = xs[pick] - sae.b_dec
+    dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-8)  # [n_dead, d_in]
+    alive = since_fired < cfg.dead_window
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    dec_norm = sae.W_dec[alive].norm(dim=1).mean() if alive.any() else torch.tensor(0.1)
+    sae.W_dec[dead] = dirs * dec_norm
+    sae.W_enc[:, dead] = dirs.T * enc_norm * 0.2
+    sae.b_enc[dead] = 0.0
+    for p, sl in ((sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,)), (sae.W_dec, (dead,))):
+        for k in ("exp_avg", "exp_avg_sq"):
+            opt.state[p][k][sl] = 0.0
+    since_fired[dead] = 0.0
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from, so the log has no duplicates."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+class _Logger:
+    """metrics.jsonl, the tqdm bar and optionally wandb, fed every log_every steps."""
+
+    def __init__(self, cfg: TrainConfig, out: Path | None, total: int, step: int, progress: bool):
+        self.cfg, self.out, self.last = cfg, out, {}
+        self.bar = tqdm(total=total, initial=step, unit="step", desc=f"train {cfg.penalty}", dynamic_ncols=True, disable=not progress)
+        self.t0, self.step0 = time.perf_counter(), step
+        self.run = None
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb") from None
+            self.run = wandb.init(project=cfg.wandb, config=asdict(cfg), dir=str(out) if out else None)
+
+    def write(self, step: int, acc: Tensor, lr: float) -> None:
+        a = dict(zip(ACC, acc.tolist()))  # the one host sync per log interval
+        n = max(a["steps"], 1.0)
+        now = time.perf_counter()
+        m = {
+            "step": step,
+            "tokens": step * self.cfg.batch_size,
+            "mse": a["mse"] / n,
+            "explained_variance": 1 - a["sse"] / max(a["sst"], 1e-12),
+            "l0": a["l0"] / n,
+            "dead_frac": a["dead_frac"] / n,
+            _PENALTY_TERM[self.cfg.penalty]: a["penalty"] / n,
+            "lam": a["lam"] / n,
+            "lr": lr,
+            "tokens_per_s": (step - self.step0) * self.cfg.batch_size / max(now - self.t0, 1e-9),
+        }
+        self.last = m
+        if self.out is not None:
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps(m) + "\n")
+        if self.run is not None:
+            self.run.log(m, step=step)
+        self.bar.set_postfix(mse=f"{m['mse']:.3g}", ev=f"{m['explained_variance']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.2f}", lam=f"{m['lam']:.3g}", lr=f"{lr:.2g}")
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+# ---- the entry point: from an activation cache ----------------------------------------------
+
+
+def train(cfg: TrainConfig) -> SAE:
+    """Train an SAE on the activation cache at cfg.acts and write it to cfg.out (resumable)."""
+    from .cache import ActivationCache
+
+    check_config(cfg)
+    cache = ActivationCache.open(cfg.acts)
+    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT)
+    if cfg.overwrite:
+        for p in [out / CHECKPOINT, out / METRICS, out / WEIGHTS_FILE, out / CONFIG_FILE, *out.glob("checkpoint_*.safetensors")]:
+            p.unlink(missing_ok=True)
+    m = cache.manifest
+    sae_cfg = SAEConfig(
+        d_in=cache.d_model,
+        d_sae=cfg.expansion * cache.d_model,
+        activation="topk" if cfg.penalty == "topk" else "relu",
+        k=cfg.k if cfg.penalty == "topk" else None,
+        model=m.get("model"),
+        hook=m.get("hook"),
+        context_length=m.get("context_length"),
+        meta={"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens},
+    )
+    tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
+    device = resolve_device(cfg.device)
+
+    def batches(epoch: int) -> Iterator[Tensor]:
+        return cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device)
+
+    return train_on_batches(sae_cfg, cfg, batches, tokens, out)

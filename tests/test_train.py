@@ -1,0 +1,251 @@
+import json
+import math
+
+import pytest
+import torch
+
+from sae_lens_lite.cache import CacheWriter
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.synthetic import make_superposition, mean_max_cosine
+from sae_lens_lite.train import (
+    LAMBDA_WARMUP,
+    LR_DECAY,
+    TrainConfig,
+    loss_terms,
+    lr_at,
+    penalty_warmup_at,
+    resample_dead_latents,
+    train,
+    train_on_batches,
+)
+
+
+def small_sae_cfg(penalty: str, d_in: int = 64, d_sae: int = 512, k: int = 4) -> SAEConfig:
+    topk = penalty == "topk"
+    return SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk" if topk else "relu", k=k if topk else None)
+
+
+def sample_l0(sae: SAE, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((sae(x).latents > 0).float().sum(-1).mean())
+
+
+# ---- schedules ------------------------------------------------------------------------------
+
+
+def test_lr_schedule_follows_its_formula():
+    total, lr = 1000, 1e-3
+    warm, decay = round(0.01 * total), round(LR_DECAY * total)
+    assert lr_at(0, total, lr) == pytest.approx(lr / warm)
+    assert lr_at(warm - 1, total, lr) == pytest.approx(lr)
+    assert lr_at(500, total, lr) == lr
+    assert lr_at(total - decay, total, lr) == pytest.approx(lr)  # decay starts at 80%
+    assert lr_at(900, total, lr) == pytest.approx(lr * 100 / decay)
+    assert lr_at(total - 1, total, lr) == pytest.approx(lr / decay)  # last step: nearly 0
+    for s in range(total):
+        expected = lr * min(1, (s + 1) / warm) * min(1, (total - s) / decay)
+        assert lr_at(s, total, lr) == pytest.approx(expected)
+
+
+def test_penalty_warmup_is_linear_over_the_first_5_percent():
+    total = 2000
+    warm = round(LAMBDA_WARMUP * total)
+    assert penalty_warmup_at(0, total) == 0.0
+    assert penalty_warmup_at(warm // 2, total) == pytest.approx(0.5)
+    assert penalty_warmup_at(warm, total) == 1.0
+    assert penalty_warmup_at(total - 1, total) == 1.0
+
+
+# ---- the loss terms -------------------------------------------------------------------------
+
+
+def test_loss_terms_match_their_definitions():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=32))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(32, 1) * 3)
+        sae.input_scale.fill_(2.0)
+    x = torch.randn(50, 8)
+    dead = torch.zeros(32, dtype=torch.bool)
+    for pen in ("l1", "kl"):
+        cfg = TrainConfig(penalty=pen, kl_rho=0.05)
+        with torch.no_grad():
+            t = loss_terms(sae, x, cfg, dead)
+            out = sae(x)
+            err = (x - out.x_hat) * 2.0
+        assert t["mse"] == pytest.approx(float((err**2).sum(1).mean()), rel=1e-5)
+        norms = sae.W_dec.detach().norm(dim=1)
+        if pen == "l1":
+            assert t["l1"] == pytest.approx(float((out.latents * norms).sum(1).mean()), rel=1e-5)
+        else:
+            rh = torch.tanh(out.latents * norms).mean(0).clamp(1e-6, 1 - 1e-6)
+            kl = sum(0.05 * math.log(0.05 / r) + 0.95 * math.log(0.95 / (1 - r)) for r in rh.tolist())
+            assert t["kl"] == pytest.approx(kl, rel=1e-4)
+        xs = x * 2.0
+        ev = 1 - float(t["sse"] / t["sst"])
+        assert ev == pytest.approx(1 - float((err**2).sum() / ((xs - xs.mean(0)) ** 2).sum()), rel=1e-5)
+
+
+def test_auxk_loss_reaches_only_dead_latents():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=32, activation="topk", k=2))
+    x = torch.randn(40, 8)
+    cfg = TrainConfig(penalty="topk", k=2)
+    assert float(loss_terms(sae, x, cfg, torch.zeros(32, dtype=torch.bool))["aux"].detach()) == 0.0
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:5] = True
+    t = loss_terms(sae, x, cfg, dead)
+    assert float(t["aux"].detach()) > 0
+    sae.zero_grad()
+    t["aux"].backward()
+    grad_cols = sae.W_enc.grad.abs().sum(0)  # [d_sae]
+    assert (grad_cols[5:] == 0).all() and (grad_cols[:5] > 0).any()
+
+
+def test_resampling_points_dead_latents_at_inputs_and_resets_adam():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=16))
+    opt = torch.optim.Adam(sae.parameters())
+    sae(torch.randn(4, 8)).x_hat.pow(2).sum().backward()
+    opt.step()
+    since = torch.zeros(16)
+    since[[3, 7]] = 1e9
+    cfg = TrainConfig(dead_window=100)
+    x = torch.randn(64, 8)
+    resample_dead_latents(sae, opt, x, since, cfg, step=5)
+    dirs = sae.W_dec[[3, 7]] / sae.W_dec[[3, 7]].norm(dim=1, keepdim=True)
+    best = (dirs @ (x - sae.b_dec).T / (x - sae.b_dec).norm(dim=1)).max(dim=1).values
+    assert torch.allclose(best, torch.ones(2), atol=1e-5)  # each row is one input's direction
+    assert (opt.state[sae.W_dec]["exp_avg"][[3, 7]] == 0).all() and (since == 0).all()
+    assert (opt.state[sae.W_dec]["exp_avg"][0] != 0).any()
+
+
+# ---- learning: ground-truth recovery --------------------------------------------------------
+
+RECOVERY = {  # penalty -> settings; 256 features in 64 dims, each firing with p <= 5%
+    "l1": dict(l1=1.0),
+    "kl": dict(kl_rho=0.005),
+    "topk": dict(k=4),
+}
+
+
+@pytest.mark.parametrize("penalty", list(RECOVERY))
+def test_recovers_a_known_dictionary(penalty):
+    data = make_superposition(n_features=256, d=64, true_l0=2.5, power=0.3, seed=0)
+    assert float(data.probs.max()) <= 0.05
+    cfg = TrainConfig(penalty=penalty, batch_size=1024, lr=3e-3, seed=0, **RECOVERY[penalty])
+    sae = train_on_batches(small_sae_cfg(penalty), cfg, data.batches(1024, 1 << 18, seed=1), 600_000, progress=False)
+    assert mean_max_cosine(sae.W_dec, data.features) >= 0.9
+
+
+def test_target_l0_lands_within_20_percent():
+    data = make_superposition(n_features=256, d=64, true_l0=2.5, power=0.3, seed=0)
+    cfg = TrainConfig(penalty="l1", l1=1.0, target_l0=8.0, batch_size=1024, lr=3e-3, seed=0)
+    sae = train_on_batches(small_sae_cfg("l1"), cfg, data.batches(1024, 1 << 18, seed=1), 600_000, progress=False)
+    l0 = sample_l0(sae, data.sample(8192, torch.Generator().manual_seed(7)))
+    assert abs(l0 - 8.0) <= 0.2 * 8.0, l0
+
+
+# ---- resume ---------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupting(factory, after: int):
+    """The same batches, but raise after `after` batches in all (a killed run)."""
+    count = [0]
+
+    def wrapped(epoch):
+        for x in factory(epoch):
+            if count[0] == after:
+                raise Interrupted
+            count[0] += 1
+            yield x
+
+    return wrapped
+
+
+@pytest.mark.parametrize("penalty", ["l1", "topk"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
+    data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
+    factory = data.batches(256, 16 * 256, seed=1)  # 16 batches per epoch; 60 steps = ~4 epochs
+    extra = dict(resample_dead=True, target_l0=3.0) if penalty == "l1" else dict(k=3)
+    cfg = TrainConfig(penalty=penalty, batch_size=256, checkpoint_every=10 * 256, dead_window=5 * 256, log_every=7, precision="float32", **extra)
+    sae_cfg = small_sae_cfg(penalty, d_in=16, d_sae=64, k=3)
+    ref = train_on_batches(sae_cfg, cfg, factory, 60 * 256, out=tmp_path / "a", progress=False)
+    with pytest.raises(Interrupted):  # init reads the 16 batches of epoch 0, then 37 steps
+        train_on_batches(sae_cfg, cfg, interrupting(factory, 16 + 37), 60 * 256, out=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 30
+    resumed = train_on_batches(sae_cfg, cfg, factory, 60 * 256, out=tmp_path / "b", progress=False)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    def metrics(run):  # everything but the timing
+        return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert metrics("a") == metrics("b") and metrics("a")[-1]["step"] == 60
+    assert not list((tmp_path / "b").glob("checkpoint_*.safetensors"))  # cleaned up when complete
+
+
+# ---- the entry point on an on-disk cache ----------------------------------------------------
+
+
+def write_cache(path, d=16, n=4096, seed=0):
+    data = make_superposition(n_features=48, d=d, true_l0=2.0, seed=seed)
+    acts = data.sample(n, torch.Generator().manual_seed(seed))
+    w = CacheWriter(path, {"model": "toy", "hook": "blocks.0.hook_resid_post", "dtype": "float32", "context_length": 32}, d)
+    for i in range(0, n, 1024):
+        rows = torch.arange(i, i + 1024)
+        w.add_shard(acts[i : i + 1024], rows % 100, rows // 32, rows % 32, n_contexts=32)
+    w.finish()
+    return path
+
+
+def test_train_from_a_cache_writes_a_resumable_run(tmp_path):
+    acts = write_cache(tmp_path / "acts")
+    cfg = TrainConfig(acts=str(acts), out=str(tmp_path / "sae"), expansion=4, tokens=20_000, batch_size=512, log_every=5)
+    sae = train(cfg)
+    out = tmp_path / "sae"
+    loaded = SAE.load(out)
+    assert (loaded.cfg.model, loaded.cfg.hook, loaded.cfg.context_length) == ("toy", "blocks.0.hook_resid_post", 32)
+    assert loaded.d_sae == 64 and torch.equal(loaded.W_dec, sae.W_dec.cpu())
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 20_000 // 512
+    assert {"mse", "explained_variance", "l0", "dead_frac", "l1", "lam", "lr"} <= set(lines[-1])
+    assert train(cfg) is not None  # the same command again: already finished, nothing to do
+    with pytest.raises(UserError, match="different settings"):
+        train(TrainConfig(**{**vars(cfg), "lr": 1e-2}))
+    other = write_cache(tmp_path / "acts32", d=32)
+    with pytest.raises(UserError, match="d_in"):
+        train(TrainConfig(**{**vars(cfg), "acts": str(other)}))
+    train(TrainConfig(**{**vars(cfg), "acts": str(other), "overwrite": True}))
+    assert SAE.load(out).d_in == 32
+
+
+def test_user_errors(tmp_path):
+    acts = write_cache(tmp_path / "acts")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        train(TrainConfig(acts=str(acts), out=str(busy), tokens=2048, batch_size=512))
+    for bad in (dict(expansion=0), dict(penalty="l2"), dict(penalty="topk", target_l0=5.0), dict(kl_rho=1.5)):
+        with pytest.raises(UserError):
+            train(TrainConfig(acts=str(acts), out=str(tmp_path / "x"), tokens=2048, batch_size=512, **bad))
+    with pytest.raises(UserError, match="less than one batch"):
+        train(TrainConfig(acts=str(acts), out=str(tmp_path / "y"), tokens=100, batch_size=512))
+
+
+def test_wandb_missing_is_a_user_error(tmp_path):
+    try:
+        import wandb  # noqa: F401
+
+        pytest.skip("wandb is installed")
+    except ImportError:
+        pass
+    data = make_superposition(n_features=16, d=8, true_l0=1.0)
+    cfg = TrainConfig(batch_size=64, wandb="proj")
+    with pytest.raises(UserError, match="pip install wandb"):
+        train_on_batches(small_sae_cfg("l1", 8, 16), cfg, data.batches(64, 640), 640, progress=False)
