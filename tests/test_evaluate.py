@@ -217,8 +217,11 @@ def test_eval_text_skips_the_sae_training_text_by_default(tiny_lm, corpus_file, 
     assert any("--skip-tokens 64" in w for w in r["warnings"])
     other = tmp_path / "other.txt"
     other.write_text(corpus_file.read_text())
-    r = evaluate(EvalConfig(sae=str(path), dataset=str(other), tokens=32, baselines=False, overwrite=True), lm=tiny_lm)
+    r = evaluate(EvalConfig(sae=str(path), dataset=str(other), tokens=32, acts=str(acts), overwrite=True), lm=tiny_lm)
     assert r["skip_tokens"] == 0  # a different corpus is held out already
+    # baselines fitted on the training cache are scored on every eval context
+    assert r["baselines"]["fit_on"] == f"activation cache {acts}" and r["baselines"]["scored_on"] == "eval contexts 0..1"
+    assert r["baselines"]["ce_clean"] == r["ce"]["clean"]
 
 
 def test_density_plot_is_optional(monkeypatch, tmp_path, capsys):
