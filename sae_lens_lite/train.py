@@ -46,6 +46,7 @@ LR_WARMUP = 0.01  # fraction of steps over which the learning rate rises linearl
 LR_DECAY = 0.20  # the learning rate decays linearly to 0 over this last fraction (Anthropic, April 2024)
 CLIP_NORM = 1.0  # gradient-norm clipping (Anthropic, April 2024)
 AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
+KL_TAU = 0.1  # KL: a latent counts as firing once its contribution ‖f_j W_dec,j‖ passes ~τ (‖x‖ ≈ √d_in)
 L0_GAIN = 0.01  # --target-l0: per step, λ *= (L0 / target)^gain
 INIT_TOKENS = 65_536  # tokens used to estimate the input scale and the data mean
 CHECKPOINT = "checkpoint.json"
@@ -118,9 +119,10 @@ def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str,
         # penalty from being dodged by shrinking f and growing W_dec.
         t["l1"] = (fired * sae.W_dec.norm(dim=1)).sum() / n  # elementwise: autocast would run a matmul in bf16
     if cfg.penalty == "kl":
-        # ρ̂_j: soft firing rate, tanh of the latent's contribution ‖f_j W_dec,j‖ (≈1 when it
-        # fires at a normal size, so ρ̂_j ≈ its firing rate; scale-free like the L1 term).
-        rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1)).mean(0).clamp(1e-6, 1 - 1e-6)  # [d_sae]
+        # ρ̂_j: soft firing rate, tanh of the latent's contribution ‖f_j W_dec,j‖ / τ: ≈1 when it
+        # fires at a normal size, so ρ̂_j ≈ its firing rate, and saturated, so large activations
+        # are not shrunk. A softer τ lets many tiny activations through (high L0).
+        rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1) / KL_TAU).mean(0).clamp(1e-6, 1 - 1e-6)  # [d_sae]
         rho = cfg.kl_rho
         t["kl"] = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
     if cfg.penalty == "topk":

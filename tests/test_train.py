@@ -9,6 +9,7 @@ from sae_lens_lite.errors import UserError
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.synthetic import make_superposition, mean_max_cosine
 from sae_lens_lite.train import (
+    KL_TAU,
     LAMBDA_WARMUP,
     LR_DECAY,
     TrainConfig,
@@ -79,7 +80,7 @@ def test_loss_terms_match_their_definitions():
         if pen == "l1":
             assert t["l1"] == pytest.approx(float((out.latents * norms).sum(1).mean()), rel=1e-5)
         else:
-            rh = torch.tanh(out.latents * norms).mean(0).clamp(1e-6, 1 - 1e-6)
+            rh = torch.tanh(out.latents * norms / KL_TAU).mean(0).clamp(1e-6, 1 - 1e-6)
             kl = sum(0.05 * math.log(0.05 / r) + 0.95 * math.log(0.95 / (1 - r)) for r in rh.tolist())
             assert t["kl"] == pytest.approx(kl, rel=1e-4)
         xs = x * 2.0
