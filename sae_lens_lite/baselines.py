@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .errors import UserError
 
 # The VAE is a reference point, not a product: trained briefly, with fixed settings, on CPU.
-VAE_STEPS = 1000
+VAE_STEPS = 500  # on SmolLM2 layer-6 activations 500 and 1000 steps give the same EV (0.810)
 VAE_BATCH = 256
 VAE_LR = 3e-3
 KL_ACTIVE_NATS = 0.01  # a latent dim is "active" for a token if its posterior is this far from the prior
