@@ -124,10 +124,10 @@ def test_resampling_points_dead_latents_at_inputs_and_resets_adam():
 
 # ---- learning: ground-truth recovery --------------------------------------------------------
 
-RECOVERY = {  # penalty -> settings; 256 features in 64 dims, each firing with p <= 5%
-    "l1": dict(l1=1.0),
-    "kl": dict(kl_rho=0.005),
-    "topk": dict(k=4),
+RECOVERY = {  # penalty -> (settings, tokens); 256 features in 64 dims, each firing with p <= 5%
+    "l1": (dict(l1=1.0), 300_000),
+    "kl": (dict(kl_rho=0.005), 600_000),
+    "topk": (dict(k=4), 300_000),
 }
 
 
@@ -135,8 +135,9 @@ RECOVERY = {  # penalty -> settings; 256 features in 64 dims, each firing with p
 def test_recovers_a_known_dictionary(penalty):
     data = make_superposition(n_features=256, d=64, true_l0=2.5, power=0.3, seed=0)
     assert float(data.probs.max()) <= 0.05
-    cfg = TrainConfig(penalty=penalty, batch_size=1024, lr=3e-3, seed=0, **RECOVERY[penalty])
-    sae = train_on_batches(small_sae_cfg(penalty), cfg, data.batches(1024, 1 << 18, seed=1), 600_000, progress=False)
+    settings, tokens = RECOVERY[penalty]
+    cfg = TrainConfig(penalty=penalty, batch_size=1024, lr=3e-3, seed=0, **settings)
+    sae = train_on_batches(small_sae_cfg(penalty), cfg, data.batches(1024, 1 << 18, seed=1), tokens, progress=False)
     assert mean_max_cosine(sae.W_dec, data.features) >= 0.9
 
 
