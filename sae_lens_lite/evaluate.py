@@ -227,6 +227,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         skip = trained_on[1] if trained_on and _same_corpus(trained_on[0], cfg.dataset) else 0
     contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip)  # [n_ctx, T]
     special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
+    # The SAE is spliced only where it was trained: not at positions its harvest dropped.
+    drop_first = int((sae.cfg.meta.get("filters") or {}).get("drop_first", 0))
     # Baselines are fitted on the first half of the contexts and everything in the comparison
     # table is scored on the second half, unless they are fitted on a separate cache.
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
@@ -236,7 +238,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
 
     # pass 1: activations at the hook
     t = time.perf_counter()
-    x, row_ctx = _hook_activations(lm.model, contexts, hook, special, cfg.batch_size, device)  # [n, d], [n]
+    x, row_ctx = _hook_activations(lm.model, contexts, hook, special, drop_first, cfg.batch_size, device)  # [n, d], [n]
     if len(x) == 0:
         raise UserError(f"{cfg.dataset} gave no non-special tokens to evaluate on")
     in_score = row_ctx >= n_fit  # [n]
@@ -269,13 +271,13 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     # pass 2: CE and KL with each method spliced in
     t = time.perf_counter()
     interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
-    sums = _ce_pass(lm.model, contexts, hook, special, interventions, n_fit, cfg.batch_size, device)
+    sums = _ce_pass(lm.model, contexts, hook, special, drop_first, interventions, n_fit, cfg.batch_size, device)
     times["ce_kl"] = time.perf_counter() - t
 
     ce_all = _ce_summary(sums["all"], ["sae"])
     report = {
         "sae": str(cfg.sae), "model": lm.name, "hook": hook, "dataset": cfg.dataset,
-        "skip_tokens": skip, "context_length": T, "n_contexts": len(contexts),
+        "skip_tokens": skip, "context_length": T, "unspliced_first_positions": drop_first, "n_contexts": len(contexts),
         "n_predictions": int(sums["all"]["n"]), "n_activations": len(x),
         "ce": ce_all, "reconstruction": recon,
         "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"},
@@ -329,12 +331,20 @@ def _out_dir(cfg: EvalConfig) -> Path:
     return out
 
 
-def _hook_activations(model, contexts, hook, special, batch_size, device) -> tuple[Tensor, Tensor]:
+def evaluated_positions(ids: Tensor, special: Tensor, drop_first: int) -> Tensor:
+    """Which positions of ids [b, T] the SAE is scored and spliced at: the ones it was trained on,
+    i.e. not special tokens and not the first `drop_first` positions (attention sinks)."""
+    keep = ~torch.isin(ids, special.to(ids.device))  # [b, T]
+    keep[:, :drop_first] = False
+    return keep
+
+
+def _hook_activations(model, contexts, hook, special, drop_first, batch_size, device) -> tuple[Tensor, Tensor]:
     """Activations [n, d] at the evaluated positions of all contexts, and each row's context index [n]."""
     xs, ctx_idx = [], []
     for b in tqdm(range(0, len(contexts), batch_size), desc="eval: activations", unit="batch", dynamic_ncols=True):
         ids = contexts[b : b + batch_size].to(device)  # [b, T]
-        keep = ~torch.isin(ids, special.to(device))  # [b, T]
+        keep = evaluated_positions(ids, special, drop_first)
         act = run_to_hooks(model, ids, [hook])[hook]  # [b, T, d]
         xs.append(act[keep].float())
         ctx_idx.append((torch.arange(len(ids), device=device)[:, None] + b).expand_as(ids)[keep])
@@ -358,7 +368,7 @@ def _fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
 
 
 @torch.inference_mode()
-def _ce_pass(model, contexts, hook, special, interventions, n_fit, batch_size, device) -> dict:
+def _ce_pass(model, contexts, hook, special, drop_first, interventions, n_fit, batch_size, device) -> dict:
     """Sums of CE (clean and per intervention) and KL(clean ‖ intervention) over all predictions,
     and over the score split (contexts n_fit..). Baselines run on the score split only."""
     sums = {"all": defaultdict(float), "score": defaultdict(float)}
@@ -368,7 +378,7 @@ def _ce_pass(model, contexts, hook, special, interventions, n_fit, batch_size, d
     for b in tqdm(starts, desc="eval: CE/KL", unit="batch", dynamic_ncols=True):
         e = min(b + batch_size, n_fit if b < n_fit else len(contexts))
         ids = contexts[b:e].to(device)  # [b, T]
-        mask = ~torch.isin(ids, special.to(device))
+        mask = evaluated_positions(ids, special, drop_first)
         scored = b >= n_fit
         clean = next_token_logprobs(model, ids)  # [b, T-1, vocab]
         splits = [sums["all"], sums["score"]] if scored else [sums["all"]]

@@ -39,7 +39,7 @@ class HarvestConfig:
     device: str = opt("auto", "cuda, cpu, or auto")
     contexts_per_shard: int = opt(256, "contexts per shard file (the unit of resume)")
     drop_special: bool = opt(True, "drop BOS/EOS/pad rows (separators and attention sinks)")
-    drop_first: int = opt(0, "drop the first k positions of every context")
+    drop_first: int = opt(1, "drop the first k positions of every context: position 0 is an attention sink with a norm ~10x the rest, which would dominate an SAE's loss")
     outlier_factor: float = opt(0.0, "drop rows whose norm exceeds this multiple of the batch median (0 = keep all)")
     nonfinite: str = opt("error", "NaN/Inf activations: 'error' refuses the harvest, 'skip' drops those rows")
     overwrite: bool = opt(False, "replace a cache in --out made with different settings")

@@ -501,7 +501,7 @@ def train(cfg: TrainConfig) -> SAE:
         model=m.get("model"),
         hook=m.get("hook"),
         context_length=m.get("context_length"),
-        meta={"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens},
+        meta={"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens, "corpus": m.get("corpus"), "filters": m.get("filters")},
     )
     tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
     device = resolve_device(cfg.device)

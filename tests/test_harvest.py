@@ -13,7 +13,7 @@ HOOK = "blocks.1.hook_resid_post"
 
 def cfg(corpus, out, **kw):
     base = dict(hooks=[HOOK], dataset=str(corpus), tokens=2000, context_length=32, batch_size=4,
-                out=str(out), dtype="float32", contexts_per_shard=8)  # fmt: skip
+                out=str(out), dtype="float32", contexts_per_shard=8, drop_first=0)  # fmt: skip
     return HarvestConfig(**{**base, **kw})
 
 
