@@ -246,3 +246,40 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         for w in writers.values():
             w.close()
     return dirs
+
+
+# ---- streaming: activations straight from the model, no cache on disk ------------------------
+
+
+def stream_activations(cfg: HarvestConfig, lm: LoadedModel, batch_size: int, buffer_rows: int = 65536, seed: int = 0):
+    """`batches(epoch)` → iterator of shuffled [batch_size, d_model] activations at cfg.hooks[0],
+    computed on the fly (one pass over the corpus per epoch). Rows are mixed through a buffer of
+    `buffer_rows`: when it is full it is shuffled and half of it is emitted, so consecutive batches
+    mix many contexts while memory stays at one buffer. Filters apply as in `harvest`."""
+    if len(cfg.hooks) != 1:
+        raise UserError("streaming trains one SAE: give exactly one hook")
+    hook = cfg.hooks[0]
+    hook_point(lm.model, hook)
+    check_context_length(lm, cfg.context_length)
+    device = next(lm.model.parameters()).device
+    contexts = tokenize_corpus(lm.tokenizer, load_texts(cfg.dataset, cfg.split, cfg.text_column), cfg.context_length, cfg.tokens)
+    special = special_token_ids(lm.tokenizer)
+    buffer_rows = max(buffer_rows, 2 * batch_size)
+
+    def batches(epoch: int):
+        g = torch.Generator().manual_seed(seed + epoch)
+        buf = torch.empty(0, lm.d_model)
+        for b in range(0, len(contexts), cfg.batch_size):
+            ids = contexts[b : b + cfg.batch_size].to(device)  # [b, T]
+            a = run_to_hooks(lm.model, ids, [hook])[hook]  # [b, T, d]
+            keep = keep_mask(ids, a, cfg, special) & torch.isfinite(a).all(dim=-1)
+            buf = torch.cat([buf, a[keep].float().cpu()])
+            if len(buf) >= buffer_rows:
+                buf = buf[torch.randperm(len(buf), generator=g)]
+                n_out = len(buf) // 2 // batch_size * batch_size
+                yield from buf[:n_out].split(batch_size)
+                buf = buf[n_out:]
+        buf = buf[torch.randperm(len(buf), generator=g)]
+        yield from buf.split(batch_size)
+
+    return batches, len(contexts) * cfg.context_length

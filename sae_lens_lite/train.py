@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .harvest import resolve_device
 from .fsutil import prepare_out_dir, write_json_atomic
 from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
@@ -151,14 +152,6 @@ def total_loss(t: dict[str, Tensor], lam: Tensor, cfg: TrainConfig) -> Tensor:
 
 
 # ---- setup helpers --------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
 
 
 def cpu_has_bf16() -> bool:
@@ -482,6 +475,19 @@ class _Logger:
 # ---- the entry point: from an activation cache ----------------------------------------------
 
 
+def sae_config_for(cfg: TrainConfig, d_in: int, model: str, hook: str, context_length: int, meta: dict) -> SAEConfig:
+    return SAEConfig(
+        d_in=d_in,
+        d_sae=cfg.expansion * d_in,
+        activation="topk" if cfg.penalty == "topk" else "relu",
+        k=cfg.k if cfg.penalty == "topk" else None,
+        model=model,
+        hook=hook,
+        context_length=context_length,
+        meta=meta,
+    )
+
+
 def train(cfg: TrainConfig) -> SAE:
     """Train an SAE on the activation cache at cfg.acts and write it to cfg.out (resumable)."""
     from .cache import ActivationCache
@@ -493,16 +499,8 @@ def train(cfg: TrainConfig) -> SAE:
         for p in [out / CHECKPOINT, out / METRICS, out / WEIGHTS_FILE, out / CONFIG_FILE, *out.glob("checkpoint_*.safetensors")]:
             p.unlink(missing_ok=True)
     m = cache.manifest
-    sae_cfg = SAEConfig(
-        d_in=cache.d_model,
-        d_sae=cfg.expansion * cache.d_model,
-        activation="topk" if cfg.penalty == "topk" else "relu",
-        k=cfg.k if cfg.penalty == "topk" else None,
-        model=m.get("model"),
-        hook=m.get("hook"),
-        context_length=m.get("context_length"),
-        meta={"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens, "corpus": m.get("corpus"), "filters": m.get("filters")},
-    )
+    sae_cfg = sae_config_for(cfg, cache.d_model, m["model"], m["hook"], m["context_length"],
+                             {"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens, "corpus": m.get("corpus"), "filters": m.get("filters")})  # fmt: skip
     tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
     device = resolve_device(cfg.device)
 
@@ -510,3 +508,22 @@ def train(cfg: TrainConfig) -> SAE:
         return cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device)
 
     return train_on_batches(sae_cfg, cfg, batches, tokens, out)
+
+
+def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:
+    """Train on activations computed on the fly from the model (no cache on disk): one pass
+    over harvest_cfg's corpus per epoch, mixed through a shuffling buffer. Resumable like `train`,
+    by recomputing the skipped batches of the current epoch."""
+    from .harvest import model_dtype, stream_activations
+    from .models import load_model
+
+    check_config(cfg)
+    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT)
+    if lm is None:
+        device = resolve_device(harvest_cfg.device)
+        lm = load_model(harvest_cfg.model, device, model_dtype(harvest_cfg.model_dtype, device), harvest_cfg.trust_remote_code)
+    batches, corpus_tokens = stream_activations(harvest_cfg, lm, cfg.batch_size, seed=cfg.seed)
+    filters = {"drop_special": harvest_cfg.drop_special, "drop_first": harvest_cfg.drop_first, "outlier_factor": harvest_cfg.outlier_factor}
+    sae_cfg = sae_config_for(cfg, lm.d_model, harvest_cfg.model, harvest_cfg.hooks[0], harvest_cfg.context_length,
+                             {"streamed_from": harvest_cfg.dataset, "corpus": harvest_cfg.dataset, "filters": filters})  # fmt: skip
+    return train_on_batches(sae_cfg, cfg, batches, cfg.tokens or max(corpus_tokens, 2_000_000), out)
