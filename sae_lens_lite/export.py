@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from . import __version__
+from .config import opt
 from .errors import UserError
 from .fsutil import prepare_out_dir, sha256_file, write_json_atomic
 from .sae import SAE, SAEConfig, WEIGHTS_FILE as OUR_WEIGHTS, CONFIG_FILE as OUR_CONFIG
@@ -45,28 +46,24 @@ DICT_FORMAT, DICT_VERSION = "sae_lens_lite.dictionary", 1
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # ours is its Q4_1 GGUF, dequantised
 
 
-def _help(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class ExportConfig:
-    sae: str = _help("runs/sae", "SAE directory to export (from `sae-lite train` or `sae-lite import`)")
-    format: str = _help("saelens", "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors", choices=["saelens", "dictionary"])  # fmt: skip
-    out: str = _help("runs/export", "output directory")
-    analysis: str | None = _help(None, "analysis directory whose features.json gives per-feature scores, top tokens and frequencies")
-    acts: str | None = _help(None, "activation cache to measure firing frequencies on when no analysis gives them (for SAELens's sparsity file)")
-    overwrite: bool = _help(False, "replace the contents of a non-empty --out")
+    sae: str = opt("runs/sae", "SAE directory to export (from `sae-lite train` or `sae-lite import`)")
+    format: str = opt("saelens", "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors", choices=["saelens", "dictionary"])  # fmt: skip
+    out: str = opt("runs/export", "output directory")
+    analysis: str | None = opt(None, "analysis directory whose features.json gives per-feature scores, top tokens and frequencies")
+    acts: str | None = opt(None, "activation cache to measure firing frequencies on when no analysis gives them (for SAELens's sparsity file)")
+    overwrite: bool = opt(False, "replace the contents of a non-empty --out")
 
 
 @dataclass
 class ImportConfig:
-    src: str = _help("", "SAELens directory, sparsify directory, or a SAELens release name (online, needs sae-lens)")
-    sae_id: str | None = _help(None, "SAE id inside a SAELens release (hub imports only)")
-    out: str = _help("runs/imported", "directory to write our SAE to")
-    model: str | None = _help(None, "model name to record when the source does not say (sparsify directories do not)")
-    hook: str | None = _help(None, "hook name to record, e.g. blocks.6.hook_resid_post, when the source's cannot be mapped")
-    overwrite: bool = _help(False, "replace the contents of a non-empty --out")
+    src: str = opt("", "SAELens directory, sparsify directory, or a SAELens release name (online, needs sae-lens)")
+    sae_id: str | None = opt(None, "SAE id inside a SAELens release (hub imports only)")
+    out: str = opt("runs/imported", "directory to write our SAE to")
+    model: str | None = opt(None, "model name to record when the source does not say (sparsify directories do not)")
+    hook: str | None = opt(None, "hook name to record, e.g. blocks.6.hook_resid_post, when the source's cannot be mapped")
+    overwrite: bool = opt(False, "replace the contents of a non-empty --out")
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
