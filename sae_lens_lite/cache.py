@@ -93,28 +93,19 @@ class CacheWriter:
     def n_shards(self) -> int:
         return len(self.manifest["shards"])
 
-    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int) -> None:
-        """acts [n, d_model]; tokens, doc, pos [n]; n_contexts: how many contexts it covers."""
-        name = shard_name(self.n_shards)
-        tmp = self.path / (name + ".tmp")
-        tensors = {
-            "activations": acts.to(DTYPES[self.manifest["dtype"]]).contiguous().cpu(),
-            "tokens": tokens.to(torch.int32).contiguous().cpu(),
-            "doc": doc.to(torch.int32).contiguous().cpu(),
-            "pos": pos.to(torch.int32).contiguous().cpu(),
-        }
-        try:
-            save_file(tensors, str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"could not write {tmp}: {e.strerror}; free some space and run the same command to resume") from None
-        os.replace(tmp, self.path / name)
+    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int | None = None) -> None:
+        """acts [n, d_model]; tokens, doc, pos [n]; n_contexts: how many contexts it covers;
+        index: the shard's number if the caller tracks it (it must be the next one)."""
+        assert index in (None, self.n_shards), f"shard {index} written out of order"
+        self.append(write_shard(self.path, self.n_shards, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts))
+
+    def append(self, entry: dict) -> None:
+        """Enter a shard file already written (by `write_shard`) as the next shard of the manifest."""
+        assert entry["file"] == shard_name(self.n_shards), "shards must be entered in order"
         m = self.manifest
-        m["shards"].append({"file": name, "n_rows": int(acts.shape[0]), "n_contexts": n_contexts, "sha256": sha256_file(self.path / name)})
-        m["n_tokens"] += int(acts.shape[0])
-        m["n_contexts"] += n_contexts
+        m["shards"].append(entry)
+        m["n_tokens"] += entry["n_rows"]
+        m["n_contexts"] += entry["n_contexts"]
         write_json_atomic(self.path / MANIFEST, m)
 
     def finish(self, **extra) -> dict:
@@ -127,6 +118,29 @@ class CacheWriter:
         if not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
+
+
+def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int) -> dict:
+    """Write shard `index` of the cache at `path` (temporary name, fsync, rename) and return its
+    manifest entry. Separate from CacheWriter so that ranks of a sharded harvest can each write
+    their own shards while one process keeps the manifest (distributed.ShardedCacheWriter)."""
+    name = shard_name(index)
+    tmp = path / (name + ".tmp")
+    tensors = {
+        "activations": acts.to(DTYPES[dtype]).contiguous().cpu(),
+        "tokens": tokens.to(torch.int32).contiguous().cpu(),
+        "doc": doc.to(torch.int32).contiguous().cpu(),
+        "pos": pos.to(torch.int32).contiguous().cpu(),
+    }
+    try:
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {tmp}: {e.strerror}; free some space and run the same command to resume") from None
+    os.replace(tmp, path / name)
+    return {"file": name, "n_rows": int(acts.shape[0]), "n_contexts": n_contexts, "sha256": sha256_file(path / name)}
 
 
 def _read_manifest(path: Path) -> dict | None:

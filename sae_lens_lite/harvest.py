@@ -183,10 +183,15 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         raise UserError(f"--nonfinite must be 'error' or 'skip', got {cfg.nonfinite!r}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
-    device = resolve_device(cfg.device)
-    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column)
+    from . import distributed
+
+    # Under torchrun rank r harvests shards r, r+N, ... (docs/scaling.md); rank 0 loads first so
+    # that downloads and the GGUF conversion happen once.
+    device = distributed.init_from_env(resolve_device(cfg.device))
+    rank, world = distributed.rank(), distributed.world_size()
+    texts = distributed.main_first(lambda: load_texts(cfg.dataset, cfg.split, cfg.text_column))
     if lm is None:
-        lm = load_model(cfg.model, device, model_dtype(cfg.model_dtype, device), cfg.trust_remote_code)
+        lm = distributed.main_first(lambda: load_model(cfg.model, device, model_dtype(cfg.model_dtype, device), cfg.trust_remote_code))
     for h in cfg.hooks:
         hook_point(lm.model, h)  # unknown hooks fail before any file is written
     check_context_length(lm, cfg.context_length)
@@ -201,7 +206,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         "filters": {"drop_special": cfg.drop_special, "special_ids": sorted(special), "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor, "nonfinite": cfg.nonfinite},
     }  # fmt: skip
     dirs = cache_dirs(cfg)
-    writers = {h: CacheWriter(d, {**base, "hook": h}, lm.d_model, cfg.overwrite) for h, d in dirs.items()}
+    Writer = distributed.ShardedCacheWriter if world > 1 else CacheWriter
+    writers = {h: Writer(d, {**base, "hook": h}, lm.d_model, cfg.overwrite) for h, d in dirs.items()}
     try:
         todo = [h for h, w in writers.items() if not w.complete]
         if not todo:
@@ -211,10 +217,13 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         n_ctx = len(contexts)
         per = cfg.contexts_per_shard
         n_shards = (n_ctx + per - 1) // per
-        bar = tqdm(total=n_ctx * cfg.context_length, initial=start_shard * per * cfg.context_length, unit="tok", desc="harvest", dynamic_ncols=True)
-        skipped = {h: writers[h].manifest.get("nonfinite_rows", 0) for h in todo}
-        for s in range(start_shard, n_shards):
-            ctx = contexts[s * per : (s + 1) * per]
+        bar = tqdm(total=n_ctx * cfg.context_length, initial=start_shard * per * cfg.context_length, unit="tok", desc="harvest", dynamic_ncols=True, disable=rank > 0)
+        skipped = {h: 0 for h in todo}  # NaN/Inf rows dropped by this process
+        # All ranks go through the same rounds of N shards, so that they sync together; a rank
+        # whose shard lies past the end sits the last round out.
+        rounds = -(-(n_shards - start_shard) // world)
+        for s in range(start_shard + rank, start_shard + rounds * world, world):
+            ctx = contexts[s * per : (s + 1) * per]  # [≤ per, T]
             rows: dict[str, list[Tensor]] = {h: [] for h in todo}
             meta: dict[str, list[Tensor]] = {h: [] for h in todo}
             for b in range(0, len(ctx), cfg.batch_size):
@@ -233,15 +242,19 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                     keep &= finite
                     rows[h].append(a[keep].to(DTYPES[cfg.dtype]).cpu())
                     meta[h].append(torch.stack([ids[keep], doc[keep], pos[keep]]).cpu())
-                bar.update(ids.numel())
+                bar.update(ids.numel() * world)  # rank 0 stands for the group
             for h in todo:
-                if writers[h].n_shards > s:
-                    continue  # this cache already had the shard (it was ahead of the others)
+                if writers[h].n_shards > s or len(ctx) == 0:
+                    continue  # the cache already had it (it was ahead of the others), or past the end
                 tok, doc, pos = torch.cat(meta[h], dim=1)
-                writers[h].add_shard(torch.cat(rows[h]), tok, doc, pos, n_contexts=len(ctx))
+                writers[h].add_shard(torch.cat(rows[h]), tok, doc, pos, n_contexts=len(ctx), index=s)
+            if world > 1:
+                for h in todo:
+                    writers[h].sync()  # rank 0 enters this round's shards in the manifest
         bar.close()
         for h in todo:
-            writers[h].finish(d_model=lm.d_model, nonfinite_rows=skipped[h], harvest_config=asdict(cfg))
+            nonfinite = writers[h].manifest.get("nonfinite_rows", 0) + distributed.sum_over_ranks(skipped[h])
+            writers[h].finish(d_model=lm.d_model, nonfinite_rows=nonfinite, harvest_config=asdict(cfg))
     finally:
         for w in writers.values():
             w.close()

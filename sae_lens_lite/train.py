@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import UserError
 from .harvest import resolve_device
 from .fsutil import prepare_out_dir, write_json_atomic
@@ -123,7 +124,8 @@ def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str,
         # ρ̂_j: soft firing rate, tanh of the latent's contribution ‖f_j W_dec,j‖ / τ: ≈1 when it
         # fires at a normal size, so ρ̂_j ≈ its firing rate, and saturated, so large activations
         # are not shrunk. A softer τ lets many tiny activations through (high L0).
-        rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1) / KL_TAU).mean(0).clamp(1e-6, 1 - 1e-6)  # [d_sae]
+        rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1) / KL_TAU).mean(0)  # [d_sae]
+        rho_hat = distributed.batch_mean(rho_hat).clamp(1e-6, 1 - 1e-6)  # under torchrun: over every rank's rows
         rho = cfg.kl_rho
         t["kl"] = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
     if cfg.penalty == "topk":
@@ -193,14 +195,14 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def init_from_data(sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int) -> None:
+def init_from_data(sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int, tokens: int = INIT_TOKENS) -> None:
     """Anthropic, April 2024: scale inputs so E‖x‖ = √d_in; decoder rows in random directions at a
-    small norm, encoder = decoder transpose; b_dec at the (scaled) data mean."""
+    small norm, encoder = decoder transpose; b_dec at the (scaled) data mean, measured on `tokens` rows."""
     rows, n = [], 0
     for x in batches(0):
         rows.append(x.float().cpu())
         n += len(x)
-        if n >= INIT_TOKENS:
+        if n >= tokens:
             break
     if not rows:
         raise UserError("no training data: the activation source yielded no batch")
@@ -271,15 +273,18 @@ def train_on_batches(
     iterator per epoch; partial batches are skipped). With `out`, write metrics and checkpoints
     there and resume from the last checkpoint; without, train in memory (tests, benchmarks)."""
     check_config(cfg)
-    device = resolve_device(cfg.device)
+    device = distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: this rank's GPU
     amp = autocast_dtype(cfg.precision, device)
     total = total_tokens // cfg.batch_size  # steps
     if total < 1:
         raise UserError(f"{total_tokens} training tokens is less than one batch of {cfg.batch_size}; train on more tokens or use a smaller --batch-size")
 
+    # Under torchrun each step takes batch_size / N rows from each of the N ranks (docs/scaling.md).
+    local_batch, main = distributed.local_batch_size(cfg.batch_size), distributed.is_main()  # only rank 0 writes
     sae = SAE(sae_cfg)
-    init_from_data(sae, batches, cfg.seed)
+    init_from_data(sae, batches, cfg.seed, INIT_TOKENS // distributed.world_size())
     sae.to(device)
+    distributed.average_input_stats(sae)
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     fused = device.type in ("cpu", "cuda")
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
@@ -309,10 +314,12 @@ def train_on_batches(
         load_optimizer(opt, tensors)
         lam, since_fired, acc = tensors["lam"], tensors["since_fired"], tensors["acc"]
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        _truncate_metrics(out / METRICS, step)
+        if main:
+            _truncate_metrics(out / METRICS, step)
 
+    model = distributed.data_parallel(sae, device)  # DistributedDataParallel under torchrun, else the SAE
     loss_fn = torch.compile(loss_terms) if cfg.compile else loss_terms
-    log = _Logger(cfg, out, total, step, progress)
+    log = _Logger(cfg, out if main else None, total, step, progress and main)
     ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size)
     dead_steps = max(1, cfg.dead_window // cfg.batch_size)
     warm_steps = round(LAMBDA_WARMUP * total)
@@ -324,7 +331,7 @@ def train_on_batches(
         return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "tokens": step * cfg.batch_size,
                 "complete": complete, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)}  # fmt: skip
 
-    for epoch, batch_in_epoch, x in _batch_stream(batches, cfg.batch_size, epoch, batch_in_epoch):
+    for epoch, batch_in_epoch, x in _batch_stream(batches, local_batch, epoch, batch_in_epoch):
         if step >= total:
             break
         x = x.to(device, non_blocking=True)
@@ -332,17 +339,18 @@ def train_on_batches(
             g["lr"] = lr_at(step, total, cfg.lr)
         dead = since_fired >= cfg.dead_window
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            t = loss_fn(sae, x, cfg, dead)
+            t = loss_fn(model, x, cfg, dead)
         lam_now = lam * penalty_warmup_at(step, total)
         loss = total_loss(t, lam_now, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
         opt.step()
+        t = distributed.reduce_metrics(t, x, sae.input_scale)  # under torchrun: the global batch's figures
         with torch.no_grad():
             if cfg.penalty == "topk":  # Gao et al. 2024: unit-norm decoder rows
                 sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
-            since_fired = torch.where(t["fired"], 0.0, since_fired + len(x))
+            since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
             if cfg.target_l0 and step >= warm_steps:
                 lam = lam * (t["l0"].clamp_min(1e-3) / cfg.target_l0) ** L0_GAIN
             acc += torch.stack([torch.ones((), device=device), t["mse"].detach(), t["sse"], t["sst"], t["l0"],
@@ -351,21 +359,22 @@ def train_on_batches(
         step += 1
         batch_in_epoch += 1
         if cfg.resample_dead and cfg.penalty != "topk" and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
-            resample_dead_latents(sae, opt, x, since_fired, cfg, step)
+            resample_dead_latents(sae, opt, distributed.gather_rows(x), since_fired, cfg, step)
         if step % cfg.log_every == 0 or step == total:
             log.write(step, acc, opt.param_groups[0]["lr"])
             acc.zero_()
-        if out is not None and step % ckpt_steps == 0 and step < total:
+        if out is not None and main and step % ckpt_steps == 0 and step < total:
             save_checkpoint(out, step, state(), info())
     log.close()
     if step < total:
         raise UserError(f"the activation source ran dry after {step} of {total} steps (an epoch yielded no full batch)")
     sae.cfg.meta.update(input_scale=float(sae.input_scale), train_config=asdict(cfg), final_metrics=log.last)
-    if out is not None:
+    if out is not None and main:
         sae.save(out)
         write_json_atomic(out / CHECKPOINT, info(complete=True))
         for p in out.glob("checkpoint_*.safetensors"):
             p.unlink()
+    distributed.barrier()  # the SAE is on disk before any rank returns
     return sae
 
 
@@ -434,7 +443,7 @@ class _Logger:
         self.bar = tqdm(total=total, initial=step, unit="step", desc=f"train {cfg.penalty}", dynamic_ncols=True, disable=not progress)
         self.t0, self.step0 = time.perf_counter(), step
         self.run = None
-        if cfg.wandb:
+        if cfg.wandb and distributed.is_main():
             try:
                 import wandb
             except ImportError:
@@ -493,19 +502,23 @@ def train(cfg: TrainConfig) -> SAE:
     from .cache import ActivationCache
 
     check_config(cfg)
+    device = distributed.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
     cache = ActivationCache.open(cfg.acts)
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT)
-    if cfg.overwrite:
+    if cfg.overwrite and distributed.is_main():
         for p in [out / CHECKPOINT, out / METRICS, out / WEIGHTS_FILE, out / CONFIG_FILE, *out.glob("checkpoint_*.safetensors")]:
             p.unlink(missing_ok=True)
+    distributed.barrier()  # rank 0 has cleared --out before any rank reads it
     m = cache.manifest
     sae_cfg = sae_config_for(cfg, cache.d_model, m["model"], m["hook"], m["context_length"],
                              {"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens, "corpus": m.get("corpus"), "filters": m.get("filters")})  # fmt: skip
     tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
-    device = resolve_device(cfg.device)
 
     def batches(epoch: int) -> Iterator[Tensor]:
         return cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device)
+
+    if distributed.world_size() > 1:  # each rank reads only its own shards
+        batches = distributed.rank_batches(cache, cfg.batch_size, cfg.seed, device)
 
     return train_on_batches(sae_cfg, cfg, batches, tokens, out)
 
