@@ -154,22 +154,20 @@ def test_each_rank_reads_its_own_shards_and_the_split_changes_each_epoch(tmp_pat
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test written for Linux")
 def test_torchrun_cli_trains_like_a_single_process(tmp_path):
     acts = write_cache(tmp_path / "acts")
-    flags = ["--acts", str(acts), "--expansion", "4", "--tokens", str(4096 * 12), "--batch-size", "256", "--device", "cpu", "--log-every", "8"]
+    flags = ["--acts", str(acts), "--expansion", "4", "--tokens", str(4096 * 12), "--batch-size", "256", "--device", "cpu", "--log-every", "8", "--l1", "1", "--lr", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), "-m", "sae_lens_lite", "train", *flags, "--out", str(tmp_path / "ddp")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    single = train(TrainConfig(acts=str(acts), expansion=4, tokens=4096 * 12, batch_size=256, device="cpu", log_every=8, out=str(tmp_path / "one")))
+    single = train(TrainConfig(acts=str(acts), expansion=4, tokens=4096 * 12, batch_size=256, device="cpu", log_every=8, l1=1.0, lr=3e-3, out=str(tmp_path / "one")))
     ddp = SAE.load(tmp_path / "ddp")
     m_ddp, m_one = ddp.cfg.meta["final_metrics"], single.cfg.meta["final_metrics"]
     # Different rows meet in each step (each rank reads its own shards), so not equal, but close:
+    assert m_one["explained_variance"] > 0.8  # (it learned something worth comparing)
     assert m_ddp["explained_variance"] == pytest.approx(m_one["explained_variance"], abs=0.03)
     assert m_ddp["l0"] == pytest.approx(m_one["l0"], rel=0.15)
     assert ddp.cfg.meta["input_scale"] == pytest.approx(single.cfg.meta["input_scale"], rel=0.02)
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 24  # one writer
-    # The same command again finds the finished run (all ranks read rank 0's checkpoint.json).
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "already holds the finished run" in again.stdout
 
 
 # ---- a latent-sharded SAE -------------------------------------------------------------------
