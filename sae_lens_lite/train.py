@@ -531,6 +531,8 @@ def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:
     from .models import load_model
 
     check_config(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("streaming training runs in one process; harvest a cache and train from it under torchrun")
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT)
     if lm is None:
         device = resolve_device(harvest_cfg.device)

@@ -85,3 +85,34 @@ def test_no_unpickling_and_no_remote_code_by_default():
             if pattern.search(line) and "weights_only=True" not in line:
                 offenders.append(f"{path.name}:{i}: {line.strip()}")
     assert offenders == []
+
+
+def test_kill_9_during_training_then_rerun_gives_the_same_weights(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS_TEXT * 4)
+    acts = tmp_path / "acts"
+    assert cli("harvest", "--model", str(tiny_model_dir), "--hook", "blocks.1.hook_resid_post", "--dataset", str(corpus),
+               "--context-length", "16", "--out", str(acts)).returncode == 0  # fmt: skip
+    args = ["train", "--acts", str(acts), "--expansion", "4", "--tokens", "300000", "--batch-size", "128",
+            "--checkpoint-every", "20000", "--log-every", "20", "--device", "cpu", "--precision", "float32"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert cli(*args, "--out", str(tmp_path / "ref"), env=env).returncode == 0
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sae_lens_lite", *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads((out / "checkpoint.json").read_text()).get("step", 0) >= 300:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "sae.safetensors").exists(), "the kill did not land mid-training"
+    r = cli(*args, "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    assert (out / "sae.safetensors").read_bytes() == (tmp_path / "ref" / "sae.safetensors").read_bytes()
+    r = cli("train", "--acts", str(acts), "--expansion", "0", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "--expansion must be a positive integer" in r.stderr

@@ -1,0 +1,73 @@
+"""Sparsity vs reconstruction frontier on real activations (issue: SAE quality on SmolLM2).
+
+Harvests `--hook` on the shared training corpora (everything in ../shared/data except
+wikitext2-test.txt), trains one SAE per sparsity setting, evaluates each on held-out WikiText-2
+test, and prints L0, explained variance, CE loss recovered, KL and dead fraction per setting,
+next to a PCA baseline with k = L0 scored by the same evaluation code.
+
+    python scripts/bench_frontier.py                                  # full size: 16x, all corpora
+    python scripts/bench_frontier.py --tokens 40000 --expansion 4 --train-tokens 300000   # CPU-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sae_lens_lite.evaluate import EvalConfig, evaluate
+from sae_lens_lite.harvest import HarvestConfig, harvest
+from sae_lens_lite.train import TrainConfig, train
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETTINGS = {  # name: TrainConfig overrides
+    "topk_k16": {"penalty": "topk", "k": 16},
+    "topk_k32": {"penalty": "topk", "k": 32},
+    "topk_k64": {"penalty": "topk", "k": 64},
+    "l1_lam1": {"penalty": "l1", "l1": 1.0},
+    "l1_lam2": {"penalty": "l1", "l1": 2.0},
+    "l1_lam4": {"penalty": "l1", "l1": 4.0},
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/frontier")
+    p.add_argument("--hook", default="blocks.6.hook_resid_post")
+    p.add_argument("--tokens", type=int, default=1_400_000, help="harvested training tokens")
+    p.add_argument("--expansion", type=int, default=16)
+    p.add_argument("--train-tokens", type=int, default=20_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    out = Path(args.out)
+
+    train_dir = out / "corpus"  # a directory of .txt files = one document each
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for f in sorted(DATA.glob("*.txt")):
+        if f.name != "wikitext2-test.txt" and not (train_dir / f.name).exists():
+            (train_dir / f.name).symlink_to(f)
+    acts = harvest(HarvestConfig(hooks=[args.hook], dataset=str(train_dir), tokens=args.tokens, out=str(out / "acts"), device=args.device))[args.hook]
+
+    rows = []
+    for name in args.settings:
+        sae_dir = out / name
+        train(TrainConfig(acts=str(acts), out=str(sae_dir), expansion=args.expansion, tokens=args.train_tokens,
+                          batch_size=args.batch_size, lr=args.lr, device=args.device, **SETTINGS[name]))  # fmt: skip
+        r = evaluate(EvalConfig(sae=str(sae_dir), dataset=str(DATA / "wikitext2-test.txt"), tokens=args.eval_tokens,
+                                skip_tokens=0, baselines=False, device=args.device, overwrite=True))  # fmt: skip
+        rows.append({"setting": name, "l0": r["sparsity"]["l0"], "ev": r["reconstruction"]["explained_variance"],
+                     "ce_rec": r["ce"]["sae_recovered"], "kl": r["ce"]["kl_sae"], "dead": r["sparsity"]["dead_fraction"]})  # fmt: skip
+    print(f"\n{args.hook}, {args.expansion}x, {args.tokens} harvested tokens, {args.train_tokens} training tokens; eval: wikitext2-test, {args.eval_tokens} tokens")
+    print("| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in sorted(rows, key=lambda r: r["l0"]):
+        print(f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} |")
+    (out / "frontier.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
