@@ -253,3 +253,20 @@ class ActivationCache:
                     batch = batch.pin_memory()
                 yield batch.to(device, non_blocking=pin)
             carry = rows[n_full:] if not last_window else carry[:0]
+
+    def resident_batches(self, batch_size: int, device: str | torch.device, dtype: torch.dtype = torch.float32):
+        """`batches(epoch, seed)` over the whole cache held on `device` (in its stored dtype):
+        each epoch is a full random permutation of every row, with no disk reads. For caches
+        that fit in GPU memory, where it removes the loader from the training loop entirely."""
+        acts = self.load(("activations",))["activations"].to(device)  # [n, d_model]
+
+        def batches(epoch: int, seed: int) -> Iterator[Tensor]:
+            g = torch.Generator(device=acts.device).manual_seed(seed + epoch)
+            perm = torch.randperm(len(acts), generator=g, device=acts.device)
+            for i in range(0, len(perm), batch_size):
+                yield acts[perm[i : i + batch_size]].to(dtype)
+
+        return batches
+
+    def nbytes(self) -> int:
+        return self.n_tokens * self.d_model * DTYPES[self.manifest["dtype"]].itemsize

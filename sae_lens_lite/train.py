@@ -51,6 +51,7 @@ AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
 KL_TAU = 0.1  # KL: a latent counts as firing once its contribution ‖f_j W_dec,j‖ passes ~τ (‖x‖ ≈ √d_in)
 L0_GAIN = 0.01  # --target-l0: per step, λ *= (L0 / target)^gain
 INIT_TOKENS = 65_536  # tokens used to estimate the input scale and the data mean
+RESIDENT_FRACTION = 0.25  # on a GPU, hold the whole cache in memory when it takes at most this much of what is free
 CHECKPOINT = "checkpoint.json"
 METRICS = "metrics.jsonl"
 # Fields that change the result: a run resumes only if they are the same.
@@ -519,6 +520,11 @@ def train(cfg: TrainConfig) -> SAE:
 
     if distributed.world_size() > 1:  # each rank reads only its own shards
         batches = distributed.rank_batches(cache, cfg.batch_size, cfg.seed, device)
+    elif device.type == "cuda" and cache.nbytes() < RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]:
+        resident = cache.resident_batches(cfg.batch_size, device)  # the whole cache on the GPU
+
+        def batches(epoch: int) -> Iterator[Tensor]:
+            return resident(epoch, cfg.seed)
 
     return train_on_batches(sae_cfg, cfg, batches, tokens, out)
 

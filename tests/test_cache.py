@@ -76,3 +76,13 @@ def test_full_disk_leaves_no_shard_that_looks_complete(tmp_path, monkeypatch):
         w.add_shard(torch.zeros(4, 3), torch.zeros(4), torch.zeros(4), torch.zeros(4), n_contexts=1)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".lock", "manifest.json"]
     assert w.n_shards == 0
+
+
+def test_resident_batches_permute_every_row_each_epoch(tmp_path):
+    c = make_cache(tmp_path / "c")
+    batches = c.resident_batches(16, "cpu")
+    e0 = torch.cat([b[:, 0] for b in batches(0, seed=3)]).long().tolist()
+    assert sorted(e0) == list(range(80)) and e0 != list(range(80))
+    assert e0 == torch.cat([b[:, 0] for b in batches(0, seed=3)]).long().tolist()
+    assert e0 != torch.cat([b[:, 0] for b in batches(1, seed=3)]).long().tolist()
+    assert c.nbytes() == 80 * 3 * 4
