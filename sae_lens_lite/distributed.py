@@ -78,6 +78,9 @@ def init_from_env(device: torch.device) -> torch.device:
 
 def _leave() -> None:
     if dist.is_initialized():
+        # Leave together: a rank that tears gloo down while a peer is still talking to it can
+        # abort the peer ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
