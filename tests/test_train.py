@@ -289,3 +289,19 @@ def test_streaming_training_needs_no_cache_and_matches_cache_statistics(tiny_lm,
     x = cached[:512]
     fvu = ((sae(x).x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert fvu < 0.5
+
+
+def test_bf16_autocast_keeps_explained_variance_within_0_005_of_fp32():
+    """Mixed precision must not cost quality: same data, seed and schedule, fp32 vs bf16 matmuls."""
+    data = make_superposition(n_features=128, d=32, true_l0=3.0, seed=1)
+    x = data.sample(8192, torch.Generator().manual_seed(9))  # held-out evaluation rows
+
+    def ev(precision):
+        cfg = TrainConfig(batch_size=256, lr=3e-3, l1=1.0, precision=precision, device="cpu")
+        sae = train_on_batches(small_sae_cfg("l1", d_in=32, d_sae=256), cfg, data.batches(256, 65536), 200_000, progress=False)
+        with torch.no_grad():
+            return float(1 - ((sae(x).x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+    fp32, bf16 = ev("float32"), ev("bfloat16")
+    assert fp32 > 0.5
+    assert abs(bf16 - fp32) <= 0.005, (fp32, bf16)
