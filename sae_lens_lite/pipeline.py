@@ -43,8 +43,13 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
         print("== train")
         train(build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train"))
     if "evaluate" in stages:
-        print("== evaluate")
-        evaluate(build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **cfg.get("evaluate", {})}, "evaluate"))
+        report, weights = paths["eval"] / "report.json", paths["sae"] / "sae.safetensors"
+        if report.exists() and weights.exists() and report.stat().st_mtime >= weights.stat().st_mtime:
+            print(f"== evaluate: done already ({report}; delete it to evaluate again)")
+        else:
+            print("== evaluate")
+            e = {"sae": str(paths["sae"]), "out": str(paths["eval"]), "overwrite": True, **cfg.get("evaluate", {})}
+            evaluate(build(EvalConfig, e, "evaluate"))
     if "analyze" in stages:
         print("== analyze")
         a = {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})}

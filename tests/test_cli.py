@@ -66,3 +66,23 @@ def test_bad_harvest_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "acts" / "manifest.json").exists()
+
+
+def test_run_twice_skips_finished_stages(tiny_lm, corpus_file, tmp_path, monkeypatch):
+    """`sae-lite run` again after it finished (or was interrupted) continues instead of failing."""
+    import sae_lens_lite.harvest as harvest_mod
+    import sae_lens_lite.pipeline as pipeline
+
+    real_harvest = harvest_mod.harvest
+    monkeypatch.setattr(pipeline, "harvest", lambda cfg: real_harvest(cfg, lm=tiny_lm))
+    calls = []
+    monkeypatch.setattr(pipeline, "evaluate", lambda cfg: (calls.append(cfg), (tmp_path / "o" / "eval").mkdir(parents=True, exist_ok=True),
+                                                          (tmp_path / "o" / "eval" / "report.json").write_text("{}")))  # fmt: skip
+    cfg = {"out": str(tmp_path / "o"), "stages": ["harvest", "train", "evaluate"],
+           "harvest": {"hooks": ["blocks.1.hook_resid_post"], "dataset": str(corpus_file), "context_length": 32, "dtype": "float32"},
+           "train": {"expansion": 2, "tokens": 4096, "batch_size": 256, "device": "cpu"}}  # fmt: skip
+    pipeline.run_pipeline(cfg)
+    weights = (tmp_path / "o" / "sae" / "sae.safetensors").read_bytes()
+    pipeline.run_pipeline(cfg)
+    assert len(calls) == 1 and calls[0].overwrite
+    assert (tmp_path / "o" / "sae" / "sae.safetensors").read_bytes() == weights
