@@ -96,7 +96,7 @@ def test_ddp_training_matches_a_single_process_on_the_same_global_batches(tmp_pa
     for name in CASES:
         cfg = case_config(name, tmp_path / f"single_{name}")
         single = train_on_batches(SAEConfig(D, 4 * D, activation="topk" if name == "topk" else "relu", k=4 if name == "topk" else None), cfg, lambda e: global_batches(acts, e), cfg.tokens, out=tmp_path / f"single_{name}", progress=False)
-        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(WORLD)]
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for k, v in ranks[0].items():
             assert torch.equal(v, ranks[1][k]), f"{name}: ranks disagree on {k}"  # DDP keeps replicas identical
             torch.testing.assert_close(v, single.state_dict()[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k} differs from one process")
@@ -143,7 +143,7 @@ def test_each_rank_reads_its_own_shards_and_the_split_changes_each_epoch(tmp_pat
     for epoch in (0, 1):
         shards = []
         for r in range(WORLD):
-            keys = [row.numpy().tobytes() for row in torch.load(tmp_path / f"reads_e{epoch}_r{r}.pt")]
+            keys = [row.numpy().tobytes() for row in torch.load(tmp_path / f"reads_e{epoch}_r{r}.pt", weights_only=True)]
             assert len(set(keys)) == len(keys)  # no row twice
             shards.append({shard_of[k] for k in keys})
         assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == cache.n_shards  # disjoint, all read

@@ -28,6 +28,21 @@ def tiny_model_dir(tmp_path):
     return d
 
 
+def kill_9_when(args: list[str], progress_file: Path, ready, env=None) -> None:
+    """Run `sae-lite ARGS` and SIGKILL it as soon as ready(json in progress_file) holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "sae_lens_lite", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ready(json.loads(progress_file.read_text())):
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def shard_hashes(cache: Path) -> list[str]:
     return [s["sha256"] for s in json.loads((cache / "manifest.json").read_text())["shards"]]
 
@@ -42,17 +57,7 @@ def test_kill_9_during_harvest_then_rerun_gives_identical_cache(tiny_model_dir, 
     assert len(ref) > 20  # 63 shards
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sae_lens_lite", *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 3:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_9_when([*args, "--out", str(out)], out / "manifest.json", lambda m: len(m["shards"]) >= 3)
     m = json.loads((out / "manifest.json").read_text())
     assert not m["complete"] and 3 <= len(m["shards"]) < len(ref), "the kill did not land mid-harvest"
     r = cli("train", "--acts", str(out), "--out", str(tmp_path / "sae"))
@@ -99,17 +104,7 @@ def test_kill_9_during_training_then_rerun_gives_the_same_weights(tiny_model_dir
     assert cli(*args, "--out", str(tmp_path / "ref"), env=env).returncode == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sae_lens_lite", *args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads((out / "checkpoint.json").read_text()).get("step", 0) >= 300:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_9_when([*args, "--out", str(out)], out / "checkpoint.json", lambda c: c.get("step", 0) >= 300, env=env)
     assert not (out / "sae.safetensors").exists(), "the kill did not land mid-training"
     r = cli(*args, "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr
