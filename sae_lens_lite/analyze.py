@@ -279,6 +279,20 @@ def monosemanticity(win_tokens: Tensor, win_docs: Tensor, win_pos: Tensor, acts:
     return s
 
 
+def canonical_ids(tokenizer, n_vocab: int) -> Tensor:
+    """[n_vocab] → the smallest id whose text is the same up to case and surrounding spaces, so
+    that " index", "index" and "Index" count as one token in the score. Whitespace-only tokens
+    keep their own ids (a newline and a space are different explanations)."""
+    texts = tokenizer.batch_decode([[i] for i in range(n_vocab)])
+    first: dict[str, int] = {}
+    canon = torch.arange(n_vocab)
+    for i, t in enumerate(texts):
+        key = t.strip().lower()
+        if key:
+            canon[i] = first.setdefault(key, i)
+    return canon
+
+
 def random_window_jaccard(tokens: Tensor, doc: Tensor, pos: Tensor, before: int, n_pairs: int = 2048) -> float:
     """Chance level of the context-bag agreement: mean Jaccard of windows at random rows of
     different contexts."""
@@ -334,7 +348,11 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     unigram = (torch.bincount(tokens, minlength=n_vocab).double() / len(tokens)).float()
     bag_chance = random_window_jaccard(tokens, doc, pos, before)
     freq_t = st.count.double() / max(st.n_rows, 1)
-    s = monosemanticity(win_tok, win_doc, win_pos, st.top_vals, before, up_i, unigram, freq_t.float(), bag_chance, k)
+    # The score compares tokens up to case and spacing; the page still shows the exact tokens.
+    canon = canonical_ids(lm.tokenizer, n_vocab)  # [V]
+    as_canon = lambda t: torch.where(t >= 0, canon[t.clamp(min=0)], -1)  # noqa: E731
+    unigram_canon = torch.zeros(n_vocab).index_add_(0, canon, unigram)
+    s = monosemanticity(as_canon(win_tok), win_doc, win_pos, st.top_vals, before, canon[up_i], unigram_canon, freq_t.float(), bag_chance, k)
     rank = torch.empty(sae.d_sae, dtype=torch.long)
     order = s["score"].argsort(descending=True, stable=True)
     rank[order] = torch.arange(1, sae.d_sae + 1)

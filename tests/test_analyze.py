@@ -211,3 +211,15 @@ def test_refuses_what_it_cannot_do(tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         analyze(AnalyzeConfig(sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "busy"), device="cpu"), lm=lm)
+
+
+def test_canonical_ids_merge_case_and_spacing_variants_only():
+    from sae_lens_lite.analyze import canonical_ids
+
+    class Tok:
+        texts = [" index", "Index", "index", " the", "\n", " ", "The", "indexes"]
+
+        def batch_decode(self, ids):
+            return [self.texts[i[0]] for i in ids]
+
+    assert canonical_ids(Tok(), 8).tolist() == [0, 0, 0, 3, 4, 5, 3, 7]
