@@ -93,11 +93,11 @@ class CacheWriter:
     def n_shards(self) -> int:
         return len(self.manifest["shards"])
 
-    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int | None = None) -> None:
+    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int | None = None, nonfinite_rows: int = 0) -> None:
         """acts [n, d_model]; tokens, doc, pos [n]; n_contexts: how many contexts it covers;
         index: the shard's number if the caller tracks it (it must be the next one)."""
         assert index in (None, self.n_shards), f"shard {index} written out of order"
-        self.append(write_shard(self.path, self.n_shards, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts))
+        self.append(write_shard(self.path, self.n_shards, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows))
 
     def append(self, entry: dict) -> None:
         """Enter a shard file already written (by `write_shard`) as the next shard of the manifest."""
@@ -109,7 +109,9 @@ class CacheWriter:
         write_json_atomic(self.path / MANIFEST, m)
 
     def finish(self, **extra) -> dict:
-        self.manifest.update(extra, complete=True)
+        # Summed from the shards, so rows skipped before an interruption still count.
+        nonfinite = sum(s.get("nonfinite_rows", 0) for s in self.manifest["shards"])
+        self.manifest.update(extra, nonfinite_rows=nonfinite, complete=True)
         write_json_atomic(self.path / MANIFEST, self.manifest)
         self.close()
         return self.manifest
@@ -120,7 +122,8 @@ class CacheWriter:
             self._lock.close()
 
 
-def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int) -> dict:
+def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int,
+                nonfinite_rows: int = 0) -> dict:  # fmt: skip
     """Write shard `index` of the cache at `path` (temporary name, fsync, rename) and return its
     manifest entry. Separate from CacheWriter so that ranks of a sharded harvest can each write
     their own shards while one process keeps the manifest (distributed.ShardedCacheWriter)."""
@@ -140,7 +143,7 @@ def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor
         tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {tmp}: {e.strerror}; free some space and run the same command to resume") from None
     os.replace(tmp, path / name)
-    return {"file": name, "n_rows": int(acts.shape[0]), "n_contexts": n_contexts, "sha256": sha256_file(path / name)}
+    return {"file": name, "n_rows": int(acts.shape[0]), "n_contexts": n_contexts, "nonfinite_rows": nonfinite_rows, "sha256": sha256_file(path / name)}
 
 
 def _read_manifest(path: Path) -> dict | None:

@@ -103,14 +103,6 @@ def broadcast_object(obj):
     return box[0]
 
 
-def sum_over_ranks(n: int) -> int:
-    if world_size() == 1:
-        return n
-    t = torch.tensor(n, dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t)
-    return int(t)
-
-
 def main_first(fn: Callable):
     """fn() on rank 0, then on the other ranks: rank 0 fills shared caches (a converted model, a
     download) before the others read them. A UserError on rank 0 is raised on every rank."""
@@ -287,8 +279,8 @@ class ShardedCacheWriter:
         """Shards the cache held when opened (where this harvest resumes)."""
         return len(self.manifest["shards"])
 
-    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int) -> None:
-        self.pending.append(write_shard(self.path, index, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts))
+    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int, nonfinite_rows: int = 0) -> None:
+        self.pending.append(write_shard(self.path, index, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows))
 
     def sync(self) -> None:
         entries: list[list[dict]] = [[] for _ in range(world_size())]

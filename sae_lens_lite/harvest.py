@@ -218,7 +218,6 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         per = cfg.contexts_per_shard
         n_shards = (n_ctx + per - 1) // per
         bar = tqdm(total=n_ctx * cfg.context_length, initial=start_shard * per * cfg.context_length, unit="tok", desc="harvest", dynamic_ncols=True, disable=rank > 0)
-        skipped = {h: 0 for h in todo}  # NaN/Inf rows dropped by this process
         # All ranks go through the same rounds of N shards, so that they sync together; a rank
         # whose shard lies past the end sits the last round out.
         rounds = -(-(n_shards - start_shard) // world)
@@ -226,6 +225,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
             ctx = contexts[s * per : (s + 1) * per]  # [≤ per, T]
             rows: dict[str, list[Tensor]] = {h: [] for h in todo}
             meta: dict[str, list[Tensor]] = {h: [] for h in todo}
+            skipped = {h: 0 for h in todo}  # NaN/Inf rows dropped from this shard
             for b in range(0, len(ctx), cfg.batch_size):
                 ids = ctx[b : b + cfg.batch_size].to(device)  # [b, T]
                 acts = run_to_hooks(lm.model, ids, todo)
@@ -247,14 +247,13 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                 if writers[h].n_shards > s or len(ctx) == 0:
                     continue  # the cache already had it (it was ahead of the others), or past the end
                 tok, doc, pos = torch.cat(meta[h], dim=1)
-                writers[h].add_shard(torch.cat(rows[h]), tok, doc, pos, n_contexts=len(ctx), index=s)
+                writers[h].add_shard(torch.cat(rows[h]), tok, doc, pos, n_contexts=len(ctx), index=s, nonfinite_rows=skipped[h])
             if world > 1:
                 for h in todo:
                     writers[h].sync()  # rank 0 enters this round's shards in the manifest
         bar.close()
         for h in todo:
-            nonfinite = writers[h].manifest.get("nonfinite_rows", 0) + distributed.sum_over_ranks(skipped[h])
-            writers[h].finish(d_model=lm.d_model, nonfinite_rows=nonfinite, harvest_config=asdict(cfg))
+            writers[h].finish(d_model=lm.d_model, harvest_config=asdict(cfg))
     finally:
         for w in writers.values():
             w.close()

@@ -117,6 +117,7 @@ def test_nonfinite_activations_are_refused_or_skipped(tiny_lm, corpus_file, tmp_
         harvest(cfg(corpus_file, tmp_path / "n"), lm=tiny_lm)
     c = ActivationCache.open(harvest(cfg(corpus_file, tmp_path / "s", nonfinite="skip", drop_special=False), lm=tiny_lm)[HOOK])
     assert c.manifest["nonfinite_rows"] == c.manifest["n_contexts"]
+    assert all(s["nonfinite_rows"] == s["n_contexts"] for s in c.manifest["shards"])
     assert 5 not in c.load(("pos",))["pos"].tolist()
     assert torch.isfinite(c.load()["activations"]).all()
 
