@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .cache import ActivationCache
 from .errors import UserError
-from .fsutil import prepare_out_dir
+from .fsutil import prepare_out_dir, write_text_atomic
 from .harvest import resolve_device
 from .models import LoadedModel, load_model
 from .sae import SAE
@@ -397,7 +397,7 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         "ctx_after": after, "chance": {"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
         "vocab": vocab, "features": features,
     }  # fmt: skip
-    _write_text(out / "features.json", json.dumps(analysis, separators=(",", ":"), ensure_ascii=False))
+    write_text_atomic(out / "features.json", json.dumps(analysis, separators=(",", ":"), ensure_ascii=False))
     _write_ranking(out / "ranking.csv", [features[i] for i in order.tolist()], vocab)
     from .browser import write_page
 
@@ -412,12 +412,6 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     }  # fmt: skip
     print(f"analyzed {sae.d_sae} features on {st.n_rows} tokens in {summary['seconds']} s; open {out / 'index.html'}")
     return summary
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .baselines import fit_pca, fit_vae, vae_activity
 from .config import opt
 from .errors import UserError
-from .fsutil import write_json_atomic
+from .fsutil import write_json_atomic, write_text_atomic
 from .harvest import check_context_length, load_texts, resolve_device, special_token_ids, tokenize_corpus
 from .models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
 from .sae import SAE
@@ -305,8 +305,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         report["files"]["density"] = "density.png"
     times["total"] = time.perf_counter() - t0
     report["timing_s"] = times
-    (out / "report.md.tmp").write_text(markdown_summary(report))
-    (out / "report.md.tmp").replace(out / "report.md")
+    write_text_atomic(out / "report.md", markdown_summary(report))
     write_json_atomic(out / "report.json", report)  # last: its presence marks a finished evaluation
     print(f"eval: CE loss recovered {_fmt(ce_all['sae_recovered'])}, explained variance {_fmt(recon['explained_variance'])}, "
           f"L0 {sparse['l0']:.1f}; report in {out}")  # fmt: skip

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from . import __version__
 from .config import opt
 from .errors import UserError
-from .fsutil import prepare_out_dir, sha256_file, write_json_atomic
+from .fsutil import prepare_out_dir, save_safetensors_atomic, sha256_file, write_json_atomic
 from .sae import SAE, SAEConfig, WEIGHTS_FILE as OUR_WEIGHTS, CONFIG_FILE as OUR_CONFIG
 
 SAELENS_CFG = "cfg.json"
@@ -64,12 +63,6 @@ class ImportConfig:
     model: str | None = opt(None, "model name to record when the source does not say (sparsify directories do not)")
     hook: str | None = opt(None, "hook name to record, e.g. blocks.6.hook_resid_post, when the source's cannot be mapped")
     overwrite: bool = opt(False, "replace the contents of a non-empty --out")
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
@@ -178,10 +171,10 @@ def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path |
     out.mkdir(parents=True, exist_ok=True)
     cfg = saelens_cfg(sae, source)
     f = sae.folded()
-    _atomic_save({"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / SAELENS_WEIGHTS)
+    save_safetensors_atomic({"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / SAELENS_WEIGHTS)
     if freq is not None:
         # SAELens stores log10 of the firing frequency, with the same 1e-10 floor for dead latents.
-        _atomic_save({"sparsity": torch.log10(freq.float() + 1e-10)}, out / SAELENS_SPARSITY)
+        save_safetensors_atomic({"sparsity": torch.log10(freq.float() + 1e-10)}, out / SAELENS_SPARSITY)
     else:
         (out / SAELENS_SPARSITY).unlink(missing_ok=True)  # never leave a stale one from an earlier export
     write_json_atomic(out / SAELENS_CFG, cfg)
@@ -400,7 +393,7 @@ def save_dictionary(sae: SAE, out: Path, features: dict[int, dict], freq: Tensor
     f = sae.folded()
     # safetensors metadata must be str → str.
     st_meta = {"format": DICT_FORMAT, "version": str(DICT_VERSION), **{k: json.dumps(v) for k, v in prov.items()}}
-    _atomic_save({"W_dec": f.W_dec, "W_enc": f.W_enc, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / DICT_WEIGHTS, st_meta)
+    save_safetensors_atomic({"W_dec": f.W_dec, "W_enc": f.W_enc, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / DICT_WEIGHTS, st_meta)
     tmp = out / (DICT_FEATURES + ".tmp")
     with open(tmp, "w") as fh:
         for i in range(sae.d_sae):

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .errors import UserError
-from .fsutil import write_json_atomic
+from .fsutil import save_safetensors_atomic, write_json_atomic
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
@@ -134,10 +134,8 @@ class SAE(nn.Module):
         """Write the SAE directory atomically: files go to temporary names, then are renamed."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "sae_lens_lite"})
-        os.replace(tmp, path / WEIGHTS_FILE)
+        tensors = {k: v.float() for k, v in self.state_dict().items()}
+        save_safetensors_atomic(tensors, path / WEIGHTS_FILE, metadata={"format": "sae_lens_lite"})
         write_json_atomic(path / CONFIG_FILE, asdict(self.cfg))
         return path
 

@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import UserError
 from .harvest import resolve_device
-from .fsutil import prepare_out_dir, write_json_atomic
+from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
 PENALTIES = ("l1", "kl", "topk")
@@ -226,9 +226,7 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Tensor], info: dict) 
     """A safetensors file per checkpoint, then checkpoint.json pointing at it (written atomically),
     then the older file removed: a crash at any point leaves a complete checkpoint."""
     name = f"checkpoint_{step:09d}.safetensors"
-    tmp = out / (name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, out / name)
+    save_safetensors_atomic(state, out / name)
     write_json_atomic(out / CHECKPOINT, {**info, "file": name})
     for p in out.glob("checkpoint_*.safetensors"):
         if p.name != name:
@@ -431,9 +429,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 class _Logger:
