@@ -57,7 +57,7 @@ METRICS = "metrics.jsonl"
 # Fields that change the result: a run resumes only if they are the same.
 RUN_KEYS = (
     "expansion", "penalty", "l1", "k", "kl_beta", "kl_rho", "target_l0", "lr", "batch_size",
-    "tokens", "seed", "dead_window", "resample_dead", "precision",
+    "tokens", "seed", "dead_window", "resample_dead", "precision", "sparse",
 )  # fmt: skip
 
 
@@ -71,6 +71,7 @@ class TrainConfig:
     kl_beta: float = field(default=1.0, metadata={"help": "β of the KL penalty"})
     kl_rho: float = field(default=0.005, metadata={"help": "target firing rate ρ of every latent for the KL penalty"})
     k: int = field(default=32, metadata={"help": "latents kept per token for topk"})
+    sparse: bool = field(default=True, metadata={"help": "topk: decoder and encoder backward on the k active latents only (gather/scatter, not dense matmuls); --no-sparse for the dense path"})
     target_l0: float = field(default=0.0, metadata={"help": "adapt λ (or β) during training until L0 settles here (0: off; l1/kl)"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (warm-up over the first 1% of steps, linear decay over the last 20%)"})
     batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
@@ -108,6 +109,8 @@ def penalty_warmup_at(step: int, total: int) -> float:
 def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
     """Every loss term for a batch x [n, d_in] (raw units), each a scalar, plus what the metrics
     need. `dead` [d_sae] bool marks latents for the AuxK loss."""
+    if cfg.penalty == "topk" and cfg.sparse and isinstance(sae, SAE):  # not under DDP (forward only)
+        return _sparse_topk_terms(sae, x, dead)
     out = sae(x)
     s = sae.input_scale
     f = out.latents  # [n, d_sae]
@@ -137,13 +140,38 @@ def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str,
         vals, idx = pre.topk(k_aux, dim=-1)  # [n, k_aux]
         e_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.relu(), mode="sum")  # [n, d_in]
         t["aux"] = (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
-    # For metrics and dead-latent tracking (no gradient):
     t["fired"] = fired.detach() > 0  # [d_sae]
     t["l0"] = torch.count_nonzero(f.detach()) / n
-    t["sse"] = err.detach().pow(2).sum()  # explained variance: 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²
+    return _metric_terms(t, x, err, s)
+
+
+def _metric_terms(t: dict[str, Tensor], x: Tensor, err: Tensor, s: Tensor) -> dict[str, Tensor]:
+    """Adds the sums for explained variance (1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²); no gradient."""
+    t["sse"] = err.detach().pow(2).sum()
     xs = x * s
     t["sst"] = (xs - xs.mean(0)).pow(2).sum()
     return t
+
+
+def _sparse_topk_terms(sae: SAE, x: Tensor, dead: Tensor) -> dict[str, Tensor]:
+    """loss_terms for TopK through SAE.forward_sparse: the same loss and metrics, with the decoder
+    and the encoder's backward working on the k active latents only (docs/training.md#speed)."""
+    s = sae.input_scale
+    n = x.shape[0]
+    # Which latents are dead decides the AuxK work; reading it is one host sync per step.
+    dead_idx = dead.nonzero().squeeze(1) if bool(dead.any()) else None
+    out = sae.forward_sparse(x, dead_idx, k_aux=min(sae.d_in // 2, sae.d_sae))
+    err = (x - out.x_hat.float()) * s  # [n, d_in] in normalised units
+    t = {"mse": err.pow(2).sum(-1).mean()}
+    if out.aux_vals is not None:  # AuxK (Gao et al. 2024), as in loss_terms
+        e_hat = torch.nn.functional.embedding_bag(out.aux_idx, sae.W_dec, per_sample_weights=out.aux_vals, mode="sum")
+        t["aux"] = (err.detach() - e_hat).pow(2).sum(-1).mean()
+    else:
+        t["aux"] = torch.zeros((), device=x.device)
+    on = out.vals.detach() > 0  # [n, k]
+    t["fired"] = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.idx.reshape(-1), on.reshape(-1).float()) > 0
+    t["l0"] = on.sum() / n
+    return _metric_terms(t, x, err, s)
 
 
 def total_loss(t: dict[str, Tensor], lam: Tensor, cfg: TrainConfig) -> Tensor:

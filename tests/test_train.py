@@ -17,6 +17,7 @@ from sae_lens_lite.train import (
     lr_at,
     penalty_warmup_at,
     resample_dead_latents,
+    total_loss,
     train,
     train_on_batches,
 )
@@ -305,3 +306,33 @@ def test_bf16_autocast_keeps_explained_variance_within_0_005_of_fp32():
     fp32, bf16 = ev("float32"), ev("bfloat16")
     assert fp32 > 0.5
     assert abs(bf16 - fp32) <= 0.005, (fp32, bf16)
+
+
+@pytest.mark.parametrize("n_dead", [0, 5])
+def test_sparse_topk_path_equals_the_dense_one(n_dead):
+    """forward_sparse (gather decoder, sparse encoder backward) gives the dense path's loss terms,
+    metrics and gradients for every parameter, AuxK included."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, activation="topk", k=4))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        sae.input_scale.fill_(1.7)
+    x = torch.randn(48, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64)[:n_dead]] = True
+    got = {}
+    for sparse in (False, True):
+        cfg = TrainConfig(penalty="topk", k=4, sparse=sparse)
+        sae.zero_grad()
+        t = loss_terms(sae, x, cfg, dead)
+        total_loss(t, torch.tensor(0.0), cfg).backward()
+        got[sparse] = t, {name: p.grad.clone() for name, p in sae.named_parameters()}
+    (t_dense, g_dense), (t_sparse, g_sparse) = got[False], got[True]
+    assert (float(t_dense["aux"]) > 0) == (n_dead > 0)
+    for key in ("mse", "aux", "l0", "sse", "sst"):
+        assert float(t_sparse[key]) == pytest.approx(float(t_dense[key]), rel=1e-5, abs=1e-7), key
+    assert torch.equal(t_sparse["fired"], t_dense["fired"])
+    for name, g in g_dense.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g_sparse[name], g, rtol=1e-5, atol=1e-6, msg=name)
