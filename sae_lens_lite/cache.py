@@ -237,11 +237,16 @@ class ActivationCache:
 
         Shuffling is two-level and deterministic for a seed: a random shard order, then rows
         permuted within a window of `shards_in_memory` shards. RAM stays bounded by the window
-        whatever the cache size."""
+        whatever the cache size. On CUDA, batches are copied in the stored dtype, one ahead on a
+        side stream (prefetch_to_cuda), and converted on the GPU."""
+        device = torch.device(device)
+        if device.type == "cuda":  # copy in the stored dtype on a side stream, convert on the GPU
+            host = self.iter_batches(batch_size, seed, shuffle, shards_in_memory, DTYPES[self.manifest["dtype"]], "cpu")
+            yield from (x.to(dtype) for x in prefetch_to_cuda(host, device))
+            return
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(self.n_shards, generator=g).tolist() if shuffle else list(range(self.n_shards))
         carry = torch.empty(0, self.d_model, dtype=dtype)
-        pin = torch.device(device).type == "cuda"
         for w in range(0, len(order), shards_in_memory):
             window = [self.read_shard(i, ("activations",))["activations"].to(dtype) for i in order[w : w + shards_in_memory]]
             rows = torch.cat([carry, *window])
@@ -251,10 +256,7 @@ class ActivationCache:
             last_window = w + shards_in_memory >= len(order)
             end = len(rows) if last_window else n_full
             for b in range(0, end, batch_size):
-                batch = rows[b : b + batch_size]
-                if pin:
-                    batch = batch.pin_memory()
-                yield batch.to(device, non_blocking=pin)
+                yield rows[b : b + batch_size].to(device)
             carry = rows[n_full:] if not last_window else carry[:0]
 
     def resident_batches(self, batch_size: int, device: str | torch.device, dtype: torch.dtype = torch.float32):
@@ -273,3 +275,27 @@ class ActivationCache:
 
     def nbytes(self) -> int:
         return self.n_tokens * self.d_model * DTYPES[self.manifest["dtype"]].itemsize
+
+
+def prefetch_to_cuda(batches: Iterator[Tensor], device: torch.device) -> Iterator[Tensor]:
+    """CPU batches moved to a CUDA device, each copied on a side stream one batch ahead, so the
+    copy runs while the previous batch trains instead of queueing in front of the next step."""
+    stream = torch.cuda.Stream(device)
+    ahead = None  # (batch on the GPU, event recorded after its copy)
+    for b in batches:
+        with torch.cuda.stream(stream):
+            x = b.pin_memory().to(device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        if ahead is not None:
+            yield _when_copied(*ahead)
+        ahead = (x, copied)
+    if ahead is not None:
+        yield _when_copied(*ahead)
+
+
+def _when_copied(x: Tensor, copied) -> Tensor:
+    current = torch.cuda.current_stream(x.device)
+    current.wait_event(copied)  # the step waits for this batch's copy only
+    x.record_stream(current)  # and the allocator keeps x's memory until that step is done with it
+    return x

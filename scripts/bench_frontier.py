@@ -23,6 +23,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETTINGS = {  # name: TrainConfig overrides
     "topk_k16": {"penalty": "topk", "k": 16},
     "topk_k32": {"penalty": "topk", "k": 32},
+    "topk_k48": {"penalty": "topk", "k": 48},
     "topk_k64": {"penalty": "topk", "k": 64},
     "l1_lam1": {"penalty": "l1", "l1": 1.0},
     "l1_lam2": {"penalty": "l1", "l1": 2.0},
@@ -55,17 +56,20 @@ def main():
     rows = []
     for name in args.settings:
         sae_dir = out / name
-        train(TrainConfig(acts=str(acts), out=str(sae_dir), expansion=args.expansion, tokens=args.train_tokens,
+        sae = train(TrainConfig(acts=str(acts), out=str(sae_dir), expansion=args.expansion, tokens=args.train_tokens,
                           batch_size=args.batch_size, lr=args.lr, device=args.device, **SETTINGS[name]))  # fmt: skip
         r = evaluate(EvalConfig(sae=str(sae_dir), dataset=str(DATA / "wikitext2-test.txt"), tokens=args.eval_tokens,
                                 skip_tokens=0, baselines=False, device=args.device, overwrite=True))  # fmt: skip
         rows.append({"setting": name, "l0": r["sparsity"]["l0"], "ev": r["reconstruction"]["explained_variance"],
-                     "ce_rec": r["ce"]["sae_recovered"], "kl": r["ce"]["kl_sae"], "dead": r["sparsity"]["dead_fraction"]})  # fmt: skip
+                     "ce_rec": r["ce"]["sae_recovered"], "kl": r["ce"]["kl_sae"], "dead": r["sparsity"]["dead_fraction"],
+                     "dead_train": sae.cfg.meta["final_metrics"]["dead_frac"]})  # fmt: skip
     print(f"\n{args.hook}, {args.expansion}x, {args.tokens} harvested tokens, {args.train_tokens} training tokens; eval: wikitext2-test, {args.eval_tokens} tokens")
-    print("| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    # dead (eval): never fired on the evaluation tokens; dead (train): no firing in the trainer's
+    # last --dead-window (1M) tokens, the usual definition.
+    print("| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead (eval) | dead (train) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: r["l0"]):
-        print(f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} |")
+        print(f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} | {r['dead_train']:.3f} |")
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                      # CPU defaults: d_in 128, 2048 latents
     python scripts/bench_train.py --d-in 768 --d-sae 24576 --batch 8192   # on a GPU
+    python scripts/bench_train.py --penalty topk --k 32                    # TopK: sparse vs dense path
 
 In one run, tokens/s for
   - limit:  the matmul peak (one big square product, in the dtype our trainer multiplies in)
@@ -11,7 +12,8 @@ In one run, tokens/s for
             memory, loss.item() every step;
   - ours:   `train()` end to end, reading activations from an on-disk ActivationCache (bf16, as
             harvest writes it) the way it does in real use, with metrics, checkpoints and all;
-            once with the default precision and once forced to float32.
+            once with the default precision and once forced to float32; for --penalty topk
+            also with the dense path (`--no-sparse`), so the sparse kernels' gain is visible.
 and the ratios ours/naive and ours/limit. Each timing is the best of --repeats runs,
 interleaved, so a noisy machine slows every contestant alike.
 """
@@ -23,6 +25,7 @@ import platform
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,7 +56,7 @@ def matmul_peak(device, dtype, n: int) -> float:
     return 2 * n**3 / best
 
 
-def naive_tokens_per_s(acts: torch.Tensor, d_sae: int, batch: int, steps: int, device) -> float:
+def naive_tokens_per_s(acts: torch.Tensor, d_sae: int, batch: int, steps: int, device, k: int = 0) -> float:
     """The SAE step a user writes first: eager fp32, everything spelt out, a sync every step."""
     d_in = acts.shape[1]
     W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae, device=device) * 0.01)
@@ -69,9 +72,16 @@ def naive_tokens_per_s(acts: torch.Tensor, d_sae: int, batch: int, steps: int, d
             t = time.perf_counter()
         idx = torch.randint(0, len(acts), (batch,), device=device)
         x = acts[idx].float()
-        f = torch.relu((x - b_dec) @ W_enc + b_enc)
+        pre = (x - b_dec) @ W_enc + b_enc
+        if k:  # TopK: keep the k largest, as a user would write it
+            vals, idx = pre.topk(k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        else:
+            f = torch.relu(pre)
         x_hat = f @ W_dec + b_dec
-        loss = (x - x_hat).pow(2).sum(-1).mean() + 5.0 * (f * W_dec.norm(dim=1)).sum(-1).mean()
+        loss = (x - x_hat).pow(2).sum(-1).mean()
+        if not k:
+            loss = loss + 5.0 * (f * W_dec.norm(dim=1)).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -81,9 +91,11 @@ def naive_tokens_per_s(acts: torch.Tensor, d_sae: int, batch: int, steps: int, d
     return steps * batch / (time.perf_counter() - t)
 
 
-def ours_tokens_per_s(cache: Path, out: Path, d_in: int, d_sae: int, batch: int, tokens: int, device, precision: str, compile: bool) -> float:
+def ours_tokens_per_s(cache: Path, out: Path, d_in: int, d_sae: int, batch: int, tokens: int, device, precision: str, compile: bool, k: int = 0, sparse: bool = True) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainConfig(acts=str(cache), out=str(out), expansion=d_sae // d_in, batch_size=batch, tokens=tokens, device=str(device), precision=precision, compile=compile, log_every=50)
+    penalty = dict(penalty="topk", k=k, sparse=sparse) if k else {}
+    cfg = TrainConfig(acts=str(cache), out=str(out), expansion=d_sae // d_in, batch_size=batch, tokens=tokens, device=str(device),
+                      precision=precision, compile=compile, log_every=50, **penalty)  # fmt: skip
     sync(device)
     t = time.perf_counter()
     train(cfg)
@@ -107,6 +119,8 @@ def main():
     ap.add_argument("--d-in", type=int, default=128)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--penalty", choices=["l1", "topk"], default="l1", help="the SAE trained by every contestant")
+    ap.add_argument("--k", type=int, default=32, help="latents kept per token with --penalty topk")
     ap.add_argument("--tokens", type=int, default=0, help="tokens per trainer run (default: 1M on CPU, 50M on GPU)")
     ap.add_argument("--naive-steps", type=int, default=0, help="default: 30 on CPU, 300 on GPU")
     ap.add_argument("--repeats", type=int, default=2)
@@ -117,6 +131,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    k = args.k if args.penalty == "topk" else 0
     gpu = device.type == "cuda"
     tokens = args.tokens or (50_000_000 if gpu else 1_000_000)
     naive_steps = args.naive_steps or (300 if gpu else 30)
@@ -137,17 +152,22 @@ def main():
         write_cache(cache, args.d_in, n_cache)
         acts = ActivationCache.open(cache).load(("activations",))["activations"]  # [n, d_in] bf16, in memory
         runs = {"naive": [], "ours": [], "ours_fp32": []}
+        if k:
+            runs["ours_dense"] = []
         if args.compile:
             runs["ours_compiled"] = []
         for _ in range(args.repeats):
-            runs["naive"].append(naive_tokens_per_s(acts, args.d_sae, args.batch, naive_steps, device))
-            runs["ours"].append(ours_tokens_per_s(cache, Path(tmp) / "sae", args.d_in, args.d_sae, args.batch, tokens, device, "auto", False))
+            runs["naive"].append(naive_tokens_per_s(acts, args.d_sae, args.batch, naive_steps, device, k))
+            ours = partial(ours_tokens_per_s, cache, Path(tmp) / "sae", args.d_in, args.d_sae, args.batch, tokens, device, k=k)
+            runs["ours"].append(ours("auto", False))
             if amp is not None:
-                runs["ours_fp32"].append(ours_tokens_per_s(cache, Path(tmp) / "sae", args.d_in, args.d_sae, args.batch, tokens, device, "float32", False))
+                runs["ours_fp32"].append(ours("float32", False))
+            if k:
+                runs["ours_dense"].append(ours("auto", False, sparse=False))
             if args.compile:
-                runs["ours_compiled"].append(ours_tokens_per_s(cache, Path(tmp) / "sae", args.d_in, args.d_sae, args.batch, tokens, device, "auto", True))
+                runs["ours_compiled"].append(ours("auto", True))
     best = {k: max(v) for k, v in runs.items() if v}
-    print(f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, trainer tokens {tokens:,}")
+    print(f"{args.penalty}{f' k={k}' if k else ''}, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, trainer tokens {tokens:,}")
     print(f"{'':14s} {'tok/s':>10s} {'/naive':>7s} {'/limit':>7s}")
     print(f"{'limit':14s} {limit:10,.0f}")
     for k, v in best.items():

@@ -86,3 +86,14 @@ def test_resident_batches_permute_every_row_each_epoch(tmp_path):
     assert e0 == torch.cat([b[:, 0] for b in batches(0, seed=3)]).long().tolist()
     assert e0 != torch.cat([b[:, 0] for b in batches(1, seed=3)]).long().tolist()
     assert c.nbytes() == 80 * 3 * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_prefetch_yields_the_cpu_batches_in_order(tmp_path):
+    c = make_cache(tmp_path / "c")
+    cpu = list(c.iter_batches(7, seed=3, shards_in_memory=2))
+    gpu = list(c.iter_batches(7, seed=3, shards_in_memory=2, device="cuda"))
+    assert len(gpu) == len(cpu) and all(g.is_cuda and g.dtype == torch.float32 for g in gpu)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
