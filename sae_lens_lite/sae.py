@@ -72,7 +72,7 @@ class SparseOutput(NamedTuple):
     x_hat: Tensor  # [n, d_in] reconstruction, in the input's units
     vals: Tensor  # [n, k] the k active latents' activations (ReLU'd), with gradient
     idx: Tensor  # [n, k] their indices
-    aux_vals: Tensor | None  # [n, k_aux] the top dead latents (AuxK), or None
+    aux_vals: Tensor | None  # [n, k_aux] pre-activations of the top dead latents (AuxK), or None
     aux_idx: Tensor | None  # [n, k_aux]
 
 
@@ -174,7 +174,7 @@ class SAE(nn.Module):
             with torch.no_grad():
                 av, ai = pre.index_select(1, aux_latents).topk(min(k_aux, len(aux_latents)), dim=-1)  # [n, k_aux]
                 aux_idx = aux_latents[ai]
-            aux_vals = _GatheredPre.apply(av.float(), xc, aux_idx, self.W_enc, self.b_enc, self.b_dec).relu()
+            aux_vals = _GatheredPre.apply(av.float(), xc, aux_idx, self.W_enc, self.b_enc, self.b_dec)  # no ReLU (train.loss_terms)
         return SparseOutput(x_hat, vals, idx, aux_vals, aux_idx)
 
     @torch.no_grad()

@@ -134,11 +134,14 @@ def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str,
         t["kl"] = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
     if cfg.penalty == "topk":
         # AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the residual error, which
-        # gives dead latents a gradient again. Zero when nothing is dead.
+        # gives dead latents a gradient again. Zero when nothing is dead. No ReLU here: a latent is
+        # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
+        # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
         k_aux = min(sae.d_in // 2, sae.d_sae)
         pre = out.pre_acts.float().masked_fill(~dead, -torch.inf)
         vals, idx = pre.topk(k_aux, dim=-1)  # [n, k_aux]
-        e_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=vals.relu(), mode="sum")  # [n, d_in]
+        vals = vals.masked_fill(~dead[idx], 0.0)  # fewer dead latents than k_aux: the rest are -inf
+        e_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")  # [n, d_in]
         t["aux"] = (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
     t["fired"] = fired.detach() > 0  # [d_sae]
     t["l0"] = torch.count_nonzero(f.detach()) / n

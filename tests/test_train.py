@@ -336,3 +336,21 @@ def test_sparse_topk_path_equals_the_dense_one(n_dead):
     for name, g in g_dense.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(g_sparse[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_auxk_revives_latents_whose_pre_activations_are_all_negative(sparse):
+    """A dead latent's pre-activation is often negative on every token; AuxK must still give its
+    encoder a gradient (a ReLU on the aux values would make it exactly zero)."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=32, activation="topk", k=2))
+    with torch.no_grad():
+        sae.b_enc[:4] = -100.0  # latents 0-3: pre-activation far below 0 everywhere
+    x = torch.randn(40, 8)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:4] = True
+    t = loss_terms(sae, x, TrainConfig(penalty="topk", k=2, sparse=sparse), dead)
+    sae.zero_grad()
+    t["aux"].backward()
+    assert (sae.W_enc.grad[:, :4].abs().sum(0) > 0).all()
+    assert (sae.b_enc.grad[:4] != 0).all()
