@@ -494,13 +494,15 @@ class _Logger:
             "lr": lr,
             "tokens_per_s": (step - self.step0) * self.cfg.batch_size / max(now - self.t0, 1e-9),
         }
+        if self.cfg.penalty == "topk":
+            del m["lam"]  # TopK has no penalty coefficient
         self.last = m
         if self.out is not None:
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(m) + "\n")
         if self.run is not None:
             self.run.log(m, step=step)
-        self.bar.set_postfix(mse=f"{m['mse']:.3g}", ev=f"{m['explained_variance']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.2f}", lam=f"{m['lam']:.3g}", lr=f"{lr:.2g}")
+        self.bar.set_postfix(mse=f"{m['mse']:.3g}", ev=f"{m['explained_variance']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}", lr=f"{lr:.2g}", **({"lam": f"{m['lam']:.3g}"} if "lam" in m else {}))
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:

@@ -3,7 +3,12 @@
 Harvests `--hook` on the shared training corpora (everything in ../shared/data except
 wikitext2-test.txt), trains one SAE per sparsity setting, evaluates each on held-out WikiText-2
 test, and prints L0, explained variance, CE loss recovered, KL and dead fraction per setting,
-next to a PCA baseline with k = L0 scored by the same evaluation code.
+next to a PCA baseline with k = L0 scored by the same evaluation code. Finished stages (the
+harvests, trained SAEs, evaluation reports) are reused when the script is run again.
+
+"dead" is reported three ways: never firing on the --eval-tokens evaluation tokens (rare latents
+look dead on a small sample), never firing on --heldout-tokens of WikiText-2 test, and the
+trainer's own count (no firing in its last --dead-window = 1M training tokens).
 
     python scripts/bench_frontier.py                                  # full size: 16x, all corpora
     python scripts/bench_frontier.py --tokens 40000 --expansion 4 --train-tokens 300000   # CPU-sized
@@ -14,6 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import torch
+
+from sae_lens_lite.cache import ActivationCache
+from sae_lens_lite.sae import SAE
 
 from sae_lens_lite.evaluate import EvalConfig, evaluate
 from sae_lens_lite.harvest import HarvestConfig, harvest
@@ -41,6 +51,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--heldout-tokens", type=int, default=262_144, help="WikiText-2 test tokens harvested to count latents that never fire")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -53,24 +64,41 @@ def main():
             (train_dir / f.name).symlink_to(f)
     acts = harvest(HarvestConfig(hooks=[args.hook], dataset=str(train_dir), tokens=args.tokens, out=str(out / "acts"), device=args.device))[args.hook]
 
+    heldout = harvest(HarvestConfig(hooks=[args.hook], dataset=str(DATA / "wikitext2-test.txt"), tokens=args.heldout_tokens,
+                                    out=str(out / "heldout_acts"), device=args.device))[args.hook]  # fmt: skip
     rows = []
     for name in args.settings:
         sae_dir = out / name
         sae = train(TrainConfig(acts=str(acts), out=str(sae_dir), expansion=args.expansion, tokens=args.train_tokens,
                           batch_size=args.batch_size, lr=args.lr, device=args.device, **SETTINGS[name]))  # fmt: skip
-        r = evaluate(EvalConfig(sae=str(sae_dir), dataset=str(DATA / "wikitext2-test.txt"), tokens=args.eval_tokens,
-                                skip_tokens=0, baselines=False, device=args.device, overwrite=True))  # fmt: skip
+        report = sae_dir / "eval" / "report.json"
+        if report.exists() and json.loads(report.read_text())["config"]["tokens"] == args.eval_tokens:
+            r = json.loads(report.read_text())
+        else:
+            r = evaluate(EvalConfig(sae=str(sae_dir), dataset=str(DATA / "wikitext2-test.txt"), tokens=args.eval_tokens,
+                                    skip_tokens=0, baselines=False, device=args.device, overwrite=True))  # fmt: skip
         rows.append({"setting": name, "l0": r["sparsity"]["l0"], "ev": r["reconstruction"]["explained_variance"],
                      "ce_rec": r["ce"]["sae_recovered"], "kl": r["ce"]["kl_sae"], "dead": r["sparsity"]["dead_fraction"],
-                     "dead_train": sae.cfg.meta["final_metrics"]["dead_frac"]})  # fmt: skip
+                     "dead_train": sae.cfg.meta["final_metrics"]["dead_frac"], "dead_heldout": never_fired(sae, heldout)})  # fmt: skip
     print(f"\n{args.hook}, {args.expansion}x, {args.tokens} harvested tokens, {args.train_tokens} training tokens; eval: wikitext2-test, {args.eval_tokens} tokens")
     # dead (eval): never fired on the evaluation tokens; dead (train): no firing in the trainer's
     # last --dead-window (1M) tokens, the usual definition.
-    print("| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead (eval) | dead (train) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    n_held = ActivationCache.open(heldout).n_tokens
+    print(f"| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead: eval tokens | dead: {n_held} held-out | dead: trainer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: r["l0"]):
-        print(f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} | {r['dead_train']:.3f} |")
+        print(f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} | {r['dead_heldout']:.4f} | {r['dead_train']:.4f} |")
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
+
+
+@torch.no_grad()
+def never_fired(sae: SAE, acts: Path) -> float:
+    """Fraction of the SAE's latents that fire on none of the cached activations."""
+    sae = sae.cpu().float()
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    for x in ActivationCache.open(acts).iter_batches(4096, shuffle=False):
+        fired |= (sae.encode(x) > 0).any(0)
+    return 1 - fired.float().mean().item()
 
 
 if __name__ == "__main__":
