@@ -39,7 +39,7 @@ def _worker(rank, port, fn, args):
     try:
         fn(*args)
     finally:
-        dist.destroy_process_group()
+        distributed._leave()  # barrier, then destroy: a rank leaving alone can abort its peer
 
 
 def spawn(fn, *args):
