@@ -38,6 +38,7 @@ SETTINGS = {  # name: TrainConfig overrides
     "l1_lam1": {"penalty": "l1", "l1": 1.0},
     "l1_lam2": {"penalty": "l1", "l1": 2.0},
     "l1_lam4": {"penalty": "l1", "l1": 4.0},
+    "l1_l0_48": {"penalty": "l1", "l1": 2.0, "target_l0": 48},  # λ adapted until L0 ≈ 48, to meet topk_k48
 }
 
 
