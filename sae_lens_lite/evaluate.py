@@ -280,7 +280,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         "skip_tokens": skip, "context_length": T, "unspliced_first_positions": drop_first, "n_contexts": len(contexts),
         "n_predictions": int(sums["all"]["n"]), "n_activations": len(x),
         "ce": ce_all, "reconstruction": recon,
-        "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"},
+        "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"} | _training_dead(sae),
         "density_histogram": _density_histogram(sparse["firing_frequency"]),
     }  # fmt: skip
     if cfg.baselines:
@@ -458,6 +458,15 @@ def training_text(sae: SAE) -> tuple[str, int] | None:
     return m["corpus"], int(m["n_contexts"]) * int(m["context_length"])
 
 
+def _training_dead(sae: SAE) -> dict:
+    """The trainer's dead fraction (no firing in its last dead_window tokens), where the SAE
+    records it: a small eval set cannot tell rare latents from dead ones, the trainer's window can."""
+    final, tc = sae.cfg.meta.get("final_metrics") or {}, sae.cfg.meta.get("train_config") or {}
+    if "dead_frac" not in final or "dead_window" not in tc:
+        return {}
+    return {"dead_fraction_in_training": final["dead_frac"], "training_dead_window": tc["dead_window"]}
+
+
 def _same_corpus(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
@@ -496,6 +505,8 @@ def markdown_summary(r: dict) -> str:
         f"| MSE (per element) | {rec['mse']:.6g} |",
         f"| L0 / L1 | {sp['l0']:.2f} / {sp['l1']:.4g} |",
         f"| dead latents | {sp['dead']} of {sp['d_sae']} ({100 * sp['dead_fraction']:.1f}%) |",
+        *([f"| dead latents in training (no firing in its last {sp['training_dead_window']:,} tokens) | "
+           f"{100 * sp['dead_fraction_in_training']:.2f}% |"] if "dead_fraction_in_training" in sp else []),  # fmt: skip
         f"| dense latents (>10% of tokens) | {sp['dense']} ({100 * sp['dense_fraction']:.1f}%) |",
     ]
     if "baselines" in r:

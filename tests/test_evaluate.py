@@ -252,3 +252,15 @@ def test_identity_and_zero_splice_on_real_smollm2(tmp_path):
     r = evaluate(EvalConfig(sae=str(ident.save(tmp_path / "id")), dataset=dataset, tokens=256, baselines=False), lm=lm)
     assert r["ce"]["sae"] == r["ce"]["clean"] and r["ce"]["kl_sae"] == 0.0
     assert 1.0 < r["ce"]["clean"] < 6.0 < r["ce"]["zero_ablation"]  # a real LM on real text; ablation hurts
+
+
+def test_report_carries_the_trainers_dead_fraction_when_the_sae_records_it(tiny_lm, corpus_file, tmp_path):
+    path = _sae(tmp_path, "zero")
+    r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False), lm=tiny_lm)
+    assert "dead_fraction_in_training" not in r["sparsity"]  # no training record: nothing invented
+    sae = SAE.load(path)
+    sae.cfg.meta.update(final_metrics={"dead_frac": 0.0125}, train_config={"dead_window": 1_000_000})
+    sae.save(path)
+    r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False, overwrite=True), lm=tiny_lm)
+    assert r["sparsity"]["dead_fraction_in_training"] == 0.0125 and r["sparsity"]["training_dead_window"] == 1_000_000
+    assert "| dead latents in training (no firing in its last 1,000,000 tokens) | 1.25% |" in (path / "eval" / "report.md").read_text()
