@@ -255,13 +255,14 @@ def test_wandb_missing_is_a_user_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_loss_trains_like_eager():
+@pytest.mark.parametrize("penalty", ["l1", "topk"])  # topk: the sparse path, AuxK on (dead_window)
+def test_compiled_loss_trains_like_eager(penalty):
     pytest.importorskip("torch._inductor")
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
     runs = []
     for compile in (False, True):
-        cfg = TrainConfig(batch_size=256, compile=compile, precision="float32", log_every=10)
-        runs.append(train_on_batches(small_sae_cfg("l1", 16, 64), cfg, data.batches(256, 16 * 256, seed=1), 40 * 256, progress=False))
+        cfg = TrainConfig(batch_size=256, compile=compile, precision="float32", log_every=10, penalty=penalty, k=4, dead_window=2560)
+        runs.append(train_on_batches(small_sae_cfg(penalty, 16, 64), cfg, data.batches(256, 16 * 256, seed=1), 40 * 256, progress=False))
     for k, v in runs[0].state_dict().items():
         assert torch.allclose(runs[1].state_dict()[k], v, atol=1e-5), k
 
