@@ -2,16 +2,17 @@
 
 Harvests `--hook` on the shared training corpora (everything in ../shared/data except
 wikitext2-test.txt), trains one SAE per sparsity setting, evaluates each on held-out WikiText-2
-test, and prints L0, explained variance, CE loss recovered, KL and dead fraction per setting,
-next to a PCA baseline with k = L0 scored by the same evaluation code. Finished stages (the
-harvests, trained SAEs, evaluation reports) are reused when the script is run again.
+test, and prints L0, explained variance, CE loss recovered, KL and dead fraction per setting
+(no PCA/VAE baselines: `sae-lite evaluate` adds them). Finished stages (the harvests, trained
+SAEs, evaluation reports) are reused when the script is run again.
 
 "dead" is reported three ways: never firing on the --eval-tokens evaluation tokens (rare latents
 look dead on a small sample), never firing on --heldout-tokens of WikiText-2 test, and the
 trainer's own count (no firing in its last --dead-window = 1M training tokens).
 
-    python scripts/bench_frontier.py                                  # full size: 16x, all corpora
-    python scripts/bench_frontier.py --tokens 40000 --expansion 4 --train-tokens 300000   # CPU-sized
+    python scripts/bench_frontier.py                                  # the TopK table of docs/benchmarks.md (~75 min on 2 CPU cores)
+    python scripts/bench_frontier.py --settings l1_l0_48 --train-tokens 2500000           # its L1 row
+    python scripts/bench_frontier.py --tokens 40000 --expansion 4 --train-tokens 300000   # a quick look
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ def main():
     p.add_argument("--hook", default="blocks.6.hook_resid_post")
     p.add_argument("--tokens", type=int, default=1_400_000, help="harvested training tokens")
     p.add_argument("--expansion", type=int, default=16)
-    p.add_argument("--train-tokens", type=int, default=20_000_000)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-tokens", type=int, default=5_000_000)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--heldout-tokens", type=int, default=262_144, help="WikiText-2 test tokens harvested to count latents that never fire")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["topk_k16", "topk_k32", "topk_k48", "topk_k64"], choices=list(SETTINGS))
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     out = Path(args.out)
