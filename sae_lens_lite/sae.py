@@ -156,12 +156,16 @@ class SAE(nn.Module):
         f = self.activate(pre)
         return SAEOutput(self.decode(f), f, pre)
 
-    def forward_sparse(self, x: Tensor, aux_latents: Tensor | None = None, k_aux: int = 0) -> SparseOutput:
+    def forward_sparse(self, x: Tensor, dead: Tensor | None = None, k_aux: int = 0, sync_free: bool | None = None) -> SparseOutput:
         """The TopK forward for training, with only the active latents in the gradient work: the
         decoder is a weighted gather of k rows (embedding_bag) and the encoder's backward a sparse
         product. Same function as forward(); a dense step costs 10·d_in·d_sae FLOPs per token, this
         one 2·d_in·d_sae (the encoder's forward) plus O(k·d_in).
-        `aux_latents` [n_dead] (indices, e.g. dead latents) adds the top k_aux of those for AuxK."""
+
+        `dead` [d_sae] bool adds, for AuxK, the top k_aux pre-activations among those latents
+        (aux_vals is then zero where fewer than k_aux are dead). Choosing them either reads the dead
+        count on the host, so the work scales with it (the CPU default), or, with `sync_free` (the
+        CUDA default), always takes k_aux of the masked pre-activations: fixed shapes, no sync."""
         assert self.cfg.activation == "topk", "forward_sparse is the TopK training path"
         with torch.no_grad():
             xc = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # [n, d_in]
@@ -170,11 +174,19 @@ class SAE(nn.Module):
         vals = _GatheredPre.apply(vals.float(), xc, idx, self.W_enc, self.b_enc, self.b_dec).relu()
         x_hat = (F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec) / self.input_scale
         aux_vals = aux_idx = None
-        if aux_latents is not None and len(aux_latents) and k_aux > 0:
+        sync_free = x.is_cuda if sync_free is None else sync_free
+        if dead is not None and k_aux > 0 and (sync_free or bool(dead.any())):
             with torch.no_grad():
-                av, ai = pre.index_select(1, aux_latents).topk(min(k_aux, len(aux_latents)), dim=-1)  # [n, k_aux]
-                aux_idx = aux_latents[ai]
+                if sync_free:
+                    av, aux_idx = pre.masked_fill(~dead, -torch.inf).topk(min(k_aux, self.d_sae), dim=-1)  # [n, k_aux]
+                    av = av.masked_fill(~dead[aux_idx], 0.0)  # the picks that are not dead (-inf)
+                else:
+                    dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
+                    av, ai = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1)
+                    aux_idx = dead_idx[ai]
             aux_vals = _GatheredPre.apply(av.float(), xc, aux_idx, self.W_enc, self.b_enc, self.b_dec)  # no ReLU (train.loss_terms)
+            if sync_free:
+                aux_vals = aux_vals * dead[aux_idx]  # no gradient to latents that are not dead
         return SparseOutput(x_hat, vals, idx, aux_vals, aux_idx)
 
     @torch.no_grad()

@@ -156,19 +156,17 @@ def _metric_terms(t: dict[str, Tensor], x: Tensor, err: Tensor, s: Tensor) -> di
     return t
 
 
-def _sparse_topk_terms(sae: SAE, x: Tensor, dead: Tensor) -> dict[str, Tensor]:
+def _sparse_topk_terms(sae: SAE, x: Tensor, dead: Tensor, sync_free: bool | None = None) -> dict[str, Tensor]:
     """loss_terms for TopK through SAE.forward_sparse: the same loss and metrics, with the decoder
     and the encoder's backward working on the k active latents only (docs/training.md#speed)."""
     s = sae.input_scale
     n = x.shape[0]
-    # Which latents are dead decides the AuxK work; reading it is one host sync per step.
-    dead_idx = dead.nonzero().squeeze(1) if bool(dead.any()) else None
-    out = sae.forward_sparse(x, dead_idx, k_aux=min(sae.d_in // 2, sae.d_sae))
+    out = sae.forward_sparse(x, dead, k_aux=min(sae.d_in // 2, sae.d_sae), sync_free=sync_free)
     err = (x - out.x_hat.float()) * s  # [n, d_in] in normalised units
     t = {"mse": err.pow(2).sum(-1).mean()}
     if out.aux_vals is not None:  # AuxK (Gao et al. 2024), as in loss_terms
         e_hat = torch.nn.functional.embedding_bag(out.aux_idx, sae.W_dec, per_sample_weights=out.aux_vals, mode="sum")
-        t["aux"] = (err.detach() - e_hat).pow(2).sum(-1).mean()
+        t["aux"] = (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
     else:
         t["aux"] = torch.zeros((), device=x.device)
     on = out.vals.detach() > 0  # [n, k]

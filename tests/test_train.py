@@ -10,6 +10,7 @@ from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.synthetic import make_superposition, mean_max_cosine
 from sae_lens_lite.train import (
     KL_TAU,
+    _sparse_topk_terms,
     LAMBDA_WARMUP,
     LR_DECAY,
     TrainConfig,
@@ -309,10 +310,12 @@ def test_bf16_autocast_keeps_explained_variance_within_0_005_of_fp32():
     assert abs(bf16 - fp32) <= 0.005, (fp32, bf16)
 
 
+@pytest.mark.parametrize("sync_free", [False, True])  # True: the CUDA default, forced here on the CPU
 @pytest.mark.parametrize("n_dead", [0, 5])
-def test_sparse_topk_path_equals_the_dense_one(n_dead):
+def test_sparse_topk_path_equals_the_dense_one(n_dead, sync_free):
     """forward_sparse (gather decoder, sparse encoder backward) gives the dense path's loss terms,
-    metrics and gradients for every parameter, AuxK included."""
+    metrics and gradients for every parameter, AuxK included, with either way of picking the
+    dead latents."""
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=16, d_sae=64, activation="topk", k=4))
     with torch.no_grad():
@@ -326,11 +329,11 @@ def test_sparse_topk_path_equals_the_dense_one(n_dead):
     for sparse in (False, True):
         cfg = TrainConfig(penalty="topk", k=4, sparse=sparse)
         sae.zero_grad()
-        t = loss_terms(sae, x, cfg, dead)
+        t = _sparse_topk_terms(sae, x, dead, sync_free) if sparse else loss_terms(sae, x, cfg, dead)
         total_loss(t, torch.tensor(0.0), cfg).backward()
         got[sparse] = t, {name: p.grad.clone() for name, p in sae.named_parameters()}
     (t_dense, g_dense), (t_sparse, g_sparse) = got[False], got[True]
-    assert (float(t_dense["aux"]) > 0) == (n_dead > 0)
+    assert (float(t_dense["aux"].detach()) > 0) == (n_dead > 0)
     for key in ("mse", "aux", "l0", "sse", "sst"):
         assert float(t_sparse[key]) == pytest.approx(float(t_dense[key]), rel=1e-5, abs=1e-7), key
     assert torch.equal(t_sparse["fired"], t_dense["fired"])
