@@ -104,6 +104,13 @@ class _GatheredPre(torch.autograd.Function):
         return None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
 
 
+def top_dead(pre: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of pre [n, d_sae] among the latents marked in dead [d_sae] (AuxK), as
+    (values, indices) [n, k]; where fewer than k are dead, the extra picks get the value 0."""
+    vals, idx = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1)
+    return vals.masked_fill(~dead[idx], 0.0), idx  # the extra picks were -inf
+
+
 class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -178,8 +185,7 @@ class SAE(nn.Module):
         if dead is not None and k_aux > 0 and (sync_free or bool(dead.any())):
             with torch.no_grad():
                 if sync_free:
-                    av, aux_idx = pre.masked_fill(~dead, -torch.inf).topk(min(k_aux, self.d_sae), dim=-1)  # [n, k_aux]
-                    av = av.masked_fill(~dead[aux_idx], 0.0)  # the picks that are not dead (-inf)
+                    av, aux_idx = top_dead(pre, dead, min(k_aux, self.d_sae))  # [n, k_aux]
                 else:
                     dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
                     av, ai = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1)

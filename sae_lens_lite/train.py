@@ -40,7 +40,7 @@ from . import distributed
 from .errors import UserError
 from .harvest import resolve_device
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
-from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
+from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, top_dead
 
 PENALTIES = ("l1", "kl", "topk")
 LAMBDA_WARMUP = 0.05  # fraction of steps over which λ (or β) rises linearly from 0 (Anthropic, April 2024)
@@ -137,15 +137,18 @@ def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str,
         # gives dead latents a gradient again. Zero when nothing is dead. No ReLU here: a latent is
         # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
         # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
-        k_aux = min(sae.d_in // 2, sae.d_sae)
-        pre = out.pre_acts.float().masked_fill(~dead, -torch.inf)
-        vals, idx = pre.topk(k_aux, dim=-1)  # [n, k_aux]
-        vals = vals.masked_fill(~dead[idx], 0.0)  # fewer dead latents than k_aux: the rest are -inf
-        e_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum")  # [n, d_in]
-        t["aux"] = (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
+        vals, idx = top_dead(out.pre_acts.float(), dead, min(sae.d_in // 2, sae.d_sae))  # [n, k_aux]
+        t["aux"] = _auxk(err, sae.W_dec, idx, vals, dead)
     t["fired"] = fired.detach() > 0  # [d_sae]
     t["l0"] = torch.count_nonzero(f.detach()) / n
     return _metric_terms(t, x, err, s)
+
+
+def _auxk(err: Tensor, W_dec: Tensor, idx: Tensor, vals: Tensor, dead: Tensor) -> Tensor:
+    """AuxK: ‖e − ê‖² per token, averaged, with ê the dead latents idx/vals [n, k_aux] decoded and
+    e = x − x̂ [n, d_in] the main reconstruction's error (no gradient). Zero when nothing is dead."""
+    e_hat = torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")  # [n, d_in]
+    return (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
 
 
 def _metric_terms(t: dict[str, Tensor], x: Tensor, err: Tensor, s: Tensor) -> dict[str, Tensor]:
@@ -165,8 +168,7 @@ def _sparse_topk_terms(sae: SAE, x: Tensor, dead: Tensor, sync_free: bool | None
     err = (x - out.x_hat.float()) * s  # [n, d_in] in normalised units
     t = {"mse": err.pow(2).sum(-1).mean()}
     if out.aux_vals is not None:  # AuxK (Gao et al. 2024), as in loss_terms
-        e_hat = torch.nn.functional.embedding_bag(out.aux_idx, sae.W_dec, per_sample_weights=out.aux_vals, mode="sum")
-        t["aux"] = (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
+        t["aux"] = _auxk(err, sae.W_dec, out.aux_idx, out.aux_vals, dead)
     else:
         t["aux"] = torch.zeros((), device=x.device)
     on = out.vals.detach() > 0  # [n, k]

@@ -26,7 +26,7 @@ import torch
 from sae_lens_lite.cache import ActivationCache
 from sae_lens_lite.sae import SAE
 
-from sae_lens_lite.evaluate import EvalConfig, evaluate
+from sae_lens_lite.evaluate import EvalConfig, SparsityStats, evaluate
 from sae_lens_lite.harvest import HarvestConfig, harvest
 from sae_lens_lite.train import TrainConfig, train
 
@@ -74,9 +74,8 @@ def main():
         sae = train(TrainConfig(acts=str(acts), out=str(sae_dir), expansion=args.expansion, tokens=args.train_tokens,
                           batch_size=args.batch_size, lr=args.lr, device=args.device, **SETTINGS[name]))  # fmt: skip
         report = sae_dir / "eval" / "report.json"
-        if report.exists() and json.loads(report.read_text())["config"]["tokens"] == args.eval_tokens:
-            r = json.loads(report.read_text())
-        else:
+        r = json.loads(report.read_text()) if report.exists() else None
+        if r is None or r["config"]["tokens"] != args.eval_tokens:
             r = evaluate(EvalConfig(sae=str(sae_dir), dataset=str(DATA / "wikitext2-test.txt"), tokens=args.eval_tokens,
                                     skip_tokens=0, baselines=False, device=args.device, overwrite=True))  # fmt: skip
         rows.append({"setting": name, "l0": r["sparsity"]["l0"], "ev": r["reconstruction"]["explained_variance"],
@@ -97,10 +96,10 @@ def main():
 def never_fired(sae: SAE, acts: Path) -> float:
     """Fraction of the SAE's latents that fire on none of the cached activations."""
     sae = sae.cpu().float()
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    stats = SparsityStats(sae.d_sae)  # the evaluation's own definition of dead
     for x in ActivationCache.open(acts).iter_batches(4096, shuffle=False):
-        fired |= (sae.encode(x) > 0).any(0)
-    return 1 - fired.float().mean().item()
+        stats.add(sae.encode(x))
+    return stats.result()["dead_fraction"]
 
 
 if __name__ == "__main__":
