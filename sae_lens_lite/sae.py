@@ -94,11 +94,15 @@ class _GatheredPre(torch.autograd.Function):
         n, m = idx.shape
         d_in, d_sae = W_enc.shape
         g = g.float()
-        cols = idx.reshape(-1)
+        cols = idx.reshape(-1)  # [n·m]
         grad_b_enc = torch.zeros(d_sae, device=g.device).index_add_(0, cols, g.reshape(-1))  # [d_sae]
         # grad W_enc[:, j] = Σ_{(t, i): idx = j} g[t, i] xc[t], as a sparse [d_sae, n] @ [n, d_in] product.
-        rows = torch.arange(n, device=g.device).repeat_interleave(m)
-        G = torch.sparse_coo_tensor(torch.stack([cols, rows]), g.reshape(-1), (d_sae, n), check_invariants=False)  # [d_sae, n]
+        # Entries sorted by (latent, token) are coalesced (a token picks a latent at most once), and
+        # saying so spares CUDA's addmm its own coalesce, which sorts and then waits for the host.
+        order = cols.argsort(stable=True)
+        rows = torch.arange(n, device=g.device).unsqueeze(1).expand(n, m).reshape(-1)  # [n·m] token of each entry
+        entries = torch.stack([cols[order], rows[order]])  # [2, n·m]
+        G = torch.sparse_coo_tensor(entries, g.reshape(-1)[order], (d_sae, n), is_coalesced=True, check_invariants=False)  # [d_sae, n]
         grad_W_enc = torch.sparse.mm(G, xc.float()).t()  # [d_in, d_sae]
         grad_b_dec = -(W_enc @ grad_b_enc)  # ∂pre[t, j]/∂b_dec = −W_enc[:, j]
         return None, None, None, grad_W_enc, grad_b_enc, grad_b_dec

@@ -358,3 +358,53 @@ def test_auxk_revives_latents_whose_pre_activations_are_all_negative(sparse):
     t["aux"].backward()
     assert (sae.W_enc.grad[:, :4].abs().sum(0) > 0).all()
     assert (sae.b_enc.grad[:4] != 0).all()
+
+
+# ---- no host synchronisation per step -------------------------------------------------------
+
+
+class HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that, on a GPU, make the host wait for the device: reading a value
+    (.item(), bool(t)), an output whose shape depends on the data (nonzero, boolean masks,
+    unique), and coalescing a sparse tensor (a sort whose length is read back). The CPU runs
+    the same ops, so the count can be checked here."""
+
+    aten = torch.ops.aten
+    WAITS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2, aten.unique_dim,
+             aten.unique_consecutive, aten._coalesce, aten.repeat_interleave}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        bool_index = func.overloadpacket in (self.aten.index, self.aten.index_put, self.aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in leaves[1:]
+        )
+        uncoalesced = any(isinstance(a, torch.Tensor) and a.is_sparse and not a.is_coalesced() for a in leaves)
+        if func.overloadpacket in self.WAITS or bool_index or uncoalesced:
+            self.seen.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("penalty,extra", [("l1", {}), ("kl", {}), ("topk", dict(sparse=False)), ("topk", {})])
+def test_a_training_step_never_waits_for_the_device(penalty, extra, monkeypatch):
+    """The issue asks for no host synchronisation per step: metrics stay on the device until a log
+    line. Count the waiting ops of runs of 3 and 9 steps (one log line each, at the end): any op
+    that waits once per step makes the longer run's count larger. The sparse TopK path is run the
+    way it runs on CUDA (fixed-shape AuxK selection), with latents dead from the first step."""
+    import functools
+
+    from sae_lens_lite import train as train_mod
+
+    monkeypatch.setattr(train_mod, "_sparse_topk_terms", functools.partial(_sparse_topk_terms, sync_free=True))
+    data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
+    counts = []
+    for steps in (3, 9):
+        cfg = TrainConfig(penalty=penalty, k=4, batch_size=128, log_every=100, dead_window=128, precision="float32", **extra)
+        with HostWaits() as mode:
+            train_on_batches(small_sae_cfg(penalty, 16, 64), cfg, data.batches(128, 16 * 128, seed=1), steps * 128, progress=False)
+        counts.append(mode.seen)
+    assert len(counts[1]) == len(counts[0]), sorted(set(counts[1]))
