@@ -207,7 +207,7 @@ def batch_mean(v: Tensor) -> Tensor:
 
 @torch.no_grad()
 def reduce_metrics(t: dict[str, Tensor], x: Tensor, scale: Tensor) -> dict[str, Tensor]:
-    """The step's metric terms (train.loss_terms) over the global batch, identical on every rank
+    """The step's metric terms (loss.loss_terms) over the global batch, identical on every rank
     (one all-reduce): means of the ranks' means, sums of sums, `fired` if any rank saw the latent
     fire, and `sst` around the global mean (Chan et al. 1979: the ranks' own sums of squares plus
     the spread of the rank means). x [n, d_in]: this rank's rows; scale: the input scale."""

@@ -53,6 +53,7 @@ class EvalConfig:
     device: str = opt("auto", "cpu, cuda, or auto")
     baselines: bool = opt(True, "also score PCA (k = SAE L0, 2x, 4x) and a Gaussian VAE of the same sizes")
     acts: str | None = opt(None, "activation cache to fit the baselines on (e.g. the SAE's); default: the first half of the eval contexts")
+    sparsity_acts: str | None = opt(None, "also count dead and dense latents over this activation cache (harvest held-out text at the SAE's hook): the eval tokens are too few to tell rare latents from dead ones")
     out: str | None = opt(None, "directory for report.json, report.md and density.png; default: <sae>/eval")
     overwrite: bool = opt(False, "replace an existing report in --out")
 
@@ -212,6 +213,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     if not hook:
         raise UserError(f"{cfg.sae}/config.json names no hook; set \"hook\" there to where the SAE was trained")
     T = cfg.context_length or sae.cfg.context_length or 128
+    if cfg.sparsity_acts:  # a wrong cache fails before the model runs
+        _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts")
     out = _out_dir(cfg)
     if lm is None:
         if not (cfg.model or sae.cfg.model):
@@ -250,6 +253,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
             recon.add(x[i : i + CHUNK], o.x_hat)
             sparse.add(o.latents)
     recon, sparse = recon.result(), sparse.result()
+    held_out = cache_sparsity(sae, cfg.sparsity_acts, device) if cfg.sparsity_acts else None
     times["activations_and_sae"] = time.perf_counter() - t
 
     # baselines: reconstruct functions, fitted once, scored the same way as the SAE
@@ -283,6 +287,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"} | _training_dead(sae),
         "density_histogram": _density_histogram(sparse["firing_frequency"]),
     }  # fmt: skip
+    if held_out is not None:
+        report["sparsity_on_acts"] = held_out
     if cfg.baselines:
         score = sums["score"]
         table = []
@@ -297,7 +303,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
             "ce_clean": score["ce/clean"] / score["n"], "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
             "rows": table,
         }  # fmt: skip
-    report["warnings"] = _warnings(cfg.dataset, skip, trained_on, sparse)
+    report["warnings"] = _warnings(cfg.dataset, skip, trained_on, sparse, held_out)
     report["config"] = asdict(cfg)
 
     report["files"] = {"report": "report.json", "summary": "report.md"}
@@ -350,13 +356,19 @@ def _hook_activations(model, contexts, hook, special, drop_first, batch_size, de
     return torch.cat(xs), torch.cat(ctx_idx)
 
 
-def _fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
-    """Up to FIT_ROWS activations from the leading shards of a cache."""
+def _open_cache(path: str, hook: str, d_in: int, flag: str):
+    """The activation cache at `path`, checked to hold the SAE's hook point and width."""
     from .cache import ActivationCache
 
     cache = ActivationCache.open(path)
     if cache.manifest.get("hook") != hook or cache.d_model != d_in:
-        raise UserError(f"--acts {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads {hook} (d={d_in})")
+        raise UserError(f"{flag} {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads {hook} (d={d_in}); harvest {hook} for it")
+    return cache
+
+
+def _fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
+    """Up to FIT_ROWS activations from the leading shards of a cache."""
+    cache = _open_cache(path, hook, d_in, "--acts")
     rows, n = [], 0
     for i in range(cache.n_shards):
         rows.append(cache.read_shard(i, ("activations",))["activations"].float())
@@ -364,6 +376,20 @@ def _fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
         if n >= FIT_ROWS:
             break
     return torch.cat(rows)[:FIT_ROWS].to(device)
+
+
+@torch.inference_mode()
+def cache_sparsity(sae: SAE, path: str, device) -> dict:
+    """Sparsity metrics (SparsityStats) over every activation in a cache: with many more tokens
+    than the eval set, a latent that fires once in 100k tokens is not counted as dead."""
+    cache = _open_cache(path, sae.cfg.hook, sae.d_in, "--sparsity-acts")
+    stats = SparsityStats(sae.d_sae)
+    batches = cache.iter_batches(CHUNK, shuffle=False, device=device)
+    for x in tqdm(batches, total=-(-cache.n_tokens // CHUNK), desc="sparsity on --sparsity-acts", unit="batch", leave=False):
+        stats.add(sae.encode(x))
+    r = stats.result()
+    del r["firing_frequency"]
+    return {"acts": str(path), **r}
 
 
 @torch.inference_mode()
@@ -471,14 +497,16 @@ def _same_corpus(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
-def _warnings(dataset: str, skip: int, trained_on: tuple[str, int] | None, sparse: dict) -> list[str]:
+def _warnings(dataset: str, skip: int, trained_on: tuple[str, int] | None, sparse: dict, held_out: dict | None) -> list[str]:
     w = []
     if trained_on is None:
         w.append("the SAE's training cache was not found, so overlap between training and eval text was not checked")
     elif _same_corpus(trained_on[0], dataset) and skip < trained_on[1]:
         w.append(f"the eval text overlaps the SAE's training text (its first {trained_on[1]} tokens); "
                  f"pass --skip-tokens {trained_on[1]} or held-out text")  # fmt: skip
-    w.append(f"'dead' means no firing on these {sparse['n_tokens']} tokens; latents rarer than 1 in {sparse['n_tokens']} look dead")
+    n = sparse["n_tokens"]
+    more = f"see the count on {held_out['n_tokens']} tokens of --sparsity-acts" if held_out else "pass --sparsity-acts with a held-out cache to count on more"
+    w.append(f"'dead' means no firing on these {n} tokens; latents rarer than 1 in {n} look dead ({more})")
     return w
 
 
@@ -509,6 +537,12 @@ def markdown_summary(r: dict) -> str:
            f"{100 * sp['dead_fraction_in_training']:.2f}% |"] if "dead_fraction_in_training" in sp else []),  # fmt: skip
         f"| dense latents (>10% of tokens) | {sp['dense']} ({100 * sp['dense_fraction']:.1f}%) |",
     ]
+    if "sparsity_on_acts" in r:
+        h = r["sparsity_on_acts"]
+        lines += [
+            f"| dead latents on {h['n_tokens']:,} tokens of `{h['acts']}` | {h['dead']} ({100 * h['dead_fraction']:.2f}%) |",
+            f"| dense latents on those tokens / L0 there | {h['dense']} ({100 * h['dense_fraction']:.1f}%) / {h['l0']:.2f} |",
+        ]
     if "baselines" in r:
         b = r["baselines"]
         lines += [

@@ -7,7 +7,6 @@ Corpus → tokens → fixed-length contexts → forward (stopped after the deepe
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -194,7 +194,7 @@ class SAE(nn.Module):
                     dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
                     av, ai = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1)
                     aux_idx = dead_idx[ai]
-            aux_vals = _GatheredPre.apply(av.float(), xc, aux_idx, self.W_enc, self.b_enc, self.b_dec)  # no ReLU (train.loss_terms)
+            aux_vals = _GatheredPre.apply(av.float(), xc, aux_idx, self.W_enc, self.b_enc, self.b_dec)  # no ReLU (loss.loss_terms)
             if sync_free:
                 aux_vals = aux_vals * dead[aux_idx]  # no gradient to latents that are not dead
         return SparseOutput(x_hat, vals, idx, aux_vals, aux_idx)

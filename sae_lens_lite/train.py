@@ -1,4 +1,5 @@
-"""The training loop: loss, schedules, dead latents, metrics and resumable checkpoints.
+"""The training loop: schedules, dead latents, metrics and resumable checkpoints (the loss
+terms themselves are in loss.py).
 
 Three sparsity recipes share one loop (`penalty`):
 
@@ -40,15 +41,14 @@ from . import distributed
 from .errors import UserError
 from .harvest import resolve_device
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
-from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig, top_dead
+from .loss import PENALTY_TERM, loss_terms, total_loss
+from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
 PENALTIES = ("l1", "kl", "topk")
 LAMBDA_WARMUP = 0.05  # fraction of steps over which λ (or β) rises linearly from 0 (Anthropic, April 2024)
 LR_WARMUP = 0.01  # fraction of steps over which the learning rate rises linearly from 0
 LR_DECAY = 0.20  # the learning rate decays linearly to 0 over this last fraction (Anthropic, April 2024)
 CLIP_NORM = 1.0  # gradient-norm clipping (Anthropic, April 2024)
-AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
-KL_TAU = 0.1  # KL: a latent counts as firing once its contribution ‖f_j W_dec,j‖ passes ~τ (‖x‖ ≈ √d_in)
 L0_GAIN = 0.01  # --target-l0: per step, λ *= (L0 / target)^gain
 INIT_TOKENS = 65_536  # tokens used to estimate the input scale and the data mean
 RESIDENT_FRACTION = 0.25  # on a GPU, hold the whole cache in memory when it takes at most this much of what is free
@@ -101,88 +101,6 @@ def lr_at(step: int, total: int, lr: float) -> float:
 def penalty_warmup_at(step: int, total: int) -> float:
     """Multiplier of λ (or β): rises linearly from 0 at step 0 to 1 after 5% of the steps."""
     return min(1.0, step / max(1, round(LAMBDA_WARMUP * total)))
-
-
-# ---- the loss -------------------------------------------------------------------------------
-
-
-def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
-    """Every loss term for a batch x [n, d_in] (raw units), each a scalar, plus what the metrics
-    need. `dead` [d_sae] bool marks latents for the AuxK loss."""
-    if cfg.penalty == "topk" and cfg.sparse and isinstance(sae, SAE):  # not under DDP (forward only)
-        return _sparse_topk_terms(sae, x, dead)
-    out = sae(x)
-    s = sae.input_scale
-    f = out.latents  # [n, d_sae]
-    n = x.shape[0]
-    err = (x - out.x_hat.float()) * s  # [n, d_in] reconstruction error in normalised units
-    t = {}
-    # Squared error summed over d_in, averaged over tokens: ‖x − x̂‖² per token.
-    t["mse"] = err.pow(2).sum(-1).mean()
-    fired = f.sum(0, dtype=torch.float32)  # [d_sae] total activation of each latent
-    if cfg.penalty == "l1":
-        # Σ_i f_i ‖W_dec,i‖ (Anthropic, April 2024): weighting by the decoder norm stops the
-        # penalty from being dodged by shrinking f and growing W_dec.
-        t["l1"] = (fired * sae.W_dec.norm(dim=1)).sum() / n  # elementwise: autocast would run a matmul in bf16
-    if cfg.penalty == "kl":
-        # ρ̂_j: soft firing rate, tanh of the latent's contribution ‖f_j W_dec,j‖ / τ: ≈1 when it
-        # fires at a normal size, so ρ̂_j ≈ its firing rate, and saturated, so large activations
-        # are not shrunk. A softer τ lets many tiny activations through (high L0).
-        rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1) / KL_TAU).mean(0)  # [d_sae]
-        rho_hat = distributed.batch_mean(rho_hat).clamp(1e-6, 1 - 1e-6)  # under torchrun: over every rank's rows
-        rho = cfg.kl_rho
-        t["kl"] = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
-    if cfg.penalty == "topk":
-        # AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the residual error, which
-        # gives dead latents a gradient again. Zero when nothing is dead. No ReLU here: a latent is
-        # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
-        # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
-        vals, idx = top_dead(out.pre_acts.float(), dead, min(sae.d_in // 2, sae.d_sae))  # [n, k_aux]
-        t["aux"] = _auxk(err, sae.W_dec, idx, vals, dead)
-    t["fired"] = fired.detach() > 0  # [d_sae]
-    t["l0"] = torch.count_nonzero(f.detach()) / n
-    return _metric_terms(t, x, err, s)
-
-
-def _auxk(err: Tensor, W_dec: Tensor, idx: Tensor, vals: Tensor, dead: Tensor) -> Tensor:
-    """AuxK: ‖e − ê‖² per token, averaged, with ê the dead latents idx/vals [n, k_aux] decoded and
-    e = x − x̂ [n, d_in] the main reconstruction's error (no gradient). Zero when nothing is dead."""
-    e_hat = torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")  # [n, d_in]
-    return (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
-
-
-def _metric_terms(t: dict[str, Tensor], x: Tensor, err: Tensor, s: Tensor) -> dict[str, Tensor]:
-    """Adds the sums for explained variance (1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²); no gradient."""
-    t["sse"] = err.detach().pow(2).sum()
-    xs = x * s
-    t["sst"] = (xs - xs.mean(0)).pow(2).sum()
-    return t
-
-
-def _sparse_topk_terms(sae: SAE, x: Tensor, dead: Tensor, sync_free: bool | None = None) -> dict[str, Tensor]:
-    """loss_terms for TopK through SAE.forward_sparse: the same loss and metrics, with the decoder
-    and the encoder's backward working on the k active latents only (docs/training.md#speed)."""
-    s = sae.input_scale
-    n = x.shape[0]
-    out = sae.forward_sparse(x, dead, k_aux=min(sae.d_in // 2, sae.d_sae), sync_free=sync_free)
-    err = (x - out.x_hat.float()) * s  # [n, d_in] in normalised units
-    t = {"mse": err.pow(2).sum(-1).mean()}
-    if out.aux_vals is not None:  # AuxK (Gao et al. 2024), as in loss_terms
-        t["aux"] = _auxk(err, sae.W_dec, out.aux_idx, out.aux_vals, dead)
-    else:
-        t["aux"] = torch.zeros((), device=x.device)
-    on = out.vals.detach() > 0  # [n, k]
-    t["fired"] = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.idx.reshape(-1), on.reshape(-1).float()) > 0
-    t["l0"] = on.sum() / n
-    return _metric_terms(t, x, err, s)
-
-
-def total_loss(t: dict[str, Tensor], lam: Tensor, cfg: TrainConfig) -> Tensor:
-    if cfg.penalty == "l1":
-        return t["mse"] + lam * t["l1"]
-    if cfg.penalty == "kl":
-        return t["mse"] + lam * t["kl"]
-    return t["mse"] + AUX_COEF * t["aux"]
 
 
 # ---- setup helpers --------------------------------------------------------------------------
@@ -384,7 +302,7 @@ def train_on_batches(
             if cfg.target_l0 and step >= warm_steps:
                 lam = lam * (t["l0"].clamp_min(1e-3) / cfg.target_l0) ** L0_GAIN
             acc += torch.stack([torch.ones((), device=device), t["mse"].detach(), t["sse"], t["sst"], t["l0"],
-                                t.get(_PENALTY_TERM[cfg.penalty], torch.zeros((), device=device)).detach(),
+                                t.get(PENALTY_TERM[cfg.penalty], torch.zeros((), device=device)).detach(),
                                 lam_now.detach(), (since_fired >= cfg.dead_window).float().mean()])  # fmt: skip
         step += 1
         batch_in_epoch += 1
@@ -408,7 +326,6 @@ def train_on_batches(
     return sae
 
 
-_PENALTY_TERM = {"l1": "l1", "kl": "kl", "topk": "aux"}
 ACC = ("steps", "mse", "sse", "sst", "l0", "penalty", "lam", "dead_frac")
 
 
@@ -489,7 +406,7 @@ class _Logger:
             "explained_variance": 1 - a["sse"] / max(a["sst"], 1e-12),
             "l0": a["l0"] / n,
             "dead_frac": a["dead_frac"] / n,
-            _PENALTY_TERM[self.cfg.penalty]: a["penalty"] / n,
+            PENALTY_TERM[self.cfg.penalty]: a["penalty"] / n,
             "lam": a["lam"] / n,
             "lr": lr,
             "tokens_per_s": (step - self.step0) * self.cfg.batch_size / max(now - self.t0, 1e-9),

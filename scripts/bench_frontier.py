@@ -21,12 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.sae import SAE
-
-from sae_lens_lite.evaluate import EvalConfig, SparsityStats, evaluate
+from sae_lens_lite.evaluate import EvalConfig, evaluate
 from sae_lens_lite.harvest import HarvestConfig, harvest
 from sae_lens_lite.train import TrainConfig, train
 
@@ -75,12 +71,12 @@ def main():
                           batch_size=args.batch_size, lr=args.lr, device=args.device, **SETTINGS[name]))  # fmt: skip
         report = sae_dir / "eval" / "report.json"
         r = json.loads(report.read_text()) if report.exists() else None
-        if r is None or r["config"]["tokens"] != args.eval_tokens:
-            r = evaluate(EvalConfig(sae=str(sae_dir), dataset=str(DATA / "wikitext2-test.txt"), tokens=args.eval_tokens,
-                                    skip_tokens=0, baselines=False, device=args.device, overwrite=True))  # fmt: skip
+        if r is None or r["config"]["tokens"] != args.eval_tokens or r["config"].get("sparsity_acts") != str(heldout):
+            r = evaluate(EvalConfig(sae=str(sae_dir), dataset=str(DATA / "wikitext2-test.txt"), tokens=args.eval_tokens, skip_tokens=0,
+                                    baselines=False, sparsity_acts=str(heldout), device=args.device, overwrite=True))  # fmt: skip
         rows.append({"setting": name, "l0": r["sparsity"]["l0"], "ev": r["reconstruction"]["explained_variance"],
                      "ce_rec": r["ce"]["sae_recovered"], "kl": r["ce"]["kl_sae"], "dead": r["sparsity"]["dead_fraction"],
-                     "dead_train": sae.cfg.meta["final_metrics"]["dead_frac"], "dead_heldout": never_fired(sae, heldout)})  # fmt: skip
+                     "dead_train": sae.cfg.meta["final_metrics"]["dead_frac"], "dead_heldout": r["sparsity_on_acts"]["dead_fraction"]})  # fmt: skip
     print(f"\n{args.hook}, {args.expansion}x, {args.tokens} harvested tokens, {args.train_tokens} training tokens; eval: wikitext2-test, {args.eval_tokens} tokens")
     # dead (eval): never fired on the evaluation tokens; dead (train): no firing in the trainer's
     # last --dead-window (1M) tokens, the usual definition.
@@ -90,16 +86,6 @@ def main():
     for r in sorted(rows, key=lambda r: r["l0"]):
         print(f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} | {r['dead_heldout']:.4f} | {r['dead_train']:.4f} |")
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
-
-
-@torch.no_grad()
-def never_fired(sae: SAE, acts: Path) -> float:
-    """Fraction of the SAE's latents that fire on none of the cached activations."""
-    sae = sae.cpu().float()
-    stats = SparsityStats(sae.d_sae)  # the evaluation's own definition of dead
-    for x in ActivationCache.open(acts).iter_batches(4096, shuffle=False):
-        stats.add(sae.encode(x))
-    return stats.result()["dead_fraction"]
 
 
 if __name__ == "__main__":

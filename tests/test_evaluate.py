@@ -264,3 +264,31 @@ def test_report_carries_the_trainers_dead_fraction_when_the_sae_records_it(tiny_
     r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False, overwrite=True), lm=tiny_lm)
     assert r["sparsity"]["dead_fraction_in_training"] == 0.0125 and r["sparsity"]["training_dead_window"] == 1_000_000
     assert "| dead latents in training (no firing in its last 1,000,000 tokens) | 1.25% |" in (path / "eval" / "report.md").read_text()
+
+
+def test_sparsity_on_a_held_out_cache_counts_rare_latents_as_alive(tiny_lm, corpus_file, tmp_path):
+    """The identity SAE's latent i fires where x_i > 0 and latent 32 + i where x_i < 0. In a cache
+    of 5000 rows that are -1 everywhere but one row (+1 on coordinate 0 only), latent 0 fires once
+    (alive, though 32 eval tokens would call it dead), latents 1-31 never (dead), 32-63 on nearly
+    every row (dense)."""
+    from sae_lens_lite.cache import CacheWriter
+
+    n, d = 5000, 32
+    acts = -torch.ones(n, d)
+    acts[17] = 0.0
+    acts[17, 0] = 1.0
+    w = CacheWriter(tmp_path / "held", {"model": "tiny", "hook": HOOK, "dtype": "float32", "context_length": 16}, d)
+    rows = torch.arange(n)
+    w.add_shard(acts, rows % 90, rows // 16, rows % 16, n_contexts=n // 16)
+    w.finish()
+    path = _sae(tmp_path, "identity")
+    r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False, sparsity_acts=str(tmp_path / "held")), lm=tiny_lm)
+    h = r["sparsity_on_acts"]
+    assert (h["n_tokens"], h["dead"], h["dense"], h["d_sae"]) == (n, 31, 32, 64)
+    assert h["dead_fraction"] == 31 / 64 and h["l0"] == pytest.approx(((n - 1) * 32 + 1) / n)
+    md = (path / "eval" / "report.md").read_text()
+    assert f"| dead latents on 5,000 tokens of `{tmp_path / 'held'}` | 31 (48.44%) |" in md
+    assert any("count on 5000 tokens of --sparsity-acts" in x for x in r["warnings"])
+    wrong = SAE(SAEConfig(d_in=32, d_sae=64, hook="blocks.0.hook_mlp_out", context_length=16)).save(tmp_path / "w")
+    with pytest.raises(UserError, match="--sparsity-acts .* holds blocks.0.hook_resid_post"):
+        evaluate(EvalConfig(sae=str(wrong), dataset=str(corpus_file), tokens=32, baselines=False, sparsity_acts=str(tmp_path / "held")), lm=tiny_lm)

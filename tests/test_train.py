@@ -1,5 +1,4 @@
 import json
-import math
 
 import pytest
 import torch
@@ -8,17 +7,14 @@ from sae_lens_lite.cache import CacheWriter
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.synthetic import make_superposition, mean_max_cosine
+from sae_lens_lite.loss import sparse_topk_terms
 from sae_lens_lite.train import (
-    KL_TAU,
-    _sparse_topk_terms,
     LAMBDA_WARMUP,
     LR_DECAY,
     TrainConfig,
-    loss_terms,
     lr_at,
     penalty_warmup_at,
     resample_dead_latents,
-    total_loss,
     train,
     train_on_batches,
 )
@@ -58,52 +54,6 @@ def test_penalty_warmup_is_linear_over_the_first_5_percent():
     assert penalty_warmup_at(warm // 2, total) == pytest.approx(0.5)
     assert penalty_warmup_at(warm, total) == 1.0
     assert penalty_warmup_at(total - 1, total) == 1.0
-
-
-# ---- the loss terms -------------------------------------------------------------------------
-
-
-def test_loss_terms_match_their_definitions():
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=8, d_sae=32))
-    with torch.no_grad():
-        sae.W_dec.mul_(torch.rand(32, 1) * 3)
-        sae.input_scale.fill_(2.0)
-    x = torch.randn(50, 8)
-    dead = torch.zeros(32, dtype=torch.bool)
-    for pen in ("l1", "kl"):
-        cfg = TrainConfig(penalty=pen, kl_rho=0.05)
-        with torch.no_grad():
-            t = loss_terms(sae, x, cfg, dead)
-            out = sae(x)
-            err = (x - out.x_hat) * 2.0
-        assert t["mse"] == pytest.approx(float((err**2).sum(1).mean()), rel=1e-5)
-        norms = sae.W_dec.detach().norm(dim=1)
-        if pen == "l1":
-            assert t["l1"] == pytest.approx(float((out.latents * norms).sum(1).mean()), rel=1e-5)
-        else:
-            rh = torch.tanh(out.latents * norms / KL_TAU).mean(0).clamp(1e-6, 1 - 1e-6)
-            kl = sum(0.05 * math.log(0.05 / r) + 0.95 * math.log(0.95 / (1 - r)) for r in rh.tolist())
-            assert t["kl"] == pytest.approx(kl, rel=1e-4)
-        xs = x * 2.0
-        ev = 1 - float(t["sse"] / t["sst"])
-        assert ev == pytest.approx(1 - float((err**2).sum() / ((xs - xs.mean(0)) ** 2).sum()), rel=1e-5)
-
-
-def test_auxk_loss_reaches_only_dead_latents():
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=8, d_sae=32, activation="topk", k=2))
-    x = torch.randn(40, 8)
-    cfg = TrainConfig(penalty="topk", k=2)
-    assert float(loss_terms(sae, x, cfg, torch.zeros(32, dtype=torch.bool))["aux"].detach()) == 0.0
-    dead = torch.zeros(32, dtype=torch.bool)
-    dead[:5] = True
-    t = loss_terms(sae, x, cfg, dead)
-    assert float(t["aux"].detach()) > 0
-    sae.zero_grad()
-    t["aux"].backward()
-    grad_cols = sae.W_enc.grad.abs().sum(0)  # [d_sae]
-    assert (grad_cols[5:] == 0).all() and (grad_cols[:5] > 0).any()
 
 
 def test_resampling_points_dead_latents_at_inputs_and_resets_adam():
@@ -310,56 +260,6 @@ def test_bf16_autocast_keeps_explained_variance_within_0_005_of_fp32():
     assert abs(bf16 - fp32) <= 0.005, (fp32, bf16)
 
 
-@pytest.mark.parametrize("sync_free", [False, True])  # True: the CUDA default, forced here on the CPU
-@pytest.mark.parametrize("n_dead", [0, 5])
-def test_sparse_topk_path_equals_the_dense_one(n_dead, sync_free):
-    """forward_sparse (gather decoder, sparse encoder backward) gives the dense path's loss terms,
-    metrics and gradients for every parameter, AuxK included, with either way of picking the
-    dead latents."""
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=16, d_sae=64, activation="topk", k=4))
-    with torch.no_grad():
-        sae.b_enc.normal_()
-        sae.b_dec.normal_()
-        sae.input_scale.fill_(1.7)
-    x = torch.randn(48, 16)
-    dead = torch.zeros(64, dtype=torch.bool)
-    dead[torch.randperm(64)[:n_dead]] = True
-    got = {}
-    for sparse in (False, True):
-        cfg = TrainConfig(penalty="topk", k=4, sparse=sparse)
-        sae.zero_grad()
-        t = _sparse_topk_terms(sae, x, dead, sync_free) if sparse else loss_terms(sae, x, cfg, dead)
-        total_loss(t, torch.tensor(0.0), cfg).backward()
-        got[sparse] = t, {name: p.grad.clone() for name, p in sae.named_parameters()}
-    (t_dense, g_dense), (t_sparse, g_sparse) = got[False], got[True]
-    assert (float(t_dense["aux"].detach()) > 0) == (n_dead > 0)
-    for key in ("mse", "aux", "l0", "sse", "sst"):
-        assert float(t_sparse[key]) == pytest.approx(float(t_dense[key]), rel=1e-5, abs=1e-7), key
-    assert torch.equal(t_sparse["fired"], t_dense["fired"])
-    for name, g in g_dense.items():
-        assert g.abs().max() > 0, name
-        torch.testing.assert_close(g_sparse[name], g, rtol=1e-5, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("sparse", [False, True])
-def test_auxk_revives_latents_whose_pre_activations_are_all_negative(sparse):
-    """A dead latent's pre-activation is often negative on every token; AuxK must still give its
-    encoder a gradient (a ReLU on the aux values would make it exactly zero)."""
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=8, d_sae=32, activation="topk", k=2))
-    with torch.no_grad():
-        sae.b_enc[:4] = -100.0  # latents 0-3: pre-activation far below 0 everywhere
-    x = torch.randn(40, 8)
-    dead = torch.zeros(32, dtype=torch.bool)
-    dead[:4] = True
-    t = loss_terms(sae, x, TrainConfig(penalty="topk", k=2, sparse=sparse), dead)
-    sae.zero_grad()
-    t["aux"].backward()
-    assert (sae.W_enc.grad[:, :4].abs().sum(0) > 0).all()
-    assert (sae.b_enc.grad[:4] != 0).all()
-
-
 # ---- no host synchronisation per step -------------------------------------------------------
 
 
@@ -397,9 +297,9 @@ def test_a_training_step_never_waits_for_the_device(penalty, extra, monkeypatch)
     way it runs on CUDA (fixed-shape AuxK selection), with latents dead from the first step."""
     import functools
 
-    from sae_lens_lite import train as train_mod
+    from sae_lens_lite import loss
 
-    monkeypatch.setattr(train_mod, "_sparse_topk_terms", functools.partial(_sparse_topk_terms, sync_free=True))
+    monkeypatch.setattr(loss, "sparse_topk_terms", functools.partial(sparse_topk_terms, sync_free=True))
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
     counts = []
     for steps in (3, 9):

@@ -1,0 +1,108 @@
+"""The loss terms of the three sparsity recipes, one function each way of computing them.
+
+    mse   ‖x − x̂‖² per token, in the normalised space x · s (Anthropic, April 2024)
+    l1    Σ_i f_i ‖W_dec,i‖: L1 weighted by the decoder norm (Anthropic, April 2024)
+    kl    β Σ_j KL(ρ ‖ ρ̂_j): the classic sparse autoencoder's penalty (Ng, CS294A notes)
+    aux   AuxK: the top dead latents reconstruct the main reconstruction's error (Gao et al. 2024)
+
+`loss_terms` returns every term as a scalar tensor plus what the metrics need (firing latents,
+L0, the sums for explained variance), all on the device; train.py weighs them (`total_loss`)
+and reads them back only every `log_every` steps. TopK goes through `sparse_topk_terms` unless
+the dense path is asked for: the same numbers from the k active latents only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from .sae import SAE, top_dead
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
+KL_TAU = 0.1  # KL: a latent counts as firing once its contribution ‖f_j W_dec,j‖ passes ~τ (‖x‖ ≈ √d_in)
+PENALTY_TERM = {"l1": "l1", "kl": "kl", "topk": "aux"}  # the term each recipe logs as its penalty
+
+
+def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
+    """Every loss term for a batch x [n, d_in] (raw units), each a scalar, plus what the metrics
+    need. `dead` [d_sae] bool marks latents for the AuxK loss."""
+    if cfg.penalty == "topk" and cfg.sparse and isinstance(sae, SAE):  # not under DDP (forward only)
+        return sparse_topk_terms(sae, x, dead)
+    out = sae(x)
+    s = sae.input_scale
+    f = out.latents  # [n, d_sae]
+    n = x.shape[0]
+    err = (x - out.x_hat.float()) * s  # [n, d_in] reconstruction error in normalised units
+    t = {}
+    # Squared error summed over d_in, averaged over tokens: ‖x − x̂‖² per token.
+    t["mse"] = err.pow(2).sum(-1).mean()
+    fired = f.sum(0, dtype=torch.float32)  # [d_sae] total activation of each latent
+    if cfg.penalty == "l1":
+        # Σ_i f_i ‖W_dec,i‖ (Anthropic, April 2024): weighting by the decoder norm stops the
+        # penalty from being dodged by shrinking f and growing W_dec.
+        t["l1"] = (fired * sae.W_dec.norm(dim=1)).sum() / n  # elementwise: autocast would run a matmul in bf16
+    if cfg.penalty == "kl":
+        # ρ̂_j: soft firing rate, tanh of the latent's contribution ‖f_j W_dec,j‖ / τ: ≈1 when it
+        # fires at a normal size, so ρ̂_j ≈ its firing rate, and saturated, so large activations
+        # are not shrunk. A softer τ lets many tiny activations through (high L0).
+        rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1) / KL_TAU).mean(0)  # [d_sae]
+        rho_hat = distributed.batch_mean(rho_hat).clamp(1e-6, 1 - 1e-6)  # under torchrun: over every rank's rows
+        rho = cfg.kl_rho
+        t["kl"] = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    if cfg.penalty == "topk":
+        # AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the residual error, which
+        # gives dead latents a gradient again. Zero when nothing is dead. No ReLU here: a latent is
+        # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
+        # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
+        vals, idx = top_dead(out.pre_acts.float(), dead, min(sae.d_in // 2, sae.d_sae))  # [n, k_aux]
+        t["aux"] = auxk(err, sae.W_dec, idx, vals, dead)
+    t["fired"] = fired.detach() > 0  # [d_sae]
+    t["l0"] = torch.count_nonzero(f.detach()) / n
+    return metric_terms(t, x, err, s)
+
+
+def auxk(err: Tensor, W_dec: Tensor, idx: Tensor, vals: Tensor, dead: Tensor) -> Tensor:
+    """AuxK: ‖e − ê‖² per token, averaged, with ê the dead latents idx/vals [n, k_aux] decoded and
+    e = x − x̂ [n, d_in] the main reconstruction's error (no gradient). Zero when nothing is dead."""
+    e_hat = torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")  # [n, d_in]
+    return (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
+
+
+def metric_terms(t: dict[str, Tensor], x: Tensor, err: Tensor, s: Tensor) -> dict[str, Tensor]:
+    """Adds the sums for explained variance (1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²); no gradient."""
+    t["sse"] = err.detach().pow(2).sum()
+    xs = x * s
+    t["sst"] = (xs - xs.mean(0)).pow(2).sum()
+    return t
+
+
+def sparse_topk_terms(sae: SAE, x: Tensor, dead: Tensor, sync_free: bool | None = None) -> dict[str, Tensor]:
+    """loss_terms for TopK through SAE.forward_sparse: the same loss and metrics, with the decoder
+    and the encoder's backward working on the k active latents only (docs/training.md#speed)."""
+    s = sae.input_scale
+    n = x.shape[0]
+    out = sae.forward_sparse(x, dead, k_aux=min(sae.d_in // 2, sae.d_sae), sync_free=sync_free)
+    err = (x - out.x_hat.float()) * s  # [n, d_in] in normalised units
+    t = {"mse": err.pow(2).sum(-1).mean()}
+    if out.aux_vals is not None:  # AuxK (Gao et al. 2024), as in loss_terms
+        t["aux"] = auxk(err, sae.W_dec, out.aux_idx, out.aux_vals, dead)
+    else:
+        t["aux"] = torch.zeros((), device=x.device)
+    on = out.vals.detach() > 0  # [n, k]
+    t["fired"] = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.idx.reshape(-1), on.reshape(-1).float()) > 0
+    t["l0"] = on.sum() / n
+    return metric_terms(t, x, err, s)
+
+
+def total_loss(t: dict[str, Tensor], lam: Tensor, cfg: TrainConfig) -> Tensor:
+    if cfg.penalty == "l1":
+        return t["mse"] + lam * t["l1"]
+    if cfg.penalty == "kl":
+        return t["mse"] + lam * t["kl"]
+    return t["mse"] + AUX_COEF * t["aux"]
