@@ -33,6 +33,7 @@ from .errors import UserError
 from .fsutil import write_json_atomic, write_text_atomic
 from .harvest import check_context_length, load_texts, resolve_device, special_token_ids, tokenize_corpus
 from .models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
+from .report import density_histogram, fmt, markdown_summary, plot_density
 from .sae import SAE
 
 DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense"
@@ -285,7 +286,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         "n_predictions": int(sums["all"]["n"]), "n_activations": len(x),
         "ce": ce_all, "reconstruction": recon,
         "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"} | _training_dead(sae),
-        "density_histogram": _density_histogram(sparse["firing_frequency"]),
+        "density_histogram": density_histogram(sparse["firing_frequency"]),
     }  # fmt: skip
     if held_out is not None:
         report["sparsity_on_acts"] = held_out
@@ -307,13 +308,13 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     report["config"] = asdict(cfg)
 
     report["files"] = {"report": "report.json", "summary": "report.md"}
-    if plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {hook}"):
+    if plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {hook}", DENSE_FREQ):
         report["files"]["density"] = "density.png"
     times["total"] = time.perf_counter() - t0
     report["timing_s"] = times
     write_text_atomic(out / "report.md", markdown_summary(report))
     write_json_atomic(out / "report.json", report)  # last: its presence marks a finished evaluation
-    print(f"eval: CE loss recovered {_fmt(ce_all['sae_recovered'])}, explained variance {_fmt(recon['explained_variance'])}, "
+    print(f"eval: CE loss recovered {fmt(ce_all['sae_recovered'])}, explained variance {fmt(recon['explained_variance'])}, "
           f"L0 {sparse['l0']:.1f}; report in {out}")  # fmt: skip
     return report
 
@@ -434,42 +435,6 @@ def _ce_summary(s: dict, methods: list[str]) -> dict:
     return out
 
 
-def _density_histogram(freq: Tensor, bins: int = 40) -> dict:
-    live = freq[freq > 0].log10()
-    if len(live) == 0:
-        return {"bin_edges_log10": [], "counts": [], "dead": int((freq == 0).sum())}
-    lo = float(live.min())
-    counts = torch.histc(live.float(), bins=bins, min=lo, max=0.0)
-    edges = torch.linspace(lo, 0.0, bins + 1)
-    return {"bin_edges_log10": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts], "dead": int((freq == 0).sum())}
-
-
-def plot_density(freq: Tensor, path: Path, title: str) -> bool:
-    """Histogram of log10 firing frequency of the latents that fire at all; False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("eval: matplotlib is not installed, skipping density.png (pip install matplotlib)")
-        return False
-    live = freq[freq > 0].log10().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(live, bins=50, color="#4477aa")
-    ax.axvline(math.log10(DENSE_FREQ), color="#cc3311", linestyle="--", linewidth=1, label="dense (10%)")
-    ax.set_xlabel("log10 firing frequency")
-    ax.set_ylabel("latents")
-    ax.set_title(f"{title}\n{int((freq == 0).sum())} of {len(freq)} latents dead (not shown)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
-
-
 def training_text(sae: SAE) -> tuple[str, int] | None:
     """(corpus, tokens harvested from its start) of the cache the SAE was trained on, if still readable."""
     from .cache import ActivationCache
@@ -508,60 +473,3 @@ def _warnings(dataset: str, skip: int, trained_on: tuple[str, int] | None, spars
     more = f"see the count on {held_out['n_tokens']} tokens of --sparsity-acts" if held_out else "pass --sparsity-acts with a held-out cache to count on more"
     w.append(f"'dead' means no firing on these {n} tokens; latents rarer than 1 in {n} look dead ({more})")
     return w
-
-
-def _fmt(v, digits: int = 4) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
-def markdown_summary(r: dict) -> str:
-    ce, rec, sp = r["ce"], r["reconstruction"], r["sparsity"]
-    lines = [
-        f"# SAE evaluation: {r['sae']}",
-        "",
-        f"{r['model']} at `{r['hook']}`; {r['n_contexts']} contexts of {r['context_length']} tokens from "
-        f"`{r['dataset']}` (after skipping {r['skip_tokens']} tokens); {r['n_predictions']} next-token predictions, "
-        f"{r['n_activations']} activations. Definitions: docs/metrics.md.",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        f"| CE loss clean / SAE spliced (nats) | {ce['clean']:.4f} / {ce['sae']:.4f} |",
-        f"| CE loss zero-ablated / mean-ablated | {ce['zero_ablation']:.4f} / {ce['mean_ablation']:.4f} |",
-        f"| CE loss recovered (vs zero / vs mean ablation) | {_fmt(ce['sae_recovered'])} / {_fmt(ce['sae_recovered_vs_mean'])} |",
-        f"| KL(clean ‖ SAE) per token (nats) | {ce['kl_sae']:.4f} |",
-        f"| explained variance / FVU | {_fmt(rec['explained_variance'])} / {_fmt(rec['fvu'])} |",
-        f"| MSE (per element) | {rec['mse']:.6g} |",
-        f"| L0 / L1 | {sp['l0']:.2f} / {sp['l1']:.4g} |",
-        f"| dead latents | {sp['dead']} of {sp['d_sae']} ({100 * sp['dead_fraction']:.1f}%) |",
-        *([f"| dead latents in training (no firing in its last {sp['training_dead_window']:,} tokens) | "
-           f"{100 * sp['dead_fraction_in_training']:.2f}% |"] if "dead_fraction_in_training" in sp else []),  # fmt: skip
-        f"| dense latents (>10% of tokens) | {sp['dense']} ({100 * sp['dense_fraction']:.1f}%) |",
-    ]
-    if "sparsity_on_acts" in r:
-        h = r["sparsity_on_acts"]
-        lines += [
-            f"| dead latents on {h['n_tokens']:,} tokens of `{h['acts']}` | {h['dead']} ({100 * h['dead_fraction']:.2f}%) |",
-            f"| dense latents on those tokens / L0 there | {h['dense']} ({100 * h['dense_fraction']:.1f}%) / {h['l0']:.2f} |",
-        ]
-    if "baselines" in r:
-        b = r["baselines"]
-        lines += [
-            "",
-            "## SAE vs PCA vs VAE",
-            "",
-            f"Baselines fitted on {b['fit_on']}; every row scored on {b['scored_on']} "
-            f"(CE clean {b['ce_clean']:.4f}, zero-ablated {b['ce_zero_ablation']:.4f}).",
-            "",
-            "| method | active dims / token | explained variance | CE loss recovered | CE loss | KL (nats) |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for row in b["rows"]:
-            lines.append(
-                f"| {row['method']} | {row['active_dims_per_token']:.1f} | {_fmt(row['explained_variance'])} | "
-                f"{_fmt(row['ce_loss_recovered'])} | {row['ce_loss']:.4f} | {row['kl']:.4f} |"
-            )
-    if r.get("warnings"):
-        lines += ["", *[f"- note: {w}" for w in r["warnings"]]]
-    if "density" in r["files"]:
-        lines += ["", "![feature density](density.png)"]
-    return "\n".join(lines) + "\n"

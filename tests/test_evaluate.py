@@ -18,12 +18,12 @@ from sae_lens_lite.evaluate import (
     eval_contexts,
     evaluate,
     kl_div,
-    plot_density,
     reconstruction_metrics,
     sparsity_metrics,
     splice,
 )
 from sae_lens_lite.harvest import tokenize_corpus
+from sae_lens_lite.report import plot_density
 from sae_lens_lite.sae import SAE, SAEConfig
 
 HOOK = "blocks.0.hook_resid_post"
@@ -226,7 +226,7 @@ def test_eval_text_skips_the_sae_training_text_by_default(tiny_lm, corpus_file, 
 
 def test_density_plot_is_optional(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
-    assert plot_density(torch.tensor([0.0, 0.5]), tmp_path / "d.png", "t") is False
+    assert plot_density(torch.tensor([0.0, 0.5]), tmp_path / "d.png", "t", 0.1) is False
     assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "d.png").exists()
 
 
