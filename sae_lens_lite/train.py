@@ -460,19 +460,19 @@ def train(cfg: TrainConfig) -> SAE:
     sae_cfg = sae_config_for(cfg, cache.d_model, m["model"], m["hook"], m["context_length"],
                              {"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens, "corpus": m.get("corpus"), "filters": m.get("filters")})  # fmt: skip
     tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
+    return train_on_batches(sae_cfg, cfg, _cache_batches(cache, cfg, device), tokens, out)
 
-    def batches(epoch: int) -> Iterator[Tensor]:
-        return cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device)
 
-    if distributed.world_size() > 1:  # each rank reads only its own shards
-        batches = distributed.rank_batches(cache, cfg.batch_size, cfg.seed, device)
-    elif device.type == "cuda" and cache.nbytes() < RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]:
-        resident = cache.resident_batches(cfg.batch_size, device)  # the whole cache on the GPU
-
-        def batches(epoch: int) -> Iterator[Tensor]:
-            return resident(epoch, cfg.seed)
-
-    return train_on_batches(sae_cfg, cfg, batches, tokens, out)
+def _cache_batches(cache, cfg: TrainConfig, device: torch.device) -> Callable[[int], Iterator[Tensor]]:
+    """batches(epoch) from an activation cache: under torchrun each rank reads only its own shards;
+    on a GPU the whole cache is held in its memory when it fits (no disk reads at all); otherwise
+    shards are streamed (on CUDA, copied one batch ahead on a side stream)."""
+    if distributed.world_size() > 1:
+        return distributed.rank_batches(cache, cfg.batch_size, cfg.seed, device)
+    if device.type == "cuda" and cache.nbytes() < RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]:
+        resident = cache.resident_batches(cfg.batch_size, device)
+        return lambda epoch: resident(epoch, cfg.seed)
+    return lambda epoch: cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device)
 
 
 def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:

@@ -308,3 +308,31 @@ def test_a_training_step_never_waits_for_the_device(penalty, extra, monkeypatch)
             train_on_batches(small_sae_cfg(penalty, 16, 64), cfg, data.batches(128, 16 * 128, seed=1), steps * 128, progress=False)
         counts.append(mode.seen)
     assert len(counts[1]) == len(counts[0]), sorted(set(counts[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("penalty", ["l1", "topk"])
+def test_on_cuda_a_training_step_never_synchronises(penalty, tmp_path, monkeypatch):
+    """The same property asked of CUDA itself: in sync debug mode every synchronising call warns
+    (backward included, which runs on another thread). Training from an on-disk cache through the
+    side-stream prefetch, runs of 3 and 9 steps must warn equally often."""
+    import warnings
+
+    from sae_lens_lite import train as train_mod
+
+    monkeypatch.setattr(train_mod, "RESIDENT_FRACTION", 0.0)  # stream from disk: the prefetch path
+    write_cache(tmp_path / "acts")
+    counts = []
+    for steps in (3, 9):
+        cfg = TrainConfig(acts=str(tmp_path / "acts"), out=str(tmp_path / f"sae{steps}"), penalty=penalty, k=4, expansion=4,
+                          batch_size=128, tokens=steps * 128, log_every=100, device="cuda")  # fmt: skip
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                train(cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts.append([str(w.message) for w in seen if "synchroniz" in str(w.message)])
+    assert len(counts[1]) == len(counts[0]), counts[1]
