@@ -7,8 +7,9 @@
 
 `loss_terms` returns every term as a scalar tensor plus what the metrics need (firing latents,
 L0, the sums for explained variance), all on the device; train.py weighs them (`total_loss`)
-and reads them back only every `log_every` steps. TopK goes through `sparse_topk_terms` unless
-the dense path is asked for: the same numbers from the k active latents only.
+and reads them back only every `log_every` steps. Unless the dense path is asked for, the terms
+come from `sparse_terms`: the same numbers from the active latents only (TopK everywhere; ReLU
+SAEs on the CPU, once few enough latents are active).
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ if TYPE_CHECKING:
 AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
 KL_TAU = 0.1  # KL: a latent counts as firing once its contribution ‖f_j W_dec,j‖ passes ~τ (‖x‖ ≈ √d_in)
 PENALTY_TERM = {"l1": "l1", "kl": "kl", "topk": "aux"}  # the term each recipe logs as its penalty
+SPARSE_MAX_DENSITY = 0.05  # ReLU SAEs: the sparse path runs while at most this share of latents is active
 
 
 def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
     """Every loss term for a batch x [n, d_in] (raw units), each a scalar, plus what the metrics
     need. `dead` [d_sae] bool marks latents for the AuxK loss."""
-    if cfg.penalty == "topk" and cfg.sparse and isinstance(sae, SAE):  # not under DDP (forward only)
-        return sparse_topk_terms(sae, x, dead)
+    # Sparse path: not under DDP (it wraps forward only); for ReLU SAEs not on CUDA, where reading
+    # the number of active latents would stall every step.
+    if cfg.sparse and isinstance(sae, SAE) and (cfg.penalty == "topk" or not x.is_cuda):
+        t = sparse_terms(sae, x, cfg, dead)
+        if t is not None:
+            return t
     out = sae(x)
     s = sae.input_scale
     f = out.latents  # [n, d_sae]
@@ -52,9 +58,7 @@ def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str,
         # fires at a normal size, so ρ̂_j ≈ its firing rate, and saturated, so large activations
         # are not shrunk. A softer τ lets many tiny activations through (high L0).
         rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1) / KL_TAU).mean(0)  # [d_sae]
-        rho_hat = distributed.batch_mean(rho_hat).clamp(1e-6, 1 - 1e-6)  # under torchrun: over every rank's rows
-        rho = cfg.kl_rho
-        t["kl"] = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+        t["kl"] = kl_penalty(distributed.batch_mean(rho_hat), cfg.kl_rho)  # under torchrun: over every rank's rows
     if cfg.penalty == "topk":
         # AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the residual error, which
         # gives dead latents a gradient again. Zero when nothing is dead. No ReLU here: a latent is
@@ -65,6 +69,12 @@ def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str,
     t["fired"] = fired.detach() > 0  # [d_sae]
     t["l0"] = torch.count_nonzero(f.detach()) / n
     return metric_terms(t, x, err, s)
+
+
+def kl_penalty(rho_hat: Tensor, rho: float) -> Tensor:
+    """Σ_j KL(ρ ‖ ρ̂_j) between Bernoulli firing rates, ρ̂ [d_sae] clamped away from 0 and 1."""
+    rho_hat = rho_hat.clamp(1e-6, 1 - 1e-6)
+    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
 
 
 def auxk(err: Tensor, W_dec: Tensor, idx: Tensor, vals: Tensor, dead: Tensor) -> Tensor:
@@ -82,20 +92,29 @@ def metric_terms(t: dict[str, Tensor], x: Tensor, err: Tensor, s: Tensor) -> dic
     return t
 
 
-def sparse_topk_terms(sae: SAE, x: Tensor, dead: Tensor, sync_free: bool | None = None) -> dict[str, Tensor]:
-    """loss_terms for TopK through SAE.forward_sparse: the same loss and metrics, with the decoder
-    and the encoder's backward working on the k active latents only (docs/training.md#speed)."""
+def sparse_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor, sync_free: bool | None = None,
+                 max_density: float = SPARSE_MAX_DENSITY) -> dict[str, Tensor] | None:  # fmt: skip
+    """loss_terms through SAE.forward_sparse: the same loss and metrics, with the decoder and the
+    encoder's backward working on the active latents only (docs/training.md#speed). None where a
+    ReLU SAE has more than max_density of its latents active (the dense path is faster then)."""
     s = sae.input_scale
     n = x.shape[0]
-    out = sae.forward_sparse(x, dead, k_aux=min(sae.d_in // 2, sae.d_sae), sync_free=sync_free)
+    k_aux = min(sae.d_in // 2, sae.d_sae) if cfg.penalty == "topk" else 0
+    out = sae.forward_sparse(x, dead, k_aux=k_aux, sync_free=sync_free, max_density=max_density)
+    if out is None:
+        return None
     err = (x - out.x_hat.float()) * s  # [n, d_in] in normalised units
     t = {"mse": err.pow(2).sum(-1).mean()}
-    if out.aux_vals is not None:  # AuxK (Gao et al. 2024), as in loss_terms
-        t["aux"] = auxk(err, sae.W_dec, out.aux_idx, out.aux_vals, dead)
-    else:
-        t["aux"] = torch.zeros((), device=x.device)
-    on = out.vals.detach() > 0  # [n, k]
-    t["fired"] = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.idx.reshape(-1), on.reshape(-1).float()) > 0
+    norms = sae.W_dec.norm(dim=1)[out.idx]  # [nnz] decoder norm of each active latent
+    if cfg.penalty == "l1":  # as in loss_terms, over the nonzero activations only
+        t["l1"] = (out.vals * norms).sum() / n
+    if cfg.penalty == "kl":  # latents that do not fire add tanh(0) = 0 to ρ̂
+        soft = torch.tanh(out.vals * norms / KL_TAU)  # [nnz]
+        t["kl"] = kl_penalty(torch.zeros(sae.d_sae, device=x.device).index_add(0, out.idx, soft) / n, cfg.kl_rho)
+    if cfg.penalty == "topk":  # AuxK (Gao et al. 2024), as in loss_terms
+        t["aux"] = auxk(err, sae.W_dec, out.aux_idx, out.aux_vals, dead) if out.aux_vals is not None else torch.zeros((), device=x.device)
+    on = (out.vals.detach() > 0).float()  # [nnz]
+    t["fired"] = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.idx, on) > 0
     t["l0"] = on.sum() / n
     return metric_terms(t, x, err, s)
 

@@ -67,45 +67,50 @@ class SAEOutput(NamedTuple):
 
 
 class SparseOutput(NamedTuple):
-    """A TopK forward kept sparse: latent j = idx[t, i] has activation vals[t, i] on token t."""
+    """A forward kept sparse: entry e says latent idx[e] has activation vals[e] on token rows[e].
+    Entries are in token order (each token's entries together)."""
 
     x_hat: Tensor  # [n, d_in] reconstruction, in the input's units
-    vals: Tensor  # [n, k] the k active latents' activations (ReLU'd), with gradient
-    idx: Tensor  # [n, k] their indices
-    aux_vals: Tensor | None  # [n, k_aux] pre-activations of the top dead latents (AuxK), or None
+    vals: Tensor  # [nnz] the active latents' activations (ReLU'd), with gradient
+    rows: Tensor  # [nnz] their tokens
+    idx: Tensor  # [nnz] their latents
+    aux_vals: Tensor | None  # [n, k_aux] pre-activations of the top dead latents (TopK's AuxK), or None
     aux_idx: Tensor | None  # [n, k_aux]
 
 
 class _GatheredPre(torch.autograd.Function):
-    """Pre-activations `pre` [n, m], already computed at latents idx [n, m], wired to the encoder
-    weights with a sparse backward. The dense backward multiplies x^T [d_in, n] by a gradient
-    [n, d_sae] that is zero outside the top k; here the same numbers cost n·m·d_in, not n·d_sae·d_in.
+    """Pre-activations `pre` [nnz], already computed at entries (token rows[e], latent cols[e]),
+    wired to the encoder weights with a sparse backward. The dense backward multiplies x^T [d_in, n]
+    by a gradient [n, d_sae] that is zero outside the active latents; here the same numbers cost
+    nnz·d_in, not n·d_sae·d_in. Entries must be in token order with no (token, latent) twice.
 
-    pre[t, i] = xc[t] · W_enc[:, idx[t, i]] + b_enc[idx[t, i]],   xc = x·s − b_dec"""
+    pre[e] = xc[rows[e]] · W_enc[:, cols[e]] + b_enc[cols[e]],   xc = x·s − b_dec"""
 
     @staticmethod
-    def forward(ctx, pre, xc, idx, W_enc, b_enc, b_dec):
-        ctx.save_for_backward(xc, idx, W_enc)
+    def forward(ctx, pre, xc, rows, cols, W_enc, b_enc, b_dec):
+        ctx.save_for_backward(xc, rows, cols, W_enc)
         return pre
 
     @staticmethod
-    def backward(ctx, g):  # g [n, m]
-        xc, idx, W_enc = ctx.saved_tensors
-        n, m = idx.shape
-        d_in, d_sae = W_enc.shape
+    def backward(ctx, g):  # g [nnz]
+        xc, rows, cols, W_enc = ctx.saved_tensors
+        n = xc.shape[0]
+        d_sae = W_enc.shape[1]
         g = g.float()
-        cols = idx.reshape(-1)  # [n·m]
-        grad_b_enc = torch.zeros(d_sae, device=g.device).index_add_(0, cols, g.reshape(-1))  # [d_sae]
-        # grad W_enc[:, j] = Σ_{(t, i): idx = j} g[t, i] xc[t], as a sparse [d_sae, n] @ [n, d_in] product.
-        # Entries sorted by (latent, token) are coalesced (a token picks a latent at most once), and
-        # saying so spares CUDA's addmm its own coalesce, which sorts and then waits for the host.
+        grad_b_enc = torch.zeros(d_sae, device=g.device).index_add_(0, cols, g)  # [d_sae]
+        # grad W_enc[:, j] = Σ_{e: cols[e] = j} g[e] xc[rows[e]], as a sparse [d_sae, n] @ [n, d_in] product.
+        # Sorted by latent (stably, so tokens stay in order within one) the entries are coalesced,
+        # and saying so spares CUDA's addmm its own coalesce, which sorts and then waits for the host.
         order = cols.argsort(stable=True)
-        rows = torch.arange(n, device=g.device).unsqueeze(1).expand(n, m).reshape(-1)  # [n·m] token of each entry
-        entries = torch.stack([cols[order], rows[order]])  # [2, n·m]
-        G = torch.sparse_coo_tensor(entries, g.reshape(-1)[order], (d_sae, n), is_coalesced=True, check_invariants=False)  # [d_sae, n]
+        G = torch.sparse_coo_tensor(torch.stack([cols[order], rows[order]]), g[order], (d_sae, n), is_coalesced=True, check_invariants=False)
         grad_W_enc = torch.sparse.mm(G, xc.float()).t()  # [d_in, d_sae]
         grad_b_dec = -(W_enc @ grad_b_enc)  # ∂pre[t, j]/∂b_dec = −W_enc[:, j]
-        return None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
+        return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+def _token_rows(n: int, m: int, device) -> Tensor:
+    """[n·m] the token of each entry of a row-major [n, m] selection."""
+    return torch.arange(n, device=device).unsqueeze(1).expand(n, m).reshape(-1)
 
 
 def top_dead(pre: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -167,26 +172,43 @@ class SAE(nn.Module):
         f = self.activate(pre)
         return SAEOutput(self.decode(f), f, pre)
 
-    def forward_sparse(self, x: Tensor, dead: Tensor | None = None, k_aux: int = 0, sync_free: bool | None = None) -> SparseOutput:
-        """The TopK forward for training, with only the active latents in the gradient work: the
-        decoder is a weighted gather of k rows (embedding_bag) and the encoder's backward a sparse
-        product. Same function as forward(); a dense step costs 10·d_in·d_sae FLOPs per token, this
-        one 2·d_in·d_sae (the encoder's forward) plus O(k·d_in).
+    def forward_sparse(self, x: Tensor, dead: Tensor | None = None, k_aux: int = 0, sync_free: bool | None = None,
+                       max_density: float = 1.0) -> SparseOutput | None:  # fmt: skip
+        """The training forward with only the active latents in the gradient work: the decoder is a
+        weighted gather of their rows (embedding_bag) and the encoder's backward a sparse product.
+        Same function as forward(); a dense step costs 10·d_in·d_sae FLOPs per token, this one
+        2·d_in·d_sae (the encoder's forward, which chooses the latents) plus O(L0·d_in).
 
-        `dead` [d_sae] bool adds, for AuxK, the top k_aux pre-activations among those latents
+        TopK keeps k latents per token: fixed shapes. A ReLU SAE keeps the positive ones, a number
+        read on the host; where more than `max_density` of all pre-activations are positive
+        (early in training) it returns None, and the dense path is the faster one.
+
+        `dead` [d_sae] bool adds, for TopK's AuxK, the top k_aux pre-activations among those latents
         (aux_vals is then zero where fewer than k_aux are dead). Choosing them either reads the dead
         count on the host, so the work scales with it (the CPU default), or, with `sync_free` (the
         CUDA default), always takes k_aux of the masked pre-activations: fixed shapes, no sync."""
-        assert self.cfg.activation == "topk", "forward_sparse is the TopK training path"
+        n = x.shape[0]
         with torch.no_grad():
             xc = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # [n, d_in]
             pre = torch.addmm(self.b_enc, xc, self.W_enc)  # [n, d_sae], bf16 under autocast
-            vals, idx = pre.topk(self.cfg.k, dim=-1)  # [n, k]
-        vals = _GatheredPre.apply(vals.float(), xc, idx, self.W_enc, self.b_enc, self.b_dec).relu()
-        x_hat = (F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec) / self.input_scale
+            if self.cfg.activation == "topk":
+                top, idx = pre.topk(self.cfg.k, dim=-1)  # [n, k]
+                rows, idx, top = _token_rows(n, self.cfg.k, x.device), idx.reshape(-1), top.reshape(-1)
+            else:
+                rows, idx = (pre > 0).nonzero(as_tuple=True)  # [nnz] each, in token order
+                if len(rows) > max_density * pre.numel():
+                    return None
+                top = pre[rows, idx]
+        vals = _GatheredPre.apply(top.float(), xc, rows, idx, self.W_enc, self.b_enc, self.b_dec).relu()  # [nnz]
+        if self.cfg.activation == "topk":  # [n] where each token's entries begin
+            starts = torch.arange(0, n * self.cfg.k, self.cfg.k, device=x.device)
+        else:
+            counts = torch.bincount(rows, minlength=n)  # [n]
+            starts = counts.cumsum(0) - counts
+        x_hat = (F.embedding_bag(idx, self.W_dec, starts, per_sample_weights=vals, mode="sum") + self.b_dec) / self.input_scale
         aux_vals = aux_idx = None
         sync_free = x.is_cuda if sync_free is None else sync_free
-        if dead is not None and k_aux > 0 and (sync_free or bool(dead.any())):
+        if self.cfg.activation == "topk" and dead is not None and k_aux > 0 and (sync_free or bool(dead.any())):
             with torch.no_grad():
                 if sync_free:
                     av, aux_idx = top_dead(pre, dead, min(k_aux, self.d_sae))  # [n, k_aux]
@@ -194,10 +216,13 @@ class SAE(nn.Module):
                     dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
                     av, ai = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1)
                     aux_idx = dead_idx[ai]
-            aux_vals = _GatheredPre.apply(av.float(), xc, aux_idx, self.W_enc, self.b_enc, self.b_dec)  # no ReLU (loss.loss_terms)
+            m = aux_idx.shape[1]
+            aux_rows, aux_cols = _token_rows(n, m, x.device), aux_idx.reshape(-1)
+            aux_vals = _GatheredPre.apply(av.float().reshape(-1), xc, aux_rows, aux_cols, self.W_enc, self.b_enc, self.b_dec)
+            aux_vals = aux_vals.reshape(n, m)  # no ReLU (loss.loss_terms)
             if sync_free:
                 aux_vals = aux_vals * dead[aux_idx]  # no gradient to latents that are not dead
-        return SparseOutput(x_hat, vals, idx, aux_vals, aux_idx)
+        return SparseOutput(x_hat, vals, rows, idx, aux_vals, aux_idx)
 
     @torch.no_grad()
     def folded(self) -> "SAE":

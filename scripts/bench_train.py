@@ -12,8 +12,8 @@ In one run, tokens/s for
             memory, loss.item() every step;
   - ours:   `train()` end to end, reading activations from an on-disk ActivationCache (bf16, as
             harvest writes it) the way it does in real use, with metrics, checkpoints and all;
-            once with the default precision and once forced to float32; for --penalty topk
-            also with the dense path (`--no-sparse`), so the sparse kernels' gain is visible.
+            once with the default precision, once forced to float32, and once with the dense
+            path (`--no-sparse`), so the sparse kernels' gain is visible (TopK; L1 on the CPU).
 and the ratios ours/naive and ours/limit. Each timing is the best of --repeats runs,
 interleaved, so a noisy machine slows every contestant alike.
 """
@@ -93,9 +93,9 @@ def naive_tokens_per_s(acts: torch.Tensor, d_sae: int, batch: int, steps: int, d
 
 def ours_tokens_per_s(cache: Path, out: Path, d_in: int, d_sae: int, batch: int, tokens: int, device, precision: str, compile: bool, k: int = 0, sparse: bool = True) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    penalty = dict(penalty="topk", k=k, sparse=sparse) if k else {}
+    penalty = dict(penalty="topk", k=k) if k else {}
     cfg = TrainConfig(acts=str(cache), out=str(out), expansion=d_sae // d_in, batch_size=batch, tokens=tokens, device=str(device),
-                      precision=precision, compile=compile, log_every=50, **penalty)  # fmt: skip
+                      precision=precision, compile=compile, sparse=sparse, log_every=50, **penalty)  # fmt: skip
     sync(device)
     t = time.perf_counter()
     train(cfg)
@@ -151,9 +151,7 @@ def main():
         n_cache = min(tokens, 2_000_000)
         write_cache(cache, args.d_in, n_cache)
         acts = ActivationCache.open(cache).load(("activations",))["activations"]  # [n, d_in] bf16, in memory
-        runs = {"naive": [], "ours": [], "ours_fp32": []}
-        if k:
-            runs["ours_dense"] = []
+        runs = {"naive": [], "ours": [], "ours_fp32": [], "ours_dense": []}
         if args.compile:
             runs["ours_compiled"] = []
         for _ in range(args.repeats):
@@ -162,8 +160,7 @@ def main():
             runs["ours"].append(ours("auto", False))
             if amp is not None:
                 runs["ours_fp32"].append(ours("float32", False))
-            if k:
-                runs["ours_dense"].append(ours("auto", False, sparse=False))
+            runs["ours_dense"].append(ours("auto", False, sparse=False))
             if args.compile:
                 runs["ours_compiled"].append(ours("auto", True))
     best = {k: max(v) for k, v in runs.items() if v}

@@ -2,11 +2,12 @@
 path against the dense one."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from sae_lens_lite.loss import KL_TAU, loss_terms, sparse_topk_terms, total_loss
+from sae_lens_lite.loss import KL_TAU, loss_terms, sparse_terms, total_loss
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.train import TrainConfig
 
@@ -54,36 +55,59 @@ def test_auxk_loss_reaches_only_dead_latents():
     assert (grad_cols[5:] == 0).all() and (grad_cols[:5] > 0).any()
 
 
-@pytest.mark.parametrize("sync_free", [False, True])  # True: the CUDA default, forced here on the CPU
-@pytest.mark.parametrize("n_dead", [0, 5])
-def test_sparse_topk_path_equals_the_dense_one(n_dead, sync_free):
+SPARSE_CASES = [  # (penalty, dead latents, sync_free); sync_free=True is the CUDA default, forced here on the CPU
+    ("topk", 0, False), ("topk", 5, False), ("topk", 0, True), ("topk", 5, True), ("l1", 0, None), ("kl", 0, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("penalty,n_dead,sync_free", SPARSE_CASES)
+def test_sparse_path_equals_the_dense_one(penalty, n_dead, sync_free):
     """forward_sparse (gather decoder, sparse encoder backward) gives the dense path's loss terms,
-    metrics and gradients for every parameter, AuxK included, with either way of picking the
-    dead latents."""
+    metrics and gradients for every parameter: the penalty's gradient included (λ = 0.7), AuxK with
+    either way of picking the dead latents."""
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=16, d_sae=64, activation="topk", k=4))
+    topk = penalty == "topk"
+    sae = SAE(SAEConfig(d_in=16, d_sae=64, activation="topk" if topk else "relu", k=4 if topk else None))
     with torch.no_grad():
-        sae.b_enc.normal_()
+        sae.b_enc.normal_(mean=0.0 if topk else -0.8)  # ReLU: about a quarter of the latents active
         sae.b_dec.normal_()
         sae.input_scale.fill_(1.7)
     x = torch.randn(48, 16)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64)[:n_dead]] = True
+    cfg = TrainConfig(penalty=penalty, k=4, kl_rho=0.05)
     got = {}
     for sparse in (False, True):
-        cfg = TrainConfig(penalty="topk", k=4, sparse=sparse)
         sae.zero_grad()
-        t = sparse_topk_terms(sae, x, dead, sync_free) if sparse else loss_terms(sae, x, cfg, dead)
-        total_loss(t, torch.tensor(0.0), cfg).backward()
+        t = sparse_terms(sae, x, cfg, dead, sync_free, max_density=1.0) if sparse else loss_terms(sae, x, replace(cfg, sparse=False), dead)
+        total_loss(t, torch.tensor(0.7), cfg).backward()
         got[sparse] = t, {name: p.grad.clone() for name, p in sae.named_parameters()}
     (t_dense, g_dense), (t_sparse, g_sparse) = got[False], got[True]
-    assert (float(t_dense["aux"].detach()) > 0) == (n_dead > 0)
-    for key in ("mse", "aux", "l0", "sse", "sst"):
+    if topk:
+        assert (float(t_dense["aux"].detach()) > 0) == (n_dead > 0)
+    else:
+        assert 0.1 < float(t_dense["l0"]) / 64 < 0.5
+    for key in ("mse", {"topk": "aux"}.get(penalty, penalty), "l0", "sse", "sst"):
         assert float(t_sparse[key]) == pytest.approx(float(t_dense[key]), rel=1e-5, abs=1e-7), key
     assert torch.equal(t_sparse["fired"], t_dense["fired"])
     for name, g in g_dense.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(g_sparse[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_relu_sparse_path_steps_aside_while_many_latents_are_active():
+    """Early in an L1 run most latents fire; above max_density the sparse path returns None and
+    loss_terms computes the dense terms instead."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, d_sae=64))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # most pre-activations positive
+    x = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    cfg = TrainConfig(penalty="l1")
+    assert sparse_terms(sae, x, cfg, dead, max_density=0.05) is None
+    t, t_dense = loss_terms(sae, x, cfg, dead), loss_terms(sae, x, replace(cfg, sparse=False), dead)
+    assert float(t["l0"]) > 0.05 * 64 and float(t["l1"]) == float(t_dense["l1"])
 
 
 @pytest.mark.parametrize("sparse", [False, True])
