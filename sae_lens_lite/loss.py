@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
 KL_TAU = 0.1  # KL: a latent counts as firing once its contribution ‖f_j W_dec,j‖ passes ~τ (‖x‖ ≈ √d_in)
 PENALTY_TERM = {"l1": "l1", "kl": "kl", "topk": "aux"}  # the term each recipe logs as its penalty
-SPARSE_MAX_DENSITY = 0.05  # ReLU SAEs: the sparse path runs while at most this share of latents is active
+SPARSE_MAX_DENSITY = 0.05  # ReLU SAEs: the sparse path runs while at most this share of latents is active (d_in >= 256)
 
 
 def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
@@ -93,12 +93,17 @@ def metric_terms(t: dict[str, Tensor], x: Tensor, err: Tensor, s: Tensor) -> dic
 
 
 def sparse_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor, sync_free: bool | None = None,
-                 max_density: float = SPARSE_MAX_DENSITY) -> dict[str, Tensor] | None:  # fmt: skip
+                 max_density: float | None = None) -> dict[str, Tensor] | None:  # fmt: skip
     """loss_terms through SAE.forward_sparse: the same loss and metrics, with the decoder and the
     encoder's backward working on the active latents only (docs/training.md#speed). None where a
     ReLU SAE has more than max_density of its latents active (the dense path is faster then)."""
     s = sae.input_scale
     n = x.shape[0]
+    if max_density is None:
+        # Measured on a 2-core CPU (benchmarks.md): the sparse step stops paying at ~5% active
+        # latents for d_in 256 and 576, at ~2.7% for d_in 128, where its per-entry bookkeeping
+        # weighs more against the d_in-long rows it saves.
+        max_density = SPARSE_MAX_DENSITY * min(1.0, sae.d_in / 256)
     k_aux = min(sae.d_in // 2, sae.d_sae) if cfg.penalty == "topk" else 0
     out = sae.forward_sparse(x, dead, k_aux=k_aux, sync_free=sync_free, max_density=max_density)
     if out is None:

@@ -36,6 +36,7 @@ from .fsutil import save_safetensors_atomic, write_json_atomic
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
+PROBE_TOKENS = 64  # forward_sparse: tokens whose activity decides between the sparse and dense paths
 
 
 @dataclass
@@ -180,8 +181,9 @@ class SAE(nn.Module):
         2·d_in·d_sae (the encoder's forward, which chooses the latents) plus O(L0·d_in).
 
         TopK keeps k latents per token: fixed shapes. A ReLU SAE keeps the positive ones, a number
-        read on the host; where more than `max_density` of all pre-activations are positive
-        (early in training) it returns None, and the dense path is the faster one.
+        read on the host; where more than `max_density` of the pre-activations of the batch's
+        first 64 tokens are positive (early in training) it returns None, having spent little,
+        and the dense path is the faster one.
 
         `dead` [d_sae] bool adds, for TopK's AuxK, the top k_aux pre-activations among those latents
         (aux_vals is then zero where fewer than k_aux are dead). Choosing them either reads the dead
@@ -190,14 +192,16 @@ class SAE(nn.Module):
         n = x.shape[0]
         with torch.no_grad():
             xc = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # [n, d_in]
+            if self.cfg.activation == "relu" and max_density < 1:  # decide on a few tokens, before the full product
+                probe = torch.addmm(self.b_enc, xc[:PROBE_TOKENS], self.W_enc)  # [64, d_sae]
+                if float((probe > 0).float().mean()) > max_density:
+                    return None
             pre = torch.addmm(self.b_enc, xc, self.W_enc)  # [n, d_sae], bf16 under autocast
             if self.cfg.activation == "topk":
                 top, idx = pre.topk(self.cfg.k, dim=-1)  # [n, k]
                 rows, idx, top = _token_rows(n, self.cfg.k, x.device), idx.reshape(-1), top.reshape(-1)
             else:
                 rows, idx = (pre > 0).nonzero(as_tuple=True)  # [nnz] each, in token order
-                if len(rows) > max_density * pre.numel():
-                    return None
                 top = pre[rows, idx]
         vals = _GatheredPre.apply(top.float(), xc, rows, idx, self.W_enc, self.b_enc, self.b_dec).relu()  # [nnz]
         if self.cfg.activation == "topk":  # [n] where each token's entries begin

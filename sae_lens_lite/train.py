@@ -71,7 +71,7 @@ class TrainConfig:
     kl_beta: float = field(default=1.0, metadata={"help": "β of the KL penalty"})
     kl_rho: float = field(default=0.005, metadata={"help": "target firing rate ρ of every latent for the KL penalty"})
     k: int = field(default=32, metadata={"help": "latents kept per token for topk"})
-    sparse: bool = field(default=True, metadata={"help": "decoder and encoder backward on the active latents only (gathers and a sparse product, not dense matmuls): topk everywhere, l1/kl on the CPU once at most 5% of latents fire; --no-sparse for the dense path"})
+    sparse: bool = field(default=True, metadata={"help": "decoder and encoder backward on the active latents only (gathers and a sparse product, not dense matmuls): topk everywhere, l1/kl on the CPU once at most 5% of latents fire (less below d_in 256); --no-sparse for the dense path"})
     target_l0: float = field(default=0.0, metadata={"help": "adapt λ (or β) during training until L0 settles here (0: off; l1/kl)"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (warm-up over the first 1% of steps, linear decay over the last 20%)"})
     batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
