@@ -214,8 +214,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     if not hook:
         raise UserError(f"{cfg.sae}/config.json names no hook; set \"hook\" there to where the SAE was trained")
     T = cfg.context_length or sae.cfg.context_length or 128
-    if cfg.sparsity_acts:  # a wrong cache fails before the model runs
-        _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts")
+    # a wrong cache fails before the model runs
+    held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
     out = _out_dir(cfg)
     if lm is None:
         if not (cfg.model or sae.cfg.model):
@@ -254,7 +254,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
             recon.add(x[i : i + CHUNK], o.x_hat)
             sparse.add(o.latents)
     recon, sparse = recon.result(), sparse.result()
-    held_out = cache_sparsity(sae, cfg.sparsity_acts, device) if cfg.sparsity_acts else None
+    held_out = cache_sparsity(sae, held_cache, device) if held_cache is not None else None
     times["activations_and_sae"] = time.perf_counter() - t
 
     # baselines: reconstruct functions, fitted once, scored the same way as the SAE
@@ -380,17 +380,17 @@ def _fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
 
 
 @torch.inference_mode()
-def cache_sparsity(sae: SAE, path: str, device) -> dict:
-    """Sparsity metrics (SparsityStats) over every activation in a cache: with many more tokens
-    than the eval set, a latent that fires once in 100k tokens is not counted as dead."""
-    cache = _open_cache(path, sae.cfg.hook, sae.d_in, "--sparsity-acts")
+def cache_sparsity(sae: SAE, cache, device) -> dict:
+    """Sparsity metrics (SparsityStats) over every activation in an ActivationCache (see
+    _open_cache): with many more tokens than the eval set, a latent that fires once in 100k tokens
+    is not counted as dead."""
     stats = SparsityStats(sae.d_sae)
     batches = cache.iter_batches(CHUNK, shuffle=False, device=device)
     for x in tqdm(batches, total=-(-cache.n_tokens // CHUNK), desc="sparsity on --sparsity-acts", unit="batch", leave=False):
         stats.add(sae.encode(x))
     r = stats.result()
     del r["firing_frequency"]
-    return {"acts": str(path), **r}
+    return {"acts": str(cache.path), **r}
 
 
 @torch.inference_mode()

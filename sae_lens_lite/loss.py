@@ -64,7 +64,7 @@ def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str,
         # gives dead latents a gradient again. Zero when nothing is dead. No ReLU here: a latent is
         # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
         # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
-        vals, idx = top_dead(out.pre_acts.float(), dead, min(sae.d_in // 2, sae.d_sae))  # [n, k_aux]
+        vals, idx = top_dead(out.pre_acts.float(), dead, aux_k(sae))  # [n, k_aux]
         t["aux"] = auxk(err, sae.W_dec, idx, vals, dead)
     t["fired"] = fired.detach() > 0  # [d_sae]
     t["l0"] = torch.count_nonzero(f.detach()) / n
@@ -75,6 +75,11 @@ def kl_penalty(rho_hat: Tensor, rho: float) -> Tensor:
     """Σ_j KL(ρ ‖ ρ̂_j) between Bernoulli firing rates, ρ̂ [d_sae] clamped away from 0 and 1."""
     rho_hat = rho_hat.clamp(1e-6, 1 - 1e-6)
     return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+
+def aux_k(sae: SAE) -> int:
+    """How many dead latents AuxK uses per token: d_in / 2 (Gao et al. 2024)."""
+    return min(sae.d_in // 2, sae.d_sae)
 
 
 def auxk(err: Tensor, W_dec: Tensor, idx: Tensor, vals: Tensor, dead: Tensor) -> Tensor:
@@ -104,7 +109,7 @@ def sparse_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor, sync_free:
         # latents for d_in 256 and 576, at ~2.7% for d_in 128, where its per-entry bookkeeping
         # weighs more against the d_in-long rows it saves.
         max_density = SPARSE_MAX_DENSITY * min(1.0, sae.d_in / 256)
-    k_aux = min(sae.d_in // 2, sae.d_sae) if cfg.penalty == "topk" else 0
+    k_aux = aux_k(sae) if cfg.penalty == "topk" else 0
     out = sae.forward_sparse(x, dead, k_aux=k_aux, sync_free=sync_free, max_density=max_density)
     if out is None:
         return None

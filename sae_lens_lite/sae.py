@@ -200,15 +200,13 @@ class SAE(nn.Module):
             if self.cfg.activation == "topk":
                 top, idx = pre.topk(self.cfg.k, dim=-1)  # [n, k]
                 rows, idx, top = _token_rows(n, self.cfg.k, x.device), idx.reshape(-1), top.reshape(-1)
+                starts = torch.arange(0, n * self.cfg.k, self.cfg.k, device=x.device)  # [n] where each token's entries begin
             else:
                 rows, idx = (pre > 0).nonzero(as_tuple=True)  # [nnz] each, in token order
                 top = pre[rows, idx]
+                counts = torch.bincount(rows, minlength=n)  # [n]
+                starts = counts.cumsum(0) - counts
         vals = _GatheredPre.apply(top.float(), xc, rows, idx, self.W_enc, self.b_enc, self.b_dec).relu()  # [nnz]
-        if self.cfg.activation == "topk":  # [n] where each token's entries begin
-            starts = torch.arange(0, n * self.cfg.k, self.cfg.k, device=x.device)
-        else:
-            counts = torch.bincount(rows, minlength=n)  # [n]
-            starts = counts.cumsum(0) - counts
         x_hat = (F.embedding_bag(idx, self.W_dec, starts, per_sample_weights=vals, mode="sum") + self.b_dec) / self.input_scale
         aux_vals = aux_idx = None
         sync_free = x.is_cuda if sync_free is None else sync_free
