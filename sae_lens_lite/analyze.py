@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .cache import ActivationCache
+from .config import check_numbers
 from .errors import UserError
 from .fsutil import prepare_out_dir, write_text_atomic
 from .harvest import resolve_device
@@ -31,6 +32,8 @@ from .models import LoadedModel, load_model
 from .sae import SAE
 
 FORMAT = "sae_lens_lite.features"
+VERSION = 1
+FEATURES_FILE = "features.json"
 LOG2_BINS = 6
 N_BINS = 1 << LOG2_BINS  # histogram bins per feature
 N_LENS = 10  # tokens listed as promoted / suppressed by the logit lens
@@ -50,6 +53,10 @@ class AnalyzeConfig:
     max_features: int | None = field(default=None, metadata={"help": "put only the N best-ranked features in the page (features.json keeps all)"})
     model: str | None = field(default=None, metadata={"help": "model for token text and the logit lens; default: the one the cache was harvested from"})
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty --out that holds other files"})
+
+    def __post_init__(self):
+        # top-k >= 2: the score compares examples in pairs
+        check_numbers(self, top_k=(2, None), ctx_before=(1, None), ctx_after="non-negative", batch_size="positive", max_features="positive")
 
 
 # ---- pass 1: streamed statistics --------------------------------------------------------------
@@ -306,20 +313,88 @@ def random_window_jaccard(tokens: Tensor, doc: Tensor, pos: Tensor, before: int,
     return float(window_jaccard(t[0], t[1]).mean())
 
 
+# ---- features.json: the one schema, written below and read by export.py and browser/ ------------
+
+
+class Feature(TypedDict):
+    """One entry of features.json's "features" (docs/analysis.md). Readers take the keys from
+    here; a key added later that old files lack belongs in a NotRequired[...] annotation."""
+
+    id: int
+    rank: int  # 1 = best score
+    score: float
+    token_score: float
+    context_score: float
+    lens_score: float
+    frequency: float  # share of tokens on which the feature is > 0
+    mean_act: float  # over the tokens where it fires
+    max_act: float
+    hist: dict  # {"bin_width": float, "counts": [int]}: bin i covers [i, i+1) × bin_width
+    top_tokens: list  # [[token id, share of the top examples' activation]]
+    lens: dict  # logit lens: {"promoted": [[token id, logit]], "suppressed": [[token id, logit]]}
+    examples: list  # [{"row", "doc", "pos", "act", "center", "tokens": [ids], "acts": [...]}]
+
+
+class Analysis(TypedDict):
+    """The whole of features.json."""
+
+    format: str  # FORMAT
+    version: int
+    sae: str
+    acts: str
+    model: str
+    hook: str | None
+    n_tokens: int
+    d_sae: int
+    top_k: int
+    ctx_before: int
+    ctx_after: int
+    chance: dict  # {"same_token", "context_jaccard"}: the chance levels the score uses
+    vocab: dict  # token id (as a string) → its text, for every id used in the features
+    features: list[Feature]  # in id order
+
+
+def read_features(path: str | os.PathLike, d_sae: int | None = None) -> Analysis:
+    """features.json (or the analysis directory holding it), checked against the schema."""
+    path = Path(path)
+    f = path / FEATURES_FILE if path.is_dir() or not path.suffix else path
+    if not f.is_file():
+        raise UserError(f"{f} not found; run `sae-lite analyze --out {path}` first")
+    try:
+        data = json.loads(f.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({e}); run `sae-lite analyze` again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{f} is not a features.json written by `sae-lite analyze` (no \"format\": \"{FORMAT}\")")
+    if not isinstance(data.get("version"), int) or data["version"] > VERSION:
+        raise UserError(f"{f} has format version {data.get('version')!r}; this sae_lens_lite reads up to {VERSION}: upgrade it")
+    missing = sorted(set(Analysis.__required_keys__) - set(data))
+    if missing:
+        raise UserError(f"{f} lacks {', '.join(missing)}; it is damaged, run `sae-lite analyze` again")
+    feats = data["features"]
+    if not isinstance(feats, list) or len(feats) != data["d_sae"]:
+        raise UserError(f"{f} should list {data['d_sae']} features; it is damaged, run `sae-lite analyze` again")
+    for i, feat in enumerate(feats):
+        if not isinstance(feat, dict) or feat.get("id") != i or not Feature.__required_keys__ <= set(feat):
+            raise UserError(f"{f}: feature entry {i} does not fit the schema (docs/analysis.md); run `sae-lite analyze` again")
+    if d_sae is not None and data["d_sae"] != d_sae:
+        raise UserError(f"{f} describes an SAE with {data['d_sae']} features, this one has {d_sae}; pass the matching analysis")
+    return data
+
+
 # ---- the stage ------------------------------------------------------------------------------------
 
 
 def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     """Write features.json, ranking.csv, index.html and plots to cfg.out; returns a summary."""
     t0 = time.time()
-    if cfg.top_k < 2:
-        raise UserError(f"--top-k must be at least 2 (the score compares examples in pairs), got {cfg.top_k}")
-    if cfg.ctx_before < 1 or cfg.ctx_after < 0:
-        raise UserError("--ctx-before must be at least 1 and --ctx-after at least 0")
+    cfg.__post_init__()
     device = resolve_device(cfg.device)
     sae = SAE.load(cfg.sae).folded().to(device)  # folded: W_dec rows in activation units
     cache = ActivationCache.open(cfg.acts)
     m = cache.manifest
+    if cache.n_tokens == 0:
+        raise UserError(f"the cache {cfg.acts} holds no activations (its harvest filters dropped every row); harvest more text")
     if sae.d_in != cache.d_model:
         raise UserError(f"the SAE reads vectors of size {sae.d_in} but the cache {cfg.acts} holds {cache.d_model}; pass the cache it was trained on")
     if sae.cfg.hook and m.get("hook") and sae.cfg.hook != m["hook"]:
@@ -329,7 +404,7 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         if not model_name:
             raise UserError("the cache does not name its model; pass --model for token text and the logit lens")
         lm = load_model(model_name, device)
-    out = prepare_out_dir(cfg.out, cfg.overwrite, marker="features.json")
+    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=FEATURES_FILE)
 
     k, before, after = cfg.top_k, cfg.ctx_before, cfg.ctx_after
     st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), k)
@@ -353,6 +428,7 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     as_canon = lambda t: torch.where(t >= 0, canon[t.clamp(min=0)], -1)  # noqa: E731
     unigram_canon = torch.zeros(n_vocab).index_add_(0, canon, unigram)
     s = monosemanticity(as_canon(win_tok), win_doc, win_pos, st.top_vals, before, canon[up_i], unigram_canon, freq_t.float(), bag_chance, k)
+    s = {c: v.nan_to_num(0.0) for c, v in s.items()}  # never NaN (it would rank first); kept as a guard
     rank = torch.empty(sae.d_sae, dtype=torch.long)
     order = s["score"].argsort(descending=True, stable=True)
     rank[order] = torch.arange(1, sae.d_sae + 1)
@@ -369,35 +445,38 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         counts = st.hist[j].tolist()
         while counts and counts[-1] == 0:
             counts.pop()
-        vals, rows_j = r4(st.top_vals[j, :n_ex]), st.top_rows[j, :n_ex].tolist()
+        raw, vals, rows_j = st.top_vals[j, :n_ex].tolist(), r4(st.top_vals[j, :n_ex]), st.top_rows[j, :n_ex].tolist()
         toks, docs, poss, wacts = win_tok[j, :n_ex].tolist(), win_doc[j].tolist(), win_pos[j].tolist(), r4(win_acts[j, :n_ex])
         mass: dict[int, float] = {}
         examples = []
         for e in range(n_ex):
-            mass[toks[e][before]] = mass.get(toks[e][before], 0.0) + vals[e]
+            # Unrounded: a near-dead feature's top activations can all round to 0.
+            mass[toks[e][before]] = mass.get(toks[e][before], 0.0) + raw[e]
             keep = [i for i, t in enumerate(toks[e]) if t >= 0]
             examples.append({
                 "row": rows_j[e], "doc": docs[e][before], "pos": poss[e][before], "act": vals[e],
                 "center": sum(i < before for i in keep), "tokens": [toks[e][i] for i in keep], "acts": [wacts[e][i] for i in keep],
             })  # fmt: skip
         top_tokens = sorted(mass.items(), key=lambda kv: -kv[1])[:N_TOP_TOKENS]
-        features.append({
-            "id": j, "rank": int(rank[j]), "score": scores[j],
-            "token_score": comps["token"][j], "context_score": comps["context"][j], "lens_score": comps["lens"][j],
-            "frequency": freq[j], "mean_act": means[j], "max_act": maxes[j],
-            "hist": {"bin_width": 2.0 ** (int(st.hist_exp[j]) - LOG2_BINS) if counts else 0.0, "counts": counts},
-            "top_tokens": [[t, round(v / sum(vals), 4)] for t, v in top_tokens],
-            "lens": {"promoted": [[t, v] for t, v in zip(up_i[j].tolist(), r3(up_v[j]))],
-                     "suppressed": [[t, v] for t, v in zip(down_i[j].tolist(), r3(down_v[j]))]},
-            "examples": examples,
-        })  # fmt: skip
-    analysis = {
-        "format": FORMAT, "version": 1, "sae": str(cfg.sae), "acts": str(cfg.acts), "model": lm.name,
-        "hook": m.get("hook"), "n_tokens": st.n_rows, "d_sae": sae.d_sae, "top_k": k, "ctx_before": before,
-        "ctx_after": after, "chance": {"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
-        "vocab": vocab, "features": features,
-    }  # fmt: skip
-    write_text_atomic(out / "features.json", json.dumps(analysis, separators=(",", ":"), ensure_ascii=False))
+        total = sum(raw)  # > 0: every example fired
+        features.append(Feature(
+            id=j, rank=int(rank[j]), score=scores[j],
+            token_score=comps["token"][j], context_score=comps["context"][j], lens_score=comps["lens"][j],
+            frequency=freq[j], mean_act=means[j], max_act=maxes[j],
+            hist={"bin_width": 2.0 ** (int(st.hist_exp[j]) - LOG2_BINS) if counts else 0.0, "counts": counts},
+            top_tokens=[[t, round(v / total, 4)] for t, v in top_tokens],
+            lens={"promoted": [[t, v] for t, v in zip(up_i[j].tolist(), r3(up_v[j]))],
+                  "suppressed": [[t, v] for t, v in zip(down_i[j].tolist(), r3(down_v[j]))]},
+            examples=examples,
+        ))  # fmt: skip
+    analysis = Analysis(
+        format=FORMAT, version=VERSION, sae=str(cfg.sae), acts=str(cfg.acts), model=lm.name,
+        hook=m.get("hook"), n_tokens=st.n_rows, d_sae=sae.d_sae, top_k=k, ctx_before=before,
+        ctx_after=after, chance={"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
+        vocab=vocab, features=features,
+    )  # fmt: skip
+    # allow_nan=False: JSON has no NaN, and browsers' JSON.parse rejects the whole file over one.
+    write_text_atomic(out / FEATURES_FILE, json.dumps(analysis, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
     _write_ranking(out / "ranking.csv", [features[i] for i in order.tolist()], vocab)
     from .browser import write_page
 
@@ -405,7 +484,7 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     plots = write_plots(out, freq_t, st.l0, s["score"], st.n_rows)
     l0_mean = float((st.l0 * torch.arange(len(st.l0))).sum() / max(st.n_rows, 1))
     summary = {
-        "out": str(out), "features_json": str(out / "features.json"), "page": str(out / "index.html"),
+        "out": str(out), "features_json": str(out / FEATURES_FILE), "page": str(out / "index.html"),
         "ranking": str(out / "ranking.csv"), "plots": plots, "n_tokens": st.n_rows, "d_sae": sae.d_sae,
         "dead_features": int((st.count == 0).sum()), "mean_l0": l0_mean, "top_features": order[:10].tolist(),
         "seconds": round(time.time() - t0, 1),
@@ -427,15 +506,12 @@ def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:
 
 
 def write_plots(out: Path, freq: Tensor, l0: Tensor, score: Tensor, n_rows: int) -> list[str]:
-    """feature_density.png, l0_per_token.png, score_distribution.png (needs matplotlib)."""
-    try:
-        import matplotlib
+    """feature_density.png, l0_per_token.png, score_distribution.png."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
-        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     alive = freq[freq > 0]
     figs = {
         "feature_density.png": (torch.log10(alive).numpy(), "log10 firing frequency",

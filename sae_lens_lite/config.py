@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -57,6 +58,38 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             parser.add_argument(*names, type=tp, **kw)
         else:  # dicts and other structures are set in run files only
             continue
+
+
+def check_numbers(cfg, **bounds) -> None:
+    """Refuse a number a user passed that cannot work, naming its flag. Each bound is "positive"
+    (> 0), "non-negative" (>= 0), "fraction" (strictly between 0 and 1) or (low, high), inclusive,
+    either side None for open. Also refused: NaN, infinities, text or booleans where a number
+    belongs (run files are typed by hand), and fractions in whole-number fields. None passes (unset)."""
+    hints = typing.get_type_hints(type(cfg))
+    for name, bound in bounds.items():
+        v, flag = getattr(cfg, name), f"--{name.replace('_', '-')}"
+        if v is None:
+            continue
+        whole = int in (hints[name], *typing.get_args(hints[name]))
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"{flag} must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise UserError(f"{flag} must be a finite number, got {v}")
+        if whole and not float(v).is_integer():
+            raise UserError(f"{flag} must be a whole number, got {v}")
+        if bound == "positive" and not v > 0:
+            raise UserError(f"{flag} must be a positive {'integer' if whole else 'number'}, got {v}")
+        if bound == "non-negative" and not v >= 0:
+            raise UserError(f"{flag} must not be negative, got {v}")
+        if bound == "fraction" and not 0 < v < 1:
+            raise UserError(f"{flag} must lie strictly between 0 and 1, got {v}")
+        if isinstance(bound, tuple):
+            lo, hi = bound
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                span = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"between {lo} and {hi}"
+                raise UserError(f"{flag} must be {span}, got {v}")
+        if whole:
+            setattr(cfg, name, int(v))
 
 
 def from_namespace(cls, ns: argparse.Namespace):

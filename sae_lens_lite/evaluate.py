@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .baselines import fit_pca, fit_vae, vae_activity
-from .config import opt
+from .config import check_numbers, opt
 from .errors import UserError
 from .fsutil import write_json_atomic, write_text_atomic
 from .harvest import check_context_length, load_texts, resolve_device, special_token_ids, tokenize_corpus
@@ -57,6 +57,10 @@ class EvalConfig:
     sparsity_acts: str | None = opt(None, "also count dead and dense latents over this activation cache (harvest held-out text at the SAE's hook): the eval tokens are too few to tell rare latents from dead ones")
     out: str | None = opt(None, "directory for report.json, report.md and density.png; default: <sae>/eval")
     overwrite: bool = opt(False, "replace an existing report in --out")
+
+    def __post_init__(self):
+        # context_length >= 2: a context of one token predicts nothing
+        check_numbers(self, tokens="positive", skip_tokens="non-negative", context_length=(2, None), batch_size="positive")
 
 
 # ---- metrics on activations ---------------------------------------------------------------
@@ -206,8 +210,7 @@ def eval_contexts(tokenizer, dataset: str, context_length: int, tokens: int, ski
 def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     """Evaluate the SAE in cfg.sae; writes report.json, report.md, density.png and returns the report."""
     times, t0 = {}, time.perf_counter()
-    if cfg.tokens < 1 or (cfg.skip_tokens or 0) < 0 or cfg.batch_size < 1:
-        raise UserError("--tokens and --batch-size must be positive and --skip-tokens non-negative")
+    cfg.__post_init__()
     device = resolve_device(cfg.device)
     sae = SAE.load(cfg.sae, device).eval().requires_grad_(False)
     hook = sae.cfg.hook
@@ -307,9 +310,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     report["warnings"] = _warnings(cfg.dataset, skip, trained_on, sparse, held_out)
     report["config"] = asdict(cfg)
 
-    report["files"] = {"report": "report.json", "summary": "report.md"}
-    if plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {hook}", DENSE_FREQ):
-        report["files"]["density"] = "density.png"
+    plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {hook}", DENSE_FREQ)
+    report["files"] = {"report": "report.json", "summary": "report.md", "density": "density.png"}
     times["total"] = time.perf_counter() - t0
     report["timing_s"] = times
     write_text_atomic(out / "report.md", markdown_summary(report))

@@ -75,9 +75,14 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not text (not UTF-8); is it the right file?") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not the object of settings expected")
+    return data
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -333,54 +338,26 @@ def import_cmd(cfg: ImportConfig) -> Path:
 
 # ---- feature dictionary ---------------------------------------------------------------------
 
-# What we read from each entry of the analysis's features.json, under the first name present.
-ANALYSIS_FIELDS = {
-    "id": ("id", "feature", "feature_id", "latent", "index"),
-    "rank": ("rank",),
-    "score": ("score", "monosemanticity", "interpretability"),
-    "frequency": ("frequency", "freq", "firing_rate", "density"),
-    "top_tokens": ("top_tokens", "tokens"),
-    "top_contexts": ("top_contexts", "top_examples", "examples", "contexts"),
-    "logit_lens": ("logit_lens", "top_logits", "logits"),
-}
-
-
 def read_analysis(analysis: str | os.PathLike, d_sae: int) -> dict[int, dict]:
-    """{feature id: {rank, score, frequency, top_tokens, top_contexts, logit_lens}} from
-    `analysis`/features.json: a list of feature objects, or an object whose "features" is
-    such a list or maps ids to objects. Missing fields are None; unknown ones are ignored."""
-    path = Path(analysis)
-    f = path / "features.json" if path.is_dir() or not path.suffix else path
-    if not f.exists():
-        raise UserError(f"{f} not found; run `sae-lite analyze --out {path}` first or leave out --analysis")
-    data = _read_json(f)
-    if isinstance(data, dict):
-        if data.get("d_sae") not in (None, d_sae):
-            raise UserError(f"{f} describes an SAE with {data['d_sae']} features, this one has {d_sae}; pass the matching analysis")
-        data = data.get("features", [])
-    if isinstance(data, dict):
-        data = [{"id": int(i), **v} for i, v in data.items()]
-    if not isinstance(data, list):
-        raise UserError(f"{f}: expected a list of features or an object with a 'features' field")
+    """{feature id: {rank, score, frequency, top_tokens, top_contexts, logit_lens}} from the
+    features.json of `sae-lite analyze` (its schema: analyze.Feature), token ids turned into text."""
+    from .analyze import read_features
+
+    data = read_features(analysis, d_sae)
+    vocab = data["vocab"]
+    text = lambda t: vocab.get(str(t), f"<{t}>")  # noqa: E731
     out: dict[int, dict] = {}
-    for n, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise UserError(f"{f}: feature entry {n} is not an object")
-        got = {key: next((entry[a] for a in names if a in entry), None) for key, names in ANALYSIS_FIELDS.items()}
-        fid = got.pop("id")
-        if not isinstance(fid, int) or not 0 <= fid < d_sae:
-            raise UserError(f"{f}: feature entry {n} has id {fid!r}, expected an integer in [0, {d_sae}); is it this SAE's analysis?")
-        if isinstance(got["score"], float) and not math.isfinite(got["score"]):
-            got["score"] = None  # NaN (e.g. a feature that never fired) is no score, and cannot be ranked
-        freq = got["frequency"]
-        if freq is not None and not 0 <= float(freq) <= 1:
-            raise UserError(f"{f}: feature {fid} has frequency {freq}, expected a fraction of tokens in [0, 1]")
-        out[fid] = got
-    if out and all(v["rank"] is None for v in out.values()) and any(v["score"] is not None for v in out.values()):
-        # No ranks given: rank by score, highest first; unscored features get none.
-        scored = sorted((i for i, v in out.items() if v["score"] is not None), key=lambda i: -float(out[i]["score"]))
-        for r, i in enumerate(scored):
-            out[i]["rank"] = r
+    for f in data["features"]:
+        score = f["score"]
+        out[f["id"]] = {
+            "rank": f["rank"],
+            "score": score if isinstance(score, (int, float)) and math.isfinite(score) else None,
+            "frequency": f["frequency"],
+            "top_tokens": [{"id": t, "token": text(t), "share": s} for t, s in f["top_tokens"]],
+            "top_contexts": [{"act": e["act"], "center": e["center"], "tokens": [text(t) for t in e["tokens"]], "acts": e["acts"]}
+                             for e in f["examples"]],  # fmt: skip
+            "logit_lens": {side: [{"id": t, "token": text(t), "logit": v} for t, v in f["lens"][side]] for side in ("promoted", "suppressed")},
+        }
     return out
 
 

@@ -51,16 +51,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def prepare_out_dir(path: str | os.PathLike, overwrite: bool, marker: str) -> Path:
+def prepare_out_dir(path: str | os.PathLike, overwrite: bool, marker: str, debris: tuple[str, ...] = ()) -> Path:
     """Create an output directory, refusing one that holds other work unless `overwrite`.
 
     `marker` is the file that identifies our own output of this kind (for example
     config.json of an SAE); a directory holding only that kind of output may be resumed into.
+    `debris`: glob patterns of files the stage writes before its marker (a run killed that
+    early left them); a directory holding nothing else is ours too.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is not a directory: choose another --out")
-    if path.exists() and any(path.iterdir()) and not overwrite and not (path / marker).exists():
+    ours = lambda p: any(p.match(pat) for pat in debris)  # noqa: E731
+    if path.exists() and not overwrite and not (path / marker).exists() and not all(ours(p) for p in path.iterdir()):
         raise UserError(f"{path} is not empty and holds other work: choose another --out or pass --overwrite")
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cache import DTYPES, CacheWriter
-from .config import opt
+from .config import check_numbers, opt
 from .errors import UserError
 from .models import LoadedModel, hook_point, load_model, run_to_hooks
 
@@ -43,6 +43,12 @@ class HarvestConfig:
     nonfinite: str = opt("error", "NaN/Inf activations: 'error' refuses the harvest, 'skip' drops those rows")
     overwrite: bool = opt(False, "replace a cache in --out made with different settings")
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model (off unless you trust it)")
+
+    def __post_init__(self):
+        check_numbers(self, tokens="positive", context_length="positive", batch_size="positive", contexts_per_shard="positive",
+                      drop_first="non-negative", outlier_factor="non-negative")  # fmt: skip
+        if self.drop_first >= self.context_length:
+            raise UserError(f"--drop-first {self.drop_first} drops every position of a {self.context_length}-token context; lower it")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -76,11 +82,11 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         files = sorted(path.glob("*.txt"))
         if not files:
             raise UserError(f"corpus directory {dataset} holds no .txt files")
-        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        return [read_text_file(f) for f in files]
     if path.suffix == ".txt":
         if not path.is_file():
             raise UserError(f"corpus file {dataset} not found")
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        return [read_text_file(path)]
     import datasets
 
     datasets.disable_progress_bars()
@@ -101,6 +107,19 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
     if text_column not in ds.column_names:
         raise UserError(f"corpus {dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column")
     return [t for t in ds[text_column] if isinstance(t, str)]
+
+
+BAD_BYTES = 0.01  # a text file may hold a few invalid UTF-8 bytes (they become U+FFFD), not more
+
+
+def read_text_file(path: Path) -> str:
+    """A .txt corpus file as text; binary data (NUL bytes, or more than 1% of it not UTF-8) is
+    refused: tokenised, it would make a complete-looking cache of noise."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    if b"\0" in data or text.count("\ufffd") > BAD_BYTES * max(len(text), 1):
+        raise UserError(f"corpus file {path} is not UTF-8 text (binary data?); point --dataset at a text file")
+    return text
 
 
 def corpus_fingerprint(texts: list[str]) -> str:
@@ -176,6 +195,7 @@ def cache_dirs(cfg: HarvestConfig) -> dict[str, Path]:
 
 def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path]:
     """Write one activation cache per hook; returns {hook: cache directory}. Resumable."""
+    cfg.__post_init__()
     if not cfg.hooks:
         raise UserError("no hook given; pass --hook blocks.L.hook_resid_post (for example)")
     if cfg.nonfinite not in ("error", "skip"):
@@ -252,6 +272,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                     writers[h].sync()  # rank 0 enters this round's shards in the manifest
         bar.close()
         for h in todo:
+            if world == 1 and writers[h].manifest["n_tokens"] == 0:
+                raise UserError(f"the filters dropped every row of {dirs[h]} (--drop-first, --drop-special, --outlier-factor); harvest more text or filter less")
             writers[h].finish(d_model=lm.d_model, harvest_config=asdict(cfg))
     finally:
         for w in writers.values():

@@ -24,17 +24,14 @@ def density_histogram(freq: Tensor, bins: int = 40) -> dict:
     return {"bin_edges_log10": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts], "dead": int((freq == 0).sum())}
 
 
-def plot_density(freq: Tensor, path: Path, title: str, dense_freq: float) -> bool:
+def plot_density(freq: Tensor, path: Path, title: str, dense_freq: float) -> None:
     """Histogram of log10 firing frequency of the latents that fire at all, with the `dense_freq`
-    threshold marked; False if matplotlib is missing."""
-    try:
-        import matplotlib
+    threshold marked."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("eval: matplotlib is not installed, skipping density.png (pip install matplotlib)")
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     live = freq[freq > 0].log10().cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(live, bins=50, color="#4477aa")
@@ -48,7 +45,6 @@ def plot_density(freq: Tensor, path: Path, title: str, dense_freq: float) -> boo
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
-    return True
 
 
 def fmt(v, digits: int = 4) -> str:

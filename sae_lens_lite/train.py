@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
+from .config import check_numbers
 from .errors import UserError
 from .harvest import resolve_device
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
@@ -54,6 +55,8 @@ INIT_TOKENS = 65_536  # tokens used to estimate the input scale and the data mea
 RESIDENT_FRACTION = 0.25  # on a GPU, hold the whole cache in memory when it takes at most this much of what is free
 CHECKPOINT = "checkpoint.json"
 METRICS = "metrics.jsonl"
+# What a run writes into --out besides the SAE; a run killed before its first checkpoint leaves only these.
+RUN_FILES = (METRICS, "checkpoint_*.safetensors", "*.tmp")
 # Fields that change the result: a run resumes only if they are the same.
 RUN_KEYS = (
     "expansion", "penalty", "l1", "k", "kl_beta", "kl_rho", "target_l0", "lr", "batch_size",
@@ -86,6 +89,11 @@ class TrainConfig:
     log_every: int = field(default=50, metadata={"help": "steps between metric reads (metrics.jsonl, progress bar)"})
     wandb: str = field(default="", metadata={"help": "also log to this Weights & Biases project (needs `pip install wandb`)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --out instead of resuming it"})
+
+    def __post_init__(self):
+        check_numbers(self, expansion="positive", l1="non-negative", kl_beta="non-negative", kl_rho="fraction", k="positive",
+                      target_l0="non-negative", lr="positive", batch_size="positive", tokens="non-negative",
+                      dead_window="positive", checkpoint_every="positive", log_every="positive")  # fmt: skip
 
 
 # ---- schedules (pure functions of the step, so a resumed run continues exactly) ---------------
@@ -132,14 +140,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def check_config(cfg: TrainConfig) -> None:
     if cfg.penalty not in PENALTIES:
         raise UserError(f"unknown --penalty {cfg.penalty!r}: use l1, kl or topk")
-    if cfg.expansion <= 0:
-        raise UserError(f"--expansion must be a positive integer, got {cfg.expansion}")
-    if cfg.batch_size <= 0 or cfg.log_every <= 0 or cfg.dead_window <= 0 or cfg.checkpoint_every <= 0:
-        raise UserError("--batch-size, --log-every, --dead-window and --checkpoint-every must be positive")
-    if cfg.lr <= 0 or cfg.l1 < 0 or cfg.kl_beta < 0 or cfg.tokens < 0 or cfg.target_l0 < 0:
-        raise UserError("--lr must be positive and --l1, --kl-beta, --tokens, --target-l0 not negative")
-    if not 0 < cfg.kl_rho < 1:
-        raise UserError(f"--kl-rho is a firing rate and must lie in (0, 1), got {cfg.kl_rho}")
+    cfg.__post_init__()  # the numbers again: a config's fields may have been set after it was made
     if cfg.penalty == "topk" and cfg.target_l0:
         raise UserError("--target-l0 adapts the l1/kl coefficient; for topk set the L0 directly with --k")
 
@@ -183,13 +184,27 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Tensor], info: dict) 
 
 
 def read_checkpoint(out: Path) -> dict | None:
+    """The run's checkpoint.json; None where nothing was saved yet (a run's first act is to write
+    one with "file": null, so that --out is known to be this run's from its first moment)."""
     f = out / CHECKPOINT
     if not f.exists():
         return None
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError:
+        ckpt = json.loads(f.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{f} is damaged; pass --overwrite to start the run again") from None
+    if not isinstance(ckpt, dict) or not {"step", "complete", "train_config", "sae_config"} <= set(ckpt):
+        raise UserError(f"{f} is not a training checkpoint; pass --overwrite to start the run again")
+    return ckpt if ckpt.get("file") or ckpt.get("complete") else None
+
+
+def clear_run(out: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove what an earlier, interrupted run left in `out` (metrics, checkpoint files, temporary
+    files) except the files named in `keep`; the run that follows writes them again."""
+    for pattern in RUN_FILES:
+        for p in out.glob(pattern):
+            if p.name not in keep and p.is_file():
+                p.unlink()
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -255,15 +270,27 @@ def train_on_batches(
         if diff:
             raise UserError(f"{out} holds a run with different settings ({', '.join(diff)}); use the same flags to resume, another --out, or --overwrite")
         if ckpt.get("complete"):
+            if main:  # a run killed while removing its checkpoint files left some behind
+                for p in out.glob("checkpoint_*.safetensors"):
+                    p.unlink()
             print(f"{out} already holds the finished run; pass --overwrite to train again")
             return SAE.load(out, device)
-        tensors = load_file(str(out / ckpt["file"]), device=str(device))
+        try:
+            tensors = load_file(str(out / ckpt["file"]), device=str(device))
+        except Exception as e:  # missing or damaged: safetensors raises its own error types
+            raise UserError(f"cannot read the checkpoint {out / ckpt['file']} ({e}); pass --overwrite to start the run again") from None
         sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         load_optimizer(opt, tensors)
         lam, since_fired, acc = tensors["lam"], tensors["since_fired"], tensors["acc"]
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         if main:
             _truncate_metrics(out / METRICS, step)
+            clear_run(out, keep=(ckpt["file"], METRICS))  # temporary files of the write the kill interrupted
+    elif out is not None and main:
+        # Nothing saved yet (a fresh --out, or a run killed before its first checkpoint): start
+        # over, and mark --out as this run's before anything else is written.
+        clear_run(out)
+        write_json_atomic(out / CHECKPOINT, {"step": 0, "complete": False, "file": None, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)})
 
     model = distributed.data_parallel(sae, device)  # DistributedDataParallel under torchrun, else the SAE
     loss_fn = torch.compile(loss_terms) if cfg.compile else loss_terms
@@ -376,7 +403,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint we resume from, so the log has no duplicates."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # the line a kill cut short
     write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
@@ -451,7 +484,7 @@ def train(cfg: TrainConfig) -> SAE:
     check_config(cfg)
     device = distributed.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
     cache = ActivationCache.open(cfg.acts)
-    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT)
+    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT, debris=RUN_FILES)
     if cfg.overwrite and distributed.is_main():
         for p in [out / CHECKPOINT, out / METRICS, out / WEIGHTS_FILE, out / CONFIG_FILE, *out.glob("checkpoint_*.safetensors")]:
             p.unlink(missing_ok=True)
@@ -485,7 +518,7 @@ def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:
     check_config(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("streaming training runs in one process; harvest a cache and train from it under torchrun")
-    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT)
+    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT, debris=RUN_FILES)
     if lm is None:
         device = resolve_device(harvest_cfg.device)
         lm = load_model(harvest_cfg.model, device, model_dtype(harvest_cfg.model_dtype, device), harvest_cfg.trust_remote_code)

@@ -223,3 +223,84 @@ def test_canonical_ids_merge_case_and_spacing_variants_only():
             return [self.texts[i[0]] for i in ids]
 
     assert canonical_ids(Tok(), 8).tolist() == [0, 0, 0, 3, 4, 5, 3, 7]
+
+
+# ---- what real SAEs and caches throw at it: near-dead, dead, one token ---------------------------
+
+
+def strict_json(path):
+    """features.json parsed as browsers parse it: NaN and Infinity are errors."""
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {path.name}"))
+
+
+def test_a_feature_whose_top_activations_round_to_zero_gets_top_tokens(tmp_path):
+    synthetic(tmp_path)
+    sae = SAE.load(tmp_path / "sae")
+    with torch.no_grad():
+        sae.W_enc[:, 2] = 0.0
+        sae.b_enc[2] = 1e-5  # fires on every token at 1e-5: rounded to 4 decimals, every top value is 0
+    sae.save(tmp_path / "sae")
+    run(tmp_path)
+    f2 = strict_json(tmp_path / "out" / "features.json")["features"][2]
+    assert f2["max_act"] == 0.0 and len(f2["examples"]) == 16
+    shares = [s for _, s in f2["top_tokens"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+
+
+@pytest.mark.parametrize("case", ["all_dead", "one_token"])
+def test_all_dead_sae_and_one_token_cache_give_a_valid_analysis(tmp_path, case):
+    synthetic(tmp_path)
+    sae = SAE.load(tmp_path / "sae")
+    if case == "all_dead":
+        with torch.no_grad():
+            sae.b_enc.fill_(-100.0)  # no feature ever fires
+        sae.save(tmp_path / "sae")
+    else:
+        import shutil
+
+        shutil.rmtree(tmp_path / "acts")
+        write_cache(tmp_path / "acts", torch.tensor([[TOKEN_ID]]), 6.0 * torch.eye(D)[None, :1])  # one row: feature 0 fires
+    summary, _ = run(tmp_path)
+    res = strict_json(tmp_path / "out" / "features.json")
+    feats = res["features"]
+    assert sorted(f["rank"] for f in feats) == list(range(1, 9))
+    if case == "all_dead":
+        assert summary["dead_features"] == 8 and summary["mean_l0"] == 0.0
+        assert all(f["score"] == 0.0 and f["top_tokens"] == [] and f["examples"] == [] and f["frequency"] == 0.0 for f in feats)
+    else:
+        assert res["n_tokens"] == 1 and feats[0]["frequency"] == 1.0 and feats[0]["top_tokens"] == [[TOKEN_ID, 1.0]]
+        assert feats[0]["examples"][0]["tokens"] == [TOKEN_ID] and feats[0]["score"] == 0.0  # one example: no evidence
+    for name in ("feature_density.png", "l0_per_token.png", "score_distribution.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    with open(tmp_path / "out" / "ranking.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+
+
+def test_read_features_checks_the_schema(tmp_path):
+    from sae_lens_lite.analyze import FORMAT, Feature, read_features
+
+    synthetic(tmp_path)
+    run(tmp_path)
+    out = tmp_path / "out"
+    data = read_features(out, d_sae=8)
+    assert all(set(Feature.__required_keys__) <= set(f) for f in data["features"])
+    with pytest.raises(UserError, match="8 features, this one has 9"):
+        read_features(out, d_sae=9)
+    f = tmp_path / "bad" / "features.json"
+    f.parent.mkdir()
+    good = json.loads((out / "features.json").read_text())
+    cases = {
+        "{not json": "not valid JSON",
+        json.dumps([{"id": 0}]): "not a features.json written by",
+        json.dumps({**good, "version": 99}): "upgrade",
+        json.dumps({k: v for k, v in good.items() if k != "vocab"}): "lacks vocab",
+        json.dumps({**good, "features": good["features"][:3]}): "should list 8 features",
+        json.dumps({**good, "features": [{k: v for k, v in x.items() if k != "lens"} for x in good["features"]]}): "entry 0",
+    }
+    for text, msg in cases.items():
+        f.write_text(text)
+        with pytest.raises(UserError, match=msg):
+            read_features(f.parent)
+    assert good["format"] == FORMAT
+    with pytest.raises(UserError, match="not found"):
+        read_features(tmp_path / "nowhere")

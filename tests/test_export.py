@@ -273,49 +273,65 @@ def test_sparsity_file_holds_log10_firing_frequency_from_the_cache(tmp_path):
         export(ExportConfig(sae=str(tmp_path / "sae9"), format="saelens", out=str(tmp_path / "x"), acts=str(tmp_path / "acts")))
 
 
-def test_dictionary_export_reads_analysis_defensively(tmp_path):
-    sae = make_sae("topk")
-    sae.save(tmp_path / "sae")
-    (tmp_path / "analysis").mkdir()
-    feats = {
-        "d_sae": D_SAE,
-        "features": [
-            {"id": 3, "score": 0.9, "frequency": 0.01, "top_tokens": [{"token": " the", "act": 2.5}],
-             "top_contexts": [{"text": "in the end", "act": 2.5}], "logit_lens": {"top": [" end"], "bottom": [" x"]}, "extra": 1},
-            {"feature": 7, "score": float("nan"), "freq": 0.2, "tokens": ["a"]},
-            {"id": 1, "score": 0.95},
-        ],
-    }  # fmt: skip
-    (tmp_path / "analysis" / "features.json").write_text(json.dumps(feats))
-    out = export(ExportConfig(sae=str(tmp_path / "sae"), format="dictionary", out=str(tmp_path / "dict"), analysis=str(tmp_path / "analysis")))
+def test_dictionary_export_carries_a_real_analysis_logit_lens_included(tmp_path):
+    """The analysis here is `sae-lite analyze`'s own output on a tiny model, not a hand-written file."""
+    from test_analyze import run, synthetic
+
+    synthetic(tmp_path)  # writes tmp_path/sae and tmp_path/acts
+    run(tmp_path)  # writes tmp_path/out/features.json
+    res = json.loads((tmp_path / "out" / "features.json").read_text())
+    vocab = res["vocab"]
+    out = export(ExportConfig(sae=str(tmp_path / "sae"), format="dictionary", out=str(tmp_path / "dict"), analysis=str(tmp_path / "out")))
     header, lines, w = load_dictionary(out)
-    assert [line["id"] for line in lines] == list(range(D_SAE))  # line i is feature i
-    assert set(lines[0]) == {"id", "rank", "score", "frequency", "top_tokens", "top_contexts", "logit_lens", "label"}
-    assert lines[3]["top_tokens"] == [{"token": " the", "act": 2.5}] and lines[3]["logit_lens"]["top"] == [" end"]
-    assert lines[3]["top_contexts"][0]["text"] == "in the end" and lines[3]["frequency"] == 0.01
-    assert lines[7]["score"] is None and lines[7]["frequency"] == 0.2 and lines[7]["top_tokens"] == ["a"]  # NaN → null
-    assert (lines[1]["rank"], lines[3]["rank"]) == (0, 1)  # no ranks given: ranked by score
-    assert lines[0] == {"id": 0, "rank": None, "score": None, "frequency": None, "top_tokens": [], "top_contexts": [], "logit_lens": None, "label": ""}
-    assert all(line["label"] == "" for line in lines)
+    assert header["has_analysis"] and header["has_frequency"]
+    assert [line["id"] for line in lines] == list(range(8))  # line i is feature i
+    for line, f in zip(lines, res["features"]):
+        assert set(line) == {"id", "rank", "score", "frequency", "top_tokens", "top_contexts", "logit_lens", "label"}
+        assert (line["rank"], line["score"], line["label"]) == (f["rank"], f["score"], "")
+        assert line["frequency"] == pytest.approx(f["frequency"], rel=1e-6)  # through float32, as SAELens stores it
+        lens = line["logit_lens"]
+        assert lens is not None, "the analysis's logit lens was dropped"
+        for side in ("promoted", "suppressed"):
+            assert [(e["id"], e["token"], e["logit"]) for e in lens[side]] == [(t, vocab[str(t)], v) for t, v in f["lens"][side]]
+            assert len(lens[side]) == 10
+        assert [(e["id"], e["token"], e["share"]) for e in line["top_tokens"]] == [(t, vocab[str(t)], s) for t, s in f["top_tokens"]]
+        assert len(line["top_contexts"]) == len(f["examples"])
+        for c, e in zip(line["top_contexts"], f["examples"]):
+            assert c["tokens"] == [vocab[str(t)] for t in e["tokens"]] and c["act"] == e["act"] and c["center"] == e["center"]
+    from test_analyze import TOKEN_ID
+
+    assert lines[0]["top_tokens"][0]["id"] == TOKEN_ID and lines[0]["top_tokens"][0]["share"] == 1.0
+    # SAELens's sparsity file takes the analysis's frequencies.
+    sl = export(ExportConfig(sae=str(tmp_path / "sae"), format="saelens", out=str(tmp_path / "sl"), analysis=str(tmp_path / "out")))
+    with safe_open(str(sl / "sparsity.safetensors"), "pt") as fh:
+        freq = torch.tensor([f["frequency"] for f in res["features"]])
+        assert torch.allclose(fh.get_tensor("sparsity"), torch.log10(freq + 1e-10))
+    sae = SAE.load(tmp_path / "sae")
     folded = sae.folded()
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert torch.equal(w[name], getattr(folded, name)), name
+
+
+def test_dictionary_without_analysis_and_its_provenance(tmp_path):
+    sae = make_sae("topk")
+    sae.save(tmp_path / "sae")
+    out = export(ExportConfig(sae=str(tmp_path / "sae"), format="dictionary", out=str(tmp_path / "dict")))
+    header, lines, w = load_dictionary(out)
+    assert lines[0] == {"id": 0, "rank": None, "score": None, "frequency": None, "top_tokens": [], "top_contexts": [], "logit_lens": None, "label": ""}
+    assert len(lines) == D_SAE and not header["has_analysis"]
     with safe_open(str(out / "dictionary.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "sae_lens_lite.dictionary" and json.loads(meta["hook"]) == "blocks.3.hook_resid_post"
     assert json.loads(meta["input_scale_folded"]) == pytest.approx(0.37) and json.loads(meta["k"]) == K
-    assert header["source_sae_sha256"] == json.loads(meta["source_sae_sha256"]) and header["has_analysis"]
+    assert header["source_sae_sha256"] == json.loads(meta["source_sae_sha256"])
 
 
-def test_analysis_that_does_not_fit_the_sae_is_refused(tmp_path):
+def test_analysis_that_is_not_ours_or_does_not_fit_the_sae_is_refused(tmp_path):
     f = tmp_path / "features.json"
-    for data, msg in (([{"id": D_SAE}], "expected an integer"), ({"d_sae": 5, "features": []}, "5 features"),
-                      ([{"score": 1.0}], "id None"), ([{"id": 0, "frequency": 12}], r"\[0, 1\]")):  # fmt: skip
+    for data, msg in (([{"id": 0, "logit_lens": {}}], "not a features.json written by"), ({"d_sae": 5, "features": []}, "not a features.json"),
+                      ({"format": "sae_lens_lite.features", "version": 1}, "lacks")):  # fmt: skip
         f.write_text(json.dumps(data))
         with pytest.raises(UserError, match=msg):
             read_analysis(tmp_path, D_SAE)
     with pytest.raises(UserError, match="sae-lite analyze"):
         read_analysis(tmp_path / "nowhere", D_SAE)
-    # The {id: feature} mapping form reads too.
-    f.write_text(json.dumps({"features": {"2": {"rank": 0, "top_tokens": ["x"]}}}))
-    assert read_analysis(tmp_path, D_SAE)[2]["top_tokens"] == ["x"]

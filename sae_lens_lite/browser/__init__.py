@@ -18,12 +18,14 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from ..analyze import Analysis  # the schema of features.json, defined next to its writer
+
 FIELDS = ("id", "rank", "score", "components", "frequency", "mean_act", "max_act", "bin_width", "hist",
           "top_tokens", "promoted", "suppressed", "examples")  # fmt: skip
 # An example is [center index, activation, [token id ...], [activation 0..99 ...]].
 
 
-def page_data(analysis: dict, max_features: int | None = None) -> dict:
+def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
     """The compact form of features.json that the page embeds (best-ranked first)."""
     feats = sorted(analysis["features"], key=lambda f: f["rank"])
     if max_features is not None:
@@ -71,7 +73,7 @@ def render(data: dict) -> str:
     return "".join(out + [rest])
 
 
-def write_page(analysis: dict, path: str | os.PathLike, max_features: int | None = None) -> Path:
+def write_page(analysis: Analysis, path: str | os.PathLike, max_features: int | None = None) -> Path:
     """Write the browser page for an analysis (the dict in features.json) atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
