@@ -151,11 +151,14 @@ def _read_manifest(path: Path) -> dict | None:
     if not f.exists():
         return None
     try:
-        m = json.loads(f.read_text())
-    except json.JSONDecodeError:
+        m = json.loads(f.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{f} is not valid JSON; the cache is damaged, harvest it again with --overwrite") from None
-    if m.get("format") != FORMAT:
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise UserError(f"{f} is not an sae_lens_lite activation manifest")
+    missing = {"complete", "shards", "d_model", "n_tokens", "dtype"} - set(m)
+    if missing or not all(isinstance(e, dict) and {"file", "n_rows", "sha256"} <= set(e) for e in m["shards"]):
+        raise UserError(f"{f} is damaged (missing or wrong {', '.join(sorted(missing)) or 'shard entries'}); harvest the cache again with --overwrite")
     return m
 
 

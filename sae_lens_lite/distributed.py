@@ -11,7 +11,8 @@ the identity, so a single process runs exactly the code it always ran.
 Three ways to spread the work (docs/scaling.md: recipes, what is exact, memory arithmetic):
 
 - Data-parallel training. The SAE is replicated and wrapped in DistributedDataParallel. Each
-  rank reads its own shards of the cache and contributes batch_size / N rows to every step; DDP
+  rank reads its own shards of the cache (its rows of each batch when there are fewer shards
+  than ranks) and contributes batch_size / N rows to every step; DDP
   averages the gradients, so a step is the single-process step on the union of the ranks' rows.
   Metrics, dead-latent counters and the adaptive λ are all-reduced, so every rank holds the same
   state, and rank 0 alone writes.
@@ -140,7 +141,15 @@ def rank_batches(cache: ActivationCache, batch_size: int, seed: int, device: tor
     n, r = world_size(), rank()
     local = local_batch_size(batch_size)
     if cache.n_shards < n:
-        raise UserError(f"the cache has {cache.n_shards} shards, fewer than the {n} processes; harvest with a smaller --contexts-per-shard or start fewer processes")
+        # Too few shards to hand out (a small cache): every rank reads the epoch in the order a
+        # single process reads it and keeps its own rows of each global batch, so the steps are
+        # the single process's steps (partial batches dropped, as train_on_batches drops them).
+        def split_rows(epoch: int) -> Iterator[Tensor]:
+            for x in cache.iter_batches(batch_size, seed=seed + epoch, device=device):  # [batch_size, d]
+                if len(x) == batch_size:
+                    yield x[r * local : (r + 1) * local]
+
+        return split_rows
     shards = cache.manifest["shards"]
     checked: set[int] = set()
 

@@ -145,6 +145,10 @@ def load_model(
                 "or a local directory"
             ) from None
         raise UserError(f"cannot load model from {target}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a damaged local config or weights file: transformers and safetensors raise many types
+        if local is None:
+            raise
+        raise UserError(f"cannot load model from {target} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); are its files complete?") from None
     if local is None:
         weights_hash = getattr(model.config, "_commit_hash", None) or "hub"
     model.eval().requires_grad_(False).to(device)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -256,7 +256,26 @@ class SAE(nn.Module):
                 f"{path} is not an SAE directory (expected {WEIGHTS_FILE} and {CONFIG_FILE}); "
                 "train one with `sae-lite train` or import one with `sae-lite import`"
             )
-        cfg = SAEConfig(**json.loads((path / CONFIG_FILE).read_text()))
-        sae = cls(cfg)
-        sae.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        try:
+            raw = json.loads((path / CONFIG_FILE).read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); restore it or train the SAE again") from None
+        known = {f.name for f in fields(SAEConfig)}
+        if not isinstance(raw, dict) or not {"d_in", "d_sae"} <= set(raw) or set(raw) - known:
+            raise UserError(f"{path / CONFIG_FILE} is not an SAE config (expected the keys {', '.join(sorted(known))})")
+        try:
+            sae = cls(SAEConfig(**raw))
+        except TypeError:  # a size that is not a number
+            raise UserError(f"{path / CONFIG_FILE} holds sizes that are not integers: d_in={raw['d_in']!r}, d_sae={raw['d_sae']!r}") from None
+        try:
+            state = load_file(str(path / WEIGHTS_FILE))
+        except Exception as e:  # truncated or not safetensors: the library raises its own error types
+            raise UserError(f"cannot read {path / WEIGHTS_FILE} ({e}); it is damaged, train or import the SAE again") from None
+        want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != want:
+            raise UserError(f"{path / WEIGHTS_FILE} holds {got}, but config.json describes {want}; the two files do not belong together")
+        if not all(torch.isfinite(v).all() for v in state.values()) or not float(state["input_scale"]) > 0:
+            raise UserError(f"{path / WEIGHTS_FILE} holds NaN or infinite weights (a diverged run?); train it again, e.g. with a lower --lr")
+        sae.load_state_dict(state)
         return sae.to(device)

@@ -151,6 +151,33 @@ def test_each_rank_reads_its_own_shards_and_the_split_changes_each_epoch(tmp_pat
     assert splits[0] != splits[1]
 
 
+def _train_one_shard(cache_dir, tmp):
+    train(one_shard_config(cache_dir, tmp / "ddp"))
+
+
+def one_shard_config(cache_dir, out):
+    return TrainConfig(acts=str(cache_dir), out=str(out), expansion=4, batch_size=256, tokens=2048 * 6, log_every=8, device="cpu", precision="float32", lr=3e-3, l1=1.0)
+
+
+def test_more_processes_than_shards_split_the_rows_and_train_as_one_process(tmp_path):
+    cache_dir = write_cache(tmp_path / "acts", n=2048 + 100, per_shard=2048 + 100)  # one shard; 100 rows past the last full batch
+    cache = ActivationCache.open(cache_dir)
+    assert cache.n_shards == 1 < WORLD
+    spawn(_train_one_shard, cache_dir, tmp_path)
+    ddp = SAE.load(tmp_path / "ddp")
+    # One process on the same global batches (train_on_batches, as `train` calls it, full batches only).
+    cfg = one_shard_config(cache_dir, tmp_path / "one")
+    m = cache.manifest
+    sae_cfg = SAEConfig(D, 4 * D, model=m["model"], hook=m["hook"], context_length=m["context_length"])
+    full = lambda e: (x for x in cache.iter_batches(256, seed=e) if len(x) == 256)  # noqa: E731
+    single = train_on_batches(sae_cfg, cfg, full, cfg.tokens, out=tmp_path / "one", progress=False)
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
+    assert ddp.cfg.meta["final_metrics"]["explained_variance"] > 0.5  # it learned (rows were not lost or repeated)
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test written for Linux")
 def test_torchrun_cli_trains_like_a_single_process(tmp_path):
     acts = write_cache(tmp_path / "acts")
