@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .cache import ActivationCache
-from .config import check_numbers
+from .config import check_memory, check_numbers
 from .errors import UserError
 from .fsutil import prepare_out_dir, write_text_atomic
 from .harvest import resolve_device
@@ -391,6 +391,10 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     cfg.__post_init__()
     device = resolve_device(cfg.device)
     sae = SAE.load(cfg.sae).folded().to(device)  # folded: W_dec rows in activation units
+    # Peak: about ten [d_sae, k, window] tensors of 8 bytes (rows, tokens, docs, positions, activations, masks).
+    window = cfg.ctx_before + 1 + cfg.ctx_after
+    check_memory(80 * sae.d_sae * cfg.top_k * window, torch.device("cpu"), f"--top-k {cfg.top_k} with a window of {window} tokens",
+                 "lower --top-k, --ctx-before or --ctx-after")  # fmt: skip
     cache = ActivationCache.open(cfg.acts)
     m = cache.manifest
     if cache.n_tokens == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import tomllib
 import typing
 from pathlib import Path
@@ -90,6 +91,23 @@ def check_numbers(cfg, **bounds) -> None:
                 raise UserError(f"{flag} must be {span}, got {v}")
         if whole:
             setattr(cfg, name, int(v))
+
+
+def check_memory(nbytes: float, device, what: str, fix: str) -> None:
+    """Refuse settings whose tensors cannot fit on `device` (a torch.device) before allocating
+    them: an absurd --expansion or --top-k should be one line, not minutes of swapping or an
+    out-of-memory kill. `nbytes` is an estimate of the peak; `fix` says which flag to lower."""
+    import torch
+
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return  # no way to tell on this platform
+    if nbytes > have:
+        raise UserError(f"{what} needs about {nbytes / 2**30:.1f} GiB but the {device.type} has {have / 2**30:.1f} GiB; {fix}")
 
 
 def from_namespace(cls, ns: argparse.Namespace):

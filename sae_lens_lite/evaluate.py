@@ -366,6 +366,8 @@ def _open_cache(path: str, hook: str, d_in: int, flag: str):
     cache = ActivationCache.open(path)
     if cache.manifest.get("hook") != hook or cache.d_model != d_in:
         raise UserError(f"{flag} {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads {hook} (d={d_in}); harvest {hook} for it")
+    if cache.n_tokens == 0:
+        raise UserError(f"{flag} {path} holds no activations (its harvest filters dropped every row); harvest more text")
     return cache
 
 

@@ -35,31 +35,36 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
     if len(h.hooks) != 1:
         raise UserError("a run file trains one SAE: give [harvest] exactly one hook (use `sae-lite harvest` for several)")
     paths = {"acts": Path(h.out), "sae": out / "sae", "eval": out / "eval", "analysis": out / "analysis", "export": out / "export"}
+    # Every stage's settings are checked before the first stage runs: a typo in [export] should
+    # not surface after an hour of harvesting and training.
+    t = build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train")
+    ev = build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), "overwrite": True, **cfg.get("evaluate", {})}, "evaluate")
+    an = build(AnalyzeConfig, {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})}, "analyze")
+    ex = dict(cfg.get("export", {}))
+    formats = ex.pop("formats", ["saelens", "dictionary"])
+    exports = {fmt: build(ExportConfig, {"sae": str(paths["sae"]), "format": fmt, "out": str(paths["export"] / fmt), "acts": str(paths["acts"]), **ex}, "export")
+               for fmt in formats}  # fmt: skip
 
     if "harvest" in stages:
         print(f"== harvest {h.hooks[0]} of {h.model} on {h.dataset}")
         harvest(h)
     if "train" in stages:
         print("== train")
-        train(build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train"))
+        train(t)
     if "evaluate" in stages:
         report, weights = paths["eval"] / "report.json", paths["sae"] / "sae.safetensors"
         if report.exists() and weights.exists() and report.stat().st_mtime >= weights.stat().st_mtime:
             print(f"== evaluate: done already ({report}; delete it to evaluate again)")
         else:
             print("== evaluate")
-            e = {"sae": str(paths["sae"]), "out": str(paths["eval"]), "overwrite": True, **cfg.get("evaluate", {})}
-            evaluate(build(EvalConfig, e, "evaluate"))
+            evaluate(ev)
     if "analyze" in stages:
         print("== analyze")
-        a = {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})}
-        analyze(build(AnalyzeConfig, a, "analyze"))
+        analyze(an)
     if "export" in stages:
-        ex = dict(cfg.get("export", {}))
-        formats = ex.pop("formats", ["saelens", "dictionary"])
-        for fmt in formats:
+        for fmt, e in exports.items():
             print(f"== export {fmt}")
-            analysis = str(paths["analysis"]) if (paths["analysis"] / "features.json").exists() else None
-            e = {"sae": str(paths["sae"]), "format": fmt, "out": str(paths["export"] / fmt), "analysis": analysis, "acts": str(paths["acts"]), **ex}
-            export(build(ExportConfig, e, "export"))
+            if e.analysis is None and (paths["analysis"] / "features.json").exists():
+                e.analysis = str(paths["analysis"])
+            export(e)
     return paths

@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import check_numbers
+from .config import check_memory, check_numbers
 from .errors import UserError
 from .harvest import resolve_device
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
@@ -244,6 +244,10 @@ def train_on_batches(
 
     # Under torchrun each step takes batch_size / N rows from each of the N ranks (docs/scaling.md).
     local_batch, main = distributed.local_batch_size(cfg.batch_size), distributed.is_main()  # only rank 0 writes
+    # fp32 weights, gradients and two Adam moments (16 bytes a weight), and a few [batch, d_sae] tensors per step
+    need = 16 * 2 * sae_cfg.d_in * sae_cfg.d_sae + 4 * 4 * local_batch * sae_cfg.d_sae
+    check_memory(need, device, f"an SAE of {sae_cfg.d_sae} latents on {sae_cfg.d_in}-dim inputs at --batch-size {cfg.batch_size}",
+                 "lower --expansion or --batch-size")  # fmt: skip
     sae = SAE(sae_cfg)
     init_from_data(sae, batches, cfg.seed, INIT_TOKENS // distributed.world_size())
     sae.to(device)

@@ -355,6 +355,8 @@ BAD_INPUTS = {  # name: (argv made from tmp_path, what the error line says)
     "analyze_max_features_negative": (lambda t: ["analyze", "--max-features", "-3"], "--max-features must be a positive integer"),
     "evaluate_context_length_1": (lambda t: ["evaluate", "--context-length", "1"], "--context-length must be at least 2"),
     "evaluate_tokens_0": (lambda t: ["evaluate", "--tokens", "0"], "--tokens must be a positive integer"),
+    "train_absurd_expansion": (lambda t: ["train", "--acts", str(_cache_dir(t)), "--expansion", "100000000", "--out", str(t / "s"), "--device", "cpu"], "lower --expansion"),
+    "analyze_absurd_top_k": (lambda t: ["analyze", "--sae", str(_sae_dir(t)), "--acts", str(_cache_dir(t)), "--top-k", "100000000", "--out", str(t / "a")], "lower --top-k"),
     "run_file_text_for_a_number": (lambda t: ["run", str(_run_file(t, '[train]\ntokens = "many"\n'))], "--tokens must be a number, got 'many'"),
     "run_file_fraction_for_a_count": (lambda t: ["run", str(_run_file(t, "[harvest]\ntokens = 1.5\n"))], "--tokens must be a whole number"),
     "import_cfg_a_list": (lambda t: ["import", "--src", str(_sparsify_list_cfg(t)), "--out", str(t / "o")], "holds a JSON list"),
