@@ -188,3 +188,12 @@ def test_forty_thousand_features_load_lazily(browser, tmp_path):
     rows(browser)[0].click()
     wait(browser, lambda: browser.find_element(By.ID, "card").get_attribute("data-feature") is not None)
     print(f"\n40k-feature page: {page.stat().st_size / 2**20:.1f} MiB, ready in {loaded:.1f} s, search+open {time.time() - t1:.1f} s")
+
+
+def test_the_synthetic_analysis_fits_the_schema_of_features_json():
+    """The page is built from features.json; the hand-made analysis above must keep its schema."""
+    from sae_lens_lite.analyze import Analysis, Feature
+
+    a = synthetic_analysis(n_features=5)
+    assert set(Analysis.__required_keys__) - set(a) <= {"format", "version", "sae", "acts", "chance"}  # not read by the page
+    assert all(set(Feature.__required_keys__) <= set(f) for f in a["features"])
