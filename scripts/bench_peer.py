@@ -1,6 +1,6 @@
 """Ours against SAELens on the same activations: speed and quality, TopK and ReLU + L1, one run.
 
-    python scripts/bench_peer.py          # CPU defaults: SmolLM2 layer 6, 8x, 409,600 tokens (~12 min on 2 cores)
+    python scripts/bench_peer.py          # CPU defaults: SmolLM2 layer 6, 8x, 409,600 tokens per SAE
     python scripts/bench_peer.py --ce     # + CE loss recovered and KL on held-out WikiText-2 (a few minutes more)
     python scripts/bench_peer.py --acts runs/frontier/acts --expansion 16 --tokens 5000000 \\
         --penalties topk --k 32 48 64 --ce                        # the 16x frontier against SAELens (hours on a CPU)
@@ -132,7 +132,7 @@ def train_saelens(acts: Tensor, s: Setup):
     sync(s.device)
     seconds = time.perf_counter() - t
     settings = {"dtype": sae.cfg.dtype, "autocast": cfg.autocast, "optimizer": "torch.optim.Adam (not fused)",
-                "normalize_activations": sae.cfg.normalize_activations if s.penalty == "l1" else "expected_average_only_in",
+                "normalize_activations": "expected_average_only_in (folded into the weights after training)",
                 "init": "b_dec = 0, W_dec rows at norm 0.1, W_enc = W_dec.T"}  # fmt: skip
     if s.penalty == "topk":
         settings.update(rescale_acts_by_decoder_norm=True, aux_loss_coefficient=1.0, dead_feature_window_steps=cfg.dead_feature_window)
