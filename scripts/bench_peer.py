@@ -1,0 +1,340 @@
+"""Ours against SAELens on the same activations: speed and quality, TopK and ReLU + L1, one run.
+
+    python scripts/bench_peer.py          # CPU defaults: SmolLM2 layer 6, 8x, 409,600 tokens per SAE
+    python scripts/bench_peer.py --ce     # + CE loss recovered and KL on held-out WikiText-2 (a few minutes more)
+    python scripts/bench_peer.py --acts runs/frontier/acts --expansion 16 --tokens 5000000 \\
+        --penalties topk --k 32 48 64 --ce                        # the 16x frontier against SAELens (hours on a CPU)
+    python scripts/bench_peer.py --device cuda --expansion 64 --tokens 50000000   # on a GPU
+
+One activation cache (SmolLM2-135M `blocks.6.hook_resid_post`, harvested with our harvest from
+every shared corpus except wikitext2-test.txt, or `--acts DIR`) is loaded into memory once; both
+trainers read the same fp32 batches in the same order from it:
+  - SAELens: its own `SAETrainer` with its `TopKTrainingSAE` / `StandardTrainingSAE` (sae-lens 6.x,
+    the `saelens` extra), fed through its DataProvider interface (an iterator of batches), no
+    TransformerLens model. Its defaults for the device: float32 weights, no autocast, plain Adam.
+  - ours: `train_on_batches` with its defaults for the device (bf16 autocast on CPUs with
+    AVX512-BF16/AMX and on GPUs, sparse kernels), and the same again forced to float32.
+Same SAE size, batch, peak learning rate and token budget; both with the Anthropic (April 2024)
+recipe as far as SAELens has it: inputs scaled so E‖x‖ = √d_in (SAELens:
+normalize_activations="expected_average_only_in", folded into the weights at the end), MSE summed
+over d_in, L1 = λ Σ f_i ‖W_dec,i‖ (the same λ then means the same in both), λ warmed up over the
+first 5% of steps, the lr warmed up over 1% and decayed to 0 over the last 20% (SAELens: its
+lr_warm_up_steps, lr_decay_steps, l1_warm_up_steps), gradient clipping at 1. What stays each
+trainer's own: initialisation (SAELens: b_dec = 0; ours: b_dec at the data mean), SAELens's TopK
+scoring pre-activations by decoder norm and its AuxK weight 1 (ours: unit-norm decoder, AuxK 1/32).
+
+L0: TopK sets it (k). For L1 our λ is adapted (`target_l0`) to the L0 SAELens reaches with the
+same λ, so the two are compared at the same L0.
+
+Scored the same way for both, after SAELens's SAE is saved by SAELens and read back through our
+import (export.import_sae): explained variance, L0 and latents that never fire, on activations of
+held-out WikiText-2 test; with --ce, CE loss recovered and KL(clean ‖ spliced) by our evaluate on
+held-out WikiText-2 text. tokens/s is end to end per trainer call (initialisation included), and
+only ratios within one run mean anything on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from sae_lens_lite.cache import ActivationCache
+from sae_lens_lite.evaluate import ReconStats, SparsityStats
+from sae_lens_lite.export import import_sae
+from sae_lens_lite.harvest import resolve_device
+from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.train import LAMBDA_WARMUP, LR_DECAY, LR_WARMUP, INIT_TOKENS, TrainConfig, autocast_dtype, train_on_batches
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HELDOUT = "wikitext2-test.txt"
+
+
+@dataclass
+class Setup:
+    """What both trainers get."""
+
+    d_sae: int
+    batch: int
+    lr: float
+    tokens: int
+    penalty: str  # "topk" or "l1"
+    k: int = 32
+    l1: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+
+
+def epoch_batches(acts: Tensor, batch: int, seed: int) -> Callable[[int], Iterator[Tensor]]:
+    """batches(epoch): full fp32 batches [batch, d_in] of a fresh permutation of acts [n, d_in]."""
+
+    def batches(epoch: int) -> Iterator[Tensor]:
+        perm = torch.randperm(len(acts), generator=torch.Generator().manual_seed(seed + epoch))
+        for i in range(0, len(perm) - batch + 1, batch):
+            yield acts[perm[i : i + batch].to(acts.device)].float()
+
+    return batches
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- the two trainers ----------------------------------------------------------------------
+
+
+def train_saelens(acts: Tensor, s: Setup):
+    """SAELens's SAETrainer on acts [n, d_in]; returns (its trained SAE, seconds, settings)."""
+    try:
+        from sae_lens import SAETrainer
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    except ImportError:
+        raise SystemExit("this benchmark needs sae-lens: pip install 'sae_lens_lite[saelens]' (or make dev-venv)") from None
+
+    steps = s.tokens // s.batch
+    d_in = acts.shape[1]
+    common = dict(d_in=d_in, d_sae=s.d_sae, device=s.device, normalize_activations="expected_average_only_in")
+    torch.manual_seed(s.seed)  # SAELens initialises from the global generator
+    if s.penalty == "topk":
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=s.k, **common))
+    else:
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=s.l1, l1_warm_up_steps=round(LAMBDA_WARMUP * steps), **common))
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * s.batch, train_batch_size_samples=s.batch, lr=s.lr, device=s.device,
+        lr_end=s.lr / 10,  # what its runner config sets; the "constant" schedule ignores it
+        lr_warm_up_steps=max(1, round(LR_WARMUP * steps)), lr_decay_steps=max(1, round(LR_DECAY * steps)),
+        n_batches_for_norm_estimate=math.ceil(INIT_TOKENS / s.batch),  # the same sample as our input scale
+    )  # fmt: skip
+    batches = epoch_batches(acts, s.batch, s.seed)
+
+    def provider() -> Iterator[Tensor]:  # SAELens's DataProvider: an endless iterator of batches
+        epoch = 0
+        while True:
+            yield from batches(epoch)
+            epoch += 1
+
+    sync(s.device)
+    t = time.perf_counter()
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider())
+    sae = trainer.fit()
+    sync(s.device)
+    seconds = time.perf_counter() - t
+    settings = {"dtype": sae.cfg.dtype, "autocast": cfg.autocast, "optimizer": "torch.optim.Adam (not fused)",
+                "normalize_activations": "expected_average_only_in (folded into the weights after training)",
+                "init": "b_dec = 0, W_dec rows at norm 0.1, W_enc = W_dec.T"}  # fmt: skip
+    if s.penalty == "topk":
+        settings.update(rescale_acts_by_decoder_norm=True, aux_loss_coefficient=1.0, dead_feature_window_steps=cfg.dead_feature_window)
+    else:
+        settings.update(l1_coefficient=s.l1, l1_warm_up_steps=round(LAMBDA_WARMUP * steps))
+    return sae, seconds, settings
+
+
+def train_ours(acts: Tensor, s: Setup, precision: str, target_l0: float = 0.0) -> tuple[SAE, float]:
+    """train_on_batches on acts [n, d_in]; returns (the SAE, seconds)."""
+    d_in = acts.shape[1]
+    cfg = TrainConfig(penalty=s.penalty, expansion=s.d_sae // d_in, k=s.k, l1=s.l1, target_l0=target_l0, lr=s.lr,
+                      batch_size=s.batch, tokens=s.tokens, seed=s.seed, device=s.device, precision=precision)  # fmt: skip
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=s.d_sae, activation="topk" if s.penalty == "topk" else "relu", k=s.k if s.penalty == "topk" else None)
+    sync(s.device)
+    t = time.perf_counter()
+    sae = train_on_batches(sae_cfg, cfg, epoch_batches(acts, s.batch, s.seed), s.tokens, progress=False)
+    sync(s.device)
+    return sae, time.perf_counter() - t
+
+
+def through_our_import(saelens_sae, out: Path) -> SAE:
+    """SAELens's trained SAE saved by SAELens (its inference format), read back by export.import_sae."""
+    shutil.rmtree(out, ignore_errors=True)
+    saelens_sae.save_inference_model(str(out))
+    return import_sae(out)
+
+
+@torch.no_grad()
+def check_import(saelens_sae, ours: SAE, x: Tensor) -> float:
+    """Largest relative difference between SAELens's own reconstruction and the imported SAE's."""
+    ref = saelens_sae.to(x.device).eval()(x.to(saelens_sae.W_enc.dtype)).float()
+    got = ours.to(x.device)(x).x_hat.float()
+    return float((ref - got).norm(dim=1).max() / ref.norm(dim=1).mean())
+
+
+@torch.no_grad()
+def score(sae: SAE, x: Tensor) -> dict:
+    """Explained variance, L0 and never-firing fraction of sae on x [n, d_in], as evaluate defines them."""
+    sae = sae.to(x.device).eval()
+    recon, sparse = ReconStats(x.double().mean(0)), SparsityStats(sae.d_sae)
+    for i in range(0, len(x), 4096):
+        out = sae(x[i : i + 4096])
+        recon.add(x[i : i + 4096], out.x_hat)
+        sparse.add(out.latents)
+    r, sp = recon.result(), sparse.result()
+    return {"ev": r["explained_variance"], "l0": sp["l0"], "dead": sp["dead_fraction"]}
+
+
+def compare(acts: Tensor, heldout: Tensor, s: Setup, work: Path, fp32: bool = True) -> tuple[list[dict], dict[str, SAE]]:
+    """Train SAELens and ours (default precision, and float32 if fp32) on acts [n, d_in] under setup s;
+    score each on heldout [m, d_in]. Returns (rows, {name: our-format SAE})."""
+    label = f"topk k={s.k}" if s.penalty == "topk" else "l1"
+    print(f"--- {label}: SAELens", flush=True)
+    lens, seconds, settings = train_saelens(acts, s)
+    imported = through_our_import(lens, work / f"{s.penalty}_{s.k}_saelens_dir")
+    err = check_import(lens, imported, heldout[:512])
+    if err > 1e-3:
+        raise RuntimeError(f"SAELens's SAE read back through our import reconstructs differently (relative error {err:.2g})")
+    steps = s.tokens // s.batch
+    rows = [{"penalty": label, "trainer": "SAELens", "precision": "float32" if settings["autocast"] is False else "bf16 autocast",
+             "tok_s": steps * s.batch / seconds, "settings": settings, **score(imported, heldout)}]  # fmt: skip
+    saes = {"SAELens": imported}
+    # L1: our λ is steered to the L0 SAELens reached on the training activations, so EV and KL compare at one L0.
+    target = score(imported, acts[: min(len(acts), 16384)].float())["l0"] if s.penalty == "l1" else 0.0
+    amp = autocast_dtype("auto", torch.device(s.device))
+    runs = [("ours", "auto")] + ([("ours fp32", "float32")] if fp32 and amp is not None else [])
+    for name, precision in runs:
+        print(f"--- {label}: {name}", flush=True)
+        sae, seconds = train_ours(acts, s, precision, target)
+        settings = {"precision": precision, "sparse": True}
+        if target:
+            settings.update(l1_start=s.l1, target_l0=round(target, 2), l1_final=round(sae.cfg.meta["final_metrics"]["lam"], 4))
+        prec = "float32" if precision == "float32" or amp is None else "bf16 autocast"
+        rows.append({"penalty": label, "trainer": name, "precision": prec, "tok_s": steps * s.batch / seconds, "settings": settings, **score(sae, heldout)})
+        saes[name] = sae
+    return rows, saes
+
+
+# ---- CE / KL through our evaluate -----------------------------------------------------------
+
+
+def add_ce(rows: list[dict], saes: dict[str, SAE], manifest: dict, acts_dir: Path, work: Path, eval_tokens: int, lm, device: str) -> None:
+    """CE loss recovered and KL by our evaluate on held-out WikiText-2, for each SAE of one setting."""
+    from sae_lens_lite.evaluate import EvalConfig, evaluate
+
+    for row in rows:
+        sae = saes[row["trainer"]]
+        sae.cfg = replace(sae.cfg, model=manifest["model"], hook=manifest["hook"], context_length=manifest["context_length"],
+                          meta={**sae.cfg.meta, "acts": str(acts_dir), "filters": manifest.get("filters")})  # fmt: skip
+        d = work / f"{row['penalty'].replace(' ', '_').replace('=', '')}_{row['trainer'].replace(' ', '_')}"
+        shutil.rmtree(d, ignore_errors=True)
+        sae.save(d)
+        r = evaluate(EvalConfig(sae=str(d), dataset=str(DATA / HELDOUT), tokens=eval_tokens, skip_tokens=0, baselines=False, device=device, overwrite=True), lm=lm)
+        row.update(ce_rec=r["ce"]["sae_recovered"], kl=r["ce"]["kl_sae"], ce_l0=r["sparsity"]["l0"])
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per (setting, trainer), then ours/SAELens for each of our rows."""
+    ce = any("kl" in r for r in rows)
+    head = ["setting", "trainer", "precision", "tok/s", "EV", "L0", "never fire"] + (["CE loss recovered", "KL"] if ce else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["penalty"], r["trainer"], r["precision"], f"{r['tok_s']:,.0f}", f"{r['ev']:.4f}", f"{r['l0']:.1f}", f"{r['dead']:.2%}"]
+        if ce:
+            cells += [f"{r['ce_rec']:.4f}", f"{r['kl']:.4f}"] if "kl" in r else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| setting | ours / SAELens | tok/s | EV | L0 | never fire |" + (" KL |" if ce else ""), "|" + "---|" * (6 + ce)]
+    for r in rows:
+        if r["trainer"] == "SAELens":
+            base = r
+            continue
+        cells = [r["penalty"], r["trainer"], f"**{r['tok_s'] / base['tok_s']:.2f}x**", f"{r['ev']:.4f} vs {base['ev']:.4f}",
+                 f"{r['l0']:.1f} vs {base['l0']:.1f}", f"{r['dead']:.2%} vs {base['dead']:.2%}"]  # fmt: skip
+        if ce:
+            cells.append(f"{r['kl']:.4f} vs {base['kl']:.4f}" if "kl" in r and "kl" in base else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def harvest_caches(out: Path, hook: str, tokens: int, heldout_tokens: int, device: str, acts: str | None) -> tuple[Path, Path]:
+    """The training cache (`acts`, or harvested from every shared corpus but WikiText-2 test) and a
+    held-out one (WikiText-2 test) at its hook; harvests are reused when complete."""
+    from sae_lens_lite.harvest import HarvestConfig, harvest
+
+    if acts:
+        hook = ActivationCache.open(acts).manifest["hook"]
+    else:
+        corpus = out / "corpus"  # a directory of .txt files = one document each
+        corpus.mkdir(parents=True, exist_ok=True)
+        for f in sorted(DATA.glob("*.txt")):
+            if f.name != HELDOUT and not (corpus / f.name).exists():
+                (corpus / f.name).symlink_to(f)
+        acts = harvest(HarvestConfig(hooks=[hook], dataset=str(corpus), tokens=tokens, out=str(out / "acts"), device=device))[hook]
+    held = harvest(HarvestConfig(hooks=[hook], dataset=str(DATA / HELDOUT), tokens=heldout_tokens, out=str(out / "heldout_acts"), device=device))[hook]
+    return Path(acts), held
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench_peer", help="working directory: caches, SAEs, evaluation reports")
+    p.add_argument("--acts", default=None, help="train on this activation cache instead of harvesting one")
+    p.add_argument("--hook", default="blocks.6.hook_resid_post")
+    p.add_argument("--harvest-tokens", type=int, default=131_072, help="tokens harvested for the training cache (without --acts)")
+    p.add_argument("--heldout-tokens", type=int, default=32_768, help="WikiText-2 test tokens harvested to score EV, L0 and never-firing latents")
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--tokens", type=int, default=409_600, help="training tokens per SAE, the same for both trainers")
+    p.add_argument("--penalties", nargs="+", default=["topk", "l1"], choices=["topk", "l1"])
+    p.add_argument("--k", type=int, nargs="+", default=[32], help="TopK: latents per token; several give one comparison each (the frontier)")
+    p.add_argument("--l1", type=float, default=1.0, help="L1: λ for SAELens, and ours's starting λ (then steered to SAELens's L0)")
+    p.add_argument("--no-fp32", action="store_true", help="skip the run of ours forced to float32")
+    p.add_argument("--ce", action="store_true", help="also CE loss recovered and KL by our evaluate on held-out WikiText-2")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="WikiText-2 test tokens for --ce")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a machine shared with other jobs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = str(resolve_device(args.device))
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    acts_dir, held_dir = harvest_caches(out, args.hook, args.harvest_tokens, args.heldout_tokens, device, args.acts)
+    t_harvest = time.perf_counter() - t0
+    cache = ActivationCache.open(acts_dir)
+    acts = cache.load(("activations",))["activations"].to(device)  # [n, d_in], as stored (bf16)
+    heldout = ActivationCache.open(held_dir).load(("activations",))["activations"].float().to(device)  # [m, d_in]
+    d_in = cache.d_model
+
+    import sae_lens
+
+    lm = None
+    if args.ce:
+        from sae_lens_lite.models import load_model
+
+        lm = load_model(cache.manifest["model"], device)
+    rows = []
+    for penalty in args.penalties:
+        for k in args.k if penalty == "topk" else [args.k[0]]:
+            s = Setup(d_sae=args.expansion * d_in, batch=args.batch, lr=args.lr, tokens=args.tokens, penalty=penalty, k=k, l1=args.l1, device=device)
+            r, saes = compare(acts, heldout, s, out / "saes", fp32=not args.no_fp32)
+            if args.ce:
+                add_ce(r, saes, cache.manifest, acts_dir, out / "saes", args.eval_tokens, lm, device)
+            rows += r
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"\n{cache.manifest['model']} {cache.manifest['hook']}: {cache.n_tokens:,} cached tokens ({acts_dir}); d_in {d_in}, "
+          f"{args.expansion}x = {args.expansion * d_in} latents, batch {args.batch}, lr {args.lr}, {args.tokens // args.batch * args.batch:,} tokens per SAE")  # fmt: skip
+    print(f"device: {name}; torch {torch.__version__}; sae-lens {sae_lens.__version__}; harvest {t_harvest:.0f} s, total {time.perf_counter() - t0:.0f} s")
+    print(f"scored on {len(heldout):,} held-out activations of {HELDOUT}" + (f"; CE/KL on {args.eval_tokens} tokens of it" if args.ce else ""))
+    for r in rows:
+        print(f"  {r['penalty']}, {r['trainer']}: {r['settings']}")
+    print()
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "device": name, "sae_lens": sae_lens.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

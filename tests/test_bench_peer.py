@@ -1,0 +1,89 @@
+"""scripts/bench_peer.py: SAELens's trainer and ours side by side on one set of activations.
+
+On synthetic superposition (known structure, so a trainer that learns must explain most of the
+variance), both trainers must learn, the L1 comparison must land at the same L0, and the table
+must hold both rows with finite numbers. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sae_lens")
+
+from sae_lens_lite.synthetic import make_superposition  # noqa: E402
+
+pytestmark = pytest.mark.slow  # importing sae-lens alone takes ~10-25 s on the 2-core CPU
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_peer.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_peer", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peer"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many tiny steps: on a shared 2-core machine two threads mostly wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = make_superposition(n_features=96, d=32, true_l0=4.0, seed=0)
+    train = d.sample(32768, torch.Generator().manual_seed(1)).to(torch.bfloat16)  # stored like a cache
+    heldout = d.sample(4096, torch.Generator().manual_seed(2))
+    return train, heldout
+
+
+@pytest.mark.parametrize("penalty", ["topk", "l1"])
+def test_both_trainers_learn_and_the_table_holds_both(bench, data, tmp_path, penalty):
+    train, heldout = data
+    s = bench.Setup(d_sae=128, batch=256, lr=3e-3, tokens=256 * 200, penalty=penalty, k=4, l1=1.0)
+    rows, saes = bench.compare(train, heldout, s, tmp_path, fp32=True)
+    by = {r["trainer"]: r for r in rows}
+    assert {"SAELens", "ours"} <= set(by)
+    for r in rows:
+        assert all(math.isfinite(r[key]) for key in ("tok_s", "ev", "l0", "dead")), r
+        assert r["tok_s"] > 0
+        # A random dictionary explains nothing (EV <= 0); both must have learned the structure.
+        assert r["ev"] > 0.5, r
+    if penalty == "topk":
+        assert by["SAELens"]["l0"] == pytest.approx(4.0) and by["ours"]["l0"] == pytest.approx(4.0)
+    else:  # ours is steered to SAELens's L0
+        assert by["ours"]["l0"] == pytest.approx(by["SAELens"]["l0"], rel=0.25)
+    # The SAELens SAE came back through our import and is scored by our SAE class.
+    assert saes["SAELens"].cfg.meta["imported_from"]["format"] == "saelens"
+    text = bench.table(rows)
+    lines = text.splitlines()
+    assert sum(line.startswith(f"| {rows[0]['penalty']} | SAELens |") for line in lines) == 1
+    assert sum(line.startswith(f"| {rows[0]['penalty']} | ours |") for line in lines) == 2  # its row and its ratio row
+    assert "nan" not in text.lower()
+
+
+def test_the_saelens_sae_reads_back_through_our_import_unchanged(bench, data, tmp_path):
+    """A mismatch here would make every quality figure for SAELens wrong."""
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    train, heldout = data
+    torch.manual_seed(0)
+    lens = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=32, d_sae=64, k=4))
+    with torch.no_grad():
+        lens.b_enc.normal_()
+        lens.b_dec.normal_()
+        lens.W_dec.mul_(torch.rand(64, 1) * 3)  # uneven decoder norms: SAELens scores pre-activations by them
+    ours = bench.through_our_import(lens, tmp_path / "lens")
+    assert bench.check_import(lens, ours, heldout[:256]) < 1e-5
