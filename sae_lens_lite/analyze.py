@@ -354,18 +354,18 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     prev_row = context_windows(doc, pos, torch.arange(len(tokens)), 1, 0)[:, 0]  # [n] -1: none
     prev_tok = torch.where(prev_row >= 0, canon[tokens[prev_row.clamp(min=0)]], n_vocab)
     counter = explain.PatternCounts(canon[tokens], prev_tok, explain.heldout_rows(doc, cfg.heldout), n_vocab, sae.d_sae)
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
     st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), k, observe=counter.update)
     st = FeatureStats(*(t.cpu() if isinstance(t, Tensor) else t for t in vars(st).values()))
-    pass1 = time.time() - t1 - counter.seconds
+    pass1, pass1_cpu = time.time() - t1 - counter.seconds, time.process_time() - c1 - counter.cpu_seconds
 
     # Built-in explanations (explain split) and their detection scores (held-out split).
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
     pat = counter.finish()
     names = {n_vocab: "the start of a context"}
     name = lambda i: names.setdefault(i, explain.token_name(lm.tokenizer.decode([i])))  # noqa: E731
     expl = explain.explain_all(pat, name)
-    seconds_builtin = time.time() - t1 + counter.seconds
+    seconds_builtin, cpu_builtin = time.time() - t1 + counter.seconds, time.process_time() - c1 + counter.cpu_seconds
     det_score = torch.tensor([e["detection"]["score"] for e in expl])
     near_cos, near_ids = explain.nearest(sae.W_dec)
     # Examples across activation quantiles, from a uniform sample of each feature's firings.
@@ -447,7 +447,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         "hook": m.get("hook"), "n_tokens": st.n_rows, "d_sae": sae.d_sae, "top_k": k, "ctx_before": before,
         "ctx_after": after, "chance": {"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
         "heldout": {"share": cfg.heldout, "tokens": int(pat.unigram[1][0].sum())},
-        "cost": {"pass1_s": round(pass1, 2), "builtin_explain_s": round(seconds_builtin, 2)},
+        "cost": {"pass1_s": round(pass1, 2), "pass1_cpu_s": round(pass1_cpu, 2), "builtin_explain_s": round(seconds_builtin, 2),
+                 "builtin_explain_cpu_s": round(cpu_builtin, 2)},  # fmt: skip
         "vocab": vocab, "features": features, "families": fams,
     }  # fmt: skip
     _write_outputs(out, analysis, order, cfg.max_features)
@@ -459,6 +460,7 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         for j, entry in done.items():
             features[j]["model_explanation"] = entry
         analysis["cost"]["model_explain_s"] = round(sum(e["seconds"] for e in done.values()), 2)
+        analysis["cost"]["model_explain_cpu_s"] = round(sum(e.get("cpu_seconds", 0.0) for e in done.values()), 2)
         analysis["cost"]["model_explained"] = len(done)
         print(f"model explanations: {len(done)} families in {time.time() - t1:.0f} s")
         _write_outputs(out, analysis, order, cfg.max_features)
@@ -532,7 +534,7 @@ def model_explanations(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, cache: Act
         dec = lambda i: lm.tokenizer.decode([i])  # noqa: E731
         text = lambda w: lm.tokenizer.decode(tokens[w[w >= 0]].tolist()).replace("\n", " ")  # noqa: E731
         for j in tqdm(todo, desc="model explanations", unit="feature", dynamic_ncols=True):
-            t1 = time.time()
+            t1, c1 = time.time(), time.process_time()
             n_ex, n_po = plan[j]
             shown = [explain.marked([dec(int(tokens[r])) for r in w[w >= 0]], a[w >= 0].tolist()) for w, a in zip(win[j, :n_ex], acts[j, :n_ex])]
             phrase = model.explain(shown)
@@ -545,7 +547,7 @@ def model_explanations(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, cache: Act
                 label = torch.arange(len(margin)) < len(pos_txt)
                 entry.update(balanced_accuracy=round(explain.balanced_accuracy(margin, label), 4),
                              auroc=round(explain.auroc(margin, label), 4), n_scored=len(margin))  # fmt: skip
-            entry["seconds"] = round(time.time() - t1, 2)
+            entry["seconds"], entry["cpu_seconds"] = round(time.time() - t1, 2), round(time.process_time() - c1, 2)
             results.put(j, entry)
     return {j: results.get(j) for j in heads}
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from .fsutil import write_text_atomic
 
 MAX_ITEMS = 5  # a pattern lists at most this many tokens or pairs: longer is not a readable phrase
+MIN_GAIN = 0.02  # an item must raise F1 by this much: rare tokens that happen to fit stay out of the phrase
 CONTEXT_MARGIN = 0.05  # a context pattern must beat the token pattern's F1 by this much (simpler wins)
 N_QUANTILES = 4  # activation quantiles of the examples shown and given to the model
 SAMPLE = 32  # firings sampled uniformly per feature and split, for the quantile examples
@@ -67,43 +68,53 @@ class PatternCounts:
         self.sample_rows = torch.full((2, d_sae, sample), -1, dtype=torch.long)
         self.sample_vals = torch.zeros(2, d_sae, sample)
         self.gen = torch.Generator().manual_seed(0)
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0  # time spent here (wall, CPU), to report the cost apart from pass 1
 
     @torch.no_grad()
     def update(self, start: int, f: Tensor) -> None:
         """f [b, d_sae]: the latents of rows start .. start + b."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         f = f.cpu()
         fired = f > 0
         r, c = fired.nonzero(as_tuple=True)
         rows = r + start
         key = c * self.B**2 + self.pair[rows]
         split = self.split[rows]
-        row_split = self.split[start : start + len(f)]
-        pri = torch.rand(f.shape, generator=self.gen).masked_fill_(~fired, -1.0)  # [b, d_sae]
+        pri = torch.rand(len(r), generator=self.gen)  # a random priority per firing
         for s in (0, 1):
-            k, n = key[split == s].unique(return_counts=True)
+            here = split == s
+            k, n = key[here].unique(return_counts=True)
             self.parts[s].append((k, n))
             if len(self.parts[s]) >= 32:
                 self.parts[s] = [_merge(self.parts[s])]
-            p = pri.masked_fill((row_split != s)[:, None], -1.0)
-            m = min(self.sample_pri.shape[2], len(f))
-            v, i = p.topk(m, dim=0)  # [m, d_sae]
-            cat_p = torch.cat([self.sample_pri[s], v.T], 1)
-            cat_r = torch.cat([self.sample_rows[s], i.T + start], 1)
-            cat_v = torch.cat([self.sample_vals[s], f.gather(0, i).T], 1)
-            self.sample_pri[s], j = cat_p.topk(self.sample_pri.shape[2], dim=1)
-            self.sample_rows[s], self.sample_vals[s] = cat_r.gather(1, j), cat_v.gather(1, j)
+            self._sample(s, c[here], rows[here], f[r[here], c[here]], pri[here])
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
+
+    def _sample(self, s: int, feat: Tensor, rows: Tensor, vals: Tensor, pri: Tensor) -> None:
+        """Keep, per feature, the sampled firings with the largest priorities among the kept ones
+        and these new ones (firings of `feat` at `rows`): a uniform sample without replacement."""
+        P, R, V = self.sample_pri[s], self.sample_rows[s], self.sample_vals[s]  # [d_sae, m]
+        d, m = P.shape
+        feat = torch.cat([torch.arange(d).repeat_interleave(m), feat])
+        p, r, v = torch.cat([P.flatten(), pri]), torch.cat([R.flatten(), rows]), torch.cat([V.flatten(), vals])
+        order = (feat.double() * 4 - p.double()).argsort()  # by feature, then priority descending
+        feat = feat[order]
+        rank = torch.arange(len(order)) - torch.searchsorted(feat, torch.arange(d))[feat]
+        keep = order[rank < m]  # every feature has m kept entries (absent ones at -1), so m survive
+        P.copy_(p[keep].view(d, m))
+        R.copy_(r[keep].view(d, m))
+        V.copy_(v[keep].view(d, m))
 
     def finish(self) -> "Counts":
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         triples = [_merge(p) if p else (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)) for p in self.parts]
         pairs = [_merge([self.pair[self.split == s].unique(return_counts=True)]) for s in (0, 1)]
         absent = self.sample_pri < 0
         self.sample_rows[absent], self.sample_vals[absent] = -1, 0.0
         out = Counts(self.B, self.d_sae, triples, pairs, self.sample_rows, self.sample_vals)
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
         return out
 
 
@@ -150,15 +161,26 @@ class Counts:
 # ---- the built-in explainer and its detection score ------------------------------------------------
 
 
-def best_set(fire: np.ndarray, occur: np.ndarray, total: int) -> tuple[int, float]:
-    """Items in the order given; the prefix (at most MAX_ITEMS long) with the best F1 → (length, F1).
-
-    Sorted by precision, the best F1 among sets of additive items is a prefix (adding an item
-    raises F1 exactly when its precision exceeds F1/2), so a scan of prefixes finds it."""
-    tp, pp = np.cumsum(fire[:MAX_ITEMS]), np.cumsum(occur[:MAX_ITEMS])
-    f1 = 2 * tp / (pp + total)
-    n = int(f1.argmax()) + 1
-    return n, float(f1[n - 1])
+def best_set(fire: np.ndarray, occur: np.ndarray, total: int) -> tuple[list[int], float]:
+    """Greedy: add the item that raises F1 the most, up to MAX_ITEMS items, while F1 rises by
+    at least MIN_GAIN →
+    (indices of the chosen items, F1). An item raises F1 exactly when its precision is above F1/2;
+    among those the greedy step takes the largest gain, so a sparse feature gets its few precise
+    tokens and a dense one its frequent tokens (sorting by precision alone would cap a dense
+    feature at five rare tokens)."""
+    chosen: list[int] = []
+    tp = pp = 0
+    f1 = 0.0
+    free = np.ones(len(fire), dtype=bool)
+    while len(chosen) < MAX_ITEMS and free.any():
+        gain = np.where(free, 2 * (tp + fire) / (pp + occur + total), -1.0)
+        i = int(gain.argmax())
+        if gain[i] < f1 + MIN_GAIN:
+            break
+        chosen.append(i)
+        free[i] = False
+        tp, pp, f1 = tp + fire[i], pp + occur[i], float(gain[i])
+    return chosen, f1
 
 
 def find_pattern(counts: Counts, j: int) -> tuple[str, list[tuple[int, int]], float] | None:
@@ -178,11 +200,8 @@ def find_pattern(counts: Counts, j: int) -> tuple[str, list[tuple[int, int]], fl
             ids, inv = np.unique(cur if kind == "token" else prev, return_inverse=True)
             fire = np.bincount(inv, weights=n).astype(np.int64)
             occur = counts.unigram[0][0 if kind == "token" else 1][torch.from_numpy(ids)].numpy()
-        # Order by precision with one pseudo-occurrence, so an item seen once does not outrank
-        # one that is nearly always right over hundreds of occurrences.
-        order = np.lexsort((-fire, -fire / (occur + 1.0)))
-        length, f1 = best_set(fire[order], occur[order], total)
-        chosen = ids[order][:length].tolist()
+        picked, f1 = best_set(fire, occur, total)
+        chosen = ids[picked].tolist()
         if kind == "pair":
             items = [(int(k) // counts.B, int(k) % counts.B) for k in chosen]
         else:
@@ -234,12 +253,12 @@ def phrase(kind: str, items: list[tuple[int, int]], name) -> str:
         return alts([t for _, t in items])
     if kind == "after":
         return "the token after " + alts([p for p, _ in items])
-    prevs, curs = sorted({p for p, _ in items}), sorted({t for _, t in items})
-    if len(curs) == 1:
-        return f"{name(curs[0])} after {alts(prevs)}"
-    if len(prevs) == 1:
-        return f"{alts(curs)} after {name(prevs[0])}"
-    return ", or ".join(f"{name(t)} after {name(p)}" for p, t in items)
+    after: dict[int, list[int]] = {}  # token → the previous tokens it is listed after, in pattern order
+    for p, t in items:
+        after.setdefault(t, []).append(p)
+    if len(after) > 1 and len({p for p, _ in items}) == 1:
+        return f"{alts(list(after))} after {name(items[0][0])}"
+    return ", or ".join(f"{name(t)} after {alts(ps)}" for t, ps in after.items())
 
 
 def explain_all(counts: Counts, name) -> list[dict]:
