@@ -23,6 +23,7 @@ run resumes.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,10 +237,13 @@ def token_name(text: str) -> str:
     """A token's text for a phrase: stripped and quoted, whitespace named ("newline", "4 spaces")."""
     if text.strip():
         return json.dumps(text.strip(), ensure_ascii=False)
+    if not text:
+        return "an empty token"
     names = {"\n": "newline", " ": "space", "\t": "tab", "\r": "carriage return"}
-    if text and len(set(text)) == 1 and text[0] in names:
-        return names[text[0]] if len(text) == 1 else f"{len(text)} {names[text[0]]}s"
-    return json.dumps(text) if text else "an empty token"
+    runs = [m.group() for m in re.finditer(r"(.)\1*", text, re.S)]  # "\n\n    " → "2 newlines + 4 spaces"
+    if any(r[0] not in names for r in runs):
+        return json.dumps(text)
+    return " + ".join(names[r[0]] if len(r) == 1 else f"{len(r)} {names[r[0]]}s" for r in runs)
 
 
 def phrase(kind: str, items: list[tuple[int, int]], name) -> str:
@@ -355,7 +359,7 @@ class ModelExplainer:
         tok, model = self.lm.tokenizer, self.lm.model
         prompts = [self._chat(SCORE_PROMPT.format(explanation=explanation, text=t)) for t in texts]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        logits = model(**enc).logits[:, -1].float()  # [n, V]
+        logits = model(**enc, logits_to_keep=1).logits[:, -1].float()  # [n, V]: the head only where it is read
         return (logits[:, self.yes] - logits[:, self.no]).cpu()
 
 

@@ -129,6 +129,7 @@ def test_detection_scores_have_known_answers():
 def test_phrases_name_tokens_for_people():
     assert explain.token_name(" The") == '"The"' and explain.token_name("\n") == "newline"
     assert explain.token_name("    ") == "4 spaces" and explain.token_name("\n\n") == "2 newlines"
+    assert explain.token_name("\n\n   ") == "2 newlines + 3 spaces" and explain.token_name("\u3000") == '"\\u3000"'
     name = {1: '"of"', 2: '"in"', 3: '"the"', 4: '"a"'}.get
     assert explain.phrase("token", [(-1, 3), (-1, 4)], name) == '"the" or "a"'
     assert explain.phrase("after", [(1, -1), (2, -1), (4, -1)], name) == 'the token after "of", "in" or "a"'
