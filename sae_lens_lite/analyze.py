@@ -353,7 +353,11 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     canon = canonical_ids(lm.tokenizer, n_vocab)  # [V]
     prev_row = context_windows(doc, pos, torch.arange(len(tokens)), 1, 0)[:, 0]  # [n] -1: none
     prev_tok = torch.where(prev_row >= 0, canon[tokens[prev_row.clamp(min=0)]], n_vocab)
-    counter = explain.PatternCounts(canon[tokens], prev_tok, explain.heldout_rows(doc, cfg.heldout), n_vocab, sae.d_sae)
+    held = explain.heldout_rows(doc, cfg.heldout)
+    if held.all() or not held.any():
+        raise UserError(f"--heldout {cfg.heldout} holds out {'none' if not held.any() else 'all'} of the cache's {int(doc.max()) + 1} contexts; "
+                        "explanations need contexts to read and contexts to score on: change --heldout or harvest more")  # fmt: skip
+    counter = explain.PatternCounts(canon[tokens], prev_tok, held, n_vocab, sae.d_sae)
     t1, c1 = time.time(), time.process_time()
     st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), k, observe=counter.update)
     st = FeatureStats(*(t.cpu() if isinstance(t, Tensor) else t for t in vars(st).values()))

@@ -185,3 +185,5 @@ def test_refuses_bad_explain_settings(tmp_path):
         run(tmp_path, heldout=1.0)
     with pytest.raises(UserError, match="explain-top"):
         run(tmp_path, explain_top=-1)
+    with pytest.raises(UserError, match="holds out none of the cache's 64 contexts"):
+        run(tmp_path, heldout=0.001)  # 64 contexts: none held out
