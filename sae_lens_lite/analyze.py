@@ -16,13 +16,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TypedDict
+from typing import Iterator, NotRequired, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import explain
 from .cache import ActivationCache
 from .config import check_memory, check_numbers
 from .errors import UserError
@@ -38,6 +39,7 @@ LOG2_BINS = 6
 N_BINS = 1 << LOG2_BINS  # histogram bins per feature
 N_LENS = 10  # tokens listed as promoted / suppressed by the logit lens
 N_TOP_TOKENS = 5
+N_PER_QUANTILE = 2  # examples shown from each activation quantile
 
 
 @dataclass
@@ -51,12 +53,16 @@ class AnalyzeConfig:
     batch_size: int = field(default=4096, metadata={"help": "rows encoded at once; lower it if the device runs out of memory"})
     device: str = field(default="auto", metadata={"help": "cuda, cpu or auto (GPU when there is one)"})
     max_features: int | None = field(default=None, metadata={"help": "put only the N best-ranked features in the page (features.json keeps all)"})
+    heldout: float = field(default=0.25, metadata={"help": "share of the cache's contexts held out: explanations are read from the rest and scored on these only"})
+    explain_top: int = field(default=0, metadata={"help": "also have --explainer write and score explanations of the N best-ranked families (slow: seconds per feature on a CPU; resumes)"})
+    explainer: str = field(default="smollm2-135m", metadata={"help": "instruct model for --explain-top: smollm2-135m (SmolLM2-135M-Instruct, offline), a hub id or a local directory"})
     model: str | None = field(default=None, metadata={"help": "model for token text and the logit lens; default: the one the cache was harvested from"})
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty --out that holds other files"})
 
     def __post_init__(self):
         # top-k >= 2: the score compares examples in pairs
-        check_numbers(self, top_k=(2, None), ctx_before=(1, None), ctx_after="non-negative", batch_size="positive", max_features="positive")
+        check_numbers(self, top_k=(2, None), ctx_before=(1, None), ctx_after="non-negative", batch_size="positive", max_features="positive",
+                      heldout="fraction", explain_top="non-negative")  # fmt: skip
 
 
 # ---- pass 1: streamed statistics --------------------------------------------------------------
@@ -86,7 +92,8 @@ def ordered_batches(cache: ActivationCache, batch_size: int, device) -> Iterator
 
 
 @torch.no_grad()
-def feature_stats(sae: SAE, batches, k: int) -> FeatureStats:
+def feature_stats(sae: SAE, batches, k: int, observe=None) -> FeatureStats:
+    """`observe(start, latents)`, if given, sees every batch too (the explanation counts)."""
     d, dev = sae.d_sae, sae.W_enc.device
     top_vals = torch.zeros(d, k, device=dev)
     top_rows = torch.full((d, k), -1, dtype=torch.long, device=dev)
@@ -110,6 +117,8 @@ def feature_stats(sae: SAE, batches, k: int) -> FeatureStats:
         top_vals, j = vals.topk(k, dim=1)
         top_rows = rows.gather(1, j)
         _add_to_histogram(hist, hist_exp, f, fired)
+        if observe is not None:
+            observe(start, f)
         n += len(f)
     top_rows[top_vals <= 0] = -1
     return FeatureStats(top_vals, top_rows, count, total, mx, hist, hist_exp, l0, n)
@@ -333,6 +342,18 @@ class Feature(TypedDict):
     top_tokens: list  # [[token id, share of the top examples' activation]]
     lens: dict  # logit lens: {"promoted": [[token id, logit]], "suppressed": [[token id, logit]]}
     examples: list  # [{"row", "doc", "pos", "act", "center", "tokens": [ids], "acts": [...]}]
+    # The built-in explanation and its held-out detection score (explain.py; docs/analysis.md).
+    # "score" above is detection["score"], the ranking key; monosemanticity is the top-examples score.
+    explanation: NotRequired[str | None]
+    family: NotRequired[int]  # id of the features sharing this explanation ("families")
+    pattern: NotRequired[dict | None]
+    explain_f1: NotRequired[float]
+    detection: NotRequired[dict]  # {"precision", "recall", "f1", "score", ...} on held-out tokens
+    monosemanticity: NotRequired[float]
+    quantiles: NotRequired[list]  # examples per activation quantile, same shape as examples
+    nearest: NotRequired[list]  # [[feature id, decoder cosine]]
+    model_explanation: NotRequired[dict]  # only with --explain-top
+    steer: NotRequired[dict]  # only with --steer
 
 
 class Analysis(TypedDict):
@@ -352,6 +373,9 @@ class Analysis(TypedDict):
     chance: dict  # {"same_token", "context_jaccard"}: the chance levels the score uses
     vocab: dict  # token id (as a string) → its text, for every id used in the features
     features: list[Feature]  # in id order
+    heldout: NotRequired[dict]  # {"share", "tokens"}: the contexts explanations are scored on
+    cost: NotRequired[dict]  # seconds (wall and CPU) of each pass
+    families: NotRequired[list]  # [{"id", "explanation", "members": [feature ids, best first]}]
 
 
 def read_features(path: str | os.PathLike, d_sae: int | None = None) -> Analysis:
@@ -411,31 +435,62 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker=FEATURES_FILE)
 
     k, before, after = cfg.top_k, cfg.ctx_before, cfg.ctx_after
-    st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), k)
-    st = FeatureStats(*(t.cpu() if isinstance(t, Tensor) else t for t in vars(st).values()))
     meta = cache.load(("tokens", "doc", "pos"))
     tokens, doc, pos = meta["tokens"].long(), meta["doc"], meta["pos"]
     n_vocab = len(lm.tokenizer)
     if int(tokens.max()) >= n_vocab:
         raise UserError(f"the cache holds token ids up to {int(tokens.max())} but the tokenizer of {lm.name} has {n_vocab}; pass the right --model")
+    # The score compares tokens up to case and spacing; the page still shows the exact tokens.
+    canon = canonical_ids(lm.tokenizer, n_vocab)  # [V]
+    prev_row = context_windows(doc, pos, torch.arange(len(tokens)), 1, 0)[:, 0]  # [n] -1: none
+    prev_tok = torch.where(prev_row >= 0, canon[tokens[prev_row.clamp(min=0)]], n_vocab)
+    held = explain.heldout_rows(doc, cfg.heldout)
+    if held.all() or not held.any():
+        raise UserError(f"--heldout {cfg.heldout} holds out {'none' if not held.any() else 'all'} of the cache's {int(doc.max()) + 1} contexts; "
+                        "explanations need contexts to read and contexts to score on: change --heldout or harvest more")  # fmt: skip
+    counter = explain.PatternCounts(canon[tokens], prev_tok, held, n_vocab, sae.d_sae)
+    t1, c1 = time.time(), time.process_time()
+    st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), k, observe=counter.update)
+    st = FeatureStats(*(t.cpu() if isinstance(t, Tensor) else t for t in vars(st).values()))
+    pass1, pass1_cpu = time.time() - t1 - counter.seconds, time.process_time() - c1 - counter.cpu_seconds
 
-    win = context_windows(doc, pos, st.top_rows, before, after)  # [d_sae, k, W] rows
-    win_acts = window_activations(sae, cache, win, cfg.batch_size)  # [d_sae, k, W]
+    # Built-in explanations (explain split) and their detection scores (held-out split).
+    t1, c1 = time.time(), time.process_time()
+    pat = counter.finish()
+    names = {n_vocab: "the start of a context"}
+    name = lambda i: names.setdefault(i, explain.token_name(lm.tokenizer.decode([i])))  # noqa: E731
+    expl = explain.explain_all(pat, name)
+    seconds_builtin, cpu_builtin = time.time() - t1 + counter.seconds, time.process_time() - c1 + counter.cpu_seconds
+    det_score = torch.tensor([e["detection"]["score"] for e in expl])
+    near_cos, near_ids = explain.nearest(sae.W_dec)
+    # Examples across activation quantiles, from a uniform sample of each feature's firings.
+    samp_rows, samp_vals = pat.sample_rows.permute(1, 0, 2).flatten(1), pat.sample_vals.permute(1, 0, 2).flatten(1)
+    picks = [explain.quantile_picks(samp_vals[j], N_PER_QUANTILE) for j in range(sae.d_sae)]
+    q_rows = torch.full((sae.d_sae, explain.N_QUANTILES * N_PER_QUANTILE), -1, dtype=torch.long)
+    for j, pj in enumerate(picks):
+        flat = [i for q in pj for i in q]
+        q_rows[j, : len(flat)] = samp_rows[j, flat]
+
+    win = context_windows(doc, pos, torch.cat([st.top_rows, q_rows], 1), before, after)  # [d_sae, k + q, W] rows
+    win_acts = window_activations(sae, cache, win, cfg.batch_size)  # [d_sae, k + q, W]
     gather = lambda t: torch.where(win >= 0, t[win.clamp(min=0)].long(), -1)  # noqa: E731
     win_tok, win_doc, win_pos = gather(tokens), gather(doc), gather(pos)
     up_v, up_i, down_v, down_i = logit_lens(lm.model, sae.W_dec, n_vocab=n_vocab)
     unigram = (torch.bincount(tokens, minlength=n_vocab).double() / len(tokens)).float()
     bag_chance = random_window_jaccard(tokens, doc, pos, before)
     freq_t = st.count.double() / max(st.n_rows, 1)
-    # The score compares tokens up to case and spacing; the page still shows the exact tokens.
-    canon = canonical_ids(lm.tokenizer, n_vocab)  # [V]
     as_canon = lambda t: torch.where(t >= 0, canon[t.clamp(min=0)], -1)  # noqa: E731
     unigram_canon = torch.zeros(n_vocab).index_add_(0, canon, unigram)
-    s = monosemanticity(as_canon(win_tok), win_doc, win_pos, st.top_vals, before, canon[up_i], unigram_canon, freq_t.float(), bag_chance, k)
+    top_win = lambda t: t[:, :k].contiguous()  # noqa: E731
+    s = monosemanticity(as_canon(top_win(win_tok)), top_win(win_doc), top_win(win_pos), st.top_vals, before, canon[up_i], unigram_canon, freq_t.float(), bag_chance, k)
     s = {c: v.nan_to_num(0.0) for c, v in s.items()}  # never NaN (it would rank first); kept as a guard
+    # Ranked by the held-out detection score of the built-in explanation; ties by the
+    # monosemanticity score of the top examples.
     rank = torch.empty(sae.d_sae, dtype=torch.long)
-    order = s["score"].argsort(descending=True, stable=True)
+    order = torch.tensor(sorted(range(sae.d_sae), key=lambda j: (-float(det_score[j]), -float(s["score"][j]), j)))
     rank[order] = torch.arange(1, sae.d_sae + 1)
+    fams = explain.families([e["explanation"] or "never fires in the explain split" for e in expl], order.tolist())
+    family_of = {j: f["id"] for f in fams for j in f["members"]}
 
     ids = sorted(set(win_tok[win_tok >= 0].tolist()) | set(up_i.flatten().tolist()) | set(down_i.flatten().tolist()))
     vocab = {str(i): lm.tokenizer.decode([i]) for i in ids}
@@ -449,64 +504,151 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         counts = st.hist[j].tolist()
         while counts and counts[-1] == 0:
             counts.pop()
-        raw, vals, rows_j = st.top_vals[j, :n_ex].tolist(), r4(st.top_vals[j, :n_ex]), st.top_rows[j, :n_ex].tolist()
-        toks, docs, poss, wacts = win_tok[j, :n_ex].tolist(), win_doc[j].tolist(), win_pos[j].tolist(), r4(win_acts[j, :n_ex])
+        toks, docs, poss, wacts = win_tok[j].tolist(), win_doc[j].tolist(), win_pos[j].tolist(), r4(win_acts[j])
+        rows_j = win[j, :, before].tolist()
+
+        def example(e):
+            keep = [i for i, t in enumerate(toks[e]) if t >= 0]
+            return {
+                "row": rows_j[e], "doc": docs[e][before], "pos": poss[e][before], "act": wacts[e][before],
+                "center": sum(i < before for i in keep), "tokens": [toks[e][i] for i in keep], "acts": [wacts[e][i] for i in keep],
+            }  # fmt: skip
+
+        raw = st.top_vals[j, :n_ex].tolist()
         mass: dict[int, float] = {}
         examples = []
         for e in range(n_ex):
             # Unrounded: a near-dead feature's top activations can all round to 0.
             mass[toks[e][before]] = mass.get(toks[e][before], 0.0) + raw[e]
-            keep = [i for i, t in enumerate(toks[e]) if t >= 0]
-            examples.append({
-                "row": rows_j[e], "doc": docs[e][before], "pos": poss[e][before], "act": vals[e],
-                "center": sum(i < before for i in keep), "tokens": [toks[e][i] for i in keep], "acts": [wacts[e][i] for i in keep],
-            })  # fmt: skip
+            examples.append(example(e))
+        quantiles, e = [], k
+        for q in picks[j]:
+            quantiles.append([example(e + i) for i in range(len(q))])
+            e += N_PER_QUANTILE
         top_tokens = sorted(mass.items(), key=lambda kv: -kv[1])[:N_TOP_TOKENS]
         total = sum(raw)  # > 0: every example fired
         features.append(Feature(
-            id=j, rank=int(rank[j]), score=scores[j],
+            id=j, rank=int(rank[j]), score=expl[j]["detection"]["score"],
+            explanation=expl[j]["explanation"], family=family_of[j], pattern=expl[j]["pattern"],
+            explain_f1=expl[j]["explain_f1"], detection=expl[j]["detection"], monosemanticity=scores[j],
             token_score=comps["token"][j], context_score=comps["context"][j], lens_score=comps["lens"][j],
             frequency=freq[j], mean_act=means[j], max_act=maxes[j],
             hist={"bin_width": 2.0 ** (int(st.hist_exp[j]) - LOG2_BINS) if counts else 0.0, "counts": counts},
             top_tokens=[[t, round(v / total, 4)] for t, v in top_tokens],
             lens={"promoted": [[t, v] for t, v in zip(up_i[j].tolist(), r3(up_v[j]))],
                   "suppressed": [[t, v] for t, v in zip(down_i[j].tolist(), r3(down_v[j]))]},
-            examples=examples,
+            examples=examples, quantiles=quantiles,
+            nearest=[[i, c] for i, c in zip(near_ids[j].tolist(), r3(near_cos[j]))],
         ))  # fmt: skip
     analysis = Analysis(
         format=FORMAT, version=VERSION, sae=str(cfg.sae), acts=str(cfg.acts), model=lm.name,
         hook=m.get("hook"), n_tokens=st.n_rows, d_sae=sae.d_sae, top_k=k, ctx_before=before,
         ctx_after=after, chance={"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
-        vocab=vocab, features=features,
+        heldout={"share": cfg.heldout, "tokens": int(pat.unigram[1][0].sum())},
+        cost={"pass1_s": round(pass1, 2), "pass1_cpu_s": round(pass1_cpu, 2), "builtin_explain_s": round(seconds_builtin, 2),
+              "builtin_explain_cpu_s": round(cpu_builtin, 2)},
+        vocab=vocab, features=features, families=fams,
     )  # fmt: skip
-    # allow_nan=False: JSON has no NaN, and browsers' JSON.parse rejects the whole file over one.
-    write_text_atomic(out / FEATURES_FILE, json.dumps(analysis, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
-    _write_ranking(out / "ranking.csv", [features[i] for i in order.tolist()], vocab)
-    from .browser import write_page
-
-    write_page(analysis, out / "index.html", cfg.max_features)
-    plots = write_plots(out, freq_t, st.l0, s["score"], st.n_rows)
+    _write_outputs(out, analysis, order, cfg.max_features)
+    if cfg.explain_top:
+        # The built-in analysis is on disk already; the slow model explanations come on top.
+        heads = [f["members"][0] for f in fams[: cfg.explain_top] if expl[f["members"][0]]["pattern"] is not None]
+        t1 = time.time()
+        done = model_explanations(cfg, lm, sae, cache, pat, heads, tokens, doc, pos, out)
+        for j, entry in done.items():
+            features[j]["model_explanation"] = entry
+        analysis["cost"]["model_explain_s"] = round(sum(e["seconds"] for e in done.values()), 2)
+        analysis["cost"]["model_explain_cpu_s"] = round(sum(e.get("cpu_seconds", 0.0) for e in done.values()), 2)
+        analysis["cost"]["model_explained"] = len(done)
+        print(f"model explanations: {len(done)} families in {time.time() - t1:.0f} s")
+        _write_outputs(out, analysis, order, cfg.max_features)
+    plots = write_plots(out, freq_t, st.l0, det_score, st.n_rows)
     l0_mean = float((st.l0 * torch.arange(len(st.l0))).sum() / max(st.n_rows, 1))
     summary = {
         "out": str(out), "features_json": str(out / FEATURES_FILE), "page": str(out / "index.html"),
         "ranking": str(out / "ranking.csv"), "plots": plots, "n_tokens": st.n_rows, "d_sae": sae.d_sae,
         "dead_features": int((st.count == 0).sum()), "mean_l0": l0_mean, "top_features": order[:10].tolist(),
-        "seconds": round(time.time() - t0, 1),
+        "n_families": len(fams), "cost": analysis["cost"], "seconds": round(time.time() - t0, 1),
     }  # fmt: skip
     print(f"analyzed {sae.d_sae} features on {st.n_rows} tokens in {summary['seconds']} s; open {out / 'index.html'}")
     return summary
+
+
+def _write_outputs(out: Path, analysis: Analysis, order: Tensor, max_features: int | None) -> None:
+    from .browser import write_page
+
+    features = analysis["features"]
+    # allow_nan=False: JSON has no NaN, and browsers' JSON.parse rejects the whole file over one.
+    write_text_atomic(out / FEATURES_FILE, json.dumps(analysis, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+    _write_ranking(out / "ranking.csv", [features[i] for i in order.tolist()], analysis["vocab"])
+    write_page(analysis, out / "index.html", max_features)
 
 
 def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        cols = ["rank", "id", "score", "token_score", "context_score", "lens_score", "frequency", "mean_act", "max_act"]
-        w.writerow(cols + ["top_token", "top_promoted"])
+        cols = ["rank", "id", "score", "family", "explanation"]
+        det = ["precision", "recall", "f1", "fires"]
+        more = ["monosemanticity", "token_score", "context_score", "lens_score", "frequency", "mean_act", "max_act"]
+        w.writerow(cols + det + more + ["top_token", "top_promoted", "model_explanation", "model_balanced_accuracy"])
         for r in ranked:
             top = vocab[str(r["top_tokens"][0][0])] if r["top_tokens"] else ""
-            w.writerow([r[c] for c in cols] + [top, vocab[str(r["lens"]["promoted"][0][0])]])
+            m = r.get("model_explanation") or {}
+            w.writerow([r[c] for c in cols] + [r["detection"][c] for c in det] + [r[c] for c in more]
+                       + [top, vocab[str(r["lens"]["promoted"][0][0])], m.get("explanation", ""), m.get("balanced_accuracy", "")])  # fmt: skip
     os.replace(tmp, path)
+
+
+N_EXPLAIN, N_SCORE = 2, 3  # contexts per quantile: shown to the explainer (explain split), scored (held-out)
+
+
+def model_explanations(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, cache: ActivationCache, counts: explain.Counts,
+                       heads: list[int], tokens: Tensor, doc: Tensor, pos: Tensor, out: Path) -> dict[int, dict]:  # fmt: skip
+    """Explanations of features `heads` by cfg.explainer, each scored yes/no on held-out contexts:
+    activating ones from every quantile and as many random held-out ones where it never fires."""
+    from .fsutil import sha256_file
+
+    before, after = cfg.ctx_before, cfg.ctx_after
+    header = {"explainer": cfg.explainer, "sae": sha256_file(Path(cfg.sae) / "sae.safetensors"), "acts": str(cfg.acts),
+              "heldout": cfg.heldout, "ctx": [before, after], "prompt": explain.PROMPT_VERSION}  # fmt: skip
+    results = explain.ResultCache(out / "model_explanations.json", header)
+    todo = [j for j in heads if results.get(j) is None]
+    if todo:
+        n_pos = explain.N_QUANTILES * N_SCORE
+        g = torch.Generator().manual_seed(1)
+        held = explain.heldout_rows(doc, cfg.heldout).nonzero().squeeze(1)
+        rows = torch.full((sae.d_sae, explain.N_QUANTILES * (N_EXPLAIN + N_SCORE) + 4 * n_pos), -1, dtype=torch.long)
+        plan = {}
+        for j in todo:
+            ex = [i for q in explain.quantile_picks(counts.sample_vals[0, j], N_EXPLAIN) for i in q]
+            po = [i for q in explain.quantile_picks(counts.sample_vals[1, j], N_SCORE) for i in q]
+            r = torch.cat([counts.sample_rows[0, j, ex], counts.sample_rows[1, j, po], held[torch.randint(len(held), (4 * n_pos,), generator=g)]])
+            rows[j, : len(r)] = r
+            plan[j] = (len(ex), len(po))
+        win = context_windows(doc, pos, rows, before, after)  # [d_sae, R, W]
+        acts = window_activations(sae, cache, win, cfg.batch_size)
+        xlm = lm if cfg.explainer == lm.name else load_model(cfg.explainer, sae.W_enc.device)
+        model = explain.ModelExplainer(xlm)
+        dec = lambda i: lm.tokenizer.decode([i])  # noqa: E731
+        text = lambda w: lm.tokenizer.decode(tokens[w[w >= 0]].tolist()).replace("\n", " ")  # noqa: E731
+        for j in tqdm(todo, desc="model explanations", unit="feature", dynamic_ncols=True):
+            t1, c1 = time.time(), time.process_time()
+            n_ex, n_po = plan[j]
+            shown = [explain.marked([dec(int(tokens[r])) for r in w[w >= 0]], a[w >= 0].tolist()) for w, a in zip(win[j, :n_ex], acts[j, :n_ex])]
+            phrase = model.explain(shown)
+            pos_txt = [text(w) for w in win[j, n_ex : n_ex + n_po]]
+            quiet = [text(w) for w, a in zip(win[j, n_ex + n_po :], acts[j, n_ex + n_po :]) if (w >= 0).any() and not (a > 0).any()]
+            neg_txt = quiet[: len(pos_txt)]
+            entry = {"explanation": phrase, "balanced_accuracy": None, "auroc": None, "n_scored": 0}
+            if pos_txt and len(neg_txt) == len(pos_txt):
+                margin = model.yes_margin(phrase, pos_txt + neg_txt)
+                label = torch.arange(len(margin)) < len(pos_txt)
+                entry.update(balanced_accuracy=round(explain.balanced_accuracy(margin, label), 4),
+                             auroc=round(explain.auroc(margin, label), 4), n_scored=len(margin))  # fmt: skip
+            entry["seconds"], entry["cpu_seconds"] = round(time.time() - t1, 2), round(time.process_time() - c1, 2)
+            results.put(j, entry)
+    return {j: results.get(j) for j in heads}
 
 
 def write_plots(out: Path, freq: Tensor, l0: Tensor, score: Tensor, n_rows: int) -> list[str]:

@@ -159,11 +159,11 @@ def test_score_knows_a_token_feature_a_context_feature_and_random_directions(tmp
     synthetic(tmp_path)
     summary, res = run(tmp_path)
     f = {x["id"]: x for x in res["features"]}
-    assert f[0]["token_score"] == pytest.approx(1.0) and f[0]["score"] == pytest.approx(1.0)
+    assert f[0]["token_score"] == pytest.approx(1.0) and f[0]["monosemanticity"] == pytest.approx(1.0)
     assert f[0]["top_tokens"] == [[TOKEN_ID, 1.0]]
-    assert f[1]["context_score"] > 0.95 and f[1]["score"] > 0.95  # the previous token is always PREV_ID
+    assert f[1]["context_score"] > 0.95 and f[1]["monosemanticity"] > 0.95  # the previous token is always PREV_ID
     assert f[1]["token_score"] < 0.3
-    randoms = [f[j]["score"] for j in range(2, 8)]
+    randoms = [f[j]["monosemanticity"] for j in range(2, 8)]
     assert max(randoms) < 0.3 and sum(randoms) / 6 < 0.15, randoms
     assert {f[0]["rank"], f[1]["rank"]} == {1, 2}
     assert summary["top_features"][:2] in ([0, 1], [1, 0])

@@ -15,8 +15,9 @@ CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 def synthetic_analysis(n_features=300, k=8, before=16, after=4, vocab_size=2000, seed=0):
-    """An analysis dict shaped like features.json; feature 3's top token is an XSS attempt (ids
-    below 100 are never drawn at random)."""
+    """An analysis dict shaped like features.json; feature 3's top token and explanation are XSS
+    attempts (ids below 100 are never drawn at random); features 7, 57, 107, ... share the
+    explanation "shared", a family; feature 0 fires on 0.2 % of tokens."""
     rnd = random.Random(seed)
     vocab = {str(i): f" tok{i}" for i in range(vocab_size)}
     for i, s in enumerate(XSS):
@@ -37,19 +38,36 @@ def synthetic_analysis(n_features=300, k=8, before=16, after=4, vocab_size=2000,
             acts[before] = round(mx * (1 - e / (2 * k)), 4)
             acts[before - 1] = round(acts[before] / 3, 4)
             examples.append({"row": j * k + e, "doc": e, "pos": 40, "act": acts[before], "center": before, "tokens": toks, "acts": acts})
+        quantiles = [[dict(examples[e], act=round(examples[e]["act"] * (1 - q / 4), 4)) for e in (0, 1)] for q in range(4)]
+        f1 = round(rnd.random(), 4)
         feats.append({
-            "id": j, "rank": 0, "score": round(rnd.random(), 4), "token_score": 0.5, "context_score": 0.1, "lens_score": 0.0,
-            "frequency": rnd.random() * 0.01, "mean_act": mx / 2, "max_act": mx,
+            "id": j, "rank": 0, "score": f1, "token_score": 0.5, "context_score": 0.1, "lens_score": 0.0, "monosemanticity": 0.5,
+            "explanation": XSS[1] if j == 3 else '"shared"' if j % 50 == 7 else f'"tok{center}"',
+            "detection": {"precision": 0.9, "recall": 0.8, "f1": f1, "score": f1, "fires": 40, "predicted": 36, "hits": 32},
+            "quantiles": quantiles, "nearest": [[(j + 1) % n_features, 0.91], [(j + 2) % n_features, 0.5]],
+            "model_explanation": {"explanation": "closing brackets", "balanced_accuracy": 0.75, "auroc": 0.8, "n_scored": 24} if j == 5 else None,
+            "frequency": 0.002 if j == 0 else rnd.random() * 0.01, "mean_act": mx / 2, "max_act": mx,
             "hist": {"bin_width": 2.0 ** (int(mx).bit_length() - 6), "counts": [rnd.randrange(50) for _ in range(40)]},
             "top_tokens": [[center, 0.5], [examples[-1]["tokens"][before], 0.1]],
             "lens": {"promoted": [[rnd.randrange(100, vocab_size), 1.5] for _ in range(10)],
                      "suppressed": [[rnd.randrange(100, vocab_size), -1.5] for _ in range(10)]},
             "examples": examples,
         })  # fmt: skip
-    for r, f in enumerate(sorted(feats, key=lambda f: -f["score"]), 1):
+    ranked = sorted(feats, key=lambda f: -f["score"])
+    for r, f in enumerate(ranked, 1):
         f["rank"] = r
+        if not f["model_explanation"]:
+            del f["model_explanation"]
+    fams: dict[str, list[int]] = {}
+    for f in ranked:
+        fams.setdefault(f["explanation"], []).append(f["id"])
+    families = [{"id": i, "explanation": e, "members": m} for i, (e, m) in enumerate(fams.items())]
+    for fam in families:
+        for i in fam["members"]:
+            feats[i]["family"] = fam["id"]
     return {"model": "synthetic", "hook": "blocks.0.hook_resid_post", "sae": "none", "n_tokens": 10**6, "d_sae": n_features,
-            "top_k": k, "ctx_before": before, "ctx_after": after, "vocab": vocab, "features": feats}  # fmt: skip
+            "top_k": k, "ctx_before": before, "ctx_after": after, "heldout": {"share": 0.25, "tokens": 250000},
+            "vocab": vocab, "features": feats, "families": families}  # fmt: skip
 
 
 def embedded(html: str):
@@ -131,7 +149,6 @@ def rows(driver):
 def test_search_open_and_screenshot_in_chromium(browser, tmp_path):
     from matplotlib.image import imread
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     a = synthetic_analysis(300)
     page = write_page(a, tmp_path / "index.html")
@@ -151,7 +168,7 @@ def test_search_open_and_screenshot_in_chromium(browser, tmp_path):
     assert browser.execute_script("return window.__xss") is None  # ... and never run
     assert not card.find_elements(By.CSS_SELECTOR, "script, img, b")
     spans = card.find_elements(By.CSS_SELECTOR, ".ctx .tok.center")
-    assert len(spans) == 8 and all("rgba" in s.get_attribute("style") for s in spans)  # shaded
+    assert len(spans) == 8 + 8 and all("rgba" in s.get_attribute("style") for s in spans)  # top and quantile examples, shaded
     assert len(card.find_elements(By.CSS_SELECTOR, "svg.hist rect")) == sum(c > 0 for c in a["features"][3]["hist"]["counts"])
     assert len(card.find_elements(By.CSS_SELECTOR, ".lens tr")) == 20
     png = browser.get_screenshot_as_png()
@@ -166,9 +183,70 @@ def test_search_open_and_screenshot_in_chromium(browser, tmp_path):
     search.clear()
     search.send_keys(" ")  # clear() sends no input event; a blank query shows everything
     wait(browser, lambda: len(rows(browser)) == 100)
-    Select(browser.find_element(By.ID, "sort")).select_by_value("frequency")
+    browser.find_element(By.ID, "group").click()  # one row per feature, then sort by a column
+    browser.find_element(By.CSS_SELECTOR, '#head .col[data-key="frequency"]').click()
     top = max(a["features"], key=lambda f: f["frequency"])["id"]
     wait(browser, lambda: rows(browser)[0].find_element(By.CLASS_NAME, "fid").text == f"#{top}")
+    browser.find_element(By.CSS_SELECTOR, '#head .col[data-key="frequency"]').click()  # again: ascending
+    low = min(a["features"], key=lambda f: f["frequency"])["id"]
+    wait(browser, lambda: rows(browser)[0].find_element(By.CLASS_NAME, "fid").text == f"#{low}")
+
+
+def test_explanations_families_quantiles_and_nearest_in_chromium(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    a = synthetic_analysis(300)
+    src = {f["id"]: f for f in a["features"]}
+    browser.get(write_page(a, tmp_path / "index.html").as_uri())
+    wait(browser, lambda: browser.execute_script("return document.body.dataset.ready") == "1")
+    head = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#head .col")]
+    assert head == ["feature", "explanation", "score", "F1", "precision", "recall", "frequency", "max act", "family"]
+    assert f"{len(a['families'])} families, 300 of 300 features" in browser.find_element(By.ID, "count").text
+    # Rows are families, best first; the family of 6 "shared" features is one row that opens.
+    fids = [r.find_element(By.CLASS_NAME, "fid").text for r in rows(browser)]
+    assert fids[0] == "#" + str(min(a["features"], key=lambda f: f["rank"])["id"])
+    shared = next(f for f in a["families"] if f["explanation"] == '"shared"')
+    browser.find_element(By.ID, "search").send_keys('"shared"')
+    wait(browser, lambda: "1 families" in browser.find_element(By.ID, "count").text)
+    row = rows(browser)[0]
+    assert row.text.endswith("\u25b8 6") and row.find_element(By.CLASS_NAME, "expl").text == '"shared"'
+    row.click()
+    wait(browser, lambda: len(rows(browser)) == 6)
+    assert [r.find_element(By.CLASS_NAME, "fid").text for r in rows(browser)] == [f"#{i}" for i in shared["members"]]
+    card = browser.find_element(By.ID, "card")
+    assert card.get_attribute("data-feature") == str(shared["members"][0])
+    assert "Family: 6 features with this explanation" in card.text
+    rows(browser)[0].click()  # closes again
+    wait(browser, lambda: len(rows(browser)) == 1)
+
+    # A card: explanations, held-out scores, quantile examples, nearest features as links.
+    search = browser.find_element(By.ID, "search")
+
+    def only(fid):  # search a feature id and wait until the list shows just that feature
+        search.clear()
+        search.send_keys(f"#{fid}")
+        ids = "return [...document.querySelectorAll('#list .row .fid')].map((e) => e.textContent)"
+        wait(browser, lambda: browser.execute_script(ids) == [f"#{fid}"])
+        return rows(browser)[0]
+
+    only(5).click()
+    wait(browser, lambda: card.get_attribute("data-feature") == "5")
+    text = card.text
+    assert "Explanation (built in): " + src[5]["explanation"] in text
+    assert "precision 0.90, recall 0.80, F1 " + f"{src[5]['detection']['f1']:.2f}" in text
+    assert "Explanation (model): closing brackets" in text and "balanced accuracy 0.75" in text
+    heads = [h.text for h in card.find_elements(By.CSS_SELECTOR, "h3.quantile")]
+    assert heads == [f"Examples from the {q} quarter of its activations" for q in ("highest", "second", "third", "lowest")]
+    assert len(card.find_elements(By.CSS_SELECTOR, ".ctx")) == 8 + 4 * 2  # top examples, then 2 per quantile
+    links = card.find_elements(By.CSS_SELECTOR, "table.nearest a.flink")
+    assert [x.text for x in links] == ["#6", "#7"] and "0.91" in card.find_element(By.CSS_SELECTOR, "table.nearest").text
+    links[0].click()
+    wait(browser, lambda: card.get_attribute("data-feature") == "6")
+    # Frequencies for people; XSS in an explanation stays text.
+    assert "0.20 %" in only(0).text
+    only(3).click()
+    wait(browser, lambda: card.get_attribute("data-feature") == "3")
+    assert XSS[1] in card.text and browser.execute_script("return window.__xss") is None
 
 
 @pytest.mark.slow

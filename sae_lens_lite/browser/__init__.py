@@ -21,8 +21,12 @@ from pathlib import Path
 from ..analyze import Analysis  # the schema of features.json, defined next to its writer
 
 FIELDS = ("id", "rank", "score", "components", "frequency", "mean_act", "max_act", "bin_width", "hist",
-          "top_tokens", "promoted", "suppressed", "examples")  # fmt: skip
-# An example is [center index, activation, [token id ...], [activation 0..99 ...]].
+          "top_tokens", "promoted", "suppressed", "examples", "explanation", "detection", "family", "quantiles",
+          "nearest", "model_explanation")  # fmt: skip
+# An example is [center index, activation, [token id ...], [activation 0..99 ...]]; quantiles are
+# lists of examples, highest quantile first; detection is [precision, recall, F1, held-out firings,
+# held-out tokens matched]; nearest is [[feature id, cosine, explanation], ...]; model_explanation
+# is [text, balanced accuracy, AUROC, contexts scored] or null.
 
 
 def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
@@ -32,23 +36,35 @@ def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
         feats = feats[:max_features]
     used: set[int] = set()
     rows = []
+    expl = {f["id"]: f.get("explanation", "") for f in analysis["features"]}
     for f in feats:
         scale = 99 / (f["max_act"] or 1.0)
-        examples = []
-        for e in f["examples"]:
+
+        def compact(e):
             used.update(e["tokens"])
-            examples.append([e["center"], e["act"], e["tokens"], [min(99, int(a * scale + 0.5)) for a in e["acts"]]])
+            return [e["center"], e["act"], e["tokens"], [min(99, int(a * scale + 0.5)) for a in e["acts"]]]
+
+        examples = [compact(e) for e in f["examples"]]
+        d = f.get("detection") or {}
+        m = f.get("model_explanation")
         lens = f["lens"]["promoted"] + f["lens"]["suppressed"]
         used.update(t for t, _ in f["top_tokens"] + lens)
         rows.append([
-            f["id"], f["rank"], f["score"], [f["token_score"], f["context_score"], f["lens_score"]],
+            f["id"], f["rank"], f["score"], [f["token_score"], f["context_score"], f["lens_score"], f.get("monosemanticity")],
             f["frequency"], f["mean_act"], f["max_act"], f["hist"]["bin_width"], f["hist"]["counts"],
             [[t, round(100 * s, 1)] for t, s in f["top_tokens"]], f["lens"]["promoted"], f["lens"]["suppressed"], examples,
+            f.get("explanation", ""), [d.get(k) for k in ("precision", "recall", "f1", "fires", "predicted")], f.get("family"),
+            [[compact(e) for e in q] for q in f.get("quantiles", [])], [[i, c, expl.get(i, "")] for i, c in f.get("nearest", [])],
+            [m["explanation"], m["balanced_accuracy"], m["auroc"], m["n_scored"]] if m else None,
         ])  # fmt: skip
     vocab = {str(t): analysis["vocab"].get(str(t), f"<{t}>") for t in sorted(used)}
-    meta = {k: analysis.get(k) for k in ("model", "hook", "sae", "n_tokens", "d_sae", "top_k", "ctx_before", "ctx_after")}
+    meta = {k: analysis.get(k) for k in ("model", "hook", "sae", "n_tokens", "d_sae", "top_k", "ctx_before", "ctx_after", "heldout")}
     meta["n_shown"] = len(rows)
-    return {"meta": meta, "fields": FIELDS, "vocab": vocab, "features": rows}
+    shown = {f["id"] for f in feats}
+    # Families (same explanation) restricted to the features on the page, best family first.
+    families = [[f["explanation"], [j for j in f["members"] if j in shown]] for f in analysis.get("families", [])]
+    families = [f for f in families if f[1]] if families else [[expl.get(f["id"], ""), [f["id"]]] for f in feats]
+    return {"meta": meta, "fields": FIELDS, "vocab": vocab, "features": rows, "families": families}
 
 
 def render(data: dict) -> str:
