@@ -13,10 +13,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NotRequired, TypedDict
+from typing import Iterator, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -325,9 +326,26 @@ def random_window_jaccard(tokens: Tensor, doc: Tensor, pos: Tensor, before: int,
 # ---- features.json: the one schema, written below and read by export.py and browser/ ------------
 
 
-class Feature(TypedDict):
+class FeatureExtras(TypedDict, total=False):
+    """Keys of a feature that older features.json files lack (optional for readers)."""
+
+    # The built-in explanation and its held-out detection score (explain.py; docs/analysis.md).
+    # Feature.score is detection["score"], the ranking key; monosemanticity is the top-examples score.
+    explanation: str | None
+    family: int  # id of the features sharing this explanation ("families")
+    pattern: dict | None
+    explain_f1: float
+    detection: dict  # {"precision", "recall", "f1", "score", ...} on held-out tokens
+    monosemanticity: float
+    quantiles: list  # examples per activation quantile, same shape as examples
+    nearest: list  # [[feature id, decoder cosine]]
+    model_explanation: dict  # only with --explain-top
+    steer: dict  # only with --steer
+
+
+class Feature(FeatureExtras):
     """One entry of features.json's "features" (docs/analysis.md). Readers take the keys from
-    here; a key added later that old files lack belongs in a NotRequired[...] annotation."""
+    here; a key added later, which old files lack, belongs in FeatureExtras."""
 
     id: int
     rank: int  # 1 = best score
@@ -342,21 +360,17 @@ class Feature(TypedDict):
     top_tokens: list  # [[token id, share of the top examples' activation]]
     lens: dict  # logit lens: {"promoted": [[token id, logit]], "suppressed": [[token id, logit]]}
     examples: list  # [{"row", "doc", "pos", "act", "center", "tokens": [ids], "acts": [...]}]
-    # The built-in explanation and its held-out detection score (explain.py; docs/analysis.md).
-    # "score" above is detection["score"], the ranking key; monosemanticity is the top-examples score.
-    explanation: NotRequired[str | None]
-    family: NotRequired[int]  # id of the features sharing this explanation ("families")
-    pattern: NotRequired[dict | None]
-    explain_f1: NotRequired[float]
-    detection: NotRequired[dict]  # {"precision", "recall", "f1", "score", ...} on held-out tokens
-    monosemanticity: NotRequired[float]
-    quantiles: NotRequired[list]  # examples per activation quantile, same shape as examples
-    nearest: NotRequired[list]  # [[feature id, decoder cosine]]
-    model_explanation: NotRequired[dict]  # only with --explain-top
-    steer: NotRequired[dict]  # only with --steer
 
 
-class Analysis(TypedDict):
+class AnalysisExtras(TypedDict, total=False):
+    """Top-level keys that older features.json files lack."""
+
+    heldout: dict  # {"share", "tokens"}: the contexts explanations are scored on
+    cost: dict  # seconds (wall and CPU) of each pass
+    families: list  # [{"id", "explanation", "members": [feature ids, best first]}]
+
+
+class Analysis(AnalysisExtras):
     """The whole of features.json."""
 
     format: str  # FORMAT
@@ -373,9 +387,6 @@ class Analysis(TypedDict):
     chance: dict  # {"same_token", "context_jaccard"}: the chance levels the score uses
     vocab: dict  # token id (as a string) → its text, for every id used in the features
     features: list[Feature]  # in id order
-    heldout: NotRequired[dict]  # {"share", "tokens"}: the contexts explanations are scored on
-    cost: NotRequired[dict]  # seconds (wall and CPU) of each pass
-    families: NotRequired[list]  # [{"id", "explanation", "members": [feature ids, best first]}]
 
 
 def read_features(path: str | os.PathLike, d_sae: int | None = None) -> Analysis:
@@ -445,7 +456,12 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     prev_row = context_windows(doc, pos, torch.arange(len(tokens)), 1, 0)[:, 0]  # [n] -1: none
     prev_tok = torch.where(prev_row >= 0, canon[tokens[prev_row.clamp(min=0)]], n_vocab)
     held = explain.heldout_rows(doc, cfg.heldout)
-    if held.all() or not held.any():
+    if int(doc.max()) == 0:
+        # One context cannot be split by context: hold out rows instead, and say what that costs.
+        held = torch.rand(len(doc), generator=torch.Generator().manual_seed(0)) < cfg.heldout
+        print("warning: the cache holds one context, so held-out tokens are drawn from it by row and the "
+              "detection scores are optimistic; harvest more text for honest scores", file=sys.stderr)  # fmt: skip
+    elif held.all() or not held.any():
         raise UserError(f"--heldout {cfg.heldout} holds out {'none' if not held.any() else 'all'} of the cache's {int(doc.max()) + 1} contexts; "
                         "explanations need contexts to read and contexts to score on: change --heldout or harvest more")  # fmt: skip
     counter = explain.PatternCounts(canon[tokens], prev_tok, held, n_vocab, sae.d_sae)
