@@ -274,7 +274,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
     return dirs
 
 
-# Compared per cache, so not `hooks`: with several hooks each cache holds one, named in its manifest.
+# Not settings of one cache: `hooks` (with several, each cache holds one, named in its manifest)
+# and `batch_size` (contexts per forward pass).
 HARVEST_NOT_SETTINGS = ("hooks", "batch_size")
 
 
@@ -283,12 +284,11 @@ def _finished(cfg: HarvestConfig, dirs: dict[str, Path]) -> bool:
     sha256; a UserError names the settings that differ. (The cache's manifest is its record.)"""
     if cfg.overwrite:
         return False
-    now = settings_of(cfg, HARVEST_NOT_SETTINGS)
+    now, known = settings_of(cfg, HARVEST_NOT_SETTINGS), {f.name for f in fields(HarvestConfig)}
     for d in dirs.values():
         m = _read_manifest(d) if d.is_dir() else None
         if m is None or not m.get("complete") or "harvest_config" not in m:
             return False
-        known = {f.name for f in fields(HarvestConfig)}
         then = HarvestConfig(**{k: v for k, v in m["harvest_config"].items() if k in known})
         diff = differences(settings_of(then, HARVEST_NOT_SETTINGS), now)
         if diff:

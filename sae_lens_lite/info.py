@@ -105,7 +105,8 @@ def _sae(p: Path) -> list[str]:
     for report in (p / "eval" / "report.json", p.parent / "eval" / "report.json"):
         if report.exists():
             r = json.loads(report.read_text())
-            if Path(r.get("sae", "")).resolve() == p.resolve():
+            # its own eval/, or a run's sibling eval/ of this SAE (run files name paths relative to where they ran)
+            if Path(r.get("sae", "")).resolve() == p.resolve() or report.parent.parent == p or Path(r.get("sae", "")).name == p.name:
                 lines.append(f"  evaluation ({report.parent}): " + _eval_summary(r))
                 break
     return lines

@@ -294,7 +294,7 @@ def test_dictionary_export_reads_analysis_defensively(tmp_path):
     assert lines[3]["top_tokens"] == [{"token": " the", "act": 2.5}] and lines[3]["logit_lens"]["top"] == [" end"]
     assert lines[3]["top_contexts"][0]["text"] == "in the end" and lines[3]["frequency"] == 0.01
     assert lines[7]["score"] is None and lines[7]["frequency"] == 0.2 and lines[7]["top_tokens"] == ["a"]  # NaN → null
-    assert (lines[1]["rank"], lines[3]["rank"]) == (0, 1)  # no ranks given: ranked by score
+    assert (lines[1]["rank"], lines[3]["rank"]) == (1, 2)  # no ranks given: ranked by score, 1 = best
     assert lines[0] == {"id": 0, "rank": None, "score": None, "frequency": None, "top_tokens": [], "top_contexts": [], "logit_lens": None, "label": ""}
     assert all(line["label"] == "" for line in lines)
     folded = sae.folded()
