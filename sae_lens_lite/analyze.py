@@ -31,6 +31,7 @@ from .errors import UserError
 from .fsutil import prepare_out_dir, write_text_atomic
 from .harvest import resolve_device
 from .models import LoadedModel, load_model
+from .outputs import existing, fingerprint, finish, settings_of
 from .sae import SAE
 
 FORMAT = "sae_lens_lite.features"
@@ -438,6 +439,10 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         raise UserError(f"the SAE reads vectors of size {sae.d_in} but the cache {cfg.acts} holds {cache.d_model}; pass the cache it was trained on")
     if sae.cfg.hook and m.get("hook") and sae.cfg.hook != m["hook"]:
         raise UserError(f"the SAE was trained on {sae.cfg.hook} but the cache holds {m['hook']}; pass the matching --acts")
+    settings, inputs = settings_of(cfg, ("sae", "acts", "batch_size")), {"sae": fingerprint(cfg.sae), "acts": fingerprint(cfg.acts)}
+    done = existing(cfg.out, "analyze", settings, inputs, cfg.overwrite)  # the rerun rule (outputs.py)
+    if done is not None:
+        return done
     model_name = cfg.model or m.get("model") or sae.cfg.model
     if lm is None:
         if not model_name:
@@ -586,7 +591,10 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         "dead_features": int((st.count == 0).sum()), "mean_l0": l0_mean, "top_features": order[:10].tolist(),
         "n_families": len(fams), "cost": analysis["cost"], "seconds": round(time.time() - t0, 1),
     }  # fmt: skip
-    print(f"analyzed {sae.d_sae} features on {st.n_rows} tokens in {summary['seconds']} s; open {out / 'index.html'}")
+    best = order[0].item()
+    finish(out, "analyze", settings, inputs, summary,
+           f"analyze: {out / 'index.html'}: {sae.d_sae:,} features on {st.n_rows:,} tokens, {summary['dead_features']:,} never fire, "
+           f"mean L0 {l0_mean:.1f}; best feature {best} (score {float(s['score'][best]):.3f}); in {summary['seconds']} s")  # fmt: skip
     return summary
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import UserError
-from .fsutil import sha256_file, write_json_atomic
+from .fsutil import mode_from_umask, sha256_file, write_json_atomic
 
 FORMAT = "sae_lens_lite.activations"
 VERSION = 1
@@ -108,6 +108,21 @@ class CacheWriter:
         m["n_contexts"] += entry["n_contexts"]
         write_json_atomic(self.path / MANIFEST, m)
 
+    def drop_damaged(self) -> int | None:
+        """Check every listed shard; from the first one missing or corrupt on, forget the shards, so
+        that the harvest writes them again (shard contents depend only on their contexts, so the
+        repaired cache equals an undamaged one). Returns that shard's index, or None if all are intact."""
+        bad = first_damaged(self.path, self.manifest)
+        if bad is None:
+            return None
+        m = self.manifest
+        for s in m["shards"][bad:]:
+            (self.path / s["file"]).unlink(missing_ok=True)
+        m["shards"] = m["shards"][:bad]
+        m.update(complete=False, n_tokens=sum(s["n_rows"] for s in m["shards"]), n_contexts=sum(s["n_contexts"] for s in m["shards"]))
+        write_json_atomic(self.path / MANIFEST, m)
+        return bad
+
     def finish(self, **extra) -> dict:
         # Summed from the shards, so rows skipped before an interruption still count.
         nonfinite = sum(s.get("nonfinite_rows", 0) for s in self.manifest["shards"])
@@ -137,6 +152,7 @@ def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor
     }
     try:
         save_file(tensors, str(tmp))
+        mode_from_umask(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except OSError as e:
@@ -144,6 +160,15 @@ def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor
         raise UserError(f"could not write {tmp}: {e.strerror}; free some space and run the same command to resume") from None
     os.replace(tmp, path / name)
     return {"file": name, "n_rows": int(acts.shape[0]), "n_contexts": n_contexts, "nonfinite_rows": nonfinite_rows, "sha256": sha256_file(path / name)}
+
+
+def first_damaged(path: Path, manifest: dict) -> int | None:
+    """Index of the first shard of the manifest whose file is missing or whose sha256 differs."""
+    for i, s in enumerate(manifest["shards"]):
+        f = Path(path) / s["file"]
+        if not f.is_file() or sha256_file(f) != s["sha256"]:
+            return i
+    return None
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -204,9 +229,9 @@ class ActivationCache:
         entry = self.manifest["shards"][i]
         f = self.path / entry["file"]
         if not f.exists():
-            raise UserError(f"shard {f} is missing; harvest the cache again")
+            raise UserError(f"shard {f} is missing; run the same harvest command again, which redoes it")
         if sha256_file(f) != entry["sha256"]:
-            raise UserError(f"shard {f} is corrupt (sha256 differs from the manifest); harvest the cache again")
+            raise UserError(f"shard {f} is corrupt (sha256 differs from the manifest); run the same harvest command again, which redoes it")
 
     def read_shard(self, i: int, keys: tuple[str, ...] = ("activations", "tokens", "doc", "pos")) -> dict[str, Tensor]:
         if self.verify and i not in self._verified:

@@ -4,9 +4,12 @@ dataclass and calls that stage's function; errors a user can fix print as one li
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import sys
 
+from . import __version__
 from .config import add_dataclass_args, from_namespace, load_run_file
 from .errors import UserError
 
@@ -17,9 +20,11 @@ typical session:
   sae-lite evaluate --sae runs/sae --dataset held_out.txt
   sae-lite analyze --sae runs/sae --acts runs/acts --out runs/analysis
   sae-lite export --sae runs/sae --format saelens --out runs/saelens
+  sae-lite info runs/sae
 or all of it from one file:
   sae-lite run configs/demo.toml train.l1=3
-Interrupted work resumes when the same command is run again."""
+Interrupted work resumes when the same command is run again; finished work with the same
+settings is left as it is; --overwrite redoes it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"sae-lite {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stages = [
         ("harvest", HarvestConfig, "run a model over a corpus and cache activations at hook points"),
@@ -64,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("dir", help="activation cache directory")
     info = cache_sub.add_parser("info", help="print the manifest summary")
     info.add_argument("dir", help="activation cache directory")
+
+    what = "what a directory holds: a cache (complete or partial), an SAE (config, training, evaluation), an analysis, an evaluation or an export"
+    info = sub.add_parser("info", help=what, description=what[0].upper() + what[1:] + ".")
+    info.add_argument("path", help="a directory written by sae-lite (or a file in one)")
     return p
 
 
@@ -72,13 +82,12 @@ def dispatch(args: argparse.Namespace) -> int:
     if cmd == "run":
         from .pipeline import run_pipeline
 
-        paths = run_pipeline(load_run_file(args.config, args.overrides))
-        print("\ndone. outputs:")
-        for k in ("sae", "eval", "analysis", "export"):
-            print(f"  {k:9s} {paths[k]}")
-        browser = paths["analysis"] / "index.html"
-        if browser.exists():
-            print(f"  feature browser: {browser.resolve()}")
+        run_pipeline(load_run_file(args.config, args.overrides))
+        return 0
+    if cmd == "info":
+        from .info import describe
+
+        print(describe(args.path))
         return 0
     if cmd == "hooks":
         from .models import hook_names, load_model
@@ -106,18 +115,40 @@ def dispatch(args: argparse.Namespace) -> int:
     from .train import train
 
     fn = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export, "import": import_cmd}[cmd]
-    result = fn(from_namespace(args.config_cls, args))
-    if cmd == "harvest":
-        for hook, path in result.items():
-            print(f"{hook}: {path}")
+    fn(from_namespace(args.config_cls, args))  # each stage ends by printing its result line
     return 0
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown flag is reported by its subcommand (its usage, not the
+    top-level one) with the closest valid flag."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    if args.command == "cache":
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[args.cache_command]
+    flags = [o for a in sub._actions for o in a.option_strings]
+    hints = []
+    for e in extra:
+        close = difflib.get_close_matches(e.split("=")[0], flags, n=1, cutoff=0.6) if e.startswith("-") else []
+        if close:
+            hints.append(f"{e}: did you mean {close[0]}?")
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + "".join(f"; {h}" for h in hints))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
-        return dispatch(args)
+        rc = dispatch(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at exit
+        return rc
+    except BrokenPipeError:
+        # The reader went away (`sae-lite hooks | head`): stop quietly, as `yes | head` does, and
+        # point stdout at /dev/null so that Python's own flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the shell's status for a process ended by a closed pipe
     except UserError as e:
         print(f"sae-lite {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import difflib
 import tomllib
 import typing
 from pathlib import Path
@@ -115,14 +116,39 @@ def from_namespace(cls, ns: argparse.Namespace):
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
 
-def build(cls, values: dict, section: str = ""):
-    """Make a config from a dict, naming unknown keys (typos in run files are common)."""
+def build(cls, values: dict, section: str = "", extra: tuple[str, ...] = ()):
+    """Make a config from a dict, naming unknown keys (typos in run files are common) and values
+    of the wrong type. `extra`: keys the caller handles itself, listed among the valid ones."""
     names = {f.name for f in dataclasses.fields(cls)}
+    where = f"[{section}] " if section else ""
     unknown = sorted(set(values) - names)
     if unknown:
-        where = f"[{section}] " if section else ""
-        raise UserError(f"{where}unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        close = [m for u in unknown for m in difflib.get_close_matches(u, [*names, *extra], n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"{where}unknown setting(s) {', '.join(unknown)}{hint}; valid: {', '.join(sorted([*names, *extra]))}")
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            _check_type(cls, f, values[f.name], where)
     return cls(**values)
+
+
+def _check_type(cls, f: dataclasses.Field, value, where: str) -> None:
+    """A run-file value of the wrong type fails here, before any stage runs, not deep inside one."""
+    tp, item = _field_type(cls, f)
+    if value is None and f.default is None:
+        return
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list) and all(isinstance(x, item) for x in v),
+    }.get(tp)
+    if ok is not None and not ok(value):
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: f"a list of {getattr(item, '__name__', item)}"}[tp]
+        raise UserError(f"{where}{f.name} = {value!r} should be {want}")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise UserError(f"{where}{f.name} = {value!r} is not one of {', '.join(f.metadata['choices'])}")
 
 
 def parse_value(text: str):

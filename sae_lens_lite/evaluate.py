@@ -16,6 +16,7 @@ rows by default, so the SAE never saw them, and every intervention leaves them u
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections import defaultdict
@@ -33,13 +34,14 @@ from .errors import UserError
 from .fsutil import write_json_atomic, write_text_atomic
 from .harvest import check_context_length, load_texts, resolve_device, special_token_ids, tokenize_corpus
 from .models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
+from .outputs import existing, fingerprint, finish, pct, settings_of
 from .report import density_histogram, fmt, markdown_summary, plot_density
 from .sae import SAE
 
 DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense"
 CHUNK = 4096  # rows per SAE/baseline call when streaming over activations
 FIT_ROWS = 65536  # activations read from --acts to fit the baselines
-OUR_FILES = ("report.json", "report.md", "density.png")
+OUR_FILES = ("report.json", "report.md", "density.png", "provenance.json")
 
 
 @dataclass
@@ -219,6 +221,11 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     T = cfg.context_length or sae.cfg.context_length or 128
     # a wrong cache fails before the model runs
     held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
+    settings = settings_of(cfg, ("sae", "acts", "sparsity_acts", "batch_size"))
+    inputs = {k: fingerprint(v) for k, v in (("sae", cfg.sae), ("dataset", cfg.dataset), ("acts", cfg.acts), ("sparsity_acts", cfg.sparsity_acts)) if v}
+    where = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval"
+    if existing(where, "evaluate", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
+        return json.loads((where / "report.json").read_text())
     out = _out_dir(cfg)
     if lm is None:
         if not (cfg.model or sae.cfg.model):
@@ -315,9 +322,12 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     times["total"] = time.perf_counter() - t0
     report["timing_s"] = times
     write_text_atomic(out / "report.md", markdown_summary(report))
-    write_json_atomic(out / "report.json", report)  # last: its presence marks a finished evaluation
-    print(f"eval: CE loss recovered {fmt(ce_all['sae_recovered'])}, explained variance {fmt(recon['explained_variance'])}, "
-          f"L0 {sparse['l0']:.1f}; report in {out}")  # fmt: skip
+    write_json_atomic(out / "report.json", report)
+    headline = {"ce_loss_recovered": ce_all["sae_recovered"], "explained_variance": recon["explained_variance"], "l0": sparse["l0"],
+                "dead_fraction": sparse["dead_fraction"], "n_tokens": sparse["n_tokens"]}  # fmt: skip
+    finish(out, "evaluate", settings, inputs, headline,  # last: its presence marks a finished evaluation
+           f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(ce_all['sae_recovered'], 3)}, EV {fmt(recon['explained_variance'], 3)}, "
+           f"L0 {sparse['l0']:.1f}, dead {pct(sparse['dead_fraction'])} on {sparse['n_tokens']:,} tokens of {cfg.dataset}")  # fmt: skip
     return report
 
 
@@ -456,9 +466,14 @@ def training_text(sae: SAE) -> tuple[str, int] | None:
 def _training_dead(sae: SAE) -> dict:
     """The trainer's dead fraction (no firing in its last dead_window tokens), where the SAE
     records it: a small eval set cannot tell rare latents from dead ones, the trainer's window can."""
+    measured = sae.cfg.meta.get("final_eval") or {}
+    if "dead_frac" in measured:  # train.measure_saved: the saved weights on a sample of the training cache
+        return {"dead_fraction_end_of_training": measured["dead_frac"], "end_of_training_tokens": measured["n_tokens"]}
     final, tc = sae.cfg.meta.get("final_metrics") or {}, sae.cfg.meta.get("train_config") or {}
     if "dead_frac" not in final or "dead_window" not in tc:
         return {}
+    if final.get("tokens", 0) < tc["dead_window"]:
+        return {}  # a run shorter than the window cannot see a latent stay silent for a whole window: its 0 % means nothing
     return {"dead_fraction_in_training": final["dead_frac"], "training_dead_window": tc["dead_window"]}
 
 

@@ -30,6 +30,7 @@ from . import __version__
 from .config import opt
 from .errors import UserError
 from .fsutil import prepare_out_dir, save_safetensors_atomic, sha256_file, write_json_atomic
+from .outputs import existing, fingerprint, finish, read_record, settings_of, warn
 from .sae import SAE, SAEConfig, WEIGHTS_FILE as OUR_WEIGHTS, CONFIG_FILE as OUR_CONFIG
 
 SAELENS_CFG = "cfg.json"
@@ -90,13 +91,42 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format not in ("saelens", "dictionary"):
         raise UserError(f"unknown export --format {cfg.format!r}: use saelens or dictionary")
     sae = SAE.load(cfg.sae)
+    settings = settings_of(cfg, ("sae", "analysis", "acts"))
+    inputs = {"sae": fingerprint(cfg.sae), "analysis": fingerprint(cfg.analysis), "acts": fingerprint(cfg.acts)}
+    if existing(cfg.out, "export", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
+        return Path(cfg.out)
+    if cfg.analysis:
+        check_analysis_source(cfg.analysis, inputs["sae"], cfg.sae)
     features = read_analysis(cfg.analysis, sae.d_sae) if cfg.analysis else {}
     freq = firing_frequency(sae, features, cfg.acts)
     marker = SAELENS_CFG if cfg.format == "saelens" else DICT_HEADER
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker)
+    removed = freq is None and cfg.format == "saelens" and (out / SAELENS_SPARSITY).exists()
     if cfg.format == "saelens":
-        return save_saelens(sae, out, freq, source=Path(cfg.sae))
-    return save_dictionary(sae, out, features, freq, source=Path(cfg.sae))
+        save_saelens(sae, out, freq, source=Path(cfg.sae))
+        files = [SAELENS_CFG, SAELENS_WEIGHTS] + ([SAELENS_SPARSITY] if freq is not None else [])
+    else:
+        save_dictionary(sae, out, features, freq, source=Path(cfg.sae))
+        files = [DICT_HEADER, DICT_FEATURES, DICT_WEIGHTS]
+    what = "SAELens directory" if cfg.format == "saelens" else "feature dictionary"
+    freq_from = "no firing frequencies" if freq is None else f"frequencies from {'the analysis' if features and cfg.analysis else cfg.acts}"
+    extra = f"; removed the stale {SAELENS_SPARSITY}" if removed else ""
+    finish(out, "export", settings, inputs, {"format": cfg.format, "files": files, "d_sae": sae.d_sae},
+           f"export: wrote {what} {out} ({', '.join(files)}): {sae.d_sae:,} features, {freq_from}"
+           f"{', scores and top tokens from ' + str(cfg.analysis) if features else ''}{extra}")  # fmt: skip
+    return out
+
+
+def check_analysis_source(analysis: str, sae_sha256: str | None, sae_path: str) -> None:
+    """Refuse the analysis of another SAE: its record names the weights it read, by sha256 (two
+    SAEs of one width look alike by shape). An analysis without a record is used with a warning."""
+    rec = read_record(Path(analysis) if Path(analysis).is_dir() else Path(analysis).parent)
+    made_from = (rec or {}).get("inputs", {}).get("sae") if (rec or {}).get("stage") == "analyze" else None
+    if made_from is None:
+        warn(f"{analysis} does not record which SAE it analysed; cannot check that it is the analysis of {sae_path}")
+    elif made_from != sae_sha256:
+        raise UserError(f"{analysis} is the analysis of another SAE (its weights' sha256 differs from {sae_path}'s); "
+                        f"run `sae-lite analyze --sae {sae_path}` or leave out --analysis")  # fmt: skip
 
 
 def _provenance(sae: SAE, source: Path | None) -> dict:
@@ -327,13 +357,21 @@ def import_cmd(cfg: ImportConfig) -> Path:
     """`sae-lite import`: convert cfg.src into our SAE directory cfg.out."""
     if not cfg.src:
         raise UserError("nothing to import: pass --src (a SAELens or sparsify directory, or a SAELens release with --sae-id)")
+    settings, inputs = settings_of(cfg), {"src": fingerprint(cfg.src)}
+    if existing(cfg.out, "import", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
+        return Path(cfg.out)
     sae = import_sae(cfg.src, cfg.sae_id)
     if cfg.model:
         sae.cfg.model = cfg.model
     if cfg.hook:
         sae.cfg.hook = cfg.hook
     out = prepare_out_dir(cfg.out, cfg.overwrite, OUR_CONFIG)
-    return sae.save(out)
+    sae.save(out)
+    origin = sae.cfg.meta.get("imported_from", {}).get("format", "our")
+    finish(out, "import", settings, inputs, {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.cfg.activation},
+           f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.activation}"
+           f"{f' k={sae.cfg.k}' if sae.cfg.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae:,}, hook {sae.cfg.hook}, model {sae.cfg.model}")  # fmt: skip
+    return out
 
 
 # ---- feature dictionary ---------------------------------------------------------------------

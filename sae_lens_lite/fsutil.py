@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from .errors import UserError
@@ -30,7 +31,23 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    mode_from_umask(tmp)
     os.replace(tmp, path)
+
+
+def mode_from_umask(path: str | os.PathLike) -> None:
+    """safetensors creates its files mode 0600; give them the mode every other file gets
+    (0666 less the umask), so whoever may read a run's JSON may read its weights too."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        return int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
+    except (OSError, AttributeError):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
 
 
 def _json_default(o):

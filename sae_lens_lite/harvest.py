@@ -7,17 +7,18 @@ Corpus → tokens → fixed-length contexts → forward (stopped after the deepe
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .cache import DTYPES, CacheWriter
+from .cache import DTYPES, CacheWriter, _read_manifest, first_damaged
 from .config import check_numbers, opt
 from .errors import UserError
 from .models import LoadedModel, hook_point, load_model, run_to_hooks
+from .outputs import differences, settings_of, warn
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation, shipped with every CPython install
 
@@ -204,6 +205,11 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         raise UserError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
     from . import distributed
 
+    dirs = cache_dirs(cfg)
+    if _finished(cfg, dirs):  # the rerun rule (outputs.py), decided before the model loads
+        print(f"harvest: {cfg.out} is complete, nothing to do (same settings, every shard intact; --overwrite redoes it)")
+        print(_result_line(dirs))
+        return dirs
     # Under torchrun rank r harvests shards r, r+N, ... (docs/scaling.md); rank 0 loads first so
     # that downloads and the GGUF conversion happen once.
     device = distributed.init_from_env(resolve_device(cfg.device))
@@ -215,6 +221,9 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         hook_point(lm.model, h)  # unknown hooks fail before any file is written
     check_context_length(lm, cfg.context_length)
     contexts = tokenize_corpus(lm.tokenizer, texts, cfg.context_length, cfg.tokens)  # [n_ctx, T]
+    if len(contexts) < max(1, cfg.tokens // cfg.context_length) and rank == 0:
+        warn(f"{cfg.dataset} holds {len(contexts) * cfg.context_length:,} tokens in whole contexts of {cfg.context_length}, "
+             f"fewer than the {cfg.tokens:,} asked (--tokens); the cache will hold those")  # fmt: skip
     special = special_token_ids(lm.tokenizer)
 
     base = {
@@ -224,12 +233,16 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         "max_contexts": len(contexts),
         "filters": {"drop_special": cfg.drop_special, "special_ids": sorted(special), "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor, "nonfinite": cfg.nonfinite},
     }  # fmt: skip
-    dirs = cache_dirs(cfg)
     Writer = distributed.ShardedCacheWriter if world > 1 else CacheWriter
     writers = {h: Writer(d, {**base, "hook": h}, lm.d_model, cfg.overwrite) for h, d in dirs.items()}
     try:
+        for h, w in writers.items():
+            bad = w.drop_damaged() if world == 1 else None
+            if bad is not None:
+                warn(f"{dirs[h]}: shard {bad} was missing or corrupt; harvesting it again, and the shards after it")
         todo = [h for h, w in writers.items() if not w.complete]
         if not todo:
+            print(_result_line(dirs))
             return dirs
         # Every cache of one harvest advances together; resume from the least advanced.
         start_shard = min(writers[h].n_shards for h in todo)
@@ -278,7 +291,44 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
     finally:
         for w in writers.values():
             w.close()
+    if rank == 0:
+        print(_result_line(dirs))
     return dirs
+
+
+# Not settings of one cache: `hooks` (with several, each cache holds one, named in its manifest)
+# and `batch_size` (contexts per forward pass).
+HARVEST_NOT_SETTINGS = ("hooks", "batch_size")
+
+
+def _finished(cfg: HarvestConfig, dirs: dict[str, Path]) -> bool:
+    """True when every cache is complete, made with these settings, and every shard matches its
+    sha256; a UserError names the settings that differ. (The cache's manifest is its record.)"""
+    if cfg.overwrite:
+        return False
+    now, known = settings_of(cfg, HARVEST_NOT_SETTINGS), {f.name for f in fields(HarvestConfig)}
+    for d in dirs.values():
+        m = _read_manifest(d) if d.is_dir() else None
+        if m is None or not m.get("complete") or "harvest_config" not in m:
+            return False
+        then = HarvestConfig(**{k: v for k, v in m["harvest_config"].items() if k in known})
+        diff = differences(settings_of(then, HARVEST_NOT_SETTINGS), now)
+        if diff:
+            raise UserError(f"{d} holds a cache made differently (differs in: {'; '.join(diff)}); pass --overwrite to redo it, or choose another --out")
+    return all(first_damaged(d, _read_manifest(d)) is None for d in dirs.values())
+
+
+def _result_line(dirs: dict[str, Path]) -> str:
+    """harvest's result: rows, width and source of each cache (and a shortfall against --tokens)."""
+    parts = []
+    for h, d in dirs.items():
+        m = _read_manifest(d)
+        asked = (m.get("harvest_config") or {}).get("tokens")
+        got = m["n_contexts"] * m["context_length"]
+        short = f", {got:,} of the {asked:,} tokens asked" if asked and m["n_contexts"] < max(1, asked // m["context_length"]) else ""
+        parts.append(f"{d}: {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}) at {h}, from {m['n_contexts']:,} contexts of "
+                     f"{m['model']} on {m['corpus']} in {len(m['shards'])} shards{short}")  # fmt: skip
+    return "harvest: " + "; ".join(parts)
 
 
 # ---- streaming: activations straight from the model, no cache on disk ------------------------

@@ -72,6 +72,8 @@ def markdown_summary(r: dict) -> str:
         f"| dead latents | {sp['dead']} of {sp['d_sae']} ({100 * sp['dead_fraction']:.1f}%) |",
         *([f"| dead latents in training (no firing in its last {sp['training_dead_window']:,} tokens) | "
            f"{100 * sp['dead_fraction_in_training']:.2f}% |"] if "dead_fraction_in_training" in sp else []),  # fmt: skip
+        *([f"| dead latents at the end of training (no firing on {sp['end_of_training_tokens']:,} training tokens) | "
+           f"{100 * sp['dead_fraction_end_of_training']:.2f}% |"] if "dead_fraction_end_of_training" in sp else []),  # fmt: skip
         f"| dense latents (>10% of tokens) | {sp['dense']} ({100 * sp['dense_fraction']:.1f}%) |",
     ]
     if "sparsity_on_acts" in r:

@@ -144,6 +144,11 @@ class SAE(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
+    def extra_repr(self) -> str:
+        c = self.cfg
+        act = f"topk, k={c.k}" if c.activation == "topk" else c.activation
+        return f"d_in={c.d_in}, d_sae={c.d_sae}, {act}, hook={c.hook}, model={c.model}, input_scale={float(self.input_scale):.4g}"
+
     @property
     def d_in(self) -> int:
         return self.cfg.d_in

@@ -43,6 +43,7 @@ from .errors import UserError
 from .harvest import resolve_device
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from .loss import PENALTY_TERM, loss_terms, total_loss
+from .outputs import existing, fingerprint, finish, pct, settings_of
 from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
 PENALTIES = ("l1", "kl", "topk")
@@ -277,7 +278,7 @@ def train_on_batches(
             if main:  # a run killed while removing its checkpoint files left some behind
                 for p in out.glob("checkpoint_*.safetensors"):
                     p.unlink()
-            print(f"{out} already holds the finished run; pass --overwrite to train again")
+            print(f"train: {out} is complete, nothing to do (same settings; --overwrite redoes it)")
             return SAE.load(out, device)
         try:
             tensors = load_file(str(out / ckpt["file"]), device=str(device))
@@ -488,7 +489,13 @@ def train(cfg: TrainConfig) -> SAE:
     check_config(cfg)
     device = distributed.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
     cache = ActivationCache.open(cfg.acts)
+    if cache.n_tokens < cfg.batch_size:
+        raise UserError(f"the cache {cfg.acts} holds {cache.n_tokens:,} rows, fewer than one batch of {cfg.batch_size:,}; "
+                        f"pass a --batch-size of at most {cache.n_tokens:,} or harvest more tokens")  # fmt: skip
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT, debris=RUN_FILES)
+    settings, inputs = settings_of(cfg, ("acts",)), {"acts": fingerprint(cfg.acts)}
+    if existing(out, "train", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
+        return SAE.load(out, device)
     if cfg.overwrite and distributed.is_main():
         for p in [out / CHECKPOINT, out / METRICS, out / WEIGHTS_FILE, out / CONFIG_FILE, *out.glob("checkpoint_*.safetensors")]:
             p.unlink(missing_ok=True)
@@ -497,7 +504,44 @@ def train(cfg: TrainConfig) -> SAE:
     sae_cfg = sae_config_for(cfg, cache.d_model, m["model"], m["hook"], m["context_length"],
                              {"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens, "corpus": m.get("corpus"), "filters": m.get("filters")})  # fmt: skip
     tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
-    return train_on_batches(sae_cfg, cfg, _cache_batches(cache, cfg, device), tokens, out)
+    sae = train_on_batches(sae_cfg, cfg, _cache_batches(cache, cfg, device), tokens, out)
+    if distributed.is_main():
+        m = sae.cfg.meta["final_eval"] = measure_saved(sae, cache, device)
+        write_json_atomic(out / CONFIG_FILE, asdict(sae.cfg))
+        ev = "n/a" if m["explained_variance"] is None else f"{m['explained_variance']:.3f}"  # None: constant activations
+        finish(out, "train", settings, inputs, m, f"train: {out}: EV {ev}, L0 {m['l0']:.1f}, "
+               f"dead {pct(m['dead_frac'])} of {sae.d_sae:,} latents (no firing on {m['n_tokens']:,} cache rows); "
+               f"measured on the saved weights after {tokens // cfg.batch_size * cfg.batch_size:,} training tokens")  # fmt: skip
+    return sae
+
+
+FINAL_TOKENS = 32_768  # cache rows the saved SAE is measured on at the end of training
+
+
+@torch.no_grad()
+def measure_saved(sae: SAE, cache, device: torch.device, n_tokens: int = FINAL_TOKENS) -> dict:
+    """Explained variance, L0 and dead fraction of the SAE as saved, on a random sample of up to
+    n_tokens rows of its cache. The trainer's logged figures are averages over its last log
+    interval, taken while the weights still moved (and its dead count needs dead_window tokens)."""
+    rows, n = [], 0
+    for x in cache.iter_batches(4096, seed=1, device=device):
+        rows.append(x)
+        n += len(x)
+        if n >= n_tokens:
+            break
+    x = torch.cat(rows)[:n_tokens]  # [n, d_in]
+    mean = x.mean(0)
+    sse = sst = l0 = 0.0
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)  # [d_sae]
+    for chunk in x.split(4096):
+        o = sae(chunk)
+        on = o.latents > 0  # [b, d_sae]
+        sse += float((chunk - o.x_hat).double().pow(2).sum())
+        sst += float((chunk - mean).double().pow(2).sum())
+        l0 += float(on.sum())
+        fired |= on.any(0)
+    return {"explained_variance": 1 - sse / sst if sst > 0 else None, "l0": l0 / len(x),
+            "dead_frac": float((~fired).float().mean()), "n_tokens": len(x)}  # fmt: skip
 
 
 def _cache_batches(cache, cfg: TrainConfig, device: torch.device) -> Callable[[int], Iterator[Tensor]]:

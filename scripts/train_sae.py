@@ -19,9 +19,9 @@ RUN = Path("runs") / MODEL / HOOK
 ACTS = RUN / "acts"
 OUT = RUN / "sae-l1"
 
-# 1. Activations: run the model over the corpus once and keep what the hook saw.
-if not (ACTS / "manifest.json").exists() or '"complete": true' not in (ACTS / "manifest.json").read_text():
-    harvest(HarvestConfig(model=MODEL, hooks=[HOOK], dataset=CORPUS, tokens=500_000, out=str(ACTS)))
+# 1. Activations: run the model over the corpus once and keep what the hook saw. Run again, a
+#    finished harvest with the same settings is left as it is ("complete, nothing to do").
+harvest(HarvestConfig(model=MODEL, hooks=[HOOK], dataset=CORPUS, tokens=500_000, out=str(ACTS)))
 
 # 2. The SAE. penalty="topk" with k=32, or "kl", are the alternatives; target_l0 adapts λ.
 cfg = TrainConfig(
@@ -36,6 +36,10 @@ cfg = TrainConfig(
 sae = train(cfg)
 
 # 3. What came out: the SAE directory holds sae.safetensors, config.json and metrics.jsonl.
-m = sae.cfg.meta["final_metrics"]
-print(f"{OUT}: d_sae {sae.d_sae}, L0 {m['l0']:.1f}, explained variance {m['explained_variance']:.3f}, dead {m['dead_frac']:.1%}")
+#    final_eval is the saved SAE measured on a sample of its cache (metrics.jsonl holds the
+#    trainer's running figures, averaged over each log interval while the weights still moved).
+m = sae.cfg.meta["final_eval"]
+print(f"{OUT}: d_sae {sae.d_sae}, L0 {m['l0']:.1f}, explained variance {m['explained_variance']:.3f}, "
+      f"dead {m['dead_frac']:.1%} (no firing on {m['n_tokens']:,} cache rows)")
 same = SAE.load(OUT)  # how any later stage opens it
+print(same)  # SAE(d_in=576, d_sae=4608, relu, hook=..., model=..., input_scale=...)

@@ -1,5 +1,6 @@
 """The command line: every subcommand explains itself, bad input is one line and exit 2."""
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from sae_lens_lite.cli import build_parser, main
 from sae_lens_lite.config import load_run_file, parse_value
 from sae_lens_lite.errors import UserError
 
-COMMANDS = ["harvest", "train", "evaluate", "analyze", "export", "import", "run", "hooks"]
+COMMANDS = ["harvest", "train", "evaluate", "analyze", "export", "import", "run", "hooks", "info"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -68,21 +69,110 @@ def test_bad_harvest_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "acts" / "manifest.json").exists()
 
 
-def test_run_twice_skips_finished_stages(tiny_lm, corpus_file, tmp_path, monkeypatch):
-    """`sae-lite run` again after it finished (or was interrupted) continues instead of failing."""
-    import sae_lens_lite.harvest as harvest_mod
-    import sae_lens_lite.pipeline as pipeline
-
-    real_harvest = harvest_mod.harvest
-    monkeypatch.setattr(pipeline, "harvest", lambda cfg: real_harvest(cfg, lm=tiny_lm))
-    calls = []
-    monkeypatch.setattr(pipeline, "evaluate", lambda cfg: (calls.append(cfg), (tmp_path / "o" / "eval").mkdir(parents=True, exist_ok=True),
-                                                          (tmp_path / "o" / "eval" / "report.json").write_text("{}")))  # fmt: skip
+def tiny_run(tmp_path, corpus_file, **sections):
     cfg = {"out": str(tmp_path / "o"), "stages": ["harvest", "train", "evaluate"],
-           "harvest": {"hooks": ["blocks.1.hook_resid_post"], "dataset": str(corpus_file), "context_length": 32, "dtype": "float32"},
-           "train": {"expansion": 2, "tokens": 4096, "batch_size": 256, "device": "cpu"}}  # fmt: skip
+           "harvest": {"hooks": ["blocks.1.hook_resid_post"], "dataset": str(corpus_file), "context_length": 32, "dtype": "float32", "tokens": 1024},
+           "train": {"expansion": 2, "tokens": 4096, "batch_size": 256, "device": "cpu"},
+           "evaluate": {"dataset": str(corpus_file), "tokens": 256, "skip_tokens": 0, "baselines": False, "device": "cpu"}}  # fmt: skip
+    for k, v in sections.items():
+        cfg[k].update(v)
+    return cfg
+
+
+@pytest.fixture
+def tiny_pipeline(tiny_lm, monkeypatch):
+    import sae_lens_lite.pipeline as pipeline
+    from sae_lens_lite.evaluate import evaluate
+    from sae_lens_lite.harvest import harvest
+
+    monkeypatch.setitem(pipeline.FUNCS, "harvest", lambda cfg: harvest(cfg, lm=tiny_lm))
+    monkeypatch.setitem(pipeline.FUNCS, "evaluate", lambda cfg: evaluate(cfg, lm=tiny_lm))
+    return pipeline
+
+
+def test_run_again_compares_each_stages_settings(tiny_pipeline, corpus_file, tmp_path, capsys):
+    """A second run with the same file does nothing and says so in its table; a changed setting of
+    one stage is refused with run-file advice; overwriting a stage redoes the stages after it."""
+    pipeline = tiny_pipeline
+    cfg = tiny_run(tmp_path, corpus_file)
     pipeline.run_pipeline(cfg)
+    table = capsys.readouterr().out.split("\nrun: ")[-1].splitlines()
+    assert [r.split()[:2] for r in table[2:]] == [["harvest", "done"], ["train", "done"], ["evaluate", "done"]]
     weights = (tmp_path / "o" / "sae" / "sae.safetensors").read_bytes()
+    report = (tmp_path / "o" / "eval" / "report.json").stat().st_mtime_ns
     pipeline.run_pipeline(cfg)
-    assert len(calls) == 1 and calls[0].overwrite
+    out = capsys.readouterr().out
+    assert "run: every stage was complete already" in out and out.count("nothing to do  ") == 3
     assert (tmp_path / "o" / "sae" / "sae.safetensors").read_bytes() == weights
+
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text().lower())
+    with pytest.raises(UserError, match=r"^\[evaluate\] .*differs in: dataset .*pass evaluate.overwrite=true to redo it"):
+        pipeline.run_pipeline(tiny_run(tmp_path, corpus_file, evaluate={"dataset": str(other)}))
+    assert (tmp_path / "o" / "eval" / "report.json").stat().st_mtime_ns == report
+
+    pipeline.run_pipeline(tiny_run(tmp_path, corpus_file, train={"l1": 3.0, "overwrite": True}))
+    table = capsys.readouterr().out.split("\nrun: ")[-1].splitlines()
+    assert [r.split()[:2] for r in table[2:]] == [["harvest", "nothing"], ["train", "done"], ["evaluate", "done"]]
+    assert (tmp_path / "o" / "eval" / "report.json").stat().st_mtime_ns != report  # its SAE changed: redone
+
+
+def test_run_file_is_checked_whole_before_any_stage(tmp_path, capsys):
+    f = tmp_path / "r.toml"
+    f.write_text('[harvest]\nmodel = "no-such-model"\n[export]\nformats = ["saelens"]\nformatz = 1\n')
+    assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "[export] unknown setting(s) formatz (did you mean format?)" in err and "valid: acts, analysis, format, formats, out" in err
+    assert not (tmp_path / "o").exists()  # nothing ran
+    f.write_text('[train]\nl1 = "strong"\n')
+    assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
+    assert "[train] l1 = 'strong' should be a number" in capsys.readouterr().err
+    f.write_text('[train]\npenalty = "l2"\n')
+    assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
+    assert "unknown --penalty 'l2'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_run_file_advice_names_run_file_keys():
+    from sae_lens_lite.pipeline import run_file_advice
+    from sae_lens_lite.train import TrainConfig
+
+    msg = "runs/sae holds a run with different settings (l1); use the same flags to resume, another --out, or --overwrite; try --batch-size 256"
+    assert run_file_advice(msg, "train", TrainConfig) == (
+        "runs/sae holds a run with different settings (l1); use the same flags to resume, another top-level out, "
+        "or train.overwrite=true; try train.batch_size 256"
+    )
+
+
+def test_version(capsys):
+    from sae_lens_lite import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"sae-lite {__version__}"
+
+
+def test_a_mistyped_flag_gets_its_subcommands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--acts", "x", "--expansoin", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("usage: sae-lite train") and "unrecognized arguments: --expansoin 4; --expansoin: did you mean --expansion?" in err
+    with pytest.raises(SystemExit):
+        main(["cache", "verify", "d", "--quiet"])
+    assert capsys.readouterr().err.startswith("usage: sae-lite cache verify")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`sae-lite hooks | head` must not end in "error: Broken pipe": here the reader is gone before
+    anything is written."""
+    from conftest import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    r, w = os.pipe()
+    os.close(r)
+    p = subprocess.run([sys.executable, "-m", "sae_lens_lite", "hooks", "--model", str(tmp_path / "tiny")], stdout=w, stderr=subprocess.PIPE,
+                       text=True, timeout=600)  # fmt: skip
+    os.close(w)
+    assert p.returncode == 141, p.stderr
+    assert "Broken pipe" not in p.stderr and "BrokenPipeError" not in p.stderr and "error" not in p.stderr.lower(), p.stderr

@@ -192,8 +192,9 @@ def test_identity_sae_gives_clean_loss_and_baselines_are_scored(tiny_lm, corpus_
     out = tmp_path / "identity" / "eval"
     assert json.loads((out / "report.json").read_text())["ce"] == ce
     assert "SAE vs PCA vs VAE" in (out / "report.md").read_text() and (out / "density.png").stat().st_size > 0
-    with pytest.raises(UserError, match="overwrite"):
-        evaluate(cfg, lm=tiny_lm)
+    assert evaluate(cfg, lm=tiny_lm)["ce"] == ce  # the same request again: nothing to do (outputs.py)
+    with pytest.raises(UserError, match=r"differs in: tokens.*overwrite"):
+        evaluate(EvalConfig(**{**vars(cfg), "tokens": cfg.tokens // 2}), lm=tiny_lm)
 
 
 def test_zero_sae_gives_the_zero_ablation_loss(tiny_lm, corpus_file, tmp_path):
@@ -263,7 +264,7 @@ def test_report_carries_the_trainers_dead_fraction_when_the_sae_records_it(tiny_
     r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False), lm=tiny_lm)
     assert "dead_fraction_in_training" not in r["sparsity"]  # no training record: nothing invented
     sae = SAE.load(path)
-    sae.cfg.meta.update(final_metrics={"dead_frac": 0.0125}, train_config={"dead_window": 1_000_000})
+    sae.cfg.meta.update(final_metrics={"dead_frac": 0.0125, "tokens": 2_000_000}, train_config={"dead_window": 1_000_000})
     sae.save(path)
     r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False, overwrite=True), lm=tiny_lm)
     assert r["sparsity"]["dead_fraction_in_training"] == 0.0125 and r["sparsity"]["training_dead_window"] == 1_000_000

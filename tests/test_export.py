@@ -264,8 +264,8 @@ def test_sparsity_file_holds_log10_firing_frequency_from_the_cache(tmp_path):
     assert (freq == 0).any() or (freq > 0).all()
     with safe_open(str(out / "sparsity.safetensors"), "pt") as f:
         assert torch.allclose(f.get_tensor("sparsity"), torch.log10(freq + 1e-10))
-    # Re-exporting without frequencies must not leave the old sparsity file behind.
-    export(ExportConfig(sae=str(tmp_path / "sae"), format="saelens", out=str(tmp_path / "sl")))
+    # Re-exporting without frequencies (a different request: --overwrite) must not leave the old sparsity file behind.
+    export(ExportConfig(sae=str(tmp_path / "sae"), format="saelens", out=str(tmp_path / "sl"), overwrite=True))
     assert not (out / "sparsity.safetensors").exists()
     sae.cfg.hook = "blocks.9.hook_resid_post"
     sae.save(tmp_path / "sae9")

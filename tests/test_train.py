@@ -169,10 +169,10 @@ def test_train_from_a_cache_writes_a_resumable_run(tmp_path):
     assert lines[-1]["step"] == 20_000 // 512
     assert {"mse", "explained_variance", "l0", "dead_frac", "l1", "lam", "lr"} <= set(lines[-1])
     assert train(cfg) is not None  # the same command again: already finished, nothing to do
-    with pytest.raises(UserError, match="different settings"):
+    with pytest.raises(UserError, match=r"differs in: lr \(was 0.001, now 0.01\)"):
         train(TrainConfig(**{**vars(cfg), "lr": 1e-2}))
     other = write_cache(tmp_path / "acts32", d=32)
-    with pytest.raises(UserError, match="d_in"):
+    with pytest.raises(UserError, match="input acts"):
         train(TrainConfig(**{**vars(cfg), "acts": str(other)}))
     train(TrainConfig(**{**vars(cfg), "acts": str(other), "overwrite": True}))
     assert SAE.load(out).d_in == 32

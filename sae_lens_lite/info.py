@@ -1,0 +1,174 @@
+"""`sae-lite info PATH`: what a directory written by sae-lite holds, at a glance.
+
+Each kind of directory is read with its own format's reader (cache.py's manifest, SAE.load's
+config, the analysis's features.json, the export headers); nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .errors import UserError
+from .outputs import pct, read_record
+
+
+def describe(path: str) -> str:
+    """A few lines describing the cache, SAE, training run, evaluation, analysis or export at `path`."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path} not found")
+    if p.is_file():
+        p = p.parent
+    from .export import DICT_HEADER, SAELENS_CFG, SAELENS_WEIGHTS
+    from .sae import CONFIG_FILE, WEIGHTS_FILE
+
+    if (p / "manifest.json").exists():
+        lines = _cache(p)
+    elif (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists():
+        lines = _sae(p)
+    elif (p / "checkpoint.json").exists():
+        lines = _training(p)
+    elif (p / "features.json").exists():
+        lines = _analysis(p)
+    elif (p / "report.json").exists():
+        lines = _evaluation(p)
+    elif (p / DICT_HEADER).exists():
+        lines = _dictionary(p)
+    elif (p / SAELENS_CFG).exists() and (p / SAELENS_WEIGHTS).exists():
+        lines = _saelens(p)
+    else:
+        raise UserError(f"{p} holds nothing sae-lite wrote (no manifest.json, config.json, features.json, report.json, "
+                        "dictionary.json or SAELens cfg.json); pass a cache, SAE, analysis, evaluation or export directory")  # fmt: skip
+    rec = read_record(p)
+    if rec:
+        lines.append(f"  made by `sae-lite {rec['stage']}` ({rec.get('finished', '?')}, sae_lens_lite {rec.get('sae_lens_lite_version', '?')})")
+    return "\n".join(lines)
+
+
+def _size(p: Path) -> str:
+    n = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _cache(p: Path) -> list[str]:
+    from .cache import _read_manifest
+
+    m = _read_manifest(p)
+    per, n_ctx, n_shards = m["contexts_per_shard"], m["n_contexts"], len(m["shards"])
+    if m["complete"]:
+        state = "complete"
+    else:
+        want = m.get("max_contexts") or 0
+        of = f" of {math.ceil(want / per)} shards ({n_ctx:,} of {want:,} contexts, {pct(n_ctx / want)})" if want else " shards"
+        state = f"PARTIAL: {n_shards}{of}; run the same harvest command to finish it"
+    f = m.get("filters") or {}
+    lines = [
+        f"activation cache {p}: {state}",
+        f"  {m['model']} at {m['hook']}, corpus {m['corpus']}",
+        f"  {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}), {n_ctx:,} contexts of {m['context_length']} tokens, "
+        f"{n_shards} shards, {_size(p)}",
+        f"  filters: drop_special={f.get('drop_special')}, drop_first={f.get('drop_first')}, outlier_factor={f.get('outlier_factor')}, "
+        f"nonfinite={f.get('nonfinite')}" + (f"; {m['nonfinite_rows']:,} non-finite rows dropped" if m.get("nonfinite_rows") else ""),
+    ]  # fmt: skip
+    asked = (m.get("harvest_config") or {}).get("tokens")
+    if m["complete"] and asked and n_ctx < max(1, asked // m["context_length"]):
+        lines.append(f"  note: {asked:,} tokens were asked; the corpus held {n_ctx * m['context_length']:,} in whole contexts")
+    return lines
+
+
+def _sae(p: Path) -> list[str]:
+    from .sae import SAE
+
+    sae = SAE.load(p)
+    c, meta = sae.cfg, sae.cfg.meta
+    act = f"topk (k={c.k})" if c.activation == "topk" else "relu"
+    lines = [f"SAE {p}: {act}, d_in {c.d_in} -> d_sae {c.d_sae:,} ({c.d_sae / c.d_in:g}x), input scale {float(sae.input_scale):.4g}",
+             f"  {c.model} at {c.hook}, context {c.context_length}" + (f", corpus {meta['corpus']}" if meta.get("corpus") else "")]  # fmt: skip
+    if meta.get("acts"):
+        lines.append(f"  trained on the cache {meta['acts']} ({meta.get('acts_n_tokens', 0):,} rows)")
+    if meta.get("imported_from"):
+        src = meta["imported_from"]
+        lines.append(f"  imported from {src.get('format')} {src.get('path') or src.get('release', '')} {src.get('sae_id') or ''}".rstrip())
+    tc = meta.get("train_config") or {}
+    if tc:
+        coef = {"l1": f"l1 {tc.get('l1')}", "kl": f"kl_beta {tc.get('kl_beta')}, kl_rho {tc.get('kl_rho')}", "topk": f"k {tc.get('k')}"}.get(tc.get("penalty"), "")
+        target = f", target_l0 {tc['target_l0']}" if tc.get("target_l0") else ""
+        trained = (meta.get("final_metrics") or {}).get("tokens")
+        lines.append(f"  training: penalty {tc.get('penalty')} ({coef}{target}), lr {tc.get('lr')}, batch {tc.get('batch_size'):,}, "
+                     f"seed {tc.get('seed')}" + (f", {trained:,} tokens" if trained else ""))  # fmt: skip
+    fe = meta.get("final_eval")
+    if fe:
+        lines.append(f"  end of training (saved weights, {fe['n_tokens']:,} cache rows): EV {fe['explained_variance']:.3f}, "
+                     f"L0 {fe['l0']:.1f}, dead {pct(fe['dead_frac'])}")  # fmt: skip
+    for report in (p / "eval" / "report.json", p.parent / "eval" / "report.json"):
+        if report.exists():
+            r = json.loads(report.read_text())
+            # its own eval/, or a run's sibling eval/ of this SAE (run files name paths relative to where they ran)
+            if Path(r.get("sae", "")).resolve() == p.resolve() or report.parent.parent == p or Path(r.get("sae", "")).name == p.name:
+                lines.append(f"  evaluation ({report.parent}): " + _eval_summary(r))
+                break
+    return lines
+
+
+def _eval_summary(r: dict) -> str:
+    ce, rec, sp = r["ce"], r["reconstruction"], r["sparsity"]
+    ev = rec.get("explained_variance")
+    return (f"CE loss recovered {ce['sae_recovered']:.3f}, EV {'n/a' if ev is None else f'{ev:.3f}'}, L0 {sp['l0']:.1f}, "
+            f"dead {pct(sp['dead_fraction'])} on {sp['n_tokens']:,} tokens of {r['dataset']}")  # fmt: skip
+
+
+def _training(p: Path) -> list[str]:
+    ck = json.loads((p / "checkpoint.json").read_text())
+    return [f"SAE training in progress {p}: checkpoint at step {ck['step']:,} ({ck['tokens']:,} tokens); "
+            "run the same train command to resume"]  # fmt: skip
+
+
+def _evaluation(p: Path) -> list[str]:
+    r = json.loads((p / "report.json").read_text())
+    lines = [f"evaluation {p} of the SAE {r['sae']} ({r['model']} at {r['hook']})", "  " + _eval_summary(r)]
+    return lines + [f"  note: {w}" for w in r.get("warnings", [])] + [f"  report: {p / 'report.md'}"]
+
+
+def _analysis(p: Path) -> list[str]:
+    a = json.loads((p / "features.json").read_text())
+    feats = sorted(a["features"], key=lambda f: f.get("rank") or math.inf)
+    vocab = a.get("vocab", {})
+    never = sum(1 for f in a["features"] if not f.get("frequency"))
+    lines = [f"analysis {p} of the SAE {a.get('sae')} on {a.get('n_tokens', 0):,} tokens of {a.get('acts')}",
+             f"  {a.get('model')} at {a.get('hook')}: {a.get('d_sae', len(feats)):,} features, {never:,} never fire; "
+             f"top {a.get('top_k')} examples each", "  best-ranked features (rank 1 = best):"]  # fmt: skip
+    for f in feats[:5]:
+        top = vocab.get(str(f["top_tokens"][0][0]), "?") if f.get("top_tokens") else "-"
+        lines.append(f"    rank {f['rank']}: feature {f['id']}, score {f['score']:.3f}, fires on {pct(f['frequency'])} of tokens, top token {top!r}")
+    if (p / "index.html").exists():
+        lines.append(f"  browser: {p / 'index.html'}")
+    return lines
+
+
+def _dictionary(p: Path) -> list[str]:
+    from .export import DICT_FEATURES, DICT_HEADER
+
+    h = json.loads((p / DICT_HEADER).read_text())
+    with open(p / DICT_FEATURES) as f:
+        n = sum(1 for line in f if line.strip())
+    act = f"topk (k={h['k']})" if h.get("activation") == "topk" else h.get("activation")
+    return [f"feature dictionary {p}: {h['d_sae']:,} features ({n:,} lines), {act}, d_in {h['d_in']}",
+            f"  {h.get('model')} at {h.get('hook')}; from the SAE {h.get('source_sae')} (sha256 {str(h.get('source_sae_sha256'))[:12]})",
+            f"  analysis: {'yes' if h.get('has_analysis') else 'no'}, firing frequencies: {'yes' if h.get('has_frequency') else 'no'}"]  # fmt: skip
+
+
+def _saelens(p: Path) -> list[str]:
+    from .export import SAELENS_CFG, SAELENS_SPARSITY
+
+    c = json.loads((p / SAELENS_CFG).read_text())
+    meta = c.get("metadata") or {}
+    ours = meta.get("sae_lens_lite") or {}
+    lines = [f"SAELens directory {p}: architecture {c.get('architecture')}" + (f" (k={c['k']})" if c.get("k") else "") +
+             f", d_in {c.get('d_in')} -> d_sae {c.get('d_sae'):,}",
+             f"  {meta.get('model_name')} at {meta.get('hook_name')}, context {meta.get('context_size')}",
+             f"  sparsity file: {'yes' if (p / SAELENS_SPARSITY).exists() else 'no'}"]  # fmt: skip
+    if ours.get("source_sae"):
+        lines.append(f"  exported from the SAE {ours['source_sae']} (sha256 {str(ours.get('source_sae_sha256'))[:12]})")
+    return lines

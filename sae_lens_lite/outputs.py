@@ -1,0 +1,125 @@
+"""One rule for existing outputs, applied by every stage, and the line each stage ends with.
+
+A stage records what it made its output from in `provenance.json` in its output directory:
+its settings (the config fields that change the result) and a fingerprint (sha256) of each input
+it read. Run again on the same directory, it compares:
+
+- same settings and inputs      → "complete, nothing to do", and the recorded result line;
+- different settings or inputs  → a refusal naming each difference;
+- `--overwrite`                 → the stage is done again (the record is removed first, so an
+                                  interrupted redo never looks finished).
+
+The activation cache keeps the same rule with its manifest as the record (harvest.py), since a
+cache directory must hold nothing else. The record is written last, after every other file of
+the stage, so its presence means the output is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+from .fsutil import sha256_file, write_json_atomic
+
+RECORD = "provenance.json"
+# Config fields that say where to write or how fast, not what to compute.
+NOT_SETTINGS = ("out", "overwrite", "device", "compile", "log_every", "checkpoint_every", "wandb", "trust_remote_code")
+
+
+def settings_of(cfg, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of a stage config that decide its result, as plain JSON values."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SETTINGS and k not in skip}
+    return json.loads(json.dumps(d))
+
+
+def fingerprint(path: str | os.PathLike | None) -> str | None:
+    """A sha256 naming the content of an input: an activation cache (its shards' hashes, from the
+    manifest), an SAE directory (its weights), an analysis (features.json), a file's bytes.
+    None for what is not on disk (pydoc, a hub id)."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if not p.is_dir():
+        return None
+    if (p / "manifest.json").exists():
+        m = json.loads((p / "manifest.json").read_text())
+        h = hashlib.sha256()
+        for s in m.get("shards", []):
+            h.update(s["sha256"].encode())
+        return h.hexdigest()
+    for name in ("sae.safetensors", "features.json", "sae_weights.safetensors", "dictionary.safetensors"):
+        if (p / name).exists():
+            return sha256_file(p / name)
+    files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.txt"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(sha256_file(f).encode())
+    return h.hexdigest() if files else None
+
+
+def read_record(out: str | os.PathLike) -> dict | None:
+    f = Path(out) / RECORD
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None  # a damaged record proves nothing: the stage runs (or refuses) as if absent
+
+
+def differences(recorded: dict, now: dict) -> list[str]:
+    """'key (was A, now B)' for every setting that differs."""
+    out = []
+    for k in sorted(set(recorded) | set(now)):
+        if recorded.get(k) != now.get(k):
+            out.append(f"{k} (was {recorded.get(k)!r}, now {now.get(k)!r})")
+    return out
+
+
+def existing(out: str | os.PathLike, stage: str, settings: dict, inputs: dict, overwrite: bool) -> dict | None:
+    """The rerun rule. Returns the recorded result when `out` already holds this stage's finished
+    output made from the same settings and inputs (the caller then returns it at once); None when
+    the stage must run; raises UserError naming the differences otherwise."""
+    rec = read_record(out)
+    if rec is None:
+        return None
+    if overwrite:
+        (Path(out) / RECORD).unlink(missing_ok=True)
+        return None
+    if rec.get("stage") != stage:
+        raise UserError(f"{out} holds the output of `{rec.get('stage')}`, not of `{stage}`: choose another --out")
+    diff = differences(rec.get("settings", {}), settings)
+    diff += [f"input {k} (its content changed)" for k in sorted(set(inputs) | set(rec.get("inputs", {}))) if rec.get("inputs", {}).get(k) != inputs.get(k)]
+    if diff:
+        raise UserError(f"{out} holds the output of `sae-lite {stage}`, made differently (differs in: {'; '.join(diff)}); "
+                        "pass --overwrite to redo it, or choose another --out")  # fmt: skip
+    print(f"{stage}: {out} is complete, nothing to do (same settings and inputs; --overwrite redoes it)")
+    print(rec["line"])
+    return rec.get("result", {})
+
+
+def finish(out: str | os.PathLike, stage: str, settings: dict, inputs: dict, result: dict, line: str) -> None:
+    """Record a finished stage (last, after its other files) and print its result line."""
+    write_json_atomic(Path(out) / RECORD, {
+        "stage": stage, "settings": settings, "inputs": inputs, "result": result, "line": line,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sae_lens_lite_version": __version__,
+    })  # fmt: skip
+    print(line)
+
+
+def warn(message: str) -> None:
+    """A request that cannot be met as asked: said on stderr, and the stage goes on."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
