@@ -34,18 +34,21 @@ def test_pipeline_on_smollm2_writes_every_stage(tmp_path):
     assert 0 < report["sparsity"]["l0"] < 0.25 * cfg["d_sae"]
     ce = report["ce"]
     assert ce["clean"] < ce["sae"] < ce["zero_ablation"] and ce["sae_recovered"] > 0.5
-    assert (ev / "report.md").exists()
+    assert (ev / "report.md").exists() and (ev / "density.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib is core: the plots are always there
 
     assert main(["analyze", "--sae", str(sae), "--acts", str(acts), "--out", str(an)]) == 0
     feats = json.loads((an / "features.json").read_text())
     html = (an / "index.html").read_text()
     assert "<html" in html.lower() and 'src="http' not in html and "<link" not in html  # self-contained
-    assert feats
+    assert feats["d_sae"] == 2304 and len(feats["features"]) == 2304
+    for name in ("feature_density.png", "l0_per_token.png", "score_distribution.png"):
+        assert (an / name).read_bytes()[:4] == b"\x89PNG"
 
     assert main(["export", "--sae", str(sae), "--format", "saelens", "--out", str(ex / "saelens"), "--analysis", str(an)]) == 0
     w = load_file(str(ex / "saelens" / "sae_weights.safetensors"))
     assert w["W_enc"].shape == (576, 2304) and w["W_dec"].shape == (2304, 576)
     assert json.loads((ex / "saelens" / "cfg.json").read_text())["architecture"] == "standard"
     assert main(["export", "--sae", str(sae), "--format", "dictionary", "--out", str(ex / "dict"), "--analysis", str(an)]) == 0
-    lines = (ex / "dict" / "features.jsonl").read_text().splitlines()
-    assert len(lines) == 2304 and "label" in json.loads(lines[0])
+    lines = [json.loads(ln) for ln in (ex / "dict" / "features.jsonl").read_text().splitlines()]
+    assert len(lines) == 2304 and "label" in lines[0]
+    assert all(len(ln["logit_lens"]["promoted"]) == 10 for ln in lines)  # the analysis's logit lens came through
