@@ -132,10 +132,15 @@ def browser(tmp_path, monkeypatch):
 
 
 def wait(driver, cond, timeout=30.0):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.time() + timeout
     while time.time() < end:
-        if cond():
-            return
+        try:
+            if cond():
+                return
+        except StaleElementReferenceException:
+            pass  # the list re-rendered between finding a row and reading it: look again
         time.sleep(0.05)
     raise AssertionError("timed out waiting for the page")
 
