@@ -95,9 +95,9 @@ def export(cfg: ExportConfig) -> Path:
     inputs = {"sae": fingerprint(cfg.sae), "analysis": fingerprint(cfg.analysis), "acts": fingerprint(cfg.acts)}
     if existing(cfg.out, "export", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
         return Path(cfg.out)
+    features = read_analysis(cfg.analysis, sae.d_sae) if cfg.analysis else {}  # a damaged file fails here, first
     if cfg.analysis:
         check_analysis_source(cfg.analysis, inputs["sae"], cfg.sae)
-    features = read_analysis(cfg.analysis, sae.d_sae) if cfg.analysis else {}
     freq = firing_frequency(sae, features, cfg.acts)
     marker = SAELENS_CFG if cfg.format == "saelens" else DICT_HEADER
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker)

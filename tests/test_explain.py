@@ -175,8 +175,14 @@ def test_model_explanations_are_scored_cached_and_resumed(tmp_path, monkeypatch)
     monkeypatch.setattr(explain.ModelExplainer, "explain", fail)
     _, again = run(tmp_path, explain_top=2, explainer="tiny-llama")
     assert [f.get("model_explanation") for f in again["features"]] == [f.get("model_explanation") for f in res["features"]]
-    with pytest.raises(AssertionError, match="explained again"):  # a third family is new work
+    # More families is a change of settings (the rerun rule asks for --overwrite); the two
+    # finished explanations are still reused, so the first model call is for the third family.
+    with pytest.raises(UserError, match="explain_top"):
         run(tmp_path, explain_top=3, explainer="tiny-llama")
+    calls = []
+    monkeypatch.setattr(explain.ModelExplainer, "explain", lambda self, shown: calls.append(1) or "a word")
+    _, third = run(tmp_path, explain_top=3, explainer="tiny-llama", overwrite=True)
+    assert len(calls) == 1 and sum("model_explanation" in f for f in third["features"]) == 3
 
 
 def test_refuses_bad_explain_settings(tmp_path):
