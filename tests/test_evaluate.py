@@ -374,3 +374,14 @@ def test_footing_differences_name_each_differing_setting():
     g = {**f, "positions": {**f["positions"], "drop_first": 0}, "n_activations": 8192}
     assert footing_differences({"footing": f}, {"footing": g}) == ["positions.drop_first 1 vs 0", "n_activations 8128 vs 8192"]
     assert "evaluate it again" in footing_differences({"ce": {}}, {"footing": f})[0]
+
+
+def test_the_report_notes_when_the_training_cache_filtered_positions_differently():
+    from sae_lens_lite.evaluate import position_warnings
+
+    filters = {"drop_special": True, "drop_first": 1, "outlier_factor": 0.0}
+    sae = SAE(SAEConfig(d_in=4, d_sae=8, meta={"filters": {"drop_special": True, "drop_first": 0, "outlier_factor": 0.0}}))
+    (w,) = position_warnings(sae, filters)
+    assert "drop_first 0 (here 1)" in w and "--drop-first" in w
+    assert position_warnings(SAE(SAEConfig(d_in=4, d_sae=8, meta={"filters": filters})), filters) == []
+    assert position_warnings(SAE(SAEConfig(d_in=4, d_sae=8)), filters) == []  # imported: nothing to compare with
