@@ -301,12 +301,13 @@ def plot_frontier(r: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("compare: matplotlib is not installed, skipping frontier.png (pip install matplotlib)")
         return False
-    panels = [("explained_variance", "explained variance", "linear"), ("ce_loss_recovered", "CE loss recovered (vs zero ablation)", "linear"), ("kl", "KL(clean ‖ spliced), nats", "log")]
+    panels = [("explained_variance", "explained variance"), ("ce_loss_recovered", "CE loss recovered (vs zero ablation)"), ("kl", "KL(clean ‖ spliced), nats")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, (key, label, yscale) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels):
         for kind, style in (("pca", dict(color="#999999", marker="s", linestyle="--")), ("vae", dict(color="#66aa55", marker="^", linestyle=":"))):
             pts = sorted((b["active_dims_per_token"], b[key]) for b in r["baselines"] if b["kind"] == kind and b[key] is not None)
             if pts:
@@ -314,8 +315,8 @@ def plot_frontier(r: dict, path: Path) -> bool:
         for i, s in enumerate(r["saes"]):
             if s[key] is not None:
                 ax.scatter(s["active_dims_per_token"], s[key], color=f"C{i % 10}", zorder=3, label=s["name"])
-        ax.set_xscale("log")
-        ax.set_yscale(yscale)
+        ax.set_xscale("log", base=2)  # ticks at the reference curves' sizes
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("L0 (active dims per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
