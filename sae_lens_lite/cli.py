@@ -18,6 +18,7 @@ typical session:
   sae-lite harvest --model smollm2-135m --hook blocks.6.hook_resid_post --dataset pydoc --tokens 100000 --out runs/acts
   sae-lite train --acts runs/acts --expansion 8 --out runs/sae
   sae-lite evaluate --sae runs/sae --dataset held_out.txt
+  sae-lite compare runs/sae runs/sae_topk runs/imported --dataset held_out.txt --out runs/compare
   sae-lite analyze --sae runs/sae --acts runs/acts --out runs/analysis
   sae-lite export --sae runs/sae --format saelens --out runs/saelens
   sae-lite info runs/sae
@@ -29,6 +30,7 @@ settings is left as it is; --overwrite redoes it."""
 
 def build_parser() -> argparse.ArgumentParser:
     from .analyze import AnalyzeConfig
+    from .compare import CompareConfig
     from .evaluate import EvalConfig
     from .export import ExportConfig, ImportConfig
     from .harvest import HarvestConfig
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         add_dataclass_args(sp, cls)
         sp.set_defaults(config_cls=cls)
+
+    help = "score several SAEs of one model and hook on the same tokens and positions: a table and a frontier plot"
+    cmp = sub.add_parser("compare", help=help, description=help)
+    cmp.add_argument("saes", nargs="+", metavar="SAE", help="SAE directories (trained or imported), or evaluation report.json files")
+    add_dataclass_args(cmp, CompareConfig, skip=("saes",))
+    cmp.set_defaults(config_cls=CompareConfig)
 
     run = sub.add_parser("run", help="every stage from a run file (configs/*.toml) with key=value overrides",
                          description="Run harvest, train, evaluate, analyze and export from one TOML file. "
@@ -109,12 +117,13 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
 
     from .analyze import analyze
+    from .compare import compare
     from .evaluate import evaluate
     from .export import export, import_cmd
     from .harvest import harvest
     from .train import train
 
-    fn = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export, "import": import_cmd}[cmd]
+    fn = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export, "import": import_cmd, "compare": compare}[cmd]
     fn(from_namespace(args.config_cls, args))  # each stage ends by printing its result line
     return 0
 

@@ -9,13 +9,16 @@ Every number is defined once, in this module, and in words in docs/metrics.md.
             hook → sums of CE and KL(clean ‖ spliced)
     → report.json, report.md, density.png
 
-Evaluated positions are the tokens that are not special (BOS/EOS/pad): the harvest drops those
-rows by default, so the SAE never saw them, and every intervention leaves them untouched.
+Evaluated positions are chosen by the same filters as the harvest's rows, with the harvest's
+defaults (special tokens and the first position dropped), for every SAE alike, native or
+imported: the SAE is spliced and scored there only. The report's `footing` records them with the
+tokens and the model, and `footing_differences` says why two reports are not comparable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -32,7 +35,7 @@ from .baselines import fit_pca, fit_vae, vae_activity
 from .config import check_numbers, opt
 from .errors import UserError
 from .fsutil import write_json_atomic, write_text_atomic
-from .harvest import check_context_length, load_texts, resolve_device, special_token_ids, tokenize_corpus
+from .harvest import HarvestConfig, check_context_length, keep_mask, load_texts, resolve_device, special_token_ids, tokenize_corpus
 from .models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
 from .outputs import existing, fingerprint, finish, pct, settings_of
 from .report import density_histogram, fmt, markdown_summary, plot_density
@@ -51,6 +54,11 @@ class EvalConfig:
     dataset: str = opt("pydoc", "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id); pass text held out from training")
     tokens: int = opt(16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)")
     skip_tokens: int | None = opt(None, "skip the corpus's first tokens (rounded up to whole contexts); default: what the SAE's training cache took from this corpus, else 0")
+    # Which positions are spliced and scored: harvest's row filters, with harvest's defaults, so a
+    # native SAE and an imported one (no training cache to ask) are scored on the same positions.
+    drop_special: bool = opt(HarvestConfig.drop_special, "leave BOS/EOS/pad positions unspliced and unscored (as harvest drops them by default)")
+    drop_first: int = opt(HarvestConfig.drop_first, "leave the first N positions of every context unspliced and unscored (harvest drops position 0 by default: an attention sink with a huge norm)")
+    outlier_factor: float = opt(HarvestConfig.outlier_factor, "also leave positions whose activation norm exceeds this multiple of the median norm over the eval text (0 = none; harvest's --outlier-factor)")
     context_length: int | None = opt(None, "tokens per context; default: the SAE's training context length")
     batch_size: int = opt(8, "contexts per forward")
     device: str = opt("auto", "cpu, cuda, or auto")
@@ -240,9 +248,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     if skip is None:  # keep the eval text disjoint from the SAE's training text by default
         skip = trained_on[1] if trained_on and _same_corpus(trained_on[0], cfg.dataset) else 0
     contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip)  # [n_ctx, T]
-    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
-    # The SAE is spliced only where it was trained: not at positions its harvest dropped.
-    drop_first = int((sae.cfg.meta.get("filters") or {}).get("drop_first", 0))
+    filters = position_filters(cfg)
     # Baselines are fitted on the first half of the contexts and everything in the comparison
     # table is scored on the second half, unless they are fitted on a separate cache.
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
@@ -252,9 +258,9 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
 
     # pass 1: activations at the hook
     t = time.perf_counter()
-    x, row_ctx = _hook_activations(lm.model, contexts, hook, special, drop_first, cfg.batch_size, device)  # [n, d], [n]
+    x, row_ctx, keep = eval_activations(lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device)  # [n, d], [n], [n_ctx, T]
     if len(x) == 0:
-        raise UserError(f"{cfg.dataset} gave no non-special tokens to evaluate on")
+        raise UserError(f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower --drop-first or --outlier-factor")
     in_score = row_ctx >= n_fit  # [n]
     mean = x.mean(0)  # [d_in], the mean-ablation value
     with torch.inference_mode():
@@ -286,13 +292,13 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     # pass 2: CE and KL with each method spliced in
     t = time.perf_counter()
     interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
-    sums = _ce_pass(lm.model, contexts, hook, special, drop_first, interventions, n_fit, cfg.batch_size, device)
+    sums = ce_kl_sums(lm.model, contexts, keep, hook, interventions, n_fit, cfg.batch_size, device)
     times["ce_kl"] = time.perf_counter() - t
 
-    ce_all = _ce_summary(sums["all"], ["sae"])
+    ce_all = ce_summary(sums["all"], ["sae"])
     report = {
         "sae": str(cfg.sae), "model": lm.name, "hook": hook, "dataset": cfg.dataset,
-        "skip_tokens": skip, "context_length": T, "unspliced_first_positions": drop_first, "n_contexts": len(contexts),
+        "skip_tokens": skip, "context_length": T, "positions": filters, "n_contexts": len(contexts),
         "n_predictions": int(sums["all"]["n"]), "n_activations": len(x),
         "ce": ce_all, "reconstruction": recon,
         "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"} | _training_dead(sae),
@@ -304,7 +310,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         score = sums["score"]
         table = []
         for m in methods:
-            ce = _ce_summary(score, [m])
+            ce = ce_summary(score, [m])
             row = {"method": m, "active_dims_per_token": active[m], **score_reconstruction(methods[m], x[in_score])}
             row.update(ce_loss=ce[m], ce_loss_recovered=ce[f"{m}_recovered"], kl=ce[f"kl_{m}"])
             table.append(row | vae_info.get(m, {}))
@@ -314,7 +320,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
             "ce_clean": score["ce/clean"] / score["n"], "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
             "rows": table,
         }  # fmt: skip
-    report["warnings"] = _warnings(cfg.dataset, skip, trained_on, sparse, held_out)
+    report["footing"] = footing(lm, hook, cfg.dataset, skip, contexts, filters, len(x))
+    report["warnings"] = _warnings(cfg.dataset, skip, trained_on, sparse, held_out) + position_warnings(sae, filters)
     report["config"] = asdict(cfg)
 
     plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {hook}", DENSE_FREQ)
@@ -349,24 +356,68 @@ def _out_dir(cfg: EvalConfig) -> Path:
     return out
 
 
-def evaluated_positions(ids: Tensor, special: Tensor, drop_first: int) -> Tensor:
-    """Which positions of ids [b, T] the SAE is scored and spliced at: the ones it was trained on,
-    i.e. not special tokens and not the first `drop_first` positions (attention sinks)."""
-    keep = ~torch.isin(ids, special.to(ids.device))  # [b, T]
-    keep[:, :drop_first] = False
-    return keep
+def position_filters(cfg) -> dict:
+    """The positions setting of an EvalConfig (or a CompareConfig), as reports record it."""
+    if cfg.drop_first < 0 or cfg.outlier_factor < 0:
+        raise UserError("--drop-first and --outlier-factor must be non-negative")
+    return {"drop_special": cfg.drop_special, "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor}
 
 
-def _hook_activations(model, contexts, hook, special, drop_first, batch_size, device) -> tuple[Tensor, Tensor]:
-    """Activations [n, d] at the evaluated positions of all contexts, and each row's context index [n]."""
-    xs, ctx_idx = [], []
+def eval_activations(model, contexts, hook, filters: dict, special: set[int], batch_size, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Activations [n, d] at the evaluated positions of contexts [n_ctx, T], each row's context
+    index [n], and the evaluated-position mask [n_ctx, T]. The positions are harvest's rows
+    (`keep_mask` with these filters), except that an outlier norm is measured against the median
+    over the whole eval text, not per batch, so that it does not depend on --batch-size."""
+    acts = []
     for b in tqdm(range(0, len(contexts), batch_size), desc="eval: activations", unit="batch", dynamic_ncols=True):
         ids = contexts[b : b + batch_size].to(device)  # [b, T]
-        keep = evaluated_positions(ids, special, drop_first)
-        act = run_to_hooks(model, ids, [hook])[hook]  # [b, T, d]
-        xs.append(act[keep].float())
-        ctx_idx.append((torch.arange(len(ids), device=device)[:, None] + b).expand_as(ids)[keep])
-    return torch.cat(xs), torch.cat(ctx_idx)
+        acts.append(run_to_hooks(model, ids, [hook])[hook].float())  # [b, T, d]
+    act = torch.cat(acts)  # [n_ctx, T, d]
+    keep = keep_mask(contexts.to(device), act, HarvestConfig(**filters), special)  # [n_ctx, T]
+    ctx_idx = torch.arange(len(contexts), device=device)[:, None].expand_as(keep)[keep]
+    return act[keep], ctx_idx, keep
+
+
+def tokens_hash(contexts: Tensor) -> str:
+    """sha256 prefix of the eval token ids [n_ctx, T]: equal only for the same tokens in the same contexts."""
+    return hashlib.sha256(contexts.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+# What two reports must share for their numbers to be compared (docs/metrics.md, "Comparing").
+FOOTING_KEYS = ("model", "weights_hash", "hook", "dataset", "skip_tokens", "context_length", "n_contexts", "tokens_sha256", "positions", "n_activations")
+
+
+def footing(lm: LoadedModel, hook: str, dataset: str, skip: int, contexts: Tensor, filters: dict, n_activations: int) -> dict:
+    """The model, hook, tokens and positions a report's numbers were measured on."""
+    return {
+        "model": lm.name, "weights_hash": lm.weights_hash, "hook": hook, "dataset": dataset, "skip_tokens": skip,
+        "context_length": contexts.shape[1], "n_contexts": len(contexts), "tokens_sha256": tokens_hash(contexts),
+        "positions": filters, "n_activations": n_activations,
+    }  # fmt: skip
+
+
+def footing_differences(a: dict, b: dict) -> list[str]:
+    """Why two reports (or footings) are not comparable, one item per differing setting; [] if they are."""
+    fa, fb = a.get("footing", a), b.get("footing", b)
+    if not all(k in f for f in (fa, fb) for k in FOOTING_KEYS):
+        return ["a report records no footing (written by an older sae-lite); evaluate it again"]
+    out = []
+    for k in FOOTING_KEYS:
+        if k == "positions":
+            out += [f"positions.{p} {fa[k].get(p)} vs {fb[k].get(p)}" for p in sorted(set(fa[k]) | set(fb[k])) if fa[k].get(p) != fb[k].get(p)]
+        elif fa[k] != fb[k]:
+            out.append(f"{k} {fa[k]} vs {fb[k]}")
+    return out
+
+
+def position_warnings(sae: SAE, filters: dict) -> list[str]:
+    """A note when the SAE's training cache filtered positions differently from this evaluation."""
+    trained = sae.cfg.meta.get("filters") or {}
+    differ = [k for k in ("drop_special", "drop_first", "outlier_factor") if k in trained and trained[k] != filters[k]]
+    if not differ:
+        return []
+    pairs = ", ".join(f"{k} {trained[k]} (here {filters[k]})" for k in differ)
+    return [f"the SAE's training cache filtered positions with {pairs}; every SAE is evaluated with the same setting, pass --{differ[0].replace('_', '-')} to change it"]
 
 
 def _open_cache(path: str, hook: str, d_in: int, flag: str):
@@ -408,9 +459,10 @@ def cache_sparsity(sae: SAE, cache, device) -> dict:
 
 
 @torch.inference_mode()
-def _ce_pass(model, contexts, hook, special, drop_first, interventions, n_fit, batch_size, device) -> dict:
+def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, device) -> dict:
     """Sums of CE (clean and per intervention) and KL(clean ‖ intervention) over all predictions,
-    and over the score split (contexts n_fit..). Baselines run on the score split only."""
+    and over the score split (contexts n_fit..). Baselines run on the score split only. Each
+    intervention is spliced at the positions keep [n_ctx, T] marks; the clean pass is shared."""
     sums = {"all": defaultdict(float), "score": defaultdict(float)}
     always = ("sae", "zero_ablation", "mean_ablation")
     # batches never straddle the fit/score boundary
@@ -418,7 +470,7 @@ def _ce_pass(model, contexts, hook, special, drop_first, interventions, n_fit, b
     for b in tqdm(starts, desc="eval: CE/KL", unit="batch", dynamic_ncols=True):
         e = min(b + batch_size, n_fit if b < n_fit else len(contexts))
         ids = contexts[b:e].to(device)  # [b, T]
-        mask = evaluated_positions(ids, special, drop_first)
+        mask = keep[b:e].to(device)  # [b, T]
         scored = b >= n_fit
         clean = next_token_logprobs(model, ids)  # [b, T-1, vocab]
         splits = [sums["all"], sums["score"]] if scored else [sums["all"]]
@@ -436,7 +488,7 @@ def _ce_pass(model, contexts, hook, special, drop_first, interventions, n_fit, b
     return sums
 
 
-def _ce_summary(s: dict, methods: list[str]) -> dict:
+def ce_summary(s: dict, methods: list[str]) -> dict:
     n = s["n"]
     clean, zero, mean = s["ce/clean"] / n, s["ce/zero_ablation"] / n, s["ce/mean_ablation"] / n
     out = {"clean": clean, "zero_ablation": zero, "mean_ablation": mean}

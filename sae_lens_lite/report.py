@@ -51,6 +51,13 @@ def fmt(v, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def positions_text(p: dict) -> str:
+    """The positions setting in words, e.g. 'not special tokens, not the first 1 of each context'."""
+    parts = (["not special tokens"] if p["drop_special"] else []) + ([f"not the first {p['drop_first']} of each context"] if p["drop_first"] else [])
+    parts += [f"norm at most {p['outlier_factor']:g}x the median"] if p["outlier_factor"] else []
+    return ", ".join(parts) if parts else "all"
+
+
 def markdown_summary(r: dict) -> str:
     ce, rec, sp = r["ce"], r["reconstruction"], r["sparsity"]
     lines = [
@@ -59,6 +66,7 @@ def markdown_summary(r: dict) -> str:
         f"{r['model']} at `{r['hook']}`; {r['n_contexts']} contexts of {r['context_length']} tokens from "
         f"`{r['dataset']}` (after skipping {r['skip_tokens']} tokens); {r['n_predictions']} next-token predictions, "
         f"{r['n_activations']} activations. Definitions: docs/metrics.md.",
+        *([f"Spliced and scored at positions {positions_text(r['positions'])}; tokens `{r['footing']['tokens_sha256']}`."] if "footing" in r else []),
         "",
         "| metric | value |",
         "| --- | --- |",

@@ -297,3 +297,96 @@ def test_sparsity_on_a_held_out_cache_counts_rare_latents_as_alive(tiny_lm, corp
     wrong = SAE(SAEConfig(d_in=32, d_sae=64, hook="blocks.0.hook_mlp_out", context_length=16)).save(tmp_path / "w")
     with pytest.raises(UserError, match="--sparsity-acts .* holds blocks.0.hook_resid_post"):
         evaluate(EvalConfig(sae=str(wrong), dataset=str(corpus_file), tokens=32, baselines=False, sparsity_acts=str(tmp_path / "held")), lm=tiny_lm)
+
+
+# ---- which positions are spliced and scored -------------------------------------------------
+
+
+def _documents(tmp_path):
+    """A directory of short documents: packed, their contexts hold EOS separators (special tokens)."""
+    from conftest import CORPUS_TEXT
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, sentence in enumerate(CORPUS_TEXT.split(". ")[:40]):
+        (docs / f"{i:03d}.txt").write_text(sentence)
+    return docs
+
+
+def test_positions_setting_changes_zero_ablation_ce_as_computed_by_hand(tiny_lm, tmp_path):
+    """Zero ablation at block 0's output, recomputed with a plain forward hook and cross_entropy:
+    positions that are special or among the first drop_first of a context keep their activation."""
+    from torch.nn import functional as F
+
+    docs = _documents(tmp_path)
+    ids = tokenize_corpus(tiny_lm.tokenizer, [p.read_text() for p in sorted(docs.glob("*.txt"))], 16, 64)  # [4, 16]
+    eos = tiny_lm.tokenizer.eos_token_id
+    assert (ids == eos).sum() > 2  # the setting has special positions to leave alone
+
+    def expected(drop_special: bool, drop_first: int) -> float:
+        zeroed = torch.ones_like(ids, dtype=torch.bool)
+        if drop_special:
+            zeroed &= ids != eos
+        zeroed[:, :drop_first] = False
+
+        def hook(mod, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h = torch.where(zeroed[..., None], torch.zeros_like(h), h)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handle = tiny_lm.model.model.layers[0].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                logits = tiny_lm.model(input_ids=ids).logits  # [4, 16, vocab]
+        finally:
+            handle.remove()
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)))
+
+    sae = _sae(tmp_path, "zero")
+    got = {}
+    for drop_special, drop_first in ((True, 1), (True, 4), (False, 0)):
+        cfg = EvalConfig(sae=str(sae), dataset=str(docs), tokens=64, baselines=False, drop_special=drop_special, drop_first=drop_first, overwrite=True)
+        r = evaluate(cfg, lm=tiny_lm)
+        got[drop_special, drop_first] = r["ce"]["zero_ablation"]
+        assert r["ce"]["zero_ablation"] == pytest.approx(expected(drop_special, drop_first), rel=1e-5)
+        n_kept = int(((ids != eos) | (not drop_special))[:, drop_first:].sum())
+        assert r["n_activations"] == n_kept and r["footing"]["positions"]["drop_first"] == drop_first
+        assert r["positions"] == {"drop_special": drop_special, "drop_first": drop_first, "outlier_factor": 0.0}
+    assert len({round(v, 6) for v in got.values()}) == 3  # each setting changes the answer
+    assert "Spliced and scored at positions all;" in (sae / "eval" / "report.md").read_text()  # the last setting
+
+
+def test_outlier_factor_leaves_out_the_positions_harvest_would_drop(tiny_lm, tmp_path):
+    """Kept: norm at most factor x the median norm over every position of the eval text."""
+    docs = _documents(tmp_path)
+    ids = tokenize_corpus(tiny_lm.tokenizer, [p.read_text() for p in sorted(docs.glob("*.txt"))], 16, 64)
+    with torch.no_grad():
+        h = tiny_lm.model(input_ids=ids, output_hidden_states=True).hidden_states[1]  # block 0's output [4, 16, 32]
+    norms = h.norm(dim=-1)
+    factor = float(norms.max() / norms.median()) * 0.9  # at least the largest norm is out
+    kept = (norms <= factor * norms.median()) & (ids != tiny_lm.tokenizer.eos_token_id)
+    kept[:, 0] = False
+    r = evaluate(EvalConfig(sae=str(_sae(tmp_path, "zero")), dataset=str(docs), tokens=64, baselines=False, outlier_factor=factor), lm=tiny_lm)
+    assert r["n_activations"] == int(kept.sum()) < int(((ids != tiny_lm.tokenizer.eos_token_id)[:, 1:]).sum())
+
+
+def test_footing_differences_name_each_differing_setting():
+    from sae_lens_lite.evaluate import footing_differences
+
+    f = {"model": "m", "weights_hash": "w", "hook": "h", "dataset": "d", "skip_tokens": 0, "context_length": 128, "n_contexts": 64,
+         "tokens_sha256": "t", "positions": {"drop_special": True, "drop_first": 1, "outlier_factor": 0.0}, "n_activations": 8128}  # fmt: skip
+    assert footing_differences({"footing": f}, {"footing": dict(f)}) == []
+    g = {**f, "positions": {**f["positions"], "drop_first": 0}, "n_activations": 8192}
+    assert footing_differences({"footing": f}, {"footing": g}) == ["positions.drop_first 1 vs 0", "n_activations 8128 vs 8192"]
+    assert "evaluate it again" in footing_differences({"ce": {}}, {"footing": f})[0]
+
+
+def test_the_report_notes_when_the_training_cache_filtered_positions_differently():
+    from sae_lens_lite.evaluate import position_warnings
+
+    filters = {"drop_special": True, "drop_first": 1, "outlier_factor": 0.0}
+    sae = SAE(SAEConfig(d_in=4, d_sae=8, meta={"filters": {"drop_special": True, "drop_first": 0, "outlier_factor": 0.0}}))
+    (w,) = position_warnings(sae, filters)
+    assert "drop_first 0 (here 1)" in w and "--drop-first" in w
+    assert position_warnings(SAE(SAEConfig(d_in=4, d_sae=8, meta={"filters": filters})), filters) == []
+    assert position_warnings(SAE(SAEConfig(d_in=4, d_sae=8)), filters) == []  # imported: nothing to compare with
