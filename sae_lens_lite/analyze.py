@@ -27,7 +27,7 @@ from .cache import ActivationCache
 from .errors import UserError
 from .fsutil import prepare_out_dir, write_text_atomic
 from .harvest import resolve_device
-from .models import LoadedModel, load_model
+from .models import LoadedModel, generate, hook_point, load_model
 from .sae import SAE
 
 FORMAT = "sae_lens_lite.features"
@@ -35,6 +35,7 @@ LOG2_BINS = 6
 N_BINS = 1 << LOG2_BINS  # histogram bins per feature
 N_LENS = 10  # tokens listed as promoted / suppressed by the logit lens
 N_TOP_TOKENS = 5
+STEER_TOKENS = 20  # tokens generated for each --steer sample
 
 
 @dataclass
@@ -50,6 +51,9 @@ class AnalyzeConfig:
     max_features: int | None = field(default=None, metadata={"help": "put only the N best-ranked features in the page (features.json keeps all)"})
     model: str | None = field(default=None, metadata={"help": "model for token text and the logit lens; default: the one the cache was harvested from"})
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty --out that holds other files"})
+    steer: int = field(default=0, metadata={"help": "put a steered sample in the card of the N best-ranked features: --steer-prompt continued with the feature's decoder direction added (sae-lite steer --mode add)"})
+    steer_prompt: str = field(default="The", metadata={"help": "prompt continued for the --steer samples"})
+    steer_times: float = field(default=4.0, metadata={"help": "--steer strength, as a multiple of each feature's max activation"})
 
 
 # ---- pass 1: streamed statistics --------------------------------------------------------------
@@ -316,6 +320,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         raise UserError(f"--top-k must be at least 2 (the score compares examples in pairs), got {cfg.top_k}")
     if cfg.ctx_before < 1 or cfg.ctx_after < 0:
         raise UserError("--ctx-before must be at least 1 and --ctx-after at least 0")
+    if cfg.steer and not cfg.steer_prompt.strip():
+        raise UserError("--steer needs a prompt to continue: pass --steer-prompt TEXT")
     device = resolve_device(cfg.device)
     sae = SAE.load(cfg.sae).folded().to(device)  # folded: W_dec rows in activation units
     cache = ActivationCache.open(cfg.acts)
@@ -391,12 +397,15 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
                      "suppressed": [[t, v] for t, v in zip(down_i[j].tolist(), r3(down_v[j]))]},
             "examples": examples,
         })  # fmt: skip
+    steered = _steer_samples(cfg, lm, sae, m.get("hook"), features, order[: cfg.steer].tolist()) if cfg.steer > 0 else None
     analysis = {
         "format": FORMAT, "version": 1, "sae": str(cfg.sae), "acts": str(cfg.acts), "model": lm.name,
         "hook": m.get("hook"), "n_tokens": st.n_rows, "d_sae": sae.d_sae, "top_k": k, "ctx_before": before,
         "ctx_after": after, "chance": {"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
         "vocab": vocab, "features": features,
     }  # fmt: skip
+    if steered:
+        analysis["steer"] = steered
     write_text_atomic(out / "features.json", json.dumps(analysis, separators=(",", ":"), ensure_ascii=False))
     _write_ranking(out / "ranking.csv", [features[i] for i in order.tolist()], vocab)
     from .browser import write_page
@@ -412,6 +421,44 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     }  # fmt: skip
     print(f"analyzed {sae.d_sae} features on {st.n_rows} tokens in {summary['seconds']} s; open {out / 'index.html'}")
     return summary
+
+
+def _steer_samples(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | None, features: list[dict], ids: list[int]) -> dict:
+    """Greedy continuations of cfg.steer_prompt with feature j's decoder direction added at the hook
+    (strength steer_times x its max activation), at the positions the SAE reads: what
+    `sae-lite steer --mode add` does (tests/test_intervene.py checks that they agree). Adds a
+    "steer" entry to those features; returns the shared settings and the unsteered text."""
+    from .evaluate import evaluated_positions
+    from .harvest import special_token_ids
+
+    hook = sae.cfg.hook or hook
+    if not hook:
+        raise UserError("--steer needs the SAE's hook, but neither the SAE's config nor the cache names one")
+    hook_point(lm.model, hook)
+    dev = next(lm.model.parameters()).device
+    prompt = lm.tokenizer(cfg.steer_prompt, return_tensors="pt")["input_ids"].to(dev)  # [1, T]
+    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
+    drop_first = int((sae.cfg.meta.get("filters") or {}).get("drop_first", 0))
+
+    def add(delta: Tensor):  # delta [d_model]: sae is folded, so W_dec rows are in activation units
+        def edit_for(ids: Tensor):
+            mask = evaluated_positions(ids, special, drop_first)
+
+            def fn(act: Tensor) -> Tensor:
+                out = act.clone()
+                out[mask] = act[mask] + delta.to(act.dtype)
+                return out
+
+            return fn
+
+        return edit_for
+
+    for j in tqdm(ids, desc="steered samples", unit="feature", dynamic_ncols=True):
+        strength = cfg.steer_times * features[j]["max_act"]
+        g = generate(lm, prompt, STEER_TOKENS, hook, add(strength * sae.W_dec[j]))
+        features[j]["steer"] = {"strength": round(strength, 4), "text": g.text}
+    clean = generate(lm, prompt, STEER_TOKENS).text
+    return {"prompt": cfg.steer_prompt, "clean": clean, "times_max": cfg.steer_times, "new_tokens": STEER_TOKENS, "hook": hook}
 
 
 def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:

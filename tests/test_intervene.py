@@ -8,10 +8,10 @@ from sae_lens_lite.cli import main
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluate import next_token_logprobs
 from sae_lens_lite.intervene import (
-    AttributeConfig, SteerConfig, ablation_effects, attribute, attribution, encode_prompt, generate, positions,
+    AttributeConfig, SteerConfig, ablation_effects, attribute, attribution, encode_prompt, positions,
     steer, steering_edit,
 )  # fmt: skip
-from sae_lens_lite.models import LoadedModel, edit_hook, run_to_hooks
+from sae_lens_lite.models import LoadedModel, edit_hook, generate, run_to_hooks
 from sae_lens_lite.sae import SAE, SAEConfig
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Sparse autoencoders find"
@@ -215,3 +215,28 @@ def test_cli_steer_and_attribute(tmp_path, capsys):
     assert main(["steer", *base, "--feature", "99"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of range" in err
+
+
+def test_analyze_steer_puts_the_steer_sample_in_the_card(tmp_path):
+    """analyze --steer writes, for the N best-ranked features, what `steer --mode add` generates."""
+    import json
+
+    from test_analyze import run, synthetic
+
+    synthetic(tmp_path)
+    sae = SAE.load(tmp_path / "sae")
+    with torch.no_grad():
+        sae.input_scale.fill_(2.0)  # analyze folds the scale into W_dec; the strength must mean the same
+    sae.save(tmp_path / "sae")
+    _, res = run(tmp_path, steer=2, steer_prompt="The quick brown", steer_times=3.0)
+    steered = [f for f in res["features"] if "steer" in f]
+    assert sorted(f["rank"] for f in steered) == [1, 2]
+    lm = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-llama", "memory", "0" * 16)
+    sae = SAE.load(tmp_path / "sae")
+    for f in steered:
+        assert f["steer"]["strength"] == pytest.approx(3.0 * f["max_act"], rel=1e-4)
+        want = steer(SteerConfig(feature=[f["id"]], strength=3.0 * f["max_act"], prompt="The quick brown", max_new_tokens=20), lm=lm, sae=sae)
+        assert f["steer"]["text"] == want["steered"].text
+    assert res["steer"]["clean"] == want["clean"].text and res["steer"]["prompt"] == "The quick brown"
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert json.dumps(steered[0]["steer"]["text"], ensure_ascii=False)[1:-1].replace("<", "\\u003c") in page

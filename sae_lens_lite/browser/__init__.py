@@ -19,8 +19,9 @@ from importlib import resources
 from pathlib import Path
 
 FIELDS = ("id", "rank", "score", "components", "frequency", "mean_act", "max_act", "bin_width", "hist",
-          "top_tokens", "promoted", "suppressed", "examples")  # fmt: skip
+          "top_tokens", "promoted", "suppressed", "examples", "steer")  # fmt: skip
 # An example is [center index, activation, [token id ...], [activation 0..99 ...]].
+# "steer" is {"strength", "text"} from `analyze --steer`, or null; meta.steer holds the prompt.
 
 
 def page_data(analysis: dict, max_features: int | None = None) -> dict:
@@ -42,10 +43,12 @@ def page_data(analysis: dict, max_features: int | None = None) -> dict:
             f["id"], f["rank"], f["score"], [f["token_score"], f["context_score"], f["lens_score"]],
             f["frequency"], f["mean_act"], f["max_act"], f["hist"]["bin_width"], f["hist"]["counts"],
             [[t, round(100 * s, 1)] for t, s in f["top_tokens"]], f["lens"]["promoted"], f["lens"]["suppressed"], examples,
+            f.get("steer"),
         ])  # fmt: skip
     vocab = {str(t): analysis["vocab"].get(str(t), f"<{t}>") for t in sorted(used)}
     meta = {k: analysis.get(k) for k in ("model", "hook", "sae", "n_tokens", "d_sae", "top_k", "ctx_before", "ctx_after")}
     meta["n_shown"] = len(rows)
+    meta["steer"] = analysis.get("steer")
     return {"meta": meta, "fields": FIELDS, "vocab": vocab, "features": rows}
 
 

@@ -1,0 +1,135 @@
+"""Do the demo SAE's features do what their logit lens says, and does attribution predict ablation?
+
+1. Steering. Features are taken in rank order (features.json), keeping the first N whose top
+   logit-lens token is a word (letters only, 3+ characters, not yet taken): a rule fixed before
+   looking at any steering result. Each is added (mode add) at strength TIMES x its max activation
+   while generating greedily from a few neutral prompts; the table gives log p(that token),
+   averaged over the generated positions, with and without steering, and how often it appears.
+2. Attribution. For a few prompts, the 10 latents with the largest |attribution| (activation x
+   gradient of log p(the model's top next token)) are ablated one at a time (zeroed at every
+   position, error term kept); the script counts sign agreement and |attr - ablation| <= 25%.
+
+    .venv/bin/python scripts/steer_table.py --sae /work/main/runs/demo/sae \
+        --analysis /work/main/runs/demo/analysis/features.json
+
+Prints markdown tables (docs/analysis.md holds the measured ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from sae_lens_lite.evaluate import next_token_logprobs
+from sae_lens_lite.intervene import ablation_effects, attribution, encode_prompt, load, positions, steering_edit
+from sae_lens_lite.models import generate
+
+STEER_PROMPTS = ["The", "In this section, we", "My favourite thing is", "Note that the"]
+ATTR_PROMPTS = [
+    "To open a file for reading, use the built-in function",
+    "The for statement is used to iterate over the elements of a",
+    "If the key is not found in the dictionary, a KeyError is",
+    "Changed in version 3.",
+    "The return value is a list of",
+]
+
+
+def pick_features(analysis: dict, n: int) -> list[tuple[int, int, str, float]]:
+    """(feature, promoted token id, its text, max activation) for the first n by rank."""
+    vocab, taken, out = analysis["vocab"], set(), []
+    for f in sorted(analysis["features"], key=lambda f: f["rank"]):
+        tok = f["lens"]["promoted"][0][0]
+        text = vocab[str(tok)].strip()
+        if text.isalpha() and len(text) >= 3 and text.lower() not in taken and f["max_act"] > 0:
+            taken.add(text.lower())
+            out.append((f["id"], tok, vocab[str(tok)], f["max_act"]))
+        if len(out) == n:
+            break
+    return out
+
+
+def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
+    hook = sae.cfg.hook
+    clean = {}
+    for p in STEER_PROMPTS:
+        ids = encode_prompt(lm, p)
+        g = generate(lm, ids, new_tokens)
+        clean[p] = (ids, torch.cat([ids, torch.tensor([g.token_ids], device=ids.device)], 1), g.text)
+    rows = []
+    for j, tok, text, max_act in feats:
+        S = times * max_act
+        lp_clean, lp_steer, n_clean, n_steer, sample = [], [], 0, 0, None
+        for p in STEER_PROMPTS:
+            ids, full, ctext = clean[p]
+            g = generate(lm, ids, new_tokens, hook, lambda cur: steering_edit(sae, [j], S, "add", positions(lm, sae, cur)))
+            sfull = torch.cat([ids, torch.tensor([g.token_ids], device=ids.device)], 1)
+            T0 = ids.shape[1] - 1  # the prediction of the first generated token
+            with torch.no_grad():
+                lc = next_token_logprobs(lm.model, full)[0, T0:, tok]
+                ls = next_token_logprobs(lm.model, sfull, hook, steering_edit(sae, [j], S, "add", positions(lm, sae, sfull)))[0, T0:, tok]
+            lp_clean += lc.tolist()
+            lp_steer += ls.tolist()
+            n_clean += int((full[0, ids.shape[1]:] == tok).sum())
+            n_steer += int((sfull[0, ids.shape[1]:] == tok).sum())
+            sample = sample or (p, g.text)
+        mc, ms = sum(lp_clean) / len(lp_clean), sum(lp_steer) / len(lp_steer)
+        rows.append(dict(feature=j, token=text, max_act=max_act, strength=S, logp_clean=mc, logp_steered=ms,
+                         delta=ms - mc, count_clean=n_clean, count_steered=n_steer, sample=sample))  # fmt: skip
+        print(f"feature {j} {text!r}: log p {mc:.2f} -> {ms:.2f}; count {n_clean} -> {n_steer}; {sample[0]!r} -> {sample[1]!r}", flush=True)
+    return rows
+
+
+def attr_rows(lm, sae, top: int) -> list[dict]:
+    rows = []
+    for p in ATTR_PROMPTS:
+        ids = encode_prompt(lm, p)
+        a = attribution(lm, sae, ids)
+        per = a.latents.sum(0).cpu()
+        feats = per.abs().topk(top).indices.tolist()
+        abl = ablation_effects(lm, sae, ids, a.target, feats).tolist()
+        sign = sum((per[j] > 0) == (m > 0) for j, m in zip(feats, abl))
+        size = sum(abs(float(per[j]) - m) <= 0.25 * abs(m) for j, m in zip(feats, abl))
+        pairs = [(j, float(per[j]), m) for j, m in zip(feats, abl)]
+        rows.append(dict(prompt=p, target=lm.tokenizer.decode([a.target]), logp=a.logp, sign=sign, size=size, n=len(feats), pairs=pairs))
+        print(f"{p!r} -> {rows[-1]['target']!r}: sign {sign}/{len(feats)}, size within 25% {size}/{len(feats)}", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", default="runs/demo/sae")
+    ap.add_argument("--analysis", default="runs/demo/analysis/features.json")
+    ap.add_argument("--features", type=int, default=10)
+    ap.add_argument("--times", type=float, default=4.0, help="steering strength as a multiple of the feature's max activation")
+    ap.add_argument("--new-tokens", type=int, default=20)
+    ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--skip-steer", action="store_true")
+    args = ap.parse_args()
+    t0 = time.time()
+    lm, sae = load(args.sae, device="cpu")
+    if not args.skip_steer:
+        feats = pick_features(json.load(open(args.analysis)), args.features)
+        rows = steer_rows(lm, sae, feats, args.times, args.new_tokens)
+        print(f"\nsteering: add {args.times:g} x max activation, greedy, {args.new_tokens} new tokens from each of {len(STEER_PROMPTS)} prompts {STEER_PROMPTS}\n")
+        print("| feature | lens token | strength | log p clean | log p steered | Δ | count clean → steered | steered sample |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            s = (r["sample"][0] + r["sample"][1]).replace("\n", "↵").replace("|", "\\|")
+            print(f"| {r['feature']} | `{r['token']!r}` | {r['strength']:.1f} | {r['logp_clean']:.2f} | {r['logp_steered']:.2f} | "
+                  f"{r['delta']:+.2f} | {r['count_clean']} → {r['count_steered']} | {s} |")  # fmt: skip
+        print(f"\nraised: {sum(r['delta'] > 0 for r in rows)}/{len(rows)}")
+    arows = attr_rows(lm, sae, args.top)
+    print("\n| prompt | target | log p | sign agrees | within 25% |\n| --- | --- | --- | --- | --- |")
+    for r in arows:
+        print(f"| {r['prompt']} | `{r['target']!r}` | {r['logp']:.2f} | {r['sign']}/{r['n']} | {r['size']}/{r['n']} |")
+    print("\nper prompt (feature: attribution / ablation):")
+    for r in arows:
+        print(f"{r['prompt']!r}: " + ", ".join(f"{j}: {a:+.3f}/{m:+.3f}" for j, a, m in r["pairs"]))
+    print(f"\n{time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
