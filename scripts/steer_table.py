@@ -24,8 +24,8 @@ import time
 import torch
 
 from sae_lens_lite.evaluate import next_token_logprobs
-from sae_lens_lite.intervene import ablation_effects, attribution, encode_prompt, load, positions, steering_edit
-from sae_lens_lite.models import generate
+from sae_lens_lite.intervene import ablation_effects, attribution, direction, encode_prompt, load, positions
+from sae_lens_lite.models import edit_hook, generate
 
 STEER_PROMPTS = ["The", "In this section, we", "My favourite thing is", "Note that the"]
 ATTR_PROMPTS = [
@@ -51,34 +51,57 @@ def pick_features(analysis: dict, n: int) -> list[tuple[int, int, str, float]]:
     return out
 
 
+@torch.no_grad()
+def steered_batch(lm, sae, ids, deltas, new_tokens: int):
+    """Greedy continuations of ids [1, T], row i with deltas[i] [d] added at the positions the SAE
+    reads (sae-lite steer --mode add, batched over features); returns the sequences [F, T + n] and
+    the steered log-probs of every prediction from the last prompt token on [F, n, vocab]."""
+    cur = ids.expand(len(deltas), -1)
+
+    def edit(seq):
+        mask = positions(lm, sae, seq)  # [F, T]
+
+        def fn(act):
+            return torch.where(mask[..., None], act + deltas[:, None, :].to(act.dtype), act)
+
+        return fn
+
+    for _ in range(new_tokens):
+        with edit_hook(lm.model, sae.cfg.hook, edit(cur)):
+            tok = lm.model(input_ids=cur, use_cache=False).logits[:, -1].argmax(-1)  # [F]
+        cur = torch.cat([cur, tok[:, None]], 1)
+    with edit_hook(lm.model, sae.cfg.hook, edit(cur)):
+        logp = lm.model(input_ids=cur, use_cache=False).logits[:, ids.shape[1] - 1 : -1].float().log_softmax(-1)
+    return cur, logp
+
+
 def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
-    hook = sae.cfg.hook
-    clean = {}
+    toks = torch.tensor([t for _, t, _, _ in feats])
+    deltas = torch.stack([times * max_act * direction(sae, [j]) for j, _, _, max_act in feats])  # [F, d]
+    lp_clean, lp_steer = [], []
+    n_clean, n_steer = torch.zeros(len(feats), dtype=torch.long), torch.zeros(len(feats), dtype=torch.long)
+    samples = {}
     for p in STEER_PROMPTS:
         ids = encode_prompt(lm, p)
+        T = ids.shape[1]
         g = generate(lm, ids, new_tokens)
-        clean[p] = (ids, torch.cat([ids, torch.tensor([g.token_ids], device=ids.device)], 1), g.text)
+        full = torch.cat([ids, torch.tensor([g.token_ids], device=ids.device)], 1)
+        with torch.no_grad():
+            lc = next_token_logprobs(lm.model, full)[0, T - 1 :]  # [n, vocab]
+        lp_clean.append(lc[:, toks].T)  # [F, n]
+        n_clean += (full[0, T:, None] == toks).sum(0)
+        seq, logp = steered_batch(lm, sae, ids, deltas, new_tokens)
+        lp_steer.append(logp.gather(2, toks[:, None, None].expand(-1, logp.shape[1], 1))[..., 0])  # [F, n]
+        n_steer += (seq[:, T:] == toks[:, None]).sum(1)
+        for i in range(len(feats)):
+            samples.setdefault(i, (p, lm.tokenizer.decode(seq[i, T:].tolist()), g.text))
+        print(f"prompt {p!r} done", flush=True)
+    mc, ms = torch.cat(lp_clean, 1).mean(1), torch.cat(lp_steer, 1).mean(1)
     rows = []
-    for j, tok, text, max_act in feats:
-        S = times * max_act
-        lp_clean, lp_steer, n_clean, n_steer, sample = [], [], 0, 0, None
-        for p in STEER_PROMPTS:
-            ids, full, ctext = clean[p]
-            g = generate(lm, ids, new_tokens, hook, lambda cur: steering_edit(sae, [j], S, "add", positions(lm, sae, cur)))
-            sfull = torch.cat([ids, torch.tensor([g.token_ids], device=ids.device)], 1)
-            T0 = ids.shape[1] - 1  # the prediction of the first generated token
-            with torch.no_grad():
-                lc = next_token_logprobs(lm.model, full)[0, T0:, tok]
-                ls = next_token_logprobs(lm.model, sfull, hook, steering_edit(sae, [j], S, "add", positions(lm, sae, sfull)))[0, T0:, tok]
-            lp_clean += lc.tolist()
-            lp_steer += ls.tolist()
-            n_clean += int((full[0, ids.shape[1]:] == tok).sum())
-            n_steer += int((sfull[0, ids.shape[1]:] == tok).sum())
-            sample = sample or (p, g.text)
-        mc, ms = sum(lp_clean) / len(lp_clean), sum(lp_steer) / len(lp_steer)
-        rows.append(dict(feature=j, token=text, max_act=max_act, strength=S, logp_clean=mc, logp_steered=ms,
-                         delta=ms - mc, count_clean=n_clean, count_steered=n_steer, sample=sample))  # fmt: skip
-        print(f"feature {j} {text!r}: log p {mc:.2f} -> {ms:.2f}; count {n_clean} -> {n_steer}; {sample[0]!r} -> {sample[1]!r}", flush=True)
+    for i, (j, tok, text, max_act) in enumerate(feats):
+        rows.append(dict(feature=j, token=text, max_act=max_act, strength=times * max_act, logp_clean=float(mc[i]),
+                         logp_steered=float(ms[i]), delta=float(ms[i] - mc[i]), count_clean=int(n_clean[i]),
+                         count_steered=int(n_steer[i]), sample=samples[i]))  # fmt: skip
     return rows
 
 
@@ -107,6 +130,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--skip-steer", action="store_true")
+    ap.add_argument("--skip-attr", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
     lm, sae = load(args.sae, device="cpu")
@@ -121,6 +145,8 @@ def main():
             print(f"| {r['feature']} | `{r['token']!r}` | {r['strength']:.1f} | {r['logp_clean']:.2f} | {r['logp_steered']:.2f} | "
                   f"{r['delta']:+.2f} | {r['count_clean']} → {r['count_steered']} | {s} |")  # fmt: skip
         print(f"\nraised: {sum(r['delta'] > 0 for r in rows)}/{len(rows)}")
+    if args.skip_attr:
+        return
     arows = attr_rows(lm, sae, args.top)
     print("\n| prompt | target | log p | sign agrees | within 25% |\n| --- | --- | --- | --- | --- |")
     for r in arows:
