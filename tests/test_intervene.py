@@ -240,3 +240,17 @@ def test_analyze_steer_puts_the_steer_sample_in_the_card(tmp_path):
     assert res["steer"]["clean"] == want["clean"].text and res["steer"]["prompt"] == "The quick brown"
     page = (tmp_path / "out" / "index.html").read_text()
     assert json.dumps(steered[0]["steer"]["text"], ensure_ascii=False)[1:-1].replace("<", "\\u003c") in page
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_same_as_on_the_cpu():
+    lm, sae, fox = planted()
+    cfg = SteerConfig(feature=[0], strength=20.0, prompt=PROMPT, max_new_tokens=4)
+    cpu = steer(cfg, lm=lm, sae=sae)
+    a_cpu = attribute(AttributeConfig(prompt=PROMPT, top=3), lm=lm, sae=sae)
+    lm.model.cuda()
+    gpu = steer(cfg, lm=lm, sae=sae.cuda())
+    a_gpu = attribute(AttributeConfig(prompt=PROMPT, top=3), lm=lm, sae=sae)
+    assert gpu["steered"].token_ids == cpu["steered"].token_ids == [fox] * 4
+    assert [r["feature"] for r in a_gpu["raising"]] == [r["feature"] for r in a_cpu["raising"]]
+    assert a_gpu["total"] == pytest.approx(a_cpu["total"], rel=1e-3, abs=1e-5)
