@@ -91,6 +91,8 @@ def check_fit(lm: LoadedModel, sae: SAE) -> None:
     hook_point(lm.model, sae.cfg.hook)
     if lm.d_model != sae.d_in:
         raise UserError(f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the model it was trained on (--model)")
+    if sae.W_dec.device != _device(lm):
+        raise UserError(f"the SAE is on {sae.W_dec.device} but the model on {_device(lm)}; move one (sae.to(device))")
 
 
 def check_features(sae: SAE, features: list[int]) -> None:
