@@ -30,7 +30,7 @@ from .config import check_memory, check_numbers
 from .errors import UserError
 from .fsutil import prepare_out_dir, write_text_atomic
 from .harvest import resolve_device
-from .models import LoadedModel, load_model
+from .models import LoadedModel, generate, hook_point, load_model
 from .outputs import existing, fingerprint, finish, settings_of
 from .sae import SAE
 
@@ -42,6 +42,7 @@ N_BINS = 1 << LOG2_BINS  # histogram bins per feature
 N_LENS = 10  # tokens listed as promoted / suppressed by the logit lens
 N_TOP_TOKENS = 5
 N_PER_QUANTILE = 2  # examples shown from each activation quantile
+STEER_TOKENS = 20  # tokens generated for each --steer sample
 
 
 @dataclass
@@ -60,11 +61,14 @@ class AnalyzeConfig:
     explainer: str = field(default="smollm2-135m", metadata={"help": "instruct model for --explain-top: smollm2-135m (SmolLM2-135M-Instruct, offline), a hub id or a local directory"})
     model: str | None = field(default=None, metadata={"help": "model for token text and the logit lens; default: the one the cache was harvested from"})
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty --out that holds other files"})
+    steer: int = field(default=0, metadata={"help": "put a steered sample in the card of the N best-ranked features: --steer-prompt continued with the feature's decoder direction added (sae-lite steer --mode add)"})
+    steer_prompt: str = field(default="The", metadata={"help": "prompt continued for the --steer samples"})
+    steer_times: float = field(default=4.0, metadata={"help": "--steer strength, as a multiple of each feature's max activation"})
 
     def __post_init__(self):
         # top-k >= 2: the score compares examples in pairs
         check_numbers(self, top_k=(2, None), ctx_before=(1, None), ctx_after="non-negative", batch_size="positive", max_features="positive",
-                      heldout="fraction", explain_top="non-negative")  # fmt: skip
+                      heldout="fraction", explain_top="non-negative", steer="non-negative")  # fmt: skip
 
 
 # ---- pass 1: streamed statistics --------------------------------------------------------------
@@ -369,6 +373,7 @@ class AnalysisExtras(TypedDict, total=False):
     heldout: dict  # {"share", "tokens"}: the contexts explanations are scored on
     cost: dict  # seconds (wall and CPU) of each pass
     families: list  # [{"id", "explanation", "members": [feature ids, best first]}]
+    steer: dict  # --steer: {"prompt", "clean", "times_max", "new_tokens", "hook"}
 
 
 class Analysis(AnalysisExtras):
@@ -425,6 +430,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     """Write features.json, ranking.csv, index.html and plots to cfg.out; returns a summary."""
     t0 = time.time()
     cfg.__post_init__()
+    if cfg.steer and not cfg.steer_prompt.strip():
+        raise UserError("--steer needs a prompt to continue: pass --steer-prompt TEXT")
     device = resolve_device(cfg.device)
     sae = SAE.load(cfg.sae).folded().to(device)  # folded: W_dec rows in activation units
     # Peak: about ten [d_sae, k, window] tensors of 8 bytes (rows, tokens, docs, positions, activations, masks).
@@ -570,6 +577,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
               "builtin_explain_cpu_s": round(cpu_builtin, 2)},
         vocab=vocab, features=features, families=fams,
     )  # fmt: skip
+    if cfg.steer > 0:
+        analysis["steer"] = _steer_samples(cfg, lm, sae, m.get("hook"), features, order[: cfg.steer].tolist())
     _write_outputs(out, analysis, order, cfg.max_features)
     if cfg.explain_top:
         # The built-in analysis is on disk already; the slow model explanations come on top.
@@ -606,6 +615,44 @@ def _write_outputs(out: Path, analysis: Analysis, order: Tensor, max_features: i
     write_text_atomic(out / FEATURES_FILE, json.dumps(analysis, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
     _write_ranking(out / "ranking.csv", [features[i] for i in order.tolist()], analysis["vocab"])
     write_page(analysis, out / "index.html", max_features)
+
+
+def _steer_samples(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | None, features: list[dict], ids: list[int]) -> dict:
+    """Greedy continuations of cfg.steer_prompt with feature j's decoder direction added at the hook
+    (strength steer_times x its max activation), at the positions the SAE reads: what
+    `sae-lite steer --mode add` does (tests/test_intervene.py checks that they agree). Adds a
+    "steer" entry to those features; returns the shared settings and the unsteered text."""
+    from .evaluate import evaluated_positions
+    from .harvest import special_token_ids
+
+    hook = sae.cfg.hook or hook
+    if not hook:
+        raise UserError("--steer needs the SAE's hook, but neither the SAE's config nor the cache names one")
+    hook_point(lm.model, hook)
+    dev = next(lm.model.parameters()).device
+    prompt = lm.tokenizer(cfg.steer_prompt, return_tensors="pt")["input_ids"].to(dev)  # [1, T]
+    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
+    drop_first = int((sae.cfg.meta.get("filters") or {}).get("drop_first", 0))
+
+    def add(delta: Tensor):  # delta [d_model]: sae is folded, so W_dec rows are in activation units
+        def edit_for(ids: Tensor):
+            mask = evaluated_positions(ids, special, drop_first)
+
+            def fn(act: Tensor) -> Tensor:
+                out = act.clone()
+                out[mask] = act[mask] + delta.to(act.dtype)
+                return out
+
+            return fn
+
+        return edit_for
+
+    for j in tqdm(ids, desc="steered samples", unit="feature", dynamic_ncols=True):
+        strength = cfg.steer_times * features[j]["max_act"]
+        g = generate(lm, prompt, STEER_TOKENS, hook, add(strength * sae.W_dec[j]))
+        features[j]["steer"] = {"strength": round(strength, 4), "text": g.text}
+    clean = generate(lm, prompt, STEER_TOKENS).text
+    return {"prompt": cfg.steer_prompt, "clean": clean, "times_max": cfg.steer_times, "new_tokens": STEER_TOKENS, "hook": hook}
 
 
 def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:

@@ -22,6 +22,8 @@ typical session:
   sae-lite analyze --sae runs/sae --acts runs/acts --out runs/analysis
   sae-lite export --sae runs/sae --format saelens --out runs/saelens
   sae-lite info runs/sae
+  sae-lite steer --sae runs/sae --feature 123 --strength 20 --prompt "The function"
+  sae-lite attribute --sae runs/sae --prompt "import numpy as"
 or all of it from one file:
   sae-lite run configs/demo.toml train.l1=3
 Interrupted work resumes when the same command is run again; finished work with the same
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import EvalConfig
     from .export import ExportConfig, ImportConfig
     from .harvest import HarvestConfig
+    from .intervene import AttributeConfig, SteerConfig
     from .train import TrainConfig
 
     p = argparse.ArgumentParser(
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("analyze", AnalyzeConfig, "top activations, monosemanticity ranking, logit lens, HTML feature browser"),
         ("export", ExportConfig, "write a feature dictionary or a SAELens-compatible directory"),
         ("import", ImportConfig, "convert a SAELens or sparsify SAE into ours"),
+        ("steer", SteerConfig, "generate with and without a feature added to (or clamped at) the hook"),
+        ("attribute", AttributeConfig, "which features raise or lower the next token's log-probability (activation x gradient, checked by ablation)"),
     ]
     for name, cls, help in stages:
         sp = sub.add_parser(name, help=help, description=help)
@@ -121,9 +126,11 @@ def dispatch(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .export import export, import_cmd
     from .harvest import harvest
+    from .intervene import attribute, steer
     from .train import train
 
-    fn = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export, "import": import_cmd, "compare": compare}[cmd]
+    fn = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export, "import": import_cmd, "compare": compare,
+          "steer": steer, "attribute": attribute}[cmd]  # fmt: skip
     fn(from_namespace(args.config_cls, args))  # each stage ends by printing its result line
     return 0
 

@@ -387,6 +387,14 @@ def tokens_hash(contexts: Tensor) -> str:
 FOOTING_KEYS = ("model", "weights_hash", "hook", "dataset", "skip_tokens", "context_length", "n_contexts", "tokens_sha256", "positions", "n_activations")
 
 
+def evaluated_positions(ids: Tensor, special: Tensor, drop_first: int) -> Tensor:
+    """Which positions of ids [b, T] an SAE reads when it edits a live model (intervene.py,
+    analyze --steer): not special tokens and not the first `drop_first` (attention sinks)."""
+    keep = ~torch.isin(ids, special.to(ids.device))  # [b, T]
+    keep[:, :drop_first] = False
+    return keep
+
+
 def footing(lm: LoadedModel, hook: str, dataset: str, skip: int, contexts: Tensor, filters: dict, n_activations: int) -> dict:
     """The model, hook, tokens and positions a report's numbers were measured on."""
     return {

@@ -13,7 +13,8 @@ Hook points, per decoder block L (TransformerLens names):
     blocks.L.hook_mlp_out     output of the block's MLP, before it is added to the stream
 
 They are implemented with PyTorch forward hooks on the HF modules (no model rewrite), so any
-architecture whose block list and attention/MLP submodules we know is supported.
+architecture whose block list and attention/MLP submodules we know is supported. `generate`
+continues a text, greedy or sampled, with an optional edit at a hook (steering).
 """
 
 from __future__ import annotations
@@ -326,3 +327,44 @@ def run_to_hooks(model: nn.Module, input_ids: Tensor, names: list[str], stop: bo
     missing = set(names) - set(acts)
     assert not missing, f"hooks never fired: {missing}"
     return acts
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    text: str  # the generated continuation (without the prompt)
+    token_ids: list[int]
+    tokens: list[str]
+    logprobs: list[float]  # log p of each generated token under the model that generated it
+
+
+@torch.no_grad()
+def generate(lm: LoadedModel, ids: Tensor, max_new_tokens: int, hook: str | None = None,
+             edit_for: Callable[[Tensor], Callable[[Tensor], Tensor]] | None = None,
+             sample: bool = False, temperature: float = 1.0, seed: int = 0) -> Generation:  # fmt: skip
+    """Continue ids [1, T]. `edit_for(ids)` gives the edit at `hook` for the current sequence, so
+    generated tokens are edited too. A full forward per token (no KV cache): slower, but the same
+    code path for every architecture, and the edit sees every position on every step."""
+    gen = torch.Generator().manual_seed(seed)
+    eos = lm.tokenizer.eos_token_id
+    new, logps = [], []
+    for _ in range(max_new_tokens):
+        with contextlib.ExitStack() as stack:
+            if hook is not None and edit_for is not None:
+                stack.enter_context(edit_hook(lm.model, hook, edit_for(ids)))
+            logits = lm.model(input_ids=ids, use_cache=False).logits[0, -1].float()  # [vocab]
+        logp = logits.log_softmax(-1)
+        if sample:
+            probs = (logits / temperature).softmax(-1).cpu()  # sampled on the CPU: the same draw on every device
+            tok = int(torch.multinomial(probs, 1, generator=gen))
+        else:
+            tok = int(logits.argmax())
+        new.append(tok)
+        logps.append(float(logp[tok]))
+        ids = torch.cat([ids, torch.tensor([[tok]], device=ids.device)], 1)
+        if tok == eos:
+            break
+    tokens = [lm.tokenizer.decode([t]) for t in new]
+    return Generation(lm.tokenizer.decode(new), new, tokens, logps)

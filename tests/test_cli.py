@@ -11,7 +11,7 @@ from sae_lens_lite.cli import build_parser, main
 from sae_lens_lite.config import load_run_file, parse_value
 from sae_lens_lite.errors import UserError
 
-COMMANDS = ["harvest", "train", "evaluate", "analyze", "export", "import", "run", "hooks", "info"]
+COMMANDS = ["harvest", "train", "evaluate", "analyze", "export", "import", "steer", "attribute", "run", "hooks", "info"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -22,11 +22,12 @@ from ..analyze import Analysis  # the schema of features.json, defined next to i
 
 FIELDS = ("id", "rank", "score", "components", "frequency", "mean_act", "max_act", "bin_width", "hist",
           "top_tokens", "promoted", "suppressed", "examples", "explanation", "detection", "family", "quantiles",
-          "nearest", "model_explanation")  # fmt: skip
+          "nearest", "model_explanation", "steer")  # fmt: skip
 # An example is [center index, activation, [token id ...], [activation 0..99 ...]]; quantiles are
 # lists of examples, highest quantile first; detection is [precision, recall, F1, held-out firings,
 # held-out tokens matched]; nearest is [[feature id, cosine, explanation], ...]; model_explanation
-# is [text, balanced accuracy, AUROC, contexts scored] or null.
+# is [text, balanced accuracy, AUROC, contexts scored] or null; "steer" is {"strength", "text"}
+# from `analyze --steer`, or null; meta.steer holds the prompt.
 
 
 def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
@@ -56,6 +57,7 @@ def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
             f.get("explanation", ""), [d.get(k) for k in ("precision", "recall", "f1", "fires", "predicted")], f.get("family"),
             [[compact(e) for e in q] for q in f.get("quantiles", [])], [[i, c, expl.get(i, "")] for i, c in f.get("nearest", [])],
             [m["explanation"], m["balanced_accuracy"], m["auroc"], m["n_scored"]] if m else None,
+            f.get("steer"),
         ])  # fmt: skip
     vocab = {str(t): analysis["vocab"].get(str(t), f"<{t}>") for t in sorted(used)}
     meta = {k: analysis.get(k) for k in ("model", "hook", "sae", "n_tokens", "d_sae", "top_k", "ctx_before", "ctx_after", "heldout")}
@@ -64,6 +66,7 @@ def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
     # Families (same explanation) restricted to the features on the page, best family first.
     families = [[f["explanation"], [j for j in f["members"] if j in shown]] for f in analysis.get("families", [])]
     families = [f for f in families if f[1]] if families else [[expl.get(f["id"], ""), [f["id"]]] for f in feats]
+    meta["steer"] = analysis.get("steer")
     return {"meta": meta, "fields": FIELDS, "vocab": vocab, "features": rows, "families": families}
 
 

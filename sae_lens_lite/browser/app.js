@@ -5,7 +5,7 @@
   const D = JSON.parse(document.getElementById("data").textContent);
   const V = D.vocab, F = D.features;
   const ID = 0, RANK = 1, SCORE = 2, COMP = 3, FREQ = 4, MEAN = 5, MAX = 6, BW = 7, HIST = 8,
-    TOP = 9, PROM = 10, SUPP = 11, EX = 12, EXPL = 13, DET = 14, FAM = 15, QUANT = 16, NEAR = 17, MODEL = 18;
+    TOP = 9, PROM = 10, SUPP = 11, EX = 12, EXPL = 13, DET = 14, FAM = 15, QUANT = 16, NEAR = 17, MODEL = 18, STEER = 19;
   const PAGE = 100; // rows rendered at a time
   const $ = (id) => document.getElementById(id);
   const list = $("list"), card = $("card"), more = $("more"), search = $("search"), group = $("group");
@@ -227,6 +227,13 @@
     const lens = el("div", "lens");
     lens.append(lensTable("promotes", f[PROM], "pos"), lensTable("suppresses", f[SUPP], "neg"));
     card.append(lens);
+
+    if (f[STEER] && m.steer) { // from analyze --steer: the prompt continued with the direction added
+      card.append(el("h3", null, "Steered: + " + fmt(f[STEER].strength, 2) + " \u00d7 decoder direction (" +
+        m.steer.times_max + " \u00d7 max activation), greedy"));
+      card.append(el("div", "ctx", show(m.steer.prompt + f[STEER].text)),
+        el("div", "ctx", "unsteered: " + show(m.steer.prompt + m.steer.clean)));
+    }
 
     card.append(el("h3", null, "Top activations"));
     const peak = f[MAX] || 1;
