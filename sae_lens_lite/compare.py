@@ -32,7 +32,7 @@ from .evaluate import (
     CHUNK, EvalConfig, ReconStats, SparsityStats, _fit_activations, _same_corpus, ce_kl_sums, ce_summary,
     eval_activations, eval_contexts, footing, footing_differences, position_filters, training_text,
 )  # fmt: skip
-from .fsutil import write_json_atomic, write_text_atomic
+from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
 from .harvest import check_context_length, resolve_device, special_token_ids
 from .models import LoadedModel, hook_point, load_model
 from .report import fmt, positions_text
@@ -81,7 +81,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     if cfg.context_length is None and len(lengths) > 1:
         raise UserError(f"the SAEs were trained on contexts of {sorted(lengths)} tokens; pass --context-length to evaluate all on one")
     T = cfg.context_length or (lengths.pop() if lengths else 128)
-    out = _out_dir(cfg)
+    out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
     if lm is None:
         lm = load_model(model_name, device)
     hook_point(lm.model, hook)
@@ -174,7 +174,7 @@ def compare_reports(cfg: CompareConfig) -> dict:
     for p, r in zip(paths[1:], reports[1:]):
         if diff := footing_differences(reports[0], r):
             raise UserError(f"{p} is not comparable with {paths[0]}: {'; '.join(diff)}; evaluate them with the same settings, or run sae-lite compare on the SAE directories")
-    out = _out_dir(cfg)
+    out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
     names = _names([str(p.parent.parent if p.parent.name == "eval" else p.parent) for p in paths])
     rows = []
     for name, r in zip(names, reports):
@@ -239,25 +239,13 @@ def _describe(sae: SAE) -> dict:
     return {"source": source, "architecture": arch, "d_sae": sae.d_sae}
 
 
-def _out_dir(cfg: CompareConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory: choose another --out")
-    if (out / "compare.json").exists() and not cfg.overwrite:
-        raise UserError(f"{out} already holds a comparison; pass --overwrite to replace it or choose another --out")
-    if out.exists() and not cfg.overwrite and any(p.name not in OUR_FILES and not p.name.endswith(".tmp") for p in out.iterdir()):
-        raise UserError(f"{out} is not empty and holds other work: choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
 
 # ---- outputs ------------------------------------------------------------------------------
 
 
 def _write(result: dict, out: Path) -> None:
-    result["files"] = {"table": "compare.md", "data": "compare.json"}
-    if plot_frontier(result, out / "frontier.png"):
-        result["files"]["plot"] = "frontier.png"
+    plot_frontier(result, out / "frontier.png")
+    result["files"] = {"table": "compare.md", "data": "compare.json", "plot": "frontier.png"}
     write_text_atomic(out / "compare.md", markdown_table(result))
     write_json_atomic(out / "compare.json", result)  # last: its presence marks a finished comparison
     print(f"compare: {len(result['saes'])} SAEs on {result['n_scored_activations']} activations; table in {out / 'compare.md'}")
@@ -293,18 +281,15 @@ def markdown_table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_frontier(r: dict, path: Path) -> bool:
+def plot_frontier(r: dict, path: Path) -> None:
     """L0 against explained variance, CE loss recovered and KL: one point per SAE, PCA and VAE as
-    curves. False if matplotlib is missing."""
-    try:
-        import matplotlib
+    curves."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("compare: matplotlib is not installed, skipping frontier.png (pip install matplotlib)")
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
     panels = [("explained_variance", "explained variance"), ("ce_loss_recovered", "CE loss recovered (vs zero ablation)"), ("kl", "KL(clean ‖ spliced), nats")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (key, label) in zip(axes, panels):
@@ -328,4 +313,3 @@ def plot_frontier(r: dict, path: Path) -> bool:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
-    return True

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .baselines import fit_pca, fit_vae, vae_activity
 from .config import check_numbers, opt
 from .errors import UserError
-from .fsutil import write_json_atomic, write_text_atomic
+from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
 from .harvest import HarvestConfig, check_context_length, keep_mask, load_texts, resolve_device, special_token_ids, tokenize_corpus
 from .models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
 from .outputs import existing, fingerprint, finish, pct, settings_of
@@ -234,7 +234,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     where = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval"
     if existing(where, "evaluate", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
         return json.loads((where / "report.json").read_text())
-    out = _out_dir(cfg)
+    out = claim_out_dir(Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval", cfg.overwrite, "report.json", OUR_FILES, "an evaluation report")
     if lm is None:
         if not (cfg.model or sae.cfg.model):
             raise UserError(f"{cfg.sae}/config.json names no model; pass --model")
@@ -343,17 +343,6 @@ def baseline_sizes(l0: float, d_in: int) -> list[int]:
     k = max(1, round(l0))
     return sorted({min(d_in, m * k) for m in (1, 2, 4)})
 
-
-def _out_dir(cfg: EvalConfig) -> Path:
-    out = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory: choose another --out")
-    if (out / "report.json").exists() and not cfg.overwrite:
-        raise UserError(f"{out} already holds an evaluation report; pass --overwrite to replace it or choose another --out")
-    if out.exists() and not cfg.overwrite and any(p.name not in OUR_FILES and not p.name.endswith(".tmp") for p in out.iterdir()):
-        raise UserError(f"{out} is not empty and holds other work: choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def position_filters(cfg) -> dict:

@@ -19,6 +19,8 @@ TINY = {
     "train": ["--tokens", "4096", "--batch-size", "256", "--device", "cpu", "--expansion", "2"],
     "evaluate": ["--tokens", "256", "--no-baselines", "--device", "cpu"],
     "analyze": ["--top-k", "4", "--device", "cpu"],
+    "steer": ["--max-new-tokens", "4", "--device", "cpu"],
+    "attribute": ["--top", "3", "--device", "cpu"],
 }
 TINY_RUN = [f"harvest.model=tiny", f"harvest.hooks=['{HOOK}']", "harvest.dataset=my_corpus.txt", "harvest.tokens=1024",
             "harvest.context_length=32", "harvest.dtype='float32'", "train.tokens=4096", "train.batch_size=256", "train.expansion=2",
@@ -28,7 +30,7 @@ STAGES = ("harvest", "train", "evaluate", "analyze", "export", "import")
 
 def documented_commands(doc: Path) -> list[str]:
     """`sae-lite ...` lines of the bash blocks and inline code of a markdown file, in order,
-    without comments; placeholders in capitals (COMMAND, DIR) are left out."""
+    without comments; placeholders in capitals (COMMAND, DIR, N) are left out."""
     cmds, fence, in_block = [], None, False  # fence: the language of the code block we are in
     for line in doc.read_text().splitlines():
         if line.startswith("```"):
@@ -42,7 +44,7 @@ def documented_commands(doc: Path) -> list[str]:
             c = re.sub(r"\s+#.*$", "", c).split("|")[0].strip()  # `sae-lite hooks | head` runs `sae-lite hooks`
             if not in_block and len(c.split()) < 3 and not c.startswith("sae-lite -"):
                 continue  # a command named in prose (`sae-lite run`), not one to run
-            if c.startswith("sae-lite ") and not re.search(r"\b[A-Z]{3,}\b", c):
+            if c.startswith("sae-lite ") and not re.search(r"\b[A-Z]{3,}\b|(?<![\w-])[A-Z](?![\w])", c):
                 cmds.append(c)
     return cmds
 
@@ -57,6 +59,8 @@ def tiny(cmd: str) -> list[str]:
             a = "tiny"
         elif prev == "--hook":
             a = HOOK
+        elif prev == "--feature":
+            a = "1"  # the tiny SAE has 64 features
         elif prev == "--dataset" and a == "pydoc":
             a = "my_corpus.txt"
         elif a.startswith("configs/"):
@@ -96,7 +100,7 @@ def check_result(argv: list[str], rc: int, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "doc, must_run",
-    [("README.md", {"harvest", "train", "evaluate", "analyze", "export", "run", "info"}),
+    [("README.md", {"harvest", "train", "evaluate", "analyze", "export", "run", "info", "steer", "attribute"}),
      ("docs/guide.md", {"run", "info", "cache", "import", "hooks", "--version"})],
 )  # fmt: skip
 def test_every_documented_command_runs_and_prints_its_result(world, doc, must_run, capsys):
