@@ -162,14 +162,20 @@ def metrics_without_timing(out: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def train_setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train_kills")
+def tiny_model_dir_and_corpus(tmp: Path) -> tuple[Path, Path]:
+    """A 2-layer tiny Llama saved as a model directory, and a small corpus file, under tmp."""
     d = tmp / "tiny"
     tiny_model("llama", n_layers=2).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     corpus = tmp / "c.txt"
     corpus.write_text(CORPUS_TEXT * 4)
+    return d, corpus
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train_kills")
+    d, corpus = tiny_model_dir_and_corpus(tmp)
     acts = tmp / "acts"
     assert cli("harvest", "--model", str(d), "--hook", "blocks.1.hook_resid_post", "--dataset", str(corpus),
                "--context-length", "16", "--out", str(acts)).returncode == 0  # fmt: skip
@@ -220,11 +226,7 @@ def test_kill_9_of_train_at_any_point_then_rerun_gives_the_same_bytes(train_setu
 @pytest.fixture(scope="module")
 def harvest_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("harvest_kills")
-    d = tmp / "tiny"
-    tiny_model("llama", n_layers=2).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    corpus = tmp / "c.txt"
-    corpus.write_text(CORPUS_TEXT * 4)
+    d, corpus = tiny_model_dir_and_corpus(tmp)
     args = ["harvest", "--model", str(d), "--hook", "blocks.1.hook_resid_post", "--dataset", str(corpus), "--tokens", "2000",
             "--context-length", "16", "--contexts-per-shard", "16", "--batch-size", "4", "--dtype", "float32"]  # fmt: skip
     assert cli(*args, "--out", str(tmp / "ref")).returncode == 0
