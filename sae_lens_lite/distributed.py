@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .cache import ActivationCache, CacheWriter, write_shard
 from .errors import UserError
-from .sae import SAE, SAEConfig, SAEOutput
+from .sae import SAE, SAEConfig, SAEOutput, gate
 
 # ---- the process group ----------------------------------------------------------------------
 
@@ -223,7 +223,7 @@ def reduce_metrics(t: dict[str, Tensor], x: Tensor, scale: Tensor) -> dict[str, 
     if world_size() == 1:
         return t
     n, N = x.shape[0], world_size()
-    means = [k for k in ("mse", "l1", "kl", "aux", "l0") if k in t]
+    means = sorted(k for k in t if k not in ("sse", "sst", "fired"))  # the loss terms and L0: per-rank means
     m = (x.double() * scale.double()).mean(0)  # [d_in] this rank's mean of the normalised rows
     vec = torch.cat([
         torch.stack([t[k].detach().double() for k in means]) / N,
@@ -242,6 +242,15 @@ def reduce_metrics(t: dict[str, Tensor], x: Tensor, scale: Tensor) -> dict[str, 
     out["sst"] = (within + between - nm.pow(2).sum() / (n * N)).float()
     out["fired"] = vec[k + 3 + len(m) :] > 0
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether flag is true on any rank (every rank gets the same answer)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def gather_rows(x: Tensor) -> Tensor:
@@ -373,7 +382,13 @@ class ShardedSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(size))
         self.W_dec = nn.Parameter(torch.zeros(size, cfg.d_in))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(size))
         self.register_buffer("input_scale", torch.ones(()))
+
+    def sliced(self) -> tuple[str, ...]:
+        """The parameters split over ranks (W_enc by column, the others by row)."""
+        return ("W_enc", "b_enc", "W_dec") + (("threshold",) if self.cfg.activation == "jumprelu" else ())
 
     @classmethod
     @torch.no_grad()
@@ -383,6 +398,8 @@ class ShardedSAE(nn.Module):
         out.W_enc.copy_(sae.W_enc[:, out.lo : out.hi])
         out.b_enc.copy_(sae.b_enc[out.lo : out.hi])
         out.W_dec.copy_(sae.W_dec[out.lo : out.hi])
+        if sae.cfg.activation == "jumprelu":
+            out.threshold.copy_(sae.threshold[out.lo : out.hi])
         out.b_dec.copy_(sae.b_dec)
         out.input_scale.copy_(sae.input_scale)
         return out
@@ -395,7 +412,7 @@ class ShardedSAE(nn.Module):
         size = self.hi - self.lo
         for q in range(world_size()):
             lo, hi = q * size, (q + 1) * size
-            for name in ("W_enc", "b_enc", "W_dec"):
+            for name in self.sliced():
                 part = getattr(self, name).detach().clone()  # rank q's slice lands here
                 if world_size() > 1:
                     part = part.to(_comm_device())
@@ -411,7 +428,7 @@ class ShardedSAE(nn.Module):
 
     def activate(self, pre: Tensor) -> Tensor:
         if self.cfg.activation != "topk":
-            return pre.relu()
+            return gate(pre, self.threshold if self.cfg.activation == "jumprelu" else 0.0)  # per latent: as SAE.activate
         # Global TopK: each rank's k best are the only candidates for the global k best.
         cand = pre.detach().topk(min(self.cfg.k, pre.shape[1]), dim=-1).values  # [n, k]
         if world_size() > 1:

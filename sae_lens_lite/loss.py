@@ -1,80 +1,166 @@
-"""The loss terms of the three sparsity recipes, one function each way of computing them.
+"""One training step's forward and loss terms, for every recipe, on the dense or the sparse path.
 
     mse   ‖x − x̂‖² per token, in the normalised space x · s (Anthropic, April 2024)
-    l1    Σ_i f_i ‖W_dec,i‖: L1 weighted by the decoder norm (Anthropic, April 2024)
-    kl    β Σ_j KL(ρ ‖ ρ̂_j): the classic sparse autoencoder's penalty (Ng, CS294A notes)
-    aux   AuxK: the top dead latents reconstruct the main reconstruction's error (Gao et al. 2024)
+    + the recipe's sparsity term (recipes/: l1, kl, l0) or AuxK for the top-k family
 
-`loss_terms` returns every term as a scalar tensor plus what the metrics need (firing latents,
-L0, the sums for explained variance), all on the device; train.py weighs them (`total_loss`)
-and reads them back only every `log_every` steps. Unless the dense path is asked for, the terms
-come from `sparse_terms`: the same numbers from the active latents only (TopK everywhere; ReLU
-SAEs on the CPU, once few enough latents are active).
+The latents of a batch are a `Latents`: either dense [n, d_sae] or the active ones as entries
+(token rows[e], latent idx[e], value vals[e]). A recipe writes its penalty once, against that
+interface, and it holds on both paths. The sparse path computes only the encoder's forward
+densely (it chooses the latents); the decoder is a weighted gather of the active rows and the
+encoder's backward a sparse product (sae._GatheredPre): 2·d_in·d_sae FLOPs a token instead of
+10·d_in·d_sae. Which path runs is decided here (`use_sparse`), never by the recipe.
+
+`step_terms` returns every term as a scalar tensor plus what the metrics need (firing latents,
+L0, the sums for explained variance), all on the device; train.py reads them back only every
+`log_every` steps.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
-from . import distributed
-from .sae import SAE, top_dead
+from .sae import SAE, _GatheredPre, token_rows, top_dead
 
 if TYPE_CHECKING:
+    from .recipes import Recipe
     from .train import TrainConfig
 
 AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
-KL_TAU = 0.1  # KL: a latent counts as firing once its contribution ‖f_j W_dec,j‖ passes ~τ (‖x‖ ≈ √d_in)
-PENALTY_TERM = {"l1": "l1", "kl": "kl", "topk": "aux"}  # the term each recipe logs as its penalty
-SPARSE_MAX_DENSITY = 0.05  # ReLU SAEs: the sparse path runs while at most this share of latents is active (d_in >= 256)
+PROBE_TOKENS = 64  # tokens whose activity decides between the sparse and dense paths
+# Variable-count recipes: the sparse path runs while at most this share of latents is active
+# (measured on a 2-core CPU, benchmarks.md: it stops paying at ~5% for d_in 256 and 576, at ~2.7%
+# for d_in 128, where its per-entry bookkeeping weighs more against the d_in-long rows it saves).
+SPARSE_MAX_DENSITY = 0.05
 
 
-def loss_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
-    """Every loss term for a batch x [n, d_in] (raw units), each a scalar, plus what the metrics
-    need. `dead` [d_sae] bool marks latents for the AuxK loss."""
-    # Sparse path: not under DDP (it wraps forward only); for ReLU SAEs not on CUDA, where reading
-    # the number of active latents would stall every step.
-    if cfg.sparse and isinstance(sae, SAE) and (cfg.penalty == "topk" or not x.is_cuda):
-        t = sparse_terms(sae, x, cfg, dead)
-        if t is not None:
-            return t
-    out = sae(x)
-    s = sae.input_scale
-    f = out.latents  # [n, d_sae]
+def sync_free(t: Tensor) -> bool:
+    """Whether work on t's device must avoid reading values on the host (CUDA: each read stalls
+    the queue), choosing fixed shapes instead. Tests set it on the CPU to run the CUDA choices."""
+    return t.is_cuda
+
+
+class Latents(NamedTuple):
+    """A batch's latents, dense (idx is None: vals, pre [n, d_sae]) or as entries in token order
+    (vals, pre, rows, idx [nnz]). vals are the activations, pre the pre-activations, both with
+    gradient. An entry may have value 0 (a JumpReLU latent just below its threshold still carries
+    the threshold's gradient)."""
+
+    vals: Tensor
+    pre: Tensor
+    rows: Tensor | None
+    idx: Tensor | None
+    n: int
+    d_sae: int
+
+    def at(self, w: Tensor) -> Tensor:
+        """A per-latent quantity w [d_sae] at each value: [d_sae] (broadcasts) or [nnz]."""
+        return w if self.idx is None else w[self.idx]
+
+    def per_latent(self, v: Tensor) -> Tensor:
+        """v (shaped like vals) summed over tokens for each latent: [d_sae]."""
+        if self.idx is None:
+            return v.sum(0, dtype=torch.float32)
+        return torch.zeros(self.d_sae, device=v.device).index_add_(0, self.idx, v.float())
+
+    def decode(self, W_dec: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Σ_j f_j W_dec,j per token [n, d_in] (no bias); weight [d_sae] scales each latent."""
+        v = self.vals if weight is None else self.vals * self.at(weight)
+        if self.idx is None:
+            return v @ W_dec
+        starts = torch.searchsorted(self.rows, torch.arange(self.n, device=self.rows.device))  # [n]
+        return F.embedding_bag(self.idx, W_dec, starts, per_sample_weights=v.float(), mode="sum")
+
+
+def use_sparse(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig) -> bool:
+    """The sparse path for fixed-count recipes (top-k family) always, for variable-count ones on
+    the CPU (counting active latents on CUDA would stall every step) while few latents fire,
+    judged on the batch's first 64 tokens."""
+    if not cfg.sparse:
+        return False
+    if recipe.fixed_count:
+        return True
+    if sync_free(x):
+        return False
+    with torch.no_grad():
+        probe = sae.pre_activation(x[:PROBE_TOKENS])  # [64, d_sae]
+        density = float((probe > recipe.entry_floor(sae)).float().mean())
+    return density <= SPARSE_MAX_DENSITY * min(1.0, sae.d_in / 256)
+
+
+def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[Latents, Tensor, Tensor]:
+    """(latents, pre [n, d_sae], xc [n, d_in]) of a batch x [n, d_in]. On the sparse path `pre` has
+    no gradient (the entries carry it); on the dense path it is the one with the gradient."""
     n = x.shape[0]
-    err = (x - out.x_hat.float()) * s  # [n, d_in] reconstruction error in normalised units
-    t = {}
-    # Squared error summed over d_in, averaged over tokens: ‖x − x̂‖² per token.
-    t["mse"] = err.pow(2).sum(-1).mean()
-    fired = f.sum(0, dtype=torch.float32)  # [d_sae] total activation of each latent
-    if cfg.penalty == "l1":
-        # Σ_i f_i ‖W_dec,i‖ (Anthropic, April 2024): weighting by the decoder norm stops the
-        # penalty from being dodged by shrinking f and growing W_dec.
-        t["l1"] = (fired * sae.W_dec.norm(dim=1)).sum() / n  # elementwise: autocast would run a matmul in bf16
-    if cfg.penalty == "kl":
-        # ρ̂_j: soft firing rate, tanh of the latent's contribution ‖f_j W_dec,j‖ / τ: ≈1 when it
-        # fires at a normal size, so ρ̂_j ≈ its firing rate, and saturated, so large activations
-        # are not shrunk. A softer τ lets many tiny activations through (high L0).
-        rho_hat = torch.tanh(f.float() * sae.W_dec.norm(dim=1) / KL_TAU).mean(0)  # [d_sae]
-        t["kl"] = kl_penalty(distributed.batch_mean(rho_hat), cfg.kl_rho)  # under torchrun: over every rank's rows
-    if cfg.penalty == "topk":
+    if not sparse:
+        pre = sae.pre_activation(x)  # [n, d_sae]
+        vals = recipe.activate(sae, pre, None) * recipe.mask(sae, pre.detach())
+        return Latents(vals, pre, None, None, n, sae.d_sae), pre, None
+    with torch.no_grad():
+        xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec  # [n, d_in]
+        pre = torch.addmm(sae.b_enc, xc, sae.W_enc)  # [n, d_sae], bf16 under autocast
+        rows, idx = recipe.entries(sae, pre)  # [nnz] each, in token order
+    pre_e = gather_pre(sae, pre, xc, rows, idx)
+    return Latents(recipe.activate(sae, pre_e, idx), pre_e, rows, idx, n, sae.d_sae), pre, xc
+
+
+def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tensor) -> Tensor:
+    """pre[rows, idx] [nnz] with the gradient to the encoder: a gather of the dense pre where it
+    has one (dense path), else wired to the weights by a sparse backward."""
+    if xc is None:
+        return pre[rows, idx].float()
+    return _GatheredPre.apply(pre[rows, idx].float(), xc, rows, idx, sae.W_enc, sae.b_enc, sae.b_dec)
+
+
+def step_terms(model, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
+    """Every loss term for a batch x [n, d_in] (raw units), each a scalar, plus what the metrics
+    need. `model` is the SAE or its DistributedDataParallel wrapper: the work runs inside its
+    forward so that DDP sees it. `dead` [d_sae] bool marks latents for the AuxK loss."""
+    sae = getattr(model, "module", model)
+    sparse = use_sparse(sae, x, recipe, cfg)
+    return model(x, fn=lambda sae, x: _terms(sae, x, recipe, cfg, dead, sparse))
+
+
+def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, sparse: bool) -> dict[str, Tensor]:
+    s = sae.input_scale
+    lat, pre, xc = forward_latents(sae, x, recipe, sparse)
+    x_hat = (lat.decode(sae.W_dec) + sae.b_dec) / s  # [n, d_in]
+    err = (x - x_hat.float()) * s  # [n, d_in] reconstruction error in normalised units
+    t = {"mse": recipe.mse(sae, lat, err)}
+    t.update(recipe.penalty(sae, lat))
+    if recipe.aux:
         # AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the residual error, which
         # gives dead latents a gradient again. Zero when nothing is dead. No ReLU here: a latent is
         # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
         # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
-        vals, idx = top_dead(out.pre_acts.float(), dead, aux_k(sae))  # [n, k_aux]
-        t["aux"] = auxk(err, sae.W_dec, idx, vals, dead)
-    t["fired"] = fired.detach() > 0  # [d_sae]
-    t["l0"] = torch.count_nonzero(f.detach()) / n
-    return metric_terms(t, x, err, s)
+        t["aux"] = aux_term(sae, pre, xc, err, dead)
+    on = (lat.vals.detach() > 0).float()
+    t["fired"] = lat.per_latent(on) > 0  # [d_sae]
+    t["l0"] = on.sum() / lat.n
+    t["sse"] = err.detach().pow(2).sum()
+    xs = x * s
+    t["sst"] = (xs - xs.mean(0)).pow(2).sum()
+    return t
 
 
-def kl_penalty(rho_hat: Tensor, rho: float) -> Tensor:
-    """Σ_j KL(ρ ‖ ρ̂_j) between Bernoulli firing rates, ρ̂ [d_sae] clamped away from 0 and 1."""
-    rho_hat = rho_hat.clamp(1e-6, 1 - 1e-6)
-    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+def aux_term(sae: SAE, pre: Tensor, xc: Tensor | None, err: Tensor, dead: Tensor) -> Tensor:
+    """The AuxK loss. Its dead latents are chosen either by reading their count on the host, so
+    the work scales with it (the CPU), or, on CUDA, by always taking k_aux of the masked
+    pre-activations: fixed shapes, no sync (the extra picks then get weight 0)."""
+    k = aux_k(sae)
+    with torch.no_grad():
+        if sync_free(pre):
+            _, idx = top_dead(pre.float(), dead, k)  # [n, k_aux]
+        else:
+            dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
+            if len(dead_idx) == 0:
+                return torch.zeros((), device=pre.device)
+            idx = dead_idx[pre.index_select(1, dead_idx).topk(min(k, len(dead_idx)), dim=-1).indices]
+    vals = gather_pre(sae, pre, xc, token_rows(*idx.shape, pre.device), idx.reshape(-1)).reshape(idx.shape)
+    return auxk(err, sae.W_dec, idx, vals * dead[idx], dead)
 
 
 def aux_k(sae: SAE) -> int:
@@ -85,53 +171,14 @@ def aux_k(sae: SAE) -> int:
 def auxk(err: Tensor, W_dec: Tensor, idx: Tensor, vals: Tensor, dead: Tensor) -> Tensor:
     """AuxK: ‖e − ê‖² per token, averaged, with ê the dead latents idx/vals [n, k_aux] decoded and
     e = x − x̂ [n, d_in] the main reconstruction's error (no gradient). Zero when nothing is dead."""
-    e_hat = torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")  # [n, d_in]
+    e_hat = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")  # [n, d_in]
     return (err.detach() - e_hat).pow(2).sum(-1).mean() * dead.any()
 
 
-def metric_terms(t: dict[str, Tensor], x: Tensor, err: Tensor, s: Tensor) -> dict[str, Tensor]:
-    """Adds the sums for explained variance (1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²); no gradient."""
-    t["sse"] = err.detach().pow(2).sum()
-    xs = x * s
-    t["sst"] = (xs - xs.mean(0)).pow(2).sum()
-    return t
-
-
-def sparse_terms(sae: SAE, x: Tensor, cfg: TrainConfig, dead: Tensor, sync_free: bool | None = None,
-                 max_density: float | None = None) -> dict[str, Tensor] | None:  # fmt: skip
-    """loss_terms through SAE.forward_sparse: the same loss and metrics, with the decoder and the
-    encoder's backward working on the active latents only (docs/training.md#speed). None where a
-    ReLU SAE has more than max_density of its latents active (the dense path is faster then)."""
-    s = sae.input_scale
-    n = x.shape[0]
-    if max_density is None:
-        # Measured on a 2-core CPU (benchmarks.md): the sparse step stops paying at ~5% active
-        # latents for d_in 256 and 576, at ~2.7% for d_in 128, where its per-entry bookkeeping
-        # weighs more against the d_in-long rows it saves.
-        max_density = SPARSE_MAX_DENSITY * min(1.0, sae.d_in / 256)
-    k_aux = aux_k(sae) if cfg.penalty == "topk" else 0
-    out = sae.forward_sparse(x, dead, k_aux=k_aux, sync_free=sync_free, max_density=max_density)
-    if out is None:
-        return None
-    err = (x - out.x_hat.float()) * s  # [n, d_in] in normalised units
-    t = {"mse": err.pow(2).sum(-1).mean()}
-    norms = sae.W_dec.norm(dim=1)[out.idx]  # [nnz] decoder norm of each active latent
-    if cfg.penalty == "l1":  # as in loss_terms, over the nonzero activations only
-        t["l1"] = (out.vals * norms).sum() / n
-    if cfg.penalty == "kl":  # latents that do not fire add tanh(0) = 0 to ρ̂
-        soft = torch.tanh(out.vals * norms / KL_TAU)  # [nnz]
-        t["kl"] = kl_penalty(torch.zeros(sae.d_sae, device=x.device).index_add(0, out.idx, soft) / n, cfg.kl_rho)
-    if cfg.penalty == "topk":  # AuxK (Gao et al. 2024), as in loss_terms
-        t["aux"] = auxk(err, sae.W_dec, out.aux_idx, out.aux_vals, dead) if out.aux_vals is not None else torch.zeros((), device=x.device)
-    on = (out.vals.detach() > 0).float()  # [nnz]
-    t["fired"] = torch.zeros(sae.d_sae, device=x.device).index_add_(0, out.idx, on) > 0
-    t["l0"] = on.sum() / n
-    return metric_terms(t, x, err, s)
-
-
-def total_loss(t: dict[str, Tensor], lam: Tensor, cfg: TrainConfig) -> Tensor:
-    if cfg.penalty == "l1":
-        return t["mse"] + lam * t["l1"]
-    if cfg.penalty == "kl":
-        return t["mse"] + lam * t["kl"]
-    return t["mse"] + AUX_COEF * t["aux"]
+def total_loss(t: dict[str, Tensor], lam: Tensor, recipe: Recipe) -> Tensor:
+    loss = t["mse"]
+    if recipe.term != "aux":
+        loss = loss + lam * t[recipe.term]
+    if "aux" in t:
+        loss = loss + AUX_COEF * t["aux"]
+    return loss

@@ -1,9 +1,16 @@
 """The sparse autoencoder: encode, decode, forward, and its on-disk format.
 
-One SAE class covers the two architectures we train, because they differ only in the
-activation: `relu` (trained with an L1 or KL sparsity penalty) and `topk` (keep the k largest
-pre-activations; Gao et al. 2024). Weights are plain parameters in the orientation used
-everywhere in this project and in SAELens:
+One SAE class covers every architecture we train, because at inference they differ only in
+the activation, i.e. in which latents are active:
+
+    relu      f_j = pre_j where pre_j > 0                    (the L1 and KL recipes)
+    topk      the k largest pre-activations of each token     (Gao et al. 2024)
+    jumprelu  f_j = pre_j where pre_j > θ_j, a threshold per latent (Rajamanoharan et al. 2024;
+              also what BatchTopK and Matryoshka SAEs become after training, with one θ)
+
+How a latent is chosen *during training* (a batch-wide top-k, a straight-through threshold) is
+the business of the training recipe (recipes/). Weights are plain parameters in the orientation
+used everywhere in this project and in SAELens:
 
     W_enc [d_in, d_sae]   b_enc [d_sae]   W_dec [d_sae, d_in]   b_dec [d_in]
 
@@ -36,14 +43,14 @@ from .fsutil import save_safetensors_atomic, write_json_atomic
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
-PROBE_TOKENS = 64  # forward_sparse: tokens whose activity decides between the sparse and dense paths
+ACTIVATIONS = ("relu", "topk", "jumprelu")
 
 
 @dataclass
 class SAEConfig:
     d_in: int
     d_sae: int
-    activation: str = "relu"  # "relu" or "topk"
+    activation: str = "relu"  # "relu", "topk" or "jumprelu"
     k: int | None = None  # only for topk
     # Provenance, copied from the activation cache so that evaluate/analyze/export need no flags.
     model: str | None = None
@@ -55,8 +62,8 @@ class SAEConfig:
     def __post_init__(self):
         if self.d_in <= 0 or self.d_sae <= 0:
             raise UserError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.activation not in ("relu", "topk"):
-            raise UserError(f"unknown SAE activation {self.activation!r}: use 'relu' or 'topk'")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"unknown SAE activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
         if self.activation == "topk" and not (self.k and 0 < self.k <= self.d_sae):
             raise UserError(f"a topk SAE needs 0 < k <= d_sae, got k={self.k}")
 
@@ -65,18 +72,6 @@ class SAEOutput(NamedTuple):
     x_hat: Tensor  # [n, d_in] reconstruction, in the input's units
     latents: Tensor  # [n, d_sae] feature activations f
     pre_acts: Tensor  # [n, d_sae] before the activation (the TopK aux loss needs them)
-
-
-class SparseOutput(NamedTuple):
-    """A forward kept sparse: entry e says latent idx[e] has activation vals[e] on token rows[e].
-    Entries are in token order (each token's entries together)."""
-
-    x_hat: Tensor  # [n, d_in] reconstruction, in the input's units
-    vals: Tensor  # [nnz] the active latents' activations (ReLU'd), with gradient
-    rows: Tensor  # [nnz] their tokens
-    idx: Tensor  # [nnz] their latents
-    aux_vals: Tensor | None  # [n, k_aux] pre-activations of the top dead latents (TopK's AuxK), or None
-    aux_idx: Tensor | None  # [n, k_aux]
 
 
 class _GatheredPre(torch.autograd.Function):
@@ -109,7 +104,12 @@ class _GatheredPre(torch.autograd.Function):
         return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
 
 
-def _token_rows(n: int, m: int, device) -> Tensor:
+def gate(pre: Tensor, floor: Tensor | float) -> Tensor:
+    """pre where it exceeds floor (0: a ReLU; θ: a JumpReLU), else 0."""
+    return pre * (pre > floor)
+
+
+def token_rows(n: int, m: int, device) -> Tensor:
     """[n·m] the token of each entry of a row-major [n, m] selection."""
     return torch.arange(n, device=device).unsqueeze(1).expand(n, m).reshape(-1)
 
@@ -130,6 +130,8 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(d_sae))  # θ [d_sae]
         self.register_buffer("input_scale", torch.ones(()))
         self.reset_parameters()
 
@@ -161,11 +163,23 @@ class SAE(nn.Module):
         x = x.to(self.W_enc.dtype) * self.input_scale  # [n, d_in]
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]; addmm fuses the bias add
 
+    def floor(self) -> Tensor | float:
+        """What a pre-activation must exceed to be active: θ [d_sae] for jumprelu, else 0."""
+        return self.threshold if self.cfg.activation == "jumprelu" else 0.0
+
     def activate(self, pre: Tensor) -> Tensor:
         if self.cfg.activation == "topk":
             vals, idx = pre.topk(self.cfg.k, dim=-1)
             return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
-        return pre.relu()
+        return gate(pre, self.floor())
+
+    def entries(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """The active latents of pre [n, d_sae] as entries (rows, idx) [nnz], in token order: the
+        sparse form of activate(). TopK's come straight from topk (fixed shapes, no host sync)."""
+        if self.cfg.activation == "topk":
+            idx = pre.topk(self.cfg.k, dim=-1).indices  # [n, k]
+            return token_rows(*idx.shape, pre.device), idx.reshape(-1)
+        return (pre > self.floor()).nonzero(as_tuple=True)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activate(self.pre_activation(x))  # [n, d_sae]
@@ -173,63 +187,12 @@ class SAE(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return torch.addmm(self.b_dec, f, self.W_dec) / self.input_scale  # [n, d_in]
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor, fn=None) -> SAEOutput:
+        if fn is not None:  # training: loss.step_terms runs its work here, inside DDP's forward
+            return fn(self, x)
         pre = self.pre_activation(x)
         f = self.activate(pre)
         return SAEOutput(self.decode(f), f, pre)
-
-    def forward_sparse(self, x: Tensor, dead: Tensor | None = None, k_aux: int = 0, sync_free: bool | None = None,
-                       max_density: float = 1.0) -> SparseOutput | None:  # fmt: skip
-        """The training forward with only the active latents in the gradient work: the decoder is a
-        weighted gather of their rows (embedding_bag) and the encoder's backward a sparse product.
-        Same function as forward(); a dense step costs 10·d_in·d_sae FLOPs per token, this one
-        2·d_in·d_sae (the encoder's forward, which chooses the latents) plus O(L0·d_in).
-
-        TopK keeps k latents per token: fixed shapes. A ReLU SAE keeps the positive ones, a number
-        read on the host; where more than `max_density` of the pre-activations of the batch's
-        first 64 tokens are positive (early in training) it returns None, having spent little,
-        and the dense path is the faster one.
-
-        `dead` [d_sae] bool adds, for TopK's AuxK, the top k_aux pre-activations among those latents
-        (aux_vals is then zero where fewer than k_aux are dead). Choosing them either reads the dead
-        count on the host, so the work scales with it (the CPU default), or, with `sync_free` (the
-        CUDA default), always takes k_aux of the masked pre-activations: fixed shapes, no sync."""
-        n = x.shape[0]
-        with torch.no_grad():
-            xc = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # [n, d_in]
-            if self.cfg.activation == "relu" and max_density < 1:  # decide on a few tokens, before the full product
-                probe = torch.addmm(self.b_enc, xc[:PROBE_TOKENS], self.W_enc)  # [64, d_sae]
-                if float((probe > 0).float().mean()) > max_density:
-                    return None
-            pre = torch.addmm(self.b_enc, xc, self.W_enc)  # [n, d_sae], bf16 under autocast
-            if self.cfg.activation == "topk":
-                top, idx = pre.topk(self.cfg.k, dim=-1)  # [n, k]
-                rows, idx, top = _token_rows(n, self.cfg.k, x.device), idx.reshape(-1), top.reshape(-1)
-                starts = torch.arange(0, n * self.cfg.k, self.cfg.k, device=x.device)  # [n] where each token's entries begin
-            else:
-                rows, idx = (pre > 0).nonzero(as_tuple=True)  # [nnz] each, in token order
-                top = pre[rows, idx]
-                counts = torch.bincount(rows, minlength=n)  # [n]
-                starts = counts.cumsum(0) - counts
-        vals = _GatheredPre.apply(top.float(), xc, rows, idx, self.W_enc, self.b_enc, self.b_dec).relu()  # [nnz]
-        x_hat = (F.embedding_bag(idx, self.W_dec, starts, per_sample_weights=vals, mode="sum") + self.b_dec) / self.input_scale
-        aux_vals = aux_idx = None
-        sync_free = x.is_cuda if sync_free is None else sync_free
-        if self.cfg.activation == "topk" and dead is not None and k_aux > 0 and (sync_free or bool(dead.any())):
-            with torch.no_grad():
-                if sync_free:
-                    av, aux_idx = top_dead(pre, dead, min(k_aux, self.d_sae))  # [n, k_aux]
-                else:
-                    dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
-                    av, ai = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1)
-                    aux_idx = dead_idx[ai]
-            m = aux_idx.shape[1]
-            aux_rows, aux_cols = _token_rows(n, m, x.device), aux_idx.reshape(-1)
-            aux_vals = _GatheredPre.apply(av.float().reshape(-1), xc, aux_rows, aux_cols, self.W_enc, self.b_enc, self.b_dec)
-            aux_vals = aux_vals.reshape(n, m)  # no ReLU (loss.loss_terms)
-            if sync_free:
-                aux_vals = aux_vals * dead[aux_idx]  # no gradient to latents that are not dead
-        return SparseOutput(x_hat, vals, rows, idx, aux_vals, aux_idx)
 
     @torch.no_grad()
     def folded(self) -> "SAE":
@@ -240,6 +203,8 @@ class SAE(nn.Module):
         out.b_enc.copy_(self.b_enc)
         out.W_dec.copy_(self.W_dec / s)
         out.b_dec.copy_(self.b_dec / s)
+        if self.cfg.activation == "jumprelu":
+            out.threshold.copy_(self.threshold)  # pre-activations are unchanged by the fold
         return out.to(self.W_enc.device)
 
     # ---- on-disk format ---------------------------------------------------------------------

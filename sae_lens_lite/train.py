@@ -1,16 +1,13 @@
-"""The training loop: schedules, dead latents, metrics and resumable checkpoints (the loss
-terms themselves are in loss.py).
+"""The training loop: schedules, dead latents, metrics and resumable checkpoints. The step's
+forward and loss terms are in loss.py; what differs between training methods (the activation in
+training, the sparsity term, thresholds, decoder renormalisation) is in recipes/, one module
+each: l1, kl, topk, batchtopk, jumprelu, matryoshka (`--penalty`).
 
-Three sparsity recipes share one loop (`penalty`):
-
-- "l1"   ReLU SAE, Anthropic's April 2024 update: inputs scaled so E‖x‖ = √d_in, loss
-         ‖x − x̂‖² + λ Σ_i f_i ‖W_dec,i‖, λ warmed up over the first 5% of steps, the learning
-         rate decayed to 0 over the last 20%, Adam, gradient-norm clipping. Optional resampling of
-         dead latents towards badly reconstructed inputs (Anthropic, Towards Monosemanticity).
-- "kl"   ReLU SAE with the classic sparse autoencoder's penalty (Ng, CS294A notes):
-         β Σ_j KL(ρ ‖ ρ̂_j), ρ̂_j a latent's mean (soft) firing over the batch, ρ the target rate.
-- "topk" keep the k largest pre-activations (Gao et al. 2024), unit-norm decoder rows, and the
-         AuxK loss: dead latents learn to reconstruct what the live ones missed.
+Shared by all: Adam, the learning rate warmed up over the first 1% of steps and decayed to 0 over
+the last 20% (Anthropic, April 2024), gradient-norm clipping, a penalty coefficient λ warmed up
+over the first 5% (and, with --target-l0, adapted until L0 settles there), and optional
+resampling of dead latents towards badly reconstructed inputs (Anthropic, Towards
+Monosemanticity) for the recipes with ReLU latents.
 
 Everything is computed in the normalised space (x · s). The scale s is stored in the SAE as
 `input_scale`; `SAE.folded()` folds it into the weights for export.
@@ -37,16 +34,15 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, recipes
 from .config import check_memory, check_numbers
 from .errors import UserError
 from .harvest import resolve_device
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
-from .loss import PENALTY_TERM, loss_terms, total_loss
+from .loss import step_terms, total_loss
 from .outputs import existing, fingerprint, finish, pct, settings_of
 from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
-PENALTIES = ("l1", "kl", "topk")
 LAMBDA_WARMUP = 0.05  # fraction of steps over which λ (or β) rises linearly from 0 (Anthropic, April 2024)
 LR_WARMUP = 0.01  # fraction of steps over which the learning rate rises linearly from 0
 LR_DECAY = 0.20  # the learning rate decays linearly to 0 over this last fraction (Anthropic, April 2024)
@@ -60,7 +56,7 @@ METRICS = "metrics.jsonl"
 RUN_FILES = (METRICS, "checkpoint_*.safetensors", "*.tmp")
 # Fields that change the result: a run resumes only if they are the same.
 RUN_KEYS = (
-    "expansion", "penalty", "l1", "k", "kl_beta", "kl_rho", "target_l0", "lr", "batch_size",
+    "expansion", "penalty", "l1", "k", "kl_beta", "kl_rho", "l0_coef", "target_l0", "lr", "batch_size",
     "tokens", "seed", "dead_window", "resample_dead", "precision", "sparse",
 )  # fmt: skip
 
@@ -70,13 +66,14 @@ class TrainConfig:
     acts: str = field(default="runs/acts", metadata={"help": "activation cache directory (from `sae-lite harvest`)"})
     out: str = field(default="runs/sae", metadata={"help": "output directory: the SAE, metrics.jsonl and checkpoints"})
     expansion: int = field(default=8, metadata={"help": "d_sae = expansion × d_in"})
-    penalty: str = field(default="l1", metadata={"help": "sparsity: l1 (Anthropic 2024), kl (target firing rate) or topk (Gao 2024)"})
+    penalty: str = field(default="l1", metadata={"help": "training recipe: l1 (Anthropic 2024), kl (target firing rate), topk (Gao 2024), batchtopk (Bussmann 2024), jumprelu (Rajamanoharan 2024) or matryoshka (Matryoshka BatchTopK, Bussmann 2025)"})
     l1: float = field(default=5.0, metadata={"help": "λ of the L1 penalty; ~5 suits the √d_in input normalisation"})
     kl_beta: float = field(default=1.0, metadata={"help": "β of the KL penalty"})
     kl_rho: float = field(default=0.005, metadata={"help": "target firing rate ρ of every latent for the KL penalty"})
-    k: int = field(default=32, metadata={"help": "latents kept per token for topk"})
+    l0_coef: float = field(default=1.0, metadata={"help": "λ of jumprelu's L0 penalty"})
+    k: int = field(default=32, metadata={"help": "latents kept per token for topk (on average over the batch for batchtopk and matryoshka)"})
     sparse: bool = field(default=True, metadata={"help": "decoder and encoder backward on the active latents only (gathers and a sparse product, not dense matmuls): topk everywhere, l1/kl on the CPU once at most 5% of latents fire (less below d_in 256); --no-sparse for the dense path"})
-    target_l0: float = field(default=0.0, metadata={"help": "adapt λ (or β) during training until L0 settles here (0: off; l1/kl)"})
+    target_l0: float = field(default=0.0, metadata={"help": "adapt λ (or β) during training until L0 settles here (0: off; l1, kl, jumprelu)"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (warm-up over the first 1% of steps, linear decay over the last 20%)"})
     batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
     tokens: int = field(default=0, metadata={"help": "training tokens (0: the cache size, at least 2M, i.e. several passes over a small cache)"})
@@ -92,7 +89,7 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --out instead of resuming it"})
 
     def __post_init__(self):
-        check_numbers(self, expansion="positive", l1="non-negative", kl_beta="non-negative", kl_rho="fraction", k="positive",
+        check_numbers(self, expansion="positive", l1="non-negative", kl_beta="non-negative", kl_rho="fraction", k="positive", l0_coef="non-negative",
                       target_l0="non-negative", lr="positive", batch_size="positive", tokens="non-negative",
                       dead_window="positive", checkpoint_every="positive", log_every="positive")  # fmt: skip
 
@@ -138,16 +135,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
 
 
-def check_config(cfg: TrainConfig) -> None:
-    if cfg.penalty not in PENALTIES:
-        raise UserError(f"unknown --penalty {cfg.penalty!r}: use l1, kl or topk")
+def check_config(cfg: TrainConfig) -> recipes.Recipe:
+    """The run's recipe, once the settings are known to be usable."""
+    recipe = recipes.get(cfg.penalty, cfg)
     cfg.__post_init__()  # the numbers again: a config's fields may have been set after it was made
-    if cfg.penalty == "topk" and cfg.target_l0:
-        raise UserError("--target-l0 adapts the l1/kl coefficient; for topk set the L0 directly with --k")
+    recipe.check()
+    return recipe
 
 
 @torch.no_grad()
-def init_from_data(sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int, tokens: int = INIT_TOKENS) -> None:
+def init_from_data(sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int, dec_norm: float, tokens: int = INIT_TOKENS) -> None:
     """Anthropic, April 2024: scale inputs so E‖x‖ = √d_in; decoder rows in random directions at a
     small norm, encoder = decoder transpose; b_dec at the (scaled) data mean, measured on `tokens` rows."""
     rows, n = [], 0
@@ -163,8 +160,7 @@ def init_from_data(sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: i
     if not torch.isfinite(mean_norm) or mean_norm == 0:
         raise UserError("the activations are all zero or not finite; check the cache")
     g = torch.Generator().manual_seed(seed)
-    topk = sae.cfg.activation == "topk"
-    sae.reset_parameters(dec_norm=1.0 if topk else 0.1, generator=g)  # TopK keeps unit-norm rows
+    sae.reset_parameters(dec_norm=dec_norm, generator=g)
     s = math.sqrt(sae.d_in) / float(mean_norm)
     sae.input_scale.fill_(s)
     sae.b_dec.copy_(x.mean(0) * s)
@@ -236,7 +232,7 @@ def train_on_batches(
     """Train an SAE on batches [batch_size, d_in] from `batches(epoch)` (a fresh, deterministic
     iterator per epoch; partial batches are skipped). With `out`, write metrics and checkpoints
     there and resume from the last checkpoint; without, train in memory (tests, benchmarks)."""
-    check_config(cfg)
+    recipe = check_config(cfg)
     device = distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: this rank's GPU
     amp = autocast_dtype(cfg.precision, device)
     total = total_tokens // cfg.batch_size  # steps
@@ -250,13 +246,14 @@ def train_on_batches(
     check_memory(need, device, f"an SAE of {sae_cfg.d_sae} latents on {sae_cfg.d_in}-dim inputs at --batch-size {cfg.batch_size}",
                  "lower --expansion or --batch-size")  # fmt: skip
     sae = SAE(sae_cfg)
-    init_from_data(sae, batches, cfg.seed, INIT_TOKENS // distributed.world_size())
+    init_from_data(sae, batches, cfg.seed, recipe.dec_norm, INIT_TOKENS // distributed.world_size())
+    recipe.init(sae)
     sae.to(device)
     distributed.average_input_stats(sae)
-    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    params = [p for p in sae.parameters() if p.requires_grad]
     fused = device.type in ("cpu", "cuda")
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
-    lam = torch.tensor(cfg.kl_beta if cfg.penalty == "kl" else cfg.l1, device=device)  # base λ (or β)
+    lam = torch.tensor(recipe.coefficient() or 0.0, device=device)  # base λ (or β)
     since_fired = torch.zeros(sae.d_sae, device=device)  # [d_sae] tokens since each latent last fired
     acc = torch.zeros(8, device=device)  # summed metrics since the last log (see ACC below)
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -298,8 +295,8 @@ def train_on_batches(
         write_json_atomic(out / CHECKPOINT, {"step": 0, "complete": False, "file": None, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)})
 
     model = distributed.data_parallel(sae, device)  # DistributedDataParallel under torchrun, else the SAE
-    loss_fn = torch.compile(loss_terms) if cfg.compile else loss_terms
-    log = _Logger(cfg, out if main else None, total, step, progress and main)
+    loss_fn = torch.compile(step_terms) if cfg.compile else step_terms
+    log = _Logger(cfg, recipe, out if main else None, total, step, progress and main)
     ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size)
     dead_steps = max(1, cfg.dead_window // cfg.batch_size)
     warm_steps = round(LAMBDA_WARMUP * total)
@@ -319,26 +316,25 @@ def train_on_batches(
             g["lr"] = lr_at(step, total, cfg.lr)
         dead = since_fired >= cfg.dead_window
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            t = loss_fn(model, x, cfg, dead)
+            t = loss_fn(model, x, recipe, cfg, dead)
         lam_now = lam * penalty_warmup_at(step, total)
-        loss = total_loss(t, lam_now, cfg)
+        loss = total_loss(t, lam_now, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
         opt.step()
         t = distributed.reduce_metrics(t, x, sae.input_scale)  # under torchrun: the global batch's figures
         with torch.no_grad():
-            if cfg.penalty == "topk":  # Gao et al. 2024: unit-norm decoder rows
-                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+            recipe.step_end(sae)
             since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
             if cfg.target_l0 and step >= warm_steps:
                 lam = lam * (t["l0"].clamp_min(1e-3) / cfg.target_l0) ** L0_GAIN
             acc += torch.stack([torch.ones((), device=device), t["mse"].detach(), t["sse"], t["sst"], t["l0"],
-                                t.get(PENALTY_TERM[cfg.penalty], torch.zeros((), device=device)).detach(),
+                                t.get(recipe.term, torch.zeros((), device=device)).detach(),
                                 lam_now.detach(), (since_fired >= cfg.dead_window).float().mean()])  # fmt: skip
         step += 1
         batch_in_epoch += 1
-        if cfg.resample_dead and cfg.penalty != "topk" and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
+        if cfg.resample_dead and recipe.resamples and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
             resample_dead_latents(sae, opt, distributed.gather_rows(x), since_fired, cfg, step)
         if step % cfg.log_every == 0 or step == total:
             log.write(step, acc, opt.param_groups[0]["lr"])
@@ -421,8 +417,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 class _Logger:
     """metrics.jsonl, the tqdm bar and optionally wandb, fed every log_every steps."""
 
-    def __init__(self, cfg: TrainConfig, out: Path | None, total: int, step: int, progress: bool):
-        self.cfg, self.out, self.last = cfg, out, {}
+    def __init__(self, cfg: TrainConfig, recipe: recipes.Recipe, out: Path | None, total: int, step: int, progress: bool):
+        self.cfg, self.recipe, self.out, self.last = cfg, recipe, out, {}
         self.bar = tqdm(total=total, initial=step, unit="step", desc=f"train {cfg.penalty}", dynamic_ncols=True, disable=not progress)
         self.t0, self.step0 = time.perf_counter(), step
         self.run = None
@@ -444,13 +440,13 @@ class _Logger:
             "explained_variance": 1 - a["sse"] / max(a["sst"], 1e-12),
             "l0": a["l0"] / n,
             "dead_frac": a["dead_frac"] / n,
-            PENALTY_TERM[self.cfg.penalty]: a["penalty"] / n,
+            self.recipe.term: a["penalty"] / n,
             "lam": a["lam"] / n,
             "lr": lr,
             "tokens_per_s": (step - self.step0) * self.cfg.batch_size / max(now - self.t0, 1e-9),
         }
-        if self.cfg.penalty == "topk":
-            del m["lam"]  # TopK has no penalty coefficient
+        if self.recipe.coefficient() is None:
+            del m["lam"]  # no penalty coefficient (the top-k family)
         self.last = m
         if self.out is not None:
             with open(self.out / METRICS, "a") as f:
@@ -473,8 +469,7 @@ def sae_config_for(cfg: TrainConfig, d_in: int, model: str, hook: str, context_l
     return SAEConfig(
         d_in=d_in,
         d_sae=cfg.expansion * d_in,
-        activation="topk" if cfg.penalty == "topk" else "relu",
-        k=cfg.k if cfg.penalty == "topk" else None,
+        **recipes.get(cfg.penalty, cfg).sae_options(),
         model=model,
         hook=hook,
         context_length=context_length,

@@ -1,5 +1,5 @@
-"""The loss terms (loss.py): each against its definition, AuxK's reach, and the sparse TopK
-path against the dense one."""
+"""The step's loss terms (loss.py with recipes/): each against its definition, AuxK's reach, and
+the sparse path against the dense one for every recipe."""
 
 import math
 from dataclasses import replace
@@ -7,23 +7,35 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sae_lens_lite.loss import KL_TAU, loss_terms, sparse_terms, total_loss
+from sae_lens_lite import loss, recipes
+from sae_lens_lite.loss import _terms, total_loss, use_sparse
+from sae_lens_lite.recipes.kl import KL_TAU
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.train import TrainConfig
 
 
+def make(penalty, d_in=8, d_sae=32, **kw):
+    cfg = TrainConfig(penalty=penalty, **kw)
+    recipe = recipes.get(penalty, cfg)
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, **recipe.sae_options()))
+    recipe.init(sae)
+    return sae, recipe, cfg
+
+
+def terms(sae, x, recipe, cfg, dead, sparse=False):
+    return _terms(sae, x, recipe, cfg, dead, sparse)
+
+
 def test_loss_terms_match_their_definitions():
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=8, d_sae=32))
-    with torch.no_grad():
-        sae.W_dec.mul_(torch.rand(32, 1) * 3)
-        sae.input_scale.fill_(2.0)
     x = torch.randn(50, 8)
     dead = torch.zeros(32, dtype=torch.bool)
     for pen in ("l1", "kl"):
-        cfg = TrainConfig(penalty=pen, kl_rho=0.05)
+        sae, recipe, cfg = make(pen, kl_rho=0.05)
         with torch.no_grad():
-            t = loss_terms(sae, x, cfg, dead)
+            sae.W_dec.mul_(torch.rand(32, 1) * 3)
+            sae.input_scale.fill_(2.0)
+            t = terms(sae, x, recipe, cfg, dead)
             out = sae(x)
             err = (x - out.x_hat) * 2.0
         assert t["mse"] == pytest.approx(float((err**2).sum(1).mean()), rel=1e-5)
@@ -39,15 +51,56 @@ def test_loss_terms_match_their_definitions():
         assert ev == pytest.approx(1 - float((err**2).sum() / ((xs - xs.mean(0)) ** 2).sum()), rel=1e-5)
 
 
+def test_batchtopk_keeps_the_k_n_largest_of_the_batch_and_jumprelu_counts_l0():
+    """BatchTopK: exactly k·n entries, the batch's largest (so tokens differ in how many they get),
+    even when one token holds more than its candidates' share. JumpReLU's L0 term is the number of
+    pre-activations above their thresholds, per token."""
+    torch.manual_seed(0)
+    sae, recipe, cfg = make("batchtopk", k=2)
+    pre = torch.randn(10, 32)
+    pre[3] += 5.0  # token 3 holds all of the batch's largest values: more than 4·k candidates
+    rows, idx = recipe.entries(sae, pre)
+    assert len(rows) == 20 and int((rows == 3).sum()) == 20
+    want = set(pre.reshape(-1).topk(20).indices.tolist())
+    assert {int(r) * 32 + int(i) for r, i in zip(rows, idx)} == want
+    assert torch.equal(recipe.mask(sae, pre).nonzero(as_tuple=True)[1], idx.sort().values)  # one token: its latents
+
+    sae, recipe, cfg = make("jumprelu")
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(32))
+    x = torch.randn(40, 8)
+    t = terms(sae, x, recipe, cfg, torch.zeros(32, dtype=torch.bool))
+    with torch.no_grad():
+        pre = sae.pre_activation(x)
+    assert float(t["l0_ste"]) == pytest.approx(float((pre > sae.threshold).float().sum(1).mean()))
+    assert float(t["l0"]) == float(t["l0_ste"])
+
+
+def test_matryoshka_loss_is_the_mean_over_nested_prefixes():
+    from sae_lens_lite.recipes.matryoshka import prefixes
+
+    torch.manual_seed(0)
+    sae, recipe, cfg = make("matryoshka", d_sae=64, k=6)
+    assert prefixes(64) == [4, 8, 16, 32, 64]
+    x = torch.randn(30, 8)
+    with torch.no_grad():
+        t = terms(sae, x, recipe, cfg, torch.zeros(64, dtype=torch.bool))
+        f = torch.zeros(30, 64)
+        rows, idx = recipe.entries(sae, sae.pre_activation(x))
+        f[rows, idx] = sae.pre_activation(x)[rows, idx].relu()
+        mses = [float(((x - f[:, :m] @ sae.W_dec[:m] - sae.b_dec) ** 2).sum(1).mean()) for m in prefixes(64)]
+    assert float(t["mse"]) == pytest.approx(sum(mses) / len(mses), rel=1e-5)
+    assert mses[0] > mses[-1]
+
+
 def test_auxk_loss_reaches_only_dead_latents():
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=8, d_sae=32, activation="topk", k=2))
+    sae, recipe, cfg = make("topk", k=2)
     x = torch.randn(40, 8)
-    cfg = TrainConfig(penalty="topk", k=2)
-    assert float(loss_terms(sae, x, cfg, torch.zeros(32, dtype=torch.bool))["aux"].detach()) == 0.0
+    assert float(terms(sae, x, recipe, cfg, torch.zeros(32, dtype=torch.bool))["aux"].detach()) == 0.0
     dead = torch.zeros(32, dtype=torch.bool)
     dead[:5] = True
-    t = loss_terms(sae, x, cfg, dead)
+    t = terms(sae, x, recipe, cfg, dead)
     assert float(t["aux"].detach()) > 0
     sae.zero_grad()
     t["aux"].backward()
@@ -56,38 +109,40 @@ def test_auxk_loss_reaches_only_dead_latents():
 
 
 SPARSE_CASES = [  # (penalty, dead latents, sync_free); sync_free=True is the CUDA default, forced here on the CPU
-    ("topk", 0, False), ("topk", 5, False), ("topk", 0, True), ("topk", 5, True), ("l1", 0, None), ("kl", 0, None),
+    ("topk", 0, False), ("topk", 5, False), ("topk", 0, True), ("topk", 5, True), ("l1", 0, False), ("kl", 0, False),
+    ("batchtopk", 5, False), ("jumprelu", 0, False), ("matryoshka", 5, True),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("penalty,n_dead,sync_free", SPARSE_CASES)
-def test_sparse_path_equals_the_dense_one(penalty, n_dead, sync_free):
-    """forward_sparse (gather decoder, sparse encoder backward) gives the dense path's loss terms,
+def test_sparse_path_equals_the_dense_one(penalty, n_dead, sync_free, monkeypatch):
+    """The sparse path (gather decoder, sparse encoder backward) gives the dense path's loss terms,
     metrics and gradients for every parameter: the penalty's gradient included (λ = 0.7), AuxK with
-    either way of picking the dead latents."""
+    either way of picking the dead latents, JumpReLU's threshold gradient from the latents near it."""
+    monkeypatch.setattr(loss, "sync_free", lambda t: sync_free)
     torch.manual_seed(0)
-    topk = penalty == "topk"
-    sae = SAE(SAEConfig(d_in=16, d_sae=64, activation="topk" if topk else "relu", k=4 if topk else None))
+    sae, recipe, cfg = make(penalty, d_in=16, d_sae=64, k=4, kl_rho=0.05)
     with torch.no_grad():
-        sae.b_enc.normal_(mean=0.0 if topk else -0.8)  # ReLU: about a quarter of the latents active
+        sae.b_enc.normal_(mean=-0.8 if penalty in ("l1", "kl") else 0.0)  # ReLU: about a quarter of the latents active
         sae.b_dec.normal_()
         sae.input_scale.fill_(1.7)
+        if penalty == "jumprelu":
+            sae.threshold.uniform_(0.5, 1.5)
     x = torch.randn(48, 16)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64)[:n_dead]] = True
-    cfg = TrainConfig(penalty=penalty, k=4, kl_rho=0.05)
     got = {}
     for sparse in (False, True):
         sae.zero_grad()
-        t = sparse_terms(sae, x, cfg, dead, sync_free, max_density=1.0) if sparse else loss_terms(sae, x, replace(cfg, sparse=False), dead)
-        total_loss(t, torch.tensor(0.7), cfg).backward()
-        got[sparse] = t, {name: p.grad.clone() for name, p in sae.named_parameters()}
+        t = terms(sae, x, recipe, cfg, dead, sparse)
+        total_loss(t, torch.tensor(0.7), recipe).backward()
+        got[sparse] = t, {name: p.grad.clone() for name, p in sae.named_parameters() if p.requires_grad}
     (t_dense, g_dense), (t_sparse, g_sparse) = got[False], got[True]
-    if topk:
+    if recipe.aux:
         assert (float(t_dense["aux"].detach()) > 0) == (n_dead > 0)
-    else:
+    if penalty in ("l1", "kl"):
         assert 0.1 < float(t_dense["l0"]) / 64 < 0.5
-    for key in ("mse", {"topk": "aux"}.get(penalty, penalty), "l0", "sse", "sst"):
+    for key in ("mse", recipe.term, "l0", "sse", "sst"):
         assert float(t_sparse[key]) == pytest.approx(float(t_dense[key]), rel=1e-5, abs=1e-7), key
     assert torch.equal(t_sparse["fired"], t_dense["fired"])
     for name, g in g_dense.items():
@@ -96,18 +151,18 @@ def test_sparse_path_equals_the_dense_one(penalty, n_dead, sync_free):
 
 
 def test_relu_sparse_path_steps_aside_while_many_latents_are_active():
-    """Early in an L1 run most latents fire; above max_density the sparse path returns None and
-    loss_terms computes the dense terms instead."""
+    """Early in an L1 run most latents fire; then the dense path runs (the faster one there)."""
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=16, d_sae=64))
+    sae, recipe, cfg = make("l1", d_in=16, d_sae=64)
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        sae.b_enc.fill_(-3.0)  # almost nothing active
+    assert use_sparse(sae, x, recipe, cfg)
     with torch.no_grad():
         sae.b_enc.fill_(0.5)  # most pre-activations positive
-    x = torch.randn(32, 16)
-    dead = torch.zeros(64, dtype=torch.bool)
-    cfg = TrainConfig(penalty="l1")
-    assert sparse_terms(sae, x, cfg, dead, max_density=0.05) is None
-    t, t_dense = loss_terms(sae, x, cfg, dead), loss_terms(sae, x, replace(cfg, sparse=False), dead)
-    assert float(t["l0"]) > 0.05 * 64 and float(t["l1"]) == float(t_dense["l1"])
+    assert not use_sparse(sae, x, recipe, cfg)
+    assert not use_sparse(sae, x, recipe, replace(cfg, sparse=False))
+    assert use_sparse(*make("topk", d_in=16, d_sae=64)[:1], x, recipes.get("topk", cfg), cfg)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -115,13 +170,13 @@ def test_auxk_revives_latents_whose_pre_activations_are_all_negative(sparse):
     """A dead latent's pre-activation is often negative on every token; AuxK must still give its
     encoder a gradient (a ReLU on the aux values would make it exactly zero)."""
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=8, d_sae=32, activation="topk", k=2))
+    sae, recipe, cfg = make("topk", k=2)
     with torch.no_grad():
         sae.b_enc[:4] = -100.0  # latents 0-3: pre-activation far below 0 everywhere
     x = torch.randn(40, 8)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[:4] = True
-    t = loss_terms(sae, x, TrainConfig(penalty="topk", k=2, sparse=sparse), dead)
+    t = terms(sae, x, recipe, cfg, dead, sparse)
     sae.zero_grad()
     t["aux"].backward()
     assert (sae.W_enc.grad[:, :4].abs().sum(0) > 0).all()

@@ -1,0 +1,81 @@
+"""The recipe interface, with the defaults most recipes keep (a ReLU activation, no penalty,
+nothing at the end of a step). A recipe is made from the run's TrainConfig."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from ..sae import SAE
+
+if TYPE_CHECKING:
+    from ..loss import Latents
+    from ..train import TrainConfig
+
+
+class Recipe:
+    name = ""
+    activation = "relu"  # the SAE's inference activation (sae.ACTIVATIONS); fixes the export format
+    term = ""  # the loss term logged as the penalty; weighted by λ unless it is "aux"
+    fixed_count = False  # a known number of active latents per batch: the sparse path always pays
+    aux = False  # AuxK on dead latents (Gao et al. 2024)
+    unit_decoder = False  # decoder rows renormalised to unit norm after every step
+    resamples = False  # --resample-dead applies
+    dec_norm = 0.1  # initial decoder row norm
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def coefficient(self) -> float | None:
+        """The base coefficient λ of the penalty (None: none), which λ warm-up and --target-l0 act on."""
+        return None
+
+    def check(self) -> None:
+        """Raise UserError for settings the recipe cannot honour."""
+        if self.cfg.target_l0 and self.coefficient() is None:
+            raise UserError(f"--target-l0 adapts a penalty coefficient; {self.name} has none, set the L0 with --k")
+
+    def sae_options(self) -> dict:
+        """SAEConfig fields of the trained SAE (activation, k)."""
+        return {"activation": self.activation}
+
+    @torch.no_grad()
+    def init(self, sae: SAE) -> None:
+        """Recipe-specific initial state (thresholds), after the weights are initialised."""
+
+    # ---- choosing the latents (training) -----------------------------------------------------
+
+    def entry_floor(self, sae: SAE) -> Tensor | float:
+        """Pre-activations above this enter the computation (and the sparse path's density probe)."""
+        return 0.0
+
+    def mask(self, sae: SAE, pre: Tensor) -> Tensor:
+        """Which latents of pre [n, d_sae] enter the computation in training: bool [n, d_sae]."""
+        return pre > self.entry_floor(sae)
+
+    def entries(self, sae: SAE, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """mask() as entries (rows, idx) [nnz] in token order."""
+        return self.mask(sae, pre).nonzero(as_tuple=True)
+
+    def activate(self, sae: SAE, pre: Tensor, idx: Tensor | None) -> Tensor:
+        """The activation of what entered: pre [nnz] at latents idx, or dense [n, d_sae] (idx None)."""
+        return pre.relu()
+
+    # ---- the loss ----------------------------------------------------------------------------
+
+    def mse(self, sae: SAE, lat: Latents, err: Tensor) -> Tensor:
+        """The reconstruction term from err = (x − x̂)·s [n, d_in]: ‖x − x̂‖² per token, averaged."""
+        return err.pow(2).sum(-1).mean()
+
+    def penalty(self, sae: SAE, lat: Latents) -> dict[str, Tensor]:
+        """The sparsity term, named `term`."""
+        return {}
+
+    @torch.no_grad()
+    def step_end(self, sae: SAE) -> None:
+        """After the optimizer step: renormalise the decoder, update estimates."""
+        if self.unit_decoder:
+            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
