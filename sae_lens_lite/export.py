@@ -168,6 +168,12 @@ def firing_frequency(sae: SAE, features: dict[int, dict], acts: str | None, batc
 # ---- SAELens directory ----------------------------------------------------------------------
 
 
+# Our inference activation -> SAELens's architecture computing the same function (and back).
+# BatchTopK and Matryoshka SAEs are saved as jumprelu SAEs with one threshold, as SAELens saves them.
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+OUR_ACTIVATION = {v: k for k, v in SAELENS_ARCH.items()}
+
+
 def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
     """The cfg.json SAELens 6.x expects for our SAE (after input_scale has been folded)."""
     meta = dict(sae.cfg.meta.get("saelens_metadata") or {})  # kept from an import, if any
@@ -188,7 +194,7 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
     }
     meta.update({k: v for k, v in ours.items() if v is not None or k not in meta})
     cfg = {
-        "architecture": "topk" if sae.cfg.activation == "topk" else "standard",
+        "architecture": SAELENS_ARCH[sae.cfg.activation],
         "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True,  # we subtract b_dec before encoding
         "normalize_activations": "none",  # the input scale is folded into the weights instead
@@ -206,7 +212,10 @@ def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path |
     out.mkdir(parents=True, exist_ok=True)
     cfg = saelens_cfg(sae, source)
     f = sae.folded()
-    save_safetensors_atomic({"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / SAELENS_WEIGHTS)
+    weights = {"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}
+    if sae.cfg.activation == "jumprelu":
+        weights["threshold"] = f.threshold  # SAELens: f = relu(pre) · (pre > threshold)
+    save_safetensors_atomic(weights, out / SAELENS_WEIGHTS)
     if freq is not None:
         # SAELens stores log10 of the firing frequency, with the same 1e-10 floor for dead latents.
         save_safetensors_atomic({"sparsity": torch.log10(freq.float() + 1e-10)}, out / SAELENS_SPARSITY)
@@ -228,8 +237,8 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if arch == "standard" and act_fn == "topk" and k:  # pre-6 topk configs
         arch = "topk"
-    if arch not in ("standard", "topk") or (arch == "standard" and act_fn not in ("relu", None)):
-        raise UserError(f"SAELens architecture {arch!r} (activation {act_fn!r}) cannot be imported; we support standard (ReLU) and topk")
+    if arch not in SAELENS_ARCH.values() or (arch == "standard" and act_fn not in ("relu", None)):
+        raise UserError(f"SAELens architecture {arch!r} (activation {act_fn!r}) cannot be imported; we support standard (ReLU), topk and jumprelu")
     norm = cfg.get("normalize_activations", "none")
     # "expected_average_only_in" is a training-time scale that SAELens's inference SAE does not
     # apply either (it is folded into the weights at the end of training), so it maps to nothing.
@@ -237,7 +246,7 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
         raise UserError(f"SAELens normalize_activations={norm!r} is a per-input normalisation we cannot represent; only 'none' imports")
     if cfg.get("reshape_activations", "none") != "none":
         raise UserError(f"SAELens reshape_activations={cfg['reshape_activations']!r} (attention hook_z SAEs) cannot be imported")
-    missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(state)
+    missing = {"W_enc", "W_dec", "b_enc", "b_dec", *(["threshold"] if arch == "jumprelu" else [])} - set(state)
     if missing:
         raise UserError(f"the SAELens weights lack {', '.join(sorted(missing))}; is this a {arch} SAE?")
     scale = state.get("scaling_factor", state.get("finetuning_scaling_factor"))
@@ -256,13 +265,15 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
         n = W_dec.norm(dim=-1)  # [d_sae]
         W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
     sae = SAE(SAEConfig(
-        d_in=d_in, d_sae=d_sae, activation="topk" if arch == "topk" else "relu", k=int(k) if arch == "topk" else None,
+        d_in=d_in, d_sae=d_sae, activation=OUR_ACTIVATION[arch], k=int(k) if arch == "topk" else None,
         model=ours.get("model", meta.get("model_name")), hook=meta.get("hook_name"), context_length=meta.get("context_size"),
         meta={**(ours.get("meta") or {}), "imported_from": origin, "saelens_metadata": meta},
     ))  # fmt: skip
     with torch.no_grad():
         for name, t in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
             getattr(sae, name).copy_(t.float())
+        if arch == "jumprelu":  # the pre-activations are unchanged by the b_dec fold above
+            sae.threshold.copy_(state["threshold"].float())
     return sae
 
 

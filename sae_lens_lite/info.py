@@ -83,7 +83,7 @@ def _sae(p: Path) -> list[str]:
 
     sae = SAE.load(p)
     c, meta = sae.cfg, sae.cfg.meta
-    act = f"topk (k={c.k})" if c.activation == "topk" else "relu"
+    act = f"topk (k={c.k})" if c.activation == "topk" else c.activation
     lines = [f"SAE {p}: {act}, d_in {c.d_in} -> d_sae {c.d_sae:,} ({c.d_sae / c.d_in:g}x), input scale {float(sae.input_scale):.4g}",
              f"  {c.model} at {c.hook}, context {c.context_length}" + (f", corpus {meta['corpus']}" if meta.get("corpus") else "")]  # fmt: skip
     if meta.get("acts"):
@@ -93,7 +93,8 @@ def _sae(p: Path) -> list[str]:
         lines.append(f"  imported from {src.get('format')} {src.get('path') or src.get('release', '')} {src.get('sae_id') or ''}".rstrip())
     tc = meta.get("train_config") or {}
     if tc:
-        coef = {"l1": f"l1 {tc.get('l1')}", "kl": f"kl_beta {tc.get('kl_beta')}, kl_rho {tc.get('kl_rho')}", "topk": f"k {tc.get('k')}"}.get(tc.get("penalty"), "")
+        coef = {"l1": f"l1 {tc.get('l1')}", "kl": f"kl_beta {tc.get('kl_beta')}, kl_rho {tc.get('kl_rho')}", "jumprelu": f"l0_coef {tc.get('l0_coef')}"}.get(
+            tc.get("penalty"), f"k {tc.get('k')}")  # the top-k family
         target = f", target_l0 {tc['target_l0']}" if tc.get("target_l0") else ""
         trained = (meta.get("final_metrics") or {}).get("tokens")
         lines.append(f"  training: penalty {tc.get('penalty')} ({coef}{target}), lr {tc.get('lr')}, batch {tc.get('batch_size'):,}, "

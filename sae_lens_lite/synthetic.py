@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -60,6 +62,24 @@ def make_superposition(
     probs = (torch.arange(n_features) + 1.0) ** -power
     probs = (probs * true_l0 / probs.sum()).clamp(max=1.0)
     return Superposition(features, probs)
+
+
+def zipf_probs(n_features: int, p_max: float, p_min: float, true_l0: float) -> Tensor:
+    """Zipf-Mandelbrot firing probabilities p_i = p_max · ((1 + c) / (i + c))^a, i = 1..n, with a
+    set so that p_n = p_min and the offset c so that Σ p_i = true_l0 (bisection)."""
+    i = torch.arange(1, n_features + 1, dtype=torch.float64)
+
+    def probs(c: float) -> Tensor:
+        a = math.log(p_max / p_min) / math.log((n_features + c) / (1 + c))
+        return p_max * ((1 + c) / (i + c)) ** a
+
+    lo, hi = 0.0, 1e6
+    if not float(probs(lo).sum()) <= true_l0 <= float(probs(hi).sum()):
+        raise ValueError(f"no Zipf law from {p_max} to {p_min} over {n_features} features sums to {true_l0}")
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(probs(mid).sum()) < true_l0 else (lo, mid)
+    return probs(lo).float()
 
 
 # ---- scores ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CORPUS_TEXT, tiny_model, tiny_tokenizer
 
-from sae_lens_lite import distributed
+from sae_lens_lite import distributed, recipes
 from sae_lens_lite.cache import ActivationCache, CacheWriter
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.harvest import HarvestConfig, harvest
@@ -77,6 +77,9 @@ CASES = {  # each exercises the state that must stay equal across ranks
     "l1": dict(penalty="l1", target_l0=3.0, resample_dead=True, dead_window=640),  # λ adaptation, resampling
     "kl": dict(penalty="kl"),  # a penalty of the batch's mean firing rate
     "topk": dict(penalty="topk", k=4, dead_window=640),  # AuxK on dead latents
+    "batchtopk": dict(penalty="batchtopk", k=4, dead_window=640),  # the batch's top k·n over every rank, θ's estimate
+    "jumprelu": dict(penalty="jumprelu", target_l0=3.0),  # learned thresholds, λ adaptation
+    "matryoshka": dict(penalty="matryoshka", k=4, dead_window=640),  # nested prefixes
 }
 
 
@@ -91,7 +94,7 @@ def _ddp_train(tmp):
         cfg = case_config(name, tmp / f"ddp_{name}")
         # Rank r's share of each global batch: rows [r·B/N, (r+1)·B/N).
         mine = lambda e: (x[r * B // WORLD : (r + 1) * B // WORLD] for x in global_batches(acts, e))  # noqa: E731
-        sae = train_on_batches(SAEConfig(D, 4 * D, activation="topk" if name == "topk" else "relu", k=4 if name == "topk" else None), cfg, mine, cfg.tokens, out=tmp / f"ddp_{name}", progress=False)
+        sae = train_on_batches(SAEConfig(D, 4 * D, **recipes.get(name, cfg).sae_options()), cfg, mine, cfg.tokens, out=tmp / f"ddp_{name}", progress=False)
         torch.save(sae.state_dict(), tmp / f"{name}_rank{r}.pt")
 
 
@@ -100,18 +103,21 @@ def test_ddp_training_matches_a_single_process_on_the_same_global_batches(tmp_pa
     acts = synthetic_rows()
     for name in CASES:
         cfg = case_config(name, tmp_path / f"single_{name}")
-        single = train_on_batches(SAEConfig(D, 4 * D, activation="topk" if name == "topk" else "relu", k=4 if name == "topk" else None), cfg, lambda e: global_batches(acts, e), cfg.tokens, out=tmp_path / f"single_{name}", progress=False)
+        single = train_on_batches(SAEConfig(D, 4 * D, **recipes.get(name, cfg).sae_options()), cfg, lambda e: global_batches(acts, e), cfg.tokens, out=tmp_path / f"single_{name}", progress=False)
         ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for k, v in ranks[0].items():
             assert torch.equal(v, ranks[1][k]), f"{name}: ranks disagree on {k}"  # DDP keeps replicas identical
-            torch.testing.assert_close(v, single.state_dict()[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k} differs from one process")
+            # Matryoshka sums five reconstruction terms per step, in another order on each split;
+            # Adam's normalised steps carry that rounding into the small b_enc (measured: 3e-5).
+            atol = 1e-4 if name == "matryoshka" else 1e-5
+            torch.testing.assert_close(v, single.state_dict()[k], rtol=1e-4, atol=atol, msg=f"{name}: {k} differs from one process")
         saved = SAE.load(tmp_path / f"ddp_{name}")  # rank 0 wrote the SAE
         assert torch.equal(saved.W_dec, ranks[0]["W_dec"])
         lines = [json.loads(ln) for ln in (tmp_path / f"ddp_{name}" / "metrics.jsonl").read_text().splitlines()]
         ref = [json.loads(ln) for ln in (tmp_path / f"single_{name}" / "metrics.jsonl").read_text().splitlines()]
         assert len(lines) == len(ref) == 6  # written once, by rank 0
         for a, b in zip(lines, ref):
-            for k in ("mse", "explained_variance", "l0", "dead_frac") + (("lam",) if name != "topk" else ()):
+            for k in ("mse", "explained_variance", "l0", "dead_frac") + (("lam",) if "lam" in b else ()):
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), f"{name}: {k} at step {a['step']}"
 
 
@@ -215,6 +221,8 @@ def _sharded_sae(activation):
         full.b_enc.normal_(0, 0.1)
         full.b_dec.normal_()
         full.input_scale.fill_(1.7)
+        if activation == "jumprelu":
+            full.threshold.uniform_(0, 0.5)
     x = torch.randn(16, 8)
 
     def loss(out, W_dec, l1):  # mse + an L1 penalty weighted by decoder norms (a sum over latents)
@@ -245,7 +253,7 @@ def _sharded_sae(activation):
         assert back is None
 
 
-@pytest.mark.parametrize("activation", ["relu", "topk"])
+@pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu"])
 def test_latent_sharded_sae_forward_and_gradients_equal_the_unsharded_ones(activation):
     spawn(_sharded_sae, activation)
 

@@ -35,6 +35,8 @@ def make_sae(activation="relu", scale=0.37, seed=0):
         sae.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.1)
         sae.b_dec.copy_(torch.randn(D_IN, generator=g))
         sae.input_scale.fill_(scale)
+        if activation == "jumprelu":
+            sae.threshold.copy_(torch.rand(D_SAE, generator=g) * 0.3)
     return sae
 
 
@@ -50,12 +52,17 @@ def saelens_reference(cfg: dict, w: dict, x: torch.Tensor):
     if cfg["architecture"] == "topk":
         vals, idx = pre.topk(cfg["k"], dim=-1)
         f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    elif cfg["architecture"] == "jumprelu":
+        f = pre.relu() * (pre > w["threshold"])
     else:
         f = pre.relu()
     return f, f @ w["W_dec"] + w["b_dec"]
 
 
-@pytest.fixture(params=["relu", "topk"])
+ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}  # BatchTopK, Matryoshka: jumprelu
+
+
+@pytest.fixture(params=["relu", "topk", "jumprelu"])
 def saved_sae(request, tmp_path):
     sae = make_sae(request.param)
     sae.save(tmp_path / "sae")
@@ -69,7 +76,7 @@ def test_saelens_export_matches_saelens_math_and_declares_the_mapping(saved_sae,
     cfg = json.loads((out / "cfg.json").read_text())
     w = load_file(out / "sae_weights.safetensors")
     assert w["W_enc"].shape == (D_IN, D_SAE) and w["W_dec"].shape == (D_SAE, D_IN)
-    assert cfg["architecture"] == ("topk" if sae.cfg.activation == "topk" else "standard")
+    assert cfg["architecture"] == ARCH[sae.cfg.activation]
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D_IN, D_SAE, "float32")
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
     assert cfg.get("k") == (K if sae.cfg.activation == "topk" else None)
@@ -93,7 +100,7 @@ def test_round_trip_ours_saelens_ours_is_exact(saved_sae, tmp_path):
     out = export(ExportConfig(sae=str(path), format="saelens", out=str(tmp_path / "sl")))
     back = import_sae(out)
     folded = sae.folded()
-    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+    for name, _ in folded.named_parameters():
         assert torch.equal(getattr(back, name), getattr(folded, name)), name
     assert float(back.input_scale) == 1.0
     assert (back.cfg.activation, back.cfg.k) == (sae.cfg.activation, sae.cfg.k)
@@ -123,7 +130,7 @@ def test_real_saelens_loads_our_export_and_computes_the_same(saved_sae, tmp_path
     cache = _write_cache(tmp_path / "acts", inputs(300, seed=5))
     out = export(ExportConfig(sae=str(path), format="saelens", out=str(tmp_path / "sl"), acts=str(cache)))
     theirs = sae_lens.SAE.load_from_disk(str(out), device="cpu")
-    assert type(theirs).__name__ == ("TopKSAE" if sae.cfg.activation == "topk" else "StandardSAE")
+    assert type(theirs).__name__ == {"relu": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE"}[sae.cfg.activation]
     assert theirs.cfg.metadata.hook_name == sae.cfg.hook and theirs.cfg.metadata.context_size == 64
     x = inputs()
     f = sae.encode(x)

@@ -5,6 +5,7 @@ import torch
 
 from sae_lens_lite.cache import CacheWriter
 from sae_lens_lite.errors import UserError
+from sae_lens_lite import recipes
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.synthetic import make_superposition, mean_max_cosine
 from sae_lens_lite.train import (
@@ -20,8 +21,7 @@ from sae_lens_lite.train import (
 
 
 def small_sae_cfg(penalty: str, d_in: int = 64, d_sae: int = 512, k: int = 4) -> SAEConfig:
-    topk = penalty == "topk"
-    return SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk" if topk else "relu", k=k if topk else None)
+    return SAEConfig(d_in=d_in, d_sae=d_sae, **recipes.get(penalty, TrainConfig(penalty=penalty, k=k)).sae_options())
 
 
 def sample_l0(sae: SAE, x: torch.Tensor) -> float:
@@ -79,6 +79,9 @@ RECOVERY = {  # penalty -> (settings, tokens); 256 features in 64 dims, each fir
     "l1": (dict(l1=1.0), 300_000),
     "kl": (dict(kl_rho=0.005), 600_000),
     "topk": (dict(k=4), 300_000),
+    "batchtopk": (dict(k=4), 300_000),
+    "jumprelu": (dict(target_l0=4.0), 300_000),
+    "matryoshka": (dict(k=4), 300_000),
 }
 
 
@@ -121,11 +124,20 @@ def interrupting(factory, after: int):
     return wrapped
 
 
-@pytest.mark.parametrize("penalty", ["l1", "topk"])
+RESUME = {  # each with the state a resume must restore: λ, resampling, dead counters, thresholds
+    "l1": dict(resample_dead=True, target_l0=3.0),
+    "topk": dict(k=3),
+    "batchtopk": dict(k=3),
+    "jumprelu": dict(target_l0=3.0),
+    "matryoshka": dict(k=3),
+}
+
+
+@pytest.mark.parametrize("penalty", list(RESUME))
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
     factory = data.batches(256, 16 * 256, seed=1)  # 16 batches per epoch; 60 steps = ~4 epochs
-    extra = dict(resample_dead=True, target_l0=3.0) if penalty == "l1" else dict(k=3)
+    extra = RESUME[penalty]
     cfg = TrainConfig(penalty=penalty, batch_size=256, checkpoint_every=10 * 256, dead_window=5 * 256, log_every=7, precision="float32", **extra)
     sae_cfg = small_sae_cfg(penalty, d_in=16, d_sae=64, k=3)
     ref = train_on_batches(sae_cfg, cfg, factory, 60 * 256, out=tmp_path / "a", progress=False)
