@@ -1,7 +1,9 @@
-"""Ours against SAELens on the same activations: speed and quality, TopK and ReLU + L1, one run.
+"""Ours against SAELens on the same activations: speed and quality, for each training recipe both
+have (TopK, ReLU + L1, BatchTopK, JumpReLU, Matryoshka BatchTopK), one run.
 
-    python scripts/bench_peer.py          # CPU defaults: SmolLM2 layer 6, 8x, 409,600 tokens per SAE
+    python scripts/bench_peer.py          # CPU defaults: SmolLM2 layer 6, 8x, 409,600 tokens per SAE, TopK and L1
     python scripts/bench_peer.py --ce     # + CE loss recovered and KL on held-out WikiText-2 (a few minutes more)
+    python scripts/bench_peer.py --penalties batchtopk jumprelu matryoshka   # the other recipes
     python scripts/bench_peer.py --acts runs/frontier/acts --expansion 16 --tokens 5000000 \\
         --penalties topk --k 32 48 64 --ce                        # the 16x frontier against SAELens (hours on a CPU)
     python scripts/bench_peer.py --device cuda --expansion 64 --tokens 50000000   # on a GPU
@@ -9,28 +11,47 @@
 One activation cache (SmolLM2-135M `blocks.6.hook_resid_post`, harvested with our harvest from
 every shared corpus except wikitext2-test.txt, or `--acts DIR`) is loaded into memory once; both
 trainers read the same fp32 batches in the same order from it:
-  - SAELens: its own `SAETrainer` with its `TopKTrainingSAE` / `StandardTrainingSAE` (sae-lens 6.x,
+  - SAELens: its own `SAETrainer` with its `TopKTrainingSAE` / `StandardTrainingSAE` /
+    `BatchTopKTrainingSAE` / `JumpReLUTrainingSAE` / `MatryoshkaBatchTopKTrainingSAE` (sae-lens 6.x,
     the `saelens` extra), fed through its DataProvider interface (an iterator of batches), no
     TransformerLens model. Its defaults for the device: float32 weights, no autocast, plain Adam.
   - ours: `train_on_batches` with its defaults for the device (bf16 autocast on CPUs with
-    AVX512-BF16/AMX and on GPUs, sparse kernels), and the same again forced to float32.
+    AVX512-BF16/AMX and on GPUs, sparse kernels), and the same again forced to float32; the SAE's
+    activation is the recipe's (recipes.get(penalty).sae_options()).
 Same SAE size, batch, peak learning rate and token budget; both with the Anthropic (April 2024)
 recipe as far as SAELens has it: inputs scaled so E‖x‖ = √d_in (SAELens:
 normalize_activations="expected_average_only_in", folded into the weights at the end), MSE summed
 over d_in, L1 = λ Σ f_i ‖W_dec,i‖ (the same λ then means the same in both), λ warmed up over the
 first 5% of steps, the lr warmed up over 1% and decayed to 0 over the last 20% (SAELens: its
-lr_warm_up_steps, lr_decay_steps, l1_warm_up_steps), gradient clipping at 1. What stays each
-trainer's own: initialisation (SAELens: b_dec = 0; ours: b_dec at the data mean), SAELens's TopK
-scoring pre-activations by decoder norm and its AuxK weight 1 (ours: unit-norm decoder, AuxK 1/32).
+lr_warm_up_steps, lr_decay_steps, l1_warm_up_steps / l0_warm_up_steps), gradient clipping at 1.
+What stays each trainer's own: initialisation (SAELens: b_dec = 0; ours: b_dec at the data mean),
+SAELens's TopK scoring pre-activations by decoder norm and its AuxK weight 1 (ours: unit-norm
+decoder, AuxK 1/32). Per recipe:
+  - BatchTopK: both keep the k·n largest activations of a batch of n and estimate one threshold as
+    a running mean (rate 0.01) of the smallest kept one, which the saved SAE (a JumpReLU) uses.
+    SAELens's TopK differences above apply.
+  - Matryoshka: BatchTopK with the same nested prefixes (matryoshka_widths = our
+    recipes.matryoshka.prefixes(d_sae): d_sae/16, ..., d_sae). Stays its own: SAELens adds the
+    prefix losses to the full MSE (ours averages them: the same directions, another weight
+    against AuxK); its AuxK covers the whole dictionary (use_matryoshka_aux_loss off), like ours.
+  - JumpReLU: both with DeepMind's L0 term λ·mean Σ_j H(z_j − θ_j) (jumprelu_sparsity_loss_mode
+    "step", the straight-through gradient to θ only), our kernel width ε and initial θ
+    (jumprelu.BANDWIDTH, INIT_THRESHOLD) and so our initial decoder norm 1 (decoder_init_norm;
+    W_enc = W_dec.T in both, so θ and ε start in the same units). Stays its own: SAELens's
+    decoder rows are free after the start (ours: renormalised to unit norm after every step).
 
-L0: TopK sets it (k). For L1 our λ is adapted (`target_l0`) to the L0 SAELens reaches with the
-same λ, so the two are compared at the same L0.
+L0: TopK sets it (k). BatchTopK and Matryoshka train at a mean L0 of k (the same k for both); the
+saved SAE runs on the one estimated threshold, so its L0 is only near k. For L1 (--l1) and JumpReLU
+(--l0-coef) our λ is adapted (`target_l0`) to the L0 SAELens reaches with the same λ, so the two are
+compared at the same L0. JumpReLU's thresholds move by about lr per step, so in short runs ours
+may settle below that L0 (its λ keeps rising while the thresholds catch up): read the L0 column.
 
 Scored the same way for both, after SAELens's SAE is saved by SAELens and read back through our
-import (export.import_sae): explained variance, L0 and latents that never fire, on activations of
-held-out WikiText-2 test; with --ce, CE loss recovered and KL(clean ‖ spliced) by our evaluate on
-held-out WikiText-2 text. tokens/s is end to end per trainer call (initialisation included), and
-only ratios within one run mean anything on a shared machine.
+import (export.import_sae; BatchTopK and Matryoshka are saved as JumpReLU SAEs): explained
+variance, L0 and latents that never fire, on activations of held-out WikiText-2 test; with --ce,
+CE loss recovered and KL(clean ‖ spliced) by our evaluate on held-out WikiText-2 text. tokens/s is
+end to end per trainer call (initialisation included), and only ratios within one run mean
+anything on a shared machine.
 """
 
 from __future__ import annotations
@@ -52,11 +73,16 @@ from sae_lens_lite.cache import ActivationCache
 from sae_lens_lite.evaluate import ReconStats, SparsityStats
 from sae_lens_lite.export import import_sae
 from sae_lens_lite.harvest import resolve_device
+from sae_lens_lite import recipes
+from sae_lens_lite.recipes import jumprelu, matryoshka
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.train import LAMBDA_WARMUP, LR_DECAY, LR_WARMUP, INIT_TOKENS, TrainConfig, autocast_dtype, train_on_batches
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HELDOUT = "wikitext2-test.txt"
+PENALTIES = ["topk", "l1", "batchtopk", "jumprelu", "matryoshka"]  # the recipes SAELens also trains
+K_SET = ("topk", "batchtopk", "matryoshka")  # k sets the (mean) L0
+STEERED = {"l1": "l1", "jumprelu": "l0_coef"}  # ours's λ is steered to SAELens's L0; the Setup field of the λ
 
 
 @dataclass
@@ -67,9 +93,10 @@ class Setup:
     batch: int
     lr: float
     tokens: int
-    penalty: str  # "topk" or "l1"
-    k: int = 32
+    penalty: str  # one of PENALTIES
+    k: int = 32  # topk: per token; batchtopk, matryoshka: the batch's mean
     l1: float = 1.0
+    l0_coef: float = 1.0  # jumprelu's λ
     seed: int = 0
     device: str = "cpu"
 
@@ -98,6 +125,9 @@ def train_saelens(acts: Tensor, s: Setup):
     try:
         from sae_lens import SAETrainer
         from sae_lens.config import SAETrainerConfig
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+        from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+        from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
         from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     except ImportError:
@@ -106,11 +136,27 @@ def train_saelens(acts: Tensor, s: Setup):
     steps = s.tokens // s.batch
     d_in = acts.shape[1]
     common = dict(d_in=d_in, d_sae=s.d_sae, device=s.device, normalize_activations="expected_average_only_in")
+    warm = round(LAMBDA_WARMUP * steps)
+    # Its options for each recipe; what is not named keeps SAELens's default.
+    options = {
+        "topk": dict(k=s.k),
+        "l1": dict(l1_coefficient=s.l1, l1_warm_up_steps=warm),
+        "batchtopk": dict(k=s.k),
+        "matryoshka": dict(k=s.k, matryoshka_widths=matryoshka.prefixes(s.d_sae)),
+        # Ours's threshold start and kernel width, in the units of pre-activations of unit-norm
+        # decoder rows (W_enc = W_dec.T at the start in both): so the decoder starts at norm 1 too.
+        "jumprelu": dict(l0_coefficient=s.l0_coef, l0_warm_up_steps=warm, jumprelu_bandwidth=jumprelu.BANDWIDTH,
+                         jumprelu_init_threshold=jumprelu.INIT_THRESHOLD, decoder_init_norm=recipes.RECIPES["jumprelu"].dec_norm),
+    }[s.penalty]  # fmt: skip
+    make, make_cfg = {
+        "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
+        "l1": (StandardTrainingSAE, StandardTrainingSAEConfig),
+        "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+        "matryoshka": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig),
+        "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig),
+    }[s.penalty]
     torch.manual_seed(s.seed)  # SAELens initialises from the global generator
-    if s.penalty == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=s.k, **common))
-    else:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=s.l1, l1_warm_up_steps=round(LAMBDA_WARMUP * steps), **common))
+    sae = make(make_cfg(**options, **common))
     cfg = SAETrainerConfig(
         total_training_samples=steps * s.batch, train_batch_size_samples=s.batch, lr=s.lr, device=s.device,
         lr_end=s.lr / 10,  # what its runner config sets; the "constant" schedule ignores it
@@ -133,20 +179,25 @@ def train_saelens(acts: Tensor, s: Setup):
     seconds = time.perf_counter() - t
     settings = {"dtype": sae.cfg.dtype, "autocast": cfg.autocast, "optimizer": "torch.optim.Adam (not fused)",
                 "normalize_activations": "expected_average_only_in (folded into the weights after training)",
-                "init": "b_dec = 0, W_dec rows at norm 0.1, W_enc = W_dec.T"}  # fmt: skip
-    if s.penalty == "topk":
-        settings.update(rescale_acts_by_decoder_norm=True, aux_loss_coefficient=1.0, dead_feature_window_steps=cfg.dead_feature_window)
-    else:
-        settings.update(l1_coefficient=s.l1, l1_warm_up_steps=round(LAMBDA_WARMUP * steps))
+                "init": f"b_dec = 0, W_dec rows at norm {sae.cfg.decoder_init_norm}, W_enc = W_dec.T", **options}  # fmt: skip
+    if s.penalty in K_SET:
+        settings.update(rescale_acts_by_decoder_norm=sae.cfg.rescale_acts_by_decoder_norm, aux_loss_coefficient=sae.cfg.aux_loss_coefficient,
+                        dead_feature_window_steps=cfg.dead_feature_window)  # fmt: skip
+    if s.penalty in ("batchtopk", "matryoshka"):
+        settings.update(topk_threshold_lr=sae.cfg.topk_threshold_lr)
+    if s.penalty == "matryoshka":
+        settings.update(use_matryoshka_aux_loss=sae.cfg.use_matryoshka_aux_loss)
+    if s.penalty == "jumprelu":
+        settings.update(jumprelu_sparsity_loss_mode=sae.cfg.jumprelu_sparsity_loss_mode, jumprelu_ste_to_input=sae.cfg.jumprelu_ste_to_input)
     return sae, seconds, settings
 
 
 def train_ours(acts: Tensor, s: Setup, precision: str, target_l0: float = 0.0) -> tuple[SAE, float]:
     """train_on_batches on acts [n, d_in]; returns (the SAE, seconds)."""
     d_in = acts.shape[1]
-    cfg = TrainConfig(penalty=s.penalty, expansion=s.d_sae // d_in, k=s.k, l1=s.l1, target_l0=target_l0, lr=s.lr,
+    cfg = TrainConfig(penalty=s.penalty, expansion=s.d_sae // d_in, k=s.k, l1=s.l1, l0_coef=s.l0_coef, target_l0=target_l0, lr=s.lr,
                       batch_size=s.batch, tokens=s.tokens, seed=s.seed, device=s.device, precision=precision)  # fmt: skip
-    sae_cfg = SAEConfig(d_in=d_in, d_sae=s.d_sae, activation="topk" if s.penalty == "topk" else "relu", k=s.k if s.penalty == "topk" else None)
+    sae_cfg = SAEConfig(d_in=d_in, d_sae=s.d_sae, **recipes.get(s.penalty, cfg).sae_options())
     sync(s.device)
     t = time.perf_counter()
     sae = train_on_batches(sae_cfg, cfg, epoch_batches(acts, s.batch, s.seed), s.tokens, progress=False)
@@ -159,6 +210,17 @@ def through_our_import(saelens_sae, out: Path) -> SAE:
     shutil.rmtree(out, ignore_errors=True)
     saelens_sae.save_inference_model(str(out))
     return import_sae(out)
+
+
+def saelens_reference(saelens_sae, penalty: str, out: Path):
+    """What SAELens itself computes with its trained SAE at inference: the SAE, or for batchtopk and
+    matryoshka (whose training forward keeps the batch's k·n largest) the JumpReLU with one
+    threshold it saved to `out`, read back by SAELens."""
+    if penalty not in ("batchtopk", "matryoshka"):
+        return saelens_sae
+    from sae_lens import SAE as SAELensSAE
+
+    return SAELensSAE.load_from_disk(str(out), device=str(saelens_sae.W_enc.device))
 
 
 @torch.no_grad()
@@ -185,19 +247,20 @@ def score(sae: SAE, x: Tensor) -> dict:
 def compare(acts: Tensor, heldout: Tensor, s: Setup, work: Path, fp32: bool = True) -> tuple[list[dict], dict[str, SAE]]:
     """Train SAELens and ours (default precision, and float32 if fp32) on acts [n, d_in] under setup s;
     score each on heldout [m, d_in]. Returns (rows, {name: our-format SAE})."""
-    label = f"topk k={s.k}" if s.penalty == "topk" else "l1"
+    label = f"{s.penalty} k={s.k}" if s.penalty in K_SET else s.penalty
     print(f"--- {label}: SAELens", flush=True)
     lens, seconds, settings = train_saelens(acts, s)
-    imported = through_our_import(lens, work / f"{s.penalty}_{s.k}_saelens_dir")
-    err = check_import(lens, imported, heldout[:512])
+    saved = work / f"{s.penalty}_{s.k}_saelens_dir"
+    imported = through_our_import(lens, saved)
+    err = check_import(saelens_reference(lens, s.penalty, saved), imported, heldout[:512])
     if err > 1e-3:
         raise RuntimeError(f"SAELens's SAE read back through our import reconstructs differently (relative error {err:.2g})")
     steps = s.tokens // s.batch
     rows = [{"penalty": label, "trainer": "SAELens", "precision": "float32" if settings["autocast"] is False else "bf16 autocast",
              "tok_s": steps * s.batch / seconds, "settings": settings, **score(imported, heldout)}]  # fmt: skip
     saes = {"SAELens": imported}
-    # L1: our λ is steered to the L0 SAELens reached on the training activations, so EV and KL compare at one L0.
-    target = score(imported, acts[: min(len(acts), 16384)].float())["l0"] if s.penalty == "l1" else 0.0
+    # L1, JumpReLU: our λ is steered to the L0 SAELens reached on the training activations, so EV and KL compare at one L0.
+    target = score(imported, acts[: min(len(acts), 16384)].float())["l0"] if s.penalty in STEERED else 0.0
     amp = autocast_dtype("auto", torch.device(s.device))
     runs = [("ours", "auto")] + ([("ours fp32", "float32")] if fp32 and amp is not None else [])
     for name, precision in runs:
@@ -205,7 +268,8 @@ def compare(acts: Tensor, heldout: Tensor, s: Setup, work: Path, fp32: bool = Tr
         sae, seconds = train_ours(acts, s, precision, target)
         settings = {"precision": precision, "sparse": True}
         if target:
-            settings.update(l1_start=s.l1, target_l0=round(target, 2), l1_final=round(sae.cfg.meta["final_metrics"]["lam"], 4))
+            coef = STEERED[s.penalty]
+            settings.update({f"{coef}_start": getattr(s, coef), "target_l0": round(target, 2), f"{coef}_final": round(sae.cfg.meta["final_metrics"]["lam"], 4)})
         prec = "float32" if precision == "float32" or amp is None else "bf16 autocast"
         rows.append({"penalty": label, "trainer": name, "precision": prec, "tok_s": steps * s.batch / seconds, "settings": settings, **score(sae, heldout)})
         saes[name] = sae
@@ -285,9 +349,11 @@ def main():
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tokens", type=int, default=409_600, help="training tokens per SAE, the same for both trainers")
-    p.add_argument("--penalties", nargs="+", default=["topk", "l1"], choices=["topk", "l1"])
-    p.add_argument("--k", type=int, nargs="+", default=[32], help="TopK: latents per token; several give one comparison each (the frontier)")
+    p.add_argument("--penalties", nargs="+", default=["topk", "l1"], choices=PENALTIES)
+    p.add_argument("--k", type=int, nargs="+", default=[32],
+                   help="TopK: latents per token; BatchTopK, Matryoshka: their mean; several give one comparison each (the frontier)")
     p.add_argument("--l1", type=float, default=1.0, help="L1: λ for SAELens, and ours's starting λ (then steered to SAELens's L0)")
+    p.add_argument("--l0-coef", type=float, default=1.0, help="JumpReLU: λ of the L0 penalty for SAELens (1: its default and ours), and ours's starting λ (then steered to SAELens's L0)")
     p.add_argument("--no-fp32", action="store_true", help="skip the run of ours forced to float32")
     p.add_argument("--ce", action="store_true", help="also CE loss recovered and KL by our evaluate on held-out WikiText-2")
     p.add_argument("--eval-tokens", type=int, default=4096, help="WikiText-2 test tokens for --ce")
@@ -316,8 +382,9 @@ def main():
         lm = load_model(cache.manifest["model"], device)
     rows = []
     for penalty in args.penalties:
-        for k in args.k if penalty == "topk" else [args.k[0]]:
-            s = Setup(d_sae=args.expansion * d_in, batch=args.batch, lr=args.lr, tokens=args.tokens, penalty=penalty, k=k, l1=args.l1, device=device)
+        for k in args.k if penalty in K_SET else [args.k[0]]:
+            s = Setup(d_sae=args.expansion * d_in, batch=args.batch, lr=args.lr, tokens=args.tokens, penalty=penalty, k=k, l1=args.l1,
+                      l0_coef=args.l0_coef, device=device)  # fmt: skip
             r, saes = compare(acts, heldout, s, out / "saes", fp32=not args.no_fp32)
             if args.ce:
                 add_ce(r, saes, cache.manifest, acts_dir, out / "saes", args.eval_tokens, lm, device)
