@@ -273,7 +273,8 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
         for name, t in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
             getattr(sae, name).copy_(t.float())
         if arch == "jumprelu":  # the pre-activations are unchanged by the b_dec fold above
-            sae.threshold.copy_(state["threshold"].float())
+            # SAELens computes relu(pre)·(pre > θ): a θ below 0 acts as 0 (ours: pre·(pre > θ)).
+            sae.threshold.copy_(state["threshold"].float().clamp_min(0))
     return sae
 
 

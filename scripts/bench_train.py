@@ -3,6 +3,7 @@
     python scripts/bench_train.py                      # CPU defaults: d_in 128, 2048 latents
     python scripts/bench_train.py --d-in 768 --d-sae 24576 --batch 8192   # on a GPU
     python scripts/bench_train.py --penalty topk --k 32                    # TopK: sparse vs dense path
+    python scripts/bench_train.py --penalty batchtopk --d-in 576 --d-sae 4608   # any recipe
 
 In one run, tokens/s for
   - limit:  the matmul peak (one big square product, in the dtype our trainer multiplies in)
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from sae_lens_lite.cache import ActivationCache, CacheWriter
+from sae_lens_lite.recipes import RECIPES
 from sae_lens_lite.synthetic import make_superposition
 from sae_lens_lite.train import TrainConfig, autocast_dtype, resolve_device, train
 
@@ -91,9 +93,10 @@ def naive_tokens_per_s(acts: torch.Tensor, d_sae: int, batch: int, steps: int, d
     return steps * batch / (time.perf_counter() - t)
 
 
-def ours_tokens_per_s(cache: Path, out: Path, d_in: int, d_sae: int, batch: int, tokens: int, device, precision: str, compile: bool, k: int = 0, sparse: bool = True) -> float:
+def ours_tokens_per_s(cache: Path, out: Path, d_in: int, d_sae: int, batch: int, tokens: int, device, precision: str, compile: bool,
+                      penalty: str = "l1", k: int = 0, sparse: bool = True) -> float:  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
-    penalty = dict(penalty="topk", k=k) if k else {}
+    penalty = dict(penalty=penalty, k=k) if k else dict(penalty=penalty, target_l0=20.0 if penalty == "jumprelu" else 0.0)
     cfg = TrainConfig(acts=str(cache), out=str(out), expansion=d_sae // d_in, batch_size=batch, tokens=tokens, device=str(device),
                       precision=precision, compile=compile, sparse=sparse, log_every=50, **penalty)  # fmt: skip
     sync(device)
@@ -119,8 +122,8 @@ def main():
     ap.add_argument("--d-in", type=int, default=128)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--penalty", choices=["l1", "topk"], default="l1", help="the SAE trained by every contestant")
-    ap.add_argument("--k", type=int, default=32, help="latents kept per token with --penalty topk")
+    ap.add_argument("--penalty", choices=list(RECIPES), default="l1", help="our recipe; naive trains TopK for the top-k family, else L1")
+    ap.add_argument("--k", type=int, default=32, help="latents kept per token for the top-k family (topk, batchtopk, matryoshka)")
     ap.add_argument("--tokens", type=int, default=0, help="tokens per trainer run (default: 1M on CPU, 50M on GPU)")
     ap.add_argument("--naive-steps", type=int, default=0, help="default: 30 on CPU, 300 on GPU")
     ap.add_argument("--repeats", type=int, default=2)
@@ -131,7 +134,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    k = args.k if args.penalty == "topk" else 0
+    k = args.k if RECIPES[args.penalty].fixed_count else 0
     gpu = device.type == "cuda"
     tokens = args.tokens or (50_000_000 if gpu else 1_000_000)
     naive_steps = args.naive_steps or (300 if gpu else 30)
@@ -156,7 +159,7 @@ def main():
             runs["ours_compiled"] = []
         for _ in range(args.repeats):
             runs["naive"].append(naive_tokens_per_s(acts, args.d_sae, args.batch, naive_steps, device, k))
-            ours = partial(ours_tokens_per_s, cache, Path(tmp) / "sae", args.d_in, args.d_sae, args.batch, tokens, device, k=k)
+            ours = partial(ours_tokens_per_s, cache, Path(tmp) / "sae", args.d_in, args.d_sae, args.batch, tokens, device, penalty=args.penalty, k=k)
             runs["ours"].append(ours("auto", False))
             if amp is not None:
                 runs["ours_fp32"].append(ours("float32", False))

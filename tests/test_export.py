@@ -189,6 +189,17 @@ def test_import_saelens_variants_without_the_package(tmp_path):
         assert (ours(x).x_hat - x_hat).abs().max() <= 1e-4, name
     assert (ours.cfg.hook, ours.cfg.model, ours.cfg.context_length) == ("blocks.1.hook_resid_pre", "gpt2", 128)
 
+    # jumprelu, some thresholds below 0: SAELens's relu(pre)·(pre > θ) treats those as 0.
+    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": True, "normalize_activations": "none"}
+    wj = {**w, "threshold": torch.rand(D_SAE, generator=g) - 0.5}
+    (tmp_path / "jump").mkdir()
+    (tmp_path / "jump" / "cfg.json").write_text(json.dumps(cfg))
+    save_file(wj, str(tmp_path / "jump" / "sae_weights.safetensors"))
+    ours = import_sae(tmp_path / "jump")
+    f, x_hat = saelens_reference(cfg, wj, x)
+    assert ours.cfg.activation == "jumprelu" and bool((wj["threshold"] < 0).any())
+    assert (ours.encode(x) - f).abs().max() <= 1e-4 and (ours(x).x_hat - x_hat).abs().max() <= 1e-4
+
     for bad, msg in (({"architecture": "jumprelu"}, "jumprelu"), ({"architecture": "standard", "normalize_activations": "layer_norm"}, "layer_norm")):
         (tmp_path / "bad").mkdir(exist_ok=True)
         (tmp_path / "bad" / "cfg.json").write_text(json.dumps({"d_in": D_IN, "d_sae": D_SAE, **bad}))

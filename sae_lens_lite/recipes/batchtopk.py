@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import distributed
 from .topk import TopK
 
-THRESHOLD_RATE = 0.01  # θ ← θ + rate · (this batch's smallest kept activation − θ)
+THRESHOLD_RATE = 0.01  # θ ← θ + rate · (this batch's smallest kept activation − θ), from the first batch's
 CANDIDATES = 4  # each token offers its CANDIDATES·k largest pre-activations to the batch's top k·n
 
 
@@ -57,4 +57,6 @@ class BatchTopK(TopK):
     @torch.no_grad()
     def step_end(self, sae):
         super().step_end(sae)
-        sae.threshold.lerp_(self.batch_threshold.expand_as(sae.threshold), THRESHOLD_RATE)
+        # θ starts at the first batch's cut (θ = 0 until then): a mean from 0 would stay low for ~1/rate steps.
+        first = sae.threshold == 0
+        sae.threshold.copy_(torch.where(first, self.batch_threshold, sae.threshold.lerp(self.batch_threshold.expand_as(sae.threshold), THRESHOLD_RATE)))
