@@ -29,9 +29,9 @@ from .cache import ActivationCache
 from .config import check_memory, check_numbers
 from .errors import UserError
 from .fsutil import prepare_out_dir, write_text_atomic
-from .harvest import resolve_device
 from .models import LoadedModel, generate, hook_point, load_model
 from .outputs import existing, fingerprint, finish, settings_of
+from .runtime import resolve_device
 from .sae import SAE
 
 FORMAT = "sae_lens_lite.features"
@@ -622,8 +622,8 @@ def _steer_samples(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | No
     (strength steer_times x its max activation), at the positions the SAE reads: what
     `sae-lite steer --mode add` does (tests/test_intervene.py checks that they agree). Adds a
     "steer" entry to those features; returns the shared settings and the unsteered text."""
+    from .corpus import special_token_ids
     from .evaluate import evaluated_positions
-    from .harvest import special_token_ids
 
     hook = sae.cfg.hook or hook
     if not hook:
@@ -631,7 +631,7 @@ def _steer_samples(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | No
     hook_point(lm.model, hook)
     dev = next(lm.model.parameters()).device
     prompt = lm.tokenizer(cfg.steer_prompt, return_tensors="pt")["input_ids"].to(dev)  # [1, T]
-    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
+    special = special_token_ids(lm.tokenizer)
     drop_first = int((sae.cfg.meta.get("filters") or {}).get("drop_first", 0))
 
     def add(delta: Tensor):  # delta [d_model]: sae is folded, so W_dec rows are in activation units

@@ -9,12 +9,15 @@ A cache is a directory (format spec: docs/formats.md):
 Shards hold a fixed number of contexts, so an interrupted harvest resumes after the last shard
 the manifest lists and produces byte-identical shards. A shard file is written to a temporary
 name and renamed, and only then entered in the manifest (itself written atomically); a cache is
-complete only once its manifest says so. Writers and readers of the format both live here.
+complete only once its manifest says so. Writers and readers of the format both live here,
+including the writer of a harvest spread over torchrun ranks (ShardedCacheWriter: each rank
+writes its own shards, rank 0 keeps the manifest).
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,17 +25,18 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import UserError
 from .fsutil import mode_from_umask, sha256_file, write_json_atomic
+from .runtime import DTYPES, barrier, broadcast_object, is_main, world_size
 
 FORMAT = "sae_lens_lite.activations"
 VERSION = 1
 MANIFEST = "manifest.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a cache was made from. A writer refuses to resume into a cache whose provenance differs.
 PROVENANCE_KEYS = (
     "model", "weights_hash", "hook", "corpus", "tokenizer", "dtype", "context_length",
@@ -141,7 +145,7 @@ def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor
                 nonfinite_rows: int = 0) -> dict:  # fmt: skip
     """Write shard `index` of the cache at `path` (temporary name, fsync, rename) and return its
     manifest entry. Separate from CacheWriter so that ranks of a sharded harvest can each write
-    their own shards while one process keeps the manifest (distributed.ShardedCacheWriter)."""
+    their own shards while one process keeps the manifest (ShardedCacheWriter)."""
     name = shard_name(index)
     tmp = path / (name + ".tmp")
     tensors = {
@@ -160,6 +164,59 @@ def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor
         raise UserError(f"could not write {tmp}: {e.strerror}; free some space and run the same command to resume") from None
     os.replace(tmp, path / name)
     return {"file": name, "n_rows": int(acts.shape[0]), "n_contexts": n_contexts, "nonfinite_rows": nonfinite_rows, "sha256": sha256_file(path / name)}
+
+
+class ShardedCacheWriter:
+    """The CacheWriter of a harvest spread over ranks. Rank 0 opens the real CacheWriter: its
+    lock refuses a second harvest into the directory and its manifest is the resume point. Every
+    rank writes the files of its own shards (`add_shard` with the shard's index); `sync()`, which
+    all ranks call after each round of N shards, hands the round's entries to rank 0, which
+    enters them in shard order. So the manifest only ever lists a complete prefix of shards, and
+    a crash loses at most the round in flight."""
+
+    def __init__(self, path: str | os.PathLike, provenance: dict, d_model: int, overwrite: bool = False):
+        self.path = Path(path)
+        self.writer: CacheWriter | None = None
+        err = None
+        if is_main():
+            try:
+                self.writer = CacheWriter(path, provenance, d_model, overwrite)
+            except UserError as e:
+                err = str(e)
+        err, opened = broadcast_object((err, self.writer.manifest if self.writer else None))
+        if err is not None:
+            raise UserError(err)
+        self.manifest = opened  # as it was when opened, the same on every rank
+        self.pending: list[dict] = []
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def n_shards(self) -> int:
+        """Shards the cache held when opened (where this harvest resumes)."""
+        return len(self.manifest["shards"])
+
+    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int, nonfinite_rows: int = 0) -> None:
+        self.pending.append(write_shard(self.path, index, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows))
+
+    def sync(self) -> None:
+        entries: list[list[dict]] = [[] for _ in range(world_size())]
+        dist.all_gather_object(entries, self.pending)
+        self.pending = []
+        if self.writer is not None:
+            for e in sorted(itertools.chain(*entries), key=lambda e: e["file"]):
+                self.writer.append(e)
+
+    def finish(self, **extra) -> None:
+        if self.writer is not None:
+            self.writer.finish(**extra)
+        barrier()  # no rank moves on (to training, say) before the cache is complete
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def first_damaged(path: Path, manifest: dict) -> int | None:

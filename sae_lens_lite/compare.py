@@ -27,15 +27,16 @@ from torch import Tensor
 
 from .baselines import fit_pca, fit_vae, vae_activity
 from .config import opt
+from .corpus import check_context_length, position_filters, special_token_ids
 from .errors import UserError
 from .evaluate import (
     CHUNK, EvalConfig, ReconStats, SparsityStats, _fit_activations, _same_corpus, ce_kl_sums, ce_summary,
-    eval_activations, eval_contexts, footing, footing_differences, position_filters, training_text,
+    eval_activations, eval_contexts, footing, footing_differences, training_text,
 )  # fmt: skip
 from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
-from .harvest import check_context_length, resolve_device, special_token_ids
 from .models import LoadedModel, hook_point, load_model
 from .report import fmt, positions_text
+from .runtime import resolve_device
 from .sae import SAE
 
 OUR_FILES = ("compare.json", "compare.md", "frontier.png")

@@ -3,34 +3,31 @@
     torchrun --nproc-per-node 8 -m sae_lens_lite harvest --out runs/acts ...
     torchrun --nproc-per-node 8 -m sae_lens_lite train --acts runs/acts --out runs/sae ...
 
-torchrun starts one process per GPU and describes the group in the environment (WORLD_SIZE,
-RANK, LOCAL_RANK, MASTER_ADDR/PORT); `init_from_env` joins it, with NCCL on GPUs and gloo on
-CPUs. Without torchrun (WORLD_SIZE unset or 1) nothing is initialised and every helper here is
-the identity, so a single process runs exactly the code it always ran.
+The process group itself (joining it, rank, world size, the generic collectives) is in
+runtime.py; under a single process every helper here is the identity, so a single process runs
+exactly the code it always ran.
 
 Three ways to spread the work (docs/scaling.md: recipes, what is exact, memory arithmetic):
 
-- Data-parallel training. The SAE is replicated and wrapped in DistributedDataParallel. Each
-  rank reads its own shards of the cache (its rows of each batch when there are fewer shards
+- Data-parallel training (here). The SAE is replicated and wrapped in DistributedDataParallel.
+  Each rank reads its own shards of the cache (its rows of each batch when there are fewer shards
   than ranks) and contributes batch_size / N rows to every step; DDP
   averages the gradients, so a step is the single-process step on the union of the ranks' rows.
   Metrics, dead-latent counters and the adaptive λ are all-reduced, so every rank holds the same
   state, and rank 0 alone writes.
-- Sharded harvest. Rank r runs the model on shards r, r+N, r+2N, ... and writes those files;
-  after each round of N shards rank 0, which holds the cache's lock, enters them in the manifest
-  in order. The result is the single-process cache, file for file.
-- A latent-sharded SAE (`ShardedSAE`): each rank holds d_sae / N latents and the decoder's
+- Sharded harvest (cache.ShardedCacheWriter, used by harvest.py). Rank r runs the model on
+  shards r, r+N, r+2N, ... and writes those files; after each round of N shards rank 0, which
+  holds the cache's lock, enters them in the manifest in order. The result is the
+  single-process cache, file for file.
+- A latent-sharded SAE (`ShardedSAE`, here): each rank holds d_sae / N latents and the decoder's
   partial sums are all-reduced (tensor parallelism on the latent axis, as in Megatron-LM).
 """
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import math
-import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -38,88 +35,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .cache import ActivationCache, CacheWriter, write_shard
+from .cache import ActivationCache
 from .errors import UserError
+from .runtime import _comm_device, is_main, rank, world_size
 from .sae import SAE, SAEConfig, SAEOutput, gate
-
-# ---- the process group ----------------------------------------------------------------------
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def init_from_env(device: torch.device) -> torch.device:
-    """Join the process group that torchrun describes in the environment (once) and return this
-    rank's device: cuda:LOCAL_RANK on GPUs. A single process gets `device` back untouched."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        if device.index not in (None, local):
-            raise UserError(f"under torchrun each process uses the GPU numbered by its LOCAL_RANK; pass --device cuda (or auto), not {device}")
-        if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK is {local} but this node has {torch.cuda.device_count()} GPUs; start at most one process per GPU")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-        atexit.register(_leave)
-    return device
-
-
-def _leave() -> None:
-    if dist.is_initialized():
-        # Leave together: a rank that tears gloo down while a peer is still talking to it can
-        # abort the peer ("terminate called without an active exception").
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _comm_device() -> torch.device:
-    # NCCL moves GPU tensors only, gloo CPU tensors only.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank (picklable objects)."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def main_first(fn: Callable):
-    """fn() on rank 0, then on the other ranks: rank 0 fills shared caches (a converted model, a
-    download) before the others read them. A UserError on rank 0 is raised on every rank."""
-    if world_size() == 1:
-        return fn()
-    result, err = None, None
-    if is_main():
-        try:
-            result = fn()
-        except UserError as e:
-            err = str(e)
-    err = broadcast_object(err)
-    if err is not None:
-        raise UserError(err)
-    return result if is_main() else fn()
-
 
 # ---- data-parallel training (used by train.py) ----------------------------------------------
 
@@ -242,80 +161,6 @@ def reduce_metrics(t: dict[str, Tensor], x: Tensor, scale: Tensor) -> dict[str, 
     out["sst"] = (within + between - nm.pow(2).sum() / (n * N)).float()
     out["fired"] = vec[k + 3 + len(m) :] > 0
     return out
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether flag is true on any rank (every rank gets the same answer)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def gather_rows(x: Tensor) -> Tensor:
-    """The global batch [N·n, d]: every rank's rows, in rank order (x itself in a single process)."""
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x, device=_comm_device()) for _ in range(world_size())]
-    dist.all_gather(parts, x.to(_comm_device()))
-    return torch.cat(parts).to(x.device)
-
-
-# ---- sharded harvest (used by harvest.py) ---------------------------------------------------
-
-
-class ShardedCacheWriter:
-    """The CacheWriter of a harvest spread over ranks. Rank 0 opens the real CacheWriter: its
-    lock refuses a second harvest into the directory and its manifest is the resume point. Every
-    rank writes the files of its own shards (`add_shard` with the shard's index); `sync()`, which
-    all ranks call after each round of N shards, hands the round's entries to rank 0, which
-    enters them in shard order. So the manifest only ever lists a complete prefix of shards, and
-    a crash loses at most the round in flight."""
-
-    def __init__(self, path: str | os.PathLike, provenance: dict, d_model: int, overwrite: bool = False):
-        self.path = Path(path)
-        self.writer: CacheWriter | None = None
-        err = None
-        if is_main():
-            try:
-                self.writer = CacheWriter(path, provenance, d_model, overwrite)
-            except UserError as e:
-                err = str(e)
-        err, opened = broadcast_object((err, self.writer.manifest if self.writer else None))
-        if err is not None:
-            raise UserError(err)
-        self.manifest = opened  # as it was when opened, the same on every rank
-        self.pending: list[dict] = []
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest["complete"])
-
-    @property
-    def n_shards(self) -> int:
-        """Shards the cache held when opened (where this harvest resumes)."""
-        return len(self.manifest["shards"])
-
-    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int, nonfinite_rows: int = 0) -> None:
-        self.pending.append(write_shard(self.path, index, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows))
-
-    def sync(self) -> None:
-        entries: list[list[dict]] = [[] for _ in range(world_size())]
-        dist.all_gather_object(entries, self.pending)
-        self.pending = []
-        if self.writer is not None:
-            for e in sorted(itertools.chain(*entries), key=lambda e: e["file"]):
-                self.writer.append(e)
-
-    def finish(self, **extra) -> None:
-        if self.writer is not None:
-            self.writer.finish(**extra)
-        barrier()  # no rank moves on (to training, say) before the cache is complete
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 # ---- a latent-sharded SAE -------------------------------------------------------------------

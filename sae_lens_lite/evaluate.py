@@ -33,12 +33,14 @@ from tqdm.auto import tqdm
 
 from .baselines import fit_pca, fit_vae, vae_activity
 from .config import check_numbers, opt
+from .corpus import DEFAULT_CORPUS, check_context_length, keep_mask, load_texts, position_filters, special_token_ids, tokenize_corpus
 from .errors import UserError
 from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
-from .harvest import HarvestConfig, check_context_length, keep_mask, load_texts, resolve_device, special_token_ids, tokenize_corpus
+from .harvest import HarvestConfig
 from .models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
 from .outputs import existing, fingerprint, finish, pct, settings_of
 from .report import density_histogram, fmt, markdown_summary, plot_density
+from .runtime import resolve_device
 from .sae import SAE
 
 DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense"
@@ -51,7 +53,7 @@ OUR_FILES = ("report.json", "report.md", "density.png", "provenance.json")
 class EvalConfig:
     sae: str = opt("runs/sae", "SAE directory to evaluate (config.json + sae.safetensors)")
     model: str | None = opt(None, "model to splice the SAE into; default: the model named in the SAE's config")
-    dataset: str = opt("pydoc", "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id); pass text held out from training")
+    dataset: str = opt(DEFAULT_CORPUS, "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id); pass text held out from training")
     tokens: int = opt(16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)")
     skip_tokens: int | None = opt(None, "skip the corpus's first tokens (rounded up to whole contexts); default: what the SAE's training cache took from this corpus, else 0")
     # Which positions are spliced and scored: harvest's row filters, with harvest's defaults, so a
@@ -344,14 +346,6 @@ def baseline_sizes(l0: float, d_in: int) -> list[int]:
     return sorted({min(d_in, m * k) for m in (1, 2, 4)})
 
 
-
-def position_filters(cfg) -> dict:
-    """The positions setting of an EvalConfig (or a CompareConfig), as reports record it."""
-    if cfg.drop_first < 0 or cfg.outlier_factor < 0:
-        raise UserError("--drop-first and --outlier-factor must be non-negative")
-    return {"drop_special": cfg.drop_special, "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor}
-
-
 def eval_activations(model, contexts, hook, filters: dict, special: set[int], batch_size, device) -> tuple[Tensor, Tensor, Tensor]:
     """Activations [n, d] at the evaluated positions of contexts [n_ctx, T], each row's context
     index [n], and the evaluated-position mask [n_ctx, T]. The positions are harvest's rows
@@ -362,7 +356,7 @@ def eval_activations(model, contexts, hook, filters: dict, special: set[int], ba
         ids = contexts[b : b + batch_size].to(device)  # [b, T]
         acts.append(run_to_hooks(model, ids, [hook])[hook].float())  # [b, T, d]
     act = torch.cat(acts)  # [n_ctx, T, d]
-    keep = keep_mask(contexts.to(device), act, HarvestConfig(**filters), special)  # [n_ctx, T]
+    keep = keep_mask(contexts.to(device), act, special, **filters)  # [n_ctx, T]
     ctx_idx = torch.arange(len(contexts), device=device)[:, None].expand_as(keep)[keep]
     return act[keep], ctx_idx, keep
 
@@ -376,12 +370,10 @@ def tokens_hash(contexts: Tensor) -> str:
 FOOTING_KEYS = ("model", "weights_hash", "hook", "dataset", "skip_tokens", "context_length", "n_contexts", "tokens_sha256", "positions", "n_activations")
 
 
-def evaluated_positions(ids: Tensor, special: Tensor, drop_first: int) -> Tensor:
+def evaluated_positions(ids: Tensor, special: set[int], drop_first: int) -> Tensor:
     """Which positions of ids [b, T] an SAE reads when it edits a live model (intervene.py,
     analyze --steer): not special tokens and not the first `drop_first` (attention sinks)."""
-    keep = ~torch.isin(ids, special.to(ids.device))  # [b, T]
-    keep[:, :drop_first] = False
-    return keep
+    return keep_mask(ids, None, special, drop_special=True, drop_first=drop_first, outlier_factor=0.0)
 
 
 def footing(lm: LoadedModel, hook: str, dataset: str, skip: int, contexts: Tensor, filters: dict, n_activations: int) -> dict:

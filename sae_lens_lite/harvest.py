@@ -1,12 +1,12 @@
 """Run the model over a corpus with hooks, stop at the layer, and write the activation cache.
 
 Corpus → tokens → fixed-length contexts → forward (stopped after the deepest hook) → filter rows
-→ shards. Several hooks are harvested in one pass, one cache per hook.
+→ shards. Several hooks are harvested in one pass, one cache per hook. Reading, packing and the
+row filters are corpus.py's; the cache writers (the sharded one under torchrun too) are cache.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -14,13 +14,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .cache import DTYPES, CacheWriter, _read_manifest, first_damaged
+from . import runtime
+from .cache import CacheWriter, ShardedCacheWriter, _read_manifest, first_damaged
 from .config import check_numbers, opt
+from .corpus import (
+    DEFAULT_CORPUS, check_context_length, corpus_fingerprint, keep_mask, load_texts, position_filters, special_token_ids,
+    tokenize_corpus,
+)  # fmt: skip
 from .errors import UserError
 from .models import LoadedModel, hook_point, load_model, run_to_hooks
 from .outputs import differences, settings_of, warn
-
-DEFAULT_CORPUS = "pydoc"  # Python's own documentation, shipped with every CPython install
+from .runtime import DTYPES, model_dtype, resolve_device
 
 
 @dataclass
@@ -52,139 +56,6 @@ class HarvestConfig:
             raise UserError(f"--drop-first {self.drop_first} drops every position of a {self.context_length}-token context; lower it")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
-
-
-def model_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-# ---- corpus ---------------------------------------------------------------------------------
-
-
-def load_texts(dataset: str, split: str = "train", text_column: str = "text") -> list[str]:
-    """Documents of a corpus: a local .txt (one document), .jsonl/.json/.parquet/.csv file (one
-    per row), a directory of .txt files, "pydoc", or a hub dataset id (online only)."""
-    if dataset == DEFAULT_CORPUS:
-        import pydoc_data.topics
-
-        return [t for t in pydoc_data.topics.topics.values() if t.strip()]
-    path = Path(dataset)
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise UserError(f"corpus directory {dataset} holds no .txt files")
-        return [read_text_file(f) for f in files]
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise UserError(f"corpus file {dataset} not found")
-        return [read_text_file(path)]
-    import datasets
-
-    datasets.disable_progress_bars()
-    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-    try:
-        if path.suffix in builders:
-            if not path.is_file():
-                raise UserError(f"corpus file {dataset} not found")
-            ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
-        elif path.suffix or dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:
-            raise UserError(f"corpus {dataset} not found (expected a .txt/.jsonl/.parquet/.csv file, a directory, '{DEFAULT_CORPUS}' or a hub id)")
-        else:
-            ds = datasets.load_dataset(dataset, split=split)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot load corpus {dataset!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if text_column not in ds.column_names:
-        raise UserError(f"corpus {dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column")
-    return [t for t in ds[text_column] if isinstance(t, str)]
-
-
-BAD_BYTES = 0.01  # a text file may hold a few invalid UTF-8 bytes (they become U+FFFD), not more
-
-
-def read_text_file(path: Path) -> str:
-    """A .txt corpus file as text; binary data (NUL bytes, or more than 1% of it not UTF-8) is
-    refused: tokenised, it would make a complete-looking cache of noise."""
-    data = path.read_bytes()
-    text = data.decode("utf-8", errors="replace")
-    if b"\0" in data or text.count("\ufffd") > BAD_BYTES * max(len(text), 1):
-        raise UserError(f"corpus file {path} is not UTF-8 text (binary data?); point --dataset at a text file")
-    return text
-
-
-def corpus_fingerprint(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8", errors="replace"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def tokenize_corpus(tokenizer, texts: list[str], context_length: int, max_tokens: int | None = None) -> Tensor:
-    """Tokenize documents, join them with EOS between, and pack into contexts [n_ctx, context_length].
-
-    Packing (rather than padding) wastes no compute; the separator tells the model where one
-    document ends. The final partial context is dropped."""
-    if not any(t.strip() for t in texts):
-        raise UserError("the corpus is empty (no non-whitespace text); point --dataset at real text")
-    sep = tokenizer.eos_token_id
-    ids: list[int] = []
-    need = None if max_tokens is None else max_tokens + context_length
-    for t in texts:
-        if not t.strip():
-            continue
-        ids.extend(tokenizer(t, add_special_tokens=False).input_ids)
-        if sep is not None:
-            ids.append(sep)
-        if need is not None and len(ids) >= need:
-            break
-    n_ctx = len(ids) // context_length
-    if max_tokens is not None:
-        n_ctx = min(n_ctx, max(1, max_tokens // context_length))
-    if n_ctx == 0:
-        raise UserError(f"the corpus has {len(ids)} tokens, fewer than one context of {context_length}; use a smaller --context-length")
-    return torch.tensor(ids[: n_ctx * context_length], dtype=torch.long).view(n_ctx, context_length)
-
-
-def check_context_length(lm: LoadedModel, context_length: int) -> None:
-    if context_length <= 0:
-        raise UserError(f"--context-length must be positive, got {context_length}")
-    if lm.max_context is not None and context_length > lm.max_context:
-        raise UserError(f"--context-length {context_length} is longer than the model allows ({lm.max_context})")
-
-
-# ---- filtering ------------------------------------------------------------------------------
-
-
-def keep_mask(tokens: Tensor, acts: Tensor, cfg: HarvestConfig, special_ids: set[int]) -> Tensor:
-    """Which rows of a batch to keep. tokens [b, T], acts [b, T, d] → bool [b, T]."""
-    keep = torch.ones_like(tokens, dtype=torch.bool)
-    if cfg.drop_special and special_ids:
-        keep &= ~torch.isin(tokens, torch.tensor(sorted(special_ids), device=tokens.device))
-    if cfg.drop_first:
-        keep[:, : cfg.drop_first] = False
-    if cfg.outlier_factor > 0:
-        norms = acts.float().norm(dim=-1)  # [b, T]
-        keep &= norms <= cfg.outlier_factor * norms.median()
-    return keep
-
-
-def special_token_ids(tokenizer) -> set[int]:
-    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    return {i for i in ids if i is not None}
-
-
 # ---- the harvest loop -----------------------------------------------------------------------
 
 
@@ -203,8 +74,6 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         raise UserError(f"--nonfinite must be 'error' or 'skip', got {cfg.nonfinite!r}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
-    from . import distributed
-
     dirs = cache_dirs(cfg)
     if _finished(cfg, dirs):  # the rerun rule (outputs.py), decided before the model loads
         print(f"harvest: {cfg.out} is complete, nothing to do (same settings, every shard intact; --overwrite redoes it)")
@@ -212,11 +81,11 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         return dirs
     # Under torchrun rank r harvests shards r, r+N, ... (docs/scaling.md); rank 0 loads first so
     # that downloads and the GGUF conversion happen once.
-    device = distributed.init_from_env(resolve_device(cfg.device))
-    rank, world = distributed.rank(), distributed.world_size()
-    texts = distributed.main_first(lambda: load_texts(cfg.dataset, cfg.split, cfg.text_column))
+    device = runtime.init_from_env(resolve_device(cfg.device))
+    rank, world = runtime.rank(), runtime.world_size()
+    texts = runtime.main_first(lambda: load_texts(cfg.dataset, cfg.split, cfg.text_column))
     if lm is None:
-        lm = distributed.main_first(lambda: load_model(cfg.model, device, model_dtype(cfg.model_dtype, device), cfg.trust_remote_code))
+        lm = runtime.main_first(lambda: load_model(cfg.model, device, model_dtype(cfg.model_dtype, device), cfg.trust_remote_code))
     for h in cfg.hooks:
         hook_point(lm.model, h)  # unknown hooks fail before any file is written
     check_context_length(lm, cfg.context_length)
@@ -224,7 +93,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
     if len(contexts) < max(1, cfg.tokens // cfg.context_length) and rank == 0:
         warn(f"{cfg.dataset} holds {len(contexts) * cfg.context_length:,} tokens in whole contexts of {cfg.context_length}, "
              f"fewer than the {cfg.tokens:,} asked (--tokens); the cache will hold those")  # fmt: skip
-    special = special_token_ids(lm.tokenizer)
+    special, filters = special_token_ids(lm.tokenizer), position_filters(cfg)
 
     base = {
         "model": cfg.model, "weights_hash": lm.weights_hash, "corpus": cfg.dataset,
@@ -233,7 +102,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         "max_contexts": len(contexts),
         "filters": {"drop_special": cfg.drop_special, "special_ids": sorted(special), "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor, "nonfinite": cfg.nonfinite},
     }  # fmt: skip
-    Writer = distributed.ShardedCacheWriter if world > 1 else CacheWriter
+    Writer = ShardedCacheWriter if world > 1 else CacheWriter
     writers = {h: Writer(d, {**base, "hook": h}, lm.d_model, cfg.overwrite) for h, d in dirs.items()}
     try:
         for h, w in writers.items():
@@ -265,7 +134,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                 pos = torch.arange(ids.shape[1], device=device)[None, :].expand_as(ids)
                 for h in todo:
                     a = acts[h]  # [b, T, d]
-                    keep = keep_mask(ids, a, cfg, special)
+                    keep = keep_mask(ids, a, special, **filters)
                     finite = torch.isfinite(a).all(dim=-1)
                     bad = int((keep & ~finite).sum())
                     if bad and cfg.nonfinite == "error":
@@ -346,7 +215,7 @@ def stream_activations(cfg: HarvestConfig, lm: LoadedModel, batch_size: int, buf
     check_context_length(lm, cfg.context_length)
     device = next(lm.model.parameters()).device
     contexts = tokenize_corpus(lm.tokenizer, load_texts(cfg.dataset, cfg.split, cfg.text_column), cfg.context_length, cfg.tokens)
-    special = special_token_ids(lm.tokenizer)
+    special, filters = special_token_ids(lm.tokenizer), position_filters(cfg)
     buffer_rows = max(buffer_rows, 2 * batch_size)
 
     def batches(epoch: int):
@@ -355,7 +224,7 @@ def stream_activations(cfg: HarvestConfig, lm: LoadedModel, batch_size: int, buf
         for b in range(0, len(contexts), cfg.batch_size):
             ids = contexts[b : b + cfg.batch_size].to(device)  # [b, T]
             a = run_to_hooks(lm.model, ids, [hook])[hook]  # [b, T, d]
-            keep = keep_mask(ids, a, cfg, special) & torch.isfinite(a).all(dim=-1)
+            keep = keep_mask(ids, a, special, **filters) & torch.isfinite(a).all(dim=-1)
             buf = torch.cat([buf, a[keep].float().cpu()])
             if len(buf) >= buffer_rows:
                 buf = buf[torch.randperm(len(buf), generator=g)]

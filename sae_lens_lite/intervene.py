@@ -32,10 +32,11 @@ import torch
 from torch import Tensor
 
 from .config import opt
+from .corpus import special_token_ids
 from .errors import UserError
 from .evaluate import evaluated_positions
-from .harvest import resolve_device, special_token_ids
 from .models import LoadedModel, edit_hook, generate, hook_point, load_model
+from .runtime import resolve_device
 from .sae import SAE
 
 MODES = ("add", "clamp")
@@ -113,9 +114,8 @@ def encode_prompt(lm: LoadedModel, prompt: str) -> Tensor:
 
 def positions(lm: LoadedModel, sae: SAE, ids: Tensor) -> Tensor:
     """[b, T] True where the SAE reads the activation (as evaluate splices it)."""
-    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
     drop_first = int((sae.cfg.meta.get("filters") or {}).get("drop_first", 0))
-    return evaluated_positions(ids, special, drop_first)
+    return evaluated_positions(ids, special_token_ids(lm.tokenizer), drop_first)
 
 
 def _device(lm: LoadedModel) -> torch.device:

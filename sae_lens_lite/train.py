@@ -34,13 +34,14 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed, recipes
+from . import distributed, recipes, runtime
 from .config import check_memory, check_numbers
+from .corpus import position_filters
 from .errors import UserError
-from .harvest import resolve_device
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from .loss import step_terms, total_loss
 from .outputs import existing, fingerprint, finish, pct, settings_of
+from .runtime import model_dtype, resolve_device
 from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
 LAMBDA_WARMUP = 0.05  # fraction of steps over which λ (or β) rises linearly from 0 (Anthropic, April 2024)
@@ -233,20 +234,20 @@ def train_on_batches(
     iterator per epoch; partial batches are skipped). With `out`, write metrics and checkpoints
     there and resume from the last checkpoint; without, train in memory (tests, benchmarks)."""
     recipe = check_config(cfg)
-    device = distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: this rank's GPU
+    device = runtime.init_from_env(resolve_device(cfg.device))  # under torchrun: this rank's GPU
     amp = autocast_dtype(cfg.precision, device)
     total = total_tokens // cfg.batch_size  # steps
     if total < 1:
         raise UserError(f"{total_tokens} training tokens is less than one batch of {cfg.batch_size}; train on more tokens or use a smaller --batch-size")
 
     # Under torchrun each step takes batch_size / N rows from each of the N ranks (docs/scaling.md).
-    local_batch, main = distributed.local_batch_size(cfg.batch_size), distributed.is_main()  # only rank 0 writes
+    local_batch, main = distributed.local_batch_size(cfg.batch_size), runtime.is_main()  # only rank 0 writes
     # fp32 weights, gradients and two Adam moments (16 bytes a weight), and a few [batch, d_sae] tensors per step
     need = 16 * 2 * sae_cfg.d_in * sae_cfg.d_sae + 4 * 4 * local_batch * sae_cfg.d_sae
     check_memory(need, device, f"an SAE of {sae_cfg.d_sae} latents on {sae_cfg.d_in}-dim inputs at --batch-size {cfg.batch_size}",
                  "lower --expansion or --batch-size")  # fmt: skip
     sae = SAE(sae_cfg)
-    init_from_data(sae, batches, cfg.seed, recipe.dec_norm, INIT_TOKENS // distributed.world_size())
+    init_from_data(sae, batches, cfg.seed, recipe.dec_norm, INIT_TOKENS // runtime.world_size())
     recipe.init(sae)
     sae.to(device)
     distributed.average_input_stats(sae)
@@ -335,7 +336,7 @@ def train_on_batches(
         step += 1
         batch_in_epoch += 1
         if cfg.resample_dead and recipe.resamples and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
-            resample_dead_latents(sae, opt, distributed.gather_rows(x), since_fired, cfg, step)
+            resample_dead_latents(sae, opt, runtime.gather_rows(x), since_fired, cfg, step)
         if step % cfg.log_every == 0 or step == total:
             log.write(step, acc, opt.param_groups[0]["lr"])
             acc.zero_()
@@ -350,7 +351,7 @@ def train_on_batches(
         write_json_atomic(out / CHECKPOINT, info(complete=True))
         for p in out.glob("checkpoint_*.safetensors"):
             p.unlink()
-    distributed.barrier()  # the SAE is on disk before any rank returns
+    runtime.barrier()  # the SAE is on disk before any rank returns
     return sae
 
 
@@ -422,7 +423,7 @@ class _Logger:
         self.bar = tqdm(total=total, initial=step, unit="step", desc=f"train {cfg.penalty}", dynamic_ncols=True, disable=not progress)
         self.t0, self.step0 = time.perf_counter(), step
         self.run = None
-        if cfg.wandb and distributed.is_main():
+        if cfg.wandb and runtime.is_main():
             try:
                 import wandb
             except ImportError:
@@ -482,7 +483,7 @@ def train(cfg: TrainConfig) -> SAE:
     from .cache import ActivationCache
 
     check_config(cfg)
-    device = distributed.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
+    device = runtime.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
     cache = ActivationCache.open(cfg.acts)
     if cache.n_tokens < cfg.batch_size:
         raise UserError(f"the cache {cfg.acts} holds {cache.n_tokens:,} rows, fewer than one batch of {cfg.batch_size:,}; "
@@ -491,16 +492,16 @@ def train(cfg: TrainConfig) -> SAE:
     settings, inputs = settings_of(cfg, ("acts",)), {"acts": fingerprint(cfg.acts)}
     if existing(out, "train", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
         return SAE.load(out, device)
-    if cfg.overwrite and distributed.is_main():
+    if cfg.overwrite and runtime.is_main():
         for p in [out / CHECKPOINT, out / METRICS, out / WEIGHTS_FILE, out / CONFIG_FILE, *out.glob("checkpoint_*.safetensors")]:
             p.unlink(missing_ok=True)
-    distributed.barrier()  # rank 0 has cleared --out before any rank reads it
+    runtime.barrier()  # rank 0 has cleared --out before any rank reads it
     m = cache.manifest
     sae_cfg = sae_config_for(cfg, cache.d_model, m["model"], m["hook"], m["context_length"],
                              {"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens, "corpus": m.get("corpus"), "filters": m.get("filters")})  # fmt: skip
     tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
     sae = train_on_batches(sae_cfg, cfg, _cache_batches(cache, cfg, device), tokens, out)
-    if distributed.is_main():
+    if runtime.is_main():
         m = sae.cfg.meta["final_eval"] = measure_saved(sae, cache, device)
         write_json_atomic(out / CONFIG_FILE, asdict(sae.cfg))
         ev = "n/a" if m["explained_variance"] is None else f"{m['explained_variance']:.3f}"  # None: constant activations
@@ -543,7 +544,7 @@ def _cache_batches(cache, cfg: TrainConfig, device: torch.device) -> Callable[[i
     """batches(epoch) from an activation cache: under torchrun each rank reads only its own shards;
     on a GPU the whole cache is held in its memory when it fits (no disk reads at all); otherwise
     shards are streamed (on CUDA, copied one batch ahead on a side stream)."""
-    if distributed.world_size() > 1:
+    if runtime.world_size() > 1:
         return distributed.rank_batches(cache, cfg.batch_size, cfg.seed, device)
     if device.type == "cuda" and cache.nbytes() < RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]:
         resident = cache.resident_batches(cfg.batch_size, device)
@@ -555,7 +556,7 @@ def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:
     """Train on activations computed on the fly from the model (no cache on disk): one pass
     over harvest_cfg's corpus per epoch, mixed through a shuffling buffer. Resumable like `train`,
     by recomputing the skipped batches of the current epoch."""
-    from .harvest import model_dtype, stream_activations
+    from .harvest import stream_activations
     from .models import load_model
 
     check_config(cfg)
@@ -566,7 +567,7 @@ def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:
         device = resolve_device(harvest_cfg.device)
         lm = load_model(harvest_cfg.model, device, model_dtype(harvest_cfg.model_dtype, device), harvest_cfg.trust_remote_code)
     batches, corpus_tokens = stream_activations(harvest_cfg, lm, cfg.batch_size, seed=cfg.seed)
-    filters = {"drop_special": harvest_cfg.drop_special, "drop_first": harvest_cfg.drop_first, "outlier_factor": harvest_cfg.outlier_factor}
+    filters = position_filters(harvest_cfg)
     sae_cfg = sae_config_for(cfg, lm.d_model, harvest_cfg.model, harvest_cfg.hooks[0], harvest_cfg.context_length,
                              {"streamed_from": harvest_cfg.dataset, "corpus": harvest_cfg.dataset, "filters": filters})  # fmt: skip
     return train_on_batches(sae_cfg, cfg, batches, cfg.tokens or max(corpus_tokens, 2_000_000), out)

@@ -23,8 +23,10 @@ import time
 import torch
 
 from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.harvest import HarvestConfig, harvest, load_texts, model_dtype, resolve_device, tokenize_corpus
+from sae_lens_lite.corpus import load_texts, tokenize_corpus
+from sae_lens_lite.harvest import HarvestConfig, harvest
 from sae_lens_lite.models import blocks, hook_point, load_model
+from sae_lens_lite.runtime import model_dtype, resolve_device
 
 
 def timed_forward(model, contexts, batch_size, device) -> float:

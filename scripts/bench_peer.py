@@ -72,9 +72,9 @@ from torch import Tensor
 from sae_lens_lite.cache import ActivationCache
 from sae_lens_lite.evaluate import ReconStats, SparsityStats
 from sae_lens_lite.export import import_sae
-from sae_lens_lite.harvest import resolve_device
 from sae_lens_lite import recipes
 from sae_lens_lite.recipes import jumprelu, matryoshka
+from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.train import LAMBDA_WARMUP, LR_DECAY, LR_WARMUP, INIT_TOKENS, TrainConfig, autocast_dtype, train_on_batches
 

@@ -33,8 +33,9 @@ import torch
 
 from sae_lens_lite.cache import ActivationCache, CacheWriter
 from sae_lens_lite.recipes import RECIPES
+from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.synthetic import make_superposition
-from sae_lens_lite.train import TrainConfig, autocast_dtype, resolve_device, train
+from sae_lens_lite.train import TrainConfig, autocast_dtype, train
 
 
 def sync(device):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CORPUS_TEXT, tiny_model, tiny_tokenizer
 
-from sae_lens_lite import distributed, recipes
+from sae_lens_lite import distributed, recipes, runtime
 from sae_lens_lite.cache import ActivationCache, CacheWriter
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.harvest import HarvestConfig, harvest
@@ -35,11 +35,11 @@ def _free_port() -> int:
 def _worker(rank, port, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    distributed.init_from_env(torch.device("cpu"))
+    runtime.init_from_env(torch.device("cpu"))
     try:
         fn(*args)
     finally:
-        distributed._leave()  # barrier, then destroy: a rank leaving alone can abort its peer
+        runtime._leave()  # barrier, then destroy: a rank leaving alone can abort its peer
     # Exit without the interpreter's teardown: gloo's threads have aborted a worker there, after
     # its work was done ("terminate called without an active exception", 1 clean-clone run in 4).
     sys.stdout.flush()
@@ -54,10 +54,10 @@ def spawn(fn, *args):
 
 def test_a_single_process_initialises_nothing(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.init_from_env(torch.device("cpu")) == torch.device("cpu")
-    assert not dist.is_initialized() and distributed.world_size() == 1 and distributed.is_main()
+    assert runtime.init_from_env(torch.device("cpu")) == torch.device("cpu")
+    assert not dist.is_initialized() and runtime.world_size() == 1 and runtime.is_main()
     x = torch.randn(4, 3)
-    assert distributed.gather_rows(x) is x and distributed.batch_mean(x) is x
+    assert runtime.gather_rows(x) is x and distributed.batch_mean(x) is x
 
 
 # ---- data-parallel training -----------------------------------------------------------------
@@ -88,7 +88,7 @@ def case_config(name, out):
 
 
 def _ddp_train(tmp):
-    r = distributed.rank()
+    r = runtime.rank()
     acts = synthetic_rows()
     for name in CASES:
         cfg = case_config(name, tmp / f"ddp_{name}")
@@ -137,7 +137,7 @@ def _rank_reads(cache_dir, tmp):
     for epoch in (0, 1):
         rows = torch.cat(list(batches(epoch)))  # [steps · 128, D]
         assert rows.shape == (4096 // WORLD // 128 * 128, D)
-        torch.save(rows, tmp / f"reads_e{epoch}_r{distributed.rank()}.pt")
+        torch.save(rows, tmp / f"reads_e{epoch}_r{runtime.rank()}.pt")
     with pytest.raises(UserError, match="does not split evenly"):
         distributed.rank_batches(cache, 255, seed=0, device=torch.device("cpu"))
 
@@ -246,7 +246,7 @@ def _sharded_sae(activation):
     torch.testing.assert_close(part.W_dec.grad, full.W_dec.grad[lo:hi])
     torch.testing.assert_close(part.b_dec.grad, full.b_dec.grad)  # summed over ranks' encoder slices
     back = part.to_sae()
-    if distributed.is_main():
+    if runtime.is_main():
         for k, v in full.state_dict().items():
             assert torch.equal(back.state_dict()[k], v)
     else:

@@ -7,6 +7,7 @@ import torch
 
 from conftest import SHARED_DATA, needs_smollm2, tiny_model
 from sae_lens_lite.baselines import fit_pca, fit_vae, kl_to_prior, vae_activity
+from sae_lens_lite.corpus import tokenize_corpus
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluate import (
     EvalConfig,
@@ -22,7 +23,6 @@ from sae_lens_lite.evaluate import (
     sparsity_metrics,
     splice,
 )
-from sae_lens_lite.harvest import tokenize_corpus
 from sae_lens_lite.report import plot_density
 from sae_lens_lite.sae import SAE, SAEConfig
 

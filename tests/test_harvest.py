@@ -1,11 +1,10 @@
-import json
-
 import pytest
 import torch
 
 from sae_lens_lite.cache import ActivationCache, CacheWriter
+from sae_lens_lite.corpus import load_texts, tokenize_corpus
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.harvest import HarvestConfig, harvest, load_texts, tokenize_corpus
+from sae_lens_lite.harvest import HarvestConfig, harvest
 from sae_lens_lite.models import run_to_hooks
 
 HOOK = "blocks.1.hook_resid_post"
@@ -120,12 +119,3 @@ def test_nonfinite_activations_are_refused_or_skipped(tiny_lm, corpus_file, tmp_
     assert all(s["nonfinite_rows"] == s["n_contexts"] for s in c.manifest["shards"])
     assert 5 not in c.load(("pos",))["pos"].tolist()
     assert torch.isfinite(c.load()["activations"]).all()
-
-
-def test_jsonl_corpus_is_read_with_datasets(tmp_path):
-    p = tmp_path / "c.jsonl"
-    p.write_text("\n".join(json.dumps({"text": f"document {i}"}) for i in range(3)))
-    assert load_texts(str(p)) == ["document 0", "document 1", "document 2"]
-    with pytest.raises(UserError, match="no column 'body'"):
-        load_texts(str(p), text_column="body")
-    assert len(load_texts("pydoc")) > 50

@@ -7,7 +7,7 @@ the batch kept; that is the SAE saved and exported."""
 import torch
 from torch import Tensor
 
-from .. import distributed
+from .. import runtime
 from .topk import TopK
 
 THRESHOLD_RATE = 0.01  # θ ← θ + rate · (this batch's smallest kept activation − θ), from the first batch's
@@ -30,16 +30,16 @@ class BatchTopK(TopK):
         rank's rows under torchrun) and each token's c largest, among which its kept ones are."""
         n, d_sae = pre.shape
         k = self.cfg.k
-        want = k * n * distributed.world_size()  # entries kept in the global batch
+        want = k * n * runtime.world_size()  # entries kept in the global batch
         c = min(d_sae, CANDIDATES * k)
         while True:
             cand = pre.topk(c, dim=-1)  # [n, c], sorted
             mine = cand.values.reshape(-1).topk(min(want, n * c), sorted=False).values  # this rank's best
-            every = distributed.gather_rows(mine)
+            every = runtime.gather_rows(mine)
             thr = every.topk(min(want, every.numel()), sorted=False).values.min()
             # Exact unless a token offered only candidates above θ: it might have had more.
             short = c < d_sae and bool((cand.values[:, -1] >= thr).any())
-            if not distributed.any_rank(short):
+            if not runtime.any_rank(short):
                 break
             c = d_sae
         self.batch_threshold = thr.float().clamp_min(0)

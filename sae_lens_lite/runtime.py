@@ -1,0 +1,138 @@
+"""Where the code runs: the device, the model's dtype, and the process group under torchrun.
+
+Every stage asks here, so none of them imports another stage to learn its device or its rank.
+
+torchrun starts one process per GPU and describes the group in the environment (WORLD_SIZE,
+RANK, LOCAL_RANK, MASTER_ADDR/PORT); `init_from_env` joins it, with NCCL on GPUs and gloo on
+CPUs. Without torchrun (WORLD_SIZE unset or 1) nothing is initialised and every helper here is
+the identity, so a single process runs exactly the code it always ran. What the stages do with
+the group (data-parallel training, a latent-sharded SAE) is in distributed.py; the sharded
+harvest's writer is in cache.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---- the process group ----------------------------------------------------------------------
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group that torchrun describes in the environment (once) and return this
+    rank's device: cuda:LOCAL_RANK on GPUs. A single process gets `device` back untouched."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if device.index not in (None, local):
+            raise UserError(f"under torchrun each process uses the GPU numbered by its LOCAL_RANK; pass --device cuda (or auto), not {device}")
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK is {local} but this node has {torch.cuda.device_count()} GPUs; start at most one process per GPU")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        atexit.register(_leave)
+    return device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        # Leave together: a rank that tears gloo down while a peer is still talking to it can
+        # abort the peer ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    # NCCL moves GPU tensors only, gloo CPU tensors only.
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (picklable objects)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_first(fn: Callable):
+    """fn() on rank 0, then on the other ranks: rank 0 fills shared caches (a converted model, a
+    download) before the others read them. A UserError on rank 0 is raised on every rank."""
+    if world_size() == 1:
+        return fn()
+    result, err = None, None
+    if is_main():
+        try:
+            result = fn()
+        except UserError as e:
+            err = str(e)
+    err = broadcast_object(err)
+    if err is not None:
+        raise UserError(err)
+    return result if is_main() else fn()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether flag is true on any rank (every rank gets the same answer)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """The global batch [N·n, d]: every rank's rows, in rank order (x itself in a single process)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x, device=_comm_device()) for _ in range(world_size())]
+    dist.all_gather(parts, x.to(_comm_device()))
+    return torch.cat(parts).to(x.device)
