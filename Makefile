@@ -40,6 +40,8 @@ browser-deps:
 	fi
 
 test: dev-venv browser-deps
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs
 
 clean:

@@ -47,28 +47,76 @@ STEER_TOKENS = 20  # tokens generated for each --steer sample
 
 @dataclass
 class AnalyzeConfig:
-    sae: str = field(default="runs/sae", metadata={"help": "SAE directory (from `sae-lite train` or `sae-lite import`)"})
-    acts: str = field(default="runs/acts", metadata={"help": "activation cache to read the features on (from `sae-lite harvest`)"})
-    out: str = field(default="runs/analysis", metadata={"help": "output directory: features.json, ranking.csv, index.html, plots"})
-    top_k: int = field(default=16, metadata={"help": "top-activating examples kept per feature; memory is top_k × d_sae"})
+    sae: str = field(
+        default="runs/sae", metadata={"help": "SAE directory (from `sae-lite train` or `sae-lite import`)"}
+    )
+    acts: str = field(
+        default="runs/acts", metadata={"help": "activation cache to read the features on (from `sae-lite harvest`)"}
+    )
+    out: str = field(
+        default="runs/analysis", metadata={"help": "output directory: features.json, ranking.csv, index.html, plots"}
+    )
+    top_k: int = field(
+        default=16, metadata={"help": "top-activating examples kept per feature; memory is top_k × d_sae"}
+    )
     ctx_before: int = field(default=16, metadata={"help": "context tokens shown before each example's token"})
-    ctx_after: int = field(default=4, metadata={"help": "context tokens shown after it (the next one feeds the logit-lens check)"})
-    batch_size: int = field(default=4096, metadata={"help": "rows encoded at once; lower it if the device runs out of memory"})
+    ctx_after: int = field(
+        default=4, metadata={"help": "context tokens shown after it (the next one feeds the logit-lens check)"}
+    )
+    batch_size: int = field(
+        default=4096, metadata={"help": "rows encoded at once; lower it if the device runs out of memory"}
+    )
     device: str = field(default="auto", metadata={"help": "cuda, cpu or auto (GPU when there is one)"})
-    max_features: int | None = field(default=None, metadata={"help": "put only the N best-ranked features in the page (features.json keeps all)"})
-    heldout: float = field(default=0.25, metadata={"help": "share of the cache's contexts held out: explanations are read from the rest and scored on these only"})
-    explain_top: int = field(default=0, metadata={"help": "also have --explainer write and score explanations of the N best-ranked families (slow: seconds per feature on a CPU; resumes)"})
-    explainer: str = field(default="smollm2-135m", metadata={"help": "instruct model for --explain-top: smollm2-135m (SmolLM2-135M-Instruct, offline), a hub id or a local directory"})
-    model: str | None = field(default=None, metadata={"help": "model for token text and the logit lens; default: the one the cache was harvested from"})
+    max_features: int | None = field(
+        default=None, metadata={"help": "put only the N best-ranked features in the page (features.json keeps all)"}
+    )
+    heldout: float = field(
+        default=0.25,
+        metadata={
+            "help": "share of the cache's contexts held out: explanations are read from the rest and scored on these only"
+        },
+    )
+    explain_top: int = field(
+        default=0,
+        metadata={
+            "help": "also have --explainer write and score explanations of the N best-ranked families (slow: seconds per feature on a CPU; resumes)"
+        },
+    )
+    explainer: str = field(
+        default="smollm2-135m",
+        metadata={
+            "help": "instruct model for --explain-top: smollm2-135m (SmolLM2-135M-Instruct, offline), a hub id or a local directory"
+        },
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "model for token text and the logit lens; default: the one the cache was harvested from"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "write into a non-empty --out that holds other files"})
-    steer: int = field(default=0, metadata={"help": "put a steered sample in the card of the N best-ranked features: --steer-prompt continued with the feature's decoder direction added (sae-lite steer --mode add)"})
+    steer: int = field(
+        default=0,
+        metadata={
+            "help": "put a steered sample in the card of the N best-ranked features: --steer-prompt continued with the feature's decoder direction added (sae-lite steer --mode add)"
+        },
+    )
     steer_prompt: str = field(default="The", metadata={"help": "prompt continued for the --steer samples"})
-    steer_times: float = field(default=4.0, metadata={"help": "--steer strength, as a multiple of each feature's max activation"})
+    steer_times: float = field(
+        default=4.0, metadata={"help": "--steer strength, as a multiple of each feature's max activation"}
+    )
 
     def __post_init__(self):
         # top-k >= 2: the score compares examples in pairs
-        check_numbers(self, top_k=(2, None), ctx_before=(1, None), ctx_after="non-negative", batch_size="positive", max_features="positive",
-                      heldout="fraction", explain_top="non-negative", steer="non-negative")  # fmt: skip
+        check_numbers(
+            self,
+            top_k=(2, None),
+            ctx_before=(1, None),
+            ctx_after="non-negative",
+            batch_size="positive",
+            max_features="positive",
+            heldout="fraction",
+            explain_top="non-negative",
+            steer="non-negative",
+        )
 
 
 # ---- pass 1: streamed statistics --------------------------------------------------------------
@@ -246,6 +294,7 @@ def heaviest(labels: Tensor, w: Tensor) -> Tensor:
 
 def window_jaccard(a: Tensor, b: Tensor) -> Tensor:
     """Jaccard similarity of the token sets of windows a [..., L] and b [..., L] (-1 = absent)."""
+
     def first(x):  # each token once: drop repeats and absent positions
         rep = (x[..., :, None] == x[..., None, :]).tril(-1).any(-1)
         return (x >= 0) & ~rep
@@ -261,8 +310,18 @@ def kappa(observed: Tensor, chance: Tensor | float) -> Tensor:
     return ((observed - chance) / (1 - chance)).nan_to_num(0.0).clamp(0, 1)
 
 
-def monosemanticity(win_tokens: Tensor, win_docs: Tensor, win_pos: Tensor, acts: Tensor, center: int,
-                    promoted: Tensor, unigram: Tensor, freq: Tensor, bag_chance: float, k: int) -> dict[str, Tensor]:  # fmt: skip
+def monosemanticity(
+    win_tokens: Tensor,
+    win_docs: Tensor,
+    win_pos: Tensor,
+    acts: Tensor,
+    center: int,
+    promoted: Tensor,
+    unigram: Tensor,
+    freq: Tensor,
+    bag_chance: float,
+    k: int,
+) -> dict[str, Tensor]:
     """Score features from their top examples. win_tokens/win_docs/win_pos [F, k, W] (-1 absent),
     acts [F, k] top activations, promoted [F, n] logit-lens token ids, unigram [V] token
     frequencies, freq [F] the features' firing frequencies."""
@@ -289,7 +348,11 @@ def monosemanticity(win_tokens: Tensor, win_docs: Tensor, win_pos: Tensor, acts:
         W = w[:, :, None] * w[:, None, :] * (1 - torch.eye(k)) * ~overlap[c : c + 128]
         bag[c : c + 128] = (W * J).sum((1, 2)) / W.sum((1, 2))
     # Logit lens: is the token that follows one the decoder direction promotes?
-    nxt = win_tokens[:, :, center + 1] if win_tokens.shape[2] > center + 1 else torch.full_like(acts, -1, dtype=torch.long)
+    nxt = (
+        win_tokens[:, :, center + 1]
+        if win_tokens.shape[2] > center + 1
+        else torch.full_like(acts, -1, dtype=torch.long)
+    )
     hit = (nxt[:, :, None] == promoted[:, None, :]).any(-1).float()  # an absent next token is a miss
     lens_obs = (acts * hit).sum(1) / acts.sum(1)
     lens_chance = unigram[promoted].sum(1)
@@ -406,9 +469,11 @@ def read_features(path: str | os.PathLike, d_sae: int | None = None) -> Analysis
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{f} is not valid JSON ({e}); run `sae-lite analyze` again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise UserError(f"{f} is not a features.json written by `sae-lite analyze` (no \"format\": \"{FORMAT}\")")
+        raise UserError(f'{f} is not a features.json written by `sae-lite analyze` (no "format": "{FORMAT}")')
     if not isinstance(data.get("version"), int) or data["version"] > VERSION:
-        raise UserError(f"{f} has format version {data.get('version')!r}; this sae_lens_lite reads up to {VERSION}: upgrade it")
+        raise UserError(
+            f"{f} has format version {data.get('version')!r}; this sae_lens_lite reads up to {VERSION}: upgrade it"
+        )
     missing = sorted(set(Analysis.__required_keys__) - set(data))
     if missing:
         raise UserError(f"{f} lacks {', '.join(missing)}; it is damaged, run `sae-lite analyze` again")
@@ -417,9 +482,13 @@ def read_features(path: str | os.PathLike, d_sae: int | None = None) -> Analysis
         raise UserError(f"{f} should list {data['d_sae']} features; it is damaged, run `sae-lite analyze` again")
     for i, feat in enumerate(feats):
         if not isinstance(feat, dict) or feat.get("id") != i or not Feature.__required_keys__ <= set(feat):
-            raise UserError(f"{f}: feature entry {i} does not fit the schema (docs/analysis.md); run `sae-lite analyze` again")
+            raise UserError(
+                f"{f}: feature entry {i} does not fit the schema (docs/analysis.md); run `sae-lite analyze` again"
+            )
     if d_sae is not None and data["d_sae"] != d_sae:
-        raise UserError(f"{f} describes an SAE with {data['d_sae']} features, this one has {d_sae}; pass the matching analysis")
+        raise UserError(
+            f"{f} describes an SAE with {data['d_sae']} features, this one has {d_sae}; pass the matching analysis"
+        )
     return data
 
 
@@ -436,17 +505,30 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     sae = SAE.load(cfg.sae).folded().to(device)  # folded: W_dec rows in activation units
     # Peak: about ten [d_sae, k, window] tensors of 8 bytes (rows, tokens, docs, positions, activations, masks).
     window = cfg.ctx_before + 1 + cfg.ctx_after
-    check_memory(80 * sae.d_sae * cfg.top_k * window, torch.device("cpu"), f"--top-k {cfg.top_k} with a window of {window} tokens",
-                 "lower --top-k, --ctx-before or --ctx-after")  # fmt: skip
+    check_memory(
+        80 * sae.d_sae * cfg.top_k * window,
+        torch.device("cpu"),
+        f"--top-k {cfg.top_k} with a window of {window} tokens",
+        "lower --top-k, --ctx-before or --ctx-after",
+    )
     cache = ActivationCache.open(cfg.acts)
     m = cache.manifest
     if cache.n_tokens == 0:
-        raise UserError(f"the cache {cfg.acts} holds no activations (its harvest filters dropped every row); harvest more text")
+        raise UserError(
+            f"the cache {cfg.acts} holds no activations (its harvest filters dropped every row); harvest more text"
+        )
     if sae.d_in != cache.d_model:
-        raise UserError(f"the SAE reads vectors of size {sae.d_in} but the cache {cfg.acts} holds {cache.d_model}; pass the cache it was trained on")
+        raise UserError(
+            f"the SAE reads vectors of size {sae.d_in} but the cache {cfg.acts} holds {cache.d_model}; pass the cache it was trained on"
+        )
     if sae.cfg.hook and m.get("hook") and sae.cfg.hook != m["hook"]:
-        raise UserError(f"the SAE was trained on {sae.cfg.hook} but the cache holds {m['hook']}; pass the matching --acts")
-    settings, inputs = settings_of(cfg, ("sae", "acts", "batch_size")), {"sae": fingerprint(cfg.sae), "acts": fingerprint(cfg.acts)}
+        raise UserError(
+            f"the SAE was trained on {sae.cfg.hook} but the cache holds {m['hook']}; pass the matching --acts"
+        )
+    settings, inputs = (
+        settings_of(cfg, ("sae", "acts", "batch_size")),
+        {"sae": fingerprint(cfg.sae), "acts": fingerprint(cfg.acts)},
+    )
     done = existing(cfg.out, "analyze", settings, inputs, cfg.overwrite)  # the rerun rule (outputs.py)
     if done is not None:
         return done
@@ -462,7 +544,9 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     tokens, doc, pos = meta["tokens"].long(), meta["doc"], meta["pos"]
     n_vocab = len(lm.tokenizer)
     if int(tokens.max()) >= n_vocab:
-        raise UserError(f"the cache holds token ids up to {int(tokens.max())} but the tokenizer of {lm.name} has {n_vocab}; pass the right --model")
+        raise UserError(
+            f"the cache holds token ids up to {int(tokens.max())} but the tokenizer of {lm.name} has {n_vocab}; pass the right --model"
+        )
     # The score compares tokens up to case and spacing; the page still shows the exact tokens.
     canon = canonical_ids(lm.tokenizer, n_vocab)  # [V]
     prev_row = context_windows(doc, pos, torch.arange(len(tokens)), 1, 0)[:, 0]  # [n] -1: none
@@ -471,11 +555,16 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     if int(doc.max()) == 0:
         # One context cannot be split by context: hold out rows instead, and say what that costs.
         held = torch.rand(len(doc), generator=torch.Generator().manual_seed(0)) < cfg.heldout
-        print("warning: the cache holds one context, so held-out tokens are drawn from it by row and the "
-              "detection scores are optimistic; harvest more text for honest scores", file=sys.stderr)  # fmt: skip
+        print(
+            "warning: the cache holds one context, so held-out tokens are drawn from it by row and the "
+            "detection scores are optimistic; harvest more text for honest scores",
+            file=sys.stderr,
+        )
     elif held.all() or not held.any():
-        raise UserError(f"--heldout {cfg.heldout} holds out {'none' if not held.any() else 'all'} of the cache's {int(doc.max()) + 1} contexts; "
-                        "explanations need contexts to read and contexts to score on: change --heldout or harvest more")  # fmt: skip
+        raise UserError(
+            f"--heldout {cfg.heldout} holds out {'none' if not held.any() else 'all'} of the cache's {int(doc.max()) + 1} contexts; "
+            "explanations need contexts to read and contexts to score on: change --heldout or harvest more"
+        )
     counter = explain.PatternCounts(canon[tokens], prev_tok, held, n_vocab, sae.d_sae)
     t1, c1 = time.time(), time.process_time()
     st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), k, observe=counter.update)
@@ -510,7 +599,18 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     as_canon = lambda t: torch.where(t >= 0, canon[t.clamp(min=0)], -1)  # noqa: E731
     unigram_canon = torch.zeros(n_vocab).index_add_(0, canon, unigram)
     top_win = lambda t: t[:, :k].contiguous()  # noqa: E731
-    s = monosemanticity(as_canon(top_win(win_tok)), top_win(win_doc), top_win(win_pos), st.top_vals, before, canon[up_i], unigram_canon, freq_t.float(), bag_chance, k)
+    s = monosemanticity(
+        as_canon(top_win(win_tok)),
+        top_win(win_doc),
+        top_win(win_pos),
+        st.top_vals,
+        before,
+        canon[up_i],
+        unigram_canon,
+        freq_t.float(),
+        bag_chance,
+        k,
+    )
     s = {c: v.nan_to_num(0.0) for c, v in s.items()}  # never NaN (it would rank first); kept as a guard
     # Ranked by the held-out detection score of the built-in explanation; ties by the
     # monosemanticity score of the top examples.
@@ -538,9 +638,14 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         def example(e):
             keep = [i for i, t in enumerate(toks[e]) if t >= 0]
             return {
-                "row": rows_j[e], "doc": docs[e][before], "pos": poss[e][before], "act": wacts[e][before],
-                "center": sum(i < before for i in keep), "tokens": [toks[e][i] for i in keep], "acts": [wacts[e][i] for i in keep],
-            }  # fmt: skip
+                "row": rows_j[e],
+                "doc": docs[e][before],
+                "pos": poss[e][before],
+                "act": wacts[e][before],
+                "center": sum(i < before for i in keep),
+                "tokens": [toks[e][i] for i in keep],
+                "acts": [wacts[e][i] for i in keep],
+            }
 
         raw = st.top_vals[j, :n_ex].tolist()
         mass: dict[int, float] = {}
@@ -555,28 +660,58 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
             e += N_PER_QUANTILE
         top_tokens = sorted(mass.items(), key=lambda kv: -kv[1])[:N_TOP_TOKENS]
         total = sum(raw)  # > 0: every example fired
-        features.append(Feature(
-            id=j, rank=int(rank[j]), score=expl[j]["detection"]["score"],
-            explanation=expl[j]["explanation"], family=family_of[j], pattern=expl[j]["pattern"],
-            explain_f1=expl[j]["explain_f1"], detection=expl[j]["detection"], monosemanticity=scores[j],
-            token_score=comps["token"][j], context_score=comps["context"][j], lens_score=comps["lens"][j],
-            frequency=freq[j], mean_act=means[j], max_act=maxes[j],
-            hist={"bin_width": 2.0 ** (int(st.hist_exp[j]) - LOG2_BINS) if counts else 0.0, "counts": counts},
-            top_tokens=[[t, round(v / total, 4)] for t, v in top_tokens],
-            lens={"promoted": [[t, v] for t, v in zip(up_i[j].tolist(), r3(up_v[j]))],
-                  "suppressed": [[t, v] for t, v in zip(down_i[j].tolist(), r3(down_v[j]))]},
-            examples=examples, quantiles=quantiles,
-            nearest=[[i, c] for i, c in zip(near_ids[j].tolist(), r3(near_cos[j]))],
-        ))  # fmt: skip
+        features.append(
+            Feature(
+                id=j,
+                rank=int(rank[j]),
+                score=expl[j]["detection"]["score"],
+                explanation=expl[j]["explanation"],
+                family=family_of[j],
+                pattern=expl[j]["pattern"],
+                explain_f1=expl[j]["explain_f1"],
+                detection=expl[j]["detection"],
+                monosemanticity=scores[j],
+                token_score=comps["token"][j],
+                context_score=comps["context"][j],
+                lens_score=comps["lens"][j],
+                frequency=freq[j],
+                mean_act=means[j],
+                max_act=maxes[j],
+                hist={"bin_width": 2.0 ** (int(st.hist_exp[j]) - LOG2_BINS) if counts else 0.0, "counts": counts},
+                top_tokens=[[t, round(v / total, 4)] for t, v in top_tokens],
+                lens={
+                    "promoted": [[t, v] for t, v in zip(up_i[j].tolist(), r3(up_v[j]))],
+                    "suppressed": [[t, v] for t, v in zip(down_i[j].tolist(), r3(down_v[j]))],
+                },
+                examples=examples,
+                quantiles=quantiles,
+                nearest=[[i, c] for i, c in zip(near_ids[j].tolist(), r3(near_cos[j]))],
+            )
+        )
     analysis = Analysis(
-        format=FORMAT, version=VERSION, sae=str(cfg.sae), acts=str(cfg.acts), model=lm.name,
-        hook=m.get("hook"), n_tokens=st.n_rows, d_sae=sae.d_sae, top_k=k, ctx_before=before,
-        ctx_after=after, chance={"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
+        format=FORMAT,
+        version=VERSION,
+        sae=str(cfg.sae),
+        acts=str(cfg.acts),
+        model=lm.name,
+        hook=m.get("hook"),
+        n_tokens=st.n_rows,
+        d_sae=sae.d_sae,
+        top_k=k,
+        ctx_before=before,
+        ctx_after=after,
+        chance={"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
         heldout={"share": cfg.heldout, "tokens": int(pat.unigram[1][0].sum())},
-        cost={"pass1_s": round(pass1, 2), "pass1_cpu_s": round(pass1_cpu, 2), "builtin_explain_s": round(seconds_builtin, 2),
-              "builtin_explain_cpu_s": round(cpu_builtin, 2)},
-        vocab=vocab, features=features, families=fams,
-    )  # fmt: skip
+        cost={
+            "pass1_s": round(pass1, 2),
+            "pass1_cpu_s": round(pass1_cpu, 2),
+            "builtin_explain_s": round(seconds_builtin, 2),
+            "builtin_explain_cpu_s": round(cpu_builtin, 2),
+        },
+        vocab=vocab,
+        features=features,
+        families=fams,
+    )
     if cfg.steer > 0:
         analysis["steer"] = _steer_samples(cfg, lm, sae, m.get("hook"), features, order[: cfg.steer].tolist())
     _write_outputs(out, analysis, order, cfg.max_features)
@@ -595,15 +730,30 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     plots = write_plots(out, freq_t, st.l0, det_score, st.n_rows)
     l0_mean = float((st.l0 * torch.arange(len(st.l0))).sum() / max(st.n_rows, 1))
     summary = {
-        "out": str(out), "features_json": str(out / FEATURES_FILE), "page": str(out / "index.html"),
-        "ranking": str(out / "ranking.csv"), "plots": plots, "n_tokens": st.n_rows, "d_sae": sae.d_sae,
-        "dead_features": int((st.count == 0).sum()), "mean_l0": l0_mean, "top_features": order[:10].tolist(),
-        "n_families": len(fams), "cost": analysis["cost"], "seconds": round(time.time() - t0, 1),
-    }  # fmt: skip
+        "out": str(out),
+        "features_json": str(out / FEATURES_FILE),
+        "page": str(out / "index.html"),
+        "ranking": str(out / "ranking.csv"),
+        "plots": plots,
+        "n_tokens": st.n_rows,
+        "d_sae": sae.d_sae,
+        "dead_features": int((st.count == 0).sum()),
+        "mean_l0": l0_mean,
+        "top_features": order[:10].tolist(),
+        "n_families": len(fams),
+        "cost": analysis["cost"],
+        "seconds": round(time.time() - t0, 1),
+    }
     best = order[0].item()
-    finish(out, "analyze", settings, inputs, summary,
-           f"analyze: {out / 'index.html'}: {sae.d_sae:,} features on {st.n_rows:,} tokens, {summary['dead_features']:,} never fire, "
-           f"mean L0 {l0_mean:.1f}; best feature {best} (score {float(s['score'][best]):.3f}); in {summary['seconds']} s")  # fmt: skip
+    finish(
+        out,
+        "analyze",
+        settings,
+        inputs,
+        summary,
+        f"analyze: {out / 'index.html'}: {sae.d_sae:,} features on {st.n_rows:,} tokens, {summary['dead_features']:,} never fire, "
+        f"mean L0 {l0_mean:.1f}; best feature {best} (score {float(s['score'][best]):.3f}); in {summary['seconds']} s",
+    )
     return summary
 
 
@@ -612,12 +762,16 @@ def _write_outputs(out: Path, analysis: Analysis, order: Tensor, max_features: i
 
     features = analysis["features"]
     # allow_nan=False: JSON has no NaN, and browsers' JSON.parse rejects the whole file over one.
-    write_text_atomic(out / FEATURES_FILE, json.dumps(analysis, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+    write_text_atomic(
+        out / FEATURES_FILE, json.dumps(analysis, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    )
     _write_ranking(out / "ranking.csv", [features[i] for i in order.tolist()], analysis["vocab"])
     write_page(analysis, out / "index.html", max_features)
 
 
-def _steer_samples(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | None, features: list[dict], ids: list[int]) -> dict:
+def _steer_samples(
+    cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | None, features: list[dict], ids: list[int]
+) -> dict:
     """Greedy continuations of cfg.steer_prompt with feature j's decoder direction added at the hook
     (strength steer_times x its max activation), at the positions the SAE reads: what
     `sae-lite steer --mode add` does (tests/test_intervene.py checks that they agree). Adds a
@@ -652,7 +806,13 @@ def _steer_samples(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | No
         g = generate(lm, prompt, STEER_TOKENS, hook, add(strength * sae.W_dec[j]))
         features[j]["steer"] = {"strength": round(strength, 4), "text": g.text}
     clean = generate(lm, prompt, STEER_TOKENS).text
-    return {"prompt": cfg.steer_prompt, "clean": clean, "times_max": cfg.steer_times, "new_tokens": STEER_TOKENS, "hook": hook}
+    return {
+        "prompt": cfg.steer_prompt,
+        "clean": clean,
+        "times_max": cfg.steer_times,
+        "new_tokens": STEER_TOKENS,
+        "hook": hook,
+    }
 
 
 def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:
@@ -666,23 +826,48 @@ def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:
         for r in ranked:
             top = vocab[str(r["top_tokens"][0][0])] if r["top_tokens"] else ""
             m = r.get("model_explanation") or {}
-            w.writerow([r[c] for c in cols] + [r["detection"][c] for c in det] + [r[c] for c in more]
-                       + [top, vocab[str(r["lens"]["promoted"][0][0])], m.get("explanation", ""), m.get("balanced_accuracy", "")])  # fmt: skip
+            w.writerow(
+                [r[c] for c in cols]
+                + [r["detection"][c] for c in det]
+                + [r[c] for c in more]
+                + [
+                    top,
+                    vocab[str(r["lens"]["promoted"][0][0])],
+                    m.get("explanation", ""),
+                    m.get("balanced_accuracy", ""),
+                ]
+            )
     os.replace(tmp, path)
 
 
 N_EXPLAIN, N_SCORE = 2, 3  # contexts per quantile: shown to the explainer (explain split), scored (held-out)
 
 
-def model_explanations(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, cache: ActivationCache, counts: explain.Counts,
-                       heads: list[int], tokens: Tensor, doc: Tensor, pos: Tensor, out: Path) -> dict[int, dict]:  # fmt: skip
+def model_explanations(
+    cfg: AnalyzeConfig,
+    lm: LoadedModel,
+    sae: SAE,
+    cache: ActivationCache,
+    counts: explain.Counts,
+    heads: list[int],
+    tokens: Tensor,
+    doc: Tensor,
+    pos: Tensor,
+    out: Path,
+) -> dict[int, dict]:
     """Explanations of features `heads` by cfg.explainer, each scored yes/no on held-out contexts:
     activating ones from every quantile and as many random held-out ones where it never fires."""
     from .fsutil import sha256_file
 
     before, after = cfg.ctx_before, cfg.ctx_after
-    header = {"explainer": cfg.explainer, "sae": sha256_file(Path(cfg.sae) / "sae.safetensors"), "acts": str(cfg.acts),
-              "heldout": cfg.heldout, "ctx": [before, after], "prompt": explain.PROMPT_VERSION}  # fmt: skip
+    header = {
+        "explainer": cfg.explainer,
+        "sae": sha256_file(Path(cfg.sae) / "sae.safetensors"),
+        "acts": str(cfg.acts),
+        "heldout": cfg.heldout,
+        "ctx": [before, after],
+        "prompt": explain.PROMPT_VERSION,
+    }
     results = explain.ResultCache(out / "model_explanations.json", header)
     todo = [j for j in heads if results.get(j) is None]
     if todo:
@@ -694,7 +879,13 @@ def model_explanations(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, cache: Act
         for j in todo:
             ex = [i for q in explain.quantile_picks(counts.sample_vals[0, j], N_EXPLAIN) for i in q]
             po = [i for q in explain.quantile_picks(counts.sample_vals[1, j], N_SCORE) for i in q]
-            r = torch.cat([counts.sample_rows[0, j, ex], counts.sample_rows[1, j, po], held[torch.randint(len(held), (4 * n_pos,), generator=g)]])
+            r = torch.cat(
+                [
+                    counts.sample_rows[0, j, ex],
+                    counts.sample_rows[1, j, po],
+                    held[torch.randint(len(held), (4 * n_pos,), generator=g)],
+                ]
+            )
             rows[j, : len(r)] = r
             plan[j] = (len(ex), len(po))
         win = context_windows(doc, pos, rows, before, after)  # [d_sae, R, W]
@@ -706,17 +897,27 @@ def model_explanations(cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, cache: Act
         for j in tqdm(todo, desc="model explanations", unit="feature", dynamic_ncols=True):
             t1, c1 = time.time(), time.process_time()
             n_ex, n_po = plan[j]
-            shown = [explain.marked([dec(int(tokens[r])) for r in w[w >= 0]], a[w >= 0].tolist()) for w, a in zip(win[j, :n_ex], acts[j, :n_ex])]
+            shown = [
+                explain.marked([dec(int(tokens[r])) for r in w[w >= 0]], a[w >= 0].tolist())
+                for w, a in zip(win[j, :n_ex], acts[j, :n_ex])
+            ]
             phrase = model.explain(shown)
             pos_txt = [text(w) for w in win[j, n_ex : n_ex + n_po]]
-            quiet = [text(w) for w, a in zip(win[j, n_ex + n_po :], acts[j, n_ex + n_po :]) if (w >= 0).any() and not (a > 0).any()]
+            quiet = [
+                text(w)
+                for w, a in zip(win[j, n_ex + n_po :], acts[j, n_ex + n_po :])
+                if (w >= 0).any() and not (a > 0).any()
+            ]
             neg_txt = quiet[: len(pos_txt)]
             entry = {"explanation": phrase, "balanced_accuracy": None, "auroc": None, "n_scored": 0}
             if pos_txt and len(neg_txt) == len(pos_txt):
                 margin = model.yes_margin(phrase, pos_txt + neg_txt)
                 label = torch.arange(len(margin)) < len(pos_txt)
-                entry.update(balanced_accuracy=round(explain.balanced_accuracy(margin, label), 4),
-                             auroc=round(explain.auroc(margin, label), 4), n_scored=len(margin))  # fmt: skip
+                entry.update(
+                    balanced_accuracy=round(explain.balanced_accuracy(margin, label), 4),
+                    auroc=round(explain.auroc(margin, label), 4),
+                    n_scored=len(margin),
+                )
             entry["seconds"], entry["cpu_seconds"] = round(time.time() - t1, 2), round(time.process_time() - c1, 2)
             results.put(j, entry)
     return {j: results.get(j) for j in heads}
@@ -731,10 +932,13 @@ def write_plots(out: Path, freq: Tensor, l0: Tensor, score: Tensor, n_rows: int)
 
     alive = freq[freq > 0]
     figs = {
-        "feature_density.png": (torch.log10(alive).numpy(), "log10 firing frequency",
-                                f"feature density ({int((freq == 0).sum())} dead of {len(freq)})"),
+        "feature_density.png": (
+            torch.log10(alive).numpy(),
+            "log10 firing frequency",
+            f"feature density ({int((freq == 0).sum())} dead of {len(freq)})",
+        ),
         "score_distribution.png": (score.numpy(), "monosemanticity score", "score distribution"),
-    }  # fmt: skip
+    }
     paths = []
     for name, (x, xlabel, title) in figs.items():
         fig, ax = plt.subplots(figsize=(6, 4))

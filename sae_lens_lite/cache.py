@@ -39,9 +39,17 @@ VERSION = 1
 MANIFEST = "manifest.json"
 # What a cache was made from. A writer refuses to resume into a cache whose provenance differs.
 PROVENANCE_KEYS = (
-    "model", "weights_hash", "hook", "corpus", "tokenizer", "dtype", "context_length",
-    "contexts_per_shard", "filters", "max_contexts",
-)  # fmt: skip
+    "model",
+    "weights_hash",
+    "hook",
+    "corpus",
+    "tokenizer",
+    "dtype",
+    "context_length",
+    "contexts_per_shard",
+    "filters",
+    "max_contexts",
+)
 
 
 def shard_name(i: int) -> str:
@@ -60,11 +68,15 @@ class CacheWriter:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{self.path} is being written by another process; wait for it or choose another --out") from None
+            raise UserError(
+                f"{self.path} is being written by another process; wait for it or choose another --out"
+            ) from None
         self.provenance = {k: provenance.get(k) for k in PROVENANCE_KEYS}
         old = _read_manifest(self.path)
         if old is None and any(p.name != ".lock" for p in self.path.iterdir()) and not overwrite:
-            raise UserError(f"{self.path} is not empty and is not an activation cache: choose another --out or pass --overwrite")
+            raise UserError(
+                f"{self.path} is not empty and is not an activation cache: choose another --out or pass --overwrite"
+            )
         if old is not None and _provenance(old) != json.loads(json.dumps(self.provenance)):
             if not overwrite:
                 diff = [k for k in PROVENANCE_KEYS if old.get(k) != json.loads(json.dumps(self.provenance)).get(k)]
@@ -78,9 +90,15 @@ class CacheWriter:
                 if p.name != ".lock" and p.is_file():
                     p.unlink()
         self.manifest = old or {
-            "format": FORMAT, "version": VERSION, "complete": False, **self.provenance,
-            "d_model": d_model, "n_tokens": 0, "n_contexts": 0, "shards": [],
-        }  # fmt: skip
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": False,
+            **self.provenance,
+            "d_model": d_model,
+            "n_tokens": 0,
+            "n_contexts": 0,
+            "shards": [],
+        }
         # Anything not in the manifest is debris from an interrupted write.
         listed = {s["file"] for s in self.manifest["shards"]}
         for p in self.path.glob("shard_*"):
@@ -97,11 +115,24 @@ class CacheWriter:
     def n_shards(self) -> int:
         return len(self.manifest["shards"])
 
-    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int | None = None, nonfinite_rows: int = 0) -> None:
+    def add_shard(
+        self,
+        acts: Tensor,
+        tokens: Tensor,
+        doc: Tensor,
+        pos: Tensor,
+        n_contexts: int,
+        index: int | None = None,
+        nonfinite_rows: int = 0,
+    ) -> None:
         """acts [n, d_model]; tokens, doc, pos [n]; n_contexts: how many contexts it covers;
         index: the shard's number if the caller tracks it (it must be the next one)."""
         assert index in (None, self.n_shards), f"shard {index} written out of order"
-        self.append(write_shard(self.path, self.n_shards, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows))
+        self.append(
+            write_shard(
+                self.path, self.n_shards, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows
+            )
+        )
 
     def append(self, entry: dict) -> None:
         """Enter a shard file already written (by `write_shard`) as the next shard of the manifest."""
@@ -123,7 +154,11 @@ class CacheWriter:
         for s in m["shards"][bad:]:
             (self.path / s["file"]).unlink(missing_ok=True)
         m["shards"] = m["shards"][:bad]
-        m.update(complete=False, n_tokens=sum(s["n_rows"] for s in m["shards"]), n_contexts=sum(s["n_contexts"] for s in m["shards"]))
+        m.update(
+            complete=False,
+            n_tokens=sum(s["n_rows"] for s in m["shards"]),
+            n_contexts=sum(s["n_contexts"] for s in m["shards"]),
+        )
         write_json_atomic(self.path / MANIFEST, m)
         return bad
 
@@ -141,8 +176,17 @@ class CacheWriter:
             self._lock.close()
 
 
-def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int,
-                nonfinite_rows: int = 0) -> dict:  # fmt: skip
+def write_shard(
+    path: Path,
+    index: int,
+    dtype: str,
+    acts: Tensor,
+    tokens: Tensor,
+    doc: Tensor,
+    pos: Tensor,
+    n_contexts: int,
+    nonfinite_rows: int = 0,
+) -> dict:
     """Write shard `index` of the cache at `path` (temporary name, fsync, rename) and return its
     manifest entry. Separate from CacheWriter so that ranks of a sharded harvest can each write
     their own shards while one process keeps the manifest (ShardedCacheWriter)."""
@@ -161,9 +205,17 @@ def write_shard(path: Path, index: int, dtype: str, acts: Tensor, tokens: Tensor
             os.fsync(f.fileno())
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {tmp}: {e.strerror}; free some space and run the same command to resume") from None
+        raise UserError(
+            f"could not write {tmp}: {e.strerror}; free some space and run the same command to resume"
+        ) from None
     os.replace(tmp, path / name)
-    return {"file": name, "n_rows": int(acts.shape[0]), "n_contexts": n_contexts, "nonfinite_rows": nonfinite_rows, "sha256": sha256_file(path / name)}
+    return {
+        "file": name,
+        "n_rows": int(acts.shape[0]),
+        "n_contexts": n_contexts,
+        "nonfinite_rows": nonfinite_rows,
+        "sha256": sha256_file(path / name),
+    }
 
 
 class ShardedCacheWriter:
@@ -198,8 +250,19 @@ class ShardedCacheWriter:
         """Shards the cache held when opened (where this harvest resumes)."""
         return len(self.manifest["shards"])
 
-    def add_shard(self, acts: Tensor, tokens: Tensor, doc: Tensor, pos: Tensor, n_contexts: int, index: int, nonfinite_rows: int = 0) -> None:
-        self.pending.append(write_shard(self.path, index, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows))
+    def add_shard(
+        self,
+        acts: Tensor,
+        tokens: Tensor,
+        doc: Tensor,
+        pos: Tensor,
+        n_contexts: int,
+        index: int,
+        nonfinite_rows: int = 0,
+    ) -> None:
+        self.pending.append(
+            write_shard(self.path, index, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows)
+        )
 
     def sync(self) -> None:
         entries: list[list[dict]] = [[] for _ in range(world_size())]
@@ -240,7 +303,9 @@ def _read_manifest(path: Path) -> dict | None:
         raise UserError(f"{f} is not an sae_lens_lite activation manifest")
     missing = {"complete", "shards", "d_model", "n_tokens", "dtype"} - set(m)
     if missing or not all(isinstance(e, dict) and {"file", "n_rows", "sha256"} <= set(e) for e in m["shards"]):
-        raise UserError(f"{f} is damaged (missing or wrong {', '.join(sorted(missing)) or 'shard entries'}); harvest the cache again with --overwrite")
+        raise UserError(
+            f"{f} is damaged (missing or wrong {', '.join(sorted(missing)) or 'shard entries'}); harvest the cache again with --overwrite"
+        )
     return m
 
 
@@ -266,7 +331,9 @@ class ActivationCache:
         if m is None:
             raise UserError(f"{path} has no {MANIFEST}; it is not an activation cache")
         if not m["complete"]:
-            raise UserError(f"the cache {path} is incomplete (interrupted harvest); run the same harvest command again to finish it")
+            raise UserError(
+                f"the cache {path} is incomplete (interrupted harvest); run the same harvest command again to finish it"
+            )
         return cls(path, m, verify)
 
     @property
@@ -288,7 +355,9 @@ class ActivationCache:
         if not f.exists():
             raise UserError(f"shard {f} is missing; run the same harvest command again, which redoes it")
         if sha256_file(f) != entry["sha256"]:
-            raise UserError(f"shard {f} is corrupt (sha256 differs from the manifest); run the same harvest command again, which redoes it")
+            raise UserError(
+                f"shard {f} is corrupt (sha256 differs from the manifest); run the same harvest command again, which redoes it"
+            )
 
     def read_shard(self, i: int, keys: tuple[str, ...] = ("activations", "tokens", "doc", "pos")) -> dict[str, Tensor]:
         if self.verify and i not in self._verified:
@@ -301,7 +370,9 @@ class ActivationCache:
         except Exception as e:  # safetensors raises its own error types for damaged headers
             raise UserError(f"cannot read shard {f}: {e}") from None
 
-    def load(self, keys: tuple[str, ...] = ("activations", "tokens", "doc", "pos"), dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    def load(
+        self, keys: tuple[str, ...] = ("activations", "tokens", "doc", "pos"), dtype: torch.dtype | None = None
+    ) -> dict[str, Tensor]:
         """The whole cache concatenated in order (use only when it fits in memory)."""
         parts = [self.read_shard(i, keys) for i in range(self.n_shards)]
         out = {k: torch.cat([p[k] for p in parts]) for k in keys}
@@ -333,7 +404,9 @@ class ActivationCache:
         order = torch.randperm(self.n_shards, generator=g).tolist() if shuffle else list(range(self.n_shards))
         carry = torch.empty(0, self.d_model, dtype=dtype)
         for w in range(0, len(order), shards_in_memory):
-            window = [self.read_shard(i, ("activations",))["activations"].to(dtype) for i in order[w : w + shards_in_memory]]
+            window = [
+                self.read_shard(i, ("activations",))["activations"].to(dtype) for i in order[w : w + shards_in_memory]
+            ]
             rows = torch.cat([carry, *window])
             if shuffle:
                 rows = rows[torch.randperm(len(rows), generator=g)]

@@ -50,12 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     stages = [
         ("harvest", HarvestConfig, "run a model over a corpus and cache activations at hook points"),
         ("train", TrainConfig, "train an SAE on a cached activation set"),
-        ("evaluate", EvalConfig, "reconstruction, sparsity and spliced CE loss on held-out text, with PCA/VAE baselines"),
+        (
+            "evaluate",
+            EvalConfig,
+            "reconstruction, sparsity and spliced CE loss on held-out text, with PCA/VAE baselines",
+        ),
         ("analyze", AnalyzeConfig, "top activations, monosemanticity ranking, logit lens, HTML feature browser"),
         ("export", ExportConfig, "write a feature dictionary or a SAELens-compatible directory"),
         ("import", ImportConfig, "convert a SAELens or sparsify SAE into ours"),
         ("steer", SteerConfig, "generate with and without a feature added to (or clamped at) the hook"),
-        ("attribute", AttributeConfig, "which features raise or lower the next token's log-probability (activation x gradient, checked by ablation)"),
+        (
+            "attribute",
+            AttributeConfig,
+            "which features raise or lower the next token's log-probability (activation x gradient, checked by ablation)",
+        ),
     ]
     for name, cls, help in stages:
         sp = sub.add_parser(name, help=help, description=help)
@@ -64,13 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     help = "score several SAEs of one model and hook on the same tokens and positions: a table and a frontier plot"
     cmp = sub.add_parser("compare", help=help, description=help)
-    cmp.add_argument("saes", nargs="+", metavar="SAE", help="SAE directories (trained or imported), or evaluation report.json files")
+    cmp.add_argument(
+        "saes", nargs="+", metavar="SAE", help="SAE directories (trained or imported), or evaluation report.json files"
+    )
     add_dataclass_args(cmp, CompareConfig, skip=("saes",))
     cmp.set_defaults(config_cls=CompareConfig)
 
-    run = sub.add_parser("run", help="every stage from a run file (configs/*.toml) with key=value overrides",
-                         description="Run harvest, train, evaluate, analyze and export from one TOML file. "
-                         "Overrides look like train.l1=3 or harvest.tokens=50000.")  # fmt: skip
+    run = sub.add_parser(
+        "run",
+        help="every stage from a run file (configs/*.toml) with key=value overrides",
+        description="Run harvest, train, evaluate, analyze and export from one TOML file. "
+        "Overrides look like train.l1=3 or harvest.tokens=50000.",
+    )
     run.add_argument("config", help="TOML run file, e.g. configs/demo.toml")
     run.add_argument("overrides", nargs="*", help="section.key=value settings that replace the file's")
 
@@ -129,8 +142,17 @@ def dispatch(args: argparse.Namespace) -> int:
     from .intervene import attribute, steer
     from .train import train
 
-    fn = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export, "import": import_cmd, "compare": compare,
-          "steer": steer, "attribute": attribute}[cmd]  # fmt: skip
+    fn = {
+        "harvest": harvest,
+        "train": train,
+        "evaluate": evaluate,
+        "analyze": analyze,
+        "export": export,
+        "import": import_cmd,
+        "compare": compare,
+        "steer": steer,
+        "attribute": attribute,
+    }[cmd]
     fn(from_namespace(args.config_cls, args))  # each stage ends by printing its result line
     return 0
 
@@ -172,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae-lite {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk or unreadable file deep inside a library
-        print(f"sae-lite {args.command}: error: {e.strerror or e} ({getattr(e, 'filename', '') or ''})", file=sys.stderr)
+        print(
+            f"sae-lite {args.command}: error: {e.strerror or e} ({getattr(e, 'filename', '') or ''})", file=sys.stderr
+        )
         return 2
 
 

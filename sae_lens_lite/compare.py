@@ -30,9 +30,20 @@ from .config import opt
 from .corpus import check_context_length, position_filters, special_token_ids
 from .errors import UserError
 from .evaluate import (
-    CHUNK, EvalConfig, ReconStats, SparsityStats, _fit_activations, _same_corpus, ce_kl_sums, ce_summary,
-    eval_activations, eval_contexts, footing, footing_differences, training_text,
-)  # fmt: skip
+    CHUNK,
+    EvalConfig,
+    ReconStats,
+    SparsityStats,
+    _fit_activations,
+    _same_corpus,
+    ce_kl_sums,
+    ce_summary,
+    eval_activations,
+    eval_contexts,
+    footing,
+    footing_differences,
+    training_text,
+)
 from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
 from .models import LoadedModel, hook_point, load_model
 from .report import fmt, positions_text
@@ -45,19 +56,40 @@ _EVAL = EvalConfig()  # the positions defaults are evaluate's, so that both scor
 
 @dataclass
 class CompareConfig:
-    saes: list[str] = opt([], "SAE directories (from train, or import of a SAELens/sparsify SAE), or evaluation report.json files")
+    saes: list[str] = opt(
+        [], "SAE directories (from train, or import of a SAELens/sparsify SAE), or evaluation report.json files"
+    )
     model: str | None = opt(None, "model to splice the SAEs into; default: the model they name")
-    dataset: str = opt("pydoc", "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id), held out from every SAE's training")
+    dataset: str = opt(
+        "pydoc",
+        "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id), held out from every SAE's training",
+    )
     tokens: int = opt(16384, "evaluation tokens, in whole contexts")
-    skip_tokens: int | None = opt(None, "skip the corpus's first tokens (rounded up to whole contexts); default: the most any SAE's training cache took from this corpus, else 0")
+    skip_tokens: int | None = opt(
+        None,
+        "skip the corpus's first tokens (rounded up to whole contexts); default: the most any SAE's training cache took from this corpus, else 0",
+    )
     context_length: int | None = opt(None, "tokens per context; default: the SAEs' training context length")
-    drop_special: bool = opt(_EVAL.drop_special, "leave BOS/EOS/pad positions unspliced and unscored (as evaluate and harvest do by default)")
-    drop_first: int = opt(_EVAL.drop_first, "leave the first N positions of every context unspliced and unscored (as evaluate and harvest do by default)")
-    outlier_factor: float = opt(_EVAL.outlier_factor, "also leave positions whose activation norm exceeds this multiple of the median norm over the eval text (0 = none)")
+    drop_special: bool = opt(
+        _EVAL.drop_special, "leave BOS/EOS/pad positions unspliced and unscored (as evaluate and harvest do by default)"
+    )
+    drop_first: int = opt(
+        _EVAL.drop_first,
+        "leave the first N positions of every context unspliced and unscored (as evaluate and harvest do by default)",
+    )
+    outlier_factor: float = opt(
+        _EVAL.outlier_factor,
+        "also leave positions whose activation norm exceeds this multiple of the median norm over the eval text (0 = none)",
+    )
     batch_size: int = opt(8, "contexts per forward")
     device: str = opt("auto", "cpu, cuda, or auto")
-    baselines: bool = opt(True, "PCA and VAE reference curves at powers of two spanning the SAEs' L0 (every row is then scored on the second half of the eval contexts unless --acts is given)")
-    acts: str | None = opt(None, "activation cache at the same hook to fit the baselines on; default: the first half of the eval contexts")
+    baselines: bool = opt(
+        True,
+        "PCA and VAE reference curves at powers of two spanning the SAEs' L0 (every row is then scored on the second half of the eval contexts unless --acts is given)",
+    )
+    acts: str | None = opt(
+        None, "activation cache at the same hook to fit the baselines on; default: the first half of the eval contexts"
+    )
     out: str = opt("runs/compare", "directory for compare.json, compare.md and frontier.png")
     overwrite: bool = opt(False, "replace an existing comparison in --out")
 
@@ -80,14 +112,18 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     model_name, hook, d_in = _same_model_and_hook(saes, cfg)
     lengths = {s.cfg.context_length for s in saes.values()} - {None}
     if cfg.context_length is None and len(lengths) > 1:
-        raise UserError(f"the SAEs were trained on contexts of {sorted(lengths)} tokens; pass --context-length to evaluate all on one")
+        raise UserError(
+            f"the SAEs were trained on contexts of {sorted(lengths)} tokens; pass --context-length to evaluate all on one"
+        )
     T = cfg.context_length or (lengths.pop() if lengths else 128)
     out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
     if lm is None:
         lm = load_model(model_name, device)
     hook_point(lm.model, hook)
     if lm.d_model != d_in:
-        raise UserError(f"the SAEs read {d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model")
+        raise UserError(
+            f"the SAEs read {d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model"
+        )
     check_context_length(lm, T)
     skip = cfg.skip_tokens
     if skip is None:  # held out from every SAE's training text
@@ -96,14 +132,20 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip)  # [n_ctx, T]
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
     if cfg.baselines and not cfg.acts and n_fit == 0:
-        raise UserError("baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens or pass --no-baselines")
+        raise UserError(
+            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens or pass --no-baselines"
+        )
     times["load"] = time.perf_counter() - t0
 
     # the activations at the hook, once for every SAE
     t = time.perf_counter()
-    x, row_ctx, keep = eval_activations(lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device)
+    x, row_ctx, keep = eval_activations(
+        lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device
+    )
     if len(x) == 0:
-        raise UserError(f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower --drop-first or --outlier-factor")
+        raise UserError(
+            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower --drop-first or --outlier-factor"
+        )
     mean = x.mean(0)  # [d_in], the mean-ablation value (as evaluate's: over every evaluated position)
     xs = x[row_ctx >= n_fit]  # [n_score, d_in], what every row is scored on
     methods: dict[str, Callable[[Tensor], Tensor]] = {}
@@ -117,8 +159,15 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
                 sparse.add(o.latents)
             sp = sparse.result()
             del sp["firing_frequency"]
-            rows[name] = {"name": name, "kind": "sae", "path": str(paths[name]), **_describe(sae),
-                          "active_dims_per_token": sp["l0"], **recon.result(), "sparsity": sp}  # fmt: skip
+            rows[name] = {
+                "name": name,
+                "kind": "sae",
+                "path": str(paths[name]),
+                **_describe(sae),
+                "active_dims_per_token": sp["l0"],
+                **recon.result(),
+                "sparsity": sp,
+            }
             methods[name] = lambda a, s=sae: s(a).x_hat
     times["activations_and_saes"] = time.perf_counter() - t
 
@@ -128,7 +177,10 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
         for k in curve_sizes([r["active_dims_per_token"] for r in rows.values()], d_in):
             pca, vae = fit_pca(fit_x, k), fit_vae(fit_x, k)
             methods[f"pca_{k}"], methods[f"vae_{k}"] = pca.reconstruct, vae.reconstruct
-            for name, fn, active in ((f"pca_{k}", pca.reconstruct, {"active_dims_per_token": float(k)}), (f"vae_{k}", vae.reconstruct, vae_activity(vae, xs))):
+            for name, fn, active in (
+                (f"pca_{k}", pca.reconstruct, {"active_dims_per_token": float(k)}),
+                (f"vae_{k}", vae.reconstruct, vae_activity(vae, xs)),
+            ):
                 recon = ReconStats(xs.mean(0))
                 for i in range(0, len(xs), CHUNK):
                     recon.add(xs[i : i + CHUNK], fn(xs[i : i + CHUNK]))
@@ -141,19 +193,28 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     sums = ce_kl_sums(lm.model, contexts[n_fit:], keep[n_fit:], hook, interventions, 0, cfg.batch_size, device)["all"]
     ce = ce_summary(sums, list(methods))
     for name, row in rows.items():
-        row.update(ce_loss=ce[name], ce_loss_recovered=ce[f"{name}_recovered"], ce_loss_recovered_vs_mean=ce[f"{name}_recovered_vs_mean"], kl=ce[f"kl_{name}"])
+        row.update(
+            ce_loss=ce[name],
+            ce_loss_recovered=ce[f"{name}_recovered"],
+            ce_loss_recovered_vs_mean=ce[f"{name}_recovered_vs_mean"],
+            kl=ce[f"kl_{name}"],
+        )
     times["ce_kl"] = time.perf_counter() - t
 
     result = {
         "footing": footing(lm, hook, cfg.dataset, skip, contexts, filters, len(x)),
-        "scored_on": f"eval contexts {n_fit}..{len(contexts) - 1}" + (f" (0..{n_fit - 1} fitted the baselines)" if n_fit else ""),
-        "baselines_fit_on": (f"activation cache {cfg.acts}" if cfg.acts else f"eval contexts 0..{n_fit - 1}") if cfg.baselines else None,
-        "n_scored_activations": len(xs), "n_predictions": int(sums["n"]),
+        "scored_on": f"eval contexts {n_fit}..{len(contexts) - 1}"
+        + (f" (0..{n_fit - 1} fitted the baselines)" if n_fit else ""),
+        "baselines_fit_on": (f"activation cache {cfg.acts}" if cfg.acts else f"eval contexts 0..{n_fit - 1}")
+        if cfg.baselines
+        else None,
+        "n_scored_activations": len(xs),
+        "n_predictions": int(sums["n"]),
         "ce": {k: ce[k] for k in ("clean", "zero_ablation", "mean_ablation", "kl_zero_ablation", "kl_mean_ablation")},
         "saes": [r for r in rows.values() if r["kind"] == "sae"],
         "baselines": [r for r in rows.values() if r["kind"] != "sae"],
         "config": asdict(cfg),
-    }  # fmt: skip
+    }
     times["total"] = time.perf_counter() - t0
     result["timing_s"] = times
     _write(result, out)
@@ -174,22 +235,42 @@ def compare_reports(cfg: CompareConfig) -> dict:
     reports = [json.loads(p.read_text()) for p in paths]
     for p, r in zip(paths[1:], reports[1:]):
         if diff := footing_differences(reports[0], r):
-            raise UserError(f"{p} is not comparable with {paths[0]}: {'; '.join(diff)}; evaluate them with the same settings, or run sae-lite compare on the SAE directories")
+            raise UserError(
+                f"{p} is not comparable with {paths[0]}: {'; '.join(diff)}; evaluate them with the same settings, or run sae-lite compare on the SAE directories"
+            )
     out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
     names = _names([str(p.parent.parent if p.parent.name == "eval" else p.parent) for p in paths])
     rows = []
     for name, r in zip(names, reports):
         ce = r["ce"]
-        rows.append({"name": name, "kind": "sae", "path": r["sae"], "active_dims_per_token": r["sparsity"]["l0"], **r["reconstruction"],
-                     "ce_loss": ce["sae"], "ce_loss_recovered": ce["sae_recovered"], "ce_loss_recovered_vs_mean": ce["sae_recovered_vs_mean"],
-                     "kl": ce["kl_sae"], "sparsity": r["sparsity"], "d_sae": r["sparsity"]["d_sae"]})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "kind": "sae",
+                "path": r["sae"],
+                "active_dims_per_token": r["sparsity"]["l0"],
+                **r["reconstruction"],
+                "ce_loss": ce["sae"],
+                "ce_loss_recovered": ce["sae_recovered"],
+                "ce_loss_recovered_vs_mean": ce["sae_recovered_vs_mean"],
+                "kl": ce["kl_sae"],
+                "sparsity": r["sparsity"],
+                "d_sae": r["sparsity"]["d_sae"],
+            }
+        )
     ce = reports[0]["ce"]
     result = {
-        "footing": reports[0]["footing"], "scored_on": f"all {reports[0]['n_contexts']} eval contexts (from the reports)",
-        "baselines_fit_on": None, "n_scored_activations": reports[0]["n_activations"], "n_predictions": reports[0]["n_predictions"],
+        "footing": reports[0]["footing"],
+        "scored_on": f"all {reports[0]['n_contexts']} eval contexts (from the reports)",
+        "baselines_fit_on": None,
+        "n_scored_activations": reports[0]["n_activations"],
+        "n_predictions": reports[0]["n_predictions"],
         "ce": {k: ce[k] for k in ("clean", "zero_ablation", "mean_ablation", "kl_zero_ablation", "kl_mean_ablation")},
-        "saes": rows, "baselines": [], "config": asdict(cfg), "reports": [str(p) for p in paths],
-    }  # fmt: skip
+        "saes": rows,
+        "baselines": [],
+        "config": asdict(cfg),
+        "reports": [str(p) for p in paths],
+    }
     _write(result, out)
     return result
 
@@ -199,7 +280,9 @@ def compare_reports(cfg: CompareConfig) -> dict:
 
 def _is_report(p: str) -> bool:
     path = Path(p)
-    return (path.is_file() and path.suffix == ".json") or (path.is_dir() and (path / "report.json").exists() and not (path / "config.json").exists())
+    return (path.is_file() and path.suffix == ".json") or (
+        path.is_dir() and (path / "report.json").exists() and not (path / "config.json").exists()
+    )
 
 
 def _report_path(p: str) -> Path:
@@ -222,11 +305,15 @@ def _same_model_and_hook(saes: dict[str, SAE], cfg: CompareConfig) -> tuple[str,
     first = next(iter(saes))
     for name, sae in saes.items():
         if not sae.cfg.hook:
-            raise UserError(f"{name}/config.json names no hook; set \"hook\" there to where the SAE was trained")
+            raise UserError(f'{name}/config.json names no hook; set "hook" there to where the SAE was trained')
         a, b = saes[first].cfg, sae.cfg
-        if (a.model, a.hook, a.d_in) != (b.model, b.hook, b.d_in) and not (cfg.model and a.hook == b.hook and a.d_in == b.d_in):
-            raise UserError(f"{name} is an SAE of {b.model} at {b.hook} (d_in {b.d_in}), {first} of {a.model} at {a.hook} (d_in {a.d_in}); "
-                            "compare SAEs of one model and one hook (pass --model if the names differ for one model)")  # fmt: skip
+        if (a.model, a.hook, a.d_in) != (b.model, b.hook, b.d_in) and not (
+            cfg.model and a.hook == b.hook and a.d_in == b.d_in
+        ):
+            raise UserError(
+                f"{name} is an SAE of {b.model} at {b.hook} (d_in {b.d_in}), {first} of {a.model} at {a.hook} (d_in {a.d_in}); "
+                "compare SAEs of one model and one hook (pass --model if the names differ for one model)"
+            )
     model = cfg.model or saes[first].cfg.model
     if not model:
         raise UserError(f"{first}/config.json names no model; pass --model")
@@ -235,10 +322,15 @@ def _same_model_and_hook(saes: dict[str, SAE], cfg: CompareConfig) -> tuple[str,
 
 def _describe(sae: SAE) -> dict:
     origin = sae.cfg.meta.get("imported_from") or {}
-    source = f"imported ({origin.get('format')})" if origin else "trained here" if "train_config" in sae.cfg.meta else "unknown"
+    source = (
+        f"imported ({origin.get('format')})"
+        if origin
+        else "trained here"
+        if "train_config" in sae.cfg.meta
+        else "unknown"
+    )
     arch = f"topk k={sae.cfg.k}" if sae.cfg.activation == "topk" else sae.cfg.activation
     return {"source": source, "architecture": arch, "d_sae": sae.d_sae}
-
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -249,7 +341,9 @@ def _write(result: dict, out: Path) -> None:
     result["files"] = {"table": "compare.md", "data": "compare.json", "plot": "frontier.png"}
     write_text_atomic(out / "compare.md", markdown_table(result))
     write_json_atomic(out / "compare.json", result)  # last: its presence marks a finished comparison
-    print(f"compare: {len(result['saes'])} SAEs on {result['n_scored_activations']} activations; table in {out / 'compare.md'}")
+    print(
+        f"compare: {len(result['saes'])} SAEs on {result['n_scored_activations']} activations; table in {out / 'compare.md'}"
+    )
 
 
 def markdown_table(r: dict) -> str:
@@ -273,10 +367,17 @@ def markdown_table(r: dict) -> str:
             f"{100 * s['sparsity']['dead_fraction']:.1f}% |"
         )
     if r["baselines"]:
-        lines += ["", f"Reference curves, fitted on {r['baselines_fit_on']}:", "",
-                  "| method | active dims / token | explained variance | CE loss recovered | KL (nats) | CE loss |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            f"Reference curves, fitted on {r['baselines_fit_on']}:",
+            "",
+            "| method | active dims / token | explained variance | CE loss recovered | KL (nats) | CE loss |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for b in r["baselines"]:
-            lines.append(f"| {b['name']} | {b['active_dims_per_token']:.1f} | {fmt(b['explained_variance'])} | {fmt(b['ce_loss_recovered'])} | {b['kl']:.4f} | {b['ce_loss']:.4f} |")
+            lines.append(
+                f"| {b['name']} | {b['active_dims_per_token']:.1f} | {fmt(b['explained_variance'])} | {fmt(b['ce_loss_recovered'])} | {b['kl']:.4f} | {b['ce_loss']:.4f} |"
+            )
     if "plot" in r["files"]:
         lines += ["", "![frontier](frontier.png)"]
     return "\n".join(lines) + "\n"
@@ -291,11 +392,20 @@ def plot_frontier(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    panels = [("explained_variance", "explained variance"), ("ce_loss_recovered", "CE loss recovered (vs zero ablation)"), ("kl", "KL(clean ‖ spliced), nats")]
+    panels = [
+        ("explained_variance", "explained variance"),
+        ("ce_loss_recovered", "CE loss recovered (vs zero ablation)"),
+        ("kl", "KL(clean ‖ spliced), nats"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (key, label) in zip(axes, panels):
-        for kind, style in (("pca", dict(color="#999999", marker="s", linestyle="--")), ("vae", dict(color="#66aa55", marker="^", linestyle=":"))):
-            pts = sorted((b["active_dims_per_token"], b[key]) for b in r["baselines"] if b["kind"] == kind and b[key] is not None)
+        for kind, style in (
+            ("pca", dict(color="#999999", marker="s", linestyle="--")),
+            ("vae", dict(color="#66aa55", marker="^", linestyle=":")),
+        ):
+            pts = sorted(
+                (b["active_dims_per_token"], b[key]) for b in r["baselines"] if b["kind"] == kind and b[key] is not None
+            )
             if pts:
                 ax.plot(*zip(*pts), label=kind.upper(), markersize=4, linewidth=1, **style)
         for i, s in enumerate(r["saes"]):
@@ -308,7 +418,10 @@ def plot_frontier(r: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     f = r["footing"]
-    fig.suptitle(f"{f['model']} {f['hook']}: {r['n_scored_activations']} activations of {f['dataset']}, positions {positions_text(f['positions'])}", fontsize=9)
+    fig.suptitle(
+        f"{f['model']} {f['hook']}: {r['n_scored_activations']} activations of {f['dataset']}, positions {positions_text(f['positions'])}",
+        fontsize=9,
+    )
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
-import difflib
 import tomllib
 import typing
 from pathlib import Path
@@ -108,7 +108,9 @@ def check_memory(nbytes: float, device, what: str, fix: str) -> None:
         except (ValueError, OSError, AttributeError):
             return  # no way to tell on this platform
     if nbytes > have:
-        raise UserError(f"{what} needs about {nbytes / 2**30:.1f} GiB but the {device.type} has {have / 2**30:.1f} GiB; {fix}")
+        raise UserError(
+            f"{what} needs about {nbytes / 2**30:.1f} GiB but the {device.type} has {have / 2**30:.1f} GiB; {fix}"
+        )
 
 
 def from_namespace(cls, ns: argparse.Namespace):
@@ -125,7 +127,9 @@ def build(cls, values: dict, section: str = "", extra: tuple[str, ...] = ()):
     if unknown:
         close = [m for u in unknown for m in difflib.get_close_matches(u, [*names, *extra], n=1)]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"{where}unknown setting(s) {', '.join(unknown)}{hint}; valid: {', '.join(sorted([*names, *extra]))}")
+        raise UserError(
+            f"{where}unknown setting(s) {', '.join(unknown)}{hint}; valid: {', '.join(sorted([*names, *extra]))}"
+        )
     for f in dataclasses.fields(cls):
         if f.name in values:
             _check_type(cls, f, values[f.name], where)
@@ -145,7 +149,13 @@ def _check_type(cls, f: dataclasses.Field, value, where: str) -> None:
         list: lambda v: isinstance(v, list) and all(isinstance(x, item) for x in v),
     }.get(tp)
     if ok is not None and not ok(value):
-        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: f"a list of {getattr(item, '__name__', item)}"}[tp]
+        want = {
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            list: f"a list of {getattr(item, '__name__', item)}",
+        }[tp]
         raise UserError(f"{where}{f.name} = {value!r} should be {want}")
     if "choices" in f.metadata and value not in f.metadata["choices"]:
         raise UserError(f"{where}{f.name} = {value!r} is not one of {', '.join(f.metadata['choices'])}")

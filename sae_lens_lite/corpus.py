@@ -48,15 +48,21 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
                 raise UserError(f"corpus file {dataset} not found")
             ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
         elif path.suffix or dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:
-            raise UserError(f"corpus {dataset} not found (expected a .txt/.jsonl/.parquet/.csv file, a directory, '{DEFAULT_CORPUS}' or a hub id)")
+            raise UserError(
+                f"corpus {dataset} not found (expected a .txt/.jsonl/.parquet/.csv file, a directory, '{DEFAULT_CORPUS}' or a hub id)"
+            )
         else:
             ds = datasets.load_dataset(dataset, split=split)
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot load corpus {dataset!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(
+            f"cannot load corpus {dataset!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if text_column not in ds.column_names:
-        raise UserError(f"corpus {dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column")
+        raise UserError(
+            f"corpus {dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column"
+        )
     return [t for t in ds[text_column] if isinstance(t, str)]
 
 
@@ -103,7 +109,9 @@ def tokenize_corpus(tokenizer, texts: list[str], context_length: int, max_tokens
     if max_tokens is not None:
         n_ctx = min(n_ctx, max(1, max_tokens // context_length))
     if n_ctx == 0:
-        raise UserError(f"the corpus has {len(ids)} tokens, fewer than one context of {context_length}; use a smaller --context-length")
+        raise UserError(
+            f"the corpus has {len(ids)} tokens, fewer than one context of {context_length}; use a smaller --context-length"
+        )
     return torch.tensor(ids[: n_ctx * context_length], dtype=torch.long).view(n_ctx, context_length)
 
 
@@ -117,7 +125,15 @@ def check_context_length(lm: LoadedModel, context_length: int) -> None:
 # ---- filtering ------------------------------------------------------------------------------
 
 
-def keep_mask(tokens: Tensor, acts: Tensor | None, special_ids: set[int], *, drop_special: bool, drop_first: int, outlier_factor: float) -> Tensor:
+def keep_mask(
+    tokens: Tensor,
+    acts: Tensor | None,
+    special_ids: set[int],
+    *,
+    drop_special: bool,
+    drop_first: int,
+    outlier_factor: float,
+) -> Tensor:
     """Which rows of a batch to keep (harvest's --drop-special, --drop-first, --outlier-factor).
     tokens [b, T], acts [b, T, d] (needed only for the outlier filter) → bool [b, T]."""
     keep = torch.ones_like(tokens, dtype=torch.bool)

@@ -51,7 +51,9 @@ def local_batch_size(batch_size: int) -> int:
     return batch_size // n
 
 
-def rank_batches(cache: ActivationCache, batch_size: int, seed: int, device: torch.device) -> Callable[[int], Iterator[Tensor]]:
+def rank_batches(
+    cache: ActivationCache, batch_size: int, seed: int, device: torch.device
+) -> Callable[[int], Iterator[Tensor]]:
     """`batches(epoch)` for train_on_batches: this rank's share of each epoch, in batches of
     batch_size / N rows. The shard order is shuffled with the epoch's seed (the same on every
     rank), and rank r takes shards r, r+N, r+2N, ... of it: ranks read disjoint shards, and a new
@@ -80,7 +82,9 @@ def rank_batches(cache: ActivationCache, batch_size: int, seed: int, device: tor
             if cache.verify and i not in checked:
                 cache.check_shard(i)
                 checked.add(i)
-        view = replace(cache, manifest={**cache.manifest, "shards": [shards[i] for i in mine]}, verify=False, _verified=set())
+        view = replace(
+            cache, manifest={**cache.manifest, "shards": [shards[i] for i in mine]}, verify=False, _verified=set()
+        )
         return itertools.islice(view.iter_batches(local, seed=seed + epoch, device=device), steps)
 
     return batches
@@ -93,7 +97,9 @@ def average_input_stats(sae: SAE) -> None:
     if world_size() == 1:
         return
     s = sae.input_scale
-    stats = torch.cat([(math.sqrt(sae.d_in) / s).reshape(1), sae.b_dec / s]).to(_comm_device())  # [1 + d_in]: E‖x‖, mean x
+    stats = torch.cat([(math.sqrt(sae.d_in) / s).reshape(1), sae.b_dec / s]).to(
+        _comm_device()
+    )  # [1 + d_in]: E‖x‖, mean x
     dist.all_reduce(stats)
     stats = stats.to(s.device) / world_size()
     sae.input_scale.fill_(math.sqrt(sae.d_in) / float(stats[0]))
@@ -144,12 +150,14 @@ def reduce_metrics(t: dict[str, Tensor], x: Tensor, scale: Tensor) -> dict[str, 
     n, N = x.shape[0], world_size()
     means = sorted(k for k in t if k not in ("sse", "sst", "fired"))  # the loss terms and L0: per-rank means
     m = (x.double() * scale.double()).mean(0)  # [d_in] this rank's mean of the normalised rows
-    vec = torch.cat([
-        torch.stack([t[k].detach().double() for k in means]) / N,
-        torch.stack([t["sse"].double(), t["sst"].double(), n * m.pow(2).sum()]),
-        n * m,
-        t["fired"].double(),
-    ]).to(_comm_device())  # fmt: skip
+    vec = torch.cat(
+        [
+            torch.stack([t[k].detach().double() for k in means]) / N,
+            torch.stack([t["sse"].double(), t["sst"].double(), n * m.pow(2).sum()]),
+            n * m,
+            t["fired"].double(),
+        ]
+    ).to(_comm_device())
     dist.all_reduce(vec)
     vec = vec.to(x.device)
     k = len(means)
@@ -219,7 +227,9 @@ class ShardedSAE(nn.Module):
         super().__init__()
         n, r = world_size(), rank()
         if cfg.d_sae % n:
-            raise UserError(f"d_sae {cfg.d_sae} does not split evenly over {n} processes; choose a d_sae divisible by {n}")
+            raise UserError(
+                f"d_sae {cfg.d_sae} does not split evenly over {n} processes; choose a d_sae divisible by {n}"
+            )
         self.cfg = cfg
         size = cfg.d_sae // n
         self.lo, self.hi = r * size, (r + 1) * size
@@ -273,7 +283,9 @@ class ShardedSAE(nn.Module):
 
     def activate(self, pre: Tensor) -> Tensor:
         if self.cfg.activation != "topk":
-            return gate(pre, self.threshold if self.cfg.activation == "jumprelu" else 0.0)  # per latent: as SAE.activate
+            return gate(
+                pre, self.threshold if self.cfg.activation == "jumprelu" else 0.0
+            )  # per latent: as SAE.activate
         # Global TopK: each rank's k best are the only candidates for the global k best.
         cand = pre.detach().topk(min(self.cfg.k, pre.shape[1]), dim=-1).values  # [n, k]
         if world_size() > 1:

@@ -33,7 +33,15 @@ from tqdm.auto import tqdm
 
 from .baselines import fit_pca, fit_vae, vae_activity
 from .config import check_numbers, opt
-from .corpus import DEFAULT_CORPUS, check_context_length, keep_mask, load_texts, position_filters, special_token_ids, tokenize_corpus
+from .corpus import (
+    DEFAULT_CORPUS,
+    check_context_length,
+    keep_mask,
+    load_texts,
+    position_filters,
+    special_token_ids,
+    tokenize_corpus,
+)
 from .errors import UserError
 from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
 from .harvest import HarvestConfig
@@ -53,26 +61,50 @@ OUR_FILES = ("report.json", "report.md", "density.png", "provenance.json")
 class EvalConfig:
     sae: str = opt("runs/sae", "SAE directory to evaluate (config.json + sae.safetensors)")
     model: str | None = opt(None, "model to splice the SAE into; default: the model named in the SAE's config")
-    dataset: str = opt(DEFAULT_CORPUS, "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id); pass text held out from training")
-    tokens: int = opt(16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)")
-    skip_tokens: int | None = opt(None, "skip the corpus's first tokens (rounded up to whole contexts); default: what the SAE's training cache took from this corpus, else 0")
+    dataset: str = opt(
+        DEFAULT_CORPUS,
+        "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id); pass text held out from training",
+    )
+    tokens: int = opt(
+        16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)"
+    )
+    skip_tokens: int | None = opt(
+        None,
+        "skip the corpus's first tokens (rounded up to whole contexts); default: what the SAE's training cache took from this corpus, else 0",
+    )
     # Which positions are spliced and scored: harvest's row filters, with harvest's defaults, so a
     # native SAE and an imported one (no training cache to ask) are scored on the same positions.
-    drop_special: bool = opt(HarvestConfig.drop_special, "leave BOS/EOS/pad positions unspliced and unscored (as harvest drops them by default)")
-    drop_first: int = opt(HarvestConfig.drop_first, "leave the first N positions of every context unspliced and unscored (harvest drops position 0 by default: an attention sink with a huge norm)")
-    outlier_factor: float = opt(HarvestConfig.outlier_factor, "also leave positions whose activation norm exceeds this multiple of the median norm over the eval text (0 = none; harvest's --outlier-factor)")
+    drop_special: bool = opt(
+        HarvestConfig.drop_special,
+        "leave BOS/EOS/pad positions unspliced and unscored (as harvest drops them by default)",
+    )
+    drop_first: int = opt(
+        HarvestConfig.drop_first,
+        "leave the first N positions of every context unspliced and unscored (harvest drops position 0 by default: an attention sink with a huge norm)",
+    )
+    outlier_factor: float = opt(
+        HarvestConfig.outlier_factor,
+        "also leave positions whose activation norm exceeds this multiple of the median norm over the eval text (0 = none; harvest's --outlier-factor)",
+    )
     context_length: int | None = opt(None, "tokens per context; default: the SAE's training context length")
     batch_size: int = opt(8, "contexts per forward")
     device: str = opt("auto", "cpu, cuda, or auto")
     baselines: bool = opt(True, "also score PCA (k = SAE L0, 2x, 4x) and a Gaussian VAE of the same sizes")
-    acts: str | None = opt(None, "activation cache to fit the baselines on (e.g. the SAE's); default: the first half of the eval contexts")
-    sparsity_acts: str | None = opt(None, "also count dead and dense latents over this activation cache (harvest held-out text at the SAE's hook): the eval tokens are too few to tell rare latents from dead ones")
+    acts: str | None = opt(
+        None, "activation cache to fit the baselines on (e.g. the SAE's); default: the first half of the eval contexts"
+    )
+    sparsity_acts: str | None = opt(
+        None,
+        "also count dead and dense latents over this activation cache (harvest held-out text at the SAE's hook): the eval tokens are too few to tell rare latents from dead ones",
+    )
     out: str | None = opt(None, "directory for report.json, report.md and density.png; default: <sae>/eval")
     overwrite: bool = opt(False, "replace an existing report in --out")
 
     def __post_init__(self):
         # context_length >= 2: a context of one token predicts nothing
-        check_numbers(self, tokens="positive", skip_tokens="non-negative", context_length=(2, None), batch_size="positive")
+        check_numbers(
+            self, tokens="positive", skip_tokens="non-negative", context_length=(2, None), batch_size="positive"
+        )
 
 
 # ---- metrics on activations ---------------------------------------------------------------
@@ -227,23 +259,40 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     sae = SAE.load(cfg.sae, device).eval().requires_grad_(False)
     hook = sae.cfg.hook
     if not hook:
-        raise UserError(f"{cfg.sae}/config.json names no hook; set \"hook\" there to where the SAE was trained")
+        raise UserError(f'{cfg.sae}/config.json names no hook; set "hook" there to where the SAE was trained')
     T = cfg.context_length or sae.cfg.context_length or 128
     # a wrong cache fails before the model runs
     held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
     settings = settings_of(cfg, ("sae", "acts", "sparsity_acts", "batch_size"))
-    inputs = {k: fingerprint(v) for k, v in (("sae", cfg.sae), ("dataset", cfg.dataset), ("acts", cfg.acts), ("sparsity_acts", cfg.sparsity_acts)) if v}
+    inputs = {
+        k: fingerprint(v)
+        for k, v in (
+            ("sae", cfg.sae),
+            ("dataset", cfg.dataset),
+            ("acts", cfg.acts),
+            ("sparsity_acts", cfg.sparsity_acts),
+        )
+        if v
+    }
     where = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval"
     if existing(where, "evaluate", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
         return json.loads((where / "report.json").read_text())
-    out = claim_out_dir(Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval", cfg.overwrite, "report.json", OUR_FILES, "an evaluation report")
+    out = claim_out_dir(
+        Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval",
+        cfg.overwrite,
+        "report.json",
+        OUR_FILES,
+        "an evaluation report",
+    )
     if lm is None:
         if not (cfg.model or sae.cfg.model):
             raise UserError(f"{cfg.sae}/config.json names no model; pass --model")
         lm = load_model(cfg.model or sae.cfg.model, device)
     hook_point(lm.model, hook)
     if lm.d_model != sae.d_in:
-        raise UserError(f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model")
+        raise UserError(
+            f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model"
+        )
     check_context_length(lm, T)
     trained_on = training_text(sae)
     skip = cfg.skip_tokens
@@ -255,14 +304,20 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     # table is scored on the second half, unless they are fitted on a separate cache.
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
     if cfg.baselines and not cfg.acts and n_fit == 0:
-        raise UserError("baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens or pass --no-baselines")
+        raise UserError(
+            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens or pass --no-baselines"
+        )
     times["load"] = time.perf_counter() - t0
 
     # pass 1: activations at the hook
     t = time.perf_counter()
-    x, row_ctx, keep = eval_activations(lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device)  # [n, d], [n], [n_ctx, T]
+    x, row_ctx, keep = eval_activations(
+        lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device
+    )  # [n, d], [n], [n_ctx, T]
     if len(x) == 0:
-        raise UserError(f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower --drop-first or --outlier-factor")
+        raise UserError(
+            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower --drop-first or --outlier-factor"
+        )
     in_score = row_ctx >= n_fit  # [n]
     mean = x.mean(0)  # [d_in], the mean-ablation value
     with torch.inference_mode():
@@ -299,13 +354,21 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
 
     ce_all = ce_summary(sums["all"], ["sae"])
     report = {
-        "sae": str(cfg.sae), "model": lm.name, "hook": hook, "dataset": cfg.dataset,
-        "skip_tokens": skip, "context_length": T, "positions": filters, "n_contexts": len(contexts),
-        "n_predictions": int(sums["all"]["n"]), "n_activations": len(x),
-        "ce": ce_all, "reconstruction": recon,
+        "sae": str(cfg.sae),
+        "model": lm.name,
+        "hook": hook,
+        "dataset": cfg.dataset,
+        "skip_tokens": skip,
+        "context_length": T,
+        "positions": filters,
+        "n_contexts": len(contexts),
+        "n_predictions": int(sums["all"]["n"]),
+        "n_activations": len(x),
+        "ce": ce_all,
+        "reconstruction": recon,
         "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"} | _training_dead(sae),
         "density_histogram": density_histogram(sparse["firing_frequency"]),
-    }  # fmt: skip
+    }
     if held_out is not None:
         report["sparsity_on_acts"] = held_out
     if cfg.baselines:
@@ -319,9 +382,10 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         report["baselines"] = {
             "fit_on": f"activation cache {cfg.acts}" if cfg.acts else f"eval contexts 0..{n_fit - 1}",
             "scored_on": f"eval contexts {n_fit}..{len(contexts) - 1}",
-            "ce_clean": score["ce/clean"] / score["n"], "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
+            "ce_clean": score["ce/clean"] / score["n"],
+            "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
             "rows": table,
-        }  # fmt: skip
+        }
     report["footing"] = footing(lm, hook, cfg.dataset, skip, contexts, filters, len(x))
     report["warnings"] = _warnings(cfg.dataset, skip, trained_on, sparse, held_out) + position_warnings(sae, filters)
     report["config"] = asdict(cfg)
@@ -332,11 +396,22 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     report["timing_s"] = times
     write_text_atomic(out / "report.md", markdown_summary(report))
     write_json_atomic(out / "report.json", report)
-    headline = {"ce_loss_recovered": ce_all["sae_recovered"], "explained_variance": recon["explained_variance"], "l0": sparse["l0"],
-                "dead_fraction": sparse["dead_fraction"], "n_tokens": sparse["n_tokens"]}  # fmt: skip
-    finish(out, "evaluate", settings, inputs, headline,  # last: its presence marks a finished evaluation
-           f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(ce_all['sae_recovered'], 3)}, EV {fmt(recon['explained_variance'], 3)}, "
-           f"L0 {sparse['l0']:.1f}, dead {pct(sparse['dead_fraction'])} on {sparse['n_tokens']:,} tokens of {cfg.dataset}")  # fmt: skip
+    headline = {
+        "ce_loss_recovered": ce_all["sae_recovered"],
+        "explained_variance": recon["explained_variance"],
+        "l0": sparse["l0"],
+        "dead_fraction": sparse["dead_fraction"],
+        "n_tokens": sparse["n_tokens"],
+    }
+    finish(
+        out,
+        "evaluate",
+        settings,
+        inputs,
+        headline,  # last: its presence marks a finished evaluation
+        f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(ce_all['sae_recovered'], 3)}, EV {fmt(recon['explained_variance'], 3)}, "
+        f"L0 {sparse['l0']:.1f}, dead {pct(sparse['dead_fraction'])} on {sparse['n_tokens']:,} tokens of {cfg.dataset}",
+    )
     return report
 
 
@@ -346,7 +421,9 @@ def baseline_sizes(l0: float, d_in: int) -> list[int]:
     return sorted({min(d_in, m * k) for m in (1, 2, 4)})
 
 
-def eval_activations(model, contexts, hook, filters: dict, special: set[int], batch_size, device) -> tuple[Tensor, Tensor, Tensor]:
+def eval_activations(
+    model, contexts, hook, filters: dict, special: set[int], batch_size, device
+) -> tuple[Tensor, Tensor, Tensor]:
     """Activations [n, d] at the evaluated positions of contexts [n_ctx, T], each row's context
     index [n], and the evaluated-position mask [n_ctx, T]. The positions are harvest's rows
     (`keep_mask` with these filters), except that an outlier norm is measured against the median
@@ -367,7 +444,18 @@ def tokens_hash(contexts: Tensor) -> str:
 
 
 # What two reports must share for their numbers to be compared (docs/metrics.md, "Comparing").
-FOOTING_KEYS = ("model", "weights_hash", "hook", "dataset", "skip_tokens", "context_length", "n_contexts", "tokens_sha256", "positions", "n_activations")
+FOOTING_KEYS = (
+    "model",
+    "weights_hash",
+    "hook",
+    "dataset",
+    "skip_tokens",
+    "context_length",
+    "n_contexts",
+    "tokens_sha256",
+    "positions",
+    "n_activations",
+)
 
 
 def evaluated_positions(ids: Tensor, special: set[int], drop_first: int) -> Tensor:
@@ -376,13 +464,22 @@ def evaluated_positions(ids: Tensor, special: set[int], drop_first: int) -> Tens
     return keep_mask(ids, None, special, drop_special=True, drop_first=drop_first, outlier_factor=0.0)
 
 
-def footing(lm: LoadedModel, hook: str, dataset: str, skip: int, contexts: Tensor, filters: dict, n_activations: int) -> dict:
+def footing(
+    lm: LoadedModel, hook: str, dataset: str, skip: int, contexts: Tensor, filters: dict, n_activations: int
+) -> dict:
     """The model, hook, tokens and positions a report's numbers were measured on."""
     return {
-        "model": lm.name, "weights_hash": lm.weights_hash, "hook": hook, "dataset": dataset, "skip_tokens": skip,
-        "context_length": contexts.shape[1], "n_contexts": len(contexts), "tokens_sha256": tokens_hash(contexts),
-        "positions": filters, "n_activations": n_activations,
-    }  # fmt: skip
+        "model": lm.name,
+        "weights_hash": lm.weights_hash,
+        "hook": hook,
+        "dataset": dataset,
+        "skip_tokens": skip,
+        "context_length": contexts.shape[1],
+        "n_contexts": len(contexts),
+        "tokens_sha256": tokens_hash(contexts),
+        "positions": filters,
+        "n_activations": n_activations,
+    }
 
 
 def footing_differences(a: dict, b: dict) -> list[str]:
@@ -393,7 +490,11 @@ def footing_differences(a: dict, b: dict) -> list[str]:
     out = []
     for k in FOOTING_KEYS:
         if k == "positions":
-            out += [f"positions.{p} {fa[k].get(p)} vs {fb[k].get(p)}" for p in sorted(set(fa[k]) | set(fb[k])) if fa[k].get(p) != fb[k].get(p)]
+            out += [
+                f"positions.{p} {fa[k].get(p)} vs {fb[k].get(p)}"
+                for p in sorted(set(fa[k]) | set(fb[k]))
+                if fa[k].get(p) != fb[k].get(p)
+            ]
         elif fa[k] != fb[k]:
             out.append(f"{k} {fa[k]} vs {fb[k]}")
     return out
@@ -406,7 +507,9 @@ def position_warnings(sae: SAE, filters: dict) -> list[str]:
     if not differ:
         return []
     pairs = ", ".join(f"{k} {trained[k]} (here {filters[k]})" for k in differ)
-    return [f"the SAE's training cache filtered positions with {pairs}; every SAE is evaluated with the same setting, pass --{differ[0].replace('_', '-')} to change it"]
+    return [
+        f"the SAE's training cache filtered positions with {pairs}; every SAE is evaluated with the same setting, pass --{differ[0].replace('_', '-')} to change it"
+    ]
 
 
 def _open_cache(path: str, hook: str, d_in: int, flag: str):
@@ -415,9 +518,13 @@ def _open_cache(path: str, hook: str, d_in: int, flag: str):
 
     cache = ActivationCache.open(path)
     if cache.manifest.get("hook") != hook or cache.d_model != d_in:
-        raise UserError(f"{flag} {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads {hook} (d={d_in}); harvest {hook} for it")
+        raise UserError(
+            f"{flag} {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads {hook} (d={d_in}); harvest {hook} for it"
+        )
     if cache.n_tokens == 0:
-        raise UserError(f"{flag} {path} holds no activations (its harvest filters dropped every row); harvest more text")
+        raise UserError(
+            f"{flag} {path} holds no activations (its harvest filters dropped every row); harvest more text"
+        )
     return cache
 
 
@@ -440,7 +547,9 @@ def cache_sparsity(sae: SAE, cache, device) -> dict:
     is not counted as dead."""
     stats = SparsityStats(sae.d_sae)
     batches = cache.iter_batches(CHUNK, shuffle=False, device=device)
-    for x in tqdm(batches, total=-(-cache.n_tokens // CHUNK), desc="sparsity on --sparsity-acts", unit="batch", leave=False):
+    for x in tqdm(
+        batches, total=-(-cache.n_tokens // CHUNK), desc="sparsity on --sparsity-acts", unit="batch", leave=False
+    ):
         stats.add(sae.encode(x))
     r = stats.result()
     del r["firing_frequency"]
@@ -522,14 +631,22 @@ def _same_corpus(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
-def _warnings(dataset: str, skip: int, trained_on: tuple[str, int] | None, sparse: dict, held_out: dict | None) -> list[str]:
+def _warnings(
+    dataset: str, skip: int, trained_on: tuple[str, int] | None, sparse: dict, held_out: dict | None
+) -> list[str]:
     w = []
     if trained_on is None:
         w.append("the SAE's training cache was not found, so overlap between training and eval text was not checked")
     elif _same_corpus(trained_on[0], dataset) and skip < trained_on[1]:
-        w.append(f"the eval text overlaps the SAE's training text (its first {trained_on[1]} tokens); "
-                 f"pass --skip-tokens {trained_on[1]} or held-out text")  # fmt: skip
+        w.append(
+            f"the eval text overlaps the SAE's training text (its first {trained_on[1]} tokens); "
+            f"pass --skip-tokens {trained_on[1]} or held-out text"
+        )
     n = sparse["n_tokens"]
-    more = f"see the count on {held_out['n_tokens']} tokens of --sparsity-acts" if held_out else "pass --sparsity-acts with a held-out cache to count on more"
+    more = (
+        f"see the count on {held_out['n_tokens']} tokens of --sparsity-acts"
+        if held_out
+        else "pass --sparsity-acts with a held-out cache to count on more"
+    )
     w.append(f"'dead' means no firing on these {n} tokens; latents rarer than 1 in {n} look dead ({more})")
     return w

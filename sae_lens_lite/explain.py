@@ -109,7 +109,9 @@ class PatternCounts:
 
     def finish(self) -> "Counts":
         t0, c0 = time.perf_counter(), time.process_time()
-        triples = [_merge(p) if p else (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)) for p in self.parts]
+        triples = [
+            _merge(p) if p else (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)) for p in self.parts
+        ]
         pairs = [_merge([self.pair[self.split == s].unique(return_counts=True)]) for s in (0, 1)]
         absent = self.sample_pri < 0
         self.sample_rows[absent], self.sample_vals[absent] = -1, 0.0
@@ -133,7 +135,9 @@ class Counts:
     pairs: list[tuple[Tensor, Tensor]]  # per split: sorted keys p·B + t, occurrence counts
     sample_rows: Tensor  # [2, d_sae, SAMPLE] cache rows of sampled firings, -1 where absent
     sample_vals: Tensor  # [2, d_sae, SAMPLE] their activations
-    unigram: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per split: occurrences of each token, of each previous token [B]
+    unigram: list[tuple[Tensor, Tensor]] = field(
+        default_factory=list
+    )  # per split: occurrences of each token, of each previous token [B]
 
     def __post_init__(self):
         for keys, n in self.pairs:
@@ -227,10 +231,14 @@ def detection(counts: Counts, j: int, kind: str, items: list[tuple[int, int]], s
     tp, fires = int(n[hit].sum()), int(n.sum())
     predicted = counts.occurrences(split, kind, items) if items else 0
     return {
-        "precision": round(tp / predicted, 4) if predicted else None, "recall": round(tp / fires, 4) if fires else None,
+        "precision": round(tp / predicted, 4) if predicted else None,
+        "recall": round(tp / fires, 4) if fires else None,
         "f1": round(2 * tp / (predicted + fires), 4) if predicted + fires else None,
-        "score": round(2 * tp / (predicted + fires + 2), 4), "fires": fires, "predicted": predicted, "hits": tp,
-    }  # fmt: skip
+        "score": round(2 * tp / (predicted + fires + 2), 4),
+        "fires": fires,
+        "predicted": predicted,
+        "hits": tp,
+    }
 
 
 def token_name(text: str) -> str:
@@ -271,11 +279,19 @@ def explain_all(counts: Counts, name) -> list[dict]:
     for j in range(counts.d_sae):
         found = find_pattern(counts, j)
         if found is None:
-            out.append({"explanation": "", "pattern": None, "explain_f1": None, "detection": detection(counts, j, "token", [])})
+            out.append(
+                {"explanation": "", "pattern": None, "explain_f1": None, "detection": detection(counts, j, "token", [])}
+            )
             continue
         kind, items, f1 = found
-        out.append({"explanation": phrase(kind, items, name), "pattern": {"kind": kind, "items": [list(i) for i in items]},
-                    "explain_f1": round(f1, 4), "detection": detection(counts, j, kind, items)})  # fmt: skip
+        out.append(
+            {
+                "explanation": phrase(kind, items, name),
+                "pattern": {"kind": kind, "items": [list(i) for i in items]},
+                "explain_f1": round(f1, 4),
+                "detection": detection(counts, j, kind, items),
+            }
+        )
     return out
 
 
@@ -310,7 +326,10 @@ def quantile_picks(vals: Tensor, per: int) -> list[list[int]]:
     idx = idx[vals[idx].argsort(descending=True)]
     bins = np.array_split(np.arange(len(idx)), N_QUANTILES) if len(idx) else [[] for _ in range(N_QUANTILES)]
     # The middle of each bin: representative of the quantile, not its edge.
-    return [[int(idx[b[i]]) for i in np.linspace(0, len(b) - 1, min(per, len(b))).round().astype(int)] if len(b) else [] for b in bins]
+    return [
+        [int(idx[b[i]]) for i in np.linspace(0, len(b) - 1, min(per, len(b))).round().astype(int)] if len(b) else []
+        for b in bins
+    ]
 
 
 # ---- the model explainer -----------------------------------------------------------------------------

@@ -31,7 +31,9 @@ from .config import opt
 from .errors import UserError
 from .fsutil import prepare_out_dir, save_safetensors_atomic, sha256_file, write_json_atomic
 from .outputs import existing, fingerprint, finish, read_record, settings_of, warn
-from .sae import SAE, SAEConfig, WEIGHTS_FILE as OUR_WEIGHTS, CONFIG_FILE as OUR_CONFIG
+from .sae import CONFIG_FILE as OUR_CONFIG
+from .sae import SAE, SAEConfig
+from .sae import WEIGHTS_FILE as OUR_WEIGHTS
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -49,10 +51,19 @@ HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # ours is its
 @dataclass
 class ExportConfig:
     sae: str = opt("runs/sae", "SAE directory to export (from `sae-lite train` or `sae-lite import`)")
-    format: str = opt("saelens", "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors", choices=["saelens", "dictionary"])  # fmt: skip
+    format: str = opt(
+        "saelens",
+        "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors",
+        choices=["saelens", "dictionary"],
+    )
     out: str = opt("runs/export", "output directory")
-    analysis: str | None = opt(None, "analysis directory whose features.json gives per-feature scores, top tokens and frequencies")
-    acts: str | None = opt(None, "activation cache to measure firing frequencies on when no analysis gives them (for SAELens's sparsity file)")
+    analysis: str | None = opt(
+        None, "analysis directory whose features.json gives per-feature scores, top tokens and frequencies"
+    )
+    acts: str | None = opt(
+        None,
+        "activation cache to measure firing frequencies on when no analysis gives them (for SAELens's sparsity file)",
+    )
     overwrite: bool = opt(False, "replace the contents of a non-empty --out")
 
 
@@ -62,7 +73,9 @@ class ImportConfig:
     sae_id: str | None = opt(None, "SAE id inside a SAELens release (hub imports only)")
     out: str = opt("runs/imported", "directory to write our SAE to")
     model: str | None = opt(None, "model name to record when the source does not say (sparsify directories do not)")
-    hook: str | None = opt(None, "hook name to record, e.g. blocks.6.hook_resid_post, when the source's cannot be mapped")
+    hook: str | None = opt(
+        None, "hook name to record, e.g. blocks.6.hook_resid_post, when the source's cannot be mapped"
+    )
     overwrite: bool = opt(False, "replace the contents of a non-empty --out")
 
 
@@ -109,11 +122,21 @@ def export(cfg: ExportConfig) -> Path:
         save_dictionary(sae, out, features, freq, source=Path(cfg.sae))
         files = [DICT_HEADER, DICT_FEATURES, DICT_WEIGHTS]
     what = "SAELens directory" if cfg.format == "saelens" else "feature dictionary"
-    freq_from = "no firing frequencies" if freq is None else f"frequencies from {'the analysis' if features and cfg.analysis else cfg.acts}"
+    freq_from = (
+        "no firing frequencies"
+        if freq is None
+        else f"frequencies from {'the analysis' if features and cfg.analysis else cfg.acts}"
+    )
     extra = f"; removed the stale {SAELENS_SPARSITY}" if removed else ""
-    finish(out, "export", settings, inputs, {"format": cfg.format, "files": files, "d_sae": sae.d_sae},
-           f"export: wrote {what} {out} ({', '.join(files)}): {sae.d_sae:,} features, {freq_from}"
-           f"{', scores and top tokens from ' + str(cfg.analysis) if features else ''}{extra}")  # fmt: skip
+    finish(
+        out,
+        "export",
+        settings,
+        inputs,
+        {"format": cfg.format, "files": files, "d_sae": sae.d_sae},
+        f"export: wrote {what} {out} ({', '.join(files)}): {sae.d_sae:,} features, {freq_from}"
+        f"{', scores and top tokens from ' + str(cfg.analysis) if features else ''}{extra}",
+    )
     return out
 
 
@@ -125,19 +148,26 @@ def check_analysis_source(analysis: str, sae_sha256: str | None, sae_path: str) 
     if made_from is None:
         warn(f"{analysis} does not record which SAE it analysed; cannot check that it is the analysis of {sae_path}")
     elif made_from != sae_sha256:
-        raise UserError(f"{analysis} is the analysis of another SAE (its weights' sha256 differs from {sae_path}'s); "
-                        f"run `sae-lite analyze --sae {sae_path}` or leave out --analysis")  # fmt: skip
+        raise UserError(
+            f"{analysis} is the analysis of another SAE (its weights' sha256 differs from {sae_path}'s); "
+            f"run `sae-lite analyze --sae {sae_path}` or leave out --analysis"
+        )
 
 
 def _provenance(sae: SAE, source: Path | None) -> dict:
     return {
-        "model": sae.cfg.model, "hook": sae.cfg.hook, "context_length": sae.cfg.context_length,
-        "activation": sae.cfg.activation, "k": sae.cfg.k, "d_in": sae.d_in, "d_sae": sae.d_sae,
+        "model": sae.cfg.model,
+        "hook": sae.cfg.hook,
+        "context_length": sae.cfg.context_length,
+        "activation": sae.cfg.activation,
+        "k": sae.cfg.k,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
         "input_scale_folded": float(sae.input_scale),
         "source_sae": str(source) if source else None,
         "source_sae_sha256": sha256_file(source / OUR_WEIGHTS) if source and (source / OUR_WEIGHTS).exists() else None,
         "sae_lens_lite_version": __version__,
-    }  # fmt: skip
+    }
 
 
 # ---- firing frequencies ---------------------------------------------------------------------
@@ -156,7 +186,9 @@ def firing_frequency(sae: SAE, features: dict[int, dict], acts: str | None, batc
     cache = ActivationCache.open(acts)
     hook = cache.manifest.get("hook")
     if sae.cfg.hook and hook and hook != sae.cfg.hook:
-        raise UserError(f"--acts {acts} holds {hook} but the SAE was trained on {sae.cfg.hook}; pass the matching cache")
+        raise UserError(
+            f"--acts {acts} holds {hook} but the SAE was trained on {sae.cfg.hook}; pass the matching cache"
+        )
     if cache.d_model != sae.d_in:
         raise UserError(f"--acts {acts} has d_model {cache.d_model}, the SAE expects d_in {sae.d_in}")
     counts = torch.zeros(sae.d_sae, dtype=torch.long)
@@ -190,17 +222,23 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
         "exclude_special_tokens": filters.get("drop_special"),
         "dataset_path": sae.cfg.meta.get("corpus"),
         # Ours, so that importing the directory back restores our model name and metadata.
-        "sae_lens_lite": {**_provenance(sae, source), "meta": {k: v for k, v in sae.cfg.meta.items() if k not in ("saelens_metadata", "imported_from")}},
+        "sae_lens_lite": {
+            **_provenance(sae, source),
+            "meta": {k: v for k, v in sae.cfg.meta.items() if k not in ("saelens_metadata", "imported_from")},
+        },
     }
     meta.update({k: v for k, v in ours.items() if v is not None or k not in meta})
     cfg = {
         "architecture": SAELENS_ARCH[sae.cfg.activation],
-        "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
         "apply_b_dec_to_input": True,  # we subtract b_dec before encoding
         "normalize_activations": "none",  # the input scale is folded into the weights instead
         "reshape_activations": "none",
         "metadata": meta,
-    }  # fmt: skip
+    }
     if sae.cfg.activation == "topk":
         cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
     return cfg
@@ -228,7 +266,12 @@ def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path |
 def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
     """Our SAE computing what SAELens computes for this config and state dict (standard, topk)."""
     meta = dict(cfg.get("metadata") or {})
-    for old, new in (("hook_point", "hook_name"), ("hook_name", "hook_name"), ("model_name", "model_name"), ("context_size", "context_size")):
+    for old, new in (
+        ("hook_point", "hook_name"),
+        ("hook_name", "hook_name"),
+        ("model_name", "model_name"),
+        ("context_size", "context_size"),
+    ):
         if meta.get(new) is None and cfg.get(old) is not None:  # configs before SAELens 6 keep these at top level
             meta[new] = cfg[old]
     ours = meta.pop("sae_lens_lite", None) or {}  # present when we wrote the directory
@@ -238,14 +281,20 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
     if arch == "standard" and act_fn == "topk" and k:  # pre-6 topk configs
         arch = "topk"
     if arch not in SAELENS_ARCH.values() or (arch == "standard" and act_fn not in ("relu", None)):
-        raise UserError(f"SAELens architecture {arch!r} (activation {act_fn!r}) cannot be imported; we support standard (ReLU), topk and jumprelu")
+        raise UserError(
+            f"SAELens architecture {arch!r} (activation {act_fn!r}) cannot be imported; we support standard (ReLU), topk and jumprelu"
+        )
     norm = cfg.get("normalize_activations", "none")
     # "expected_average_only_in" is a training-time scale that SAELens's inference SAE does not
     # apply either (it is folded into the weights at the end of training), so it maps to nothing.
     if norm not in ("none", "expected_average_only_in", None):
-        raise UserError(f"SAELens normalize_activations={norm!r} is a per-input normalisation we cannot represent; only 'none' imports")
+        raise UserError(
+            f"SAELens normalize_activations={norm!r} is a per-input normalisation we cannot represent; only 'none' imports"
+        )
     if cfg.get("reshape_activations", "none") != "none":
-        raise UserError(f"SAELens reshape_activations={cfg['reshape_activations']!r} (attention hook_z SAEs) cannot be imported")
+        raise UserError(
+            f"SAELens reshape_activations={cfg['reshape_activations']!r} (attention hook_z SAEs) cannot be imported"
+        )
     missing = {"W_enc", "W_dec", "b_enc", "b_dec", *(["threshold"] if arch == "jumprelu" else [])} - set(state)
     if missing:
         raise UserError(f"the SAELens weights lack {', '.join(sorted(missing))}; is this a {arch} SAE?")
@@ -256,7 +305,9 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
     b_enc, b_dec = state["b_enc"].double(), state["b_dec"].double()
     d_in, d_sae = W_enc.shape
     if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
-        raise UserError(f"SAELens weight shapes do not fit together: W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}")
+        raise UserError(
+            f"SAELens weight shapes do not fit together: W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}"
+        )
     if not cfg.get("apply_b_dec_to_input", True):
         # SAELens encodes x, not x - b_dec: (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc) is the same.
         b_enc = b_enc + b_dec @ W_enc
@@ -264,11 +315,18 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
         # SAELens selects on pre * |W_dec| and decodes f / |W_dec|: fold both into the weights.
         n = W_dec.norm(dim=-1)  # [d_sae]
         W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
-    sae = SAE(SAEConfig(
-        d_in=d_in, d_sae=d_sae, activation=OUR_ACTIVATION[arch], k=int(k) if arch == "topk" else None,
-        model=ours.get("model", meta.get("model_name")), hook=meta.get("hook_name"), context_length=meta.get("context_size"),
-        meta={**(ours.get("meta") or {}), "imported_from": origin, "saelens_metadata": meta},
-    ))  # fmt: skip
+    sae = SAE(
+        SAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            activation=OUR_ACTIVATION[arch],
+            k=int(k) if arch == "topk" else None,
+            model=ours.get("model", meta.get("model_name")),
+            hook=meta.get("hook_name"),
+            context_length=meta.get("context_size"),
+            meta={**(ours.get("meta") or {}), "imported_from": origin, "saelens_metadata": meta},
+        )
+    )
     with torch.no_grad():
         for name, t in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
             getattr(sae, name).copy_(t.float())
@@ -300,7 +358,9 @@ def from_sparsify(path: Path) -> SAE:
     cfg = _read_json(path / SPARSIFY_CFG)
     state = _read_tensors(path / SPARSIFY_WEIGHTS)
     if cfg.get("transcode"):
-        raise UserError(f"{path} is a sparsify transcoder (it predicts another layer's output), not an SAE; it cannot be imported")
+        raise UserError(
+            f"{path} is a sparsify transcoder (it predicts another layer's output), not an SAE; it cannot be imported"
+        )
     if cfg.get("activation", "topk") != "topk":
         raise UserError(f"{path} uses sparsify activation {cfg['activation']!r}; only topk imports")
     if cfg.get("skip_connection") or "W_skip" in state:
@@ -314,7 +374,11 @@ def from_sparsify(path: Path) -> SAE:
     if state["W_dec"].shape != (d_sae, d_in):
         raise UserError(f"sparsify W_dec has shape {tuple(state['W_dec'].shape)}, expected {(d_sae, d_in)}")
     # Selecting the top k of relu(pre) and of pre then relu-ing give the same latents.
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk", k=k, hook=sparsify_hook(path.name), meta={"sparsify_cfg": cfg}))
+    sae = SAE(
+        SAEConfig(
+            d_in=d_in, d_sae=d_sae, activation="topk", k=k, hook=sparsify_hook(path.name), meta={"sparsify_cfg": cfg}
+        )
+    )
     with torch.no_grad():
         sae.W_enc.copy_(enc.T)
         sae.b_enc.copy_(state["encoder.bias"].float())
@@ -338,14 +402,22 @@ def import_sae(src: str | os.PathLike, sae_id: str | None = None) -> SAE:
             return from_saelens(_read_json(path / SAELENS_CFG), _read_tensors(path / SAELENS_WEIGHTS), origin)
         if {SPARSIFY_CFG, SPARSIFY_WEIGHTS} <= files:
             sae = from_sparsify(path)
-            sae.cfg.meta["imported_from"] = {**origin, "format": "sparsify", "sha256": sha256_file(path / SPARSIFY_WEIGHTS)}
+            sae.cfg.meta["imported_from"] = {
+                **origin,
+                "format": "sparsify",
+                "sha256": sha256_file(path / SPARSIFY_WEIGHTS),
+            }
             return sae
         if {OUR_CONFIG, OUR_WEIGHTS} <= files:
             return SAE.load(path)
         subs = sorted(p.name for p in path.iterdir() if (p / SPARSIFY_CFG).exists())
         if subs:
-            raise UserError(f"{path} holds one SAE per hook point; import one of them, e.g. {path / subs[0]} (all: {', '.join(subs)})")
-        raise UserError(f"{path} is neither a SAELens ({SAELENS_CFG} + {SAELENS_WEIGHTS}) nor a sparsify ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}) directory")
+            raise UserError(
+                f"{path} holds one SAE per hook point; import one of them, e.g. {path / subs[0]} (all: {', '.join(subs)})"
+            )
+        raise UserError(
+            f"{path} is neither a SAELens ({SAELENS_CFG} + {SAELENS_WEIGHTS}) nor a sparsify ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}) directory"
+        )
     if sae_id is None:
         raise UserError(f"{src} is not a directory; to load a SAELens release from the hub also pass --sae-id")
     return _from_saelens_hub(str(src), sae_id)
@@ -355,11 +427,15 @@ def _from_saelens_hub(release: str, sae_id: str) -> SAE:
     try:
         from sae_lens import SAE as SAELensSAE
     except ImportError:
-        raise UserError("importing a SAELens release from the hub needs sae-lens: pip install 'sae_lens_lite[saelens]'") from None
+        raise UserError(
+            "importing a SAELens release from the hub needs sae-lens: pip install 'sae_lens_lite[saelens]'"
+        ) from None
     try:
         loaded = SAELensSAE.from_pretrained(release, sae_id, device="cpu", dtype="float32")
     except Exception as e:  # unknown release, no connection, ...: the library's message says which
-        raise UserError(f"SAELens could not load release {release!r}, SAE {sae_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(
+            f"SAELens could not load release {release!r}, SAE {sae_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     loaded = loaded[0] if isinstance(loaded, tuple) else loaded  # sae-lens < 6 returned (sae, cfg, sparsity)
     state = {k: v.detach() for k, v in loaded.state_dict().items()}
     return from_saelens(loaded.cfg.to_dict(), state, {"format": "saelens-hub", "release": release, "sae_id": sae_id})
@@ -368,7 +444,9 @@ def _from_saelens_hub(release: str, sae_id: str) -> SAE:
 def import_cmd(cfg: ImportConfig) -> Path:
     """`sae-lite import`: convert cfg.src into our SAE directory cfg.out."""
     if not cfg.src:
-        raise UserError("nothing to import: pass --src (a SAELens or sparsify directory, or a SAELens release with --sae-id)")
+        raise UserError(
+            "nothing to import: pass --src (a SAELens or sparsify directory, or a SAELens release with --sae-id)"
+        )
     settings, inputs = settings_of(cfg), {"src": fingerprint(cfg.src)}
     if existing(cfg.out, "import", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
         return Path(cfg.out)
@@ -380,13 +458,20 @@ def import_cmd(cfg: ImportConfig) -> Path:
     out = prepare_out_dir(cfg.out, cfg.overwrite, OUR_CONFIG)
     sae.save(out)
     origin = sae.cfg.meta.get("imported_from", {}).get("format", "our")
-    finish(out, "import", settings, inputs, {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.cfg.activation},
-           f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.activation}"
-           f"{f' k={sae.cfg.k}' if sae.cfg.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae:,}, hook {sae.cfg.hook}, model {sae.cfg.model}")  # fmt: skip
+    finish(
+        out,
+        "import",
+        settings,
+        inputs,
+        {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.cfg.activation},
+        f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.activation}"
+        f"{f' k={sae.cfg.k}' if sae.cfg.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae:,}, hook {sae.cfg.hook}, model {sae.cfg.model}",
+    )
     return out
 
 
 # ---- feature dictionary ---------------------------------------------------------------------
+
 
 def read_analysis(analysis: str | os.PathLike, d_sae: int) -> dict[int, dict]:
     """{feature id: {rank, score, frequency, top_tokens, top_contexts, logit_lens}} from the
@@ -404,14 +489,21 @@ def read_analysis(analysis: str | os.PathLike, d_sae: int) -> dict[int, dict]:
             "score": score if isinstance(score, (int, float)) and math.isfinite(score) else None,
             "frequency": f["frequency"],
             "top_tokens": [{"id": t, "token": text(t), "share": s} for t, s in f["top_tokens"]],
-            "top_contexts": [{"act": e["act"], "center": e["center"], "tokens": [text(t) for t in e["tokens"]], "acts": e["acts"]}
-                             for e in f["examples"]],  # fmt: skip
-            "logit_lens": {side: [{"id": t, "token": text(t), "logit": v} for t, v in f["lens"][side]] for side in ("promoted", "suppressed")},
+            "top_contexts": [
+                {"act": e["act"], "center": e["center"], "tokens": [text(t) for t in e["tokens"]], "acts": e["acts"]}
+                for e in f["examples"]
+            ],
+            "logit_lens": {
+                side: [{"id": t, "token": text(t), "logit": v} for t, v in f["lens"][side]]
+                for side in ("promoted", "suppressed")
+            },
         }
     return out
 
 
-def save_dictionary(sae: SAE, out: Path, features: dict[int, dict], freq: Tensor | None, source: Path | None = None) -> Path:
+def save_dictionary(
+    sae: SAE, out: Path, features: dict[int, dict], freq: Tensor | None, source: Path | None = None
+) -> Path:
     """dictionary.safetensors (folded weights + provenance), features.jsonl (one line per feature,
     in id order), and dictionary.json last (header with provenance; marks the export complete)."""
     out = Path(out)
@@ -420,21 +512,33 @@ def save_dictionary(sae: SAE, out: Path, features: dict[int, dict], freq: Tensor
     f = sae.folded()
     # safetensors metadata must be str → str.
     st_meta = {"format": DICT_FORMAT, "version": str(DICT_VERSION), **{k: json.dumps(v) for k, v in prov.items()}}
-    save_safetensors_atomic({"W_dec": f.W_dec, "W_enc": f.W_enc, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / DICT_WEIGHTS, st_meta)
+    save_safetensors_atomic(
+        {"W_dec": f.W_dec, "W_enc": f.W_enc, "b_enc": f.b_enc, "b_dec": f.b_dec}, out / DICT_WEIGHTS, st_meta
+    )
     tmp = out / (DICT_FEATURES + ".tmp")
     with open(tmp, "w") as fh:
         for i in range(sae.d_sae):
             a = features.get(i, {})
             line = {
-                "id": i, "rank": a.get("rank"), "score": a.get("score"),
+                "id": i,
+                "rank": a.get("rank"),
+                "score": a.get("score"),
                 "frequency": float(freq[i]) if freq is not None else a.get("frequency"),
-                "top_tokens": a.get("top_tokens") or [], "top_contexts": a.get("top_contexts") or [],
-                "logit_lens": a.get("logit_lens"), "label": "",
-            }  # fmt: skip
+                "top_tokens": a.get("top_tokens") or [],
+                "top_contexts": a.get("top_contexts") or [],
+                "logit_lens": a.get("logit_lens"),
+                "label": "",
+            }
             fh.write(json.dumps(_jsonable(line), allow_nan=False) + "\n")
     os.replace(tmp, out / DICT_FEATURES)
-    header = {"format": DICT_FORMAT, "version": DICT_VERSION, **prov, "files": {"weights": DICT_WEIGHTS, "features": DICT_FEATURES},
-              "has_analysis": bool(features), "has_frequency": freq is not None}  # fmt: skip
+    header = {
+        "format": DICT_FORMAT,
+        "version": DICT_VERSION,
+        **prov,
+        "files": {"weights": DICT_WEIGHTS, "features": DICT_FEATURES},
+        "has_analysis": bool(features),
+        "has_frequency": freq is not None,
+    }
     write_json_atomic(out / DICT_HEADER, header)
     return out
 

@@ -94,7 +94,11 @@ def claim_out_dir(path: str | os.PathLike, overwrite: bool, report: str, ours: t
         raise UserError(f"{path} exists and is not a directory: choose another --out")
     if (path / report).exists() and not overwrite:
         raise UserError(f"{path} already holds {what}; pass --overwrite to replace it or choose another --out")
-    if path.exists() and not overwrite and any(p.name not in ours and not p.name.endswith(".tmp") for p in path.iterdir()):
+    if (
+        path.exists()
+        and not overwrite
+        and any(p.name not in ours and not p.name.endswith(".tmp") for p in path.iterdir())
+    ):
         raise UserError(f"{path} is not empty and holds other work: choose another --out or pass --overwrite")
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -18,9 +18,15 @@ from . import runtime
 from .cache import CacheWriter, ShardedCacheWriter, _read_manifest, first_damaged
 from .config import check_numbers, opt
 from .corpus import (
-    DEFAULT_CORPUS, check_context_length, corpus_fingerprint, keep_mask, load_texts, position_filters, special_token_ids,
+    DEFAULT_CORPUS,
+    check_context_length,
+    corpus_fingerprint,
+    keep_mask,
+    load_texts,
+    position_filters,
+    special_token_ids,
     tokenize_corpus,
-)  # fmt: skip
+)
 from .errors import UserError
 from .models import LoadedModel, hook_point, load_model, run_to_hooks
 from .outputs import differences, settings_of, warn
@@ -30,8 +36,15 @@ from .runtime import DTYPES, model_dtype, resolve_device
 @dataclass
 class HarvestConfig:
     model: str = opt("smollm2-135m", "hub id, local model directory, .gguf file, or smollm2-135m (offline default)")
-    hooks: list[str] = opt(["blocks.6.hook_resid_post"], "hook point(s), e.g. blocks.6.hook_resid_post; several give one cache each", flag="--hook")
-    dataset: str = opt(DEFAULT_CORPUS, "corpus: a .txt/.jsonl/.parquet/.csv file, a directory of .txt, 'pydoc' (Python's docs, offline) or a hub dataset id")
+    hooks: list[str] = opt(
+        ["blocks.6.hook_resid_post"],
+        "hook point(s), e.g. blocks.6.hook_resid_post; several give one cache each",
+        flag="--hook",
+    )
+    dataset: str = opt(
+        DEFAULT_CORPUS,
+        "corpus: a .txt/.jsonl/.parquet/.csv file, a directory of .txt, 'pydoc' (Python's docs, offline) or a hub dataset id",
+    )
     split: str = opt("train", "split of a hub dataset")
     text_column: str = opt("text", "column holding the text in .jsonl/.parquet/.csv/hub corpora")
     tokens: int = opt(200_000, "tokens to run through the model (before filtering)")
@@ -43,17 +56,29 @@ class HarvestConfig:
     device: str = opt("auto", "cuda, cpu, or auto")
     contexts_per_shard: int = opt(256, "contexts per shard file (the unit of resume)")
     drop_special: bool = opt(True, "drop BOS/EOS/pad rows (separators and attention sinks)")
-    drop_first: int = opt(1, "drop the first k positions of every context: position 0 is an attention sink with a norm ~10x the rest, which would dominate an SAE's loss")
+    drop_first: int = opt(
+        1,
+        "drop the first k positions of every context: position 0 is an attention sink with a norm ~10x the rest, which would dominate an SAE's loss",
+    )
     outlier_factor: float = opt(0.0, "drop rows whose norm exceeds this multiple of the batch median (0 = keep all)")
     nonfinite: str = opt("error", "NaN/Inf activations: 'error' refuses the harvest, 'skip' drops those rows")
     overwrite: bool = opt(False, "replace a cache in --out made with different settings")
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model (off unless you trust it)")
 
     def __post_init__(self):
-        check_numbers(self, tokens="positive", context_length="positive", batch_size="positive", contexts_per_shard="positive",
-                      drop_first="non-negative", outlier_factor="non-negative")  # fmt: skip
+        check_numbers(
+            self,
+            tokens="positive",
+            context_length="positive",
+            batch_size="positive",
+            contexts_per_shard="positive",
+            drop_first="non-negative",
+            outlier_factor="non-negative",
+        )
         if self.drop_first >= self.context_length:
-            raise UserError(f"--drop-first {self.drop_first} drops every position of a {self.context_length}-token context; lower it")
+            raise UserError(
+                f"--drop-first {self.drop_first} drops every position of a {self.context_length}-token context; lower it"
+            )
 
 
 # ---- the harvest loop -----------------------------------------------------------------------
@@ -76,7 +101,9 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         raise UserError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
     dirs = cache_dirs(cfg)
     if _finished(cfg, dirs):  # the rerun rule (outputs.py), decided before the model loads
-        print(f"harvest: {cfg.out} is complete, nothing to do (same settings, every shard intact; --overwrite redoes it)")
+        print(
+            f"harvest: {cfg.out} is complete, nothing to do (same settings, every shard intact; --overwrite redoes it)"
+        )
         print(_result_line(dirs))
         return dirs
     # Under torchrun rank r harvests shards r, r+N, ... (docs/scaling.md); rank 0 loads first so
@@ -85,23 +112,38 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
     rank, world = runtime.rank(), runtime.world_size()
     texts = runtime.main_first(lambda: load_texts(cfg.dataset, cfg.split, cfg.text_column))
     if lm is None:
-        lm = runtime.main_first(lambda: load_model(cfg.model, device, model_dtype(cfg.model_dtype, device), cfg.trust_remote_code))
+        lm = runtime.main_first(
+            lambda: load_model(cfg.model, device, model_dtype(cfg.model_dtype, device), cfg.trust_remote_code)
+        )
     for h in cfg.hooks:
         hook_point(lm.model, h)  # unknown hooks fail before any file is written
     check_context_length(lm, cfg.context_length)
     contexts = tokenize_corpus(lm.tokenizer, texts, cfg.context_length, cfg.tokens)  # [n_ctx, T]
     if len(contexts) < max(1, cfg.tokens // cfg.context_length) and rank == 0:
-        warn(f"{cfg.dataset} holds {len(contexts) * cfg.context_length:,} tokens in whole contexts of {cfg.context_length}, "
-             f"fewer than the {cfg.tokens:,} asked (--tokens); the cache will hold those")  # fmt: skip
+        warn(
+            f"{cfg.dataset} holds {len(contexts) * cfg.context_length:,} tokens in whole contexts of {cfg.context_length}, "
+            f"fewer than the {cfg.tokens:,} asked (--tokens); the cache will hold those"
+        )
     special, filters = special_token_ids(lm.tokenizer), position_filters(cfg)
 
     base = {
-        "model": cfg.model, "weights_hash": lm.weights_hash, "corpus": cfg.dataset,
-        "corpus_sha256": corpus_fingerprint(texts), "tokenizer": type(lm.tokenizer).__name__ + ":" + str(getattr(lm.tokenizer, "name_or_path", "")),
-        "dtype": cfg.dtype, "context_length": cfg.context_length, "contexts_per_shard": cfg.contexts_per_shard,
+        "model": cfg.model,
+        "weights_hash": lm.weights_hash,
+        "corpus": cfg.dataset,
+        "corpus_sha256": corpus_fingerprint(texts),
+        "tokenizer": type(lm.tokenizer).__name__ + ":" + str(getattr(lm.tokenizer, "name_or_path", "")),
+        "dtype": cfg.dtype,
+        "context_length": cfg.context_length,
+        "contexts_per_shard": cfg.contexts_per_shard,
         "max_contexts": len(contexts),
-        "filters": {"drop_special": cfg.drop_special, "special_ids": sorted(special), "drop_first": cfg.drop_first, "outlier_factor": cfg.outlier_factor, "nonfinite": cfg.nonfinite},
-    }  # fmt: skip
+        "filters": {
+            "drop_special": cfg.drop_special,
+            "special_ids": sorted(special),
+            "drop_first": cfg.drop_first,
+            "outlier_factor": cfg.outlier_factor,
+            "nonfinite": cfg.nonfinite,
+        },
+    }
     Writer = ShardedCacheWriter if world > 1 else CacheWriter
     writers = {h: Writer(d, {**base, "hook": h}, lm.d_model, cfg.overwrite) for h, d in dirs.items()}
     try:
@@ -118,7 +160,14 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         n_ctx = len(contexts)
         per = cfg.contexts_per_shard
         n_shards = (n_ctx + per - 1) // per
-        bar = tqdm(total=n_ctx * cfg.context_length, initial=start_shard * per * cfg.context_length, unit="tok", desc="harvest", dynamic_ncols=True, disable=rank > 0)
+        bar = tqdm(
+            total=n_ctx * cfg.context_length,
+            initial=start_shard * per * cfg.context_length,
+            unit="tok",
+            desc="harvest",
+            dynamic_ncols=True,
+            disable=rank > 0,
+        )
         # All ranks go through the same rounds of N shards, so that they sync together; a rank
         # whose shard lies past the end sits the last round out.
         rounds = -(-(n_shards - start_shard) // world)
@@ -138,7 +187,9 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                     finite = torch.isfinite(a).all(dim=-1)
                     bad = int((keep & ~finite).sum())
                     if bad and cfg.nonfinite == "error":
-                        raise UserError(f"{bad} activation rows at {h} are NaN or Inf (shard {s}); pass --nonfinite skip to drop them")
+                        raise UserError(
+                            f"{bad} activation rows at {h} are NaN or Inf (shard {s}); pass --nonfinite skip to drop them"
+                        )
                     skipped[h] += bad
                     keep &= finite
                     rows[h].append(a[keep].to(DTYPES[cfg.dtype]).cpu())
@@ -148,14 +199,18 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                 if writers[h].n_shards > s or len(ctx) == 0:
                     continue  # the cache already had it (it was ahead of the others), or past the end
                 tok, doc, pos = torch.cat(meta[h], dim=1)
-                writers[h].add_shard(torch.cat(rows[h]), tok, doc, pos, n_contexts=len(ctx), index=s, nonfinite_rows=skipped[h])
+                writers[h].add_shard(
+                    torch.cat(rows[h]), tok, doc, pos, n_contexts=len(ctx), index=s, nonfinite_rows=skipped[h]
+                )
             if world > 1:
                 for h in todo:
                     writers[h].sync()  # rank 0 enters this round's shards in the manifest
         bar.close()
         for h in todo:
             if world == 1 and writers[h].manifest["n_tokens"] == 0:
-                raise UserError(f"the filters dropped every row of {dirs[h]} (--drop-first, --drop-special, --outlier-factor); harvest more text or filter less")
+                raise UserError(
+                    f"the filters dropped every row of {dirs[h]} (--drop-first, --drop-special, --outlier-factor); harvest more text or filter less"
+                )
             writers[h].finish(d_model=lm.d_model, harvest_config=asdict(cfg))
     finally:
         for w in writers.values():
@@ -183,7 +238,9 @@ def _finished(cfg: HarvestConfig, dirs: dict[str, Path]) -> bool:
         then = HarvestConfig(**{k: v for k, v in m["harvest_config"].items() if k in known})
         diff = differences(settings_of(then, HARVEST_NOT_SETTINGS), now)
         if diff:
-            raise UserError(f"{d} holds a cache made differently (differs in: {'; '.join(diff)}); pass --overwrite to redo it, or choose another --out")
+            raise UserError(
+                f"{d} holds a cache made differently (differs in: {'; '.join(diff)}); pass --overwrite to redo it, or choose another --out"
+            )
     return all(first_damaged(d, _read_manifest(d)) is None for d in dirs.values())
 
 
@@ -194,9 +251,15 @@ def _result_line(dirs: dict[str, Path]) -> str:
         m = _read_manifest(d)
         asked = (m.get("harvest_config") or {}).get("tokens")
         got = m["n_contexts"] * m["context_length"]
-        short = f", {got:,} of the {asked:,} tokens asked" if asked and m["n_contexts"] < max(1, asked // m["context_length"]) else ""
-        parts.append(f"{d}: {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}) at {h}, from {m['n_contexts']:,} contexts of "
-                     f"{m['model']} on {m['corpus']} in {len(m['shards'])} shards{short}")  # fmt: skip
+        short = (
+            f", {got:,} of the {asked:,} tokens asked"
+            if asked and m["n_contexts"] < max(1, asked // m["context_length"])
+            else ""
+        )
+        parts.append(
+            f"{d}: {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}) at {h}, from {m['n_contexts']:,} contexts of "
+            f"{m['model']} on {m['corpus']} in {len(m['shards'])} shards{short}"
+        )
     return "harvest: " + "; ".join(parts)
 
 
@@ -214,7 +277,9 @@ def stream_activations(cfg: HarvestConfig, lm: LoadedModel, batch_size: int, buf
     hook_point(lm.model, hook)
     check_context_length(lm, cfg.context_length)
     device = next(lm.model.parameters()).device
-    contexts = tokenize_corpus(lm.tokenizer, load_texts(cfg.dataset, cfg.split, cfg.text_column), cfg.context_length, cfg.tokens)
+    contexts = tokenize_corpus(
+        lm.tokenizer, load_texts(cfg.dataset, cfg.split, cfg.text_column), cfg.context_length, cfg.tokens
+    )
     special, filters = special_token_ids(lm.tokenizer), position_filters(cfg)
     buffer_rows = max(buffer_rows, 2 * batch_size)
 

@@ -39,11 +39,15 @@ def describe(path: str) -> str:
     elif (p / SAELENS_CFG).exists() and (p / SAELENS_WEIGHTS).exists():
         lines = _saelens(p)
     else:
-        raise UserError(f"{p} holds nothing sae-lite wrote (no manifest.json, config.json, features.json, report.json, "
-                        "dictionary.json or SAELens cfg.json); pass a cache, SAE, analysis, evaluation or export directory")  # fmt: skip
+        raise UserError(
+            f"{p} holds nothing sae-lite wrote (no manifest.json, config.json, features.json, report.json, "
+            "dictionary.json or SAELens cfg.json); pass a cache, SAE, analysis, evaluation or export directory"
+        )
     rec = read_record(p)
     if rec:
-        lines.append(f"  made by `sae-lite {rec['stage']}` ({rec.get('finished', '?')}, sae_lens_lite {rec.get('sae_lens_lite_version', '?')})")
+        lines.append(
+            f"  made by `sae-lite {rec['stage']}` ({rec.get('finished', '?')}, sae_lens_lite {rec.get('sae_lens_lite_version', '?')})"
+        )
     return "\n".join(lines)
 
 
@@ -61,7 +65,11 @@ def _cache(p: Path) -> list[str]:
         state = "complete"
     else:
         want = m.get("max_contexts") or 0
-        of = f" of {math.ceil(want / per)} shards ({n_ctx:,} of {want:,} contexts, {pct(n_ctx / want)})" if want else " shards"
+        of = (
+            f" of {math.ceil(want / per)} shards ({n_ctx:,} of {want:,} contexts, {pct(n_ctx / want)})"
+            if want
+            else " shards"
+        )
         state = f"PARTIAL: {n_shards}{of}; run the same harvest command to finish it"
     f = m.get("filters") or {}
     lines = [
@@ -70,11 +78,14 @@ def _cache(p: Path) -> list[str]:
         f"  {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}), {n_ctx:,} contexts of {m['context_length']} tokens, "
         f"{n_shards} shards, {_size(p)}",
         f"  filters: drop_special={f.get('drop_special')}, drop_first={f.get('drop_first')}, outlier_factor={f.get('outlier_factor')}, "
-        f"nonfinite={f.get('nonfinite')}" + (f"; {m['nonfinite_rows']:,} non-finite rows dropped" if m.get("nonfinite_rows") else ""),
-    ]  # fmt: skip
+        f"nonfinite={f.get('nonfinite')}"
+        + (f"; {m['nonfinite_rows']:,} non-finite rows dropped" if m.get("nonfinite_rows") else ""),
+    ]
     asked = (m.get("harvest_config") or {}).get("tokens")
     if m["complete"] and asked and n_ctx < max(1, asked // m["context_length"]):
-        lines.append(f"  note: {asked:,} tokens were asked; the corpus held {n_ctx * m['context_length']:,} in whole contexts")
+        lines.append(
+            f"  note: {asked:,} tokens were asked; the corpus held {n_ctx * m['context_length']:,} in whole contexts"
+        )
     return lines
 
 
@@ -84,30 +95,46 @@ def _sae(p: Path) -> list[str]:
     sae = SAE.load(p)
     c, meta = sae.cfg, sae.cfg.meta
     act = f"topk (k={c.k})" if c.activation == "topk" else c.activation
-    lines = [f"SAE {p}: {act}, d_in {c.d_in} -> d_sae {c.d_sae:,} ({c.d_sae / c.d_in:g}x), input scale {float(sae.input_scale):.4g}",
-             f"  {c.model} at {c.hook}, context {c.context_length}" + (f", corpus {meta['corpus']}" if meta.get("corpus") else "")]  # fmt: skip
+    lines = [
+        f"SAE {p}: {act}, d_in {c.d_in} -> d_sae {c.d_sae:,} ({c.d_sae / c.d_in:g}x), input scale {float(sae.input_scale):.4g}",
+        f"  {c.model} at {c.hook}, context {c.context_length}"
+        + (f", corpus {meta['corpus']}" if meta.get("corpus") else ""),
+    ]
     if meta.get("acts"):
         lines.append(f"  trained on the cache {meta['acts']} ({meta.get('acts_n_tokens', 0):,} rows)")
     if meta.get("imported_from"):
         src = meta["imported_from"]
-        lines.append(f"  imported from {src.get('format')} {src.get('path') or src.get('release', '')} {src.get('sae_id') or ''}".rstrip())
+        lines.append(
+            f"  imported from {src.get('format')} {src.get('path') or src.get('release', '')} {src.get('sae_id') or ''}".rstrip()
+        )
     tc = meta.get("train_config") or {}
     if tc:
-        coef = {"l1": f"l1 {tc.get('l1')}", "kl": f"kl_beta {tc.get('kl_beta')}, kl_rho {tc.get('kl_rho')}", "jumprelu": f"l0_coef {tc.get('l0_coef')}"}.get(
-            tc.get("penalty"), f"k {tc.get('k')}")  # the top-k family
+        coef = {
+            "l1": f"l1 {tc.get('l1')}",
+            "kl": f"kl_beta {tc.get('kl_beta')}, kl_rho {tc.get('kl_rho')}",
+            "jumprelu": f"l0_coef {tc.get('l0_coef')}",
+        }.get(tc.get("penalty"), f"k {tc.get('k')}")  # the top-k family
         target = f", target_l0 {tc['target_l0']}" if tc.get("target_l0") else ""
         trained = (meta.get("final_metrics") or {}).get("tokens")
-        lines.append(f"  training: penalty {tc.get('penalty')} ({coef}{target}), lr {tc.get('lr')}, batch {tc.get('batch_size'):,}, "
-                     f"seed {tc.get('seed')}" + (f", {trained:,} tokens" if trained else ""))  # fmt: skip
+        lines.append(
+            f"  training: penalty {tc.get('penalty')} ({coef}{target}), lr {tc.get('lr')}, batch {tc.get('batch_size'):,}, "
+            f"seed {tc.get('seed')}" + (f", {trained:,} tokens" if trained else "")
+        )
     fe = meta.get("final_eval")
     if fe:
-        lines.append(f"  end of training (saved weights, {fe['n_tokens']:,} cache rows): EV {fe['explained_variance']:.3f}, "
-                     f"L0 {fe['l0']:.1f}, dead {pct(fe['dead_frac'])}")  # fmt: skip
+        lines.append(
+            f"  end of training (saved weights, {fe['n_tokens']:,} cache rows): EV {fe['explained_variance']:.3f}, "
+            f"L0 {fe['l0']:.1f}, dead {pct(fe['dead_frac'])}"
+        )
     for report in (p / "eval" / "report.json", p.parent / "eval" / "report.json"):
         if report.exists():
             r = json.loads(report.read_text())
             # its own eval/, or a run's sibling eval/ of this SAE (run files name paths relative to where they ran)
-            if Path(r.get("sae", "")).resolve() == p.resolve() or report.parent.parent == p or Path(r.get("sae", "")).name == p.name:
+            if (
+                Path(r.get("sae", "")).resolve() == p.resolve()
+                or report.parent.parent == p
+                or Path(r.get("sae", "")).name == p.name
+            ):
                 lines.append(f"  evaluation ({report.parent}): " + _eval_summary(r))
                 break
     return lines
@@ -116,14 +143,18 @@ def _sae(p: Path) -> list[str]:
 def _eval_summary(r: dict) -> str:
     ce, rec, sp = r["ce"], r["reconstruction"], r["sparsity"]
     ev = rec.get("explained_variance")
-    return (f"CE loss recovered {ce['sae_recovered']:.3f}, EV {'n/a' if ev is None else f'{ev:.3f}'}, L0 {sp['l0']:.1f}, "
-            f"dead {pct(sp['dead_fraction'])} on {sp['n_tokens']:,} tokens of {r['dataset']}")  # fmt: skip
+    return (
+        f"CE loss recovered {ce['sae_recovered']:.3f}, EV {'n/a' if ev is None else f'{ev:.3f}'}, L0 {sp['l0']:.1f}, "
+        f"dead {pct(sp['dead_fraction'])} on {sp['n_tokens']:,} tokens of {r['dataset']}"
+    )
 
 
 def _training(p: Path) -> list[str]:
     ck = json.loads((p / "checkpoint.json").read_text())
-    return [f"SAE training in progress {p}: checkpoint at step {ck['step']:,} ({ck['tokens']:,} tokens); "
-            "run the same train command to resume"]  # fmt: skip
+    return [
+        f"SAE training in progress {p}: checkpoint at step {ck['step']:,} ({ck['tokens']:,} tokens); "
+        "run the same train command to resume"
+    ]
 
 
 def _evaluation(p: Path) -> list[str]:
@@ -137,12 +168,17 @@ def _analysis(p: Path) -> list[str]:
     feats = sorted(a["features"], key=lambda f: f.get("rank") or math.inf)
     vocab = a.get("vocab", {})
     never = sum(1 for f in a["features"] if not f.get("frequency"))
-    lines = [f"analysis {p} of the SAE {a.get('sae')} on {a.get('n_tokens', 0):,} tokens of {a.get('acts')}",
-             f"  {a.get('model')} at {a.get('hook')}: {a.get('d_sae', len(feats)):,} features, {never:,} never fire; "
-             f"top {a.get('top_k')} examples each", "  best-ranked features (rank 1 = best):"]  # fmt: skip
+    lines = [
+        f"analysis {p} of the SAE {a.get('sae')} on {a.get('n_tokens', 0):,} tokens of {a.get('acts')}",
+        f"  {a.get('model')} at {a.get('hook')}: {a.get('d_sae', len(feats)):,} features, {never:,} never fire; "
+        f"top {a.get('top_k')} examples each",
+        "  best-ranked features (rank 1 = best):",
+    ]
     for f in feats[:5]:
         top = vocab.get(str(f["top_tokens"][0][0]), "?") if f.get("top_tokens") else "-"
-        lines.append(f"    rank {f['rank']}: feature {f['id']}, score {f['score']:.3f}, fires on {pct(f['frequency'])} of tokens, top token {top!r}")
+        lines.append(
+            f"    rank {f['rank']}: feature {f['id']}, score {f['score']:.3f}, fires on {pct(f['frequency'])} of tokens, top token {top!r}"
+        )
     if (p / "index.html").exists():
         lines.append(f"  browser: {p / 'index.html'}")
     return lines
@@ -155,9 +191,11 @@ def _dictionary(p: Path) -> list[str]:
     with open(p / DICT_FEATURES) as f:
         n = sum(1 for line in f if line.strip())
     act = f"topk (k={h['k']})" if h.get("activation") == "topk" else h.get("activation")
-    return [f"feature dictionary {p}: {h['d_sae']:,} features ({n:,} lines), {act}, d_in {h['d_in']}",
-            f"  {h.get('model')} at {h.get('hook')}; from the SAE {h.get('source_sae')} (sha256 {str(h.get('source_sae_sha256'))[:12]})",
-            f"  analysis: {'yes' if h.get('has_analysis') else 'no'}, firing frequencies: {'yes' if h.get('has_frequency') else 'no'}"]  # fmt: skip
+    return [
+        f"feature dictionary {p}: {h['d_sae']:,} features ({n:,} lines), {act}, d_in {h['d_in']}",
+        f"  {h.get('model')} at {h.get('hook')}; from the SAE {h.get('source_sae')} (sha256 {str(h.get('source_sae_sha256'))[:12]})",
+        f"  analysis: {'yes' if h.get('has_analysis') else 'no'}, firing frequencies: {'yes' if h.get('has_frequency') else 'no'}",
+    ]
 
 
 def _saelens(p: Path) -> list[str]:
@@ -166,10 +204,13 @@ def _saelens(p: Path) -> list[str]:
     c = json.loads((p / SAELENS_CFG).read_text())
     meta = c.get("metadata") or {}
     ours = meta.get("sae_lens_lite") or {}
-    lines = [f"SAELens directory {p}: architecture {c.get('architecture')}" + (f" (k={c['k']})" if c.get("k") else "") +
-             f", d_in {c.get('d_in')} -> d_sae {c.get('d_sae'):,}",
-             f"  {meta.get('model_name')} at {meta.get('hook_name')}, context {meta.get('context_size')}",
-             f"  sparsity file: {'yes' if (p / SAELENS_SPARSITY).exists() else 'no'}"]  # fmt: skip
+    lines = [
+        f"SAELens directory {p}: architecture {c.get('architecture')}"
+        + (f" (k={c['k']})" if c.get("k") else "")
+        + f", d_in {c.get('d_in')} -> d_sae {c.get('d_sae'):,}",
+        f"  {meta.get('model_name')} at {meta.get('hook_name')}, context {meta.get('context_size')}",
+        f"  sparsity file: {'yes' if (p / SAELENS_SPARSITY).exists() else 'no'}",
+    ]
     if ours.get("source_sae"):
         lines.append(f"  exported from the SAE {ours['source_sae']} (sha256 {str(ours.get('source_sae_sha256'))[:12]})")
     return lines

@@ -47,8 +47,13 @@ ABLATION_BATCH = 16  # prompt copies per forward when ablating latents one by on
 class SteerConfig:
     sae: str = opt("runs/sae", "SAE directory whose features steer the model")
     feature: list[int] = opt([], "feature id(s) to steer with (several: each gets the same strength)")
-    strength: float = opt(10.0, "add: how much to raise each latent, in its own activation units (compare the feature's max activation in the browser); clamp: the value each latent is set to")
-    mode: str = opt("add", "add: x + S x decoder direction; clamp: set the latent to S, keeping the SAE's error term", choices=MODES)
+    strength: float = opt(
+        10.0,
+        "add: how much to raise each latent, in its own activation units (compare the feature's max activation in the browser); clamp: the value each latent is set to",
+    )
+    mode: str = opt(
+        "add", "add: x + S x decoder direction; clamp: set the latent to S, keeping the SAE's error term", choices=MODES
+    )
     prompt: str = opt("", "text to continue")
     max_new_tokens: int = opt(30, "tokens generated after the prompt (fewer if the model ends the text)")
     sample: bool = opt(False, "sample instead of greedy decoding (the same seed for the steered and unsteered text)")
@@ -62,7 +67,9 @@ class SteerConfig:
 class AttributeConfig:
     sae: str = opt("runs/sae", "SAE directory whose latents are attributed")
     prompt: str = opt("", "text whose next token is explained")
-    target: str | None = opt(None, "the next token to explain (its text, e.g. ' the'; one token); default: the model's top prediction")
+    target: str | None = opt(
+        None, "the next token to explain (its text, e.g. ' the'; one token); default: the model's top prediction"
+    )
     top: int = opt(10, "features listed each way (raising, lowering); each is checked by a real ablation")
     model: str | None = opt(None, "model to run; default: the model named in the SAE's config")
     device: str = opt("auto", "cpu, cuda, or auto")
@@ -71,15 +78,20 @@ class AttributeConfig:
 # ---- loading and checks ---------------------------------------------------------------------
 
 
-def load(sae_dir: str, model: str | None = None, device: str = "auto", lm: LoadedModel | None = None,
-         features: list[int] | None = None) -> tuple[LoadedModel, SAE]:  # fmt: skip
+def load(
+    sae_dir: str,
+    model: str | None = None,
+    device: str = "auto",
+    lm: LoadedModel | None = None,
+    features: list[int] | None = None,
+) -> tuple[LoadedModel, SAE]:
     """The model and the SAE, checked to fit each other (and `features` to exist) on one device."""
     dev = resolve_device(device) if lm is None else next(lm.model.parameters()).device
     sae = SAE.load(sae_dir, dev).eval().requires_grad_(False)
     if features is not None:  # before the model loads: a typo fails in a second
         check_features(sae, features)
     if not sae.cfg.hook:
-        raise UserError(f"{sae_dir}/config.json names no hook; set \"hook\" there to where the SAE was trained")
+        raise UserError(f'{sae_dir}/config.json names no hook; set "hook" there to where the SAE was trained')
     if lm is None:
         if not (model or sae.cfg.model):
             raise UserError(f"{sae_dir}/config.json names no model; pass --model")
@@ -91,7 +103,9 @@ def load(sae_dir: str, model: str | None = None, device: str = "auto", lm: Loade
 def check_fit(lm: LoadedModel, sae: SAE) -> None:
     hook_point(lm.model, sae.cfg.hook)
     if lm.d_model != sae.d_in:
-        raise UserError(f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the model it was trained on (--model)")
+        raise UserError(
+            f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the model it was trained on (--model)"
+        )
     if sae.W_dec.device != _device(lm):
         raise UserError(f"the SAE is on {sae.W_dec.device} but the model on {_device(lm)}; move one (sae.to(device))")
 
@@ -130,7 +144,9 @@ def direction(sae: SAE, features: list[int]) -> Tensor:
     return sae.W_dec[features].sum(0) / sae.input_scale
 
 
-def steering_edit(sae: SAE, features: list[int], strength: float, mode: str, mask: Tensor) -> Callable[[Tensor], Tensor]:
+def steering_edit(
+    sae: SAE, features: list[int], strength: float, mode: str, mask: Tensor
+) -> Callable[[Tensor], Tensor]:
     """An edit_hook fn for act [b, T, d] that steers at the positions in mask [b, T]."""
     if mode not in MODES:
         raise UserError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
@@ -184,7 +200,9 @@ def steer(cfg: SteerConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
     ids = encode_prompt(lm, cfg.prompt)
     limit = lm.max_context
     if limit and ids.shape[1] + cfg.max_new_tokens > limit:
-        raise UserError(f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds {lm.name}'s context of {limit}")
+        raise UserError(
+            f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds {lm.name}'s context of {limit}"
+        )
     kw = dict(sample=cfg.sample, temperature=cfg.temperature, seed=cfg.seed)
     clean = generate(lm, ids, cfg.max_new_tokens, **kw)
 
@@ -192,14 +210,24 @@ def steer(cfg: SteerConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
         return steering_edit(sae, cfg.feature, cfg.strength, cfg.mode, positions(lm, sae, cur))
 
     steered = generate(lm, ids, cfg.max_new_tokens, sae.cfg.hook, edit_for, **kw)
-    what = f"{cfg.mode} {cfg.strength:g} x feature {', '.join(map(str, cfg.feature))}" if cfg.mode == "add" else \
-        f"feature {', '.join(map(str, cfg.feature))} clamped to {cfg.strength:g}"  # fmt: skip
+    what = (
+        f"{cfg.mode} {cfg.strength:g} x feature {', '.join(map(str, cfg.feature))}"
+        if cfg.mode == "add"
+        else f"feature {', '.join(map(str, cfg.feature))} clamped to {cfg.strength:g}"
+    )
     decoding = f"sampled (seed {cfg.seed}, temperature {cfg.temperature:g})" if cfg.sample else "greedy"
     print(f"prompt: {cfg.prompt!r}  ({decoding}, {sae.cfg.hook})")
     print(f"\n[clean]  mean log p {_mean(clean.logprobs):.3f}\n{cfg.prompt}{clean.text}")
     print(f"\n[steered: {what}]  mean log p {_mean(steered.logprobs):.3f}\n{cfg.prompt}{steered.text}")
-    return {"prompt": cfg.prompt, "hook": sae.cfg.hook, "mode": cfg.mode, "features": cfg.feature,
-            "strength": cfg.strength, "clean": clean, "steered": steered}  # fmt: skip
+    return {
+        "prompt": cfg.prompt,
+        "hook": sae.cfg.hook,
+        "mode": cfg.mode,
+        "features": cfg.feature,
+        "strength": cfg.strength,
+        "clean": clean,
+        "steered": steered,
+    }
 
 
 def _mean(xs: list[float]) -> float:
@@ -229,7 +257,9 @@ def attribution(lm: LoadedModel, sae: SAE, ids: Tensor, target: int | None = Non
     position; target defaults to the model's top prediction."""
     mask = positions(lm, sae, ids)  # [1, T]
     if not mask.any():
-        raise UserError("the prompt has no position the SAE reads (special tokens and the first positions its harvest dropped are skipped); use a longer prompt")
+        raise UserError(
+            "the prompt has no position the SAE reads (special tokens and the first positions its harvest dropped are skipped); use a longer prompt"
+        )
     saved = {}
 
     def fn(act: Tensor) -> Tensor:
@@ -278,8 +308,11 @@ def target_id(lm: LoadedModel, text: str) -> int:
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = [lm.tokenizer.decode([i]) for i in ids]
-        raise UserError(f"--target {text!r} is {len(ids)} tokens {pieces}, not one; pass a single token (e.g. {pieces[0]!r})" if ids else
-                        "--target is empty; pass one token's text, or leave it out for the model's top prediction")  # fmt: skip
+        raise UserError(
+            f"--target {text!r} is {len(ids)} tokens {pieces}, not one; pass a single token (e.g. {pieces[0]!r})"
+            if ids
+            else "--target is empty; pass one token's text, or leave it out for the model's top prediction"
+        )
     return ids[0]
 
 
@@ -309,16 +342,31 @@ def attribute(cfg: AttributeConfig, lm: LoadedModel | None = None, sae: SAE | No
     def row(j: int) -> dict:
         pos = a.latents[:, j].cpu()
         where = pos.abs().argmax().item()
-        return {"feature": j, "attribution": float(per_latent[j]), "ablation": abl[j],
-                "per_position": pos.tolist(), "top_position": where, "top_token": toks[where]}  # fmt: skip
+        return {
+            "feature": j,
+            "attribution": float(per_latent[j]),
+            "ablation": abl[j],
+            "per_position": pos.tolist(),
+            "top_position": where,
+            "top_token": toks[where],
+        }
 
     rows_up, rows_down = [row(j) for j in up], [row(j) for j in down]
     result = {
-        "prompt": cfg.prompt, "hook": sae.cfg.hook, "target": a.target, "target_text": lm.tokenizer.decode([a.target]),
-        "logp": a.logp, "tokens": toks, "raising": rows_up, "lowering": rows_down,
-        "sum_latents": float(per_latent.sum()), "error": float(a.error.sum()), "bias": float(a.bias.sum()),
-        "total": float(a.total.sum()), "agreement": agreement(rows_up + rows_down),
-    }  # fmt: skip
+        "prompt": cfg.prompt,
+        "hook": sae.cfg.hook,
+        "target": a.target,
+        "target_text": lm.tokenizer.decode([a.target]),
+        "logp": a.logp,
+        "tokens": toks,
+        "raising": rows_up,
+        "lowering": rows_down,
+        "sum_latents": float(per_latent.sum()),
+        "error": float(a.error.sum()),
+        "bias": float(a.bias.sum()),
+        "total": float(a.total.sum()),
+        "agreement": agreement(rows_up + rows_down),
+    }
     _print_attribution(result)
     return result
 
@@ -333,14 +381,22 @@ def agreement(rows: list[dict], tolerance: float = 0.25) -> dict:
 def _print_attribution(r: dict) -> None:
     print(f"prompt: {r['prompt']!r}  ({r['hook']})")
     print(f"target next token: {r['target_text']!r} (id {r['target']}), log p = {r['logp']:.3f}")
-    print(f"attribution = activation x gradient of log p, summed over {len(r['tokens'])} positions; "
-          "ablation = log p - log p with the latent zeroed (error term kept), measured")  # fmt: skip
+    print(
+        f"attribution = activation x gradient of log p, summed over {len(r['tokens'])} positions; "
+        "ablation = log p - log p with the latent zeroed (error term kept), measured"
+    )
     for title, rows in (("raising", r["raising"]), ("lowering", r["lowering"])):
         print(f"\n{title} log p:\n  feature  attribution   ablation  strongest at")
         for x in rows:
-            print(f"  {x['feature']:7d}  {x['attribution']:+11.4f}  {x['ablation']:+9.4f}  {x['top_token']!r} (pos {x['top_position']})")
+            print(
+                f"  {x['feature']:7d}  {x['attribution']:+11.4f}  {x['ablation']:+9.4f}  {x['top_token']!r} (pos {x['top_position']})"
+            )
         if not rows:
             print("  (none)")
     g = r["agreement"]
-    print(f"\nlatents {r['sum_latents']:+.4f} + SAE error {r['error']:+.4f} + decoder bias {r['bias']:+.4f} = {r['total']:+.4f} (x . grad at the hook)")
-    print(f"listed features: ablation agrees in sign for {g['sign']}/{g['n']}, in size within {g['tolerance']:.0%} for {g['size']}/{g['n']}")
+    print(
+        f"\nlatents {r['sum_latents']:+.4f} + SAE error {r['error']:+.4f} + decoder bias {r['bias']:+.4f} = {r['total']:+.4f} (x . grad at the hook)"
+    )
+    print(
+        f"listed features: ablation agrees in sign for {g['sign']}/{g['n']}, in size within {g['tolerance']:.0%} for {g['size']}/{g['n']}"
+    )

@@ -135,9 +135,7 @@ def load_model(
     target = str(local) if local is not None else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            target, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         if local is None:
             raise UserError(
@@ -149,7 +147,9 @@ def load_model(
     except Exception as e:  # a damaged local config or weights file: transformers and safetensors raise many types
         if local is None:
             raise
-        raise UserError(f"cannot load model from {target} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); are its files complete?") from None
+        raise UserError(
+            f"cannot load model from {target} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); are its files complete?"
+        ) from None
     if local is None:
         weights_hash = getattr(model.config, "_commit_hash", None) or "hub"
     model.eval().requires_grad_(False).to(device)
@@ -166,7 +166,9 @@ def _check_hub(name: str) -> None:
         return  # cached: transformers can load it offline
     hint = f"Offline, use `{SMOLLM2_NAME}`, a local model directory or a .gguf file"
     if constants.HF_HUB_OFFLINE:
-        raise UserError(f"cannot load model {name!r}: not a local directory or .gguf file, not in the hub cache, and HF_HUB_OFFLINE is set. {hint}")
+        raise UserError(
+            f"cannot load model {name!r}: not a local directory or .gguf file, not in the hub cache, and HF_HUB_OFFLINE is set. {hint}"
+        )
     import socket
     from urllib.parse import urlparse
 
@@ -174,7 +176,9 @@ def _check_hub(name: str) -> None:
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError:
-        raise UserError(f"cannot load model {name!r}: not a local directory or .gguf file, and the hub ({host}) is unreachable. {hint}") from None
+        raise UserError(
+            f"cannot load model {name!r}: not a local directory or .gguf file, and the hub ({host}) is unreachable. {hint}"
+        ) from None
 
 
 def _converted_gguf(gguf: Path, weights_hash: str) -> Path:
@@ -214,9 +218,7 @@ def _converted_gguf(gguf: Path, weights_hash: str) -> Path:
 def arch(model: nn.Module) -> tuple[str, str, str]:
     mtype = model.config.model_type
     if mtype not in ARCHITECTURES:
-        raise UserError(
-            f"model type {mtype!r} has no hook mapping yet; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+        raise UserError(f"model type {mtype!r} has no hook mapping yet; supported: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[mtype]
 
 
@@ -246,7 +248,9 @@ def hook_point(model: nn.Module, name: str) -> HookPoint:
         )
     layer, kind = int(m.group(1)), m.group(2)
     if layer >= len(layers):
-        raise UserError(f"hook {name!r}: layer {layer} is beyond the model's depth ({len(layers)} blocks, 0..{len(layers) - 1})")
+        raise UserError(
+            f"hook {name!r}: layer {layer} is beyond the model's depth ({len(layers)} blocks, 0..{len(layers) - 1})"
+        )
     block = layers[layer]
     _, attn, mlp = arch(model)
     module = {"hook_attn_out": getattr(block, attn, None), "hook_mlp_out": getattr(block, mlp, None)}.get(kind, block)
@@ -341,9 +345,16 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(lm: LoadedModel, ids: Tensor, max_new_tokens: int, hook: str | None = None,
-             edit_for: Callable[[Tensor], Callable[[Tensor], Tensor]] | None = None,
-             sample: bool = False, temperature: float = 1.0, seed: int = 0) -> Generation:  # fmt: skip
+def generate(
+    lm: LoadedModel,
+    ids: Tensor,
+    max_new_tokens: int,
+    hook: str | None = None,
+    edit_for: Callable[[Tensor], Callable[[Tensor], Tensor]] | None = None,
+    sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> Generation:
     """Continue ids [1, T]. `edit_for(ids)` gives the edit at `hook` for the current sequence, so
     generated tokens are edited too. A full forward per token (no KV cache): slower, but the same
     code path for every architecture, and the edit sees every position on every step."""

@@ -98,10 +98,16 @@ def existing(out: str | os.PathLike, stage: str, settings: dict, inputs: dict, o
     if rec.get("stage") != stage:
         raise UserError(f"{out} holds the output of `{rec.get('stage')}`, not of `{stage}`: choose another --out")
     diff = differences(rec.get("settings", {}), settings)
-    diff += [f"input {k} (its content changed)" for k in sorted(set(inputs) | set(rec.get("inputs", {}))) if rec.get("inputs", {}).get(k) != inputs.get(k)]
+    diff += [
+        f"input {k} (its content changed)"
+        for k in sorted(set(inputs) | set(rec.get("inputs", {})))
+        if rec.get("inputs", {}).get(k) != inputs.get(k)
+    ]
     if diff:
-        raise UserError(f"{out} holds the output of `sae-lite {stage}`, made differently (differs in: {'; '.join(diff)}); "
-                        "pass --overwrite to redo it, or choose another --out")  # fmt: skip
+        raise UserError(
+            f"{out} holds the output of `sae-lite {stage}`, made differently (differs in: {'; '.join(diff)}); "
+            "pass --overwrite to redo it, or choose another --out"
+        )
     print(f"{stage}: {out} is complete, nothing to do (same settings and inputs; --overwrite redoes it)")
     print(rec["line"])
     return rec.get("result", {})
@@ -109,10 +115,18 @@ def existing(out: str | os.PathLike, stage: str, settings: dict, inputs: dict, o
 
 def finish(out: str | os.PathLike, stage: str, settings: dict, inputs: dict, result: dict, line: str) -> None:
     """Record a finished stage (last, after its other files) and print its result line."""
-    write_json_atomic(Path(out) / RECORD, {
-        "stage": stage, "settings": settings, "inputs": inputs, "result": result, "line": line,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sae_lens_lite_version": __version__,
-    })  # fmt: skip
+    write_json_atomic(
+        Path(out) / RECORD,
+        {
+            "stage": stage,
+            "settings": settings,
+            "inputs": inputs,
+            "result": result,
+            "line": line,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sae_lens_lite_version": __version__,
+        },
+    )
     print(line)
 
 

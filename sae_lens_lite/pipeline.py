@@ -32,7 +32,9 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     """Every stage's config built and checked up front: [(stage, config, output dir)], paths."""
     unknown = set(cfg) - {"out", "stages", *STAGES}
     if unknown:
-        raise UserError(f"unknown run-file entries {', '.join(sorted(unknown))}; valid: out, stages, {', '.join(STAGES)}")
+        raise UserError(
+            f"unknown run-file entries {', '.join(sorted(unknown))}; valid: out, stages, {', '.join(STAGES)}"
+        )
     for s in STAGES:
         if not isinstance(cfg.get(s, {}), dict):
             raise UserError(f"{s} in the run file must be a table ([{s}]), not {cfg[s]!r}")
@@ -43,20 +45,51 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
         raise UserError(f"unknown stage(s) {', '.join(sorted(bad))}; valid: {', '.join(STAGES)}")
     h = build(HarvestConfig, {"out": str(out / "acts"), **cfg.get("harvest", {})}, "harvest")
     if len(h.hooks) != 1:
-        raise UserError("a run file trains one SAE: give [harvest] exactly one hook (use `sae-lite harvest` for several)")
-    paths = {"acts": Path(h.out), "sae": out / "sae", "eval": out / "eval", "analysis": out / "analysis", "export": out / "export"}
+        raise UserError(
+            "a run file trains one SAE: give [harvest] exactly one hook (use `sae-lite harvest` for several)"
+        )
+    paths = {
+        "acts": Path(h.out),
+        "sae": out / "sae",
+        "eval": out / "eval",
+        "analysis": out / "analysis",
+        "export": out / "export",
+    }
     t = build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train")
     check_config(t)
     e = build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **cfg.get("evaluate", {})}, "evaluate")
-    a = build(AnalyzeConfig, {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})}, "analyze")
+    a = build(
+        AnalyzeConfig,
+        {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})},
+        "analyze",
+    )
     ex = dict(cfg.get("export", {}))
     formats = ex.pop("formats", ["saelens", "dictionary"])
     if not isinstance(formats, list) or not set(formats) <= {"saelens", "dictionary"}:
         raise UserError(f"[export] formats = {formats!r} should be a list of saelens and/or dictionary")
     analysis = str(paths["analysis"]) if "analyze" in stages or (paths["analysis"] / "features.json").exists() else None
-    exports = [build(ExportConfig, {"sae": str(paths["sae"]), "format": f, "out": str(paths["export"] / f), "analysis": analysis,
-                                    "acts": str(paths["acts"]), **ex}, "export", extra=("formats",)) for f in formats]  # fmt: skip
-    steps = [("harvest", h, paths["acts"]), ("train", t, paths["sae"]), ("evaluate", e, Path(e.out)), ("analyze", a, Path(a.out))]
+    exports = [
+        build(
+            ExportConfig,
+            {
+                "sae": str(paths["sae"]),
+                "format": f,
+                "out": str(paths["export"] / f),
+                "analysis": analysis,
+                "acts": str(paths["acts"]),
+                **ex,
+            },
+            "export",
+            extra=("formats",),
+        )
+        for f in formats
+    ]
+    steps = [
+        ("harvest", h, paths["acts"]),
+        ("train", t, paths["sae"]),
+        ("evaluate", e, Path(e.out)),
+        ("analyze", a, Path(a.out)),
+    ]
     steps += [("export", x, Path(x.out)) for x in exports]
     return [s for s in steps if s[0] in stages], paths
 
@@ -76,8 +109,19 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
             raise UserError(f"[{name}] {run_file_advice(str(err), name, type(c))}") from None
         did = _stamp(out) != before
         changed |= did
-        rows.append((name + (f" {c.format}" if name == "export" else ""), "done" if did else "nothing to do", str(out), _headline(out)))
-    print("\nrun: " + ("every stage was complete already" if not changed else f"{len(rows)} stages") + f" ({', '.join(r[0] for r in rows)})")
+        rows.append(
+            (
+                name + (f" {c.format}" if name == "export" else ""),
+                "done" if did else "nothing to do",
+                str(out),
+                _headline(out),
+            )
+        )
+    print(
+        "\nrun: "
+        + ("every stage was complete already" if not changed else f"{len(rows)} stages")
+        + f" ({', '.join(r[0] for r in rows)})"
+    )
     w = [max(len(r[i]) for r in rows + [("stage", "status", "output", "")]) for i in range(3)]
     for r in [("stage", "status", "output", "result"), *rows]:
         print(f"  {r[0]:{w[0]}}  {r[1]:{w[1]}}  {r[2]:{w[2]}}  {r[3]}")

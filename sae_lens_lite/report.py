@@ -21,7 +21,11 @@ def density_histogram(freq: Tensor, bins: int = 40) -> dict:
     lo = float(live.min())
     counts = torch.histc(live.float(), bins=bins, min=lo, max=0.0)
     edges = torch.linspace(lo, 0.0, bins + 1)
-    return {"bin_edges_log10": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts], "dead": int((freq == 0).sum())}
+    return {
+        "bin_edges_log10": [round(float(e), 4) for e in edges],
+        "counts": [int(c) for c in counts],
+        "dead": int((freq == 0).sum()),
+    }
 
 
 def plot_density(freq: Tensor, path: Path, title: str, dense_freq: float) -> None:
@@ -35,7 +39,9 @@ def plot_density(freq: Tensor, path: Path, title: str, dense_freq: float) -> Non
     live = freq[freq > 0].log10().cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(live, bins=50, color="#4477aa")
-    ax.axvline(math.log10(dense_freq), color="#cc3311", linestyle="--", linewidth=1, label=f"dense ({100 * dense_freq:g}%)")
+    ax.axvline(
+        math.log10(dense_freq), color="#cc3311", linestyle="--", linewidth=1, label=f"dense ({100 * dense_freq:g}%)"
+    )
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     ax.set_title(f"{title}\n{int((freq == 0).sum())} of {len(freq)} latents dead (not shown)", fontsize=9)
@@ -53,7 +59,9 @@ def fmt(v, digits: int = 4) -> str:
 
 def positions_text(p: dict) -> str:
     """The positions setting in words, e.g. 'not special tokens, not the first 1 of each context'."""
-    parts = (["not special tokens"] if p["drop_special"] else []) + ([f"not the first {p['drop_first']} of each context"] if p["drop_first"] else [])
+    parts = (["not special tokens"] if p["drop_special"] else []) + (
+        [f"not the first {p['drop_first']} of each context"] if p["drop_first"] else []
+    )
     parts += [f"norm at most {p['outlier_factor']:g}x the median"] if p["outlier_factor"] else []
     return ", ".join(parts) if parts else "all"
 
@@ -66,7 +74,13 @@ def markdown_summary(r: dict) -> str:
         f"{r['model']} at `{r['hook']}`; {r['n_contexts']} contexts of {r['context_length']} tokens from "
         f"`{r['dataset']}` (after skipping {r['skip_tokens']} tokens); {r['n_predictions']} next-token predictions, "
         f"{r['n_activations']} activations. Definitions: docs/metrics.md.",
-        *([f"Spliced and scored at positions {positions_text(r['positions'])}; tokens `{r['footing']['tokens_sha256']}`."] if "footing" in r else []),
+        *(
+            [
+                f"Spliced and scored at positions {positions_text(r['positions'])}; tokens `{r['footing']['tokens_sha256']}`."
+            ]
+            if "footing" in r
+            else []
+        ),
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -78,10 +92,22 @@ def markdown_summary(r: dict) -> str:
         f"| MSE (per element) | {rec['mse']:.6g} |",
         f"| L0 / L1 | {sp['l0']:.2f} / {sp['l1']:.4g} |",
         f"| dead latents | {sp['dead']} of {sp['d_sae']} ({100 * sp['dead_fraction']:.1f}%) |",
-        *([f"| dead latents in training (no firing in its last {sp['training_dead_window']:,} tokens) | "
-           f"{100 * sp['dead_fraction_in_training']:.2f}% |"] if "dead_fraction_in_training" in sp else []),  # fmt: skip
-        *([f"| dead latents at the end of training (no firing on {sp['end_of_training_tokens']:,} training tokens) | "
-           f"{100 * sp['dead_fraction_end_of_training']:.2f}% |"] if "dead_fraction_end_of_training" in sp else []),  # fmt: skip
+        *(
+            [
+                f"| dead latents in training (no firing in its last {sp['training_dead_window']:,} tokens) | "
+                f"{100 * sp['dead_fraction_in_training']:.2f}% |"
+            ]
+            if "dead_fraction_in_training" in sp
+            else []
+        ),
+        *(
+            [
+                f"| dead latents at the end of training (no firing on {sp['end_of_training_tokens']:,} training tokens) | "
+                f"{100 * sp['dead_fraction_end_of_training']:.2f}% |"
+            ]
+            if "dead_fraction_end_of_training" in sp
+            else []
+        ),
         f"| dense latents (>10% of tokens) | {sp['dense']} ({100 * sp['dense_fraction']:.1f}%) |",
     ]
     if "sparsity_on_acts" in r:

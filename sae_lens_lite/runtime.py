@@ -64,9 +64,13 @@ def init_from_env(device: torch.device) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if device.index not in (None, local):
-            raise UserError(f"under torchrun each process uses the GPU numbered by its LOCAL_RANK; pass --device cuda (or auto), not {device}")
+            raise UserError(
+                f"under torchrun each process uses the GPU numbered by its LOCAL_RANK; pass --device cuda (or auto), not {device}"
+            )
         if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK is {local} but this node has {torch.cuda.device_count()} GPUs; start at most one process per GPU")
+            raise UserError(
+                f"LOCAL_RANK is {local} but this node has {torch.cuda.device_count()} GPUs; start at most one process per GPU"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -36,7 +36,6 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .errors import UserError
 from .fsutil import save_safetensors_atomic, write_json_atomic
@@ -98,7 +97,9 @@ class _GatheredPre(torch.autograd.Function):
         # Sorted by latent (stably, so tokens stay in order within one) the entries are coalesced,
         # and saying so spares CUDA's addmm its own coalesce, which sorts and then waits for the host.
         order = cols.argsort(stable=True)
-        G = torch.sparse_coo_tensor(torch.stack([cols[order], rows[order]]), g[order], (d_sae, n), is_coalesced=True, check_invariants=False)
+        G = torch.sparse_coo_tensor(
+            torch.stack([cols[order], rows[order]]), g[order], (d_sae, n), is_coalesced=True, check_invariants=False
+        )
         grad_W_enc = torch.sparse.mm(G, xc.float()).t()  # [d_in, d_sae]
         grad_b_dec = -(W_enc @ grad_b_enc)  # ∂pre[t, j]/∂b_dec = −W_enc[:, j]
         return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
@@ -229,23 +230,33 @@ class SAE(nn.Module):
         try:
             raw = json.loads((path / CONFIG_FILE).read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); restore it or train the SAE again") from None
+            raise UserError(
+                f"{path / CONFIG_FILE} is not valid JSON ({e}); restore it or train the SAE again"
+            ) from None
         known = {f.name for f in fields(SAEConfig)}
         if not isinstance(raw, dict) or not {"d_in", "d_sae"} <= set(raw) or set(raw) - known:
             raise UserError(f"{path / CONFIG_FILE} is not an SAE config (expected the keys {', '.join(sorted(known))})")
         try:
             sae = cls(SAEConfig(**raw))
         except TypeError:  # a size that is not a number
-            raise UserError(f"{path / CONFIG_FILE} holds sizes that are not integers: d_in={raw['d_in']!r}, d_sae={raw['d_sae']!r}") from None
+            raise UserError(
+                f"{path / CONFIG_FILE} holds sizes that are not integers: d_in={raw['d_in']!r}, d_sae={raw['d_sae']!r}"
+            ) from None
         try:
             state = load_file(str(path / WEIGHTS_FILE))
         except Exception as e:  # truncated or not safetensors: the library raises its own error types
-            raise UserError(f"cannot read {path / WEIGHTS_FILE} ({e}); it is damaged, train or import the SAE again") from None
+            raise UserError(
+                f"cannot read {path / WEIGHTS_FILE} ({e}); it is damaged, train or import the SAE again"
+            ) from None
         want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != want:
-            raise UserError(f"{path / WEIGHTS_FILE} holds {got}, but config.json describes {want}; the two files do not belong together")
+            raise UserError(
+                f"{path / WEIGHTS_FILE} holds {got}, but config.json describes {want}; the two files do not belong together"
+            )
         if not all(torch.isfinite(v).all() for v in state.values()) or not float(state["input_scale"]) > 0:
-            raise UserError(f"{path / WEIGHTS_FILE} holds NaN or infinite weights (a diverged run?); train it again, e.g. with a lower --lr")
+            raise UserError(
+                f"{path / WEIGHTS_FILE} holds NaN or infinite weights (a diverged run?); train it again, e.g. with a lower --lr"
+            )
         sae.load_state_dict(state)
         return sae.to(device)

@@ -13,10 +13,9 @@ one-to-one Hungarian matching of decoder rows to features, the "mean correlation
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
-
-import math
 
 import numpy as np
 import torch

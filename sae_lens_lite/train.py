@@ -57,9 +57,23 @@ METRICS = "metrics.jsonl"
 RUN_FILES = (METRICS, "checkpoint_*.safetensors", "*.tmp")
 # Fields that change the result: a run resumes only if they are the same.
 RUN_KEYS = (
-    "expansion", "penalty", "l1", "k", "kl_beta", "kl_rho", "l0_coef", "target_l0", "lr", "batch_size",
-    "tokens", "seed", "dead_window", "resample_dead", "precision", "sparse",
-)  # fmt: skip
+    "expansion",
+    "penalty",
+    "l1",
+    "k",
+    "kl_beta",
+    "kl_rho",
+    "l0_coef",
+    "target_l0",
+    "lr",
+    "batch_size",
+    "tokens",
+    "seed",
+    "dead_window",
+    "resample_dead",
+    "precision",
+    "sparse",
+)
 
 
 @dataclass
@@ -67,32 +81,83 @@ class TrainConfig:
     acts: str = field(default="runs/acts", metadata={"help": "activation cache directory (from `sae-lite harvest`)"})
     out: str = field(default="runs/sae", metadata={"help": "output directory: the SAE, metrics.jsonl and checkpoints"})
     expansion: int = field(default=8, metadata={"help": "d_sae = expansion × d_in"})
-    penalty: str = field(default="l1", metadata={"help": "training recipe: l1 (Anthropic 2024), kl (target firing rate), topk (Gao 2024), batchtopk (Bussmann 2024), jumprelu (Rajamanoharan 2024) or matryoshka (Matryoshka BatchTopK, Bussmann 2025)"})
+    penalty: str = field(
+        default="l1",
+        metadata={
+            "help": "training recipe: l1 (Anthropic 2024), kl (target firing rate), topk (Gao 2024), batchtopk (Bussmann 2024), jumprelu (Rajamanoharan 2024) or matryoshka (Matryoshka BatchTopK, Bussmann 2025)"
+        },
+    )
     l1: float = field(default=5.0, metadata={"help": "λ of the L1 penalty; ~5 suits the √d_in input normalisation"})
     kl_beta: float = field(default=1.0, metadata={"help": "β of the KL penalty"})
     kl_rho: float = field(default=0.005, metadata={"help": "target firing rate ρ of every latent for the KL penalty"})
     l0_coef: float = field(default=1.0, metadata={"help": "λ of jumprelu's L0 penalty"})
-    k: int = field(default=32, metadata={"help": "latents kept per token for topk (on average over the batch for batchtopk and matryoshka)"})
-    sparse: bool = field(default=True, metadata={"help": "decoder and encoder backward on the active latents only (gathers and a sparse product, not dense matmuls): topk everywhere, l1/kl on the CPU once at most 5% of latents fire (less below d_in 256); --no-sparse for the dense path"})
-    target_l0: float = field(default=0.0, metadata={"help": "adapt λ (or β) during training until L0 settles here (0: off; l1, kl, jumprelu)"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (warm-up over the first 1% of steps, linear decay over the last 20%)"})
+    k: int = field(
+        default=32,
+        metadata={"help": "latents kept per token for topk (on average over the batch for batchtopk and matryoshka)"},
+    )
+    sparse: bool = field(
+        default=True,
+        metadata={
+            "help": "decoder and encoder backward on the active latents only (gathers and a sparse product, not dense matmuls): topk everywhere, l1/kl on the CPU once at most 5% of latents fire (less below d_in 256); --no-sparse for the dense path"
+        },
+    )
+    target_l0: float = field(
+        default=0.0,
+        metadata={"help": "adapt λ (or β) during training until L0 settles here (0: off; l1, kl, jumprelu)"},
+    )
+    lr: float = field(
+        default=1e-3,
+        metadata={"help": "Adam learning rate (warm-up over the first 1% of steps, linear decay over the last 20%)"},
+    )
     batch_size: int = field(default=4096, metadata={"help": "tokens per step"})
-    tokens: int = field(default=0, metadata={"help": "training tokens (0: the cache size, at least 2M, i.e. several passes over a small cache)"})
+    tokens: int = field(
+        default=0,
+        metadata={"help": "training tokens (0: the cache size, at least 2M, i.e. several passes over a small cache)"},
+    )
     seed: int = field(default=0, metadata={"help": "initialisation and data order"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    precision: str = field(default="auto", metadata={"help": "matmul precision: auto (bf16 where the hardware has it), float32 or bfloat16; weights stay fp32"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the loss (faster on long GPU runs, slow to start)"})
-    dead_window: int = field(default=1_000_000, metadata={"help": "a latent that has not fired for this many tokens counts as dead"})
-    resample_dead: bool = field(default=False, metadata={"help": "l1/kl: every dead_window tokens, point dead latents at badly reconstructed inputs"})
-    checkpoint_every: int = field(default=5_000_000, metadata={"help": "write a resumable checkpoint every this many tokens"})
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "matmul precision: auto (bf16 where the hardware has it), float32 or bfloat16; weights stay fp32"
+        },
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "torch.compile the loss (faster on long GPU runs, slow to start)"}
+    )
+    dead_window: int = field(
+        default=1_000_000, metadata={"help": "a latent that has not fired for this many tokens counts as dead"}
+    )
+    resample_dead: bool = field(
+        default=False,
+        metadata={"help": "l1/kl: every dead_window tokens, point dead latents at badly reconstructed inputs"},
+    )
+    checkpoint_every: int = field(
+        default=5_000_000, metadata={"help": "write a resumable checkpoint every this many tokens"}
+    )
     log_every: int = field(default=50, metadata={"help": "steps between metric reads (metrics.jsonl, progress bar)"})
-    wandb: str = field(default="", metadata={"help": "also log to this Weights & Biases project (needs `pip install wandb`)"})
+    wandb: str = field(
+        default="", metadata={"help": "also log to this Weights & Biases project (needs `pip install wandb`)"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --out instead of resuming it"})
 
     def __post_init__(self):
-        check_numbers(self, expansion="positive", l1="non-negative", kl_beta="non-negative", kl_rho="fraction", k="positive", l0_coef="non-negative",
-                      target_l0="non-negative", lr="positive", batch_size="positive", tokens="non-negative",
-                      dead_window="positive", checkpoint_every="positive", log_every="positive")  # fmt: skip
+        check_numbers(
+            self,
+            expansion="positive",
+            l1="non-negative",
+            kl_beta="non-negative",
+            kl_rho="fraction",
+            k="positive",
+            l0_coef="non-negative",
+            target_l0="non-negative",
+            lr="positive",
+            batch_size="positive",
+            tokens="non-negative",
+            dead_window="positive",
+            checkpoint_every="positive",
+            log_every="positive",
+        )
 
 
 # ---- schedules (pure functions of the step, so a resumed run continues exactly) ---------------
@@ -145,7 +210,9 @@ def check_config(cfg: TrainConfig) -> recipes.Recipe:
 
 
 @torch.no_grad()
-def init_from_data(sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int, dec_norm: float, tokens: int = INIT_TOKENS) -> None:
+def init_from_data(
+    sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int, dec_norm: float, tokens: int = INIT_TOKENS
+) -> None:
     """Anthropic, April 2024: scale inputs so E‖x‖ = √d_in; decoder rows in random directions at a
     small norm, encoder = decoder transpose; b_dec at the (scaled) data mean, measured on `tokens` rows."""
     rows, n = [], 0
@@ -238,14 +305,20 @@ def train_on_batches(
     amp = autocast_dtype(cfg.precision, device)
     total = total_tokens // cfg.batch_size  # steps
     if total < 1:
-        raise UserError(f"{total_tokens} training tokens is less than one batch of {cfg.batch_size}; train on more tokens or use a smaller --batch-size")
+        raise UserError(
+            f"{total_tokens} training tokens is less than one batch of {cfg.batch_size}; train on more tokens or use a smaller --batch-size"
+        )
 
     # Under torchrun each step takes batch_size / N rows from each of the N ranks (docs/scaling.md).
     local_batch, main = distributed.local_batch_size(cfg.batch_size), runtime.is_main()  # only rank 0 writes
     # fp32 weights, gradients and two Adam moments (16 bytes a weight), and a few [batch, d_sae] tensors per step
     need = 16 * 2 * sae_cfg.d_in * sae_cfg.d_sae + 4 * 4 * local_batch * sae_cfg.d_sae
-    check_memory(need, device, f"an SAE of {sae_cfg.d_sae} latents on {sae_cfg.d_in}-dim inputs at --batch-size {cfg.batch_size}",
-                 "lower --expansion or --batch-size")  # fmt: skip
+    check_memory(
+        need,
+        device,
+        f"an SAE of {sae_cfg.d_sae} latents on {sae_cfg.d_in}-dim inputs at --batch-size {cfg.batch_size}",
+        "lower --expansion or --batch-size",
+    )
     sae = SAE(sae_cfg)
     init_from_data(sae, batches, cfg.seed, recipe.dec_norm, INIT_TOKENS // runtime.world_size())
     recipe.init(sae)
@@ -271,7 +344,9 @@ def train_on_batches(
             )
         diff = [k for k in RUN_KEYS if ckpt["train_config"].get(k) != asdict(cfg)[k]]
         if diff:
-            raise UserError(f"{out} holds a run with different settings ({', '.join(diff)}); use the same flags to resume, another --out, or --overwrite")
+            raise UserError(
+                f"{out} holds a run with different settings ({', '.join(diff)}); use the same flags to resume, another --out, or --overwrite"
+            )
         if ckpt.get("complete"):
             if main:  # a run killed while removing its checkpoint files left some behind
                 for p in out.glob("checkpoint_*.safetensors"):
@@ -281,7 +356,9 @@ def train_on_batches(
         try:
             tensors = load_file(str(out / ckpt["file"]), device=str(device))
         except Exception as e:  # missing or damaged: safetensors raises its own error types
-            raise UserError(f"cannot read the checkpoint {out / ckpt['file']} ({e}); pass --overwrite to start the run again") from None
+            raise UserError(
+                f"cannot read the checkpoint {out / ckpt['file']} ({e}); pass --overwrite to start the run again"
+            ) from None
         sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         load_optimizer(opt, tensors)
         lam, since_fired, acc = tensors["lam"], tensors["since_fired"], tensors["acc"]
@@ -293,7 +370,10 @@ def train_on_batches(
         # Nothing saved yet (a fresh --out, or a run killed before its first checkpoint): start
         # over, and mark --out as this run's before anything else is written.
         clear_run(out)
-        write_json_atomic(out / CHECKPOINT, {"step": 0, "complete": False, "file": None, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)})
+        write_json_atomic(
+            out / CHECKPOINT,
+            {"step": 0, "complete": False, "file": None, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)},
+        )
 
     model = distributed.data_parallel(sae, device)  # DistributedDataParallel under torchrun, else the SAE
     loss_fn = torch.compile(step_terms) if cfg.compile else step_terms
@@ -303,11 +383,24 @@ def train_on_batches(
     warm_steps = round(LAMBDA_WARMUP * total)
 
     def state() -> dict[str, Tensor]:
-        return {**{f"sae.{k}": v for k, v in sae.state_dict().items()}, **optimizer_tensors(opt), "lam": lam, "since_fired": since_fired, "acc": acc}
+        return {
+            **{f"sae.{k}": v for k, v in sae.state_dict().items()},
+            **optimizer_tensors(opt),
+            "lam": lam,
+            "since_fired": since_fired,
+            "acc": acc,
+        }
 
     def info(complete: bool = False) -> dict:
-        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "tokens": step * cfg.batch_size,
-                "complete": complete, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)}  # fmt: skip
+        return {
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "tokens": step * cfg.batch_size,
+            "complete": complete,
+            "train_config": asdict(cfg),
+            "sae_config": asdict(sae_cfg),
+        }
 
     for epoch, batch_in_epoch, x in _batch_stream(batches, local_batch, epoch, batch_in_epoch):
         if step >= total:
@@ -330,9 +423,18 @@ def train_on_batches(
             since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
             if cfg.target_l0 and step >= warm_steps:
                 lam = lam * (t["l0"].clamp_min(1e-3) / cfg.target_l0) ** L0_GAIN
-            acc += torch.stack([torch.ones((), device=device), t["mse"].detach(), t["sse"], t["sst"], t["l0"],
-                                t.get(recipe.term, torch.zeros((), device=device)).detach(),
-                                lam_now.detach(), (since_fired >= cfg.dead_window).float().mean()])  # fmt: skip
+            acc += torch.stack(
+                [
+                    torch.ones((), device=device),
+                    t["mse"].detach(),
+                    t["sse"],
+                    t["sst"],
+                    t["l0"],
+                    t.get(recipe.term, torch.zeros((), device=device)).detach(),
+                    lam_now.detach(),
+                    (since_fired >= cfg.dead_window).float().mean(),
+                ]
+            )
         step += 1
         batch_in_epoch += 1
         if cfg.resample_dead and recipe.resamples and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
@@ -376,7 +478,9 @@ def _batch_stream(batches, batch_size: int, epoch: int, skip: int):
 
 
 @torch.no_grad()
-def resample_dead_latents(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, since_fired: Tensor, cfg: TrainConfig, step: int) -> None:
+def resample_dead_latents(
+    sae: SAE, opt: torch.optim.Optimizer, x: Tensor, since_fired: Tensor, cfg: TrainConfig, step: int
+) -> None:
     """Anthropic (Towards Monosemanticity, 2023): point each dead latent at an input sampled with
     probability ∝ its squared reconstruction error, with a small encoder norm, and reset its Adam
     state so old moments do not pull it back."""
@@ -418,9 +522,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
 class _Logger:
     """metrics.jsonl, the tqdm bar and optionally wandb, fed every log_every steps."""
 
-    def __init__(self, cfg: TrainConfig, recipe: recipes.Recipe, out: Path | None, total: int, step: int, progress: bool):
+    def __init__(
+        self, cfg: TrainConfig, recipe: recipes.Recipe, out: Path | None, total: int, step: int, progress: bool
+    ):
         self.cfg, self.recipe, self.out, self.last = cfg, recipe, out, {}
-        self.bar = tqdm(total=total, initial=step, unit="step", desc=f"train {cfg.penalty}", dynamic_ncols=True, disable=not progress)
+        self.bar = tqdm(
+            total=total,
+            initial=step,
+            unit="step",
+            desc=f"train {cfg.penalty}",
+            dynamic_ncols=True,
+            disable=not progress,
+        )
         self.t0, self.step0 = time.perf_counter(), step
         self.run = None
         if cfg.wandb and runtime.is_main():
@@ -454,7 +567,14 @@ class _Logger:
                 f.write(json.dumps(m) + "\n")
         if self.run is not None:
             self.run.log(m, step=step)
-        self.bar.set_postfix(mse=f"{m['mse']:.3g}", ev=f"{m['explained_variance']:.3f}", l0=f"{m['l0']:.1f}", dead=f"{m['dead_frac']:.3f}", lr=f"{lr:.2g}", **({"lam": f"{m['lam']:.3g}"} if "lam" in m else {}))
+        self.bar.set_postfix(
+            mse=f"{m['mse']:.3g}",
+            ev=f"{m['explained_variance']:.3f}",
+            l0=f"{m['l0']:.1f}",
+            dead=f"{m['dead_frac']:.3f}",
+            lr=f"{lr:.2g}",
+            **({"lam": f"{m['lam']:.3g}"} if "lam" in m else {}),
+        )
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
@@ -486,28 +606,56 @@ def train(cfg: TrainConfig) -> SAE:
     device = runtime.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
     cache = ActivationCache.open(cfg.acts)
     if cache.n_tokens < cfg.batch_size:
-        raise UserError(f"the cache {cfg.acts} holds {cache.n_tokens:,} rows, fewer than one batch of {cfg.batch_size:,}; "
-                        f"pass a --batch-size of at most {cache.n_tokens:,} or harvest more tokens")  # fmt: skip
+        raise UserError(
+            f"the cache {cfg.acts} holds {cache.n_tokens:,} rows, fewer than one batch of {cfg.batch_size:,}; "
+            f"pass a --batch-size of at most {cache.n_tokens:,} or harvest more tokens"
+        )
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT, debris=RUN_FILES)
     settings, inputs = settings_of(cfg, ("acts",)), {"acts": fingerprint(cfg.acts)}
     if existing(out, "train", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
         return SAE.load(out, device)
     if cfg.overwrite and runtime.is_main():
-        for p in [out / CHECKPOINT, out / METRICS, out / WEIGHTS_FILE, out / CONFIG_FILE, *out.glob("checkpoint_*.safetensors")]:
+        for p in [
+            out / CHECKPOINT,
+            out / METRICS,
+            out / WEIGHTS_FILE,
+            out / CONFIG_FILE,
+            *out.glob("checkpoint_*.safetensors"),
+        ]:
             p.unlink(missing_ok=True)
     runtime.barrier()  # rank 0 has cleared --out before any rank reads it
     m = cache.manifest
-    sae_cfg = sae_config_for(cfg, cache.d_model, m["model"], m["hook"], m["context_length"],
-                             {"acts": str(cfg.acts), "acts_n_tokens": cache.n_tokens, "corpus": m.get("corpus"), "filters": m.get("filters")})  # fmt: skip
+    sae_cfg = sae_config_for(
+        cfg,
+        cache.d_model,
+        m["model"],
+        m["hook"],
+        m["context_length"],
+        {
+            "acts": str(cfg.acts),
+            "acts_n_tokens": cache.n_tokens,
+            "corpus": m.get("corpus"),
+            "filters": m.get("filters"),
+        },
+    )
     tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
     sae = train_on_batches(sae_cfg, cfg, _cache_batches(cache, cfg, device), tokens, out)
     if runtime.is_main():
         m = sae.cfg.meta["final_eval"] = measure_saved(sae, cache, device)
         write_json_atomic(out / CONFIG_FILE, asdict(sae.cfg))
-        ev = "n/a" if m["explained_variance"] is None else f"{m['explained_variance']:.3f}"  # None: constant activations
-        finish(out, "train", settings, inputs, m, f"train: {out}: EV {ev}, L0 {m['l0']:.1f}, "
-               f"dead {pct(m['dead_frac'])} of {sae.d_sae:,} latents (no firing on {m['n_tokens']:,} cache rows); "
-               f"measured on the saved weights after {tokens // cfg.batch_size * cfg.batch_size:,} training tokens")  # fmt: skip
+        ev = (
+            "n/a" if m["explained_variance"] is None else f"{m['explained_variance']:.3f}"
+        )  # None: constant activations
+        finish(
+            out,
+            "train",
+            settings,
+            inputs,
+            m,
+            f"train: {out}: EV {ev}, L0 {m['l0']:.1f}, "
+            f"dead {pct(m['dead_frac'])} of {sae.d_sae:,} latents (no firing on {m['n_tokens']:,} cache rows); "
+            f"measured on the saved weights after {tokens // cfg.batch_size * cfg.batch_size:,} training tokens",
+        )
     return sae
 
 
@@ -536,8 +684,12 @@ def measure_saved(sae: SAE, cache, device: torch.device, n_tokens: int = FINAL_T
         sst += float((chunk - mean).double().pow(2).sum())
         l0 += float(on.sum())
         fired |= on.any(0)
-    return {"explained_variance": 1 - sse / sst if sst > 0 else None, "l0": l0 / len(x),
-            "dead_frac": float((~fired).float().mean()), "n_tokens": len(x)}  # fmt: skip
+    return {
+        "explained_variance": 1 - sse / sst if sst > 0 else None,
+        "l0": l0 / len(x),
+        "dead_frac": float((~fired).float().mean()),
+        "n_tokens": len(x),
+    }
 
 
 def _cache_batches(cache, cfg: TrainConfig, device: torch.device) -> Callable[[int], Iterator[Tensor]]:
@@ -565,9 +717,17 @@ def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT, debris=RUN_FILES)
     if lm is None:
         device = resolve_device(harvest_cfg.device)
-        lm = load_model(harvest_cfg.model, device, model_dtype(harvest_cfg.model_dtype, device), harvest_cfg.trust_remote_code)
+        lm = load_model(
+            harvest_cfg.model, device, model_dtype(harvest_cfg.model_dtype, device), harvest_cfg.trust_remote_code
+        )
     batches, corpus_tokens = stream_activations(harvest_cfg, lm, cfg.batch_size, seed=cfg.seed)
     filters = position_filters(harvest_cfg)
-    sae_cfg = sae_config_for(cfg, lm.d_model, harvest_cfg.model, harvest_cfg.hooks[0], harvest_cfg.context_length,
-                             {"streamed_from": harvest_cfg.dataset, "corpus": harvest_cfg.dataset, "filters": filters})  # fmt: skip
+    sae_cfg = sae_config_for(
+        cfg,
+        lm.d_model,
+        harvest_cfg.model,
+        harvest_cfg.hooks[0],
+        harvest_cfg.context_length,
+        {"streamed_from": harvest_cfg.dataset, "corpus": harvest_cfg.dataset, "filters": filters},
+    )
     return train_on_batches(sae_cfg, cfg, batches, cfg.tokens or max(corpus_tokens, 2_000_000), out)

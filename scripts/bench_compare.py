@@ -40,12 +40,18 @@ def main() -> None:
     worst = 0.0
     for i, row in enumerate(rows):
         r = json.loads((out / f"eval_{i}" / "report.json").read_text())
-        for ours, theirs in ((row["kl"], r["ce"]["kl_sae"]), (row["ce_loss"], r["ce"]["sae"]), (row["explained_variance"], r["reconstruction"]["explained_variance"])):
+        for ours, theirs in (
+            (row["kl"], r["ce"]["kl_sae"]),
+            (row["ce_loss"], r["ce"]["sae"]),
+            (row["explained_variance"], r["reconstruction"]["explained_variance"]),
+        ):
             worst = max(worst, abs(ours - theirs) / max(abs(theirs), 1e-12))
     print(f"{len(a.saes)} SAEs, {a.tokens} tokens of {a.dataset}")
     print(f"evaluate one by one: {sum(t_each):.1f} s ({', '.join(f'{t:.1f}' for t in t_each)})")
     print(f"compare, one run:    {t_cmp:.1f} s")
-    print(f"ratio (one by one / compare): {sum(t_each) / t_cmp:.2f}x; largest relative difference in KL, CE, EV: {worst:.1e}")
+    print(
+        f"ratio (one by one / compare): {sum(t_each) / t_cmp:.2f}x; largest relative difference in KL, CE, EV: {worst:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--heldout-tokens", type=int, default=262_144, help="WikiText-2 test tokens harvested to count latents that never fire")
-    p.add_argument("--settings", nargs="+", default=["topk_k16", "topk_k32", "topk_k48", "topk_k64"], choices=list(SETTINGS))
+    p.add_argument(
+        "--heldout-tokens",
+        type=int,
+        default=262_144,
+        help="WikiText-2 test tokens harvested to count latents that never fire",
+    )
+    p.add_argument(
+        "--settings", nargs="+", default=["topk_k16", "topk_k32", "topk_k48", "topk_k64"], choices=list(SETTINGS)
+    )
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     out = Path(args.out)
@@ -60,31 +67,77 @@ def main():
     for f in sorted(DATA.glob("*.txt")):
         if f.name != "wikitext2-test.txt" and not (train_dir / f.name).exists():
             (train_dir / f.name).symlink_to(f)
-    acts = harvest(HarvestConfig(hooks=[args.hook], dataset=str(train_dir), tokens=args.tokens, out=str(out / "acts"), device=args.device))[args.hook]
+    acts = harvest(
+        HarvestConfig(
+            hooks=[args.hook], dataset=str(train_dir), tokens=args.tokens, out=str(out / "acts"), device=args.device
+        )
+    )[args.hook]
 
-    heldout = harvest(HarvestConfig(hooks=[args.hook], dataset=str(DATA / "wikitext2-test.txt"), tokens=args.heldout_tokens,
-                                    out=str(out / "heldout_acts"), device=args.device))[args.hook]  # fmt: skip
+    heldout = harvest(
+        HarvestConfig(
+            hooks=[args.hook],
+            dataset=str(DATA / "wikitext2-test.txt"),
+            tokens=args.heldout_tokens,
+            out=str(out / "heldout_acts"),
+            device=args.device,
+        )
+    )[args.hook]
     rows = []
     for name in args.settings:
         sae_dir = out / name
-        sae = train(TrainConfig(acts=str(acts), out=str(sae_dir), expansion=args.expansion, tokens=args.train_tokens,
-                          batch_size=args.batch_size, lr=args.lr, device=args.device, **SETTINGS[name]))  # fmt: skip
+        sae = train(
+            TrainConfig(
+                acts=str(acts),
+                out=str(sae_dir),
+                expansion=args.expansion,
+                tokens=args.train_tokens,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                device=args.device,
+                **SETTINGS[name],
+            )
+        )
         report = sae_dir / "eval" / "report.json"
         r = json.loads(report.read_text()) if report.exists() else None
         if r is None or r["config"]["tokens"] != args.eval_tokens or r["config"].get("sparsity_acts") != str(heldout):
-            r = evaluate(EvalConfig(sae=str(sae_dir), dataset=str(DATA / "wikitext2-test.txt"), tokens=args.eval_tokens, skip_tokens=0,
-                                    baselines=False, sparsity_acts=str(heldout), device=args.device, overwrite=True))  # fmt: skip
-        rows.append({"setting": name, "l0": r["sparsity"]["l0"], "ev": r["reconstruction"]["explained_variance"],
-                     "ce_rec": r["ce"]["sae_recovered"], "kl": r["ce"]["kl_sae"], "dead": r["sparsity"]["dead_fraction"],
-                     "dead_train": sae.cfg.meta["final_metrics"]["dead_frac"], "dead_heldout": r["sparsity_on_acts"]["dead_fraction"]})  # fmt: skip
-    print(f"\n{args.hook}, {args.expansion}x, {args.tokens} harvested tokens, {args.train_tokens} training tokens; eval: wikitext2-test, {args.eval_tokens} tokens")
+            r = evaluate(
+                EvalConfig(
+                    sae=str(sae_dir),
+                    dataset=str(DATA / "wikitext2-test.txt"),
+                    tokens=args.eval_tokens,
+                    skip_tokens=0,
+                    baselines=False,
+                    sparsity_acts=str(heldout),
+                    device=args.device,
+                    overwrite=True,
+                )
+            )
+        rows.append(
+            {
+                "setting": name,
+                "l0": r["sparsity"]["l0"],
+                "ev": r["reconstruction"]["explained_variance"],
+                "ce_rec": r["ce"]["sae_recovered"],
+                "kl": r["ce"]["kl_sae"],
+                "dead": r["sparsity"]["dead_fraction"],
+                "dead_train": sae.cfg.meta["final_metrics"]["dead_frac"],
+                "dead_heldout": r["sparsity_on_acts"]["dead_fraction"],
+            }
+        )
+    print(
+        f"\n{args.hook}, {args.expansion}x, {args.tokens} harvested tokens, {args.train_tokens} training tokens; eval: wikitext2-test, {args.eval_tokens} tokens"
+    )
     # dead (eval): never fired on the evaluation tokens; dead (train): no firing in the trainer's
     # last --dead-window (1M) tokens, the usual definition.
     n_held = ActivationCache.open(heldout).n_tokens
-    print(f"| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead: eval tokens | dead: {n_held} held-out | dead: trainer |")
+    print(
+        f"| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead: eval tokens | dead: {n_held} held-out | dead: trainer |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: r["l0"]):
-        print(f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} | {r['dead_heldout']:.4f} | {r['dead_train']:.4f} |")
+        print(
+            f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} | {r['dead_heldout']:.4f} | {r['dead_train']:.4f} |"
+        )
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -78,9 +78,18 @@ def main():
 
     out = tempfile.mkdtemp(prefix="bench_harvest_")
     try:
-        cfg = HarvestConfig(model=args.model, hooks=[args.hook], dataset=args.dataset, tokens=args.tokens,
-                            context_length=args.context_length, batch_size=args.batch_size, out=out,
-                            dtype=args.dtype, device=str(device), overwrite=True)  # fmt: skip
+        cfg = HarvestConfig(
+            model=args.model,
+            hooks=[args.hook],
+            dataset=args.dataset,
+            tokens=args.tokens,
+            context_length=args.context_length,
+            batch_size=args.batch_size,
+            out=out,
+            dtype=args.dtype,
+            device=str(device),
+            overwrite=True,
+        )
         sync(device)
         t = time.perf_counter()
         harvest(cfg, lm=lm)
@@ -97,7 +106,9 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device {name}; {args.model} {args.hook}; {n} tokens, context {args.context_length}, batch {args.batch_size}")
+    print(
+        f"device {name}; {args.model} {args.hook}; {n} tokens, context {args.context_length}, batch {args.batch_size}"
+    )
     print(f"(a) forward truncated at layer {layer}: {a:12,.0f} tok/s")
     print(f"(b) full-depth forward:            {b:12,.0f} tok/s")
     print(f"(c) harvest writing the cache:     {c:12,.0f} tok/s")

@@ -69,14 +69,22 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from sae_lens_lite import recipes
 from sae_lens_lite.cache import ActivationCache
 from sae_lens_lite.evaluate import ReconStats, SparsityStats
 from sae_lens_lite.export import import_sae
-from sae_lens_lite import recipes
 from sae_lens_lite.recipes import jumprelu, matryoshka
 from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.sae import SAE, SAEConfig
-from sae_lens_lite.train import LAMBDA_WARMUP, LR_DECAY, LR_WARMUP, INIT_TOKENS, TrainConfig, autocast_dtype, train_on_batches
+from sae_lens_lite.train import (
+    INIT_TOKENS,
+    LAMBDA_WARMUP,
+    LR_DECAY,
+    LR_WARMUP,
+    TrainConfig,
+    autocast_dtype,
+    train_on_batches,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HELDOUT = "wikitext2-test.txt"
@@ -127,11 +135,16 @@ def train_saelens(acts: Tensor, s: Setup):
         from sae_lens.config import SAETrainerConfig
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-        from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+        from sae_lens.saes.matryoshka_batchtopk_sae import (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+        )
         from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     except ImportError:
-        raise SystemExit("this benchmark needs sae-lens: pip install 'sae_lens_lite[saelens]' (or make dev-venv)") from None
+        raise SystemExit(
+            "this benchmark needs sae-lens: pip install 'sae_lens_lite[saelens]' (or make dev-venv)"
+        ) from None
 
     steps = s.tokens // s.batch
     d_in = acts.shape[1]
@@ -145,9 +158,14 @@ def train_saelens(acts: Tensor, s: Setup):
         "matryoshka": dict(k=s.k, matryoshka_widths=matryoshka.prefixes(s.d_sae)),
         # Ours's threshold start and kernel width, in the units of pre-activations of unit-norm
         # decoder rows (W_enc = W_dec.T at the start in both): so the decoder starts at norm 1 too.
-        "jumprelu": dict(l0_coefficient=s.l0_coef, l0_warm_up_steps=warm, jumprelu_bandwidth=jumprelu.BANDWIDTH,
-                         jumprelu_init_threshold=jumprelu.INIT_THRESHOLD, decoder_init_norm=recipes.RECIPES["jumprelu"].dec_norm),
-    }[s.penalty]  # fmt: skip
+        "jumprelu": dict(
+            l0_coefficient=s.l0_coef,
+            l0_warm_up_steps=warm,
+            jumprelu_bandwidth=jumprelu.BANDWIDTH,
+            jumprelu_init_threshold=jumprelu.INIT_THRESHOLD,
+            decoder_init_norm=recipes.RECIPES["jumprelu"].dec_norm,
+        ),
+    }[s.penalty]
     make, make_cfg = {
         "topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
         "l1": (StandardTrainingSAE, StandardTrainingSAEConfig),
@@ -158,11 +176,15 @@ def train_saelens(acts: Tensor, s: Setup):
     torch.manual_seed(s.seed)  # SAELens initialises from the global generator
     sae = make(make_cfg(**options, **common))
     cfg = SAETrainerConfig(
-        total_training_samples=steps * s.batch, train_batch_size_samples=s.batch, lr=s.lr, device=s.device,
+        total_training_samples=steps * s.batch,
+        train_batch_size_samples=s.batch,
+        lr=s.lr,
+        device=s.device,
         lr_end=s.lr / 10,  # what its runner config sets; the "constant" schedule ignores it
-        lr_warm_up_steps=max(1, round(LR_WARMUP * steps)), lr_decay_steps=max(1, round(LR_DECAY * steps)),
+        lr_warm_up_steps=max(1, round(LR_WARMUP * steps)),
+        lr_decay_steps=max(1, round(LR_DECAY * steps)),
         n_batches_for_norm_estimate=math.ceil(INIT_TOKENS / s.batch),  # the same sample as our input scale
-    )  # fmt: skip
+    )
     batches = epoch_batches(acts, s.batch, s.seed)
 
     def provider() -> Iterator[Tensor]:  # SAELens's DataProvider: an endless iterator of batches
@@ -177,26 +199,49 @@ def train_saelens(acts: Tensor, s: Setup):
     sae = trainer.fit()
     sync(s.device)
     seconds = time.perf_counter() - t
-    settings = {"dtype": sae.cfg.dtype, "autocast": cfg.autocast, "optimizer": "torch.optim.Adam (not fused)",
-                "normalize_activations": "expected_average_only_in (folded into the weights after training)",
-                "init": f"b_dec = 0, W_dec rows at norm {sae.cfg.decoder_init_norm}, W_enc = W_dec.T", **options}  # fmt: skip
+    settings = {
+        "dtype": sae.cfg.dtype,
+        "autocast": cfg.autocast,
+        "optimizer": "torch.optim.Adam (not fused)",
+        "normalize_activations": "expected_average_only_in (folded into the weights after training)",
+        "init": f"b_dec = 0, W_dec rows at norm {sae.cfg.decoder_init_norm}, W_enc = W_dec.T",
+        **options,
+    }
     if s.penalty in K_SET:
-        settings.update(rescale_acts_by_decoder_norm=sae.cfg.rescale_acts_by_decoder_norm, aux_loss_coefficient=sae.cfg.aux_loss_coefficient,
-                        dead_feature_window_steps=cfg.dead_feature_window)  # fmt: skip
+        settings.update(
+            rescale_acts_by_decoder_norm=sae.cfg.rescale_acts_by_decoder_norm,
+            aux_loss_coefficient=sae.cfg.aux_loss_coefficient,
+            dead_feature_window_steps=cfg.dead_feature_window,
+        )
     if s.penalty in ("batchtopk", "matryoshka"):
         settings.update(topk_threshold_lr=sae.cfg.topk_threshold_lr)
     if s.penalty == "matryoshka":
         settings.update(use_matryoshka_aux_loss=sae.cfg.use_matryoshka_aux_loss)
     if s.penalty == "jumprelu":
-        settings.update(jumprelu_sparsity_loss_mode=sae.cfg.jumprelu_sparsity_loss_mode, jumprelu_ste_to_input=sae.cfg.jumprelu_ste_to_input)
+        settings.update(
+            jumprelu_sparsity_loss_mode=sae.cfg.jumprelu_sparsity_loss_mode,
+            jumprelu_ste_to_input=sae.cfg.jumprelu_ste_to_input,
+        )
     return sae, seconds, settings
 
 
 def train_ours(acts: Tensor, s: Setup, precision: str, target_l0: float = 0.0) -> tuple[SAE, float]:
     """train_on_batches on acts [n, d_in]; returns (the SAE, seconds)."""
     d_in = acts.shape[1]
-    cfg = TrainConfig(penalty=s.penalty, expansion=s.d_sae // d_in, k=s.k, l1=s.l1, l0_coef=s.l0_coef, target_l0=target_l0, lr=s.lr,
-                      batch_size=s.batch, tokens=s.tokens, seed=s.seed, device=s.device, precision=precision)  # fmt: skip
+    cfg = TrainConfig(
+        penalty=s.penalty,
+        expansion=s.d_sae // d_in,
+        k=s.k,
+        l1=s.l1,
+        l0_coef=s.l0_coef,
+        target_l0=target_l0,
+        lr=s.lr,
+        batch_size=s.batch,
+        tokens=s.tokens,
+        seed=s.seed,
+        device=s.device,
+        precision=precision,
+    )
     sae_cfg = SAEConfig(d_in=d_in, d_sae=s.d_sae, **recipes.get(s.penalty, cfg).sae_options())
     sync(s.device)
     t = time.perf_counter()
@@ -244,7 +289,9 @@ def score(sae: SAE, x: Tensor) -> dict:
     return {"ev": r["explained_variance"], "l0": sp["l0"], "dead": sp["dead_fraction"]}
 
 
-def compare(acts: Tensor, heldout: Tensor, s: Setup, work: Path, fp32: bool = True) -> tuple[list[dict], dict[str, SAE]]:
+def compare(
+    acts: Tensor, heldout: Tensor, s: Setup, work: Path, fp32: bool = True
+) -> tuple[list[dict], dict[str, SAE]]:
     """Train SAELens and ours (default precision, and float32 if fp32) on acts [n, d_in] under setup s;
     score each on heldout [m, d_in]. Returns (rows, {name: our-format SAE})."""
     label = f"{s.penalty} k={s.k}" if s.penalty in K_SET else s.penalty
@@ -254,10 +301,20 @@ def compare(acts: Tensor, heldout: Tensor, s: Setup, work: Path, fp32: bool = Tr
     imported = through_our_import(lens, saved)
     err = check_import(saelens_reference(lens, s.penalty, saved), imported, heldout[:512])
     if err > 1e-3:
-        raise RuntimeError(f"SAELens's SAE read back through our import reconstructs differently (relative error {err:.2g})")
+        raise RuntimeError(
+            f"SAELens's SAE read back through our import reconstructs differently (relative error {err:.2g})"
+        )
     steps = s.tokens // s.batch
-    rows = [{"penalty": label, "trainer": "SAELens", "precision": "float32" if settings["autocast"] is False else "bf16 autocast",
-             "tok_s": steps * s.batch / seconds, "settings": settings, **score(imported, heldout)}]  # fmt: skip
+    rows = [
+        {
+            "penalty": label,
+            "trainer": "SAELens",
+            "precision": "float32" if settings["autocast"] is False else "bf16 autocast",
+            "tok_s": steps * s.batch / seconds,
+            "settings": settings,
+            **score(imported, heldout),
+        }
+    ]
     saes = {"SAELens": imported}
     # L1, JumpReLU: our λ is steered to the L0 SAELens reached on the training activations, so EV and KL compare at one L0.
     target = score(imported, acts[: min(len(acts), 16384)].float())["l0"] if s.penalty in STEERED else 0.0
@@ -269,9 +326,24 @@ def compare(acts: Tensor, heldout: Tensor, s: Setup, work: Path, fp32: bool = Tr
         settings = {"precision": precision, "sparse": True}
         if target:
             coef = STEERED[s.penalty]
-            settings.update({f"{coef}_start": getattr(s, coef), "target_l0": round(target, 2), f"{coef}_final": round(sae.cfg.meta["final_metrics"]["lam"], 4)})
+            settings.update(
+                {
+                    f"{coef}_start": getattr(s, coef),
+                    "target_l0": round(target, 2),
+                    f"{coef}_final": round(sae.cfg.meta["final_metrics"]["lam"], 4),
+                }
+            )
         prec = "float32" if precision == "float32" or amp is None else "bf16 autocast"
-        rows.append({"penalty": label, "trainer": name, "precision": prec, "tok_s": steps * s.batch / seconds, "settings": settings, **score(sae, heldout)})
+        rows.append(
+            {
+                "penalty": label,
+                "trainer": name,
+                "precision": prec,
+                "tok_s": steps * s.batch / seconds,
+                "settings": settings,
+                **score(sae, heldout),
+            }
+        )
         saes[name] = sae
     return rows, saes
 
@@ -279,18 +351,43 @@ def compare(acts: Tensor, heldout: Tensor, s: Setup, work: Path, fp32: bool = Tr
 # ---- CE / KL through our evaluate -----------------------------------------------------------
 
 
-def add_ce(rows: list[dict], saes: dict[str, SAE], manifest: dict, acts_dir: Path, work: Path, eval_tokens: int, lm, device: str) -> None:
+def add_ce(
+    rows: list[dict],
+    saes: dict[str, SAE],
+    manifest: dict,
+    acts_dir: Path,
+    work: Path,
+    eval_tokens: int,
+    lm,
+    device: str,
+) -> None:
     """CE loss recovered and KL by our evaluate on held-out WikiText-2, for each SAE of one setting."""
     from sae_lens_lite.evaluate import EvalConfig, evaluate
 
     for row in rows:
         sae = saes[row["trainer"]]
-        sae.cfg = replace(sae.cfg, model=manifest["model"], hook=manifest["hook"], context_length=manifest["context_length"],
-                          meta={**sae.cfg.meta, "acts": str(acts_dir), "filters": manifest.get("filters")})  # fmt: skip
+        sae.cfg = replace(
+            sae.cfg,
+            model=manifest["model"],
+            hook=manifest["hook"],
+            context_length=manifest["context_length"],
+            meta={**sae.cfg.meta, "acts": str(acts_dir), "filters": manifest.get("filters")},
+        )
         d = work / f"{row['penalty'].replace(' ', '_').replace('=', '')}_{row['trainer'].replace(' ', '_')}"
         shutil.rmtree(d, ignore_errors=True)
         sae.save(d)
-        r = evaluate(EvalConfig(sae=str(d), dataset=str(DATA / HELDOUT), tokens=eval_tokens, skip_tokens=0, baselines=False, device=device, overwrite=True), lm=lm)
+        r = evaluate(
+            EvalConfig(
+                sae=str(d),
+                dataset=str(DATA / HELDOUT),
+                tokens=eval_tokens,
+                skip_tokens=0,
+                baselines=False,
+                device=device,
+                overwrite=True,
+            ),
+            lm=lm,
+        )
         row.update(ce_rec=r["ce"]["sae_recovered"], kl=r["ce"]["kl_sae"], ce_l0=r["sparsity"]["l0"])
 
 
@@ -300,27 +397,49 @@ def add_ce(rows: list[dict], saes: dict[str, SAE], manifest: dict, acts_dir: Pat
 def table(rows: list[dict]) -> str:
     """Markdown: one row per (setting, trainer), then ours/SAELens for each of our rows."""
     ce = any("kl" in r for r in rows)
-    head = ["setting", "trainer", "precision", "tok/s", "EV", "L0", "never fire"] + (["CE loss recovered", "KL"] if ce else [])
+    head = ["setting", "trainer", "precision", "tok/s", "EV", "L0", "never fire"] + (
+        ["CE loss recovered", "KL"] if ce else []
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["penalty"], r["trainer"], r["precision"], f"{r['tok_s']:,.0f}", f"{r['ev']:.4f}", f"{r['l0']:.1f}", f"{r['dead']:.2%}"]
+        cells = [
+            r["penalty"],
+            r["trainer"],
+            r["precision"],
+            f"{r['tok_s']:,.0f}",
+            f"{r['ev']:.4f}",
+            f"{r['l0']:.1f}",
+            f"{r['dead']:.2%}",
+        ]
         if ce:
             cells += [f"{r['ce_rec']:.4f}", f"{r['kl']:.4f}"] if "kl" in r else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| setting | ours / SAELens | tok/s | EV | L0 | never fire |" + (" KL |" if ce else ""), "|" + "---|" * (6 + ce)]
+    lines += [
+        "",
+        "| setting | ours / SAELens | tok/s | EV | L0 | never fire |" + (" KL |" if ce else ""),
+        "|" + "---|" * (6 + ce),
+    ]
     for r in rows:
         if r["trainer"] == "SAELens":
             base = r
             continue
-        cells = [r["penalty"], r["trainer"], f"**{r['tok_s'] / base['tok_s']:.2f}x**", f"{r['ev']:.4f} vs {base['ev']:.4f}",
-                 f"{r['l0']:.1f} vs {base['l0']:.1f}", f"{r['dead']:.2%} vs {base['dead']:.2%}"]  # fmt: skip
+        cells = [
+            r["penalty"],
+            r["trainer"],
+            f"**{r['tok_s'] / base['tok_s']:.2f}x**",
+            f"{r['ev']:.4f} vs {base['ev']:.4f}",
+            f"{r['l0']:.1f} vs {base['l0']:.1f}",
+            f"{r['dead']:.2%} vs {base['dead']:.2%}",
+        ]
         if ce:
             cells.append(f"{r['kl']:.4f} vs {base['kl']:.4f}" if "kl" in r and "kl" in base else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def harvest_caches(out: Path, hook: str, tokens: int, heldout_tokens: int, device: str, acts: str | None) -> tuple[Path, Path]:
+def harvest_caches(
+    out: Path, hook: str, tokens: int, heldout_tokens: int, device: str, acts: str | None
+) -> tuple[Path, Path]:
     """The training cache (`acts`, or harvested from every shared corpus but WikiText-2 test) and a
     held-out one (WikiText-2 test) at its hook; harvests are reused when complete."""
     from sae_lens_lite.harvest import HarvestConfig, harvest
@@ -333,8 +452,18 @@ def harvest_caches(out: Path, hook: str, tokens: int, heldout_tokens: int, devic
         for f in sorted(DATA.glob("*.txt")):
             if f.name != HELDOUT and not (corpus / f.name).exists():
                 (corpus / f.name).symlink_to(f)
-        acts = harvest(HarvestConfig(hooks=[hook], dataset=str(corpus), tokens=tokens, out=str(out / "acts"), device=device))[hook]
-    held = harvest(HarvestConfig(hooks=[hook], dataset=str(DATA / HELDOUT), tokens=heldout_tokens, out=str(out / "heldout_acts"), device=device))[hook]
+        acts = harvest(
+            HarvestConfig(hooks=[hook], dataset=str(corpus), tokens=tokens, out=str(out / "acts"), device=device)
+        )[hook]
+    held = harvest(
+        HarvestConfig(
+            hooks=[hook],
+            dataset=str(DATA / HELDOUT),
+            tokens=heldout_tokens,
+            out=str(out / "heldout_acts"),
+            device=device,
+        )
+    )[hook]
     return Path(acts), held
 
 
@@ -343,21 +472,47 @@ def main():
     p.add_argument("--out", default="runs/bench_peer", help="working directory: caches, SAEs, evaluation reports")
     p.add_argument("--acts", default=None, help="train on this activation cache instead of harvesting one")
     p.add_argument("--hook", default="blocks.6.hook_resid_post")
-    p.add_argument("--harvest-tokens", type=int, default=131_072, help="tokens harvested for the training cache (without --acts)")
-    p.add_argument("--heldout-tokens", type=int, default=32_768, help="WikiText-2 test tokens harvested to score EV, L0 and never-firing latents")
+    p.add_argument(
+        "--harvest-tokens", type=int, default=131_072, help="tokens harvested for the training cache (without --acts)"
+    )
+    p.add_argument(
+        "--heldout-tokens",
+        type=int,
+        default=32_768,
+        help="WikiText-2 test tokens harvested to score EV, L0 and never-firing latents",
+    )
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tokens", type=int, default=409_600, help="training tokens per SAE, the same for both trainers")
     p.add_argument("--penalties", nargs="+", default=["topk", "l1"], choices=PENALTIES)
-    p.add_argument("--k", type=int, nargs="+", default=[32],
-                   help="TopK: latents per token; BatchTopK, Matryoshka: their mean; several give one comparison each (the frontier)")
-    p.add_argument("--l1", type=float, default=1.0, help="L1: λ for SAELens, and ours's starting λ (then steered to SAELens's L0)")
-    p.add_argument("--l0-coef", type=float, default=1.0, help="JumpReLU: λ of the L0 penalty for SAELens (1: its default and ours), and ours's starting λ (then steered to SAELens's L0)")
+    p.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=[32],
+        help="TopK: latents per token; BatchTopK, Matryoshka: their mean; several give one comparison each (the frontier)",
+    )
+    p.add_argument(
+        "--l1", type=float, default=1.0, help="L1: λ for SAELens, and ours's starting λ (then steered to SAELens's L0)"
+    )
+    p.add_argument(
+        "--l0-coef",
+        type=float,
+        default=1.0,
+        help="JumpReLU: λ of the L0 penalty for SAELens (1: its default and ours), and ours's starting λ (then steered to SAELens's L0)",
+    )
     p.add_argument("--no-fp32", action="store_true", help="skip the run of ours forced to float32")
-    p.add_argument("--ce", action="store_true", help="also CE loss recovered and KL by our evaluate on held-out WikiText-2")
+    p.add_argument(
+        "--ce", action="store_true", help="also CE loss recovered and KL by our evaluate on held-out WikiText-2"
+    )
     p.add_argument("--eval-tokens", type=int, default=4096, help="WikiText-2 test tokens for --ce")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 on a machine shared with other jobs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 on a machine shared with other jobs",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
@@ -383,24 +538,46 @@ def main():
     rows = []
     for penalty in args.penalties:
         for k in args.k if penalty in K_SET else [args.k[0]]:
-            s = Setup(d_sae=args.expansion * d_in, batch=args.batch, lr=args.lr, tokens=args.tokens, penalty=penalty, k=k, l1=args.l1,
-                      l0_coef=args.l0_coef, device=device)  # fmt: skip
+            s = Setup(
+                d_sae=args.expansion * d_in,
+                batch=args.batch,
+                lr=args.lr,
+                tokens=args.tokens,
+                penalty=penalty,
+                k=k,
+                l1=args.l1,
+                l0_coef=args.l0_coef,
+                device=device,
+            )
             r, saes = compare(acts, heldout, s, out / "saes", fp32=not args.no_fp32)
             if args.ce:
                 add_ce(r, saes, cache.manifest, acts_dir, out / "saes", args.eval_tokens, lm, device)
             rows += r
 
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\n{cache.manifest['model']} {cache.manifest['hook']}: {cache.n_tokens:,} cached tokens ({acts_dir}); d_in {d_in}, "
-          f"{args.expansion}x = {args.expansion * d_in} latents, batch {args.batch}, lr {args.lr}, {args.tokens // args.batch * args.batch:,} tokens per SAE")  # fmt: skip
-    print(f"device: {name}; torch {torch.__version__}; sae-lens {sae_lens.__version__}; harvest {t_harvest:.0f} s, total {time.perf_counter() - t0:.0f} s")
-    print(f"scored on {len(heldout):,} held-out activations of {HELDOUT}" + (f"; CE/KL on {args.eval_tokens} tokens of it" if args.ce else ""))
+    name = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"\n{cache.manifest['model']} {cache.manifest['hook']}: {cache.n_tokens:,} cached tokens ({acts_dir}); d_in {d_in}, "
+        f"{args.expansion}x = {args.expansion * d_in} latents, batch {args.batch}, lr {args.lr}, {args.tokens // args.batch * args.batch:,} tokens per SAE"
+    )
+    print(
+        f"device: {name}; torch {torch.__version__}; sae-lens {sae_lens.__version__}; harvest {t_harvest:.0f} s, total {time.perf_counter() - t0:.0f} s"
+    )
+    print(
+        f"scored on {len(heldout):,} held-out activations of {HELDOUT}"
+        + (f"; CE/KL on {args.eval_tokens} tokens of it" if args.ce else "")
+    )
     for r in rows:
         print(f"  {r['penalty']}, {r['trainer']}: {r['settings']}")
     print()
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": name, "sae_lens": sae_lens.__version__, "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "device": name, "sae_lens": sae_lens.__version__, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

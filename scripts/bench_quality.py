@@ -37,13 +37,24 @@ def regime(name: str, seed: int):
         l0 = data.true_l0
         common = dict(lr=3e-3)
         relu = dict(l1=1.0, target_l0=1.5 * l0)
-        settings = {"l1": relu, "kl": dict(kl_beta=1.0, kl_rho=l0 / 800, target_l0=1.5 * l0), "jumprelu": dict(target_l0=1.5 * l0)}
+        settings = {
+            "l1": relu,
+            "kl": dict(kl_beta=1.0, kl_rho=l0 / 800, target_l0=1.5 * l0),
+            "jumprelu": dict(target_l0=1.5 * l0),
+        }
         return data, 800, 3_000_000, {r: {**common, **settings.get(r, dict(k=round(l0)))} for r in recipes.RECIPES}
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(512, 128, generator=g)
-    data = Superposition(features / features.norm(dim=1, keepdim=True), zipf_probs(512, 0.2, 0.002, 5.4), mag_low=0.8, mag_high=1.2)
+    data = Superposition(
+        features / features.norm(dim=1, keepdim=True), zipf_probs(512, 0.2, 0.002, 5.4), mag_low=0.8, mag_high=1.2
+    )
     top = dict(k=5)
-    return data, 512, 4_000_000, {r: (top if recipes.RECIPES[r].fixed_count else dict(target_l0=5.0)) for r in recipes.RECIPES}
+    return (
+        data,
+        512,
+        4_000_000,
+        {r: (top if recipes.RECIPES[r].fixed_count else dict(target_l0=5.0)) for r in recipes.RECIPES},
+    )
 
 
 def main():
@@ -64,17 +75,30 @@ def main():
             cfg = TrainConfig(penalty=rec, expansion=1, batch_size=1024, seed=args.seed, **settings[rec])
             sae_cfg = SAEConfig(d_in=d, d_sae=d_sae, **recipes.get(rec, cfg).sae_options())
             t = time.perf_counter()
-            sae = train_on_batches(sae_cfg, cfg, data.batches(cfg.batch_size, 1 << 20, seed=args.seed + 1), tokens, progress=False)
+            sae = train_on_batches(
+                sae_cfg, cfg, data.batches(cfg.batch_size, 1 << 20, seed=args.seed + 1), tokens, progress=False
+            )
             with torch.no_grad():
                 out = sae(x_test)
             f = out.latents
             ev = 1 - float((x_test - out.x_hat).pow(2).sum() / (x_test - x_test.mean(0)).pow(2).sum())
-            rows.append((rec, mcc(sae.W_dec, data.features), mean_max_cosine(sae.W_dec, data.features),
-                         float((f > 0).float().sum(-1).mean()), ev, float(((f > 0).sum(0) == 0).float().mean()),
-                         time.perf_counter() - t, settings[rec]))  # fmt: skip
+            rows.append(
+                (
+                    rec,
+                    mcc(sae.W_dec, data.features),
+                    mean_max_cosine(sae.W_dec, data.features),
+                    float((f > 0).float().sum(-1).mean()),
+                    ev,
+                    float(((f > 0).sum(0) == 0).float().mean()),
+                    time.perf_counter() - t,
+                    settings[rec],
+                )
+            )
             print(f"{name} {rec}: MCC {rows[-1][1]:.3f}, done in {rows[-1][6]:.0f} s", flush=True)
 
-        print(f"\n{name}: {len(data.probs)} features in {d} dims, true L0 {data.true_l0:.2f}, {d_sae} latents, {tokens:,} samples, batch 1024\n")
+        print(
+            f"\n{name}: {len(data.probs)} features in {d} dims, true L0 {data.true_l0:.2f}, {d_sae} latents, {tokens:,} samples, batch 1024\n"
+        )
         print("| recipe | MCC | MMC | L0 | L0 / true | EV | dead | settings (else defaults) |")
         print("|---|---|---|---|---|---|---|---|")
         for rec, m, mm, l0, ev, dead, _, s in rows:

@@ -94,12 +94,37 @@ def naive_tokens_per_s(acts: torch.Tensor, d_sae: int, batch: int, steps: int, d
     return steps * batch / (time.perf_counter() - t)
 
 
-def ours_tokens_per_s(cache: Path, out: Path, d_in: int, d_sae: int, batch: int, tokens: int, device, precision: str, compile: bool,
-                      penalty: str = "l1", k: int = 0, sparse: bool = True) -> float:  # fmt: skip
+def ours_tokens_per_s(
+    cache: Path,
+    out: Path,
+    d_in: int,
+    d_sae: int,
+    batch: int,
+    tokens: int,
+    device,
+    precision: str,
+    compile: bool,
+    penalty: str = "l1",
+    k: int = 0,
+    sparse: bool = True,
+) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    penalty = dict(penalty=penalty, k=k) if k else dict(penalty=penalty, target_l0=20.0 if penalty == "jumprelu" else 0.0)
-    cfg = TrainConfig(acts=str(cache), out=str(out), expansion=d_sae // d_in, batch_size=batch, tokens=tokens, device=str(device),
-                      precision=precision, compile=compile, sparse=sparse, log_every=50, **penalty)  # fmt: skip
+    penalty = (
+        dict(penalty=penalty, k=k) if k else dict(penalty=penalty, target_l0=20.0 if penalty == "jumprelu" else 0.0)
+    )
+    cfg = TrainConfig(
+        acts=str(cache),
+        out=str(out),
+        expansion=d_sae // d_in,
+        batch_size=batch,
+        tokens=tokens,
+        device=str(device),
+        precision=precision,
+        compile=compile,
+        sparse=sparse,
+        log_every=50,
+        **penalty,
+    )
     sync(device)
     t = time.perf_counter()
     train(cfg)
@@ -123,8 +148,15 @@ def main():
     ap.add_argument("--d-in", type=int, default=128)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--penalty", choices=list(RECIPES), default="l1", help="our recipe; naive trains TopK for the top-k family, else L1")
-    ap.add_argument("--k", type=int, default=32, help="latents kept per token for the top-k family (topk, batchtopk, matryoshka)")
+    ap.add_argument(
+        "--penalty",
+        choices=list(RECIPES),
+        default="l1",
+        help="our recipe; naive trains TopK for the top-k family, else L1",
+    )
+    ap.add_argument(
+        "--k", type=int, default=32, help="latents kept per token for the top-k family (topk, batchtopk, matryoshka)"
+    )
     ap.add_argument("--tokens", type=int, default=0, help="tokens per trainer run (default: 1M on CPU, 50M on GPU)")
     ap.add_argument("--naive-steps", type=int, default=0, help="default: 30 on CPU, 300 on GPU")
     ap.add_argument("--repeats", type=int, default=2)
@@ -142,13 +174,19 @@ def main():
     amp = autocast_dtype("auto", device)
     peak_dtype = amp or torch.float32
     n = 8192 if gpu else 2048
-    name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(device)
+        if gpu
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print(f"device: {name}; torch {torch.__version__}; trainer precision: {peak_dtype}")
 
     peak = matmul_peak(device, peak_dtype, n)
     peak32 = matmul_peak(device, torch.float32, n) if peak_dtype != torch.float32 else peak
     limit = peak / (10 * args.d_in * args.d_sae)
-    print(f"matmul peak {n}³: {peak / 1e9:.0f} GFLOP/s ({peak_dtype}), {peak32 / 1e9:.0f} GFLOP/s (float32) -> limit {limit:,.0f} tok/s")
+    print(
+        f"matmul peak {n}³: {peak / 1e9:.0f} GFLOP/s ({peak_dtype}), {peak32 / 1e9:.0f} GFLOP/s (float32) -> limit {limit:,.0f} tok/s"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "acts"
@@ -160,7 +198,18 @@ def main():
             runs["ours_compiled"] = []
         for _ in range(args.repeats):
             runs["naive"].append(naive_tokens_per_s(acts, args.d_sae, args.batch, naive_steps, device, k))
-            ours = partial(ours_tokens_per_s, cache, Path(tmp) / "sae", args.d_in, args.d_sae, args.batch, tokens, device, penalty=args.penalty, k=k)
+            ours = partial(
+                ours_tokens_per_s,
+                cache,
+                Path(tmp) / "sae",
+                args.d_in,
+                args.d_sae,
+                args.batch,
+                tokens,
+                device,
+                penalty=args.penalty,
+                k=k,
+            )
             runs["ours"].append(ours("auto", False))
             if amp is not None:
                 runs["ours_fp32"].append(ours("float32", False))
@@ -168,7 +217,9 @@ def main():
             if args.compile:
                 runs["ours_compiled"].append(ours("auto", True))
     best = {k: max(v) for k, v in runs.items() if v}
-    print(f"{args.penalty}{f' k={k}' if k else ''}, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, trainer tokens {tokens:,}")
+    print(
+        f"{args.penalty}{f' k={k}' if k else ''}, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, trainer tokens {tokens:,}"
+    )
     print(f"{'':14s} {'tok/s':>10s} {'/naive':>7s} {'/limit':>7s}")
     print(f"{'limit':14s} {limit:10,.0f}")
     for k, v in best.items():

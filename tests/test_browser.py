@@ -37,22 +37,65 @@ def synthetic_analysis(n_features=300, k=8, before=16, after=4, vocab_size=2000,
             acts = [0.0] * len(toks)
             acts[before] = round(mx * (1 - e / (2 * k)), 4)
             acts[before - 1] = round(acts[before] / 3, 4)
-            examples.append({"row": j * k + e, "doc": e, "pos": 40, "act": acts[before], "center": before, "tokens": toks, "acts": acts})
-        quantiles = [[dict(examples[e], act=round(examples[e]["act"] * (1 - q / 4), 4)) for e in (0, 1)] for q in range(4)]
+            examples.append(
+                {
+                    "row": j * k + e,
+                    "doc": e,
+                    "pos": 40,
+                    "act": acts[before],
+                    "center": before,
+                    "tokens": toks,
+                    "acts": acts,
+                }
+            )
+        quantiles = [
+            [dict(examples[e], act=round(examples[e]["act"] * (1 - q / 4), 4)) for e in (0, 1)] for q in range(4)
+        ]
         f1 = round(rnd.random(), 4)
-        feats.append({
-            "id": j, "rank": 0, "score": f1, "token_score": 0.5, "context_score": 0.1, "lens_score": 0.0, "monosemanticity": 0.5,
-            "explanation": XSS[1] if j == 3 else '"shared"' if j % 50 == 7 else f'"tok{center}"',
-            "detection": {"precision": 0.9, "recall": 0.8, "f1": f1, "score": f1, "fires": 40, "predicted": 36, "hits": 32},
-            "quantiles": quantiles, "nearest": [[(j + 1) % n_features, 0.91], [(j + 2) % n_features, 0.5]],
-            "model_explanation": {"explanation": "closing brackets", "balanced_accuracy": 0.75, "auroc": 0.8, "n_scored": 24} if j == 5 else None,
-            "frequency": 0.002 if j == 0 else rnd.random() * 0.01, "mean_act": mx / 2, "max_act": mx,
-            "hist": {"bin_width": 2.0 ** (int(mx).bit_length() - 6), "counts": [rnd.randrange(50) for _ in range(40)]},
-            "top_tokens": [[center, 0.5], [examples[-1]["tokens"][before], 0.1]],
-            "lens": {"promoted": [[rnd.randrange(100, vocab_size), 1.5] for _ in range(10)],
-                     "suppressed": [[rnd.randrange(100, vocab_size), -1.5] for _ in range(10)]},
-            "examples": examples,
-        })  # fmt: skip
+        feats.append(
+            {
+                "id": j,
+                "rank": 0,
+                "score": f1,
+                "token_score": 0.5,
+                "context_score": 0.1,
+                "lens_score": 0.0,
+                "monosemanticity": 0.5,
+                "explanation": XSS[1] if j == 3 else '"shared"' if j % 50 == 7 else f'"tok{center}"',
+                "detection": {
+                    "precision": 0.9,
+                    "recall": 0.8,
+                    "f1": f1,
+                    "score": f1,
+                    "fires": 40,
+                    "predicted": 36,
+                    "hits": 32,
+                },
+                "quantiles": quantiles,
+                "nearest": [[(j + 1) % n_features, 0.91], [(j + 2) % n_features, 0.5]],
+                "model_explanation": {
+                    "explanation": "closing brackets",
+                    "balanced_accuracy": 0.75,
+                    "auroc": 0.8,
+                    "n_scored": 24,
+                }
+                if j == 5
+                else None,
+                "frequency": 0.002 if j == 0 else rnd.random() * 0.01,
+                "mean_act": mx / 2,
+                "max_act": mx,
+                "hist": {
+                    "bin_width": 2.0 ** (int(mx).bit_length() - 6),
+                    "counts": [rnd.randrange(50) for _ in range(40)],
+                },
+                "top_tokens": [[center, 0.5], [examples[-1]["tokens"][before], 0.1]],
+                "lens": {
+                    "promoted": [[rnd.randrange(100, vocab_size), 1.5] for _ in range(10)],
+                    "suppressed": [[rnd.randrange(100, vocab_size), -1.5] for _ in range(10)],
+                },
+                "examples": examples,
+            }
+        )
     ranked = sorted(feats, key=lambda f: -f["score"])
     for r, f in enumerate(ranked, 1):
         f["rank"] = r
@@ -65,9 +108,20 @@ def synthetic_analysis(n_features=300, k=8, before=16, after=4, vocab_size=2000,
     for fam in families:
         for i in fam["members"]:
             feats[i]["family"] = fam["id"]
-    return {"model": "synthetic", "hook": "blocks.0.hook_resid_post", "sae": "none", "n_tokens": 10**6, "d_sae": n_features,
-            "top_k": k, "ctx_before": before, "ctx_after": after, "heldout": {"share": 0.25, "tokens": 250000},
-            "vocab": vocab, "features": feats, "families": families}  # fmt: skip
+    return {
+        "model": "synthetic",
+        "hook": "blocks.0.hook_resid_post",
+        "sae": "none",
+        "n_tokens": 10**6,
+        "d_sae": n_features,
+        "top_k": k,
+        "ctx_before": before,
+        "ctx_after": after,
+        "heldout": {"share": 0.25, "tokens": 250000},
+        "vocab": vocab,
+        "features": feats,
+        "families": families,
+    }
 
 
 def embedded(html: str):
@@ -120,9 +174,19 @@ def browser(tmp_path, monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not try the network
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,900",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
     driver.set_page_load_timeout(120)
@@ -173,8 +237,12 @@ def test_search_open_and_screenshot_in_chromium(browser, tmp_path):
     assert browser.execute_script("return window.__xss") is None  # ... and never run
     assert not card.find_elements(By.CSS_SELECTOR, "script, img, b")
     spans = card.find_elements(By.CSS_SELECTOR, ".ctx .tok.center")
-    assert len(spans) == 8 + 8 and all("rgba" in s.get_attribute("style") for s in spans)  # top and quantile examples, shaded
-    assert len(card.find_elements(By.CSS_SELECTOR, "svg.hist rect")) == sum(c > 0 for c in a["features"][3]["hist"]["counts"])
+    assert len(spans) == 8 + 8 and all(
+        "rgba" in s.get_attribute("style") for s in spans
+    )  # top and quantile examples, shaded
+    assert len(card.find_elements(By.CSS_SELECTOR, "svg.hist rect")) == sum(
+        c > 0 for c in a["features"][3]["hist"]["counts"]
+    )
     assert len(card.find_elements(By.CSS_SELECTOR, ".lens tr")) == 20
     png = browser.get_screenshot_as_png()
     (tmp_path / "card.png").write_bytes(png)
@@ -241,10 +309,14 @@ def test_explanations_families_quantiles_and_nearest_in_chromium(browser, tmp_pa
     assert "precision 0.90, recall 0.80, F1 " + f"{src[5]['detection']['f1']:.2f}" in text
     assert "Explanation (model): closing brackets" in text and "balanced accuracy 0.75" in text
     heads = [h.text for h in card.find_elements(By.CSS_SELECTOR, "h3.quantile")]
-    assert heads == [f"Examples from the {q} quarter of its activations" for q in ("highest", "second", "third", "lowest")]
+    assert heads == [
+        f"Examples from the {q} quarter of its activations" for q in ("highest", "second", "third", "lowest")
+    ]
     assert len(card.find_elements(By.CSS_SELECTOR, ".ctx")) == 8 + 4 * 2  # top examples, then 2 per quantile
     links = card.find_elements(By.CSS_SELECTOR, "table.nearest a.flink")
-    assert [x.text for x in links] == ["#6", "#7"] and "0.91" in card.find_element(By.CSS_SELECTOR, "table.nearest").text
+    assert [x.text for x in links] == ["#6", "#7"] and "0.91" in card.find_element(
+        By.CSS_SELECTOR, "table.nearest"
+    ).text
     links[0].click()
     wait(browser, lambda: card.get_attribute("data-feature") == "6")
     # Frequencies for people; XSS in an explanation stays text.
@@ -270,7 +342,9 @@ def test_forty_thousand_features_load_lazily(browser, tmp_path):
     wait(browser, lambda: "of 40000" in browser.find_element(By.ID, "count").text and len(rows(browser)) < 100)
     rows(browser)[0].click()
     wait(browser, lambda: browser.find_element(By.ID, "card").get_attribute("data-feature") is not None)
-    print(f"\n40k-feature page: {page.stat().st_size / 2**20:.1f} MiB, ready in {loaded:.1f} s, search+open {time.time() - t1:.1f} s")
+    print(
+        f"\n40k-feature page: {page.stat().st_size / 2**20:.1f} MiB, ready in {loaded:.1f} s, search+open {time.time() - t1:.1f} s"
+    )
 
 
 def test_the_synthetic_analysis_fits_the_schema_of_features_json():
@@ -278,5 +352,11 @@ def test_the_synthetic_analysis_fits_the_schema_of_features_json():
     from sae_lens_lite.analyze import Analysis, Feature
 
     a = synthetic_analysis(n_features=5)
-    assert set(Analysis.__required_keys__) - set(a) <= {"format", "version", "sae", "acts", "chance"}  # not read by the page
+    assert set(Analysis.__required_keys__) - set(a) <= {
+        "format",
+        "version",
+        "sae",
+        "acts",
+        "chance",
+    }  # not read by the page
     assert all(set(Feature.__required_keys__) <= set(f) for f in a["features"])

@@ -19,8 +19,10 @@ def make_cache(path, n_shards=4, rows=20, d=3):
 
 def test_shuffled_reader_visits_every_row_once_deterministically(tmp_path):
     c = make_cache(tmp_path / "c")
+
     def ids(seed, **kw):
         return torch.cat([b[:, 0] for b in c.iter_batches(7, seed=seed, **kw)]).long().tolist()
+
     a, b, other = ids(1, shards_in_memory=2), ids(1, shards_in_memory=2), ids(2, shards_in_memory=2)
     assert sorted(a) == list(range(80)) and a == b and a != other
     assert a != list(range(80))

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import needs_smollm2
+
 from sae_lens_lite.cli import build_parser, main
 from sae_lens_lite.config import load_run_file, parse_value
 from sae_lens_lite.errors import UserError
@@ -23,15 +23,25 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 def test_flags_map_onto_the_stage_config():
-    args = build_parser().parse_args(["harvest", "--hook", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_pre", "--tokens", "10", "--no-drop-special"])
-    assert args.hooks == ["blocks.1.hook_mlp_out", "blocks.2.hook_resid_pre"] and args.tokens == 10 and args.drop_special is False
+    args = build_parser().parse_args(
+        ["harvest", "--hook", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_pre", "--tokens", "10", "--no-drop-special"]
+    )
+    assert (
+        args.hooks == ["blocks.1.hook_mlp_out", "blocks.2.hook_resid_pre"]
+        and args.tokens == 10
+        and args.drop_special is False
+    )
 
 
 def test_run_file_overrides(tmp_path):
     f = tmp_path / "r.toml"
     f.write_text('out = "x"\n[train]\nl1 = 5.0\n')
     cfg = load_run_file(f, ["train.l1=3", "harvest.hooks=['blocks.1.hook_resid_post']", "out=y", "train.penalty=topk"])
-    assert cfg == {"out": "y", "train": {"l1": 3, "penalty": "topk"}, "harvest": {"hooks": ["blocks.1.hook_resid_post"]}}
+    assert cfg == {
+        "out": "y",
+        "train": {"l1": 3, "penalty": "topk"},
+        "harvest": {"hooks": ["blocks.1.hook_resid_post"]},
+    }
     assert parse_value("true") is True and parse_value("abc") == "abc"
     with pytest.raises(UserError, match="section.key=value"):
         load_run_file(f, ["oops"])
@@ -39,14 +49,16 @@ def test_run_file_overrides(tmp_path):
 
 def test_unknown_run_file_setting_is_named(tmp_path, capsys):
     f = tmp_path / "r.toml"
-    f.write_text('[train]\nlll = 5\n')
+    f.write_text("[train]\nlll = 5\n")
     assert main(["run", str(f), f"out={tmp_path / 'o'}", "stages=['train']"]) == 2
     err = capsys.readouterr().err
     assert "unknown setting(s) lll" in err and err.count("\n") == 1
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sae_lens_lite", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sae_lens_lite", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 @needs_smollm2
@@ -70,10 +82,19 @@ def test_bad_harvest_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def tiny_run(tmp_path, corpus_file, **sections):
-    cfg = {"out": str(tmp_path / "o"), "stages": ["harvest", "train", "evaluate"],
-           "harvest": {"hooks": ["blocks.1.hook_resid_post"], "dataset": str(corpus_file), "context_length": 32, "dtype": "float32", "tokens": 1024},
-           "train": {"expansion": 2, "tokens": 4096, "batch_size": 256, "device": "cpu"},
-           "evaluate": {"dataset": str(corpus_file), "tokens": 256, "skip_tokens": 0, "baselines": False, "device": "cpu"}}  # fmt: skip
+    cfg = {
+        "out": str(tmp_path / "o"),
+        "stages": ["harvest", "train", "evaluate"],
+        "harvest": {
+            "hooks": ["blocks.1.hook_resid_post"],
+            "dataset": str(corpus_file),
+            "context_length": 32,
+            "dtype": "float32",
+            "tokens": 1024,
+        },
+        "train": {"expansion": 2, "tokens": 4096, "batch_size": 256, "device": "cpu"},
+        "evaluate": {"dataset": str(corpus_file), "tokens": 256, "skip_tokens": 0, "baselines": False, "device": "cpu"},
+    }
     for k, v in sections.items():
         cfg[k].update(v)
     return cfg
@@ -107,7 +128,9 @@ def test_run_again_compares_each_stages_settings(tiny_pipeline, corpus_file, tmp
 
     other = tmp_path / "other.txt"
     other.write_text(corpus_file.read_text().lower())
-    with pytest.raises(UserError, match=r"^\[evaluate\] .*differs in: dataset .*pass evaluate.overwrite=true to redo it"):
+    with pytest.raises(
+        UserError, match=r"^\[evaluate\] .*differs in: dataset .*pass evaluate.overwrite=true to redo it"
+    ):
         pipeline.run_pipeline(tiny_run(tmp_path, corpus_file, evaluate={"dataset": str(other)}))
     assert (tmp_path / "o" / "eval" / "report.json").stat().st_mtime_ns == report
 
@@ -122,7 +145,10 @@ def test_run_file_is_checked_whole_before_any_stage(tmp_path, capsys):
     f.write_text('[harvest]\nmodel = "no-such-model"\n[export]\nformats = ["saelens"]\nformatz = 1\n')
     assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
-    assert "[export] unknown setting(s) formatz (did you mean format?)" in err and "valid: acts, analysis, format, formats, out" in err
+    assert (
+        "[export] unknown setting(s) formatz (did you mean format?)" in err
+        and "valid: acts, analysis, format, formats, out" in err
+    )
     assert not (tmp_path / "o").exists()  # nothing ran
     f.write_text('[train]\nl1 = "strong"\n')
     assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
@@ -156,7 +182,10 @@ def test_a_mistyped_flag_gets_its_subcommands_usage_and_a_suggestion(capsys):
         main(["train", "--acts", "x", "--expansoin", "4"])
     err = capsys.readouterr().err
     assert e.value.code == 2
-    assert err.startswith("usage: sae-lite train") and "unrecognized arguments: --expansoin 4; --expansoin: did you mean --expansion?" in err
+    assert (
+        err.startswith("usage: sae-lite train")
+        and "unrecognized arguments: --expansoin 4; --expansoin: did you mean --expansion?" in err
+    )
     with pytest.raises(SystemExit):
         main(["cache", "verify", "d", "--quiet"])
     assert capsys.readouterr().err.startswith("usage: sae-lite cache verify")
@@ -171,8 +200,15 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
     r, w = os.pipe()
     os.close(r)
-    p = subprocess.run([sys.executable, "-m", "sae_lens_lite", "hooks", "--model", str(tmp_path / "tiny")], stdout=w, stderr=subprocess.PIPE,
-                       text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "sae_lens_lite", "hooks", "--model", str(tmp_path / "tiny")],
+        stdout=w,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=600,
+    )
     os.close(w)
     assert p.returncode == 141, p.stderr
-    assert "Broken pipe" not in p.stderr and "BrokenPipeError" not in p.stderr and "error" not in p.stderr.lower(), p.stderr
+    assert "Broken pipe" not in p.stderr and "BrokenPipeError" not in p.stderr and "error" not in p.stderr.lower(), (
+        p.stderr
+    )

@@ -15,7 +15,17 @@ HOOK = "blocks.0.hook_resid_post"
 
 def _random_sae(path, seed: int, activation: str = "relu", model: str = "tiny", hook: str = HOOK, d: int = 32):
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=d, d_sae=2 * d, activation=activation, k=8 if activation == "topk" else None, model=model, hook=hook, context_length=16))
+    sae = SAE(
+        SAEConfig(
+            d_in=d,
+            d_sae=2 * d,
+            activation=activation,
+            k=8 if activation == "topk" else None,
+            model=model,
+            hook=hook,
+            context_length=16,
+        )
+    )
     with torch.no_grad():
         for p in (sae.W_enc, sae.W_dec):
             p.copy_(torch.randn_like(p) / d**0.5)
@@ -43,7 +53,16 @@ def test_native_and_saelens_round_trip_score_identically_in_one_run(tiny_lm, cor
     imported = _through_saelens(native, tmp_path)
     topk = _random_sae(tmp_path / "topk", 1, "topk")
     out = tmp_path / "cmp"
-    r = compare(CompareConfig(saes=[str(native), str(imported), str(topk)], dataset=str(corpus_file), tokens=128, batch_size=3, out=str(out)), lm=tiny_lm)
+    r = compare(
+        CompareConfig(
+            saes=[str(native), str(imported), str(topk)],
+            dataset=str(corpus_file),
+            tokens=128,
+            batch_size=3,
+            out=str(out),
+        ),
+        lm=tiny_lm,
+    )
     rows = {s["name"]: s for s in r["saes"]}
     assert set(rows) == {"native", "imported", "topk"} and rows["imported"]["source"] == "imported (saelens)"
     a, b = rows["native"], rows["imported"]
@@ -57,21 +76,34 @@ def test_native_and_saelens_round_trip_score_identically_in_one_run(tiny_lm, cor
     sizes = curve_sizes([s["active_dims_per_token"] for s in r["saes"]], 32)
     assert {b["name"] for b in r["baselines"]} == {f"{kind}_{k}" for k in sizes for kind in ("pca", "vae")}
     md = (out / "compare.md").read_text()
-    assert "| native | unknown | relu | 64 |" in md and "| imported | imported (saelens) | relu | 64 |" in md and "| pca_" in md
+    assert (
+        "| native | unknown | relu | 64 |" in md
+        and "| imported | imported (saelens) | relu | 64 |" in md
+        and "| pca_" in md
+    )
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "compare.json").read_text())["saes"][0]["kl"] == r["saes"][0]["kl"]
     with pytest.raises(UserError, match="overwrite"):
-        compare(CompareConfig(saes=[str(native), str(topk)], dataset=str(corpus_file), tokens=128, out=str(out)), lm=tiny_lm)
+        compare(
+            CompareConfig(saes=[str(native), str(topk)], dataset=str(corpus_file), tokens=128, out=str(out)), lm=tiny_lm
+        )
 
 
 def test_compare_scores_what_evaluate_scores(tiny_lm, corpus_file, tmp_path):
     """Without baselines every row is scored on all eval contexts: the numbers are evaluate's headline."""
     sae = _random_sae(tmp_path / "s", 2)
     other = _random_sae(tmp_path / "t", 3, "topk")
-    r = compare(CompareConfig(saes=[str(sae), str(other)], dataset=str(corpus_file), tokens=96, baselines=False, out=str(tmp_path / "c")), lm=tiny_lm)
+    r = compare(
+        CompareConfig(
+            saes=[str(sae), str(other)], dataset=str(corpus_file), tokens=96, baselines=False, out=str(tmp_path / "c")
+        ),
+        lm=tiny_lm,
+    )
     e = evaluate(EvalConfig(sae=str(sae), dataset=str(corpus_file), tokens=96, baselines=False), lm=tiny_lm)
     row = r["saes"][0]
-    assert row["ce_loss"] == pytest.approx(e["ce"]["sae"], rel=1e-9) and row["kl"] == pytest.approx(e["ce"]["kl_sae"], rel=1e-9)
+    assert row["ce_loss"] == pytest.approx(e["ce"]["sae"], rel=1e-9) and row["kl"] == pytest.approx(
+        e["ce"]["kl_sae"], rel=1e-9
+    )
     assert row["explained_variance"] == pytest.approx(e["reconstruction"]["explained_variance"], rel=1e-9)
     assert r["ce"]["zero_ablation"] == pytest.approx(e["ce"]["zero_ablation"], rel=1e-9)
     assert r["footing"] == e["footing"] and r["baselines"] == []

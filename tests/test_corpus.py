@@ -22,11 +22,20 @@ def test_keep_mask_applies_each_filter_it_is_given():
     acts[0, 4] *= 100  # an outlier row
 
     def mask(**filters) -> list[bool]:
-        return keep_mask(tokens, acts, {0}, **{"drop_special": False, "drop_first": 0, "outlier_factor": 0.0, **filters})[0].tolist()
+        return keep_mask(
+            tokens, acts, {0}, **{"drop_special": False, "drop_first": 0, "outlier_factor": 0.0, **filters}
+        )[0].tolist()
 
     assert mask() == [True] * 6
     assert mask(drop_special=True) == [False, True, True, False, True, True]
     assert mask(drop_first=2) == [False, False, True, True, True, True]
     assert mask(outlier_factor=3.0) == [True, True, True, True, False, True]
     # without the outlier filter the activations are not needed (evaluate.evaluated_positions)
-    assert keep_mask(tokens, None, {0}, drop_special=True, drop_first=1, outlier_factor=0.0)[0].tolist() == [False, True, True, False, True, True]
+    assert keep_mask(tokens, None, {0}, drop_special=True, drop_first=1, outlier_factor=0.0)[0].tolist() == [
+        False,
+        True,
+        True,
+        False,
+        True,
+        True,
+    ]

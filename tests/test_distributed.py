@@ -33,7 +33,9 @@ def _free_port() -> int:
 
 
 def _worker(rank, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     runtime.init_from_env(torch.device("cpu"))
     try:
@@ -84,7 +86,16 @@ CASES = {  # each exercises the state that must stay equal across ranks
 
 
 def case_config(name, out):
-    return TrainConfig(out=str(out), expansion=4, batch_size=B, tokens=B * 60, log_every=10, device="cpu", precision="float32", **CASES[name])
+    return TrainConfig(
+        out=str(out),
+        expansion=4,
+        batch_size=B,
+        tokens=B * 60,
+        log_every=10,
+        device="cpu",
+        precision="float32",
+        **CASES[name],
+    )
 
 
 def _ddp_train(tmp):
@@ -94,7 +105,14 @@ def _ddp_train(tmp):
         cfg = case_config(name, tmp / f"ddp_{name}")
         # Rank r's share of each global batch: rows [r·B/N, (r+1)·B/N).
         mine = lambda e: (x[r * B // WORLD : (r + 1) * B // WORLD] for x in global_batches(acts, e))  # noqa: E731
-        sae = train_on_batches(SAEConfig(D, 4 * D, **recipes.get(name, cfg).sae_options()), cfg, mine, cfg.tokens, out=tmp / f"ddp_{name}", progress=False)
+        sae = train_on_batches(
+            SAEConfig(D, 4 * D, **recipes.get(name, cfg).sae_options()),
+            cfg,
+            mine,
+            cfg.tokens,
+            out=tmp / f"ddp_{name}",
+            progress=False,
+        )
         torch.save(sae.state_dict(), tmp / f"{name}_rank{r}.pt")
 
 
@@ -103,14 +121,23 @@ def test_ddp_training_matches_a_single_process_on_the_same_global_batches(tmp_pa
     acts = synthetic_rows()
     for name in CASES:
         cfg = case_config(name, tmp_path / f"single_{name}")
-        single = train_on_batches(SAEConfig(D, 4 * D, **recipes.get(name, cfg).sae_options()), cfg, lambda e: global_batches(acts, e), cfg.tokens, out=tmp_path / f"single_{name}", progress=False)
+        single = train_on_batches(
+            SAEConfig(D, 4 * D, **recipes.get(name, cfg).sae_options()),
+            cfg,
+            lambda e: global_batches(acts, e),
+            cfg.tokens,
+            out=tmp_path / f"single_{name}",
+            progress=False,
+        )
         ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
         for k, v in ranks[0].items():
             assert torch.equal(v, ranks[1][k]), f"{name}: ranks disagree on {k}"  # DDP keeps replicas identical
             # Matryoshka sums five reconstruction terms per step, in another order on each split;
             # Adam's normalised steps carry that rounding into the small b_enc (measured: 3e-5).
             atol = 1e-4 if name == "matryoshka" else 1e-5
-            torch.testing.assert_close(v, single.state_dict()[k], rtol=1e-4, atol=atol, msg=f"{name}: {k} differs from one process")
+            torch.testing.assert_close(
+                v, single.state_dict()[k], rtol=1e-4, atol=atol, msg=f"{name}: {k} differs from one process"
+            )
         saved = SAE.load(tmp_path / f"ddp_{name}")  # rank 0 wrote the SAE
         assert torch.equal(saved.W_dec, ranks[0]["W_dec"])
         lines = [json.loads(ln) for ln in (tmp_path / f"ddp_{name}" / "metrics.jsonl").read_text().splitlines()]
@@ -122,8 +149,12 @@ def test_ddp_training_matches_a_single_process_on_the_same_global_batches(tmp_pa
 
 
 def write_cache(path, n=4096, per_shard=512):
-    acts = synthetic_rows(n, seed=1) + 1e-3 * torch.randn(n, D, generator=torch.Generator().manual_seed(1))  # noise: no two rows alike
-    w = CacheWriter(path, {"model": "toy", "hook": "blocks.0.hook_resid_post", "dtype": "float32", "context_length": 32}, D)
+    acts = synthetic_rows(n, seed=1) + 1e-3 * torch.randn(
+        n, D, generator=torch.Generator().manual_seed(1)
+    )  # noise: no two rows alike
+    w = CacheWriter(
+        path, {"model": "toy", "hook": "blocks.0.hook_resid_post", "dtype": "float32", "context_length": 32}, D
+    )
     for i in range(0, n, per_shard):
         rows = torch.arange(i, i + per_shard)
         w.add_shard(acts[i : i + per_shard], rows % 100, rows // 32, rows % 32, n_contexts=per_shard // 32)
@@ -154,7 +185,9 @@ def test_each_rank_reads_its_own_shards_and_the_split_changes_each_epoch(tmp_pat
     for epoch in (0, 1):
         shards = []
         for r in range(WORLD):
-            keys = [row.numpy().tobytes() for row in torch.load(tmp_path / f"reads_e{epoch}_r{r}.pt", weights_only=True)]
+            keys = [
+                row.numpy().tobytes() for row in torch.load(tmp_path / f"reads_e{epoch}_r{r}.pt", weights_only=True)
+            ]
             assert len(set(keys)) == len(keys)  # no row twice
             shards.append({shard_of[k] for k in keys})
         assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == cache.n_shards  # disjoint, all read
@@ -167,11 +200,24 @@ def _train_one_shard(cache_dir, tmp):
 
 
 def one_shard_config(cache_dir, out):
-    return TrainConfig(acts=str(cache_dir), out=str(out), expansion=4, batch_size=256, tokens=2048 * 6, log_every=8, device="cpu", precision="float32", lr=3e-3, l1=1.0)
+    return TrainConfig(
+        acts=str(cache_dir),
+        out=str(out),
+        expansion=4,
+        batch_size=256,
+        tokens=2048 * 6,
+        log_every=8,
+        device="cpu",
+        precision="float32",
+        lr=3e-3,
+        l1=1.0,
+    )
 
 
 def test_more_processes_than_shards_split_the_rows_and_train_as_one_process(tmp_path):
-    cache_dir = write_cache(tmp_path / "acts", n=2048 + 100, per_shard=2048 + 100)  # one shard; 100 rows past the last full batch
+    cache_dir = write_cache(
+        tmp_path / "acts", n=2048 + 100, per_shard=2048 + 100
+    )  # one shard; 100 rows past the last full batch
     cache = ActivationCache.open(cache_dir)
     assert cache.n_shards == 1 < WORLD
     spawn(_train_one_shard, cache_dir, tmp_path)
@@ -192,12 +238,54 @@ def test_more_processes_than_shards_split_the_rows_and_train_as_one_process(tmp_
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test written for Linux")
 def test_torchrun_cli_trains_like_a_single_process(tmp_path):
     acts = write_cache(tmp_path / "acts")
-    flags = ["--acts", str(acts), "--expansion", "4", "--tokens", str(4096 * 12), "--batch-size", "256", "--device", "cpu", "--log-every", "8", "--l1", "1", "--lr", "3e-3"]
+    flags = [
+        "--acts",
+        str(acts),
+        "--expansion",
+        "4",
+        "--tokens",
+        str(4096 * 12),
+        "--batch-size",
+        "256",
+        "--device",
+        "cpu",
+        "--log-every",
+        "8",
+        "--l1",
+        "1",
+        "--lr",
+        "3e-3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), "-m", "sae_lens_lite", "train", *flags, "--out", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(WORLD),
+        "-m",
+        "sae_lens_lite",
+        "train",
+        *flags,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    single = train(TrainConfig(acts=str(acts), expansion=4, tokens=4096 * 12, batch_size=256, device="cpu", log_every=8, l1=1.0, lr=3e-3, out=str(tmp_path / "one")))
+    single = train(
+        TrainConfig(
+            acts=str(acts),
+            expansion=4,
+            tokens=4096 * 12,
+            batch_size=256,
+            device="cpu",
+            log_every=8,
+            l1=1.0,
+            lr=3e-3,
+            out=str(tmp_path / "one"),
+        )
+    )
     ddp = SAE.load(tmp_path / "ddp")
     m_ddp, m_one = ddp.cfg.meta["final_metrics"], single.cfg.meta["final_metrics"]
     # Different rows meet in each step (each rank reads its own shards), so not equal, but close:
@@ -271,8 +359,16 @@ def tiny_lm():
 def harvest_config(corpus, out):
     # The corpus packs into 47 contexts of 32 tokens; at 10 per shard, 5 shards: rank 1 sits out the
     # last round, and the last shard is short.
-    return HarvestConfig(hooks=[HOOK, "blocks.0.hook_mlp_out"], dataset=str(corpus), tokens=2000, context_length=32, batch_size=4,
-                         out=str(out), dtype="float32", contexts_per_shard=10)  # fmt: skip
+    return HarvestConfig(
+        hooks=[HOOK, "blocks.0.hook_mlp_out"],
+        dataset=str(corpus),
+        tokens=2000,
+        context_length=32,
+        batch_size=4,
+        out=str(out),
+        dtype="float32",
+        contexts_per_shard=10,
+    )
 
 
 def _sharded_harvest(corpus, out, locked):
@@ -301,5 +397,7 @@ def test_sharded_harvest_equals_a_single_process_harvest(tmp_path):
         b = ActivationCache.open(tmp_path / "two" / hook).manifest
         assert len(a["shards"]) == 5 and a["shards"][-1]["n_contexts"] == 7
         assert a["shards"] == b["shards"]  # same files, rows and sha256s
-        assert {k: v for k, v in a.items() if k != "harvest_config"} == {k: v for k, v in b.items() if k != "harvest_config"}
+        assert {k: v for k, v in a.items() if k != "harvest_config"} == {
+            k: v for k, v in b.items() if k != "harvest_config"
+        }
         assert b["harvest_config"]["out"] == sharded.out

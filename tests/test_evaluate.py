@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA, needs_smollm2, tiny_model
+
 from sae_lens_lite.baselines import fit_pca, fit_vae, kl_to_prior, vae_activity
 from sae_lens_lite.corpus import tokenize_corpus
 from sae_lens_lite.errors import UserError
@@ -136,7 +136,11 @@ def test_pca_known_answers():
 
 def test_vae_learns_low_rank_data_and_reports_its_activity():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, 3, generator=g) @ torch.randn(3, 24, generator=g) * 2 + 0.02 * torch.randn(4096, 24, generator=g) + 3
+    x = (
+        torch.randn(4096, 3, generator=g) @ torch.randn(3, 24, generator=g) * 2
+        + 0.02 * torch.randn(4096, 24, generator=g)
+        + 3
+    )
     vae = fit_vae(x, 3, steps=600)
     assert reconstruction_metrics(x, vae.reconstruct(x))["explained_variance"] > 0.98
     act = vae_activity(vae, x)
@@ -198,7 +202,9 @@ def test_identity_sae_gives_clean_loss_and_baselines_are_scored(tiny_lm, corpus_
 
 
 def test_zero_sae_gives_the_zero_ablation_loss(tiny_lm, corpus_file, tmp_path):
-    cfg = EvalConfig(sae=str(_sae(tmp_path, "zero")), dataset=str(corpus_file), tokens=64, baselines=False, out=str(tmp_path / "ev"))
+    cfg = EvalConfig(
+        sae=str(_sae(tmp_path, "zero")), dataset=str(corpus_file), tokens=64, baselines=False, out=str(tmp_path / "ev")
+    )
     r = evaluate(cfg, lm=tiny_lm)
     assert r["ce"]["sae"] == r["ce"]["zero_ablation"] and r["ce"]["sae_recovered"] == 0.0
     assert r["reconstruction"]["explained_variance"] < 0  # predicting 0 is worse than predicting the mean
@@ -209,19 +215,29 @@ def test_eval_text_skips_the_sae_training_text_by_default(tiny_lm, corpus_file, 
     from sae_lens_lite.harvest import HarvestConfig, harvest
 
     acts = tmp_path / "acts"
-    harvest(HarvestConfig(model="tiny", hooks=[HOOK], dataset=str(corpus_file), tokens=64, context_length=16, out=str(acts)), lm=tiny_lm)
+    harvest(
+        HarvestConfig(
+            model="tiny", hooks=[HOOK], dataset=str(corpus_file), tokens=64, context_length=16, out=str(acts)
+        ),
+        lm=tiny_lm,
+    )
     sae = SAE(SAEConfig(d_in=32, d_sae=64, hook=HOOK, context_length=16, meta={"acts": str(acts)}))
     path = sae.save(tmp_path / "s")
     r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False), lm=tiny_lm)
     assert r["skip_tokens"] == 64 and not any("overlap" in w for w in r["warnings"])
-    r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, skip_tokens=0, baselines=False, overwrite=True), lm=tiny_lm)
+    r = evaluate(
+        EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, skip_tokens=0, baselines=False, overwrite=True),
+        lm=tiny_lm,
+    )
     assert any("--skip-tokens 64" in w for w in r["warnings"])
     other = tmp_path / "other.txt"
     other.write_text(corpus_file.read_text())
     r = evaluate(EvalConfig(sae=str(path), dataset=str(other), tokens=32, acts=str(acts), overwrite=True), lm=tiny_lm)
     assert r["skip_tokens"] == 0  # a different corpus is held out already
     # baselines fitted on the training cache are scored on every eval context
-    assert r["baselines"]["fit_on"] == f"activation cache {acts}" and r["baselines"]["scored_on"] == "eval contexts 0..1"
+    assert (
+        r["baselines"]["fit_on"] == f"activation cache {acts}" and r["baselines"]["scored_on"] == "eval contexts 0..1"
+    )
     assert r["baselines"]["ce_clean"] == r["ce"]["clean"]
 
 
@@ -249,7 +265,9 @@ def test_identity_and_zero_splice_on_real_smollm2(tmp_path):
     lm = load_model("smollm2-135m")
     text = SHARED_DATA / "wikitext2-test.txt"
     dataset = str(text) if text.exists() else "pydoc"
-    ident = SAE(SAEConfig(d_in=576, d_sae=1152, model="smollm2-135m", hook="blocks.3.hook_resid_post", context_length=64))
+    ident = SAE(
+        SAEConfig(d_in=576, d_sae=1152, model="smollm2-135m", hook="blocks.3.hook_resid_post", context_length=64)
+    )
     with torch.no_grad():
         eye = torch.eye(576)
         ident.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -264,11 +282,18 @@ def test_report_carries_the_trainers_dead_fraction_when_the_sae_records_it(tiny_
     r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False), lm=tiny_lm)
     assert "dead_fraction_in_training" not in r["sparsity"]  # no training record: nothing invented
     sae = SAE.load(path)
-    sae.cfg.meta.update(final_metrics={"dead_frac": 0.0125, "tokens": 2_000_000}, train_config={"dead_window": 1_000_000})
+    sae.cfg.meta.update(
+        final_metrics={"dead_frac": 0.0125, "tokens": 2_000_000}, train_config={"dead_window": 1_000_000}
+    )
     sae.save(path)
-    r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False, overwrite=True), lm=tiny_lm)
+    r = evaluate(
+        EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False, overwrite=True), lm=tiny_lm
+    )
     assert r["sparsity"]["dead_fraction_in_training"] == 0.0125 and r["sparsity"]["training_dead_window"] == 1_000_000
-    assert "| dead latents in training (no firing in its last 1,000,000 tokens) | 1.25% |" in (path / "eval" / "report.md").read_text()
+    assert (
+        "| dead latents in training (no firing in its last 1,000,000 tokens) | 1.25% |"
+        in (path / "eval" / "report.md").read_text()
+    )
 
 
 def test_sparsity_on_a_held_out_cache_counts_rare_latents_as_alive(tiny_lm, corpus_file, tmp_path):
@@ -287,7 +312,12 @@ def test_sparsity_on_a_held_out_cache_counts_rare_latents_as_alive(tiny_lm, corp
     w.add_shard(acts, rows % 90, rows // 16, rows % 16, n_contexts=n // 16)
     w.finish()
     path = _sae(tmp_path, "identity")
-    r = evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False, sparsity_acts=str(tmp_path / "held")), lm=tiny_lm)
+    r = evaluate(
+        EvalConfig(
+            sae=str(path), dataset=str(corpus_file), tokens=32, baselines=False, sparsity_acts=str(tmp_path / "held")
+        ),
+        lm=tiny_lm,
+    )
     h = r["sparsity_on_acts"]
     assert (h["n_tokens"], h["dead"], h["dense"], h["d_sae"]) == (n, 31, 32, 64)
     assert h["dead_fraction"] == 31 / 64 and h["l0"] == pytest.approx(((n - 1) * 32 + 1) / n)
@@ -296,7 +326,16 @@ def test_sparsity_on_a_held_out_cache_counts_rare_latents_as_alive(tiny_lm, corp
     assert any("count on 5000 tokens of --sparsity-acts" in x for x in r["warnings"])
     wrong = SAE(SAEConfig(d_in=32, d_sae=64, hook="blocks.0.hook_mlp_out", context_length=16)).save(tmp_path / "w")
     with pytest.raises(UserError, match="--sparsity-acts .* holds blocks.0.hook_resid_post"):
-        evaluate(EvalConfig(sae=str(wrong), dataset=str(corpus_file), tokens=32, baselines=False, sparsity_acts=str(tmp_path / "held")), lm=tiny_lm)
+        evaluate(
+            EvalConfig(
+                sae=str(wrong),
+                dataset=str(corpus_file),
+                tokens=32,
+                baselines=False,
+                sparsity_acts=str(tmp_path / "held"),
+            ),
+            lm=tiny_lm,
+        )
 
 
 # ---- which positions are spliced and scored -------------------------------------------------
@@ -345,7 +384,15 @@ def test_positions_setting_changes_zero_ablation_ce_as_computed_by_hand(tiny_lm,
     sae = _sae(tmp_path, "zero")
     got = {}
     for drop_special, drop_first in ((True, 1), (True, 4), (False, 0)):
-        cfg = EvalConfig(sae=str(sae), dataset=str(docs), tokens=64, baselines=False, drop_special=drop_special, drop_first=drop_first, overwrite=True)
+        cfg = EvalConfig(
+            sae=str(sae),
+            dataset=str(docs),
+            tokens=64,
+            baselines=False,
+            drop_special=drop_special,
+            drop_first=drop_first,
+            overwrite=True,
+        )
         r = evaluate(cfg, lm=tiny_lm)
         got[drop_special, drop_first] = r["ce"]["zero_ablation"]
         assert r["ce"]["zero_ablation"] == pytest.approx(expected(drop_special, drop_first), rel=1e-5)
@@ -366,18 +413,36 @@ def test_outlier_factor_leaves_out_the_positions_harvest_would_drop(tiny_lm, tmp
     factor = float(norms.max() / norms.median()) * 0.9  # at least the largest norm is out
     kept = (norms <= factor * norms.median()) & (ids != tiny_lm.tokenizer.eos_token_id)
     kept[:, 0] = False
-    r = evaluate(EvalConfig(sae=str(_sae(tmp_path, "zero")), dataset=str(docs), tokens=64, baselines=False, outlier_factor=factor), lm=tiny_lm)
+    r = evaluate(
+        EvalConfig(
+            sae=str(_sae(tmp_path, "zero")), dataset=str(docs), tokens=64, baselines=False, outlier_factor=factor
+        ),
+        lm=tiny_lm,
+    )
     assert r["n_activations"] == int(kept.sum()) < int(((ids != tiny_lm.tokenizer.eos_token_id)[:, 1:]).sum())
 
 
 def test_footing_differences_name_each_differing_setting():
     from sae_lens_lite.evaluate import footing_differences
 
-    f = {"model": "m", "weights_hash": "w", "hook": "h", "dataset": "d", "skip_tokens": 0, "context_length": 128, "n_contexts": 64,
-         "tokens_sha256": "t", "positions": {"drop_special": True, "drop_first": 1, "outlier_factor": 0.0}, "n_activations": 8128}  # fmt: skip
+    f = {
+        "model": "m",
+        "weights_hash": "w",
+        "hook": "h",
+        "dataset": "d",
+        "skip_tokens": 0,
+        "context_length": 128,
+        "n_contexts": 64,
+        "tokens_sha256": "t",
+        "positions": {"drop_special": True, "drop_first": 1, "outlier_factor": 0.0},
+        "n_activations": 8128,
+    }
     assert footing_differences({"footing": f}, {"footing": dict(f)}) == []
     g = {**f, "positions": {**f["positions"], "drop_first": 0}, "n_activations": 8192}
-    assert footing_differences({"footing": f}, {"footing": g}) == ["positions.drop_first 1 vs 0", "n_activations 8128 vs 8192"]
+    assert footing_differences({"footing": f}, {"footing": g}) == [
+        "positions.drop_first 1 vs 0",
+        "n_activations 8128 vs 8192",
+    ]
     assert "evaluate it again" in footing_differences({"ce": {}}, {"footing": f})[0]
 
 
@@ -385,7 +450,9 @@ def test_the_report_notes_when_the_training_cache_filtered_positions_differently
     from sae_lens_lite.evaluate import position_warnings
 
     filters = {"drop_special": True, "drop_first": 1, "outlier_factor": 0.0}
-    sae = SAE(SAEConfig(d_in=4, d_sae=8, meta={"filters": {"drop_special": True, "drop_first": 0, "outlier_factor": 0.0}}))
+    sae = SAE(
+        SAEConfig(d_in=4, d_sae=8, meta={"filters": {"drop_special": True, "drop_first": 0, "outlier_factor": 0.0}})
+    )
     (w,) = position_warnings(sae, filters)
     assert "drop_first 0 (here 1)" in w and "--drop-first" in w
     assert position_warnings(SAE(SAEConfig(d_in=4, d_sae=8, meta={"filters": filters})), filters) == []

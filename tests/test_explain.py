@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
+from test_analyze import D, write_cache
+
 from sae_lens_lite import explain
 from sae_lens_lite.analyze import AnalyzeConfig, analyze, canonical_ids
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.models import LoadedModel
 from sae_lens_lite.sae import SAE, SAEConfig
-from test_analyze import D, write_cache
 
 N_CTX, T = 64, 32
 
@@ -59,7 +59,9 @@ def planted(tmp_path):
 
 def run(tmp_path, **kw):
     lm = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-llama", "memory", "0" * 16)
-    cfg = AnalyzeConfig(sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "out"), device="cpu", **kw)
+    cfg = AnalyzeConfig(
+        sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "out"), device="cpu", **kw
+    )
     return analyze(cfg, lm=lm), json.loads((tmp_path / "out" / "features.json").read_text())
 
 
@@ -139,8 +141,11 @@ def test_phrases_name_tokens_for_people():
 
 def test_families_group_equal_explanations_best_first():
     fams = explain.families(['"a"', '"b"', '"a"', '"c"'], [2, 1, 3, 0])
-    assert fams == [{"id": 0, "explanation": '"a"', "members": [2, 0]}, {"id": 1, "explanation": '"b"', "members": [1]},
-                    {"id": 2, "explanation": '"c"', "members": [3]}]  # fmt: skip
+    assert fams == [
+        {"id": 0, "explanation": '"a"', "members": [2, 0]},
+        {"id": 1, "explanation": '"b"', "members": [1]},
+        {"id": 2, "explanation": '"c"', "members": [3]},
+    ]
 
 
 def test_nearest_and_agreement_metrics():
@@ -174,7 +179,9 @@ def test_model_explanations_are_scored_cached_and_resumed(tmp_path, monkeypatch)
 
     monkeypatch.setattr(explain.ModelExplainer, "explain", fail)
     _, again = run(tmp_path, explain_top=2, explainer="tiny-llama")
-    assert [f.get("model_explanation") for f in again["features"]] == [f.get("model_explanation") for f in res["features"]]
+    assert [f.get("model_explanation") for f in again["features"]] == [
+        f.get("model_explanation") for f in res["features"]
+    ]
     # More families is a change of settings (the rerun rule asks for --overwrite); the two
     # finished explanations are still reused, so the first model call is for the third family.
     with pytest.raises(UserError, match="explain_top"):

@@ -26,9 +26,18 @@ D_IN, D_SAE, K = 16, 48, 6
 def make_sae(activation="relu", scale=0.37, seed=0):
     """A random SAE with non-trivial biases and an input scale != 1, so folding is exercised."""
     g = torch.Generator().manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, activation=activation, k=K if activation == "topk" else None,
-                        model="smollm2-135m", hook="blocks.3.hook_resid_post", context_length=64,
-                        meta={"corpus": "pydoc", "filters": {"drop_special": True}}))  # fmt: skip
+    sae = SAE(
+        SAEConfig(
+            d_in=D_IN,
+            d_sae=D_SAE,
+            activation=activation,
+            k=K if activation == "topk" else None,
+            model="smollm2-135m",
+            hook="blocks.3.hook_resid_post",
+            context_length=64,
+            meta={"corpus": "pydoc", "filters": {"drop_special": True}},
+        )
+    )
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=g) * 0.3)
         sae.W_dec.copy_(torch.randn(D_SAE, D_IN, generator=g) * 0.3)
@@ -130,7 +139,10 @@ def test_real_saelens_loads_our_export_and_computes_the_same(saved_sae, tmp_path
     cache = _write_cache(tmp_path / "acts", inputs(300, seed=5))
     out = export(ExportConfig(sae=str(path), format="saelens", out=str(tmp_path / "sl"), acts=str(cache)))
     theirs = sae_lens.SAE.load_from_disk(str(out), device="cpu")
-    assert type(theirs).__name__ == {"relu": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE"}[sae.cfg.activation]
+    assert (
+        type(theirs).__name__
+        == {"relu": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE"}[sae.cfg.activation]
+    )
     assert theirs.cfg.metadata.hook_name == sae.cfg.hook and theirs.cfg.metadata.context_size == 64
     x = inputs()
     f = sae.encode(x)
@@ -168,15 +180,25 @@ def test_real_saelens_variants_import_to_the_same_function(tmp_path):
 @torch.no_grad()
 def test_import_saelens_variants_without_the_package(tmp_path):
     g = torch.Generator().manual_seed(3)
-    w = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "W_dec": torch.randn(D_SAE, D_IN, generator=g),
-         "b_enc": torch.randn(D_SAE, generator=g), "b_dec": torch.randn(D_IN, generator=g)}  # fmt: skip
+    w = {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g),
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_enc": torch.randn(D_SAE, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+    }
     x = inputs()
     cases = {
         "no_b_dec_in": {"architecture": "standard", "apply_b_dec_to_input": False},
         # A pre-6 SAELens config: keys at the top level, topk spelled as an activation function.
-        "legacy_topk": {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": K}, "hook_point": "blocks.1.hook_resid_pre",
-                        "model_name": "gpt2", "context_size": 128, "apply_b_dec_to_input": True},
-    }  # fmt: skip
+        "legacy_topk": {
+            "activation_fn_str": "topk",
+            "activation_fn_kwargs": {"k": K},
+            "hook_point": "blocks.1.hook_resid_pre",
+            "model_name": "gpt2",
+            "context_size": 128,
+            "apply_b_dec_to_input": True,
+        },
+    }
     for name, extra in cases.items():
         cfg = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "normalize_activations": "none", **extra}
         (tmp_path / name).mkdir()
@@ -190,7 +212,13 @@ def test_import_saelens_variants_without_the_package(tmp_path):
     assert (ours.cfg.hook, ours.cfg.model, ours.cfg.context_length) == ("blocks.1.hook_resid_pre", "gpt2", 128)
 
     # jumprelu, some thresholds below 0: SAELens's relu(pre)·(pre > θ) treats those as 0.
-    cfg = {"architecture": "jumprelu", "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": True, "normalize_activations": "none"}
+    cfg = {
+        "architecture": "jumprelu",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+    }
     wj = {**w, "threshold": torch.rand(D_SAE, generator=g) - 0.5}
     (tmp_path / "jump").mkdir()
     (tmp_path / "jump" / "cfg.json").write_text(json.dumps(cfg))
@@ -200,7 +228,10 @@ def test_import_saelens_variants_without_the_package(tmp_path):
     assert ours.cfg.activation == "jumprelu" and bool((wj["threshold"] < 0).any())
     assert (ours.encode(x) - f).abs().max() <= 1e-4 and (ours(x).x_hat - x_hat).abs().max() <= 1e-4
 
-    for bad, msg in (({"architecture": "jumprelu"}, "jumprelu"), ({"architecture": "standard", "normalize_activations": "layer_norm"}, "layer_norm")):
+    for bad, msg in (
+        ({"architecture": "jumprelu"}, "jumprelu"),
+        ({"architecture": "standard", "normalize_activations": "layer_norm"}, "layer_norm"),
+    ):
         (tmp_path / "bad").mkdir(exist_ok=True)
         (tmp_path / "bad" / "cfg.json").write_text(json.dumps({"d_in": D_IN, "d_sae": D_SAE, **bad}))
         save_file(w, str(tmp_path / "bad" / "sae_weights.safetensors"))
@@ -211,11 +242,25 @@ def test_import_saelens_variants_without_the_package(tmp_path):
 def _write_sparsify(path, g, **cfg_extra):
     path.mkdir(parents=True)
     # nn.Linear orientation: encoder.weight is [d_sae, d_in], the transpose of our W_enc.
-    w = {"encoder.weight": torch.randn(D_SAE, D_IN, generator=g), "encoder.bias": torch.randn(D_SAE, generator=g) * 0.1,
-         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g)}  # fmt: skip
+    w = {
+        "encoder.weight": torch.randn(D_SAE, D_IN, generator=g),
+        "encoder.bias": torch.randn(D_SAE, generator=g) * 0.1,
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+    }
     save_file(w, str(path / "sae.safetensors"))
-    cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": D_SAE, "k": K,
-           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D_IN, **cfg_extra}  # fmt: skip
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": 32,
+        "normalize_decoder": True,
+        "num_latents": D_SAE,
+        "k": K,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": D_IN,
+        **cfg_extra,
+    }
     (path / "cfg.json").write_text(json.dumps(cfg))
     return w
 
@@ -246,7 +291,11 @@ def test_import_cmd_writes_our_sae_with_overrides(tmp_path):
     _write_sparsify(tmp_path / "layers.2", torch.Generator().manual_seed(0))
     out = import_cmd(ImportConfig(src=str(tmp_path / "layers.2"), out=str(tmp_path / "ours"), model="gpt2"))
     sae = SAE.load(out)
-    assert (sae.cfg.model, sae.cfg.hook, sae.cfg.meta["imported_from"]["format"]) == ("gpt2", "blocks.2.hook_resid_post", "sparsify")
+    assert (sae.cfg.model, sae.cfg.hook, sae.cfg.meta["imported_from"]["format"]) == (
+        "gpt2",
+        "blocks.2.hook_resid_post",
+        "sparsify",
+    )
     with pytest.raises(UserError, match="not empty"):
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -265,8 +314,18 @@ def test_hub_import_without_sae_lens_names_the_install(monkeypatch):
 
 def _write_cache(path, acts):
     n = len(acts)
-    w = CacheWriter(path, {"model": "smollm2-135m", "hook": "blocks.3.hook_resid_post", "dtype": "float32", "context_length": 64}, D_IN)
-    w.add_shard(acts, torch.zeros(n, dtype=torch.int32), torch.arange(n) // 64, torch.arange(n) % 64, n_contexts=math.ceil(n / 64))
+    w = CacheWriter(
+        path,
+        {"model": "smollm2-135m", "hook": "blocks.3.hook_resid_post", "dtype": "float32", "context_length": 64},
+        D_IN,
+    )
+    w.add_shard(
+        acts,
+        torch.zeros(n, dtype=torch.int32),
+        torch.arange(n) // 64,
+        torch.arange(n) % 64,
+        n_contexts=math.ceil(n / 64),
+    )
     w.finish()
     return path
 
@@ -277,7 +336,9 @@ def test_sparsity_file_holds_log10_firing_frequency_from_the_cache(tmp_path):
     sae.save(tmp_path / "sae")
     acts = inputs(300, seed=7)
     _write_cache(tmp_path / "acts", acts)
-    out = export(ExportConfig(sae=str(tmp_path / "sae"), format="saelens", out=str(tmp_path / "sl"), acts=str(tmp_path / "acts")))
+    out = export(
+        ExportConfig(sae=str(tmp_path / "sae"), format="saelens", out=str(tmp_path / "sl"), acts=str(tmp_path / "acts"))
+    )
     freq = (sae.encode(acts) > 0).float().mean(0)  # [d_sae]
     assert (freq == 0).any() or (freq > 0).all()
     with safe_open(str(out / "sparsity.safetensors"), "pt") as f:
@@ -288,7 +349,11 @@ def test_sparsity_file_holds_log10_firing_frequency_from_the_cache(tmp_path):
     sae.cfg.hook = "blocks.9.hook_resid_post"
     sae.save(tmp_path / "sae9")
     with pytest.raises(UserError, match="blocks.9"):
-        export(ExportConfig(sae=str(tmp_path / "sae9"), format="saelens", out=str(tmp_path / "x"), acts=str(tmp_path / "acts")))
+        export(
+            ExportConfig(
+                sae=str(tmp_path / "sae9"), format="saelens", out=str(tmp_path / "x"), acts=str(tmp_path / "acts")
+            )
+        )
 
 
 def test_dictionary_export_carries_a_real_analysis_logit_lens_included(tmp_path):
@@ -299,7 +364,11 @@ def test_dictionary_export_carries_a_real_analysis_logit_lens_included(tmp_path)
     run(tmp_path)  # writes tmp_path/out/features.json
     res = json.loads((tmp_path / "out" / "features.json").read_text())
     vocab = res["vocab"]
-    out = export(ExportConfig(sae=str(tmp_path / "sae"), format="dictionary", out=str(tmp_path / "dict"), analysis=str(tmp_path / "out")))
+    out = export(
+        ExportConfig(
+            sae=str(tmp_path / "sae"), format="dictionary", out=str(tmp_path / "dict"), analysis=str(tmp_path / "out")
+        )
+    )
     header, lines, w = load_dictionary(out)
     assert header["has_analysis"] and header["has_frequency"]
     assert [line["id"] for line in lines] == list(range(8))  # line i is feature i
@@ -310,17 +379,29 @@ def test_dictionary_export_carries_a_real_analysis_logit_lens_included(tmp_path)
         lens = line["logit_lens"]
         assert lens is not None, "the analysis's logit lens was dropped"
         for side in ("promoted", "suppressed"):
-            assert [(e["id"], e["token"], e["logit"]) for e in lens[side]] == [(t, vocab[str(t)], v) for t, v in f["lens"][side]]
+            assert [(e["id"], e["token"], e["logit"]) for e in lens[side]] == [
+                (t, vocab[str(t)], v) for t, v in f["lens"][side]
+            ]
             assert len(lens[side]) == 10
-        assert [(e["id"], e["token"], e["share"]) for e in line["top_tokens"]] == [(t, vocab[str(t)], s) for t, s in f["top_tokens"]]
+        assert [(e["id"], e["token"], e["share"]) for e in line["top_tokens"]] == [
+            (t, vocab[str(t)], s) for t, s in f["top_tokens"]
+        ]
         assert len(line["top_contexts"]) == len(f["examples"])
         for c, e in zip(line["top_contexts"], f["examples"]):
-            assert c["tokens"] == [vocab[str(t)] for t in e["tokens"]] and c["act"] == e["act"] and c["center"] == e["center"]
+            assert (
+                c["tokens"] == [vocab[str(t)] for t in e["tokens"]]
+                and c["act"] == e["act"]
+                and c["center"] == e["center"]
+            )
     from test_analyze import TOKEN_ID
 
     assert lines[0]["top_tokens"][0]["id"] == TOKEN_ID and lines[0]["top_tokens"][0]["share"] == 1.0
     # SAELens's sparsity file takes the analysis's frequencies.
-    sl = export(ExportConfig(sae=str(tmp_path / "sae"), format="saelens", out=str(tmp_path / "sl"), analysis=str(tmp_path / "out")))
+    sl = export(
+        ExportConfig(
+            sae=str(tmp_path / "sae"), format="saelens", out=str(tmp_path / "sl"), analysis=str(tmp_path / "out")
+        )
+    )
     with safe_open(str(sl / "sparsity.safetensors"), "pt") as fh:
         freq = torch.tensor([f["frequency"] for f in res["features"]])
         assert torch.allclose(fh.get_tensor("sparsity"), torch.log10(freq + 1e-10))
@@ -335,7 +416,16 @@ def test_dictionary_without_analysis_and_its_provenance(tmp_path):
     sae.save(tmp_path / "sae")
     out = export(ExportConfig(sae=str(tmp_path / "sae"), format="dictionary", out=str(tmp_path / "dict")))
     header, lines, w = load_dictionary(out)
-    assert lines[0] == {"id": 0, "rank": None, "score": None, "frequency": None, "top_tokens": [], "top_contexts": [], "logit_lens": None, "label": ""}
+    assert lines[0] == {
+        "id": 0,
+        "rank": None,
+        "score": None,
+        "frequency": None,
+        "top_tokens": [],
+        "top_contexts": [],
+        "logit_lens": None,
+        "label": "",
+    }
     assert len(lines) == D_SAE and not header["has_analysis"]
     with safe_open(str(out / "dictionary.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -346,8 +436,11 @@ def test_dictionary_without_analysis_and_its_provenance(tmp_path):
 
 def test_analysis_that_is_not_ours_or_does_not_fit_the_sae_is_refused(tmp_path):
     f = tmp_path / "features.json"
-    for data, msg in (([{"id": 0, "logit_lens": {}}], "not a features.json written by"), ({"d_sae": 5, "features": []}, "not a features.json"),
-                      ({"format": "sae_lens_lite.features", "version": 1}, "lacks")):  # fmt: skip
+    for data, msg in (
+        ([{"id": 0, "logit_lens": {}}], "not a features.json written by"),
+        ({"d_sae": 5, "features": []}, "not a features.json"),
+        ({"format": "sae_lens_lite.features", "version": 1}, "lacks"),
+    ):
         f.write_text(json.dumps(data))
         with pytest.raises(UserError, match=msg):
             read_analysis(tmp_path, D_SAE)

@@ -11,8 +11,17 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def cfg(corpus, out, **kw):
-    base = dict(hooks=[HOOK], dataset=str(corpus), tokens=2000, context_length=32, batch_size=4,
-                out=str(out), dtype="float32", contexts_per_shard=8, drop_first=0)  # fmt: skip
+    base = dict(
+        hooks=[HOOK],
+        dataset=str(corpus),
+        tokens=2000,
+        context_length=32,
+        batch_size=4,
+        out=str(out),
+        dtype="float32",
+        contexts_per_shard=8,
+        drop_first=0,
+    )
     return HarvestConfig(**{**base, **kw})
 
 
@@ -37,7 +46,11 @@ def test_several_hooks_in_one_pass_give_one_cache_each(tiny_lm, corpus_file, tmp
     hooks = ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out", HOOK]
     dirs = harvest(cfg(corpus_file, tmp_path / "multi", hooks=hooks), lm=tiny_lm)
     assert set(dirs) == set(hooks)
-    single = ActivationCache.open(harvest(cfg(corpus_file, tmp_path / "one", hooks=["blocks.2.hook_mlp_out"]), lm=tiny_lm)["blocks.2.hook_mlp_out"])
+    single = ActivationCache.open(
+        harvest(cfg(corpus_file, tmp_path / "one", hooks=["blocks.2.hook_mlp_out"]), lm=tiny_lm)[
+            "blocks.2.hook_mlp_out"
+        ]
+    )
     multi = ActivationCache.open(dirs["blocks.2.hook_mlp_out"])
     assert [s["sha256"] for s in multi.manifest["shards"]] == [s["sha256"] for s in single.manifest["shards"]]
 
@@ -48,7 +61,9 @@ def test_filters_drop_first_positions_and_outliers(tiny_lm, corpus_file, tmp_pat
     assert c.manifest["filters"]["drop_first"] == 3
     full = ActivationCache.open(harvest(cfg(corpus_file, tmp_path / "g", drop_special=False), lm=tiny_lm)[HOOK])
     assert full.n_tokens == full.manifest["n_contexts"] * 32
-    o = ActivationCache.open(harvest(cfg(corpus_file, tmp_path / "o", drop_special=False, outlier_factor=1.05), lm=tiny_lm)[HOOK])
+    o = ActivationCache.open(
+        harvest(cfg(corpus_file, tmp_path / "o", drop_special=False, outlier_factor=1.05), lm=tiny_lm)[HOOK]
+    )
     norms = full.load()["activations"].norm(dim=-1)
     assert 0 < o.n_tokens < full.n_tokens
     assert o.load()["activations"].norm(dim=-1).max() <= norms.max()
@@ -114,7 +129,9 @@ def test_nonfinite_activations_are_refused_or_skipped(tiny_lm, corpus_file, tmp_
     tiny_lm.model.model.layers[1].register_forward_hook(poison)  # the hooked layer
     with pytest.raises(UserError, match="NaN or Inf.*--nonfinite skip"):
         harvest(cfg(corpus_file, tmp_path / "n"), lm=tiny_lm)
-    c = ActivationCache.open(harvest(cfg(corpus_file, tmp_path / "s", nonfinite="skip", drop_special=False), lm=tiny_lm)[HOOK])
+    c = ActivationCache.open(
+        harvest(cfg(corpus_file, tmp_path / "s", nonfinite="skip", drop_special=False), lm=tiny_lm)[HOOK]
+    )
     assert c.manifest["nonfinite_rows"] == c.manifest["n_contexts"]
     assert all(s["nonfinite_rows"] == s["n_contexts"] for s in c.manifest["shards"])
     assert 5 not in c.load(("pos",))["pos"].tolist()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from test_outputs import hcfg, tcfg
 
 from sae_lens_lite.analyze import AnalyzeConfig, analyze
 from sae_lens_lite.cli import main
@@ -12,7 +13,6 @@ from sae_lens_lite.export import ExportConfig, export
 from sae_lens_lite.harvest import harvest
 from sae_lens_lite.info import describe
 from sae_lens_lite.train import train
-from test_outputs import hcfg, tcfg
 
 
 def test_info_on_a_complete_and_a_partial_cache(tiny_lm, corpus_file, tmp_path, capsys):
@@ -34,7 +34,17 @@ def test_info_on_a_complete_and_a_partial_cache(tiny_lm, corpus_file, tmp_path, 
 def test_info_on_an_sae_shows_config_training_and_evaluation(tiny_lm, corpus_file, tmp_path):
     harvest(hcfg(tmp_path, corpus_file), lm=tiny_lm)
     train(tcfg(tmp_path))
-    evaluate(EvalConfig(sae=str(tmp_path / "sae"), dataset=str(corpus_file), tokens=256, skip_tokens=0, device="cpu", baselines=False), lm=tiny_lm)
+    evaluate(
+        EvalConfig(
+            sae=str(tmp_path / "sae"),
+            dataset=str(corpus_file),
+            tokens=256,
+            skip_tokens=0,
+            device="cpu",
+            baselines=False,
+        ),
+        lm=tiny_lm,
+    )
     fe = json.loads((tmp_path / "sae" / "config.json").read_text())["meta"]["final_eval"]
     r = json.loads((tmp_path / "sae" / "eval" / "report.json").read_text())
     text = describe(str(tmp_path / "sae"))
@@ -49,14 +59,23 @@ def test_info_on_an_sae_shows_config_training_and_evaluation(tiny_lm, corpus_fil
 def test_info_on_an_analysis_and_exports(tiny_lm, corpus_file, tmp_path):
     harvest(hcfg(tmp_path, corpus_file), lm=tiny_lm)
     train(tcfg(tmp_path))
-    analyze(AnalyzeConfig(sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "an"), device="cpu", top_k=4), lm=tiny_lm)
+    analyze(
+        AnalyzeConfig(
+            sae=str(tmp_path / "sae"), acts=str(tmp_path / "acts"), out=str(tmp_path / "an"), device="cpu", top_k=4
+        ),
+        lm=tiny_lm,
+    )
     feats = json.loads((tmp_path / "an" / "features.json").read_text())["features"]
     best = min(feats, key=lambda f: f["rank"])
     text = describe(str(tmp_path / "an"))
     assert "64 features" in text and f"rank 1: feature {best['id']}, score {best['score']:.3f}" in text
     for fmt in ("dictionary", "saelens"):
-        export(ExportConfig(sae=str(tmp_path / "sae"), format=fmt, out=str(tmp_path / fmt), analysis=str(tmp_path / "an")))
-    assert describe(str(tmp_path / "dictionary")).startswith(f"feature dictionary {tmp_path / 'dictionary'}: 64 features (64 lines), relu, d_in 32")
+        export(
+            ExportConfig(sae=str(tmp_path / "sae"), format=fmt, out=str(tmp_path / fmt), analysis=str(tmp_path / "an"))
+        )
+    assert describe(str(tmp_path / "dictionary")).startswith(
+        f"feature dictionary {tmp_path / 'dictionary'}: 64 features (64 lines), relu, d_in 32"
+    )
     text = describe(str(tmp_path / "saelens"))
     assert text.startswith(f"SAELens directory {tmp_path / 'saelens'}: architecture standard, d_in 32 -> d_sae 64")
     assert "sparsity file: yes" in text
@@ -71,4 +90,7 @@ def test_info_on_something_else_is_one_clear_error(tmp_path):
 
 def test_info_on_a_training_run_in_progress(tmp_path):
     (tmp_path / "checkpoint.json").write_text(json.dumps({"step": 30, "tokens": 7680, "complete": False}))
-    assert describe(str(tmp_path)) == f"SAE training in progress {tmp_path}: checkpoint at step 30 (7,680 tokens); run the same train command to resume"
+    assert (
+        describe(str(tmp_path))
+        == f"SAE training in progress {tmp_path}: checkpoint at step 30 (7,680 tokens); run the same train command to resume"
+    )

@@ -2,15 +2,22 @@
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model, tiny_tokenizer
+
 from sae_lens_lite.cli import main
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluate import next_token_logprobs
 from sae_lens_lite.intervene import (
-    AttributeConfig, SteerConfig, ablation_effects, attribute, attribution, encode_prompt, positions,
-    steer, steering_edit,
-)  # fmt: skip
+    AttributeConfig,
+    SteerConfig,
+    ablation_effects,
+    attribute,
+    attribution,
+    encode_prompt,
+    positions,
+    steer,
+    steering_edit,
+)
 from sae_lens_lite.models import LoadedModel, edit_hook, generate, run_to_hooks
 from sae_lens_lite.sae import SAE, SAEConfig
 
@@ -23,7 +30,9 @@ def tiny_lm(family="llama", n_layers=3):
 
 def random_sae(lm, hook="blocks.1.hook_resid_post", d_sae=64, seed=0, dec_norm=0.1, drop_first=1):
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=lm.d_model, d_sae=d_sae, model=lm.name, hook=hook, meta={"filters": {"drop_first": drop_first}}))
+    sae = SAE(
+        SAEConfig(d_in=lm.d_model, d_sae=d_sae, model=lm.name, hook=hook, meta={"filters": {"drop_first": drop_first}})
+    )
     with torch.no_grad():
         sae.reset_parameters(dec_norm=dec_norm)
         sae.W_enc.mul_(20.0)  # residuals of a fresh tiny model are small: make latents fire
@@ -58,7 +67,9 @@ def test_zero_strength_and_self_clamp_change_nothing(family):
     assert f[j] > 0
     m2 = positions(lm, sae, two)
     assert m2.tolist() == [[False, True]]
-    assert torch.equal(logits_with(lm, two, hook, steering_edit(sae, [j], float(f[j]), "clamp", m2)), logits_with(lm, two))
+    assert torch.equal(
+        logits_with(lm, two, hook, steering_edit(sae, [j], float(f[j]), "clamp", m2)), logits_with(lm, two)
+    )
     # ... and the edits do act when they should
     assert not torch.equal(logits_with(lm, ids, hook, steering_edit(sae, [3], 1.0, "add", mask)), clean)
 
@@ -104,7 +115,9 @@ def test_steering_a_planted_feature_raises_its_token(family):
     ids = encode_prompt(lm, PROMPT)
     clean = next_token_logprobs(lm.model, ids, hook, None)[0, :, fox]  # [T-1]
     for mode, S in (("add", 1.0), ("add", 5.0), ("clamp", 5.0)):
-        steered = next_token_logprobs(lm.model, ids, hook, steering_edit(sae, [0], S, mode, positions(lm, sae, ids)))[0, :, fox]
+        steered = next_token_logprobs(lm.model, ids, hook, steering_edit(sae, [0], S, mode, positions(lm, sae, ids)))[
+            0, :, fox
+        ]
         assert (steered[1:] > clean[1:]).all(), (mode, S)  # every position the SAE reads
     out = steer(SteerConfig(feature=[0], strength=20.0, prompt=PROMPT, max_new_tokens=5), lm=lm, sae=sae)
     assert out["steered"].token_ids == [fox] * 5 and out["clean"].token_ids != [fox] * 5
@@ -235,7 +248,11 @@ def test_analyze_steer_puts_the_steer_sample_in_the_card(tmp_path):
     sae = SAE.load(tmp_path / "sae")
     for f in steered:
         assert f["steer"]["strength"] == pytest.approx(3.0 * f["max_act"], rel=1e-4)
-        want = steer(SteerConfig(feature=[f["id"]], strength=3.0 * f["max_act"], prompt="The quick brown", max_new_tokens=20), lm=lm, sae=sae)
+        want = steer(
+            SteerConfig(feature=[f["id"]], strength=3.0 * f["max_act"], prompt="The quick brown", max_new_tokens=20),
+            lm=lm,
+            sae=sae,
+        )
         assert f["steer"]["text"] == want["steered"].text
     assert res["steer"]["clean"] == want["clean"].text and res["steer"]["prompt"] == "The quick brown"
     page = (tmp_path / "out" / "index.html").read_text()

@@ -49,7 +49,7 @@ STAGE = {unit: i for i, (_, units) in enumerate(STAGES) for unit in units}
 
 
 def module_name(path: str) -> str:
-    """"recipes/kl.py" → sae_lens_lite.recipes.kl; "browser/__init__.py" → sae_lens_lite.browser."""
+    """ "recipes/kl.py" → sae_lens_lite.recipes.kl; "browser/__init__.py" → sae_lens_lite.browser."""
     parts = [ROOT, *path.removesuffix(".py").split("/")]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -94,7 +94,9 @@ def check(sources: dict[str, str]) -> list[str]:
         for line, target in imports(path, source, known):
             to = unit_of(target)
             if to in STAGE and STAGE[to] > STAGE[unit]:
-                problems.append(f"{ROOT}/{path}:{line} ({STAGES[STAGE[unit]][0]}) imports {target} from a later stage ({STAGES[STAGE[to]][0]})")
+                problems.append(
+                    f"{ROOT}/{path}:{line} ({STAGES[STAGE[unit]][0]}) imports {target} from a later stage ({STAGES[STAGE[to]][0]})"
+                )
     return problems
 
 

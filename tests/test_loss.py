@@ -109,9 +109,16 @@ def test_auxk_loss_reaches_only_dead_latents():
 
 
 SPARSE_CASES = [  # (penalty, dead latents, sync_free); sync_free=True is the CUDA default, forced here on the CPU
-    ("topk", 0, False), ("topk", 5, False), ("topk", 0, True), ("topk", 5, True), ("l1", 0, False), ("kl", 0, False),
-    ("batchtopk", 5, False), ("jumprelu", 0, False), ("matryoshka", 5, True),
-]  # fmt: skip
+    ("topk", 0, False),
+    ("topk", 5, False),
+    ("topk", 0, True),
+    ("topk", 5, True),
+    ("l1", 0, False),
+    ("kl", 0, False),
+    ("batchtopk", 5, False),
+    ("jumprelu", 0, False),
+    ("matryoshka", 5, True),
+]
 
 
 @pytest.mark.parametrize("penalty,n_dead,sync_free", SPARSE_CASES)

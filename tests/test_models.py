@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_model, tiny_tokenizer
+
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.models import blocks, edit_hook, hook_names, hook_point, load_model, run_to_hooks
 
@@ -27,8 +27,12 @@ def test_attn_and_mlp_outputs_sum_to_the_residual_update(family):
     model = tiny_model(family)
     ids = torch.randint(0, 96, (2, 7))
     L = 1
-    acts = run_to_hooks(model, ids, [f"blocks.{L}.{k}" for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")])
-    pre, attn, mlp, post = (acts[f"blocks.{L}.{k}"] for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"))
+    acts = run_to_hooks(
+        model, ids, [f"blocks.{L}.{k}" for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+    )
+    pre, attn, mlp, post = (
+        acts[f"blocks.{L}.{k}"] for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+    )
     torch.testing.assert_close(pre + attn + mlp, post, rtol=1e-5, atol=1e-5)
     assert attn.abs().sum() > 0 and mlp.abs().sum() > 0
 

@@ -23,13 +23,30 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def hcfg(tmp_path, corpus_file, **kw):
-    base = dict(model="tiny-llama", hooks=[HOOK], dataset=str(corpus_file), tokens=1024, context_length=32, dtype="float32",
-                out=str(tmp_path / "acts"), contexts_per_shard=8, device="cpu")  # fmt: skip
+    base = dict(
+        model="tiny-llama",
+        hooks=[HOOK],
+        dataset=str(corpus_file),
+        tokens=1024,
+        context_length=32,
+        dtype="float32",
+        out=str(tmp_path / "acts"),
+        contexts_per_shard=8,
+        device="cpu",
+    )
     return HarvestConfig(**{**base, **kw})
 
 
 def tcfg(tmp_path, **kw):
-    base = dict(acts=str(tmp_path / "acts"), out=str(tmp_path / "sae"), expansion=2, tokens=4096, batch_size=256, device="cpu", log_every=4)
+    base = dict(
+        acts=str(tmp_path / "acts"),
+        out=str(tmp_path / "sae"),
+        expansion=2,
+        tokens=4096,
+        batch_size=256,
+        device="cpu",
+        log_every=4,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -51,7 +68,9 @@ def test_harvest_rerun_is_nothing_to_do_before_the_model_loads(tiny_lm, corpus_f
 
 def test_harvest_with_other_settings_is_refused_naming_them(tiny_lm, corpus_file, tmp_path):
     harvest(hcfg(tmp_path, corpus_file), lm=tiny_lm)
-    with pytest.raises(UserError, match=r"differs in: context_length \(was 32, now 16\); tokens \(was 1024, now 512\).*--overwrite"):
+    with pytest.raises(
+        UserError, match=r"differs in: context_length \(was 32, now 16\); tokens \(was 1024, now 512\).*--overwrite"
+    ):
         harvest(hcfg(tmp_path, corpus_file, tokens=512, context_length=16), lm=tiny_lm)
     harvest(hcfg(tmp_path, corpus_file, tokens=512, overwrite=True), lm=tiny_lm)
     assert ActivationCache.open(tmp_path / "acts").manifest["n_contexts"] == 16
@@ -140,13 +159,29 @@ def test_train_refuses_a_cache_smaller_than_one_batch(tiny_lm, corpus_file, tmp_
 
 
 def ecfg(root, corpus_file, **kw):
-    return EvalConfig(**{**dict(sae=str(root / "sae"), dataset=str(corpus_file), tokens=256, skip_tokens=0, device="cpu", baselines=False), **kw})
+    return EvalConfig(
+        **{
+            **dict(
+                sae=str(root / "sae"),
+                dataset=str(corpus_file),
+                tokens=256,
+                skip_tokens=0,
+                device="cpu",
+                baselines=False,
+            ),
+            **kw,
+        }
+    )
 
 
 def test_evaluate_rerun_rule(trained, tiny_lm, corpus_file, tmp_path, capsys):
     r1 = evaluate(ecfg(trained, corpus_file), lm=tiny_lm)
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"evaluate: {trained / 'sae' / 'eval' / 'report.md'}: CE loss recovered ") and "EV" in line and "L0" in line
+    assert (
+        line.startswith(f"evaluate: {trained / 'sae' / 'eval' / 'report.md'}: CE loss recovered ")
+        and "EV" in line
+        and "L0" in line
+    )
     assert evaluate(ecfg(trained, corpus_file), lm=tiny_lm) == r1
     out = capsys.readouterr().out.strip().splitlines()
     assert "complete, nothing to do" in out[-2] and out[-1] == line
@@ -162,7 +197,9 @@ def test_evaluate_rerun_rule(trained, tiny_lm, corpus_file, tmp_path, capsys):
 
 
 def test_analyze_and_export_rerun_rule(trained, tiny_lm, capsys):
-    a = AnalyzeConfig(sae=str(trained / "sae"), acts=str(trained / "acts"), out=str(trained / "an"), device="cpu", top_k=4)
+    a = AnalyzeConfig(
+        sae=str(trained / "sae"), acts=str(trained / "acts"), out=str(trained / "an"), device="cpu", top_k=4
+    )
     s1 = analyze(a, lm=tiny_lm)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"analyze: {trained / 'an' / 'index.html'}: 64 features on ")
@@ -171,21 +208,39 @@ def test_analyze_and_export_rerun_rule(trained, tiny_lm, capsys):
     with pytest.raises(UserError, match=r"top_k \(was 4, now 5\)"):
         analyze(AnalyzeConfig(**{**vars(a), "top_k": 5}), lm=tiny_lm)
 
-    e = ExportConfig(sae=str(trained / "sae"), format="dictionary", out=str(trained / "dict"), analysis=str(trained / "an"))
+    e = ExportConfig(
+        sae=str(trained / "sae"), format="dictionary", out=str(trained / "dict"), analysis=str(trained / "an")
+    )
     export(e)
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"export: wrote feature dictionary {trained / 'dict'} (dictionary.json, features.jsonl, dictionary.safetensors): 64 features")
+    assert line.startswith(
+        f"export: wrote feature dictionary {trained / 'dict'} (dictionary.json, features.jsonl, dictionary.safetensors): 64 features"
+    )
     mtime = (trained / "dict" / "features.jsonl").stat().st_mtime_ns
     export(e)
-    assert "nothing to do" in capsys.readouterr().out and (trained / "dict" / "features.jsonl").stat().st_mtime_ns == mtime
+    assert (
+        "nothing to do" in capsys.readouterr().out and (trained / "dict" / "features.jsonl").stat().st_mtime_ns == mtime
+    )
     with pytest.raises(UserError, match=r"format \(was 'dictionary', now 'saelens'\)"):
         export(ExportConfig(**{**vars(e), "format": "saelens"}))
 
     sl = ExportConfig(sae=str(trained / "sae"), format="saelens", out=str(trained / "sl"), acts=str(trained / "acts"))
     export(sl)
-    assert capsys.readouterr().out.strip().endswith(f"(cfg.json, sae_weights.safetensors, sparsity.safetensors): 64 features, frequencies from {trained / 'acts'}")
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(
+            f"(cfg.json, sae_weights.safetensors, sparsity.safetensors): 64 features, frequencies from {trained / 'acts'}"
+        )
+    )
     export(ExportConfig(**{**vars(sl), "acts": None, "overwrite": True}))
-    assert capsys.readouterr().out.strip().endswith("(cfg.json, sae_weights.safetensors): 64 features, no firing frequencies; removed the stale sparsity.safetensors")
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(
+            "(cfg.json, sae_weights.safetensors): 64 features, no firing frequencies; removed the stale sparsity.safetensors"
+        )
+    )
     assert not (trained / "sl" / "sparsity.safetensors").exists()
 
     i = ImportConfig(src=str(trained / "sae"), out=str(trained / "imported"))
@@ -196,20 +251,38 @@ def test_analyze_and_export_rerun_rule(trained, tiny_lm, capsys):
 
 
 def test_export_refuses_the_analysis_of_another_sae_of_the_same_width(trained, tiny_lm, capsys):
-    analyze(AnalyzeConfig(sae=str(trained / "sae"), acts=str(trained / "acts"), out=str(trained / "an"), device="cpu", top_k=4), lm=tiny_lm)
+    analyze(
+        AnalyzeConfig(
+            sae=str(trained / "sae"), acts=str(trained / "acts"), out=str(trained / "an"), device="cpu", top_k=4
+        ),
+        lm=tiny_lm,
+    )
     train(tcfg(trained, out=str(trained / "sae2"), seed=1))  # same width, other weights
     with pytest.raises(UserError, match="is the analysis of another SAE"):
-        export(ExportConfig(sae=str(trained / "sae2"), format="dictionary", out=str(trained / "d2"), analysis=str(trained / "an")))
+        export(
+            ExportConfig(
+                sae=str(trained / "sae2"), format="dictionary", out=str(trained / "d2"), analysis=str(trained / "an")
+            )
+        )
     # An analysis that records nothing (made elsewhere) is used, with a warning.
     (trained / "an" / RECORD).unlink()
     capsys.readouterr()
-    export(ExportConfig(sae=str(trained / "sae2"), format="dictionary", out=str(trained / "d2"), analysis=str(trained / "an")))
+    export(
+        ExportConfig(
+            sae=str(trained / "sae2"), format="dictionary", out=str(trained / "d2"), analysis=str(trained / "an")
+        )
+    )
     assert "does not record which SAE it analysed" in capsys.readouterr().err
 
 
 def test_a_stage_refuses_a_directory_holding_another_stages_output(trained, tiny_lm):
     with pytest.raises(UserError, match="holds the output of `train`, not of `analyze`"):
-        analyze(AnalyzeConfig(sae=str(trained / "sae"), acts=str(trained / "acts"), out=str(trained / "sae"), device="cpu", top_k=4), lm=tiny_lm)
+        analyze(
+            AnalyzeConfig(
+                sae=str(trained / "sae"), acts=str(trained / "acts"), out=str(trained / "sae"), device="cpu", top_k=4
+            ),
+            lm=tiny_lm,
+        )
 
 
 def test_overwrite_removes_the_record_before_redoing(trained, monkeypatch):

@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CORPUS_TEXT, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "sae_lens_lite", *args], capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "sae_lens_lite", *args], capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 @pytest.fixture
@@ -30,7 +31,9 @@ def tiny_model_dir(tmp_path):
 
 def kill_9_when(args: list[str], progress_file: Path, ready, env=None) -> None:
     """Run `sae-lite ARGS` and SIGKILL it as soon as ready(json in progress_file) holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "sae_lens_lite", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sae_lens_lite", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -81,7 +84,13 @@ def kill_9_at(args: list[str], target: str, cond: str, when: str, env=None) -> N
     ("module:function", as looked up by its caller) for which the expression `cond` holds (it
     sees `a`, the call's arguments, and `n`, the call's number)."""
     module, attr = target.split(":")
-    r = subprocess.run([sys.executable, "-c", KILLER, module, attr, cond, when, *args], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", KILLER, module, attr, cond, when, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == -signal.SIGKILL, f"the kill point was never reached: {r.stderr[-2000:]}"
 
 
@@ -92,8 +101,25 @@ def shard_hashes(cache: Path) -> list[str]:
 def test_kill_9_during_harvest_then_rerun_gives_identical_cache(tiny_model_dir, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(CORPUS_TEXT * 30)
-    args = ["harvest", "--model", str(tiny_model_dir), "--hook", "blocks.3.hook_resid_post", "--dataset", str(corpus),
-            "--tokens", "8000", "--context-length", "16", "--contexts-per-shard", "8", "--batch-size", "4", "--dtype", "float32"]  # fmt: skip
+    args = [
+        "harvest",
+        "--model",
+        str(tiny_model_dir),
+        "--hook",
+        "blocks.3.hook_resid_post",
+        "--dataset",
+        str(corpus),
+        "--tokens",
+        "8000",
+        "--context-length",
+        "16",
+        "--contexts-per-shard",
+        "8",
+        "--batch-size",
+        "4",
+        "--dtype",
+        "float32",
+    ]
     assert cli(*args, "--out", str(tmp_path / "ref")).returncode == 0
     ref = shard_hashes(tmp_path / "ref")
     assert len(ref) > 20  # 63 shards
@@ -114,8 +140,24 @@ def test_cache_verify_names_a_bit_flipped_shard(tiny_model_dir, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(CORPUS_TEXT)
     out = tmp_path / "acts"
-    assert cli("harvest", "--model", str(tiny_model_dir), "--hook", "blocks.0.hook_resid_post", "--dataset", str(corpus),
-               "--context-length", "16", "--contexts-per-shard", "8", "--out", str(out)).returncode == 0  # fmt: skip
+    assert (
+        cli(
+            "harvest",
+            "--model",
+            str(tiny_model_dir),
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--dataset",
+            str(corpus),
+            "--context-length",
+            "16",
+            "--contexts-per-shard",
+            "8",
+            "--out",
+            str(out),
+        ).returncode
+        == 0
+    )
     shard = out / "shard_00001.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
@@ -138,10 +180,41 @@ def test_kill_9_during_training_then_rerun_gives_the_same_weights(tiny_model_dir
     corpus = tmp_path / "c.txt"
     corpus.write_text(CORPUS_TEXT * 4)
     acts = tmp_path / "acts"
-    assert cli("harvest", "--model", str(tiny_model_dir), "--hook", "blocks.1.hook_resid_post", "--dataset", str(corpus),
-               "--context-length", "16", "--out", str(acts)).returncode == 0  # fmt: skip
-    args = ["train", "--acts", str(acts), "--expansion", "4", "--tokens", "300000", "--batch-size", "128",
-            "--checkpoint-every", "20000", "--log-every", "20", "--device", "cpu", "--precision", "float32"]  # fmt: skip
+    assert (
+        cli(
+            "harvest",
+            "--model",
+            str(tiny_model_dir),
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--dataset",
+            str(corpus),
+            "--context-length",
+            "16",
+            "--out",
+            str(acts),
+        ).returncode
+        == 0
+    )
+    args = [
+        "train",
+        "--acts",
+        str(acts),
+        "--expansion",
+        "4",
+        "--tokens",
+        "300000",
+        "--batch-size",
+        "128",
+        "--checkpoint-every",
+        "20000",
+        "--log-every",
+        "20",
+        "--device",
+        "cpu",
+        "--precision",
+        "float32",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert cli(*args, "--out", str(tmp_path / "ref"), env=env).returncode == 0
 
@@ -159,7 +232,10 @@ def test_kill_9_during_training_then_rerun_gives_the_same_weights(tiny_model_dir
 
 
 def metrics_without_timing(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"}
+        for ln in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def tiny_model_dir_and_corpus(tmp: Path) -> tuple[Path, Path]:
@@ -177,11 +253,40 @@ def train_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train_kills")
     d, corpus = tiny_model_dir_and_corpus(tmp)
     acts = tmp / "acts"
-    assert cli("harvest", "--model", str(d), "--hook", "blocks.1.hook_resid_post", "--dataset", str(corpus),
-               "--context-length", "16", "--out", str(acts)).returncode == 0  # fmt: skip
+    assert (
+        cli(
+            "harvest",
+            "--model",
+            str(d),
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--dataset",
+            str(corpus),
+            "--context-length",
+            "16",
+            "--out",
+            str(acts),
+        ).returncode
+        == 0
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = ["train", "--acts", str(acts), "--expansion", "4", "--tokens", "64000", "--batch-size", "128", "--log-every", "10",
-            "--device", "cpu", "--precision", "float32"]  # fmt: skip
+    base = [
+        "train",
+        "--acts",
+        str(acts),
+        "--expansion",
+        "4",
+        "--tokens",
+        "64000",
+        "--batch-size",
+        "128",
+        "--log-every",
+        "10",
+        "--device",
+        "cpu",
+        "--precision",
+        "float32",
+    ]
     refs = {}
     for every in ("16000", "10000000"):  # 125 steps per checkpoint, and a run that never checkpoints
         args = [*base, "--checkpoint-every", every]
@@ -196,8 +301,18 @@ TRAIN_KILLS = {  # name: (checkpoint every, target, cond, when)
     "during_a_checkpoint_write": ("16000", "sae_lens_lite.train:save_safetensors_atomic", "n == 2", "during"),
     "during_the_final_weights_write": ("16000", "sae_lens_lite.sae:save_safetensors_atomic", "True", "during"),
     "after_the_final_weights_before_config": ("16000", "sae_lens_lite.sae:write_json_atomic", "True", "before"),
-    "before_marking_the_run_complete": ("16000", "sae_lens_lite.train:write_json_atomic", "a[1].get('complete')", "before"),
-    "after_marking_complete_before_cleanup": ("16000", "sae_lens_lite.train:write_json_atomic", "a[1].get('complete')", "after"),
+    "before_marking_the_run_complete": (
+        "16000",
+        "sae_lens_lite.train:write_json_atomic",
+        "a[1].get('complete')",
+        "before",
+    ),
+    "after_marking_complete_before_cleanup": (
+        "16000",
+        "sae_lens_lite.train:write_json_atomic",
+        "a[1].get('complete')",
+        "after",
+    ),
     "no_checkpoint_run_mid_training": ("10000000", "sae_lens_lite.train:lr_at", "a[0] == 300", "before"),
     "no_checkpoint_run_during_final_write": ("10000000", "sae_lens_lite.sae:write_json_atomic", "True", "before"),
 }
@@ -220,15 +335,38 @@ def test_kill_9_of_train_at_any_point_then_rerun_gives_the_same_bytes(train_setu
         c["meta"]["train_config"].pop("out")  # the one setting that differs between the two runs
         c["meta"]["final_metrics"].pop("tokens_per_s")  # timing
     assert cfgs[0] == cfgs[1]  # final metrics and the end-of-training measurement included
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.json", "config.json", "metrics.jsonl", "provenance.json", "sae.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.json",
+        "config.json",
+        "metrics.jsonl",
+        "provenance.json",
+        "sae.safetensors",
+    ]
 
 
 @pytest.fixture(scope="module")
 def harvest_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("harvest_kills")
     d, corpus = tiny_model_dir_and_corpus(tmp)
-    args = ["harvest", "--model", str(d), "--hook", "blocks.1.hook_resid_post", "--dataset", str(corpus), "--tokens", "2000",
-            "--context-length", "16", "--contexts-per-shard", "16", "--batch-size", "4", "--dtype", "float32"]  # fmt: skip
+    args = [
+        "harvest",
+        "--model",
+        str(d),
+        "--hook",
+        "blocks.1.hook_resid_post",
+        "--dataset",
+        str(corpus),
+        "--tokens",
+        "2000",
+        "--context-length",
+        "16",
+        "--contexts-per-shard",
+        "16",
+        "--batch-size",
+        "4",
+        "--dtype",
+        "float32",
+    ]
     assert cli(*args, "--out", str(tmp / "ref")).returncode == 0
     return args, tmp / "ref"
 
@@ -250,7 +388,9 @@ def test_kill_9_of_harvest_at_any_point_then_rerun_gives_the_same_cache(harvest_
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = (json.loads((p / "manifest.json").read_text()) for p in (ref, out))
     assert a["complete"] and len(a["shards"]) == 8
-    assert {k: v for k, v in a.items() if k != "harvest_config"} == {k: v for k, v in b.items() if k != "harvest_config"}
+    assert {k: v for k, v in a.items() if k != "harvest_config"} == {
+        k: v for k, v in b.items() if k != "harvest_config"
+    }
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())  # no debris
 
 
@@ -260,7 +400,9 @@ def test_kill_9_of_harvest_at_any_point_then_rerun_gives_the_same_cache(harvest_
 def _sae_dir(tmp):
     from sae_lens_lite.sae import SAE, SAEConfig
 
-    return SAE(SAEConfig(d_in=32, d_sae=64, model="tiny", hook="blocks.0.hook_resid_post", context_length=16)).save(tmp / "sae")
+    return SAE(SAEConfig(d_in=32, d_sae=64, model="tiny", hook="blocks.0.hook_resid_post", context_length=16)).save(
+        tmp / "sae"
+    )
 
 
 def _cache_dir(tmp):
@@ -268,7 +410,11 @@ def _cache_dir(tmp):
 
     from sae_lens_lite.cache import CacheWriter
 
-    w = CacheWriter(tmp / "acts", {"model": "tiny", "hook": "blocks.0.hook_resid_post", "dtype": "float32", "context_length": 16}, 32)
+    w = CacheWriter(
+        tmp / "acts",
+        {"model": "tiny", "hook": "blocks.0.hook_resid_post", "dtype": "float32", "context_length": 16},
+        32,
+    )
     w.add_shard(torch.randn(64, 32), torch.zeros(64), torch.arange(64) // 16, torch.arange(64) % 16, n_contexts=4)
     w.finish()
     return tmp / "acts"
@@ -339,34 +485,129 @@ def _broken_model(tmp):
 
 
 BAD_INPUTS = {  # name: (argv made from tmp_path, what the error line says)
-    "analyze_config_not_json": (lambda t: ["analyze", "--sae", str(_break_config(t, "{oops")), "--acts", str(_cache_dir(t))], "config.json is not valid JSON"),
-    "evaluate_config_a_list": (lambda t: ["evaluate", "--sae", str(_break_config(t, "[1, 2]"))], "is not an SAE config"),
+    "analyze_config_not_json": (
+        lambda t: ["analyze", "--sae", str(_break_config(t, "{oops")), "--acts", str(_cache_dir(t))],
+        "config.json is not valid JSON",
+    ),
+    "evaluate_config_a_list": (
+        lambda t: ["evaluate", "--sae", str(_break_config(t, "[1, 2]"))],
+        "is not an SAE config",
+    ),
     "export_config_binary": (lambda t: ["export", "--sae", str(_binary_config(t))], "config.json is not valid JSON"),
-    "analyze_truncated_weights": (lambda t: ["analyze", "--sae", str(_truncate_weights(t)), "--acts", str(_cache_dir(t))], "sae.safetensors"),
-    "export_weights_of_another_shape": (lambda t: ["export", "--sae", str(_mismatched(t)), "--out", str(t / "x")], "do not belong together"),
-    "export_nan_weights": (lambda t: ["export", "--sae", str(_nan_weights(t)), "--out", str(t / "x")], "NaN or infinite"),
-    "export_analysis_binary": (lambda t: ["export", "--sae", str(_sae_dir(t)), "--analysis", str(_features_json(t, os.urandom(300))), "--out", str(t / "x"), "--format", "dictionary"], "features.json"),
-    "harvest_binary_corpus": (lambda t: ["harvest", "--dataset", str(_binary(t)), "--out", str(t / "acts")], "is not UTF-8 text"),
-    "harvest_binary_corpus_dir": (lambda t: ["harvest", "--dataset", str(_binary(t, "d.txt").parent), "--out", str(t / "acts")], "is not UTF-8 text"),
-    "harvest_tokens_0": (lambda t: ["harvest", "--tokens", "0", "--out", str(t / "acts")], "--tokens must be a positive integer, got 0"),
-    "harvest_tokens_negative": (lambda t: ["harvest", "--tokens", "-5", "--out", str(t / "acts")], "--tokens must be a positive integer, got -5"),
-    "harvest_drop_every_position": (lambda t: ["harvest", "--context-length", "4", "--drop-first", "4"], "drops every position"),
-    "harvest_contexts_per_shard_0": (lambda t: ["harvest", "--contexts-per-shard", "0"], "--contexts-per-shard must be a positive integer"),
-    "harvest_broken_model_dir": (lambda t: ["harvest", "--model", str(_broken_model(t)), "--out", str(t / "acts")], "cannot load model from"),
+    "analyze_truncated_weights": (
+        lambda t: ["analyze", "--sae", str(_truncate_weights(t)), "--acts", str(_cache_dir(t))],
+        "sae.safetensors",
+    ),
+    "export_weights_of_another_shape": (
+        lambda t: ["export", "--sae", str(_mismatched(t)), "--out", str(t / "x")],
+        "do not belong together",
+    ),
+    "export_nan_weights": (
+        lambda t: ["export", "--sae", str(_nan_weights(t)), "--out", str(t / "x")],
+        "NaN or infinite",
+    ),
+    "export_analysis_binary": (
+        lambda t: [
+            "export",
+            "--sae",
+            str(_sae_dir(t)),
+            "--analysis",
+            str(_features_json(t, os.urandom(300))),
+            "--out",
+            str(t / "x"),
+            "--format",
+            "dictionary",
+        ],
+        "features.json",
+    ),
+    "harvest_binary_corpus": (
+        lambda t: ["harvest", "--dataset", str(_binary(t)), "--out", str(t / "acts")],
+        "is not UTF-8 text",
+    ),
+    "harvest_binary_corpus_dir": (
+        lambda t: ["harvest", "--dataset", str(_binary(t, "d.txt").parent), "--out", str(t / "acts")],
+        "is not UTF-8 text",
+    ),
+    "harvest_tokens_0": (
+        lambda t: ["harvest", "--tokens", "0", "--out", str(t / "acts")],
+        "--tokens must be a positive integer, got 0",
+    ),
+    "harvest_tokens_negative": (
+        lambda t: ["harvest", "--tokens", "-5", "--out", str(t / "acts")],
+        "--tokens must be a positive integer, got -5",
+    ),
+    "harvest_drop_every_position": (
+        lambda t: ["harvest", "--context-length", "4", "--drop-first", "4"],
+        "drops every position",
+    ),
+    "harvest_contexts_per_shard_0": (
+        lambda t: ["harvest", "--contexts-per-shard", "0"],
+        "--contexts-per-shard must be a positive integer",
+    ),
+    "harvest_broken_model_dir": (
+        lambda t: ["harvest", "--model", str(_broken_model(t)), "--out", str(t / "acts")],
+        "cannot load model from",
+    ),
     "train_lr_nan": (lambda t: ["train", "--lr", "nan"], "--lr must be a finite number"),
     "train_l1_inf": (lambda t: ["train", "--l1", "inf"], "--l1 must be a finite number"),
     "train_batch_negative": (lambda t: ["train", "--batch-size", "-1"], "--batch-size must be a positive integer"),
     "train_kl_rho_1": (lambda t: ["train", "--kl-rho", "1"], "--kl-rho must lie strictly between 0 and 1"),
-    "train_damaged_manifest": (lambda t: ["train", "--acts", str(_damaged_manifest(t)), "--out", str(t / "s")], "manifest.json is damaged"),
+    "train_damaged_manifest": (
+        lambda t: ["train", "--acts", str(_damaged_manifest(t)), "--out", str(t / "s")],
+        "manifest.json is damaged",
+    ),
     "analyze_batch_0": (lambda t: ["analyze", "--batch-size", "0"], "--batch-size must be a positive integer"),
-    "analyze_max_features_negative": (lambda t: ["analyze", "--max-features", "-3"], "--max-features must be a positive integer"),
-    "evaluate_context_length_1": (lambda t: ["evaluate", "--context-length", "1"], "--context-length must be at least 2"),
+    "analyze_max_features_negative": (
+        lambda t: ["analyze", "--max-features", "-3"],
+        "--max-features must be a positive integer",
+    ),
+    "evaluate_context_length_1": (
+        lambda t: ["evaluate", "--context-length", "1"],
+        "--context-length must be at least 2",
+    ),
     "evaluate_tokens_0": (lambda t: ["evaluate", "--tokens", "0"], "--tokens must be a positive integer"),
-    "train_absurd_expansion": (lambda t: ["train", "--acts", str(_cache_dir(t)), "--expansion", "100000000", "--batch-size", "32", "--out", str(t / "s"), "--device", "cpu"], "lower --expansion"),
-    "analyze_absurd_top_k": (lambda t: ["analyze", "--sae", str(_sae_dir(t)), "--acts", str(_cache_dir(t)), "--top-k", "100000000", "--out", str(t / "a")], "lower --top-k"),
-    "run_file_text_for_a_number": (lambda t: ["run", str(_run_file(t, '[train]\ntokens = "many"\n'))], "[train] tokens = 'many' should be an integer"),
-    "run_file_fraction_for_a_count": (lambda t: ["run", str(_run_file(t, "[harvest]\ntokens = 1.5\n"))], "[harvest] tokens = 1.5 should be an integer"),
-    "import_cfg_a_list": (lambda t: ["import", "--src", str(_sparsify_list_cfg(t)), "--out", str(t / "o")], "holds a JSON list"),
+    "train_absurd_expansion": (
+        lambda t: [
+            "train",
+            "--acts",
+            str(_cache_dir(t)),
+            "--expansion",
+            "100000000",
+            "--batch-size",
+            "32",
+            "--out",
+            str(t / "s"),
+            "--device",
+            "cpu",
+        ],
+        "lower --expansion",
+    ),
+    "analyze_absurd_top_k": (
+        lambda t: [
+            "analyze",
+            "--sae",
+            str(_sae_dir(t)),
+            "--acts",
+            str(_cache_dir(t)),
+            "--top-k",
+            "100000000",
+            "--out",
+            str(t / "a"),
+        ],
+        "lower --top-k",
+    ),
+    "run_file_text_for_a_number": (
+        lambda t: ["run", str(_run_file(t, '[train]\ntokens = "many"\n'))],
+        "[train] tokens = 'many' should be an integer",
+    ),
+    "run_file_fraction_for_a_count": (
+        lambda t: ["run", str(_run_file(t, "[harvest]\ntokens = 1.5\n"))],
+        "[harvest] tokens = 1.5 should be an integer",
+    ),
+    "import_cfg_a_list": (
+        lambda t: ["import", "--src", str(_sparsify_list_cfg(t)), "--out", str(t / "o")],
+        "holds a JSON list",
+    ),
 }
 
 

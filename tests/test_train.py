@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+from sae_lens_lite import recipes
 from sae_lens_lite.cache import CacheWriter
 from sae_lens_lite.errors import UserError
-from sae_lens_lite import recipes
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.synthetic import make_superposition, mean_max_cosine
 from sae_lens_lite.train import (
@@ -138,7 +138,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
     factory = data.batches(256, 16 * 256, seed=1)  # 16 batches per epoch; 60 steps = ~4 epochs
     extra = RESUME[penalty]
-    cfg = TrainConfig(penalty=penalty, batch_size=256, checkpoint_every=10 * 256, dead_window=5 * 256, log_every=7, precision="float32", **extra)
+    cfg = TrainConfig(
+        penalty=penalty,
+        batch_size=256,
+        checkpoint_every=10 * 256,
+        dead_window=5 * 256,
+        log_every=7,
+        precision="float32",
+        **extra,
+    )
     sae_cfg = small_sae_cfg(penalty, d_in=16, d_sae=64, k=3)
     ref = train_on_batches(sae_cfg, cfg, factory, 60 * 256, out=tmp_path / "a", progress=False)
     with pytest.raises(Interrupted):  # init reads the 16 batches of epoch 0, then 37 steps
@@ -147,8 +155,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
     resumed = train_on_batches(sae_cfg, cfg, factory, 60 * 256, out=tmp_path / "b", progress=False)
     for k, v in ref.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
+
     def metrics(run):  # everything but the timing
-        return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"}
+            for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert metrics("a") == metrics("b") and metrics("a")[-1]["step"] == 60
     assert not list((tmp_path / "b").glob("checkpoint_*.safetensors"))  # cleaned up when complete
@@ -160,7 +172,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
 def write_cache(path, d=16, n=4096, seed=0):
     data = make_superposition(n_features=48, d=d, true_l0=2.0, seed=seed)
     acts = data.sample(n, torch.Generator().manual_seed(seed))
-    w = CacheWriter(path, {"model": "toy", "hook": "blocks.0.hook_resid_post", "dtype": "float32", "context_length": 32}, d)
+    w = CacheWriter(
+        path, {"model": "toy", "hook": "blocks.0.hook_resid_post", "dtype": "float32", "context_length": 32}, d
+    )
     for i in range(0, n, 1024):
         rows = torch.arange(i, i + 1024)
         w.add_shard(acts[i : i + 1024], rows % 100, rows // 32, rows % 32, n_contexts=32)
@@ -170,7 +184,9 @@ def write_cache(path, d=16, n=4096, seed=0):
 
 def test_train_from_a_cache_writes_a_resumable_run(tmp_path):
     acts = write_cache(tmp_path / "acts")
-    cfg = TrainConfig(acts=str(acts), out=str(tmp_path / "sae"), expansion=4, tokens=20_000, batch_size=512, log_every=5)
+    cfg = TrainConfig(
+        acts=str(acts), out=str(tmp_path / "sae"), expansion=4, tokens=20_000, batch_size=512, log_every=5
+    )
     sae = train(cfg)
     out = tmp_path / "sae"
     loaded = SAE.load(out)
@@ -223,8 +239,14 @@ def test_compiled_loss_trains_like_eager(penalty):
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
     runs = []
     for compile in (False, True):
-        cfg = TrainConfig(batch_size=256, compile=compile, precision="float32", log_every=10, penalty=penalty, k=4, dead_window=2560)
-        runs.append(train_on_batches(small_sae_cfg(penalty, 16, 64), cfg, data.batches(256, 16 * 256, seed=1), 40 * 256, progress=False))
+        cfg = TrainConfig(
+            batch_size=256, compile=compile, precision="float32", log_every=10, penalty=penalty, k=4, dead_window=2560
+        )
+        runs.append(
+            train_on_batches(
+                small_sae_cfg(penalty, 16, 64), cfg, data.batches(256, 16 * 256, seed=1), 40 * 256, progress=False
+            )
+        )
     for k, v in runs[0].state_dict().items():
         assert torch.allclose(runs[1].state_dict()[k], v, atol=1e-5), k
 
@@ -235,8 +257,15 @@ def test_streaming_training_needs_no_cache_and_matches_cache_statistics(tiny_lm,
     from sae_lens_lite.harvest import HarvestConfig, harvest, stream_activations
     from sae_lens_lite.train import train_streaming
 
-    hcfg = HarvestConfig(hooks=["blocks.1.hook_resid_post"], dataset=str(corpus_file), tokens=1500, context_length=32,
-                         batch_size=4, out=str(tmp_path / "acts"), dtype="float32")  # fmt: skip
+    hcfg = HarvestConfig(
+        hooks=["blocks.1.hook_resid_post"],
+        dataset=str(corpus_file),
+        tokens=1500,
+        context_length=32,
+        batch_size=4,
+        out=str(tmp_path / "acts"),
+        dtype="float32",
+    )
     cached = ActivationCache.open(harvest(hcfg, lm=tiny_lm)["blocks.1.hook_resid_post"]).load()["activations"]
     batches, _ = stream_activations(hcfg, tiny_lm, batch_size=64, buffer_rows=256, seed=0)
     streamed = torch.cat(list(batches(0)))
@@ -247,7 +276,11 @@ def test_streaming_training_needs_no_cache_and_matches_cache_statistics(tiny_lm,
     assert not torch.equal(streamed[:, 0], cached[:, 0])
     assert not torch.equal(torch.cat(list(batches(1)))[:, 0], streamed[:, 0])
 
-    sae = train_streaming(hcfg, TrainConfig(out=str(tmp_path / "sae"), expansion=2, tokens=20_000, batch_size=64, lr=3e-3, device="cpu"), lm=tiny_lm)
+    sae = train_streaming(
+        hcfg,
+        TrainConfig(out=str(tmp_path / "sae"), expansion=2, tokens=20_000, batch_size=64, lr=3e-3, device="cpu"),
+        lm=tiny_lm,
+    )
     assert (tmp_path / "sae" / "sae.safetensors").exists() and sae.cfg.hook == "blocks.1.hook_resid_post"
     assert not (tmp_path / "acts2").exists()
     x = cached[:512]
@@ -262,7 +295,9 @@ def test_bf16_autocast_keeps_explained_variance_within_0_005_of_fp32():
 
     def ev(precision):
         cfg = TrainConfig(batch_size=256, lr=3e-3, l1=1.0, precision=precision, device="cpu")
-        sae = train_on_batches(small_sae_cfg("l1", d_in=32, d_sae=256), cfg, data.batches(256, 65536), 200_000, progress=False)
+        sae = train_on_batches(
+            small_sae_cfg("l1", d_in=32, d_sae=256), cfg, data.batches(256, 65536), 200_000, progress=False
+        )
         with torch.no_grad():
             return float(1 - ((sae(x).x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
@@ -281,8 +316,16 @@ class HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
     the same ops, so the count can be checked here."""
 
     aten = torch.ops.aten
-    WAITS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2, aten.unique_dim,
-             aten.unique_consecutive, aten._coalesce, aten.repeat_interleave}  # fmt: skip
+    WAITS = {
+        aten._local_scalar_dense,
+        aten.nonzero,
+        aten.masked_select,
+        aten._unique2,
+        aten.unique_dim,
+        aten.unique_consecutive,
+        aten._coalesce,
+        aten.repeat_interleave,
+    }
 
     def __init__(self):
         super().__init__()
@@ -301,7 +344,10 @@ class HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 # l1/kl run dense, as on CUDA: their sparse path reads the number of active latents (CPU only)
-@pytest.mark.parametrize("penalty,extra", [("l1", dict(sparse=False)), ("kl", dict(sparse=False)), ("topk", dict(sparse=False)), ("topk", {})])
+@pytest.mark.parametrize(
+    "penalty,extra",
+    [("l1", dict(sparse=False)), ("kl", dict(sparse=False)), ("topk", dict(sparse=False)), ("topk", {})],
+)
 def test_a_training_step_never_waits_for_the_device(penalty, extra, monkeypatch):
     """The issue asks for no host synchronisation per step: metrics stay on the device until a log
     line. Count the waiting ops of runs of 3 and 9 steps (one log line each, at the end): any op
@@ -313,9 +359,13 @@ def test_a_training_step_never_waits_for_the_device(penalty, extra, monkeypatch)
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
     counts = []
     for steps in (3, 9):
-        cfg = TrainConfig(penalty=penalty, k=4, batch_size=128, log_every=100, dead_window=128, precision="float32", **extra)
+        cfg = TrainConfig(
+            penalty=penalty, k=4, batch_size=128, log_every=100, dead_window=128, precision="float32", **extra
+        )
         with HostWaits() as mode:
-            train_on_batches(small_sae_cfg(penalty, 16, 64), cfg, data.batches(128, 16 * 128, seed=1), steps * 128, progress=False)
+            train_on_batches(
+                small_sae_cfg(penalty, 16, 64), cfg, data.batches(128, 16 * 128, seed=1), steps * 128, progress=False
+            )
         counts.append(mode.seen)
     assert len(counts[1]) == len(counts[0]), sorted(set(counts[1]))
 
@@ -335,8 +385,17 @@ def test_on_cuda_a_training_step_never_synchronises(penalty, tmp_path, monkeypat
     write_cache(tmp_path / "acts")
     counts = []
     for steps in (3, 9):
-        cfg = TrainConfig(acts=str(tmp_path / "acts"), out=str(tmp_path / f"sae{steps}"), penalty=penalty, k=4, expansion=4,
-                          batch_size=128, tokens=steps * 128, log_every=100, device="cuda")  # fmt: skip
+        cfg = TrainConfig(
+            acts=str(tmp_path / "acts"),
+            out=str(tmp_path / f"sae{steps}"),
+            penalty=penalty,
+            k=4,
+            expansion=4,
+            batch_size=128,
+            tokens=steps * 128,
+            log_every=100,
+            device="cuda",
+        )
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as seen:

@@ -7,8 +7,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from conftest import CORPUS_TEXT, tiny_model, tiny_tokenizer
+
 from sae_lens_lite.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,9 +22,21 @@ TINY = {
     "steer": ["--max-new-tokens", "4", "--device", "cpu"],
     "attribute": ["--top", "3", "--device", "cpu"],
 }
-TINY_RUN = [f"harvest.model=tiny", f"harvest.hooks=['{HOOK}']", "harvest.dataset=my_corpus.txt", "harvest.tokens=1024",
-            "harvest.context_length=32", "harvest.dtype='float32'", "train.tokens=4096", "train.batch_size=256", "train.expansion=2",
-            "evaluate.dataset=held_out.txt", "evaluate.tokens=256", "evaluate.baselines=false", "analyze.top_k=4"]  # fmt: skip
+TINY_RUN = [
+    "harvest.model=tiny",
+    f"harvest.hooks=['{HOOK}']",
+    "harvest.dataset=my_corpus.txt",
+    "harvest.tokens=1024",
+    "harvest.context_length=32",
+    "harvest.dtype='float32'",
+    "train.tokens=4096",
+    "train.batch_size=256",
+    "train.expansion=2",
+    "evaluate.dataset=held_out.txt",
+    "evaluate.tokens=256",
+    "evaluate.baselines=false",
+    "analyze.top_k=4",
+]
 STAGES = ("harvest", "train", "evaluate", "analyze", "export", "import")
 
 
@@ -92,17 +104,27 @@ def check_result(argv: list[str], rc: int, out: str) -> None:
     if cmd in STAGES:
         assert lines[-1].startswith(f"{cmd}: "), f"sae-lite {' '.join(argv)} did not end with its result line:\n{out}"
     elif cmd == "run":
-        assert any(line.startswith("run: ") for line in lines) and lines[-1].split()[0] in ("export", "analyze", "evaluate", "train", "harvest")
+        assert any(line.startswith("run: ") for line in lines) and lines[-1].split()[0] in (
+            "export",
+            "analyze",
+            "evaluate",
+            "train",
+            "harvest",
+        )
     elif cmd == "info":
-        assert re.match(r"(activation cache|SAE|analysis|evaluation|feature dictionary|SAELens directory) ", lines[0]), out
+        assert re.match(
+            r"(activation cache|SAE|analysis|evaluation|feature dictionary|SAELens directory) ", lines[0]
+        ), out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "doc, must_run",
-    [("README.md", {"harvest", "train", "evaluate", "analyze", "export", "run", "info", "steer", "attribute"}),
-     ("docs/guide.md", {"run", "info", "cache", "import", "hooks", "--version"})],
-)  # fmt: skip
+    [
+        ("README.md", {"harvest", "train", "evaluate", "analyze", "export", "run", "info", "steer", "attribute"}),
+        ("docs/guide.md", {"run", "info", "cache", "import", "hooks", "--version"}),
+    ],
+)
 def test_every_documented_command_runs_and_prints_its_result(world, doc, must_run, capsys):
     cmds = documented_commands(REPO / doc)
     assert len(cmds) >= 6, cmds

@@ -20,9 +20,28 @@ from pathlib import Path
 
 from ..analyze import Analysis  # the schema of features.json, defined next to its writer
 
-FIELDS = ("id", "rank", "score", "components", "frequency", "mean_act", "max_act", "bin_width", "hist",
-          "top_tokens", "promoted", "suppressed", "examples", "explanation", "detection", "family", "quantiles",
-          "nearest", "model_explanation", "steer")  # fmt: skip
+FIELDS = (
+    "id",
+    "rank",
+    "score",
+    "components",
+    "frequency",
+    "mean_act",
+    "max_act",
+    "bin_width",
+    "hist",
+    "top_tokens",
+    "promoted",
+    "suppressed",
+    "examples",
+    "explanation",
+    "detection",
+    "family",
+    "quantiles",
+    "nearest",
+    "model_explanation",
+    "steer",
+)
 # An example is [center index, activation, [token id ...], [activation 0..99 ...]]; quantiles are
 # lists of examples, highest quantile first; detection is [precision, recall, F1, held-out firings,
 # held-out tokens matched]; nearest is [[feature id, cosine, explanation], ...]; model_explanation
@@ -50,17 +69,35 @@ def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
         m = f.get("model_explanation")
         lens = f["lens"]["promoted"] + f["lens"]["suppressed"]
         used.update(t for t, _ in f["top_tokens"] + lens)
-        rows.append([
-            f["id"], f["rank"], f["score"], [f["token_score"], f["context_score"], f["lens_score"], f.get("monosemanticity")],
-            f["frequency"], f["mean_act"], f["max_act"], f["hist"]["bin_width"], f["hist"]["counts"],
-            [[t, round(100 * s, 1)] for t, s in f["top_tokens"]], f["lens"]["promoted"], f["lens"]["suppressed"], examples,
-            f.get("explanation", ""), [d.get(k) for k in ("precision", "recall", "f1", "fires", "predicted")], f.get("family"),
-            [[compact(e) for e in q] for q in f.get("quantiles", [])], [[i, c, expl.get(i, "")] for i, c in f.get("nearest", [])],
-            [m["explanation"], m["balanced_accuracy"], m["auroc"], m["n_scored"]] if m else None,
-            f.get("steer"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                f["id"],
+                f["rank"],
+                f["score"],
+                [f["token_score"], f["context_score"], f["lens_score"], f.get("monosemanticity")],
+                f["frequency"],
+                f["mean_act"],
+                f["max_act"],
+                f["hist"]["bin_width"],
+                f["hist"]["counts"],
+                [[t, round(100 * s, 1)] for t, s in f["top_tokens"]],
+                f["lens"]["promoted"],
+                f["lens"]["suppressed"],
+                examples,
+                f.get("explanation", ""),
+                [d.get(k) for k in ("precision", "recall", "f1", "fires", "predicted")],
+                f.get("family"),
+                [[compact(e) for e in q] for q in f.get("quantiles", [])],
+                [[i, c, expl.get(i, "")] for i, c in f.get("nearest", [])],
+                [m["explanation"], m["balanced_accuracy"], m["auroc"], m["n_scored"]] if m else None,
+                f.get("steer"),
+            ]
+        )
     vocab = {str(t): analysis["vocab"].get(str(t), f"<{t}>") for t in sorted(used)}
-    meta = {k: analysis.get(k) for k in ("model", "hook", "sae", "n_tokens", "d_sae", "top_k", "ctx_before", "ctx_after", "heldout")}
+    meta = {
+        k: analysis.get(k)
+        for k in ("model", "hook", "sae", "n_tokens", "d_sae", "top_k", "ctx_before", "ctx_after", "heldout")
+    }
     meta["n_shown"] = len(rows)
     shown = {f["id"] for f in feats}
     # Families (same explanation) restricted to the features on the page, best family first.

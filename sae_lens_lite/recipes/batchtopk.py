@@ -59,4 +59,10 @@ class BatchTopK(TopK):
         super().step_end(sae)
         # θ starts at the first batch's cut (θ = 0 until then): a mean from 0 would stay low for ~1/rate steps.
         first = sae.threshold == 0
-        sae.threshold.copy_(torch.where(first, self.batch_threshold, sae.threshold.lerp(self.batch_threshold.expand_as(sae.threshold), THRESHOLD_RATE)))
+        sae.threshold.copy_(
+            torch.where(
+                first,
+                self.batch_threshold,
+                sae.threshold.lerp(self.batch_threshold.expand_as(sae.threshold), THRESHOLD_RATE),
+            )
+        )

@@ -21,5 +21,8 @@ class Matryoshka(BatchTopK):
     def mse(self, sae, lat, err):
         # The mean over prefixes of ‖x − x̂_m‖²; dropping latents ≥ m from x̂ adds their part to the error.
         latent = torch.arange(sae.d_sae, device=err.device)
-        terms = [err if m == sae.d_sae else err + lat.decode(sae.W_dec, (latent >= m).float()).float() for m in prefixes(sae.d_sae)]
+        terms = [
+            err if m == sae.d_sae else err + lat.decode(sae.W_dec, (latent >= m).float()).float()
+            for m in prefixes(sae.d_sae)
+        ]
         return torch.stack([e.pow(2).sum(-1).mean() for e in terms]).mean()
