@@ -73,19 +73,27 @@ class AnalyzeConfig:
     heldout: float = field(
         default=0.25,
         metadata={
-            "help": "share of the cache's contexts held out: explanations are read from the rest and scored on these only"
+            "help": (
+                "share of the cache's contexts held out: explanations are read from the rest and scored on these only"
+            )
         },
     )
     explain_top: int = field(
         default=0,
         metadata={
-            "help": "also have --explainer write and score explanations of the N best-ranked families (slow: seconds per feature on a CPU; resumes)"
+            "help": (
+                "also have --explainer write and score explanations of the N best-ranked families "
+                "(slow: seconds per feature on a CPU; resumes)"
+            )
         },
     )
     explainer: str = field(
         default="smollm2-135m",
         metadata={
-            "help": "instruct model for --explain-top: smollm2-135m (SmolLM2-135M-Instruct, offline), a hub id or a local directory"
+            "help": (
+                "instruct model for --explain-top: smollm2-135m (SmolLM2-135M-Instruct, offline), a "
+                "hub id or a local directory"
+            )
         },
     )
     model: str | None = field(
@@ -96,7 +104,10 @@ class AnalyzeConfig:
     steer: int = field(
         default=0,
         metadata={
-            "help": "put a steered sample in the card of the N best-ranked features: --steer-prompt continued with the feature's decoder direction added (sae-lite steer --mode add)"
+            "help": (
+                "put a steered sample in the card of the N best-ranked features: --steer-prompt "
+                "continued with the feature's decoder direction added (sae-lite steer --mode add)"
+            )
         },
     )
     steer_prompt: str = field(default="The", metadata={"help": "prompt continued for the --steer samples"})
@@ -519,7 +530,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         )
     if sae.d_in != cache.d_model:
         raise UserError(
-            f"the SAE reads vectors of size {sae.d_in} but the cache {cfg.acts} holds {cache.d_model}; pass the cache it was trained on"
+            f"the SAE reads vectors of size {sae.d_in} but the cache {cfg.acts} holds {cache.d_model}; "
+            "pass the cache it was trained on"
         )
     if sae.cfg.hook and m.get("hook") and sae.cfg.hook != m["hook"]:
         raise UserError(
@@ -545,7 +557,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     n_vocab = len(lm.tokenizer)
     if int(tokens.max()) >= n_vocab:
         raise UserError(
-            f"the cache holds token ids up to {int(tokens.max())} but the tokenizer of {lm.name} has {n_vocab}; pass the right --model"
+            f"the cache holds token ids up to {int(tokens.max())} but the tokenizer of {lm.name} has "
+            f"{n_vocab}; pass the right --model"
         )
     # The score compares tokens up to case and spacing; the page still shows the exact tokens.
     canon = canonical_ids(lm.tokenizer, n_vocab)  # [V]
@@ -562,7 +575,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         )
     elif held.all() or not held.any():
         raise UserError(
-            f"--heldout {cfg.heldout} holds out {'none' if not held.any() else 'all'} of the cache's {int(doc.max()) + 1} contexts; "
+            f"--heldout {cfg.heldout} holds out {'none' if not held.any() else 'all'} of the cache's "
+            f"{int(doc.max()) + 1} contexts; "
             "explanations need contexts to read and contexts to score on: change --heldout or harvest more"
         )
     counter = explain.PatternCounts(canon[tokens], prev_tok, held, n_vocab, sae.d_sae)
@@ -751,7 +765,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         settings,
         inputs,
         summary,
-        f"analyze: {out / 'index.html'}: {sae.d_sae:,} features on {st.n_rows:,} tokens, {summary['dead_features']:,} never fire, "
+        f"analyze: {out / 'index.html'}: {sae.d_sae:,} features on {st.n_rows:,} tokens, "
+        f"{summary['dead_features']:,} never fire, "
         f"mean L0 {l0_mean:.1f}; best feature {best} (score {float(s['score'][best]):.3f}); in {summary['seconds']} s",
     )
     return summary

@@ -304,7 +304,8 @@ def _read_manifest(path: Path) -> dict | None:
     missing = {"complete", "shards", "d_model", "n_tokens", "dtype"} - set(m)
     if missing or not all(isinstance(e, dict) and {"file", "n_rows", "sha256"} <= set(e) for e in m["shards"]):
         raise UserError(
-            f"{f} is damaged (missing or wrong {', '.join(sorted(missing)) or 'shard entries'}); harvest the cache again with --overwrite"
+            f"{f} is damaged (missing or wrong {', '.join(sorted(missing)) or 'shard entries'}); harvest "
+            "the cache again with --overwrite"
         )
     return m
 
@@ -356,7 +357,8 @@ class ActivationCache:
             raise UserError(f"shard {f} is missing; run the same harvest command again, which redoes it")
         if sha256_file(f) != entry["sha256"]:
             raise UserError(
-                f"shard {f} is corrupt (sha256 differs from the manifest); run the same harvest command again, which redoes it"
+                f"shard {f} is corrupt (sha256 differs from the manifest); run the same harvest command "
+                "again, which redoes it"
             )
 
     def read_shard(self, i: int, keys: tuple[str, ...] = ("activations", "tokens", "doc", "pos")) -> dict[str, Tensor]:

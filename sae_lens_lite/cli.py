@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "attribute",
             AttributeConfig,
-            "which features raise or lower the next token's log-probability (activation x gradient, checked by ablation)",
+            "which features raise or lower the next token's log-probability (activation x gradient, "
+            "checked by ablation)",
         ),
     ]
     for name, cls, help in stages:
@@ -97,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = cache_sub.add_parser("info", help="print the manifest summary")
     info.add_argument("dir", help="activation cache directory")
 
-    what = "what a directory holds: a cache (complete or partial), an SAE (config, training, evaluation), an analysis, an evaluation or an export"
+    what = (
+        "what a directory holds: a cache (complete or partial), an SAE (config, training, evaluation), "
+        "an analysis, an evaluation or an export"
+    )
     info = sub.add_parser("info", help=what, description=what[0].upper() + what[1:] + ".")
     info.add_argument("path", help="a directory written by sae-lite (or a file in one)")
     return p

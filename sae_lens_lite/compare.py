@@ -67,7 +67,8 @@ class CompareConfig:
     tokens: int = opt(16384, "evaluation tokens, in whole contexts")
     skip_tokens: int | None = opt(
         None,
-        "skip the corpus's first tokens (rounded up to whole contexts); default: the most any SAE's training cache took from this corpus, else 0",
+        "skip the corpus's first tokens (rounded up to whole contexts); default: the most any SAE's "
+        "training cache took from this corpus, else 0",
     )
     context_length: int | None = opt(None, "tokens per context; default: the SAEs' training context length")
     drop_special: bool = opt(
@@ -79,13 +80,15 @@ class CompareConfig:
     )
     outlier_factor: float = opt(
         _EVAL.outlier_factor,
-        "also leave positions whose activation norm exceeds this multiple of the median norm over the eval text (0 = none)",
+        "also leave positions whose activation norm exceeds this multiple of the median norm over the eval "
+        "text (0 = none)",
     )
     batch_size: int = opt(8, "contexts per forward")
     device: str = opt("auto", "cpu, cuda, or auto")
     baselines: bool = opt(
         True,
-        "PCA and VAE reference curves at powers of two spanning the SAEs' L0 (every row is then scored on the second half of the eval contexts unless --acts is given)",
+        "PCA and VAE reference curves at powers of two spanning the SAEs' L0 (every row is then scored on "
+        "the second half of the eval contexts unless --acts is given)",
     )
     acts: str | None = opt(
         None, "activation cache at the same hook to fit the baselines on; default: the first half of the eval contexts"
@@ -113,7 +116,8 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     lengths = {s.cfg.context_length for s in saes.values()} - {None}
     if cfg.context_length is None and len(lengths) > 1:
         raise UserError(
-            f"the SAEs were trained on contexts of {sorted(lengths)} tokens; pass --context-length to evaluate all on one"
+            f"the SAEs were trained on contexts of {sorted(lengths)} tokens; pass --context-length to "
+            "evaluate all on one"
         )
     T = cfg.context_length or (lengths.pop() if lengths else 128)
     out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
@@ -133,7 +137,8 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
     if cfg.baselines and not cfg.acts and n_fit == 0:
         raise UserError(
-            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens or pass --no-baselines"
+            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens "
+            "or pass --no-baselines"
         )
     times["load"] = time.perf_counter() - t0
 
@@ -144,7 +149,8 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     )
     if len(x) == 0:
         raise UserError(
-            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower --drop-first or --outlier-factor"
+            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower "
+            "--drop-first or --outlier-factor"
         )
     mean = x.mean(0)  # [d_in], the mean-ablation value (as evaluate's: over every evaluated position)
     xs = x[row_ctx >= n_fit]  # [n_score, d_in], what every row is scored on
@@ -236,7 +242,8 @@ def compare_reports(cfg: CompareConfig) -> dict:
     for p, r in zip(paths[1:], reports[1:]):
         if diff := footing_differences(reports[0], r):
             raise UserError(
-                f"{p} is not comparable with {paths[0]}: {'; '.join(diff)}; evaluate them with the same settings, or run sae-lite compare on the SAE directories"
+                f"{p} is not comparable with {paths[0]}: {'; '.join(diff)}; evaluate them with the same "
+                "settings, or run sae-lite compare on the SAE directories"
             )
     out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
     names = _names([str(p.parent.parent if p.parent.name == "eval" else p.parent) for p in paths])
@@ -311,7 +318,8 @@ def _same_model_and_hook(saes: dict[str, SAE], cfg: CompareConfig) -> tuple[str,
             cfg.model and a.hook == b.hook and a.d_in == b.d_in
         ):
             raise UserError(
-                f"{name} is an SAE of {b.model} at {b.hook} (d_in {b.d_in}), {first} of {a.model} at {a.hook} (d_in {a.d_in}); "
+                f"{name} is an SAE of {b.model} at {b.hook} (d_in {b.d_in}), {first} of {a.model} at "
+                f"{a.hook} (d_in {a.d_in}); "
                 "compare SAEs of one model and one hook (pass --model if the names differ for one model)"
             )
     model = cfg.model or saes[first].cfg.model
@@ -342,7 +350,8 @@ def _write(result: dict, out: Path) -> None:
     write_text_atomic(out / "compare.md", markdown_table(result))
     write_json_atomic(out / "compare.json", result)  # last: its presence marks a finished comparison
     print(
-        f"compare: {len(result['saes'])} SAEs on {result['n_scored_activations']} activations; table in {out / 'compare.md'}"
+        f"compare: {len(result['saes'])} SAEs on {result['n_scored_activations']} activations; table in "
+        f"{out / 'compare.md'}"
     )
 
 
@@ -351,18 +360,22 @@ def markdown_table(r: dict) -> str:
     lines = [
         "# SAE comparison",
         "",
-        f"{f['model']} at `{f['hook']}`; {f['n_contexts']} contexts of {f['context_length']} tokens from `{f['dataset']}` "
+        f"{f['model']} at `{f['hook']}`; {f['n_contexts']} contexts of {f['context_length']} tokens from "
+        f"`{f['dataset']}` "
         f"(after skipping {f['skip_tokens']} tokens; tokens `{f['tokens_sha256']}`), spliced and scored at positions "
-        f"{positions_text(f['positions'])}. Every row scored on {r['scored_on']}: {r['n_scored_activations']} activations, "
+        f"{positions_text(f['positions'])}. Every row scored on {r['scored_on']}: "
+        f"{r['n_scored_activations']} activations, "
         f"{r['n_predictions']} predictions, CE clean {ce['clean']:.4f}, zero-ablated {ce['zero_ablation']:.4f}, "
         f"mean-ablated {ce['mean_ablation']:.4f} nats. Definitions: docs/metrics.md.",
         "",
-        "| SAE | source | architecture | d_sae | L0 | explained variance | CE loss recovered | KL (nats) | CE loss | dead on these tokens |",
+        "| SAE | source | architecture | d_sae | L0 | explained variance | CE loss recovered | KL (nats) | "
+        "CE loss | dead on these tokens |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in r["saes"]:
         lines.append(
-            f"| {s['name']} | {s.get('source', '')} | {s.get('architecture', '')} | {s['d_sae']} | {s['active_dims_per_token']:.1f} | "
+            f"| {s['name']} | {s.get('source', '')} | {s.get('architecture', '')} | {s['d_sae']} | "
+            f"{s['active_dims_per_token']:.1f} | "
             f"{fmt(s['explained_variance'])} | {fmt(s['ce_loss_recovered'])} | {s['kl']:.4f} | {s['ce_loss']:.4f} | "
             f"{100 * s['sparsity']['dead_fraction']:.1f}% |"
         )
@@ -376,7 +389,8 @@ def markdown_table(r: dict) -> str:
         ]
         for b in r["baselines"]:
             lines.append(
-                f"| {b['name']} | {b['active_dims_per_token']:.1f} | {fmt(b['explained_variance'])} | {fmt(b['ce_loss_recovered'])} | {b['kl']:.4f} | {b['ce_loss']:.4f} |"
+                f"| {b['name']} | {b['active_dims_per_token']:.1f} | {fmt(b['explained_variance'])} | "
+                f"{fmt(b['ce_loss_recovered'])} | {b['kl']:.4f} | {b['ce_loss']:.4f} |"
             )
     if "plot" in r["files"]:
         lines += ["", "![frontier](frontier.png)"]
@@ -419,7 +433,8 @@ def plot_frontier(r: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     f = r["footing"]
     fig.suptitle(
-        f"{f['model']} {f['hook']}: {r['n_scored_activations']} activations of {f['dataset']}, positions {positions_text(f['positions'])}",
+        f"{f['model']} {f['hook']}: {r['n_scored_activations']} activations of {f['dataset']}, positions "
+        f"{positions_text(f['positions'])}",
         fontsize=9,
     )
     fig.tight_layout()

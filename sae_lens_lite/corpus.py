@@ -49,7 +49,8 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
             ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
         elif path.suffix or dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:
             raise UserError(
-                f"corpus {dataset} not found (expected a .txt/.jsonl/.parquet/.csv file, a directory, '{DEFAULT_CORPUS}' or a hub id)"
+                f"corpus {dataset} not found (expected a .txt/.jsonl/.parquet/.csv file, a directory, "
+                f"'{DEFAULT_CORPUS}' or a hub id)"
             )
         else:
             ds = datasets.load_dataset(dataset, split=split)
@@ -61,7 +62,8 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         ) from None
     if text_column not in ds.column_names:
         raise UserError(
-            f"corpus {dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass --text-column"
+            f"corpus {dataset} has no column {text_column!r} (columns: {', '.join(ds.column_names)}); pass "
+            "--text-column"
         )
     return [t for t in ds[text_column] if isinstance(t, str)]
 
@@ -110,7 +112,8 @@ def tokenize_corpus(tokenizer, texts: list[str], context_length: int, max_tokens
         n_ctx = min(n_ctx, max(1, max_tokens // context_length))
     if n_ctx == 0:
         raise UserError(
-            f"the corpus has {len(ids)} tokens, fewer than one context of {context_length}; use a smaller --context-length"
+            f"the corpus has {len(ids)} tokens, fewer than one context of {context_length}; use a smaller "
+            "--context-length"
         )
     return torch.tensor(ids[: n_ctx * context_length], dtype=torch.long).view(n_ctx, context_length)
 

@@ -70,7 +70,8 @@ class EvalConfig:
     )
     skip_tokens: int | None = opt(
         None,
-        "skip the corpus's first tokens (rounded up to whole contexts); default: what the SAE's training cache took from this corpus, else 0",
+        "skip the corpus's first tokens (rounded up to whole contexts); default: what the SAE's training "
+        "cache took from this corpus, else 0",
     )
     # Which positions are spliced and scored: harvest's row filters, with harvest's defaults, so a
     # native SAE and an imported one (no training cache to ask) are scored on the same positions.
@@ -80,11 +81,13 @@ class EvalConfig:
     )
     drop_first: int = opt(
         HarvestConfig.drop_first,
-        "leave the first N positions of every context unspliced and unscored (harvest drops position 0 by default: an attention sink with a huge norm)",
+        "leave the first N positions of every context unspliced and unscored (harvest drops position 0 by "
+        "default: an attention sink with a huge norm)",
     )
     outlier_factor: float = opt(
         HarvestConfig.outlier_factor,
-        "also leave positions whose activation norm exceeds this multiple of the median norm over the eval text (0 = none; harvest's --outlier-factor)",
+        "also leave positions whose activation norm exceeds this multiple of the median norm over the eval "
+        "text (0 = none; harvest's --outlier-factor)",
     )
     context_length: int | None = opt(None, "tokens per context; default: the SAE's training context length")
     batch_size: int = opt(8, "contexts per forward")
@@ -95,7 +98,8 @@ class EvalConfig:
     )
     sparsity_acts: str | None = opt(
         None,
-        "also count dead and dense latents over this activation cache (harvest held-out text at the SAE's hook): the eval tokens are too few to tell rare latents from dead ones",
+        "also count dead and dense latents over this activation cache (harvest held-out text at the SAE's "
+        "hook): the eval tokens are too few to tell rare latents from dead ones",
     )
     out: str | None = opt(None, "directory for report.json, report.md and density.png; default: <sae>/eval")
     overwrite: bool = opt(False, "replace an existing report in --out")
@@ -305,7 +309,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
     if cfg.baselines and not cfg.acts and n_fit == 0:
         raise UserError(
-            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens or pass --no-baselines"
+            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens "
+            "or pass --no-baselines"
         )
     times["load"] = time.perf_counter() - t0
 
@@ -316,7 +321,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     )  # [n, d], [n], [n_ctx, T]
     if len(x) == 0:
         raise UserError(
-            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower --drop-first or --outlier-factor"
+            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower "
+            "--drop-first or --outlier-factor"
         )
     in_score = row_ctx >= n_fit  # [n]
     mean = x.mean(0)  # [d_in], the mean-ablation value
@@ -409,7 +415,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         settings,
         inputs,
         headline,  # last: its presence marks a finished evaluation
-        f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(ce_all['sae_recovered'], 3)}, EV {fmt(recon['explained_variance'], 3)}, "
+        f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(ce_all['sae_recovered'], 3)}, EV "
+        f"{fmt(recon['explained_variance'], 3)}, "
         f"L0 {sparse['l0']:.1f}, dead {pct(sparse['dead_fraction'])} on {sparse['n_tokens']:,} tokens of {cfg.dataset}",
     )
     return report
@@ -508,7 +515,8 @@ def position_warnings(sae: SAE, filters: dict) -> list[str]:
         return []
     pairs = ", ".join(f"{k} {trained[k]} (here {filters[k]})" for k in differ)
     return [
-        f"the SAE's training cache filtered positions with {pairs}; every SAE is evaluated with the same setting, pass --{differ[0].replace('_', '-')} to change it"
+        f"the SAE's training cache filtered positions with {pairs}; every SAE is evaluated with the same "
+        f"setting, pass --{differ[0].replace('_', '-')} to change it"
     ]
 
 
@@ -519,7 +527,8 @@ def _open_cache(path: str, hook: str, d_in: int, flag: str):
     cache = ActivationCache.open(path)
     if cache.manifest.get("hook") != hook or cache.d_model != d_in:
         raise UserError(
-            f"{flag} {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads {hook} (d={d_in}); harvest {hook} for it"
+            f"{flag} {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads "
+            f"{hook} (d={d_in}); harvest {hook} for it"
         )
     if cache.n_tokens == 0:
         raise UserError(
@@ -623,7 +632,8 @@ def _training_dead(sae: SAE) -> dict:
     if "dead_frac" not in final or "dead_window" not in tc:
         return {}
     if final.get("tokens", 0) < tc["dead_window"]:
-        return {}  # a run shorter than the window cannot see a latent stay silent for a whole window: its 0 % means nothing
+        # a run shorter than the window cannot see a latent stay silent for a whole window: its 0 % means nothing
+        return {}
     return {"dead_fraction_in_training": final["dead_frac"], "training_dead_window": tc["dead_window"]}
 
 

@@ -282,14 +282,16 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
         arch = "topk"
     if arch not in SAELENS_ARCH.values() or (arch == "standard" and act_fn not in ("relu", None)):
         raise UserError(
-            f"SAELens architecture {arch!r} (activation {act_fn!r}) cannot be imported; we support standard (ReLU), topk and jumprelu"
+            f"SAELens architecture {arch!r} (activation {act_fn!r}) cannot be imported; we support "
+            "standard (ReLU), topk and jumprelu"
         )
     norm = cfg.get("normalize_activations", "none")
     # "expected_average_only_in" is a training-time scale that SAELens's inference SAE does not
     # apply either (it is folded into the weights at the end of training), so it maps to nothing.
     if norm not in ("none", "expected_average_only_in", None):
         raise UserError(
-            f"SAELens normalize_activations={norm!r} is a per-input normalisation we cannot represent; only 'none' imports"
+            f"SAELens normalize_activations={norm!r} is a per-input normalisation we cannot represent; "
+            "only 'none' imports"
         )
     if cfg.get("reshape_activations", "none") != "none":
         raise UserError(
@@ -413,10 +415,12 @@ def import_sae(src: str | os.PathLike, sae_id: str | None = None) -> SAE:
         subs = sorted(p.name for p in path.iterdir() if (p / SPARSIFY_CFG).exists())
         if subs:
             raise UserError(
-                f"{path} holds one SAE per hook point; import one of them, e.g. {path / subs[0]} (all: {', '.join(subs)})"
+                f"{path} holds one SAE per hook point; import one of them, e.g. {path / subs[0]} (all: "
+                f"{', '.join(subs)})"
             )
         raise UserError(
-            f"{path} is neither a SAELens ({SAELENS_CFG} + {SAELENS_WEIGHTS}) nor a sparsify ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}) directory"
+            f"{path} is neither a SAELens ({SAELENS_CFG} + {SAELENS_WEIGHTS}) nor a sparsify "
+            f"({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}) directory"
         )
     if sae_id is None:
         raise UserError(f"{src} is not a directory; to load a SAELens release from the hub also pass --sae-id")
@@ -434,7 +438,8 @@ def _from_saelens_hub(release: str, sae_id: str) -> SAE:
         loaded = SAELensSAE.from_pretrained(release, sae_id, device="cpu", dtype="float32")
     except Exception as e:  # unknown release, no connection, ...: the library's message says which
         raise UserError(
-            f"SAELens could not load release {release!r}, SAE {sae_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"SAELens could not load release {release!r}, SAE {sae_id!r}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
     loaded = loaded[0] if isinstance(loaded, tuple) else loaded  # sae-lens < 6 returned (sae, cfg, sparsity)
     state = {k: v.detach() for k, v in loaded.state_dict().items()}
@@ -465,7 +470,8 @@ def import_cmd(cfg: ImportConfig) -> Path:
         inputs,
         {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.cfg.activation},
         f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.activation}"
-        f"{f' k={sae.cfg.k}' if sae.cfg.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae:,}, hook {sae.cfg.hook}, model {sae.cfg.model}",
+        f"{f' k={sae.cfg.k}' if sae.cfg.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae:,}, hook "
+        f"{sae.cfg.hook}, model {sae.cfg.model}",
     )
     return out
 

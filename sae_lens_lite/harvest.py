@@ -43,7 +43,8 @@ class HarvestConfig:
     )
     dataset: str = opt(
         DEFAULT_CORPUS,
-        "corpus: a .txt/.jsonl/.parquet/.csv file, a directory of .txt, 'pydoc' (Python's docs, offline) or a hub dataset id",
+        "corpus: a .txt/.jsonl/.parquet/.csv file, a directory of .txt, 'pydoc' (Python's docs, offline) "
+        "or a hub dataset id",
     )
     split: str = opt("train", "split of a hub dataset")
     text_column: str = opt("text", "column holding the text in .jsonl/.parquet/.csv/hub corpora")
@@ -58,7 +59,8 @@ class HarvestConfig:
     drop_special: bool = opt(True, "drop BOS/EOS/pad rows (separators and attention sinks)")
     drop_first: int = opt(
         1,
-        "drop the first k positions of every context: position 0 is an attention sink with a norm ~10x the rest, which would dominate an SAE's loss",
+        "drop the first k positions of every context: position 0 is an attention sink with a norm ~10x the "
+        "rest, which would dominate an SAE's loss",
     )
     outlier_factor: float = opt(0.0, "drop rows whose norm exceeds this multiple of the batch median (0 = keep all)")
     nonfinite: str = opt("error", "NaN/Inf activations: 'error' refuses the harvest, 'skip' drops those rows")
@@ -77,7 +79,8 @@ class HarvestConfig:
         )
         if self.drop_first >= self.context_length:
             raise UserError(
-                f"--drop-first {self.drop_first} drops every position of a {self.context_length}-token context; lower it"
+                f"--drop-first {self.drop_first} drops every position of a {self.context_length}-token "
+                "context; lower it"
             )
 
 
@@ -121,7 +124,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
     contexts = tokenize_corpus(lm.tokenizer, texts, cfg.context_length, cfg.tokens)  # [n_ctx, T]
     if len(contexts) < max(1, cfg.tokens // cfg.context_length) and rank == 0:
         warn(
-            f"{cfg.dataset} holds {len(contexts) * cfg.context_length:,} tokens in whole contexts of {cfg.context_length}, "
+            f"{cfg.dataset} holds {len(contexts) * cfg.context_length:,} tokens in whole contexts of "
+            f"{cfg.context_length}, "
             f"fewer than the {cfg.tokens:,} asked (--tokens); the cache will hold those"
         )
     special, filters = special_token_ids(lm.tokenizer), position_filters(cfg)
@@ -188,7 +192,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                     bad = int((keep & ~finite).sum())
                     if bad and cfg.nonfinite == "error":
                         raise UserError(
-                            f"{bad} activation rows at {h} are NaN or Inf (shard {s}); pass --nonfinite skip to drop them"
+                            f"{bad} activation rows at {h} are NaN or Inf (shard {s}); pass --nonfinite "
+                            "skip to drop them"
                         )
                     skipped[h] += bad
                     keep &= finite
@@ -209,7 +214,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         for h in todo:
             if world == 1 and writers[h].manifest["n_tokens"] == 0:
                 raise UserError(
-                    f"the filters dropped every row of {dirs[h]} (--drop-first, --drop-special, --outlier-factor); harvest more text or filter less"
+                    f"the filters dropped every row of {dirs[h]} (--drop-first, --drop-special, "
+                    "--outlier-factor); harvest more text or filter less"
                 )
             writers[h].finish(d_model=lm.d_model, harvest_config=asdict(cfg))
     finally:
@@ -239,7 +245,8 @@ def _finished(cfg: HarvestConfig, dirs: dict[str, Path]) -> bool:
         diff = differences(settings_of(then, HARVEST_NOT_SETTINGS), now)
         if diff:
             raise UserError(
-                f"{d} holds a cache made differently (differs in: {'; '.join(diff)}); pass --overwrite to redo it, or choose another --out"
+                f"{d} holds a cache made differently (differs in: {'; '.join(diff)}); pass --overwrite to "
+                "redo it, or choose another --out"
             )
     return all(first_damaged(d, _read_manifest(d)) is None for d in dirs.values())
 

@@ -46,7 +46,8 @@ def describe(path: str) -> str:
     rec = read_record(p)
     if rec:
         lines.append(
-            f"  made by `sae-lite {rec['stage']}` ({rec.get('finished', '?')}, sae_lens_lite {rec.get('sae_lens_lite_version', '?')})"
+            f"  made by `sae-lite {rec['stage']}` ({rec.get('finished', '?')}, sae_lens_lite "
+            f"{rec.get('sae_lens_lite_version', '?')})"
         )
     return "\n".join(lines)
 
@@ -75,9 +76,11 @@ def _cache(p: Path) -> list[str]:
     lines = [
         f"activation cache {p}: {state}",
         f"  {m['model']} at {m['hook']}, corpus {m['corpus']}",
-        f"  {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}), {n_ctx:,} contexts of {m['context_length']} tokens, "
+        f"  {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}), {n_ctx:,} contexts of "
+        f"{m['context_length']} tokens, "
         f"{n_shards} shards, {_size(p)}",
-        f"  filters: drop_special={f.get('drop_special')}, drop_first={f.get('drop_first')}, outlier_factor={f.get('outlier_factor')}, "
+        f"  filters: drop_special={f.get('drop_special')}, drop_first={f.get('drop_first')}, "
+        f"outlier_factor={f.get('outlier_factor')}, "
         f"nonfinite={f.get('nonfinite')}"
         + (f"; {m['nonfinite_rows']:,} non-finite rows dropped" if m.get("nonfinite_rows") else ""),
     ]
@@ -96,7 +99,8 @@ def _sae(p: Path) -> list[str]:
     c, meta = sae.cfg, sae.cfg.meta
     act = f"topk (k={c.k})" if c.activation == "topk" else c.activation
     lines = [
-        f"SAE {p}: {act}, d_in {c.d_in} -> d_sae {c.d_sae:,} ({c.d_sae / c.d_in:g}x), input scale {float(sae.input_scale):.4g}",
+        f"SAE {p}: {act}, d_in {c.d_in} -> d_sae {c.d_sae:,} ({c.d_sae / c.d_in:g}x), input scale "
+        f"{float(sae.input_scale):.4g}",
         f"  {c.model} at {c.hook}, context {c.context_length}"
         + (f", corpus {meta['corpus']}" if meta.get("corpus") else ""),
     ]
@@ -105,7 +109,8 @@ def _sae(p: Path) -> list[str]:
     if meta.get("imported_from"):
         src = meta["imported_from"]
         lines.append(
-            f"  imported from {src.get('format')} {src.get('path') or src.get('release', '')} {src.get('sae_id') or ''}".rstrip()
+            f"  imported from {src.get('format')} {src.get('path') or src.get('release', '')} "
+            f"{src.get('sae_id') or ''}".rstrip()
         )
     tc = meta.get("train_config") or {}
     if tc:
@@ -117,7 +122,8 @@ def _sae(p: Path) -> list[str]:
         target = f", target_l0 {tc['target_l0']}" if tc.get("target_l0") else ""
         trained = (meta.get("final_metrics") or {}).get("tokens")
         lines.append(
-            f"  training: penalty {tc.get('penalty')} ({coef}{target}), lr {tc.get('lr')}, batch {tc.get('batch_size'):,}, "
+            f"  training: penalty {tc.get('penalty')} ({coef}{target}), lr {tc.get('lr')}, batch "
+            f"{tc.get('batch_size'):,}, "
             f"seed {tc.get('seed')}" + (f", {trained:,} tokens" if trained else "")
         )
     fe = meta.get("final_eval")
@@ -177,7 +183,8 @@ def _analysis(p: Path) -> list[str]:
     for f in feats[:5]:
         top = vocab.get(str(f["top_tokens"][0][0]), "?") if f.get("top_tokens") else "-"
         lines.append(
-            f"    rank {f['rank']}: feature {f['id']}, score {f['score']:.3f}, fires on {pct(f['frequency'])} of tokens, top token {top!r}"
+            f"    rank {f['rank']}: feature {f['id']}, score {f['score']:.3f}, fires on "
+            f"{pct(f['frequency'])} of tokens, top token {top!r}"
         )
     if (p / "index.html").exists():
         lines.append(f"  browser: {p / 'index.html'}")
@@ -193,8 +200,10 @@ def _dictionary(p: Path) -> list[str]:
     act = f"topk (k={h['k']})" if h.get("activation") == "topk" else h.get("activation")
     return [
         f"feature dictionary {p}: {h['d_sae']:,} features ({n:,} lines), {act}, d_in {h['d_in']}",
-        f"  {h.get('model')} at {h.get('hook')}; from the SAE {h.get('source_sae')} (sha256 {str(h.get('source_sae_sha256'))[:12]})",
-        f"  analysis: {'yes' if h.get('has_analysis') else 'no'}, firing frequencies: {'yes' if h.get('has_frequency') else 'no'}",
+        f"  {h.get('model')} at {h.get('hook')}; from the SAE {h.get('source_sae')} (sha256 "
+        f"{str(h.get('source_sae_sha256'))[:12]})",
+        f"  analysis: {'yes' if h.get('has_analysis') else 'no'}, firing frequencies: "
+        f"{'yes' if h.get('has_frequency') else 'no'}",
     ]
 
 

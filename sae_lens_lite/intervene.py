@@ -49,7 +49,8 @@ class SteerConfig:
     feature: list[int] = opt([], "feature id(s) to steer with (several: each gets the same strength)")
     strength: float = opt(
         10.0,
-        "add: how much to raise each latent, in its own activation units (compare the feature's max activation in the browser); clamp: the value each latent is set to",
+        "add: how much to raise each latent, in its own activation units (compare the feature's max "
+        "activation in the browser); clamp: the value each latent is set to",
     )
     mode: str = opt(
         "add", "add: x + S x decoder direction; clamp: set the latent to S, keeping the SAE's error term", choices=MODES
@@ -104,7 +105,8 @@ def check_fit(lm: LoadedModel, sae: SAE) -> None:
     hook_point(lm.model, sae.cfg.hook)
     if lm.d_model != sae.d_in:
         raise UserError(
-            f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the model it was trained on (--model)"
+            f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the "
+            "model it was trained on (--model)"
         )
     if sae.W_dec.device != _device(lm):
         raise UserError(f"the SAE is on {sae.W_dec.device} but the model on {_device(lm)}; move one (sae.to(device))")
@@ -201,7 +203,8 @@ def steer(cfg: SteerConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
     limit = lm.max_context
     if limit and ids.shape[1] + cfg.max_new_tokens > limit:
         raise UserError(
-            f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds {lm.name}'s context of {limit}"
+            f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds {lm.name}'s "
+            f"context of {limit}"
         )
     kw = dict(sample=cfg.sample, temperature=cfg.temperature, seed=cfg.seed)
     clean = generate(lm, ids, cfg.max_new_tokens, **kw)
@@ -258,7 +261,8 @@ def attribution(lm: LoadedModel, sae: SAE, ids: Tensor, target: int | None = Non
     mask = positions(lm, sae, ids)  # [1, T]
     if not mask.any():
         raise UserError(
-            "the prompt has no position the SAE reads (special tokens and the first positions its harvest dropped are skipped); use a longer prompt"
+            "the prompt has no position the SAE reads (special tokens and the first positions its harvest "
+            "dropped are skipped); use a longer prompt"
         )
     saved = {}
 
@@ -389,14 +393,17 @@ def _print_attribution(r: dict) -> None:
         print(f"\n{title} log p:\n  feature  attribution   ablation  strongest at")
         for x in rows:
             print(
-                f"  {x['feature']:7d}  {x['attribution']:+11.4f}  {x['ablation']:+9.4f}  {x['top_token']!r} (pos {x['top_position']})"
+                f"  {x['feature']:7d}  {x['attribution']:+11.4f}  {x['ablation']:+9.4f}  "
+                f"{x['top_token']!r} (pos {x['top_position']})"
             )
         if not rows:
             print("  (none)")
     g = r["agreement"]
     print(
-        f"\nlatents {r['sum_latents']:+.4f} + SAE error {r['error']:+.4f} + decoder bias {r['bias']:+.4f} = {r['total']:+.4f} (x . grad at the hook)"
+        f"\nlatents {r['sum_latents']:+.4f} + SAE error {r['error']:+.4f} + decoder bias {r['bias']:+.4f} "
+        f"= {r['total']:+.4f} (x . grad at the hook)"
     )
     print(
-        f"listed features: ablation agrees in sign for {g['sign']}/{g['n']}, in size within {g['tolerance']:.0%} for {g['size']}/{g['n']}"
+        f"listed features: ablation agrees in sign for {g['sign']}/{g['n']}, in size within "
+        f"{g['tolerance']:.0%} for {g['size']}/{g['n']}"
     )

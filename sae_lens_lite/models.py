@@ -148,7 +148,8 @@ def load_model(
         if local is None:
             raise
         raise UserError(
-            f"cannot load model from {target} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); are its files complete?"
+            f"cannot load model from {target} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); are its files complete?"
         ) from None
     if local is None:
         weights_hash = getattr(model.config, "_commit_hash", None) or "hub"
@@ -167,7 +168,8 @@ def _check_hub(name: str) -> None:
     hint = f"Offline, use `{SMOLLM2_NAME}`, a local model directory or a .gguf file"
     if constants.HF_HUB_OFFLINE:
         raise UserError(
-            f"cannot load model {name!r}: not a local directory or .gguf file, not in the hub cache, and HF_HUB_OFFLINE is set. {hint}"
+            f"cannot load model {name!r}: not a local directory or .gguf file, not in the hub cache, and "
+            f"HF_HUB_OFFLINE is set. {hint}"
         )
     import socket
     from urllib.parse import urlparse
@@ -177,7 +179,8 @@ def _check_hub(name: str) -> None:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError:
         raise UserError(
-            f"cannot load model {name!r}: not a local directory or .gguf file, and the hub ({host}) is unreachable. {hint}"
+            f"cannot load model {name!r}: not a local directory or .gguf file, and the hub ({host}) is "
+            f"unreachable. {hint}"
         ) from None
 
 

@@ -76,7 +76,8 @@ def markdown_summary(r: dict) -> str:
         f"{r['n_activations']} activations. Definitions: docs/metrics.md.",
         *(
             [
-                f"Spliced and scored at positions {positions_text(r['positions'])}; tokens `{r['footing']['tokens_sha256']}`."
+                f"Spliced and scored at positions {positions_text(r['positions'])}; tokens "
+                f"`{r['footing']['tokens_sha256']}`."
             ]
             if "footing" in r
             else []
@@ -86,7 +87,8 @@ def markdown_summary(r: dict) -> str:
         "| --- | --- |",
         f"| CE loss clean / SAE spliced (nats) | {ce['clean']:.4f} / {ce['sae']:.4f} |",
         f"| CE loss zero-ablated / mean-ablated | {ce['zero_ablation']:.4f} / {ce['mean_ablation']:.4f} |",
-        f"| CE loss recovered (vs zero / vs mean ablation) | {fmt(ce['sae_recovered'])} / {fmt(ce['sae_recovered_vs_mean'])} |",
+        f"| CE loss recovered (vs zero / vs mean ablation) | {fmt(ce['sae_recovered'])} / "
+        f"{fmt(ce['sae_recovered_vs_mean'])} |",
         f"| KL(clean ‖ SAE) per token (nats) | {ce['kl_sae']:.4f} |",
         f"| explained variance / FVU | {fmt(rec['explained_variance'])} / {fmt(rec['fvu'])} |",
         f"| MSE (per element) | {rec['mse']:.6g} |",
@@ -102,7 +104,8 @@ def markdown_summary(r: dict) -> str:
         ),
         *(
             [
-                f"| dead latents at the end of training (no firing on {sp['end_of_training_tokens']:,} training tokens) | "
+                f"| dead latents at the end of training (no firing on {sp['end_of_training_tokens']:,} "
+                "training tokens) | "
                 f"{100 * sp['dead_fraction_end_of_training']:.2f}% |"
             ]
             if "dead_fraction_end_of_training" in sp
@@ -113,8 +116,10 @@ def markdown_summary(r: dict) -> str:
     if "sparsity_on_acts" in r:
         h = r["sparsity_on_acts"]
         lines += [
-            f"| dead latents on {h['n_tokens']:,} tokens of `{h['acts']}` | {h['dead']} ({100 * h['dead_fraction']:.2f}%) |",
-            f"| dense latents on those tokens / L0 there | {h['dense']} ({100 * h['dense_fraction']:.1f}%) / {h['l0']:.2f} |",
+            f"| dead latents on {h['n_tokens']:,} tokens of `{h['acts']}` | {h['dead']} "
+            f"({100 * h['dead_fraction']:.2f}%) |",
+            f"| dense latents on those tokens / L0 there | {h['dense']} ({100 * h['dense_fraction']:.1f}%) "
+            f"/ {h['l0']:.2f} |",
         ]
     if "baselines" in r:
         b = r["baselines"]

@@ -65,11 +65,13 @@ def init_from_env(device: torch.device) -> torch.device:
     if device.type == "cuda":
         if device.index not in (None, local):
             raise UserError(
-                f"under torchrun each process uses the GPU numbered by its LOCAL_RANK; pass --device cuda (or auto), not {device}"
+                "under torchrun each process uses the GPU numbered by its LOCAL_RANK; pass --device cuda "
+                f"(or auto), not {device}"
             )
         if local >= torch.cuda.device_count():
             raise UserError(
-                f"LOCAL_RANK is {local} but this node has {torch.cuda.device_count()} GPUs; start at most one process per GPU"
+                f"LOCAL_RANK is {local} but this node has {torch.cuda.device_count()} GPUs; start at most "
+                "one process per GPU"
             )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

@@ -150,7 +150,10 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         act = f"topk, k={c.k}" if c.activation == "topk" else c.activation
-        return f"d_in={c.d_in}, d_sae={c.d_sae}, {act}, hook={c.hook}, model={c.model}, input_scale={float(self.input_scale):.4g}"
+        return (
+            f"d_in={c.d_in}, d_sae={c.d_sae}, {act}, hook={c.hook}, model={c.model}, "
+            f"input_scale={float(self.input_scale):.4g}"
+        )
 
     @property
     def d_in(self) -> int:
@@ -252,11 +255,13 @@ class SAE(nn.Module):
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != want:
             raise UserError(
-                f"{path / WEIGHTS_FILE} holds {got}, but config.json describes {want}; the two files do not belong together"
+                f"{path / WEIGHTS_FILE} holds {got}, but config.json describes {want}; the two files do "
+                "not belong together"
             )
         if not all(torch.isfinite(v).all() for v in state.values()) or not float(state["input_scale"]) > 0:
             raise UserError(
-                f"{path / WEIGHTS_FILE} holds NaN or infinite weights (a diverged run?); train it again, e.g. with a lower --lr"
+                f"{path / WEIGHTS_FILE} holds NaN or infinite weights (a diverged run?); train it again, "
+                "e.g. with a lower --lr"
             )
         sae.load_state_dict(state)
         return sae.to(device)

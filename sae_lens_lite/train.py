@@ -84,7 +84,11 @@ class TrainConfig:
     penalty: str = field(
         default="l1",
         metadata={
-            "help": "training recipe: l1 (Anthropic 2024), kl (target firing rate), topk (Gao 2024), batchtopk (Bussmann 2024), jumprelu (Rajamanoharan 2024) or matryoshka (Matryoshka BatchTopK, Bussmann 2025)"
+            "help": (
+                "training recipe: l1 (Anthropic 2024), kl (target firing rate), topk (Gao 2024), "
+                "batchtopk (Bussmann 2024), jumprelu (Rajamanoharan 2024) or matryoshka (Matryoshka "
+                "BatchTopK, Bussmann 2025)"
+            )
         },
     )
     l1: float = field(default=5.0, metadata={"help": "λ of the L1 penalty; ~5 suits the √d_in input normalisation"})
@@ -98,7 +102,11 @@ class TrainConfig:
     sparse: bool = field(
         default=True,
         metadata={
-            "help": "decoder and encoder backward on the active latents only (gathers and a sparse product, not dense matmuls): topk everywhere, l1/kl on the CPU once at most 5% of latents fire (less below d_in 256); --no-sparse for the dense path"
+            "help": (
+                "decoder and encoder backward on the active latents only (gathers and a sparse "
+                "product, not dense matmuls): topk everywhere, l1/kl on the CPU once at most 5% of "
+                "latents fire (less below d_in 256); --no-sparse for the dense path"
+            )
         },
     )
     target_l0: float = field(
@@ -306,7 +314,8 @@ def train_on_batches(
     total = total_tokens // cfg.batch_size  # steps
     if total < 1:
         raise UserError(
-            f"{total_tokens} training tokens is less than one batch of {cfg.batch_size}; train on more tokens or use a smaller --batch-size"
+            f"{total_tokens} training tokens is less than one batch of {cfg.batch_size}; train on more "
+            "tokens or use a smaller --batch-size"
         )
 
     # Under torchrun each step takes batch_size / N rows from each of the N ranks (docs/scaling.md).
@@ -339,13 +348,15 @@ def train_on_batches(
     if ckpt is not None:
         if ckpt["sae_config"]["d_in"] != sae_cfg.d_in:
             raise UserError(
-                f"{out} holds a run with d_in={ckpt['sae_config']['d_in']} but the activations have d_in={sae_cfg.d_in}; "
+                f"{out} holds a run with d_in={ckpt['sae_config']['d_in']} but the activations have "
+                f"d_in={sae_cfg.d_in}; "
                 "choose another --out or pass --overwrite"
             )
         diff = [k for k in RUN_KEYS if ckpt["train_config"].get(k) != asdict(cfg)[k]]
         if diff:
             raise UserError(
-                f"{out} holds a run with different settings ({', '.join(diff)}); use the same flags to resume, another --out, or --overwrite"
+                f"{out} holds a run with different settings ({', '.join(diff)}); use the same flags to "
+                "resume, another --out, or --overwrite"
             )
         if ckpt.get("complete"):
             if main:  # a run killed while removing its checkpoint files left some behind

@@ -4,7 +4,8 @@ Both sides run as the CLI a user would type (a fresh process each, so the model 
 too), without baselines, on the same text, tokens and positions. Prints the wall-clock time of
 each and the ratio (one-by-one / compare), and checks that the numbers agree.
 
-    .venv/bin/python scripts/bench_compare.py runs/sae_a runs/sae_b ... --dataset ../shared/data/wikitext2-test.txt --tokens 2048
+    .venv/bin/python scripts/bench_compare.py runs/sae_a runs/sae_b ... \\
+        --dataset ../shared/data/wikitext2-test.txt --tokens 2048
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
     print(f"evaluate one by one: {sum(t_each):.1f} s ({', '.join(f'{t:.1f}' for t in t_each)})")
     print(f"compare, one run:    {t_cmp:.1f} s")
     print(
-        f"ratio (one by one / compare): {sum(t_each) / t_cmp:.2f}x; largest relative difference in KL, CE, EV: {worst:.1e}"
+        f"ratio (one by one / compare): {sum(t_each) / t_cmp:.2f}x; largest relative difference in KL, CE, "
+        f"EV: {worst:.1e}"
     )
 
 

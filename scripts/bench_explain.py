@@ -29,17 +29,21 @@ def main(path: str) -> None:
         f"{a['heldout']['tokens']} held-out tokens ({a['heldout']['share']:.0%} of the contexts)"
     )
     print(
-        f"top 100 features: {len({f['explanation'] for f in feats[:100]})} distinct explanations, median held-out F1 {f1(feats[:100]):.3f}"
+        f"top 100 features: {len({f['explanation'] for f in feats[:100]})} distinct explanations, median "
+        f"held-out F1 {f1(feats[:100]):.3f}"
     )
     print(
-        f"top 100 families: {len({f['explanation'] for f in heads})} distinct explanations, median held-out F1 {f1(heads):.3f}"
+        f"top 100 families: {len({f['explanation'] for f in heads})} distinct explanations, median "
+        f"held-out F1 {f1(heads):.3f}"
     )
     print(
-        f"all live features: median held-out F1 {f1(live):.3f}; F1 >= 0.8 for {sum((f['detection']['f1'] or 0) >= 0.8 for f in live)}"
+        f"all live features: median held-out F1 {f1(live):.3f}; F1 >= 0.8 for "
+        f"{sum((f['detection']['f1'] or 0) >= 0.8 for f in live)}"
     )
     c, k = a["cost"], len(feats) / 1000
     print(
-        f"built in: {c['builtin_explain_cpu_s'] / k:.2f} CPU-s ({c['builtin_explain_s'] / k:.1f} s wall) per 1,000 features; "
+        f"built in: {c['builtin_explain_cpu_s'] / k:.2f} CPU-s ({c['builtin_explain_s'] / k:.1f} s wall) "
+        "per 1,000 features; "
         f"{c['builtin_explain_cpu_s'] / c['pass1_cpu_s']:.2f}x the CPU time of pass 1"
     )
     model = [f["model_explanation"] for f in feats if f.get("model_explanation")]
@@ -47,8 +51,11 @@ def main(path: str) -> None:
         n = len(model) / 1000
         scored = [m for m in model if m["balanced_accuracy"] is not None]
         print(
-            f"model-written ({len(model)} families): {c['model_explain_cpu_s'] / n:.0f} CPU-s ({c['model_explain_s'] / n:.0f} s wall) "
-            f"per 1,000 features, {c['model_explain_cpu_s'] / len(model) / (c['builtin_explain_cpu_s'] / len(feats)):.0f}x the built-in cost per feature"
+            f"model-written ({len(model)} families): {c['model_explain_cpu_s'] / n:.0f} CPU-s "
+            f"({c['model_explain_s'] / n:.0f} s wall) "
+            "per 1,000 features, "
+            f"{c['model_explain_cpu_s'] / len(model) / (c['builtin_explain_cpu_s'] / len(feats)):.0f}x "
+            "the built-in cost per feature"
         )
         print(
             f"  balanced accuracy: median {statistics.median(m['balanced_accuracy'] for m in scored):.3f}, "
@@ -59,7 +66,8 @@ def main(path: str) -> None:
             m = f.get("model_explanation")
             if m:
                 print(
-                    f"  #{f['id']} built in: {f['explanation']} (F1 {f['detection']['f1']}) | model: {m['explanation']!r} "
+                    f"  #{f['id']} built in: {f['explanation']} (F1 {f['detection']['f1']}) | model: "
+                    f"{m['explanation']!r} "
                     f"(balanced accuracy {m['balanced_accuracy']}, AUROC {m['auroc']})"
                 )
 

@@ -10,7 +10,7 @@ SAEs, evaluation reports) are reused when the script is run again.
 look dead on a small sample), never firing on --heldout-tokens of WikiText-2 test, and the
 trainer's own count (no firing in its last --dead-window = 1M training tokens).
 
-    python scripts/bench_frontier.py                                  # the TopK table of docs/benchmarks.md (~75 min on 2 CPU cores)
+    python scripts/bench_frontier.py  # the TopK table of docs/benchmarks.md (~75 min on 2 CPU cores)
     python scripts/bench_frontier.py --settings l1_l0_48 --train-tokens 2500000           # its L1 row
     python scripts/bench_frontier.py --tokens 40000 --expansion 4 --train-tokens 300000   # a quick look
 """
@@ -125,18 +125,21 @@ def main():
             }
         )
     print(
-        f"\n{args.hook}, {args.expansion}x, {args.tokens} harvested tokens, {args.train_tokens} training tokens; eval: wikitext2-test, {args.eval_tokens} tokens"
+        f"\n{args.hook}, {args.expansion}x, {args.tokens} harvested tokens, {args.train_tokens} training "
+        f"tokens; eval: wikitext2-test, {args.eval_tokens} tokens"
     )
     # dead (eval): never fired on the evaluation tokens; dead (train): no firing in the trainer's
     # last --dead-window (1M) tokens, the usual definition.
     n_held = ActivationCache.open(heldout).n_tokens
     print(
-        f"| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead: eval tokens | dead: {n_held} held-out | dead: trainer |"
+        "| setting | L0 | explained variance | CE loss recovered | KL (nats/token) | dead: eval tokens | "
+        f"dead: {n_held} held-out | dead: trainer |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: r["l0"]):
         print(
-            f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | {r['dead']:.3f} | {r['dead_heldout']:.4f} | {r['dead_train']:.4f} |"
+            f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | "
+            f"{r['dead']:.3f} | {r['dead_heldout']:.4f} | {r['dead_train']:.4f} |"
         )
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
 

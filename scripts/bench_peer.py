@@ -316,7 +316,8 @@ def compare(
         }
     ]
     saes = {"SAELens": imported}
-    # L1, JumpReLU: our λ is steered to the L0 SAELens reached on the training activations, so EV and KL compare at one L0.
+    # L1, JumpReLU: our λ is steered to the L0 SAELens reached on the training activations, so EV and KL
+    # compare at one L0.
     target = score(imported, acts[: min(len(acts), 16384)].float())["l0"] if s.penalty in STEERED else 0.0
     amp = autocast_dtype("auto", torch.device(s.device))
     runs = [("ours", "auto")] + ([("ours fp32", "float32")] if fp32 and amp is not None else [])
@@ -491,7 +492,8 @@ def main():
         type=int,
         nargs="+",
         default=[32],
-        help="TopK: latents per token; BatchTopK, Matryoshka: their mean; several give one comparison each (the frontier)",
+        help="TopK: latents per token; BatchTopK, Matryoshka: their mean; several give one comparison each "
+        "(the frontier)",
     )
     p.add_argument(
         "--l1", type=float, default=1.0, help="L1: λ for SAELens, and ours's starting λ (then steered to SAELens's L0)"
@@ -500,7 +502,8 @@ def main():
         "--l0-coef",
         type=float,
         default=1.0,
-        help="JumpReLU: λ of the L0 penalty for SAELens (1: its default and ours), and ours's starting λ (then steered to SAELens's L0)",
+        help="JumpReLU: λ of the L0 penalty for SAELens (1: its default and ours), and ours's starting λ "
+        "(then steered to SAELens's L0)",
     )
     p.add_argument("--no-fp32", action="store_true", help="skip the run of ours forced to float32")
     p.add_argument(
@@ -560,11 +563,14 @@ def main():
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     )
     print(
-        f"\n{cache.manifest['model']} {cache.manifest['hook']}: {cache.n_tokens:,} cached tokens ({acts_dir}); d_in {d_in}, "
-        f"{args.expansion}x = {args.expansion * d_in} latents, batch {args.batch}, lr {args.lr}, {args.tokens // args.batch * args.batch:,} tokens per SAE"
+        f"\n{cache.manifest['model']} {cache.manifest['hook']}: {cache.n_tokens:,} cached tokens "
+        f"({acts_dir}); d_in {d_in}, "
+        f"{args.expansion}x = {args.expansion * d_in} latents, batch {args.batch}, lr {args.lr}, "
+        f"{args.tokens // args.batch * args.batch:,} tokens per SAE"
     )
     print(
-        f"device: {name}; torch {torch.__version__}; sae-lens {sae_lens.__version__}; harvest {t_harvest:.0f} s, total {time.perf_counter() - t0:.0f} s"
+        f"device: {name}; torch {torch.__version__}; sae-lens {sae_lens.__version__}; harvest "
+        f"{t_harvest:.0f} s, total {time.perf_counter() - t0:.0f} s"
     )
     print(
         f"scored on {len(heldout):,} held-out activations of {HELDOUT}"

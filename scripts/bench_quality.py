@@ -97,7 +97,8 @@ def main():
             print(f"{name} {rec}: MCC {rows[-1][1]:.3f}, done in {rows[-1][6]:.0f} s", flush=True)
 
         print(
-            f"\n{name}: {len(data.probs)} features in {d} dims, true L0 {data.true_l0:.2f}, {d_sae} latents, {tokens:,} samples, batch 1024\n"
+            f"\n{name}: {len(data.probs)} features in {d} dims, true L0 {data.true_l0:.2f}, {d_sae} "
+            f"latents, {tokens:,} samples, batch 1024\n"
         )
         print("| recipe | MCC | MMC | L0 | L0 / true | EV | dead | settings (else defaults) |")
         print("|---|---|---|---|---|---|---|---|")

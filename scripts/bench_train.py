@@ -185,7 +185,8 @@ def main():
     peak32 = matmul_peak(device, torch.float32, n) if peak_dtype != torch.float32 else peak
     limit = peak / (10 * args.d_in * args.d_sae)
     print(
-        f"matmul peak {n}³: {peak / 1e9:.0f} GFLOP/s ({peak_dtype}), {peak32 / 1e9:.0f} GFLOP/s (float32) -> limit {limit:,.0f} tok/s"
+        f"matmul peak {n}³: {peak / 1e9:.0f} GFLOP/s ({peak_dtype}), {peak32 / 1e9:.0f} GFLOP/s (float32) "
+        f"-> limit {limit:,.0f} tok/s"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +219,8 @@ def main():
                 runs["ours_compiled"].append(ours("auto", True))
     best = {k: max(v) for k, v in runs.items() if v}
     print(
-        f"{args.penalty}{f' k={k}' if k else ''}, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, trainer tokens {tokens:,}"
+        f"{args.penalty}{f' k={k}' if k else ''}, d_in {args.d_in}, d_sae {args.d_sae}, batch "
+        f"{args.batch}, trainer tokens {tokens:,}"
     )
     print(f"{'':14s} {'tok/s':>10s} {'/naive':>7s} {'/limit':>7s}")
     print(f"{'limit':14s} {limit:10,.0f}")

@@ -167,16 +167,19 @@ def main():
         feats = pick_features(json.load(open(args.analysis)), args.features)
         rows = steer_rows(lm, sae, feats, args.times, args.new_tokens)
         print(
-            f"\nsteering: add {args.times:g} x max activation, greedy, {args.new_tokens} new tokens from each of {len(STEER_PROMPTS)} prompts {STEER_PROMPTS}\n"
+            f"\nsteering: add {args.times:g} x max activation, greedy, {args.new_tokens} new tokens from "
+            f"each of {len(STEER_PROMPTS)} prompts {STEER_PROMPTS}\n"
         )
         print(
-            "| feature | lens token | strength | log p clean | log p steered | Δ | count clean → steered | steered sample |"
+            "| feature | lens token | strength | log p clean | log p steered | Δ | count clean → steered | "
+            "steered sample |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             s = (r["sample"][0] + r["sample"][1]).replace("\n", "↵").replace("|", "\\|")
             print(
-                f"| {r['feature']} | `{r['token']!r}` | {r['strength']:.1f} | {r['logp_clean']:.2f} | {r['logp_steered']:.2f} | "
+                f"| {r['feature']} | `{r['token']!r}` | {r['strength']:.1f} | {r['logp_clean']:.2f} | "
+                f"{r['logp_steered']:.2f} | "
                 f"{r['delta']:+.2f} | {r['count_clean']} → {r['count_steered']} | {s} |"
             )
         print(f"\nraised: {sum(r['delta'] > 0 for r in rows)}/{len(rows)}")

@@ -343,7 +343,8 @@ def test_forty_thousand_features_load_lazily(browser, tmp_path):
     rows(browser)[0].click()
     wait(browser, lambda: browser.find_element(By.ID, "card").get_attribute("data-feature") is not None)
     print(
-        f"\n40k-feature page: {page.stat().st_size / 2**20:.1f} MiB, ready in {loaded:.1f} s, search+open {time.time() - t1:.1f} s"
+        f"\n40k-feature page: {page.stat().st_size / 2**20:.1f} MiB, ready in {loaded:.1f} s, search+open "
+        f"{time.time() - t1:.1f} s"
     )
 
 

@@ -75,7 +75,7 @@ def cli(*args, cwd=None):
 def test_bad_harvest_input_is_one_line_and_exit_2(tmp_path, args, message):
     r = cli("harvest", "--model", "smollm2-135m", "--out", str(tmp_path / "acts"), "--tokens", "256", *args)
     assert r.returncode == 2, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.startswith("sae-lite")]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("sae-lite")]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "acts" / "manifest.json").exists()
@@ -162,7 +162,10 @@ def test_run_file_advice_names_run_file_keys():
     from sae_lens_lite.pipeline import run_file_advice
     from sae_lens_lite.train import TrainConfig
 
-    msg = "runs/sae holds a run with different settings (l1); use the same flags to resume, another --out, or --overwrite; try --batch-size 256"
+    msg = (
+        "runs/sae holds a run with different settings (l1); use the same flags to resume, another "
+        "--out, or --overwrite; try --batch-size 256"
+    )
     assert run_file_advice(msg, "train", TrainConfig) == (
         "runs/sae holds a run with different settings (l1); use the same flags to resume, another top-level out, "
         "or train.overwrite=true; try train.batch_size 256"

@@ -92,5 +92,6 @@ def test_info_on_a_training_run_in_progress(tmp_path):
     (tmp_path / "checkpoint.json").write_text(json.dumps({"step": 30, "tokens": 7680, "complete": False}))
     assert (
         describe(str(tmp_path))
-        == f"SAE training in progress {tmp_path}: checkpoint at step 30 (7,680 tokens); run the same train command to resume"
+        == f"SAE training in progress {tmp_path}: checkpoint at step 30 (7,680 tokens); run the same train "
+        "command to resume"
     )

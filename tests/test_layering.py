@@ -95,7 +95,8 @@ def check(sources: dict[str, str]) -> list[str]:
             to = unit_of(target)
             if to in STAGE and STAGE[to] > STAGE[unit]:
                 problems.append(
-                    f"{ROOT}/{path}:{line} ({STAGES[STAGE[unit]][0]}) imports {target} from a later stage ({STAGES[STAGE[to]][0]})"
+                    f"{ROOT}/{path}:{line} ({STAGES[STAGE[unit]][0]}) imports {target} from a later stage "
+                    f"({STAGES[STAGE[to]][0]})"
                 )
     return problems
 

@@ -214,7 +214,8 @@ def test_analyze_and_export_rerun_rule(trained, tiny_lm, capsys):
     export(e)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(
-        f"export: wrote feature dictionary {trained / 'dict'} (dictionary.json, features.jsonl, dictionary.safetensors): 64 features"
+        f"export: wrote feature dictionary {trained / 'dict'} (dictionary.json, features.jsonl, "
+        "dictionary.safetensors): 64 features"
     )
     mtime = (trained / "dict" / "features.jsonl").stat().st_mtime_ns
     export(e)
@@ -230,7 +231,8 @@ def test_analyze_and_export_rerun_rule(trained, tiny_lm, capsys):
         capsys.readouterr()
         .out.strip()
         .endswith(
-            f"(cfg.json, sae_weights.safetensors, sparsity.safetensors): 64 features, frequencies from {trained / 'acts'}"
+            "(cfg.json, sae_weights.safetensors, sparsity.safetensors): 64 features, frequencies from "
+            f"{trained / 'acts'}"
         )
     )
     export(ExportConfig(**{**vars(sl), "acts": None, "overwrite": True}))
@@ -238,7 +240,8 @@ def test_analyze_and_export_rerun_rule(trained, tiny_lm, capsys):
         capsys.readouterr()
         .out.strip()
         .endswith(
-            "(cfg.json, sae_weights.safetensors): 64 features, no firing frequencies; removed the stale sparsity.safetensors"
+            "(cfg.json, sae_weights.safetensors): 64 features, no firing frequencies; removed the stale "
+            "sparsity.safetensors"
         )
     )
     assert not (trained / "sl" / "sparsity.safetensors").exists()

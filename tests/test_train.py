@@ -270,8 +270,11 @@ def test_streaming_training_needs_no_cache_and_matches_cache_statistics(tiny_lm,
     batches, _ = stream_activations(hcfg, tiny_lm, batch_size=64, buffer_rows=256, seed=0)
     streamed = torch.cat(list(batches(0)))
     assert len(streamed) == len(cached)
+
     # Same multiset of rows, in a shuffled order.
-    key = lambda t: t[:, 0].sort().values
+    def key(t):
+        return t[:, 0].sort().values
+
     torch.testing.assert_close(key(streamed), key(cached))
     assert not torch.equal(streamed[:, 0], cached[:, 0])
     assert not torch.equal(torch.cat(list(batches(1)))[:, 0], streamed[:, 0])
