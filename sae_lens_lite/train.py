@@ -430,7 +430,7 @@ def train_on_batches(
         opt.step()
         t = distributed.reduce_metrics(t, x, sae.input_scale)  # under torchrun: the global batch's figures
         with torch.no_grad():
-            recipe.step_end(sae)
+            recipe.step_end(sae, step)
             since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
             if cfg.target_l0 and step >= warm_steps:
                 lam = lam * (t["l0"].clamp_min(1e-3) / cfg.target_l0) ** L0_GAIN

@@ -57,6 +57,19 @@ def regime(name: str, seed: int):
     )
 
 
+def pooled(batches):
+    """batches(epoch), each epoch's batches drawn once and kept: every recipe trains on the same
+    samples, and drawing them (two [1024, n_features] random tensors a batch) is paid once."""
+    kept = {}
+
+    def factory(epoch):
+        if epoch not in kept:
+            kept[epoch] = list(batches(epoch))
+        return iter(kept[epoch])
+
+    return factory
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime", choices=["spare", "hard", "both"], default="both")
@@ -70,14 +83,13 @@ def main():
         tokens = args.tokens or tokens
         d = data.features.shape[1]
         x_test = data.sample(20_000, torch.Generator().manual_seed(12345))  # [n, d]
+        epochs = pooled(data.batches(1024, 1 << 20, seed=args.seed + 1))  # the same samples for every recipe
         rows = []
         for rec in args.recipes:
             cfg = TrainConfig(penalty=rec, expansion=1, batch_size=1024, seed=args.seed, **settings[rec])
             sae_cfg = SAEConfig(d_in=d, d_sae=d_sae, **recipes.get(rec, cfg).sae_options())
             t = time.perf_counter()
-            sae = train_on_batches(
-                sae_cfg, cfg, data.batches(cfg.batch_size, 1 << 20, seed=args.seed + 1), tokens, progress=False
-            )
+            sae = train_on_batches(sae_cfg, cfg, epochs, tokens, progress=False)
             with torch.no_grad():
                 out = sae(x_test)
             f = out.latents

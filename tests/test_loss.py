@@ -190,20 +190,24 @@ def test_auxk_revives_latents_whose_pre_activations_are_all_negative(sparse):
     assert (sae.b_enc.grad[:4] != 0).all()
 
 
-def test_batchtopk_threshold_starts_at_the_first_batch_cut_then_follows_a_running_mean():
+def test_batchtopk_threshold_is_the_mean_of_the_cuts_then_a_running_mean():
     from sae_lens_lite.recipes.batchtopk import THRESHOLD_RATE
 
     torch.manual_seed(0)
     sae, recipe, cfg = make("batchtopk", k=3)
     dead = torch.zeros(32, dtype=torch.bool)
-    x1, x2 = torch.randn(20, 8), torch.randn(20, 8) * 2
-    terms(sae, x1, recipe, cfg, dead, sparse=True)
-    cut1 = float(recipe.batch_threshold)
-    with torch.no_grad():  # the smallest activation kept: the 60th largest pre-activation of the batch
-        assert cut1 == pytest.approx(float(sae.pre_activation(x1).reshape(-1).topk(60).values[-1]))
-    recipe.step_end(sae)
-    assert torch.allclose(sae.threshold, torch.full((32,), cut1))
-    terms(sae, x2, recipe, cfg, dead, sparse=True)
-    cut2 = float(recipe.batch_threshold)
-    recipe.step_end(sae)
-    assert float(sae.threshold[0]) == pytest.approx(cut1 + THRESHOLD_RATE * (cut2 - cut1))
+    cuts = []
+    for step in range(150):
+        x = torch.randn(20, 8) * (1 + step % 3)
+        terms(sae, x, recipe, cfg, dead, sparse=True)
+        cuts.append(float(recipe.batch_threshold))
+        if step == 0:  # the smallest activation kept: the 60th largest pre-activation of the batch
+            with torch.no_grad():
+                assert cuts[0] == pytest.approx(float(sae.pre_activation(x).reshape(-1).topk(60).values[-1]))
+        recipe.step_end(sae, step)
+        if step == 99:
+            assert float(sae.threshold[0]) == pytest.approx(sum(cuts) / 100, rel=1e-4)  # the plain mean
+    want = sum(cuts[:100]) / 100
+    for c in cuts[100:]:
+        want += THRESHOLD_RATE * (c - want)
+    assert torch.allclose(sae.threshold, torch.full((32,), want), rtol=1e-4)

@@ -75,7 +75,7 @@ class Recipe:
         return {}
 
     @torch.no_grad()
-    def step_end(self, sae: SAE) -> None:
-        """After the optimizer step: renormalise the decoder, update estimates."""
+    def step_end(self, sae: SAE, step: int) -> None:
+        """After optimizer step `step` (0 first): renormalise the decoder, update estimates."""
         if self.unit_decoder:
             sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))

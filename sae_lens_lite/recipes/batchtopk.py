@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import runtime
 from .topk import TopK
 
-THRESHOLD_RATE = 0.01  # θ ← θ + rate · (this batch's smallest kept activation − θ), from the first batch's
+THRESHOLD_RATE = 0.01  # θ ← θ + rate · (this batch's smallest kept activation − θ)
 CANDIDATES = 4  # each token offers its CANDIDATES·k largest pre-activations to the batch's top k·n
 
 
@@ -55,14 +55,9 @@ class BatchTopK(TopK):
         return rows, idx[rows, j]
 
     @torch.no_grad()
-    def step_end(self, sae):
-        super().step_end(sae)
-        # θ starts at the first batch's cut (θ = 0 until then): a mean from 0 would stay low for ~1/rate steps.
-        first = sae.threshold == 0
-        sae.threshold.copy_(
-            torch.where(
-                first,
-                self.batch_threshold,
-                sae.threshold.lerp(self.batch_threshold.expand_as(sae.threshold), THRESHOLD_RATE),
-            )
-        )
+    def step_end(self, sae, step):
+        super().step_end(sae, step)
+        # The plain mean of the cuts so far for the first 1/rate steps, then a running mean at that
+        # rate: a mean started from θ = 0, or from an early batch's cut, stays off for ~1/rate steps.
+        rate = max(THRESHOLD_RATE, 1 / (step + 1))
+        sae.threshold.lerp_(self.batch_threshold.expand_as(sae.threshold), rate)

@@ -73,6 +73,6 @@ class JumpReLU(Recipe):
         return {"l0_ste": _Step.apply(lat.pre.float(), theta).sum() / lat.n}
 
     @torch.no_grad()
-    def step_end(self, sae):
-        super().step_end(sae)
+    def step_end(self, sae, step):
+        super().step_end(sae, step)
         sae.threshold.clamp_(min=0.0)
