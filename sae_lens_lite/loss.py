@@ -53,6 +53,7 @@ class Latents(NamedTuple):
     pre: Tensor
     rows: Tensor | None
     idx: Tensor | None
+    starts: Tensor | None  # [n] where each token's entries begin (the decoder's offsets)
     n: int
     d_sae: int
 
@@ -71,8 +72,7 @@ class Latents(NamedTuple):
         v = self.vals if weight is None else self.vals * self.at(weight)
         if self.idx is None:
             return v @ W_dec
-        starts = torch.searchsorted(self.rows, torch.arange(self.n, device=self.rows.device))  # [n]
-        return F.embedding_bag(self.idx, W_dec, starts, per_sample_weights=v.float(), mode="sum")
+        return F.embedding_bag(self.idx, W_dec, self.starts, per_sample_weights=v.float(), mode="sum")
 
 
 def use_sparse(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig) -> bool:
@@ -98,13 +98,14 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
     if not sparse:
         pre = sae.pre_activation(x)  # [n, d_sae]
         vals = recipe.activate(sae, pre, None) * recipe.mask(sae, pre.detach())
-        return Latents(vals, pre, None, None, n, sae.d_sae), pre, None
+        return Latents(vals, pre, None, None, None, n, sae.d_sae), pre, None
     with torch.no_grad():
         xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec  # [n, d_in]
         pre = torch.addmm(sae.b_enc, xc, sae.W_enc)  # [n, d_sae], bf16 under autocast
         rows, idx = recipe.entries(sae, pre)  # [nnz] each, in token order
     pre_e = gather_pre(sae, pre, xc, rows, idx)
-    return Latents(recipe.activate(sae, pre_e, idx), pre_e, rows, idx, n, sae.d_sae), pre, xc
+    starts = torch.searchsorted(rows, torch.arange(n, device=rows.device))  # [n], once: Matryoshka decodes 5 times
+    return Latents(recipe.activate(sae, pre_e, idx), pre_e, rows, idx, starts, n, sae.d_sae), pre, xc
 
 
 def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tensor) -> Tensor:
