@@ -12,6 +12,7 @@ trainer's own count (no firing in its last --dead-window = 1M training tokens).
 
     python scripts/bench_frontier.py  # the TopK table of docs/benchmarks.md (~75 min on 2 CPU cores)
     python scripts/bench_frontier.py --settings l1_l0_48 --train-tokens 2500000           # its L1 row
+    python scripts/bench_frontier.py --settings batchtopk_k48 jumprelu_l0_48 matryoshka_k48  # the recipe rows
     python scripts/bench_frontier.py --tokens 40000 --expansion 4 --train-tokens 300000   # a quick look
 """
 
@@ -21,9 +22,13 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.evaluate import EvalConfig, evaluate
+from sae_lens_lite.evaluate import EvalConfig, ReconStats, evaluate
 from sae_lens_lite.harvest import HarvestConfig, harvest
+from sae_lens_lite.recipes.matryoshka import prefixes
+from sae_lens_lite.sae import SAE
 from sae_lens_lite.train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -36,7 +41,25 @@ SETTINGS = {  # name: TrainConfig overrides
     "l1_lam2": {"penalty": "l1", "l1": 2.0},
     "l1_lam4": {"penalty": "l1", "l1": 4.0},
     "l1_l0_48": {"penalty": "l1", "l1": 2.0, "target_l0": 48},  # λ adapted until L0 ≈ 48, to meet topk_k48
+    "batchtopk_k48": {"penalty": "batchtopk", "k": 48},
+    "jumprelu_l0_48": {"penalty": "jumprelu", "target_l0": 48},
+    "matryoshka_k48": {"penalty": "matryoshka", "k": 48},
 }
+PREFIX_TOKENS = 65_536  # held-out tokens on which each Matryoshka prefix's explained variance is measured
+
+
+@torch.no_grad()
+def prefix_ev(sae: SAE, acts: Path, tokens: int = PREFIX_TOKENS) -> dict[int, float]:
+    """Explained variance of each nested prefix of a Matryoshka SAE (latents < m kept, the rest zeroed)
+    on the first `tokens` held-out activations."""
+    x = ActivationCache.open(acts).load(("activations",), dtype=torch.float32)["activations"][:tokens]
+    stats = {m: ReconStats(x.double().mean(0)) for m in prefixes(sae.d_sae)}
+    latent = torch.arange(sae.d_sae)
+    for xb in x.split(4096):
+        f = sae.encode(xb)  # [n, d_sae]
+        for m, st in stats.items():
+            st.add(xb, sae.decode(f * (latent < m)))
+    return {m: st.result()["explained_variance"] for m, st in stats.items()}
 
 
 def main():
@@ -122,6 +145,9 @@ def main():
                 "dead": r["sparsity"]["dead_fraction"],
                 "dead_train": sae.cfg.meta["final_metrics"]["dead_frac"],
                 "dead_heldout": r["sparsity_on_acts"]["dead_fraction"],
+                "prefix_ev": prefix_ev(sae.cpu().float(), heldout)
+                if SETTINGS[name]["penalty"] == "matryoshka"
+                else None,
             }
         )
     print(
@@ -141,6 +167,10 @@ def main():
             f"| {r['setting']} | {r['l0']:.1f} | {r['ev']:.3f} | {r['ce_rec']:.3f} | {r['kl']:.3f} | "
             f"{r['dead']:.3f} | {r['dead_heldout']:.4f} | {r['dead_train']:.4f} |"
         )
+    for r in rows:
+        if r["prefix_ev"]:
+            evs = ", ".join(f"{m} latents {ev:.3f}" for m, ev in r["prefix_ev"].items())
+            print(f"{r['setting']}: explained variance of each prefix on {PREFIX_TOKENS} held-out tokens: {evs}")
     (out / "frontier.json").write_text(json.dumps(rows, indent=2))
 
 
