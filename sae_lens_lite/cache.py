@@ -56,7 +56,22 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
-class CacheWriter:
+class _ManifestState:
+    """What a writer's manifest says: whether the cache is complete, and how many shards it lists
+    (for ShardedCacheWriter: as opened, i.e. where this harvest resumes)."""
+
+    manifest: dict
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+
+class CacheWriter(_ManifestState):
     """Appends shards to a cache directory and keeps the manifest in step.
 
     Holds an exclusive lock on the directory while open, so two harvests cannot interleave."""
@@ -106,14 +121,6 @@ class CacheWriter:
                 p.unlink()
         if old is None:
             write_json_atomic(self.path / MANIFEST, self.manifest)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest["complete"])
-
-    @property
-    def n_shards(self) -> int:
-        return len(self.manifest["shards"])
 
     def add_shard(
         self,
@@ -218,7 +225,7 @@ def write_shard(
     }
 
 
-class ShardedCacheWriter:
+class ShardedCacheWriter(_ManifestState):
     """The CacheWriter of a harvest spread over ranks. Rank 0 opens the real CacheWriter: its
     lock refuses a second harvest into the directory and its manifest is the resume point. Every
     rank writes the files of its own shards (`add_shard` with the shard's index); `sync()`, which
@@ -240,15 +247,6 @@ class ShardedCacheWriter:
             raise UserError(err)
         self.manifest = opened  # as it was when opened, the same on every rank
         self.pending: list[dict] = []
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest["complete"])
-
-    @property
-    def n_shards(self) -> int:
-        """Shards the cache held when opened (where this harvest resumes)."""
-        return len(self.manifest["shards"])
 
     def add_shard(
         self,

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .baselines import fit_pca, fit_vae, vae_activity
 from .config import opt
-from .corpus import check_context_length, position_filters, special_token_ids
+from .corpus import check_context_length, position_filters
 from .errors import UserError
 from .evaluate import (
     CHUNK,
@@ -38,10 +38,10 @@ from .evaluate import (
     _same_corpus,
     ce_kl_sums,
     ce_summary,
-    eval_activations,
-    eval_contexts,
     footing,
     footing_differences,
+    hook_activations,
+    split_contexts,
     training_text,
 )
 from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
@@ -133,25 +133,12 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     if skip is None:  # held out from every SAE's training text
         took = [t[1] for t in map(training_text, saes.values()) if t and _same_corpus(t[0], cfg.dataset)]
         skip = max(took, default=0)
-    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip)  # [n_ctx, T]
-    n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
-    if cfg.baselines and not cfg.acts and n_fit == 0:
-        raise UserError(
-            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens "
-            "or pass --no-baselines"
-        )
+    contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
     times["load"] = time.perf_counter() - t0
 
     # the activations at the hook, once for every SAE
     t = time.perf_counter()
-    x, row_ctx, keep = eval_activations(
-        lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device
-    )
-    if len(x) == 0:
-        raise UserError(
-            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower "
-            "--drop-first or --outlier-factor"
-        )
+    x, row_ctx, keep = hook_activations(lm, cfg, contexts, hook, filters, device)
     mean = x.mean(0)  # [d_in], the mean-ablation value (as evaluate's: over every evaluated position)
     xs = x[row_ctx >= n_fit]  # [n_score, d_in], what every row is scored on
     methods: dict[str, Callable[[Tensor], Tensor]] = {}

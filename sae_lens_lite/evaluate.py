@@ -255,6 +255,34 @@ def eval_contexts(tokenizer, dataset: str, context_length: int, tokens: int, ski
     return ctx[skip : skip + want]
 
 
+def split_contexts(lm: LoadedModel, cfg, T: int, skip: int) -> tuple[Tensor, int]:
+    """The evaluation contexts [n_ctx, T] of cfg.dataset after `skip` tokens, and how many of the
+    first ones fit the baselines: with baselines and no --acts, they are fitted on the first half
+    and everything in the comparison table is scored on the second half."""
+    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip)
+    n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
+    if cfg.baselines and not cfg.acts and n_fit == 0:
+        raise UserError(
+            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens "
+            "or pass --no-baselines"
+        )
+    return contexts, n_fit
+
+
+def hook_activations(lm: LoadedModel, cfg, contexts: Tensor, hook: str, filters: dict, device) -> tuple:
+    """The activations at `hook` of every position the filters keep: x [n, d], each row's
+    context [n], and the kept mask [n_ctx, T]; refuses text that leaves none."""
+    x, row_ctx, keep = eval_activations(
+        lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device
+    )
+    if len(x) == 0:
+        raise UserError(
+            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower "
+            "--drop-first or --outlier-factor"
+        )
+    return x, row_ctx, keep
+
+
 def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     """Evaluate the SAE in cfg.sae; writes report.json, report.md, density.png and returns the report."""
     times, t0 = {}, time.perf_counter()
@@ -302,28 +330,13 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     skip = cfg.skip_tokens
     if skip is None:  # keep the eval text disjoint from the SAE's training text by default
         skip = trained_on[1] if trained_on and _same_corpus(trained_on[0], cfg.dataset) else 0
-    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip)  # [n_ctx, T]
+    contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
     filters = position_filters(cfg)
-    # Baselines are fitted on the first half of the contexts and everything in the comparison
-    # table is scored on the second half, unless they are fitted on a separate cache.
-    n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
-    if cfg.baselines and not cfg.acts and n_fit == 0:
-        raise UserError(
-            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens "
-            "or pass --no-baselines"
-        )
     times["load"] = time.perf_counter() - t0
 
     # pass 1: activations at the hook
     t = time.perf_counter()
-    x, row_ctx, keep = eval_activations(
-        lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device
-    )  # [n, d], [n], [n_ctx, T]
-    if len(x) == 0:
-        raise UserError(
-            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower "
-            "--drop-first or --outlier-factor"
-        )
+    x, row_ctx, keep = hook_activations(lm, cfg, contexts, hook, filters, device)  # [n, d], [n], [n_ctx, T]
     in_score = row_ctx >= n_fit  # [n]
     mean = x.mean(0)  # [d_in], the mean-ablation value
     with torch.inference_mode():

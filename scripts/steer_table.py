@@ -1,10 +1,11 @@
 """Do the demo SAE's features do what their logit lens says, and does attribution predict ablation?
 
-1. Steering. Features are taken in rank order (features.json), keeping the first N whose top
-   logit-lens token is a word (letters only, 3+ characters, not yet taken): a rule fixed before
-   looking at any steering result. Each is added (mode add) at strength TIMES x its max activation
-   while generating greedily from a few neutral prompts; the table gives log p(that token),
-   averaged over the generated positions, with and without steering, and how often it appears.
+1. Steering. Features are taken in rank order (features.json), or with --order lens by lens score
+   (the next token after their top activations is one their lens promotes, above chance), keeping
+   the first N whose top logit-lens token is a word (letters only, 3+ characters, not yet taken).
+   Each is added (mode add) at strength TIMES x its max activation while generating greedily from
+   a few neutral prompts; the table gives log p(that token), averaged over the generated
+   positions, with and without steering, and how often it appears.
 2. Attribution. For a few prompts, the 10 latents with the largest |attribution| (activation x
    gradient of log p(the model's top next token)) are ablated one at a time (zeroed at every
    position, error term kept); the script counts sign agreement and |attr - ablation| <= 25%.
@@ -37,10 +38,13 @@ ATTR_PROMPTS = [
 ]
 
 
-def pick_features(analysis: dict, n: int) -> list[tuple[int, int, str, float]]:
-    """(feature, promoted token id, its text, max activation) for the first n by rank."""
+def pick_features(analysis: dict, n: int, order: str = "rank") -> list[tuple[int, int, str, float]]:
+    """(feature, promoted token id, its text, max activation) for the first n by rank, or with
+    order="lens" by lens score (how much more often than chance the token after the feature's top
+    activations is one its logit lens promotes): the features whose lens the data confirms."""
     vocab, taken, out = analysis["vocab"], set(), []
-    for f in sorted(analysis["features"], key=lambda f: f["rank"]):
+    key = (lambda f: f["rank"]) if order == "rank" else (lambda f: (-f["lens_score"], f["rank"]))
+    for f in sorted(analysis["features"], key=key):
         tok = f["lens"]["promoted"][0][0]
         text = vocab[str(tok)].strip()
         if text.isalpha() and len(text) >= 3 and text.lower() not in taken and f["max_act"] > 0:
@@ -157,6 +161,12 @@ def main():
         "--times", type=float, default=4.0, help="steering strength as a multiple of the feature's max activation"
     )
     ap.add_argument("--new-tokens", type=int, default=20)
+    ap.add_argument(
+        "--order",
+        choices=["rank", "lens"],
+        default="rank",
+        help="which features to steer: the first by monosemanticity rank, or by lens score (lens confirmed by data)",
+    )
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--skip-steer", action="store_true")
     ap.add_argument("--skip-attr", action="store_true")
@@ -164,7 +174,7 @@ def main():
     t0 = time.time()
     lm, sae = load(args.sae, device="cpu")
     if not args.skip_steer:
-        feats = pick_features(json.load(open(args.analysis)), args.features)
+        feats = pick_features(json.load(open(args.analysis)), args.features, args.order)
         rows = steer_rows(lm, sae, feats, args.times, args.new_tokens)
         print(
             f"\nsteering: add {args.times:g} x max activation, greedy, {args.new_tokens} new tokens from "
