@@ -11,7 +11,7 @@ from .. import runtime
 from .topk import TopK
 
 THRESHOLD_RATE = 0.01  # θ ← θ + rate · (this batch's smallest kept activation − θ)
-CANDIDATES = 4  # each token offers its CANDIDATES·k largest pre-activations to the batch's top k·n
+GUESSES = (0.8, 0.4, 0.0)  # candidate floors tried, as fractions of the last batch's cut
 
 
 class BatchTopK(TopK):
@@ -25,34 +25,38 @@ class BatchTopK(TopK):
         sae.threshold.requires_grad_(False)  # estimated, not learned
         sae.threshold.zero_()
 
-    def select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(θ_batch, values, latents [n, c]): the batch's k·n-th largest pre-activation (over every
-        rank's rows under torchrun) and each token's c largest, among which its kept ones are."""
-        n, d_sae = pre.shape
-        k = self.cfg.k
-        want = k * n * runtime.world_size()  # entries kept in the global batch
-        c = min(d_sae, CANDIDATES * k)
-        while True:
-            cand = pre.topk(c, dim=-1)  # [n, c], sorted
-            mine = cand.values.reshape(-1).topk(min(want, n * c), sorted=False).values  # this rank's best
+    def select(self, sae, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(θ_batch, rows, latents) [nnz]: the batch's k·n-th largest positive pre-activation (over
+        every rank's rows under torchrun) and the entries at or above it, in token order.
+
+        Exact, without sorting rows: the candidates are the pre-activations above a floor just below
+        the last batch's cut; if fewer than k·n clear it, a lower floor is tried, down to 0."""
+        n = pre.shape[0]
+        want = self.cfg.k * n * runtime.world_size()  # entries kept in the global batch
+        last = getattr(self, "batch_threshold", None)
+        last = float((sae.threshold.max() if last is None else last).detach())
+        for frac in GUESSES if last > 0 else (0.0,):
+            rows, idx = (pre > frac * last).nonzero(as_tuple=True)  # token order
+            vals = pre[rows, idx]
+            mine = vals.topk(min(want, len(vals)), sorted=False).values  # this rank's best
+            # A fixed length for all_gather: padded with -inf
+            mine = torch.cat([mine, mine.new_full((want - len(mine),), float("-inf"))])
             every = runtime.gather_rows(mine)
-            thr = every.topk(min(want, every.numel()), sorted=False).values.min()
-            # Exact unless a token offered only candidates above θ: it might have had more.
-            short = c < d_sae and bool((cand.values[:, -1] >= thr).any())
-            if not runtime.any_rank(short):
+            found = int((every > float("-inf")).sum())
+            if found >= want or frac == 0.0:
                 break
-            c = d_sae
+        thr = every.topk(want, sorted=False).values.min() if found else pre.new_zeros(())
+        keep = vals >= thr
         self.batch_threshold = thr.float().clamp_min(0)
-        return thr, cand.values, cand.indices
+        return thr, rows[keep], idx[keep]
 
     def mask(self, sae, pre):
-        thr, vals, idx = self.select(pre)
-        return torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, (vals >= thr) & (vals > 0))
+        _, rows, idx = self.select(sae, pre)
+        return torch.zeros_like(pre, dtype=torch.bool).index_put_((rows, idx), torch.ones_like(rows, dtype=torch.bool))
 
     def entries(self, sae, pre):
-        thr, vals, idx = self.select(pre)
-        rows, j = ((vals >= thr) & (vals > 0)).nonzero(as_tuple=True)  # token order
-        return rows, idx[rows, j]
+        _, rows, idx = self.select(sae, pre)
+        return rows, idx
 
     @torch.no_grad()
     def step_end(self, sae, step):
