@@ -74,6 +74,21 @@ class Latents(NamedTuple):
             return v @ W_dec
         return F.embedding_bag(self.idx, W_dec, self.starts, per_sample_weights=v.float(), mode="sum")
 
+    def decode_band(self, W_dec: Tensor, lo: int, hi: int) -> Tensor:
+        """decode() of latents lo <= j < hi only [n, d_in]: only their entries are read (off the
+        sync-free path, which masks the rest instead of counting them on the host)."""
+        if self.idx is None:
+            return self.vals[:, lo:hi] @ W_dec[lo:hi]
+        band = (self.idx >= lo) & (self.idx < hi)
+        if sync_free(self.vals):
+            return F.embedding_bag(
+                self.idx, W_dec, self.starts, per_sample_weights=(self.vals * band).float(), mode="sum"
+            )
+        idx, rows = self.idx[band], self.rows[band]  # still in token order
+        counts = torch.bincount(rows, minlength=self.n)
+        starts = counts.cumsum(0) - counts
+        return F.embedding_bag(idx, W_dec, starts, per_sample_weights=self.vals[band].float(), mode="sum")
+
 
 def use_sparse(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig) -> bool:
     """The sparse path for fixed-count recipes (top-k family) always, for variable-count ones on

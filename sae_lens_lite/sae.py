@@ -137,9 +137,10 @@ class SAE(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, dec_norm: float = 0.1, generator: torch.Generator | None = None):
-        # Anthropic, April 2024: decoder rows in random directions at a small norm, encoder
-        # initialised as the decoder's transpose, so every latent starts as a matched filter.
+    def reset_parameters(self, dec_norm: float = 1.0, generator: torch.Generator | None = None):
+        # Anthropic, April 2024: decoder rows in random directions (at the recipe's norm; see
+        # recipes/base.py), encoder initialised as the decoder's transpose, so every latent starts
+        # as a matched filter.
         W = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
         W = W / W.norm(dim=1, keepdim=True) * dec_norm
         self.W_dec.copy_(W)

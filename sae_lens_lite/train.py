@@ -5,7 +5,7 @@ each: l1, kl, topk, batchtopk, jumprelu, matryoshka (`--penalty`).
 
 Shared by all: Adam, the learning rate warmed up over the first 1% of steps and decayed to 0 over
 the last 20% (Anthropic, April 2024), gradient-norm clipping, a penalty coefficient λ warmed up
-over the first 5% (and, with --target-l0, adapted until L0 settles there), and optional
+over the first 5% (or, with --target-l0, started at 1% and steered until L0 settles there), and optional
 resampling of dead latents towards badly reconstructed inputs (Anthropic, Towards
 Monosemanticity) for the recipes with ReLU latents.
 
@@ -49,6 +49,7 @@ LR_WARMUP = 0.01  # fraction of steps over which the learning rate rises linearl
 LR_DECAY = 0.20  # the learning rate decays linearly to 0 over this last fraction (Anthropic, April 2024)
 CLIP_NORM = 1.0  # gradient-norm clipping (Anthropic, April 2024)
 L0_GAIN = 0.01  # --target-l0: per step, λ *= (L0 / target)^gain
+TARGET_START = 0.01  # --target-l0: λ starts at this share of its coefficient (then ×1.04 a step at most L0/target = 50)
 INIT_TOKENS = 65_536  # tokens used to estimate the input scale and the data mean
 RESIDENT_FRACTION = 0.25  # on a GPU, hold the whole cache in memory when it takes at most this much of what is free
 CHECKPOINT = "checkpoint.json"
@@ -111,7 +112,12 @@ class TrainConfig:
     )
     target_l0: float = field(
         default=0.0,
-        metadata={"help": "adapt λ (or β) during training until L0 settles here (0: off; l1, kl, jumprelu)"},
+        metadata={
+            "help": (
+                "adapt λ (or β) during training until L0 settles here (0: off; l1, kl, jumprelu); λ then starts "
+                "at 1% of --l1 (--kl-beta, --l0-coef) and rises as L0 follows, instead of the warm-up"
+            )
+        },
     )
     lr: float = field(
         default=1e-3,
@@ -221,8 +227,8 @@ def check_config(cfg: TrainConfig) -> recipes.Recipe:
 def init_from_data(
     sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int, dec_norm: float, tokens: int = INIT_TOKENS
 ) -> None:
-    """Anthropic, April 2024: scale inputs so E‖x‖ = √d_in; decoder rows in random directions at a
-    small norm, encoder = decoder transpose; b_dec at the (scaled) data mean, measured on `tokens` rows."""
+    """Anthropic, April 2024: scale inputs so E‖x‖ = √d_in; decoder rows in random directions at
+    norm dec_norm, encoder = decoder transpose; b_dec at the (scaled) data mean, measured on `tokens` rows."""
     rows, n = [], 0
     for x in batches(0):
         rows.append(x.float().cpu())
@@ -336,7 +342,9 @@ def train_on_batches(
     params = [p for p in sae.parameters() if p.requires_grad]
     fused = device.type in ("cpu", "cuda")
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
-    lam = torch.tensor(recipe.coefficient() or 0.0, device=device)  # base λ (or β)
+    # base λ (or β). With --target-l0 the controller replaces the warm-up: λ starts at TARGET_START ×
+    # the coefficient and is steered from the first step, so it rises only as fast as L0 follows.
+    lam = torch.tensor((recipe.coefficient() or 0.0) * (TARGET_START if cfg.target_l0 else 1.0), device=device)
     since_fired = torch.zeros(sae.d_sae, device=device)  # [d_sae] tokens since each latent last fired
     acc = torch.zeros(8, device=device)  # summed metrics since the last log (see ACC below)
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -391,7 +399,6 @@ def train_on_batches(
     log = _Logger(cfg, recipe, out if main else None, total, step, progress and main)
     ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size)
     dead_steps = max(1, cfg.dead_window // cfg.batch_size)
-    warm_steps = round(LAMBDA_WARMUP * total)
 
     def state() -> dict[str, Tensor]:
         return {
@@ -422,7 +429,7 @@ def train_on_batches(
         dead = since_fired >= cfg.dead_window
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             t = loss_fn(model, x, recipe, cfg, dead)
-        lam_now = lam * penalty_warmup_at(step, total)
+        lam_now = lam if cfg.target_l0 else lam * penalty_warmup_at(step, total)
         loss = total_loss(t, lam_now, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -432,7 +439,7 @@ def train_on_batches(
         with torch.no_grad():
             recipe.step_end(sae, step)
             since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
-            if cfg.target_l0 and step >= warm_steps:
+            if cfg.target_l0:
                 lam = lam * (t["l0"].clamp_min(1e-3) / cfg.target_l0) ** L0_GAIN
             acc += torch.stack(
                 [

@@ -118,6 +118,7 @@ SPARSE_CASES = [  # (penalty, dead latents, sync_free); sync_free=True is the CU
     ("batchtopk", 5, False),
     ("jumprelu", 0, False),
     ("matryoshka", 5, True),
+    ("matryoshka", 0, False),
 ]
 
 

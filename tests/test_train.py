@@ -103,6 +103,20 @@ def test_target_l0_lands_within_20_percent():
     assert abs(l0 - 8.0) <= 0.2 * 8.0, l0
 
 
+def test_target_l0_raises_lambda_only_as_fast_as_l0_follows():
+    """--l1 100× what the target needs: with --target-l0, λ starts at 1% of it and is steered from
+    the first step, so the oversized λ is never applied and the latents live (warmed up to λ = 100
+    over 5% of the steps instead, L0 crashes to ~0 and nearly every latent dies)."""
+    data = make_superposition(n_features=256, d=64, true_l0=2.5, power=0.3, seed=0)
+    cfg = TrainConfig(penalty="l1", l1=100.0, target_l0=8.0, batch_size=1024, lr=3e-3, seed=0)
+    sae = train_on_batches(small_sae_cfg("l1"), cfg, data.batches(1024, 1 << 18, seed=1), 600_000, progress=False)
+    x = data.sample(8192, torch.Generator().manual_seed(7))
+    assert abs(sample_l0(sae, x) - 8.0) <= 0.25 * 8.0
+    with torch.no_grad():
+        fires = (sae.encode(x) > 0).any(0)
+    assert float(fires.float().mean()) >= 0.5  # 256 true features for 512 latents
+
+
 # ---- resume ---------------------------------------------------------------------------------
 
 

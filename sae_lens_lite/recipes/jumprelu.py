@@ -52,7 +52,6 @@ def _reduce_to(g: Tensor, theta: Tensor) -> Tensor:
 class JumpReLU(Recipe):
     name, activation, term = "jumprelu", "jumprelu", "l0_ste"
     unit_decoder = True  # keeps θ and ε in the units of the normalised pre-activations
-    dec_norm = 1.0
 
     def coefficient(self):
         return self.cfg.l0_coef

@@ -19,10 +19,10 @@ class Matryoshka(BatchTopK):
     name = "matryoshka"
 
     def mse(self, sae, lat, err):
-        # The mean over prefixes of ‖x − x̂_m‖²; dropping latents ≥ m from x̂ adds their part to the error.
-        latent = torch.arange(sae.d_sae, device=err.device)
-        terms = [
-            err if m == sae.d_sae else err + lat.decode(sae.W_dec, (latent >= m).float()).float()
-            for m in prefixes(sae.d_sae)
-        ]
+        # The mean over prefixes m of ‖x − x̂_m‖². Dropping latents ≥ m from x̂ adds their part to the
+        # error: the bands between consecutive prefixes are decoded once each and added from the top.
+        sizes = prefixes(sae.d_sae)
+        terms = [err]
+        for lo, hi in reversed(list(zip(sizes[:-1], sizes[1:]))):
+            terms.append(terms[-1] + lat.decode_band(sae.W_dec, lo, hi).float())
         return torch.stack([e.pow(2).sum(-1).mean() for e in terms]).mean()

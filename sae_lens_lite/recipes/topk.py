@@ -9,7 +9,6 @@ from .base import Recipe
 class TopK(Recipe):
     name, activation, term = "topk", "topk", "aux"
     fixed_count = aux = unit_decoder = True
-    dec_norm = 1.0
 
     def sae_options(self):
         return {"activation": "topk", "k": self.cfg.k}
