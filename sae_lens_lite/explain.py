@@ -188,9 +188,13 @@ def best_set(fire: np.ndarray, occur: np.ndarray, total: int) -> tuple[list[int]
     return chosen, f1
 
 
+NO_PATTERN = "no pattern: fires on tokens none of which it marks out"  # fires, but no item raises F1 enough
+
+
 def find_pattern(counts: Counts, j: int) -> tuple[str, list[tuple[int, int]], float] | None:
     """Feature j's best pattern on the explain split: (kind, [(previous, token), ...], F1), or None
-    when it never fires there. Items in a token pattern are (-1, t); in an after pattern (p, -1)."""
+    when it never fires there. Items in a token pattern are (-1, t); in an after pattern (p, -1).
+    A feature no item explains (each would add less than MIN_GAIN to F1) gets ("", [], 0.0)."""
     prev, cur, n = counts.feature(0, j)
     total = int(n.sum())
     if total == 0:
@@ -206,6 +210,8 @@ def find_pattern(counts: Counts, j: int) -> tuple[str, list[tuple[int, int]], fl
             fire = np.bincount(inv, weights=n).astype(np.int64)
             occur = counts.unigram[0][0 if kind == "token" else 1][torch.from_numpy(ids)].numpy()
         picked, f1 = best_set(fire, occur, total)
+        if not picked:
+            continue
         chosen = ids[picked].tolist()
         if kind == "pair":
             items = [(int(k) // counts.B, int(k) % counts.B) for k in chosen]
@@ -214,7 +220,7 @@ def find_pattern(counts: Counts, j: int) -> tuple[str, list[tuple[int, int]], fl
         margin = 0.0 if best is None or best[0] != "token" else CONTEXT_MARGIN
         if best is None or f1 > best[2] + margin:
             best = (kind, items, f1)
-    return best
+    return best or ("", [], 0.0)
 
 
 def detection(counts: Counts, j: int, kind: str, items: list[tuple[int, int]], split: int = 1) -> dict:
@@ -284,6 +290,16 @@ def explain_all(counts: Counts, name) -> list[dict]:
             )
             continue
         kind, items, f1 = found
+        if not items:
+            out.append(
+                {
+                    "explanation": NO_PATTERN,
+                    "pattern": None,
+                    "explain_f1": 0.0,
+                    "detection": detection(counts, j, "token", []),
+                }
+            )
+            continue
         out.append(
             {
                 "explanation": phrase(kind, items, name),

@@ -24,9 +24,9 @@ normalize_activations="expected_average_only_in", folded into the weights at the
 over d_in, L1 = λ Σ f_i ‖W_dec,i‖ (the same λ then means the same in both), λ warmed up over the
 first 5% of steps, the lr warmed up over 1% and decayed to 0 over the last 20% (SAELens: its
 lr_warm_up_steps, lr_decay_steps, l1_warm_up_steps / l0_warm_up_steps), gradient clipping at 1.
-What stays each trainer's own: initialisation (SAELens: b_dec = 0; ours: b_dec at the data mean),
-SAELens's TopK scoring pre-activations by decoder norm and its AuxK weight 1 (ours: unit-norm
-decoder, AuxK 1/32). Per recipe:
+What stays each trainer's own: initialisation (SAELens: b_dec = 0 and, for L1, decoder rows of
+norm 0.1; ours: b_dec at the data mean, unit rows for every recipe), SAELens's TopK scoring
+pre-activations by decoder norm and its AuxK weight 1 (ours: unit-norm decoder, AuxK 1/32). Per recipe:
   - BatchTopK: both keep the k·n largest activations of a batch of n and estimate one threshold as
     a running mean (rate 0.01) of the smallest kept one, which the saved SAE (a JumpReLU) uses.
     SAELens's TopK differences above apply.

@@ -128,6 +128,25 @@ def test_detection_scores_have_known_answers():
     assert (rows >= 0).all() and (cur[rows] == 7).all() and held[rows].all() and (vals == 1).all()
 
 
+def test_a_feature_no_token_marks_out_is_explained_as_such():
+    """Firing at random on 0.5% of tokens of a 4-token vocabulary: no token, previous token or pair
+    raises F1 by MIN_GAIN, so there is no pattern, and the explanation says so (a 16x SmolLM2 SAE
+    had such features; they crashed the phrase)."""
+    g = torch.Generator().manual_seed(0)
+    n, V = 20000, 4
+    cur = torch.randint(0, V, (n,), generator=g)
+    prev = torch.cat([torch.tensor([V]), cur[:-1]])
+    f = (torch.rand(n, 2, generator=g) < 0.005).float()
+    f[:, 1] = (cur == 2).float()
+    pc = explain.PatternCounts(cur, prev, torch.arange(n) % 2 == 1, V, 2)
+    pc.update(0, f)
+    counts = pc.finish()
+    assert explain.find_pattern(counts, 0) == ("", [], 0.0)
+    e = explain.explain_all(counts, lambda i: f"t{i}")
+    assert e[0]["explanation"] == explain.NO_PATTERN and e[0]["pattern"] is None and e[0]["detection"]["hits"] == 0
+    assert e[1]["explanation"] == "t2"
+
+
 def test_phrases_name_tokens_for_people():
     assert explain.token_name(" The") == '"The"' and explain.token_name("\n") == "newline"
     assert explain.token_name("    ") == "4 spaces" and explain.token_name("\n\n") == "2 newlines"
