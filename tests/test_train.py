@@ -103,15 +103,19 @@ def test_target_l0_lands_within_20_percent():
     assert abs(l0 - 8.0) <= 0.2 * 8.0, l0
 
 
-def test_target_l0_raises_lambda_only_as_fast_as_l0_follows():
+def test_target_l0_raises_lambda_only_as_fast_as_l0_follows(tmp_path):
     """--l1 100× what the target needs: with --target-l0, λ starts at 1% of it and is steered from
-    the first step, so the oversized λ is never applied and the latents live (warmed up to λ = 100
-    over 5% of the steps instead, L0 crashes to ~0 and nearly every latent dies)."""
+    the first step, so the oversized λ is never applied (warmed up linearly instead, λ reached 100
+    while L0 still lagged; on SmolLM2 that left 60% of the latents dead, training.md)."""
     data = make_superposition(n_features=256, d=64, true_l0=2.5, power=0.3, seed=0)
-    cfg = TrainConfig(penalty="l1", l1=100.0, target_l0=8.0, batch_size=1024, lr=3e-3, seed=0)
-    sae = train_on_batches(small_sae_cfg("l1"), cfg, data.batches(1024, 1 << 18, seed=1), 600_000, progress=False)
+    cfg = TrainConfig(penalty="l1", l1=100.0, target_l0=8.0, batch_size=1024, lr=3e-3, seed=0, log_every=5)
+    sae = train_on_batches(
+        small_sae_cfg("l1"), cfg, data.batches(1024, 1 << 18, seed=1), 600_000, out=tmp_path, progress=False
+    )
+    lams = [json.loads(line)["lam"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(lams) <= 20.0, max(lams)  # 8 measured; linearly warmed up: 283
     x = data.sample(8192, torch.Generator().manual_seed(7))
-    assert abs(sample_l0(sae, x) - 8.0) <= 0.25 * 8.0
+    assert sample_l0(sae, x) >= 0.5 * 8.0
     with torch.no_grad():
         fires = (sae.encode(x) > 0).any(0)
     assert float(fires.float().mean()) >= 0.5  # 256 true features for 512 latents
