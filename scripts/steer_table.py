@@ -85,7 +85,7 @@ def steered_batch(lm, sae, ids, deltas, new_tokens: int):
 def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
     toks = torch.tensor([t for _, t, _, _ in feats])
     deltas = torch.stack([times * max_act * direction(sae, [j]) for j, _, _, max_act in feats])  # [F, d]
-    lp_clean, lp_steer = [], []
+    lp_clean, lp_steer, lp_forced = [], [], []
     n_clean, n_steer = torch.zeros(len(feats), dtype=torch.long), torch.zeros(len(feats), dtype=torch.long)
     samples = {}
     for p in STEER_PROMPTS:
@@ -96,6 +96,17 @@ def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
         with torch.no_grad():
             lc = next_token_logprobs(lm.model, full)[0, T - 1 :]  # [n, vocab]
         lp_clean.append(lc[:, toks].T)  # [F, n]
+        # The same (unsteered) text read with the direction added: the direction's effect on the
+        # token, without the steered text drifting elsewhere.
+        fb = full.expand(len(feats), -1)
+        mask = positions(lm, sae, fb)
+        lf = next_token_logprobs(
+            lm.model,
+            fb,
+            sae.cfg.hook,
+            lambda act: torch.where(mask[..., None], act + deltas[:, None, :].to(act.dtype), act),
+        )[:, T - 1 :]  # [F, n, vocab]
+        lp_forced.append(lf.gather(2, toks[:, None, None].expand(-1, lf.shape[1], 1))[..., 0])  # [F, n]
         n_clean += (full[0, T:, None] == toks).sum(0)
         seq, logp = steered_batch(lm, sae, ids, deltas, new_tokens)
         lp_steer.append(logp.gather(2, toks[:, None, None].expand(-1, logp.shape[1], 1))[..., 0])  # [F, n]
@@ -103,7 +114,7 @@ def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
         for i in range(len(feats)):
             samples.setdefault(i, (p, lm.tokenizer.decode(seq[i, T:].tolist()), g.text))
         print(f"prompt {p!r} done", flush=True)
-    mc, ms = torch.cat(lp_clean, 1).mean(1), torch.cat(lp_steer, 1).mean(1)
+    mc, ms, mf = torch.cat(lp_clean, 1).mean(1), torch.cat(lp_steer, 1).mean(1), torch.cat(lp_forced, 1).mean(1)
     rows = []
     for i, (j, tok, text, max_act) in enumerate(feats):
         rows.append(
@@ -115,6 +126,8 @@ def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
                 logp_clean=float(mc[i]),
                 logp_steered=float(ms[i]),
                 delta=float(ms[i] - mc[i]),
+                logp_forced=float(mf[i]),
+                delta_forced=float(mf[i] - mc[i]),
                 count_clean=int(n_clean[i]),
                 count_steered=int(n_steer[i]),
                 sample=samples[i],
@@ -181,18 +194,22 @@ def main():
             f"each of {len(STEER_PROMPTS)} prompts {STEER_PROMPTS}\n"
         )
         print(
-            "| feature | lens token | strength | log p clean | log p steered | Δ | count clean → steered | "
-            "steered sample |"
+            "| feature | lens token | strength | log p clean | log p steered | Δ | log p, clean text steered | Δ | "
+            "count clean → steered | steered sample |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             s = (r["sample"][0] + r["sample"][1]).replace("\n", "↵").replace("|", "\\|")
             print(
                 f"| {r['feature']} | `{r['token']!r}` | {r['strength']:.1f} | {r['logp_clean']:.2f} | "
                 f"{r['logp_steered']:.2f} | "
-                f"{r['delta']:+.2f} | {r['count_clean']} → {r['count_steered']} | {s} |"
+                f"{r['delta']:+.2f} | {r['logp_forced']:.2f} | {r['delta_forced']:+.2f} | "
+                f"{r['count_clean']} → {r['count_steered']} | {s} |"
             )
-        print(f"\nraised: {sum(r['delta'] > 0 for r in rows)}/{len(rows)}")
+        print(
+            f"\nraised in the steered text: {sum(r['delta'] > 0 for r in rows)}/{len(rows)}; "
+            f"in the clean text with the direction added: {sum(r['delta_forced'] > 0 for r in rows)}/{len(rows)}"
+        )
     if args.skip_attr:
         return
     arows = attr_rows(lm, sae, args.top)
