@@ -42,8 +42,8 @@ pre-activations by decoder norm and its AuxK weight 1 (ours: unit-norm decoder, 
 
 L0: TopK sets it (k). BatchTopK and Matryoshka train at a mean L0 of k (the same k for both); the
 saved SAE runs on the one estimated threshold, so its L0 is only near k. For L1 (--l1) and JumpReLU
-(--l0-coef) our λ is adapted (`target_l0`) to the L0 SAELens reaches with the same λ, so the two are
-compared at the same L0. JumpReLU's thresholds move by about lr per step, so in short runs ours
+(--l0-coef) our λ is adapted (`target_l0`) to the L0 SAELens reaches with the same λ, starting from
+that λ, so the two are compared at the same L0. JumpReLU's thresholds move by about lr per step, so in short runs ours
 may settle below that L0 (its λ keeps rising while the thresholds catch up): read the L0 column.
 
 Scored the same way for both, after SAELens's SAE is saved by SAELens and read back through our
@@ -81,6 +81,7 @@ from sae_lens_lite.train import (
     LAMBDA_WARMUP,
     LR_DECAY,
     LR_WARMUP,
+    TARGET_START,
     TrainConfig,
     autocast_dtype,
     train_on_batches,
@@ -228,12 +229,15 @@ def train_saelens(acts: Tensor, s: Setup):
 def train_ours(acts: Tensor, s: Setup, precision: str, target_l0: float = 0.0) -> tuple[SAE, float]:
     """train_on_batches on acts [n, d_in]; returns (the SAE, seconds)."""
     d_in = acts.shape[1]
+    # Steered to SAELens's L0, our λ starts at TARGET_START × its coefficient: scaled so that it
+    # starts at SAELens's λ, which reached that L0 (from 1% of it, a short run would not get there).
+    start = 1 / TARGET_START if target_l0 else 1.0
     cfg = TrainConfig(
         penalty=s.penalty,
         expansion=s.d_sae // d_in,
         k=s.k,
-        l1=s.l1,
-        l0_coef=s.l0_coef,
+        l1=s.l1 * start,
+        l0_coef=s.l0_coef * start,
         target_l0=target_l0,
         lr=s.lr,
         batch_size=s.batch,
