@@ -57,7 +57,7 @@ def shard_name(i: int) -> str:
 
 
 class _ManifestState:
-    """What a writer's manifest says: whether the cache is complete, and how many shards it lists
+    """What a cache's manifest says: whether the cache is complete, and how many shards it lists
     (for ShardedCacheWriter: as opened, i.e. where this harvest resumes)."""
 
     manifest: dict
@@ -313,7 +313,7 @@ def _provenance(m: dict) -> dict:
 
 
 @dataclass
-class ActivationCache:
+class ActivationCache(_ManifestState):
     """Read side of the format. `verify` checks each shard's sha256 the first time it is read."""
 
     path: Path
@@ -342,10 +342,6 @@ class ActivationCache:
     @property
     def n_tokens(self) -> int:
         return int(self.manifest["n_tokens"])
-
-    @property
-    def n_shards(self) -> int:
-        return len(self.manifest["shards"])
 
     def check_shard(self, i: int) -> None:
         """Raise a UserError naming shard i if its size or sha256 differs from the manifest."""

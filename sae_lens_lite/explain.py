@@ -284,22 +284,17 @@ def explain_all(counts: Counts, name) -> list[dict]:
     out = []
     for j in range(counts.d_sae):
         found = find_pattern(counts, j)
-        if found is None:
-            out.append(
-                {"explanation": "", "pattern": None, "explain_f1": None, "detection": detection(counts, j, "token", [])}
-            )
-            continue
-        kind, items, f1 = found
-        if not items:
+        if found is None or not found[1]:  # never fires in the explain split, or no pattern found
             out.append(
                 {
-                    "explanation": NO_PATTERN,
+                    "explanation": "" if found is None else NO_PATTERN,
                     "pattern": None,
-                    "explain_f1": 0.0,
+                    "explain_f1": None if found is None else 0.0,
                     "detection": detection(counts, j, "token", []),
                 }
             )
             continue
+        kind, items, f1 = found
         out.append(
             {
                 "explanation": phrase(kind, items, name),

@@ -79,11 +79,10 @@ class Latents(NamedTuple):
         sync-free path, which masks the rest instead of counting them on the host)."""
         if self.idx is None:
             return self.vals[:, lo:hi] @ W_dec[lo:hi]
-        band = (self.idx >= lo) & (self.idx < hi)
         if sync_free(self.vals):
-            return F.embedding_bag(
-                self.idx, W_dec, self.starts, per_sample_weights=(self.vals * band).float(), mode="sum"
-            )
+            latent = torch.arange(self.d_sae, device=W_dec.device)
+            return self.decode(W_dec, ((latent >= lo) & (latent < hi)).float())
+        band = (self.idx >= lo) & (self.idx < hi)
         idx, rows = self.idx[band], self.rows[band]  # still in token order
         counts = torch.bincount(rows, minlength=self.n)
         starts = counts.cumsum(0) - counts

@@ -55,6 +55,15 @@ def pick_features(analysis: dict, n: int, order: str = "rank") -> list[tuple[int
     return out
 
 
+def add_edit(deltas, mask):
+    """An edit_hook function adding deltas[i] [d] to row i of the activation at the positions mask [F, t]."""
+
+    def fn(act):
+        return torch.where(mask[..., None], act + deltas[:, None, :].to(act.dtype), act)
+
+    return fn
+
+
 @torch.no_grad()
 def steered_batch(lm, sae, ids, deltas, new_tokens: int):
     """Greedy continuations of ids [1, T], row i with deltas[i] [d] added at the positions the SAE
@@ -62,16 +71,9 @@ def steered_batch(lm, sae, ids, deltas, new_tokens: int):
     shared); returns the sequences [F, T + n] and the steered log-probs of each generated
     position's prediction [F, n, vocab]."""
     cur = ids.expand(len(deltas), -1)
-
-    def edit(mask):  # mask [F, t] for the positions in this forward
-        def fn(act):
-            return torch.where(mask[..., None], act + deltas[:, None, :].to(act.dtype), act)
-
-        return fn
-
     logps, past, step_ids, mask = [], None, cur, positions(lm, sae, cur)
     for _ in range(new_tokens):
-        with edit_hook(lm.model, sae.cfg.hook, edit(mask)):
+        with edit_hook(lm.model, sae.cfg.hook, add_edit(deltas, mask)):
             out = lm.model(input_ids=step_ids, past_key_values=past, use_cache=True)
         past = out.past_key_values
         logp = out.logits[:, -1].float().log_softmax(-1)  # [F, vocab]
@@ -99,13 +101,9 @@ def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
         # The same (unsteered) text read with the direction added: the direction's effect on the
         # token, without the steered text drifting elsewhere.
         fb = full.expand(len(feats), -1)
-        mask = positions(lm, sae, fb)
-        lf = next_token_logprobs(
-            lm.model,
-            fb,
-            sae.cfg.hook,
-            lambda act: torch.where(mask[..., None], act + deltas[:, None, :].to(act.dtype), act),
-        )[:, T - 1 :]  # [F, n, vocab]
+        lf = next_token_logprobs(lm.model, fb, sae.cfg.hook, add_edit(deltas, positions(lm, sae, fb)))[
+            :, T - 1 :
+        ]  # [F, n, vocab]
         lp_forced.append(lf.gather(2, toks[:, None, None].expand(-1, lf.shape[1], 1))[..., 0])  # [F, n]
         n_clean += (full[0, T:, None] == toks).sum(0)
         seq, logp = steered_batch(lm, sae, ids, deltas, new_tokens)
