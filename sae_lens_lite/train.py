@@ -513,7 +513,7 @@ def resample_dead_latents(
     dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-8)  # [n_dead, d_in]
     alive = since_fired < cfg.dead_window
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-    dec_norm = sae.W_dec[alive].norm(dim=1).mean() if alive.any() else torch.tensor(0.1)
+    dec_norm = sae.W_dec[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)  # the init's unit rows
     sae.W_dec[dead] = dirs * dec_norm
     sae.W_enc[:, dead] = dirs.T * enc_norm * 0.2
     sae.b_enc[dead] = 0.0

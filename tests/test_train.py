@@ -73,6 +73,17 @@ def test_resampling_points_dead_latents_at_inputs_and_resets_adam():
     assert (opt.state[sae.W_dec]["exp_avg"][0] != 0).any()
 
 
+def test_resampling_with_every_latent_dead_gives_unit_rows_like_the_init():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=16))
+    opt = torch.optim.Adam(sae.parameters())
+    sae(torch.randn(4, 8)).x_hat.pow(2).sum().backward()
+    opt.step()
+    since = torch.full((16,), 1e9)  # nothing alive to copy a norm from
+    resample_dead_latents(sae, opt, torch.randn(64, 8), since, TrainConfig(dead_window=100), step=5)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(16), atol=1e-5)
+
+
 # ---- learning: ground-truth recovery --------------------------------------------------------
 
 RECOVERY = {  # penalty -> (settings, tokens); 256 features in 64 dims, each firing with p <= 5%
