@@ -118,6 +118,8 @@ SPARSE_CASES = [  # (penalty, dead latents, sync_free); sync_free=True is the CU
     ("kl", 0, False),
     ("batchtopk", 5, False),
     ("jumprelu", 0, False),
+    ("jumprelu", 5, False),
+    ("jumprelu", 5, True),
     ("matryoshka", 5, True),
     ("matryoshka", 0, False),
 ]
@@ -188,6 +190,23 @@ def test_auxk_revives_latents_whose_pre_activations_are_all_negative(sparse):
     t = terms(sae, x, recipe, cfg, dead, sparse)
     sae.zero_grad()
     t["aux"].backward()
+    assert (sae.W_enc.grad[:, :4].abs().sum(0) > 0).all()
+    assert (sae.b_enc.grad[:4] != 0).all()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_dead_jumprelu_latent_still_gets_an_encoder_gradient(sparse):
+    """Neither the JumpReLU nor its L0 term sends a gradient to a latent whose pre-activations
+    all stay below its threshold (the L0 term moves θ only within ε/2 of it); AuxK must."""
+    torch.manual_seed(0)
+    sae, recipe, cfg = make("jumprelu")
+    with torch.no_grad():
+        sae.b_enc[:4] = -100.0  # latents 0-3: never near θ
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:4] = True
+    t = terms(sae, torch.randn(40, 8), recipe, cfg, dead, sparse)
+    sae.zero_grad()
+    total_loss(t, torch.tensor(0.7), recipe).backward()
     assert (sae.W_enc.grad[:, :4].abs().sum(0) > 0).all()
     assert (sae.b_enc.grad[:4] != 0).all()
 
