@@ -38,7 +38,8 @@ pre-activations by decoder norm and its AuxK weight 1 (ours: unit-norm decoder, 
     "step", the straight-through gradient to θ only), our kernel width ε and initial θ
     (jumprelu.BANDWIDTH, INIT_THRESHOLD) and so our initial decoder norm 1 (decoder_init_norm;
     W_enc = W_dec.T in both, so θ and ε start in the same units). Stays its own: SAELens's
-    decoder rows are free after the start (ours: renormalised to unit norm after every step).
+    decoder rows are free after the start (ours: renormalised to unit norm after every step), and
+    ours adds AuxK on dead latents (SAELens's JumpReLU has none).
 
 L0: TopK sets it (k). BatchTopK and Matryoshka train at a mean L0 of k (the same k for both); the
 saved SAE runs on the one estimated threshold, so its L0 is only near k. For L1 (--l1) and JumpReLU
