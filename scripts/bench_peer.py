@@ -337,6 +337,7 @@ def compare(
                     f"{coef}_start": getattr(s, coef),
                     "target_l0": round(target, 2),
                     f"{coef}_final": round(sae.cfg.meta["final_metrics"]["lam"], 4),
+                    "train_l0": round(score(sae, acts[: min(len(acts), 16384)].float())["l0"], 2),
                 }
             )
         prec = "float32" if precision == "float32" or amp is None else "bf16 autocast"

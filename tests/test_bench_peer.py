@@ -79,8 +79,10 @@ def test_both_trainers_learn_and_the_table_holds_both(bench, data, tmp_path, pen
         "matryoshka",
     ):  # k = 4 on average in training; saved with one threshold, so only near it
         assert all(2.0 <= r["l0"] <= 8.0 for r in rows), rows
-    else:  # ours is steered to SAELens's L0
+    else:  # ours is steered to SAELens's L0 on the training activations, and lands near it there
         assert by["ours"]["l0"] == pytest.approx(by["SAELens"]["l0"], rel=0.25)
+        got = by["ours"]["settings"]
+        assert got["train_l0"] == pytest.approx(got["target_l0"], rel=0.25), got
     # The SAELens SAE came back through our import and is scored by our SAE class.
     assert saes["SAELens"].cfg.meta["imported_from"]["format"] == "saelens"
     text = bench.table(rows)
