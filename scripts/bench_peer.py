@@ -323,7 +323,8 @@ def compare(
     saes = {"SAELens": imported}
     # L1, JumpReLU: our λ is steered to the L0 SAELens reached on the training activations, so EV and KL
     # compare at one L0.
-    target = score(imported, acts[: min(len(acts), 16384)].float())["l0"] if s.penalty in STEERED else 0.0
+    sample = acts[:16384].float()  # the training activations' L0 is measured on these
+    target = score(imported, sample)["l0"] if s.penalty in STEERED else 0.0
     amp = autocast_dtype("auto", torch.device(s.device))
     runs = [("ours", "auto")] + ([("ours fp32", "float32")] if fp32 and amp is not None else [])
     for name, precision in runs:
@@ -337,7 +338,7 @@ def compare(
                     f"{coef}_start": getattr(s, coef),
                     "target_l0": round(target, 2),
                     f"{coef}_final": round(sae.cfg.meta["final_metrics"]["lam"], 4),
-                    "train_l0": round(score(sae, acts[: min(len(acts), 16384)].float())["l0"], 2),
+                    "train_l0": round(score(sae, sample)["l0"], 2),
                 }
             )
         prec = "float32" if precision == "float32" or amp is None else "bf16 autocast"
