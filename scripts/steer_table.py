@@ -90,6 +90,10 @@ def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
     lp_clean, lp_steer, lp_forced = [], [], []
     n_clean, n_steer = torch.zeros(len(feats), dtype=torch.long), torch.zeros(len(feats), dtype=torch.long)
     samples = {}
+
+    def at_tokens(logp):  # [F, n, vocab] -> [F, n]: row i's log p of feature i's lens token
+        return logp.gather(2, toks[:, None, None].expand(-1, logp.shape[1], 1))[..., 0]
+
     for p in STEER_PROMPTS:
         ids = encode_prompt(lm, p)
         T = ids.shape[1]
@@ -104,10 +108,10 @@ def steer_rows(lm, sae, feats, times: float, new_tokens: int) -> list[dict]:
         lf = next_token_logprobs(lm.model, fb, sae.cfg.hook, add_edit(deltas, positions(lm, sae, fb)))[
             :, T - 1 :
         ]  # [F, n, vocab]
-        lp_forced.append(lf.gather(2, toks[:, None, None].expand(-1, lf.shape[1], 1))[..., 0])  # [F, n]
+        lp_forced.append(at_tokens(lf))
         n_clean += (full[0, T:, None] == toks).sum(0)
         seq, logp = steered_batch(lm, sae, ids, deltas, new_tokens)
-        lp_steer.append(logp.gather(2, toks[:, None, None].expand(-1, logp.shape[1], 1))[..., 0])  # [F, n]
+        lp_steer.append(at_tokens(logp))
         n_steer += (seq[:, T:] == toks[:, None]).sum(1)
         for i in range(len(feats)):
             samples.setdefault(i, (p, lm.tokenizer.decode(seq[i, T:].tolist()), g.text))

@@ -55,12 +55,18 @@ def test_penalty_warmup_is_linear_over_the_first_5_percent():
     assert penalty_warmup_at(total - 1, total) == 1.0
 
 
-def test_resampling_points_dead_latents_at_inputs_and_resets_adam():
+def stepped_sae() -> tuple[SAE, torch.optim.Adam]:
+    """A d_in 8, d_sae 16 SAE after one Adam step, so every latent has optimiser state to reset."""
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=8, d_sae=16))
     opt = torch.optim.Adam(sae.parameters())
     sae(torch.randn(4, 8)).x_hat.pow(2).sum().backward()
     opt.step()
+    return sae, opt
+
+
+def test_resampling_points_dead_latents_at_inputs_and_resets_adam():
+    sae, opt = stepped_sae()
     since = torch.zeros(16)
     since[[3, 7]] = 1e9
     cfg = TrainConfig(dead_window=100)
@@ -74,11 +80,7 @@ def test_resampling_points_dead_latents_at_inputs_and_resets_adam():
 
 
 def test_resampling_with_every_latent_dead_gives_unit_rows_like_the_init():
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=8, d_sae=16))
-    opt = torch.optim.Adam(sae.parameters())
-    sae(torch.randn(4, 8)).x_hat.pow(2).sum().backward()
-    opt.step()
+    sae, opt = stepped_sae()
     since = torch.full((16,), 1e9)  # nothing alive to copy a norm from
     resample_dead_latents(sae, opt, torch.randn(64, 8), since, TrainConfig(dead_window=100), step=5)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(16), atol=1e-5)
