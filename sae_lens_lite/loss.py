@@ -111,7 +111,10 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
     n = x.shape[0]
     if not sparse:
         pre = sae.pre_activation(x)  # [n, d_sae]
-        vals = recipe.activate(sae, pre, None) * recipe.mask(sae, pre.detach())
+        vals = recipe.activate(sae, pre, None)
+        mask = recipe.mask(sae, pre.detach())
+        if mask is not None:
+            vals = vals * mask
         return Latents(vals, pre, None, None, None, n, sae.d_sae), pre, None
     with torch.no_grad():
         xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec  # [n, d_in]
@@ -152,9 +155,9 @@ def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, 
         # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
         # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
         t["aux"] = aux_term(sae, pre, xc, err, dead)
-    on = (lat.vals.detach() > 0).float()
-    t["fired"] = lat.per_latent(on) > 0  # [d_sae]
-    t["l0"] = on.sum() / lat.n
+    on = lat.vals.detach() > 0
+    t["fired"] = lat.per_latent(on.float()) > 0 if lat.idx is not None else on.any(0)  # [d_sae]
+    t["l0"] = torch.count_nonzero(on).float() / lat.n
     t["sse"] = err.detach().pow(2).sum()
     xs = x * s
     t["sst"] = (xs - xs.mean(0)).pow(2).sum()

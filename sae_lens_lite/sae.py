@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -93,14 +94,24 @@ class _GatheredPre(torch.autograd.Function):
         d_sae = W_enc.shape[1]
         g = g.float()
         grad_b_enc = torch.zeros(d_sae, device=g.device).index_add_(0, cols, g)  # [d_sae]
-        # grad W_enc[:, j] = Σ_{e: cols[e] = j} g[e] xc[rows[e]], as a sparse [d_sae, n] @ [n, d_in] product.
-        # Sorted by latent (stably, so tokens stay in order within one) the entries are coalesced,
-        # and saying so spares CUDA's addmm its own coalesce, which sorts and then waits for the host.
-        order = cols.argsort(stable=True)
-        G = torch.sparse_coo_tensor(
-            torch.stack([cols[order], rows[order]]), g[order], (d_sae, n), is_coalesced=True, check_invariants=False
-        )
-        grad_W_enc = torch.sparse.mm(G, xc.float()).t()  # [d_in, d_sae]
+        # grad W_enc[:, j] = Σ_{e: cols[e] = j} g[e] xc[rows[e]]: xc^T [d_in, n] times the gradient as
+        # a sparse [n, d_sae] matrix.
+        if g.is_cuda:
+            # As [d_sae, n] @ [n, d_in], its entries sorted by latent (stably) and so coalesced:
+            # saying so spares CUDA's addmm its own coalesce, which sorts and then waits for the host.
+            order = cols.argsort(stable=True)
+            G = torch.sparse_coo_tensor(
+                torch.stack([cols[order], rows[order]]), g[order], (d_sae, n), is_coalesced=True, check_invariants=False
+            )
+            grad_W_enc = torch.sparse.mm(G, xc.float()).t()  # [d_in, d_sae]
+        else:
+            # The CPU: token-ordered entries are already a CSR matrix (no sort), and dense @ CSR
+            # writes the parameter's own layout (a transposed result would be copied, ~14 ms at 8x).
+            crow = torch.searchsorted(rows, torch.arange(n + 1, device=rows.device))  # [n + 1]
+            with warnings.catch_warnings():  # "CSR support is in beta": once per process, not the user's concern
+                warnings.simplefilter("ignore")
+                G = torch.sparse_csr_tensor(crow, cols, g, (n, d_sae), check_invariants=False)
+            grad_W_enc = xc.float().t().contiguous() @ G  # [d_in, d_sae]
         grad_b_dec = -(W_enc @ grad_b_enc)  # ∂pre[t, j]/∂b_dec = −W_enc[:, j]
         return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
 

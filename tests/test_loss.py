@@ -9,6 +9,7 @@ import torch
 
 from sae_lens_lite import loss, recipes
 from sae_lens_lite.loss import _terms, total_loss, use_sparse
+from sae_lens_lite.recipes import jumprelu
 from sae_lens_lite.recipes.kl import KL_TAU
 from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.train import TrainConfig
@@ -159,6 +160,23 @@ def test_sparse_path_equals_the_dense_one(penalty, n_dead, sync_free, monkeypatc
     for name, g in g_dense.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(g_sparse[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_jumprelu_compares_bf16_pre_activations_exactly_against_an_fp32_threshold():
+    """The dense path compares bf16 pre-activations in bf16 (the fast kernel), against θ rounded
+    the safe way: the same answers as comparing their fp32 values with θ, at and around every
+    threshold (a plain bf16 θ would be off wherever z equals θ rounded up)."""
+    torch.manual_seed(0)
+    theta = torch.rand(512) * 3  # fp32, mostly not representable in bf16
+    grid = theta.bfloat16()
+    near = torch.stack([torch.nextafter(grid, grid.new_full(grid.shape, v)) for v in (-9.0, 9.0)] + [grid])  # [3, 512]
+    edges = [(theta + e).bfloat16()[None] for e in (-jumprelu.BANDWIDTH / 2, jumprelu.BANDWIDTH / 2)]
+    z = torch.cat([near, (theta + 0.1 * torch.randn(64, 512)).bfloat16(), *edges])  # [69, 512]
+    zf = z.float()
+    assert torch.equal(jumprelu._above(z, theta), zf > theta)
+    band = (zf > theta - jumprelu.BANDWIDTH / 2) & (zf < theta + jumprelu.BANDWIDTH / 2)
+    assert torch.equal(jumprelu._band(z, theta), band)
+    assert 0.1 < float(band.float().mean()) < 0.5
 
 
 def test_relu_sparse_path_steps_aside_while_many_latents_are_active():

@@ -56,13 +56,15 @@ class Recipe:
         """Pre-activations above this enter the computation (and the sparse path's density probe)."""
         return 0.0
 
-    def mask(self, sae: SAE, pre: Tensor) -> Tensor:
-        """Which latents of pre [n, d_sae] enter the computation in training: bool [n, d_sae]."""
-        return pre > self.entry_floor(sae)
+    def mask(self, sae: SAE, pre: Tensor) -> Tensor | None:
+        """Which latents of pre [n, d_sae] enter the computation in training (dense path): bool
+        [n, d_sae], or None where activate() alone zeroes the rest (a ReLU, a JumpReLU: a mask
+        would only cost passes over [n, d_sae])."""
+        return None
 
     def entries(self, sae: SAE, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """mask() as entries (rows, idx) [nnz] in token order."""
-        return self.mask(sae, pre).nonzero(as_tuple=True)
+        """The latents above entry_floor as entries (rows, idx) [nnz] in token order (sparse path)."""
+        return (pre > self.entry_floor(sae)).nonzero(as_tuple=True)
 
     def activate(self, sae: SAE, pre: Tensor, idx: Tensor | None) -> Tensor:
         """The activation of what entered: pre [nnz] at latents idx, or dense [n, d_sae] (idx None)."""

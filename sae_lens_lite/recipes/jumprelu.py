@@ -14,39 +14,65 @@ BANDWIDTH = 0.05  # ε, in the units of the normalised pre-activations (unit-nor
 INIT_THRESHOLD = 0.05  # θ at the start: a little above 0, like a ReLU
 
 
-def _rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+def _cut(t: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
+    """t [d_sae] (fp32) as a value c of dtype with z > t ⟺ z > c (down) or z < t ⟺ z < c (up) for
+    every z of that dtype: t rounded towards −∞ or +∞. Comparing bf16 pre-activations in their own
+    dtype runs ~3x faster on the CPU than against an fp32 θ, and this keeps the answer exact."""
+    c = t.to(dtype)
+    if dtype == t.dtype:
+        return c
+    off = c.float() > t if down else c.float() < t
+    return torch.where(off, torch.nextafter(c, torch.full_like(c, -torch.inf if down else torch.inf)), c)
+
+
+def _above(z: Tensor, theta: Tensor) -> Tensor:
+    """H(z − θ) as bool, z [n, d_sae] or [nnz] against θ of the same shape or [d_sae]."""
+    return z > _cut(theta, z.dtype, down=True)
+
+
+def _band(z: Tensor, theta: Tensor) -> Tensor:
+    """K((z − θ)/ε) as bool: z within ε/2 of θ, where the straight-through gradients act."""
+    return (z > _cut(theta - BANDWIDTH / 2, z.dtype, down=True)) & (
+        z < _cut(theta + BANDWIDTH / 2, z.dtype, down=False)
+    )
+
+
+def _per_theta(g: Tensor, theta: Tensor) -> Tensor:
+    """A gradient g shaped like z, summed over the broadcast token axis when θ was [d_sae] against
+    z [n, d_sae] (in fp32: g may be bf16)."""
+    return g.sum(0, dtype=torch.float32) if g.dim() > theta.dim() else g.float()
 
 
 class _JumpReLU(torch.autograd.Function):
+    """f = z·H(z − θ), in z's dtype (bf16 on the dense path under autocast: no fp32 copy of
+    [n, d_sae]); ∂f/∂θ = −(θ/ε)·K((z − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, z, theta):
+        on = _above(z, theta)
+        ctx.save_for_backward(z, theta, on)
+        return z * on
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta, on = ctx.saved_tensors
+        g_theta = -(theta / BANDWIDTH) * _per_theta(g * _band(z, theta), theta)
+        return g * on, g_theta
+
+
+class _L0(torch.autograd.Function):
+    """Σ H(z − θ) over every entry, a scalar (fp32); ∂/∂θ = −(1/ε)·K((z − θ)/ε), none to z: only θ
+    learns from L0."""
+
     @staticmethod
     def forward(ctx, z, theta):
         ctx.save_for_backward(z, theta)
-        return z * (z > theta)
+        return torch.count_nonzero(_above(z, theta)).float()
 
     @staticmethod
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
-        g_theta = -(theta / BANDWIDTH) * _rectangle((z - theta) / BANDWIDTH) * g
-        return (z > theta) * g, _reduce_to(g_theta, theta)
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, theta):
-        ctx.save_for_backward(z, theta)
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, theta = ctx.saved_tensors
-        g_theta = -(1 / BANDWIDTH) * _rectangle((z - theta) / BANDWIDTH) * g
-        return None, _reduce_to(g_theta, theta)  # no gradient to z: only θ learns from L0
-
-
-def _reduce_to(g: Tensor, theta: Tensor) -> Tensor:
-    """Sum a gradient over the broadcast token axis when θ was [d_sae] against z [n, d_sae]."""
-    return g.sum(0) if g.dim() > theta.dim() else g
+        return None, -(g / BANDWIDTH) * _per_theta(_band(z, theta), theta)
 
 
 class JumpReLU(Recipe):
@@ -69,11 +95,11 @@ class JumpReLU(Recipe):
 
     def activate(self, sae, pre, idx):
         theta = sae.threshold if idx is None else sae.threshold[idx]
-        return _JumpReLU.apply(pre.float(), theta)
+        return _JumpReLU.apply(pre, theta)
 
     def penalty(self, sae, lat):
         theta = sae.threshold if lat.idx is None else sae.threshold[lat.idx]
-        return {"l0_ste": _Step.apply(lat.pre.float(), theta).sum() / lat.n}
+        return {"l0_ste": _L0.apply(lat.pre, theta) / lat.n}
 
     @torch.no_grad()
     def step_end(self, sae, step):
