@@ -143,10 +143,9 @@ def step_terms(model, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor)
 
 
 def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, sparse: bool) -> dict[str, Tensor]:
-    s = sae.input_scale
     lat, pre, xc = forward_latents(sae, x, recipe, sparse)
-    x_hat = (lat.decode(sae.W_dec) + sae.b_dec) / s  # [n, d_in]
-    err = (x - x_hat.float()) * s  # [n, d_in] reconstruction error in normalised units
+    xs = x * sae.input_scale  # [n, d_in] the input in normalised units, where the SAE works
+    err = xs - (lat.decode(sae.W_dec) + sae.b_dec).float()  # [n, d_in] reconstruction error, normalised
     t = {"mse": recipe.mse(sae, lat, err)}
     t.update(recipe.penalty(sae, lat))
     if recipe.aux:
@@ -159,7 +158,6 @@ def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, 
     t["fired"] = lat.per_latent(on.float()) > 0 if lat.idx is not None else on.any(0)  # [d_sae]
     t["l0"] = torch.count_nonzero(on).float() / lat.n
     t["sse"] = err.detach().pow(2).sum()
-    xs = x * s
     t["sst"] = (xs - xs.mean(0)).pow(2).sum()
     return t
 

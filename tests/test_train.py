@@ -108,12 +108,15 @@ def test_recovers_a_known_dictionary(penalty):
     assert mean_max_cosine(sae.W_dec, data.features) >= 0.9
 
 
-def test_target_l0_lands_within_20_percent():
+@pytest.mark.parametrize("target", [8.0, 20.0])
+def test_target_l0_lands_within_20_percent(target):
+    """20: without the controller's proportional term λ overshot while L0 lagged and the run ended
+    at 0.76 × the target."""
     data = make_superposition(n_features=256, d=64, true_l0=2.5, power=0.3, seed=0)
-    cfg = TrainConfig(penalty="l1", l1=1.0, target_l0=8.0, batch_size=1024, lr=3e-3, seed=0)
+    cfg = TrainConfig(penalty="l1", l1=1.0, target_l0=target, batch_size=1024, lr=3e-3, seed=0)
     sae = train_on_batches(small_sae_cfg("l1"), cfg, data.batches(1024, 1 << 18, seed=1), 600_000, progress=False)
     l0 = sample_l0(sae, data.sample(8192, torch.Generator().manual_seed(7)))
-    assert abs(l0 - 8.0) <= 0.2 * 8.0, l0
+    assert abs(l0 - target) <= 0.2 * target, l0
 
 
 def test_target_l0_raises_lambda_only_as_fast_as_l0_follows(tmp_path):
@@ -128,7 +131,7 @@ def test_target_l0_raises_lambda_only_as_fast_as_l0_follows(tmp_path):
     lams = [json.loads(line)["lam"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(lams) <= 20.0, max(lams)  # 8 measured; linearly warmed up: 283
     x = data.sample(8192, torch.Generator().manual_seed(7))
-    assert sample_l0(sae, x) >= 0.5 * 8.0
+    assert abs(sample_l0(sae, x) - 8.0) <= 0.2 * 8.0  # 7.7 measured; 5.5 without the proportional term
     with torch.no_grad():
         fires = (sae.encode(x) > 0).any(0)
     assert float(fires.float().mean()) >= 0.5  # 256 true features for 512 latents

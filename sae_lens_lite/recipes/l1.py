@@ -12,5 +12,6 @@ class L1(Recipe):
 
     def penalty(self, sae, lat):
         # Weighting by the decoder norm stops the penalty from being dodged by shrinking f and
-        # growing W_dec. Elementwise: autocast would run a matmul in bf16.
-        return {"l1": (lat.vals * lat.at(sae.W_dec.norm(dim=1))).sum() / lat.n}
+        # growing W_dec. Each latent's activations are summed first (in fp32), then weighted: on the
+        # dense path that is one pass over [n, d_sae] each way instead of a weighted copy of it.
+        return {"l1": (lat.per_latent(lat.vals) * sae.W_dec.norm(dim=1)).sum() / lat.n}
