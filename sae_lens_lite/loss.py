@@ -67,6 +67,10 @@ class Latents(NamedTuple):
             return v.sum(0, dtype=torch.float32)
         return torch.zeros(self.d_sae, device=v.device).index_add_(0, self.idx, v.float())
 
+    def any_per_latent(self, m: Tensor) -> Tensor:
+        """m (bool, shaped like vals) true on some token, for each latent: [d_sae]."""
+        return m.any(0) if self.idx is None else self.per_latent(m.float()) > 0
+
     def decode(self, W_dec: Tensor, weight: Tensor | None = None) -> Tensor:
         """Σ_j f_j W_dec,j per token [n, d_in] (no bias); weight [d_sae] scales each latent."""
         v = self.vals if weight is None else self.vals * self.at(weight)
@@ -155,7 +159,7 @@ def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, 
         # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
         t["aux"] = aux_term(sae, pre, xc, err, dead)
     on = lat.vals.detach() > 0
-    t["fired"] = lat.per_latent(on.float()) > 0 if lat.idx is not None else on.any(0)  # [d_sae]
+    t["fired"] = lat.any_per_latent(on)  # [d_sae]
     t["l0"] = torch.count_nonzero(on).float() / lat.n
     t["sse"] = err.detach().pow(2).sum()
     t["sst"] = (xs - xs.mean(0)).pow(2).sum()

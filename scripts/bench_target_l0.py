@@ -11,7 +11,7 @@ Cases (docs/training.md has the measured table):
   - demo: the demo config's L1 run (8x, batch 1,024, lr 2e-3, 600k tokens, target 25) on a
     demo cache (`--demo-acts`, default runs/demo/acts: run `make demo` first), and the same run
     for L1 at 60, JumpReLU at 40 and KL at 30 (the cases not used to choose 0.75);
-  - peer: bench_peer's ours-side L1 and JumpReLU runs (8x, 200 steps) steered to the L0 SAELens
+  - peer: bench_peer's ours-side L1 and JumpReLU runs (its train_ours; 8x, 200 steps) steered to the L0 SAELens
     reached (167.69, 182.51) on bench_peer's cache (`--peer-acts`, default runs/bench_peer/acts:
     run scripts/bench_peer.py first).
 """
@@ -32,18 +32,19 @@ from sae_lens_lite.synthetic import make_superposition
 from sae_lens_lite.train import TrainConfig, train_on_batches
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_peer import epoch_batches  # noqa: E402
+from bench_peer import Setup, epoch_batches, score, train_ours  # noqa: E402
 
 CASES = ("synthetic", "demo", "peer")
+
+
+def last_window_l0(sae) -> float:
+    return sae.cfg.meta["final_metrics"]["l0"]
 
 
 def final_l0(sae_cfg: SAEConfig, cfg: TrainConfig, batches, x: torch.Tensor | None = None) -> float:
     """The training L0 over the run's last log window, or the trained SAE's mean L0 on x."""
     sae = train_on_batches(sae_cfg, cfg, batches, cfg.tokens, progress=False)
-    if x is None:
-        return sae.cfg.meta["final_metrics"]["l0"]
-    with torch.no_grad():
-        return float((sae(x).latents > 0).float().sum(-1).mean())
+    return last_window_l0(sae) if x is None else score(sae, x)["l0"]
 
 
 def load(path: str) -> torch.Tensor:
@@ -77,20 +78,10 @@ def runs(case: str, args) -> list[tuple[str, float, callable]]:
     else:
         acts = load(args.peer_acts)
         for pen, target in (("l1", 167.69), ("jumprelu", 182.51)):
-            # bench_peer's ours-side settings: λ starts at SAELens's (1) over TARGET_START
-            start = 1 / train_mod.TARGET_START
-            cfg = TrainConfig(
-                penalty=pen,
-                expansion=8,
-                l1=start,
-                l0_coef=start,
-                target_l0=target,
-                lr=2e-3,
-                tokens=409_600,
-                batch_size=2048,
+            setup = Setup(d_sae=8 * acts.shape[1], batch=2048, lr=2e-3, tokens=409_600, penalty=pen)
+            out.append(
+                (f"peer {pen}", target, lambda s=setup, t=target: last_window_l0(train_ours(acts, s, "auto", t)[0]))
             )
-            sae_cfg = SAEConfig(d_in=acts.shape[1], d_sae=8 * acts.shape[1], **recipes.get(pen, cfg).sae_options())
-            out.append((f"peer {pen}", target, lambda c=cfg, s=sae_cfg: final_l0(s, c, epoch_batches(acts, 2048, 0))))
     return out
 
 
