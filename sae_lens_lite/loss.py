@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from . import runtime
 from .sae import SAE, _GatheredPre, token_rows, top_dead
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ PROBE_TOKENS = 64  # tokens whose activity decides between the sparse and dense 
 # (measured on a 2-core CPU, benchmarks.md: it stops paying at ~5% for d_in 256 and 576, at ~2.7%
 # for d_in 128, where its per-entry bookkeeping weighs more against the d_in-long rows it saves).
 SPARSE_MAX_DENSITY = 0.05
+# The same under bf16 autocast on a CPU with AMX, whose bf16 matmuls run several times faster
+# while the sparse kernels do not: at 8x on SmolLM2 the dense L1 step took 83-93 ms at every L0,
+# the sparse one 81 ms at L0 53 (1.1%) and 108-169 ms at L0 86-174 (benchmarks.md).
+SPARSE_MAX_DENSITY_AMX = 0.01
 
 
 def sync_free(t: Tensor) -> bool:
@@ -62,14 +67,12 @@ class Latents(NamedTuple):
         return w if self.idx is None else w[self.idx]
 
     def per_latent(self, v: Tensor) -> Tensor:
-        """v (shaped like vals) summed over tokens for each latent: [d_sae]."""
+        """v (shaped like vals) summed over tokens for each latent: [d_sae], fp32. A bf16 v is summed
+        in its own dtype (the CPU accumulates in fp32 and rounds once; sum(dtype=float32) would
+        first copy [n, d_sae] to fp32, ~10x slower)."""
         if self.idx is None:
-            return v.sum(0, dtype=torch.float32)
+            return v.sum(0).float()
         return torch.zeros(self.d_sae, device=v.device).index_add_(0, self.idx, v.float())
-
-    def any_per_latent(self, m: Tensor) -> Tensor:
-        """m (bool, shaped like vals) true on some token, for each latent: [d_sae]."""
-        return m.any(0) if self.idx is None else self.per_latent(m.float()) > 0
 
     def decode(self, W_dec: Tensor, weight: Tensor | None = None) -> Tensor:
         """Σ_j f_j W_dec,j per token [n, d_in] (no bias); weight [d_sae] scales each latent."""
@@ -106,7 +109,17 @@ def use_sparse(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig) -> bool:
     with torch.no_grad():
         probe = sae.pre_activation(x[:PROBE_TOKENS])  # [64, d_sae]
         density = float((probe > recipe.entry_floor(sae)).float().mean())
-    return density <= SPARSE_MAX_DENSITY * min(1.0, sae.d_in / 256)
+    return density <= sparse_max_density(x) * min(1.0, sae.d_in / 256)
+
+
+def sparse_max_density(x: Tensor) -> float:
+    """The share of active latents up to which the sparse path runs, for this CPU and precision."""
+    amx = "amx_bf16" in runtime.cpu_flags() and torch.is_autocast_enabled(x.device.type)
+    return (
+        SPARSE_MAX_DENSITY_AMX
+        if amx and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+        else SPARSE_MAX_DENSITY
+    )
 
 
 def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[Latents, Tensor, Tensor]:
@@ -114,7 +127,7 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
     no gradient (the entries carry it); on the dense path it is the one with the gradient."""
     n = x.shape[0]
     if not sparse:
-        pre = sae.pre_activation(x)  # [n, d_sae]
+        pre = dense_pre(sae, x)  # [n, d_sae]
         vals = recipe.activate(sae, pre, None)
         mask = recipe.mask(sae, pre.detach())
         if mask is not None:
@@ -127,6 +140,14 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
     pre_e = gather_pre(sae, pre, xc, rows, idx)
     starts = torch.searchsorted(rows, torch.arange(n, device=rows.device))  # [n], once: Matryoshka decodes 5 times
     return Latents(recipe.activate(sae, pre_e, idx), pre_e, rows, idx, starts, n, sae.d_sae), pre, xc
+
+
+def dense_pre(sae: SAE, x: Tensor) -> Tensor:
+    """sae.pre_activation(x) [n, d_sae] with b_dec's gradient as a matrix-vector product: through
+    (x·s − b_dec) @ W_enc, autograd would spend a whole [n, d_sae] × [d_sae, d_in] product on it."""
+    xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec.detach()  # [n, d_in], no gradient
+    bias = sae.b_enc + (sae.b_dec.detach() - sae.b_dec) @ sae.W_enc.detach()  # = b_enc; ∂/∂b_dec = −W_enc Σ_t ∂pre_t
+    return torch.addmm(bias, xc, sae.W_enc)
 
 
 def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tensor) -> Tensor:
@@ -158,12 +179,22 @@ def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, 
         # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
         # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
         t["aux"] = aux_term(sae, pre, xc, err, dead)
-    on = lat.vals.detach() > 0
-    t["fired"] = lat.any_per_latent(on)  # [d_sae]
-    t["l0"] = torch.count_nonzero(on).float() / lat.n
+    # Activations are >= 0 in every recipe, so a latent fired if its sum is > 0: on the dense path
+    # that spares a bool [n, d_sae] (slow to make from bf16 on a CPU).
+    v = lat.vals.detach()
+    t["fired"] = lat.per_latent(v) > 0  # [d_sae]
+    t["l0"] = count_positive(v).float() / lat.n
     t["sse"] = err.detach().pow(2).sum()
     t["sst"] = (xs - xs.mean(0)).pow(2).sum()
     return t
+
+
+def count_positive(v: Tensor) -> Tensor:
+    """How many entries of v are > 0. Read as integers of the same width, IEEE floats keep their
+    sign and order for x >= 0, so this counts the positive integers: on the CPU ~10x faster for
+    bf16 than count_nonzero (or > 0) on the floats."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[v.element_size()]
+    return torch.count_nonzero(v.view(ints).clamp_min(0))
 
 
 def aux_term(sae: SAE, pre: Tensor, xc: Tensor | None, err: Tensor, dead: Tensor) -> Tensor:

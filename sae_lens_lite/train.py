@@ -199,11 +199,7 @@ def penalty_warmup_at(step: int, total: int) -> float:
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); then bf16 matmuls are several
     times faster than fp32 (measured in scripts/bench_train.py). Elsewhere bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & runtime.cpu_flags())
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -318,6 +314,11 @@ def train_on_batches(
     """Train an SAE on batches [batch_size, d_in] from `batches(epoch)` (a fresh, deterministic
     iterator per epoch; partial batches are skipped). With `out`, write metrics and checkpoints
     there and resume from the last checkpoint; without, train in memory (tests, benchmarks)."""
+    with runtime.keep_freed_memory(resolve_device(cfg.device)):
+        return _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress)
+
+
+def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE:
     recipe = check_config(cfg)
     device = runtime.init_from_env(resolve_device(cfg.device))  # under torchrun: this rank's GPU
     amp = autocast_dtype(cfg.precision, device)

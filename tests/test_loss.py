@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_lens_lite import loss, recipes
-from sae_lens_lite.loss import _terms, total_loss, use_sparse
+from sae_lens_lite.loss import _terms, count_positive, total_loss, use_sparse
 from sae_lens_lite.recipes import jumprelu
 from sae_lens_lite.recipes.kl import KL_TAU
 from sae_lens_lite.sae import SAE, SAEConfig
@@ -173,9 +173,11 @@ def test_jumprelu_compares_bf16_pre_activations_exactly_against_an_fp32_threshol
     edges = [(theta + e).bfloat16()[None] for e in (-jumprelu.BANDWIDTH / 2, jumprelu.BANDWIDTH / 2)]
     z = torch.cat([near, (theta + 0.1 * torch.randn(64, 512)).bfloat16(), *edges])  # [69, 512]
     zf = z.float()
-    assert torch.equal(jumprelu._above(z, theta), zf > theta)
+    assert torch.equal(jumprelu._above(z, theta) > 0, zf > theta)
+    assert torch.equal(jumprelu._keep(z, jumprelu._above(z, theta)), torch.where(zf > theta, z, 0))
     band = (zf > theta - jumprelu.BANDWIDTH / 2) & (zf < theta + jumprelu.BANDWIDTH / 2)
-    assert torch.equal(jumprelu._band(z, theta), band)
+    ones = torch.ones((), dtype=z.dtype).expand_as(z)
+    assert torch.equal(jumprelu._in_band(ones, z, theta), band.to(z.dtype))
     assert 0.1 < float(band.float().mean()) < 0.5
 
 
@@ -250,3 +252,26 @@ def test_batchtopk_threshold_is_the_mean_of_the_cuts_then_a_running_mean():
     for c in cuts[100:]:
         want += THRESHOLD_RATE * (c - want)
     assert torch.allclose(sae.threshold, torch.full((32,), want), rtol=1e-4)
+
+
+def test_count_positive_counts_entries_above_zero_in_every_float_width():
+    """L0 is counted on the activations read as integers (fast for bf16 on the CPU): the same
+    count as `> 0`, with -0.0, negatives and subnormals where a sign-blind count would differ."""
+    v = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.5, -2.0, float("inf"), 0.0])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = v.to(dtype)
+        assert int(count_positive(x)) == int((x > 0).sum()), dtype
+    assert int(count_positive(v)) == 3  # 1e-40, 3.5, inf
+
+
+def test_the_sparse_path_stops_at_1_percent_under_bf16_autocast_on_an_amx_cpu(monkeypatch):
+    """With AMX the dense bf16 matmuls are cheap, so the sparse path gives way sooner (1% of the
+    latents active, not 5%); fp32 or a CPU without AMX keep 5%."""
+    x = torch.randn(4, 8)
+    monkeypatch.setattr(loss.runtime, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    assert loss.sparse_max_density(x) == loss.SPARSE_MAX_DENSITY
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss.sparse_max_density(x) == loss.SPARSE_MAX_DENSITY_AMX
+    monkeypatch.setattr(loss.runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss.sparse_max_density(x) == loss.SPARSE_MAX_DENSITY
