@@ -113,7 +113,9 @@ def main():
         f"d_in {x.shape[1]}, d_sae {args.d_sae}, batch {args.batch}; sparse path up to "
         f"{limit * min(1.0, x.shape[1] / 256):.1%} active"
     )
-    print("| recipe | share above the floor | L0 | dense ms/step | sparse ms/step | sparse / dense | use_sparse picks |")
+    print(
+        "| recipe | share above the floor | L0 | dense ms/step | sparse ms/step | sparse / dense | use_sparse picks |"
+    )
     print("|---|---|---|---|---|---|---|")
     with runtime.keep_freed_memory(torch.device("cpu")):
         for penalty in args.penalties:

@@ -20,7 +20,8 @@ class KL(Recipe):
         # ρ̂_j: tanh of the latent's contribution ‖f_j W_dec,j‖ / τ: ≈1 when it fires at a normal
         # size, so ρ̂_j ≈ its firing rate, and saturated, so large activations are not shrunk.
         # Latents that do not fire add tanh(0) = 0.
-        soft = torch.tanh(lat.vals.float() * lat.at(sae.W_dec.norm(dim=1)) / KL_TAU)
+        # In vals' dtype (bf16 on the dense path under autocast: an fp32 copy of [n, d_sae] costs more than the rest).
+        soft = torch.tanh(lat.vals * lat.at(sae.W_dec.norm(dim=1) / KL_TAU).to(lat.vals.dtype))
         rho_hat = lat.per_latent(soft) / lat.n  # [d_sae]
         return {"kl": kl_penalty(distributed.batch_mean(rho_hat), self.cfg.kl_rho)}  # under torchrun: every rank's rows
 
