@@ -1,9 +1,11 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from sae_lens_lite import recipes
+from sae_lens_lite import recipes, runtime
 from sae_lens_lite.cache import CacheWriter
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.sae import SAE, SAEConfig
@@ -442,3 +444,26 @@ def test_on_cuda_a_training_step_never_synchronises(penalty, tmp_path, monkeypat
             torch.cuda.set_sync_debug_mode("default")
         counts.append([str(w.message) for w in seen if "synchroniz" in str(w.message)])
     assert len(counts[1]) == len(counts[0]), counts[1]
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(runtime._glibc() is None, reason="glibc's malloc only")
+def test_cpu_training_keeps_freed_memory_for_reuse_and_returns_it_at_the_end():
+    """Inside keep_freed_memory a freed large tensor stays in the process (glibc would otherwise
+    unmap it, and the next step fault its pages in again); leaving returns it to the system."""
+    size = 256 * 2**20
+    base = _rss()
+    with runtime.keep_freed_memory(torch.device("cpu")):
+        x = torch.ones(size // 4)
+        del x
+        kept = _rss() - base
+    after = _rss() - base
+    assert kept > 0.8 * size
+    assert after < 0.2 * size
+    x = torch.ones(size // 4)  # glibc's defaults again: freed at once
+    del x
+    assert _rss() - base < 0.2 * size
