@@ -53,6 +53,13 @@ L0_GAIN = 0.01  # --target-l0: per step, λ *= (L0 / target)^gain (the controlle
 # what it gained while L0 was high as soon as L0 falls, instead of overshooting while L0 lags it
 # (training.md: the miss at the end of six runs fell from 35% to 8% on average, log scale).
 L0_DAMP = 0.75
+# --target-l0 for recipes whose L0 lags λ (Recipe.l0_lags): the integral term pauses while L0 is
+# on course, i.e. its trend (a moving average of its change per step, rate L0_TREND: ~20 steps)
+# would close L0_COURSE times the remaining gap before the run ends. Chosen on three JumpReLU runs
+# (training.md): with 1 the demo's run ended at 1.66x its target, with 10 a 1,000-step run wound λ
+# up to 2e5 as with no pause (EV 0.60); with 3 they land at 1.03x and 0.99x (EV 0.78).
+L0_TREND = 0.05
+L0_COURSE = 3.0
 TARGET_START = 0.01  # --target-l0: λ starts at this share of its coefficient (then ×1.04 a step at most L0/target = 50)
 INIT_TOKENS = 65_536  # tokens used to estimate the input scale and the data mean
 RESIDENT_FRACTION = 0.25  # on a GPU, hold the whole cache in memory when it takes at most this much of what is free
@@ -351,6 +358,7 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
     # the coefficient and is steered from the first step, so it rises only as fast as L0 follows.
     lam = torch.tensor((recipe.coefficient() or 0.0) * (TARGET_START if cfg.target_l0 else 1.0), device=device)
     l0_err = None  # --target-l0: the last step's log(L0 / target)
+    l0_trend = None  # --target-l0, recipes whose L0 lags: its change per step, smoothed (L0_TREND)
     since_fired = torch.zeros(sae.d_sae, device=device)  # [d_sae] tokens since each latent last fired
     acc = torch.zeros(8, device=device)  # summed metrics since the last log (see ACC below)
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -388,6 +396,7 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
         load_optimizer(opt, tensors)
         lam, since_fired, acc = tensors["lam"], tensors["since_fired"], tensors["acc"]
         l0_err = tensors.get("l0_err")  # absent in checkpoints of runs without --target-l0
+        l0_trend = tensors.get("l0_trend")
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         if main:
             _truncate_metrics(out / METRICS, step)
@@ -413,6 +422,7 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
             **optimizer_tensors(opt),
             "lam": lam,
             **({"l0_err": l0_err} if l0_err is not None else {}),
+            **({"l0_trend": l0_trend} if l0_trend is not None else {}),
             "since_fired": since_fired,
             "acc": acc,
         }
@@ -450,7 +460,14 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
             if cfg.target_l0:
                 err = (t["l0"].clamp_min(1e-3) / cfg.target_l0).log()  # log(L0 / target)
                 l0_err = err if l0_err is None else l0_err
-                lam = lam * torch.exp(L0_GAIN * err + L0_DAMP * (err - l0_err))
+                moved = err - l0_err
+                i_term = L0_GAIN * err
+                if recipe.l0_lags:
+                    # Anti-windup: no integral while L0's trend reaches the target before the run ends.
+                    l0_trend = moved if l0_trend is None else l0_trend + L0_TREND * (moved - l0_trend)
+                    on_course = (err * l0_trend < 0) & (l0_trend.abs() * (total - step) >= L0_COURSE * err.abs())
+                    i_term = torch.where(on_course, 0.0, i_term)
+                lam = lam * torch.exp(i_term + L0_DAMP * moved)
                 l0_err = err
             acc += torch.stack(
                 [

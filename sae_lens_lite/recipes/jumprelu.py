@@ -90,6 +90,10 @@ class JumpReLU(Recipe):
     # below θ (the L0 term's gradient reaches θ only within ε/2 of it), and without it 18% of a
     # 16x SmolLM2 JumpReLU ended dead.
     aux = True
+    # L0 falls only as fast as θ rises, ~lr a step under Adam whatever λ is: in a 1,000-step run
+    # (bench_peer, target 12.4) λ wound up from 1 to 2e5 while L0 caught up, and the SAE reached
+    # EV 0.60 against SAELens's 0.79; pausing the integral on the way kept λ at 0.6-2.7.
+    l0_lags = True
 
     def coefficient(self):
         return self.cfg.l0_coef
