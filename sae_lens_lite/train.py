@@ -195,6 +195,22 @@ def lr_at(step: int, total: int, lr: float) -> float:
     return lr * min(1.0, (step + 1) / warm) * min(1.0, (total - step) / decay)
 
 
+def steer_lambda(
+    lam: Tensor, err: Tensor, last_err: Tensor, trend: Tensor | None, lags: bool, steps_left: int
+) -> tuple[Tensor, Tensor | None]:
+    """One step of --target-l0's controller on λ, err = log(L0 / target) now and a step before:
+    λ·exp(L0_GAIN·err + L0_DAMP·(err − last_err)). Where L0 lags λ (Recipe.l0_lags), the integral
+    term pauses while L0's trend (its smoothed change per step) closes L0_COURSE × the gap within
+    steps_left. Returns (λ, trend); no host sync."""
+    moved = err - last_err
+    i_term = L0_GAIN * err
+    if lags:
+        trend = moved if trend is None else trend + L0_TREND * (moved - trend)
+        on_course = (err * trend < 0) & (trend.abs() * steps_left >= L0_COURSE * err.abs())
+        i_term = torch.where(on_course, 0.0, i_term)
+    return lam * torch.exp(i_term + L0_DAMP * moved), trend
+
+
 def penalty_warmup_at(step: int, total: int) -> float:
     """Multiplier of λ (or β): rises linearly from 0 at step 0 to 1 after 5% of the steps."""
     return min(1.0, step / max(1, round(LAMBDA_WARMUP * total)))
@@ -460,14 +476,7 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
             if cfg.target_l0:
                 err = (t["l0"].clamp_min(1e-3) / cfg.target_l0).log()  # log(L0 / target)
                 l0_err = err if l0_err is None else l0_err
-                moved = err - l0_err
-                i_term = L0_GAIN * err
-                if recipe.l0_lags:
-                    # Anti-windup: no integral while L0's trend reaches the target before the run ends.
-                    l0_trend = moved if l0_trend is None else l0_trend + L0_TREND * (moved - l0_trend)
-                    on_course = (err * l0_trend < 0) & (l0_trend.abs() * (total - step) >= L0_COURSE * err.abs())
-                    i_term = torch.where(on_course, 0.0, i_term)
-                lam = lam * torch.exp(i_term + L0_DAMP * moved)
+                lam, l0_trend = steer_lambda(lam, err, l0_err, l0_trend, recipe.l0_lags, total - step)
                 l0_err = err
             acc += torch.stack(
                 [

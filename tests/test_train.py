@@ -1,4 +1,5 @@
 import json
+import math
 import os
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from sae_lens_lite import recipes, runtime
+from sae_lens_lite import train as train_mod
 from sae_lens_lite.cache import CacheWriter
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.sae import SAE, SAEConfig
@@ -467,3 +469,20 @@ def test_cpu_training_keeps_freed_memory_for_reuse_and_returns_it_at_the_end():
     x = torch.ones(size // 4)  # glibc's defaults again: freed at once
     del x
     assert _rss() - base < 0.2 * size
+
+
+def test_target_l0_pauses_the_integral_while_a_lagging_l0_is_on_course():
+    """For a recipe whose L0 lags λ (JumpReLU) the integral term pauses while L0's trend would close
+    3x the gap before the run ends, so λ does not wind up while L0 catches up; it still climbs
+    when L0 stalls, and recipes whose L0 follows λ quickly keep the plain integral."""
+    lam, err, last = torch.tensor(1.0), torch.tensor(2.0), torch.tensor(2.02)  # L0 7.4x the target, falling 2% a step
+    falling = torch.tensor(-0.02)
+    damp_only = math.exp(train_mod.L0_DAMP * -0.02)
+    on_course, _ = train_mod.steer_lambda(lam, err, last, falling, lags=True, steps_left=1000)  # closes 20 >= 3 x 2
+    assert float(on_course) == pytest.approx(damp_only)
+    too_slow, _ = train_mod.steer_lambda(lam, err, last, falling, lags=True, steps_left=200)  # closes 4 < 6
+    assert float(too_slow) == pytest.approx(damp_only * math.exp(train_mod.L0_GAIN * 2.0))
+    stalled, trend = train_mod.steer_lambda(lam, err, err, torch.tensor(0.0), lags=True, steps_left=1000)
+    assert float(stalled) > 1.0 and float(trend) == 0.0
+    plain, trend = train_mod.steer_lambda(lam, err, last, None, lags=False, steps_left=1000)
+    assert float(plain) == pytest.approx(damp_only * math.exp(train_mod.L0_GAIN * 2.0)) and trend is None
