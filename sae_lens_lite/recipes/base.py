@@ -24,8 +24,8 @@ class Recipe:
     aux = False  # AuxK on dead latents (Gao et al. 2024)
     unit_decoder = False  # decoder rows renormalised to unit norm after every step
     resamples = False  # --resample-dead applies
-    # L0 follows λ only with a long lag, so --target-l0's integral term pauses while L0 already heads
-    # for the target (else λ winds up while L0 catches up, and overshoots by orders of magnitude)
+    # L0 follows λ only with a long lag, so --target-l0's integral term pauses while L0 is on course
+    # for the target (train.steer_lambda; else λ winds up while L0 catches up, by orders of magnitude)
     l0_lags = False
     # Initial decoder row norm (W_enc = W_dec.T at the start). 1, not Anthropic's 0.1: every penalty
     # here is blind to the decoder's scale, so the encoder must grow by 1/dec_norm to reach it, and
