@@ -126,15 +126,15 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
     """(latents, pre [n, d_sae], xc [n, d_in]) of a batch x [n, d_in]. On the sparse path `pre` has
     no gradient (the entries carry it); on the dense path it is the one with the gradient."""
     n = x.shape[0]
+    xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec.detach()  # [n, d_in] centred, no gradient
     if not sparse:
-        pre = dense_pre(sae, x)  # [n, d_sae]
+        pre = dense_pre(sae, xc)  # [n, d_sae]
         vals = recipe.activate(sae, pre, None)
         mask = recipe.mask(sae, pre.detach())
         if mask is not None:
             vals = vals * mask
         return Latents(vals, pre, None, None, None, n, sae.d_sae), pre, None
     with torch.no_grad():
-        xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec  # [n, d_in]
         pre = torch.addmm(sae.b_enc, xc, sae.W_enc)  # [n, d_sae], bf16 under autocast
         rows, idx = recipe.entries(sae, pre)  # [nnz] each, in token order
     pre_e = gather_pre(sae, pre, xc, rows, idx)
@@ -142,10 +142,10 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
     return Latents(recipe.activate(sae, pre_e, idx), pre_e, rows, idx, starts, n, sae.d_sae), pre, xc
 
 
-def dense_pre(sae: SAE, x: Tensor) -> Tensor:
-    """sae.pre_activation(x) [n, d_sae] with b_dec's gradient as a matrix-vector product: through
-    (x·s − b_dec) @ W_enc, autograd would spend a whole [n, d_sae] × [d_sae, d_in] product on it."""
-    xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec.detach()  # [n, d_in], no gradient
+def dense_pre(sae: SAE, xc: Tensor) -> Tensor:
+    """sae.pre_activation [n, d_sae] of the centred input xc = x·s − b_dec (no gradient), with
+    b_dec's gradient as a matrix-vector product: through (x·s − b_dec) @ W_enc, autograd would
+    spend a whole [n, d_sae] × [d_sae, d_in] product on it."""
     bias = sae.b_enc + (sae.b_dec.detach() - sae.b_dec) @ sae.W_enc.detach()  # = b_enc; ∂/∂b_dec = −W_enc Σ_t ∂pre_t
     return torch.addmm(bias, xc, sae.W_enc)
 

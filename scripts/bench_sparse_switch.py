@@ -5,7 +5,7 @@ of shares of active latents, for the variable-count recipes (L1, KL, JumpReLU).
     python scripts/bench_sparse_switch.py --d-in 128 --d-sae 2048 --batch 4096
     python scripts/bench_sparse_switch.py --precision float32      # fp32 moves the crossover
 
-For each share, a random SAE (unit-norm decoder rows, encoder its transpose, as training starts)
+For each share, a random SAE (initialised by train.init_from_data, as training starts)
 gets its b_enc set per latent so that that share of the batch's pre-activations clears the
 recipe's entry floor (0 for a ReLU, θ − ε/2 for JumpReLU), and a full step (forward, loss,
 backward, clipping, fused Adam, at lr 1e-9 so the density stays put) is timed on the dense path
@@ -29,7 +29,7 @@ from sae_lens_lite import recipes, runtime
 from sae_lens_lite.cache import ActivationCache
 from sae_lens_lite.loss import sparse_max_density, step_terms, total_loss, use_sparse
 from sae_lens_lite.sae import SAE, SAEConfig
-from sae_lens_lite.train import TrainConfig, autocast_dtype
+from sae_lens_lite.train import TrainConfig, autocast_dtype, init_from_data
 
 
 def inputs(args) -> torch.Tensor:
@@ -42,14 +42,9 @@ def inputs(args) -> torch.Tensor:
 def make_sae(penalty: str, x: torch.Tensor, d_sae: int, share: float, cfg: TrainConfig):
     recipe = recipes.get(penalty, cfg)
     sae = SAE(SAEConfig(d_in=x.shape[1], d_sae=d_sae, **recipe.sae_options()))
+    init_from_data(sae, lambda epoch: iter(x.split(cfg.batch_size)), 0, recipe.dec_norm, len(x))  # as training starts
+    recipe.init(sae)
     with torch.no_grad():
-        w = torch.nn.functional.normalize(torch.randn(d_sae, x.shape[1]), dim=1)
-        sae.W_dec.copy_(w)
-        sae.W_enc.copy_(w.t())
-        sae.input_scale.fill_(x.shape[1] ** 0.5 / float(x.norm(dim=1).mean()))
-        sae.b_dec.copy_(x.mean(0) * sae.input_scale)
-        recipe.init(sae)
-        sae.b_enc.zero_()
         pre = sae.pre_activation(x).float()  # [n, d_sae]
         floor = recipe.entry_floor(sae)
         # each latent's (1 − share) quantile sits at the floor: that share of the tokens clears it
