@@ -204,6 +204,26 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
     assert not list((tmp_path / "b").glob("checkpoint_*.safetensors"))  # cleaned up when complete
 
 
+def test_resume_restores_the_l0_trend_of_a_paused_controller(tmp_path):
+    """JumpReLU's --target-l0 pauses its integral term on L0's smoothed trend (train.steer_lambda).
+    Here the pause acts in steps 2-22 and the run resumes from step 10: a trend not restored from
+    the checkpoint would restart from one step's change and change λ (checked: the test then fails)."""
+    data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
+    factory = data.batches(256, 16 * 256, seed=1)
+    cfg = TrainConfig(
+        penalty="jumprelu", batch_size=256, checkpoint_every=10 * 256, lr=0.1, target_l0=15.0, precision="float32"
+    )
+    sae_cfg = small_sae_cfg("jumprelu", d_in=16, d_sae=64, k=3)
+    ref = train_on_batches(sae_cfg, cfg, factory, 30 * 256, out=tmp_path / "a", progress=False)
+    with pytest.raises(Interrupted):  # init reads the 16 batches of epoch 0, then 17 steps
+        train_on_batches(sae_cfg, cfg, interrupting(factory, 16 + 17), 30 * 256, out=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 10
+    resumed = train_on_batches(sae_cfg, cfg, factory, 30 * 256, out=tmp_path / "b", progress=False)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    assert ref.cfg.meta["final_metrics"]["lam"] == resumed.cfg.meta["final_metrics"]["lam"]
+
+
 # ---- the entry point on an on-disk cache ----------------------------------------------------
 
 
