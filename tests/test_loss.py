@@ -275,3 +275,30 @@ def test_the_sparse_path_stops_at_1_percent_under_bf16_autocast_on_an_amx_cpu(mo
     monkeypatch.setattr(loss.runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert loss.sparse_max_density(x) == loss.SPARSE_MAX_DENSITY
+
+
+@pytest.mark.parametrize("penalty", ["l1", "kl", "jumprelu"])
+def test_the_dense_path_under_bf16_autocast_follows_the_float32_one(penalty):
+    """The dense path's own autograd nodes (loss._DenseEncode, _DenseDecode) pick their dtype from
+    autocast: under bf16 every gradient stays within bf16 rounding of the float32 path's."""
+    torch.manual_seed(0)
+    sae, recipe, cfg = make(penalty, d_in=64, d_sae=256, kl_rho=0.05)
+    with torch.no_grad():
+        sae.b_enc.normal_(mean=-0.8 if penalty != "jumprelu" else 0.0)
+        sae.b_dec.normal_()
+        sae.input_scale.fill_(1.7)
+    x = torch.randn(512, 64)
+    dead = torch.zeros(256, dtype=torch.bool)
+    got = []
+    for amp in (False, True):
+        sae.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            t = terms(sae, x, recipe, cfg, dead)
+        total_loss(t, torch.tensor(0.7), recipe).backward()
+        got.append({name: p.grad.clone() for name, p in sae.named_parameters() if p.requires_grad})
+    for name, g in got[0].items():
+        if name == "threshold":  # which pre-activations fall in θ's band moves with bf16 rounding
+            continue
+        assert got[1][name].dtype == torch.float32
+        rel = float((got[1][name] - g).norm() / g.norm())
+        assert rel < 0.02, (name, rel)

@@ -80,7 +80,7 @@ class Recipe:
         return err.pow(2).sum(-1).mean()
 
     def penalty(self, sae: SAE, lat: Latents) -> dict[str, Tensor]:
-        """The sparsity term, named `term`."""
+        """The sparsity term, named `term`; also "l0" (no gradient) where the term counts it anyway."""
         return {}
 
     @torch.no_grad()

@@ -111,7 +111,8 @@ class JumpReLU(Recipe):
 
     def penalty(self, sae, lat):
         theta = sae.threshold if lat.idx is None else sae.threshold[lat.idx]
-        return {"l0_ste": _L0.apply(lat.pre, theta, lat.vals.detach()) / lat.n}
+        l0 = _L0.apply(lat.pre, theta, lat.vals.detach()) / lat.n
+        return {"l0_ste": l0, "l0": l0.detach()}  # its value is the L0 metric: not counted again
 
     @torch.no_grad()
     def step_end(self, sae, step):
