@@ -61,7 +61,6 @@ class Latents(NamedTuple):
     starts: Tensor | None  # [n] where each token's entries begin (the decoder's offsets)
     n: int
     d_sae: int
-    sums: Tensor | None = None  # [d_sae] Σ over tokens of vals, fp32, with gradient: set by decoded() (dense)
 
     def at(self, w: Tensor) -> Tensor:
         """A per-latent quantity w [d_sae] at each value: [d_sae] (broadcasts) or [nnz]."""
@@ -74,18 +73,6 @@ class Latents(NamedTuple):
         if self.idx is None:
             return v.sum(0).float()
         return torch.zeros(self.d_sae, device=v.device).index_add_(0, self.idx, v.float())
-
-    def total(self) -> Tensor:
-        """Each latent's activations summed over the batch's tokens [d_sae], fp32, with gradient."""
-        return self.sums if self.sums is not None else self.per_latent(self.vals)
-
-    def decoded(self, W_dec: Tensor) -> tuple[Tensor, Latents]:
-        """(decode(W_dec) [n, d_in], these latents with their totals): on the dense path both come
-        from one node (_DenseDecode), which hands the totals' gradient to the decoder's backward."""
-        if self.idx is not None:
-            return self.decode(W_dec), self
-        x_hat, sums = _DenseDecode.apply(self.vals, W_dec)
-        return x_hat, self._replace(sums=sums)
 
     def decode(self, W_dec: Tensor, weight: Tensor | None = None) -> Tensor:
         """Σ_j f_j W_dec,j per token [n, d_in] (no bias); weight [d_sae] scales each latent."""
@@ -160,54 +147,7 @@ def dense_pre(sae: SAE, xc: Tensor) -> Tensor:
     b_dec's gradient as a matrix-vector product: through (x·s − b_dec) @ W_enc, autograd would
     spend a whole [n, d_sae] × [d_sae, d_in] product on it."""
     bias = sae.b_enc + (sae.b_dec.detach() - sae.b_dec) @ sae.W_enc.detach()  # = b_enc; ∂/∂b_dec = −W_enc Σ_t ∂pre_t
-    return _DenseEncode.apply(xc, sae.W_enc, bias)
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype matmuls on t's device run in here: autocast's where it is on, else t's."""
-    kind = t.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
-
-
-class _DenseEncode(torch.autograd.Function):
-    """pre = xc @ W_enc + bias [n, d_sae] (xc without gradient), in the autocast dtype where it is
-    on. The backward multiplies a contiguous copy of xc^T [d_in, n] (small) by the gradient: with
-    the transposed view autograd passes, the CPU's matmul ran ~1.7x slower (benchmarks.md)."""
-
-    @staticmethod
-    def forward(ctx, xc, W_enc, bias):
-        dt = _compute_dtype(xc)
-        xc_t = xc.to(dt).t().contiguous()  # [d_in, n]
-        ctx.save_for_backward(xc_t)
-        return torch.addmm(bias.to(dt), xc_t.t(), W_enc.to(dt))
-
-    @staticmethod
-    def backward(ctx, g):  # g [n, d_sae]
-        (xc_t,) = ctx.saved_tensors
-        g = g.to(xc_t.dtype)
-        return None, xc_t @ g, g.sum(0)
-
-
-class _DenseDecode(torch.autograd.Function):
-    """(f @ W_dec [n, d_in], Σ_t f [d_sae] fp32) of dense latents f [n, d_sae], in f's dtype. The
-    totals' gradient (the L1 term's: one value per latent) joins f's as the bias of the decoder's
-    backward product (addmm), instead of in another pass over [n, d_sae]."""
-
-    @staticmethod
-    def forward(ctx, f, W_dec):
-        ctx.set_materialize_grads(False)
-        W = W_dec.to(f.dtype)
-        ctx.save_for_backward(f, W)
-        return f @ W, f.sum(0).float()
-
-    @staticmethod
-    def backward(ctx, g_x, g_sums):  # [n, d_in], [d_sae]
-        f, W = ctx.saved_tensors
-        if g_x is None:
-            g_x = torch.zeros(f.shape[0], W.shape[1], dtype=f.dtype, device=f.device)
-        g_x = g_x.to(f.dtype)
-        g_f = g_x @ W.t() if g_sums is None else torch.addmm(g_sums.to(f.dtype), g_x, W.t())
-        return g_f, f.t() @ g_x
+    return torch.addmm(bias, xc, sae.W_enc)
 
 
 def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tensor) -> Tensor:
@@ -230,8 +170,7 @@ def step_terms(model, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor)
 def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, sparse: bool) -> dict[str, Tensor]:
     lat, pre, xc = forward_latents(sae, x, recipe, sparse)
     xs = x * sae.input_scale  # [n, d_in] the input in normalised units, where the SAE works
-    x_hat, lat = lat.decoded(sae.W_dec)
-    err = xs - (x_hat + sae.b_dec).float()  # [n, d_in] reconstruction error, normalised
+    err = xs - (lat.decode(sae.W_dec) + sae.b_dec).float()  # [n, d_in] reconstruction error, normalised
     t = {"mse": recipe.mse(sae, lat, err)}
     t.update(recipe.penalty(sae, lat))
     if recipe.aux:
@@ -243,7 +182,7 @@ def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, 
     # Activations are >= 0 in every recipe, so a latent fired if its sum is > 0: on the dense path
     # that spares a bool [n, d_sae] (slow to make from bf16 on a CPU).
     v = lat.vals.detach()
-    t["fired"] = lat.total().detach() > 0  # [d_sae]
+    t["fired"] = lat.per_latent(v) > 0  # [d_sae]
     if "l0" not in t:  # a penalty that counts L0 (JumpReLU's) returns it: one pass over [n, d_sae] fewer
         t["l0"] = count_positive(v).float() / lat.n
     t["sse"] = err.detach().pow(2).sum()

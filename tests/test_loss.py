@@ -279,8 +279,8 @@ def test_the_sparse_path_stops_at_1_percent_under_bf16_autocast_on_an_amx_cpu(mo
 
 @pytest.mark.parametrize("penalty", ["l1", "kl", "jumprelu"])
 def test_the_dense_path_under_bf16_autocast_follows_the_float32_one(penalty):
-    """The dense path's own autograd nodes (loss._DenseEncode, _DenseDecode) pick their dtype from
-    autocast: under bf16 every gradient stays within bf16 rounding of the float32 path's."""
+    """The dense path keeps its [n, d_sae] tensors in bf16 under autocast (sums, masks, counts in
+    their own dtype): every gradient stays within bf16 rounding of the float32 path's."""
     torch.manual_seed(0)
     sae, recipe, cfg = make(penalty, d_in=64, d_sae=256, kl_rho=0.05)
     with torch.no_grad():

@@ -14,4 +14,4 @@ class L1(Recipe):
         # Weighting by the decoder norm stops the penalty from being dodged by shrinking f and
         # growing W_dec. Each latent's activations are summed first (in fp32), then weighted: on the
         # dense path that is one pass over [n, d_sae] each way instead of a weighted copy of it.
-        return {"l1": (lat.total() * sae.W_dec.norm(dim=1)).sum() / lat.n}
+        return {"l1": (lat.per_latent(lat.vals) * sae.W_dec.norm(dim=1)).sum() / lat.n}
