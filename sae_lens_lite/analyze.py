@@ -767,7 +767,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         summary,
         f"analyze: {out / 'index.html'}: {sae.d_sae:,} features on {st.n_rows:,} tokens, "
         f"{summary['dead_features']:,} never fire, "
-        f"mean L0 {l0_mean:.1f}; best feature {best} (score {float(s['score'][best]):.3f}); in {summary['seconds']} s",
+        f"mean L0 {l0_mean:.1f}; best feature {best} (score {features[best]['score']:.3f}, "
+        f"monosemanticity {features[best]['monosemanticity']:.3f}); in {summary['seconds']} s",
     )
     return summary
 

@@ -339,3 +339,17 @@ def test_read_features_checks_the_schema(tmp_path):
     assert good["format"] == FORMAT
     with pytest.raises(UserError, match="not found"):
         read_features(tmp_path / "nowhere")
+
+
+def test_result_line_names_the_ranking_score_and_monosemanticity_apart(tmp_path, capsys):
+    # The result line once printed monosemanticity as "score"; `score` is the ranking key (docs/analysis.md).
+    synthetic(tmp_path)
+    summary, res = run(tmp_path)
+    best = next(f for f in res["features"] if f["rank"] == 1)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary["top_features"][0] == best["id"]
+    assert (
+        f"best feature {best['id']} (score {best['score']:.3f}, monosemanticity {best['monosemanticity']:.3f})"
+        in line
+    ), line
+    assert best["score"] != best["monosemanticity"]  # otherwise the test could not tell them apart
