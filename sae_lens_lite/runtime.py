@@ -43,9 +43,22 @@ def cpu_flags() -> frozenset[str]:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists twenty device types we do not run on
+        dev = None
+    # mps is kept for Apple machines; the other types torch knows (meta, xla, ...) would only fail later
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"device {device!r} asked for, but this machine has {n} GPU(s), cuda:0..cuda:{n - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return dev
 
 
 def model_dtype(name: str, device: torch.device) -> torch.dtype:

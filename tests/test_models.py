@@ -1,3 +1,6 @@
+import re
+import struct
+
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model, tiny_tokenizer
@@ -88,3 +91,47 @@ def test_unknown_model_offline_is_a_user_error(monkeypatch, tmp_path):
         load_model("no-such-org/no-such-model-xyz")
     with pytest.raises(UserError, match="not found"):
         load_model(str(tmp_path / "missing.gguf"))
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./models/foo", "../foo", "~/no-such-model", "some org/bad"])
+def test_missing_local_path_is_named_not_sent_to_the_hub(name):
+    # These cannot be hub ids; huggingface_hub used to reject them with an HFValidationError traceback.
+    with pytest.raises(UserError, match=f"model directory {re.escape(name)} not found"):
+        load_model(name)
+
+
+def test_invalid_hub_id_is_a_user_error():
+    with pytest.raises(UserError, match="'a--b' is not a Hugging Face model id"):
+        load_model("a--b")
+
+
+def test_existing_file_that_is_not_a_model_is_a_user_error(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    with pytest.raises(UserError, match="neither a directory nor a .gguf file"):
+        load_model(str(f))
+
+
+def test_corrupt_gguf_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_LITE_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("hello\n")
+    with pytest.raises(UserError, match="fake.gguf is not a GGUF file .*valid .gguf"):
+        load_model(str(fake))
+    # right magic, then cut short: the gguf reader's struct.error becomes one line
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + b"\x05")
+    with pytest.raises(UserError, match="cannot read .*cut.gguf .*is the file complete"):
+        load_model(str(cut))
+
+
+def test_bad_model_path_on_the_command_line_is_one_line_and_exit_2(capsys, tmp_path):
+    from sae_lens_lite.cli import main
+
+    assert main(["hooks", "--model", "/nonexistent/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: model directory /nonexistent/model not found" in err
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("hello\n")
+    assert main(["hooks", "--model", str(fake)]) == 2
+    assert "is not a GGUF file" in capsys.readouterr().err
