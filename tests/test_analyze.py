@@ -349,7 +349,6 @@ def test_result_line_names_the_ranking_score_and_monosemanticity_apart(tmp_path,
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary["top_features"][0] == best["id"]
     assert (
-        f"best feature {best['id']} (score {best['score']:.3f}, monosemanticity {best['monosemanticity']:.3f})"
-        in line
+        f"best feature {best['id']} (score {best['score']:.3f}, monosemanticity {best['monosemanticity']:.3f})" in line
     ), line
     assert best["score"] != best["monosemanticity"]  # otherwise the test could not tell them apart
