@@ -136,3 +136,24 @@ def test_nonfinite_activations_are_refused_or_skipped(tiny_lm, corpus_file, tmp_
     assert all(s["nonfinite_rows"] == s["n_contexts"] for s in c.manifest["shards"])
     assert 5 not in c.load(("pos",))["pos"].tolist()
     assert torch.isfinite(c.load()["activations"]).all()
+
+
+def test_a_directory_of_other_work_is_refused_and_left_as_it_was(tiny_lm, corpus_file, tmp_path, capsys):
+    from sae_lens_lite.cli import main
+
+    mine = tmp_path / "junk"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and is not an activation cache"):
+        harvest(cfg(corpus_file, mine), lm=tiny_lm)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # no .lock left behind
+    # from the command line: one line, exit 2, refused before the model loads
+    assert main(["harvest", "--out", str(mine), "--hook", HOOK, "--dataset", str(corpus_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an activation cache" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(UserError, match="is not a directory"):
+        harvest(cfg(corpus_file, afile), lm=tiny_lm)
+    assert afile.read_text() == "mine"
