@@ -295,7 +295,8 @@ def _names(paths: list[str]) -> dict[str, str]:
 
 
 def _same_model_and_hook(saes: dict[str, SAE], cfg: CompareConfig) -> tuple[str, str, int]:
-    """The model, hook and width every SAE shares; refuses SAEs of another model or hook."""
+    """The model, hook and activation width d_in every SAE shares; refuses SAEs of another model or
+    hook. d_sae may differ (a width sweep): every row is scored with its own SAE's latents."""
     first = next(iter(saes))
     for name, sae in saes.items():
         if not sae.cfg.hook:

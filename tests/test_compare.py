@@ -13,12 +13,14 @@ from sae_lens_lite.sae import SAE, SAEConfig
 HOOK = "blocks.0.hook_resid_post"
 
 
-def _random_sae(path, seed: int, activation: str = "relu", model: str = "tiny", hook: str = HOOK, d: int = 32):
+def _random_sae(
+    path, seed: int, activation: str = "relu", model: str = "tiny", hook: str = HOOK, d: int = 32, d_sae: int = 64
+):
     torch.manual_seed(seed)
     sae = SAE(
         SAEConfig(
             d_in=d,
-            d_sae=2 * d,
+            d_sae=d_sae,
             activation=activation,
             k=8 if activation == "topk" else None,
             model=model,
@@ -29,7 +31,7 @@ def _random_sae(path, seed: int, activation: str = "relu", model: str = "tiny", 
     with torch.no_grad():
         for p in (sae.W_enc, sae.W_dec):
             p.copy_(torch.randn_like(p) / d**0.5)
-        sae.b_enc.copy_(torch.randn(2 * d) * 0.05)
+        sae.b_enc.copy_(torch.randn(d_sae) * 0.05)
         sae.b_dec.copy_(torch.randn(d) * 0.1)
         sae.input_scale.fill_(0.7)  # folded into the weights on export: the round trip must undo nothing twice
     return sae.save(path)
@@ -118,6 +120,25 @@ def test_mixed_model_or_hook_is_refused_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and what in err and "one model and one hook" in err
     assert not (tmp_path / "cmp").exists()  # refused before anything was written
+
+
+def test_a_width_sweep_at_one_hook_is_compared_each_sae_on_its_own_latents(tiny_lm, corpus_file, tmp_path):
+    """docs/metrics.md: model and hook must match, d_sae may differ; each row is that SAE's evaluate numbers."""
+    small, wide = _random_sae(tmp_path / "small", 4, d_sae=64), _random_sae(tmp_path / "wide", 5, d_sae=256)
+    r = compare(
+        CompareConfig(
+            saes=[str(small), str(wide)], dataset=str(corpus_file), tokens=96, baselines=False, out=str(tmp_path / "c")
+        ),
+        lm=tiny_lm,
+    )
+    rows = {s["name"]: s for s in r["saes"]}
+    assert rows["small"]["d_sae"] == 64 and rows["wide"]["d_sae"] == 256
+    assert rows["wide"]["sparsity"]["d_sae"] == 256
+    e = evaluate(EvalConfig(sae=str(wide), dataset=str(corpus_file), tokens=96, baselines=False), lm=tiny_lm)
+    assert rows["wide"]["ce_loss"] == pytest.approx(e["ce"]["sae"], rel=1e-9)
+    assert rows["wide"]["active_dims_per_token"] == pytest.approx(e["sparsity"]["l0"], rel=1e-9)
+    assert rows["wide"]["sparsity"]["dead"] == e["sparsity"]["dead"]
+    assert "| wide | unknown | relu | 256 |" in (tmp_path / "c" / "compare.md").read_text()
 
 
 def test_reports_compare_only_on_the_same_footing(tiny_lm, corpus_file, tmp_path):
