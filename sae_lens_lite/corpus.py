@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
-from .models import LoadedModel
+from .models import SMOLLM2_NAME, LoadedModel, _converted_gguf, _file_hash, smollm2_gguf_path
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation, shipped with every CPython install
 
@@ -96,17 +96,7 @@ def tokenize_corpus(tokenizer, texts: list[str], context_length: int, max_tokens
     document ends. The final partial context is dropped."""
     if not any(t.strip() for t in texts):
         raise UserError("the corpus is empty (no non-whitespace text); point --dataset at real text")
-    sep = tokenizer.eos_token_id
-    ids: list[int] = []
-    need = None if max_tokens is None else max_tokens + context_length
-    for t in texts:
-        if not t.strip():
-            continue
-        ids.extend(tokenizer(t, add_special_tokens=False).input_ids)
-        if sep is not None:
-            ids.append(sep)
-        if need is not None and len(ids) >= need:
-            break
+    ids = token_ids(tokenizer, texts, None if max_tokens is None else max_tokens + context_length)
     n_ctx = len(ids) // context_length
     if max_tokens is not None:
         n_ctx = min(n_ctx, max(1, max_tokens // context_length))
@@ -116,6 +106,51 @@ def tokenize_corpus(tokenizer, texts: list[str], context_length: int, max_tokens
             "--context-length"
         )
     return torch.tensor(ids[: n_ctx * context_length], dtype=torch.long).view(n_ctx, context_length)
+
+
+def token_ids(tokenizer, texts: list[str], limit: int | None = None) -> list[int]:
+    """The documents' tokens, EOS after each, as tokenize_corpus packs them; stops once `limit` are read."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        if not t.strip():
+            continue
+        ids.extend(tokenizer(t, add_special_tokens=False).input_ids)
+        if sep is not None:
+            ids.append(sep)
+        if limit is not None and len(ids) >= limit:
+            break
+    return ids
+
+
+MAX_CHARS_PER_TOKEN = 32  # far above any tokenizer's average on text (3-5): more characters means enough tokens
+
+
+def corpus_tokens(
+    model: str, dataset: str, split: str, text_column: str, limit: int, trust_remote_code: bool = False
+) -> int | None:
+    """How many tokens `dataset` holds for `model`'s tokenizer, counted up to `limit`, when that is
+    cheap to know: the corpus is local (a file, a directory or pydoc) and the model's tokenizer is
+    on this machine. None otherwise (a hub corpus or model): the stage that reads it finds out."""
+    if dataset != DEFAULT_CORPUS and not Path(dataset).exists():
+        return None
+    try:
+        if model == SMOLLM2_NAME or model.endswith(".gguf"):
+            gguf = smollm2_gguf_path() if model == SMOLLM2_NAME else Path(model)
+            path = _converted_gguf(gguf, _file_hash(gguf))  # converted once; harvest would convert it next
+        elif Path(model).is_dir():
+            path = Path(model)
+        else:
+            return None
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (UserError, OSError, ValueError):
+        return None  # a model that does not load: harvest says why, in its own words
+    texts = load_texts(dataset, split, text_column)
+    if sum(map(len, texts)) >= MAX_CHARS_PER_TOKEN * limit:
+        return limit  # plainly enough text: tokenising it all to be sure would not be cheap
+    return min(len(token_ids(tokenizer, texts, limit)), limit)
 
 
 def check_context_length(lm: LoadedModel, context_length: int) -> None:

@@ -63,7 +63,11 @@ class EvalConfig:
     model: str | None = opt(None, "model to splice the SAE into; default: the model named in the SAE's config")
     dataset: str = opt(
         DEFAULT_CORPUS,
-        "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id); pass text held out from training",
+        "evaluation text (a .txt/.jsonl/.json/.parquet/.csv file, a directory of .txt, 'pydoc' or a hub id); pass "
+        "text held out from training",
+    )
+    text_column: str = opt(
+        HarvestConfig.text_column, "column holding the text in .jsonl/.json/.parquet/.csv/hub corpora"
     )
     tokens: int = opt(
         16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)"
@@ -242,11 +246,14 @@ def splice(reconstruct: Callable[[Tensor], Tensor], mask: Tensor):
 # ---- the evaluation run -------------------------------------------------------------------
 
 
-def eval_contexts(tokenizer, dataset: str, context_length: int, tokens: int, skip_tokens: int) -> Tensor:
+def eval_contexts(
+    tokenizer, dataset: str, context_length: int, tokens: int, skip_tokens: int, text_column: str = "text"
+) -> Tensor:
     """Contexts [n_ctx, T] packed exactly as the harvest packs them, after the first skip_tokens."""
     skip = math.ceil(skip_tokens / context_length)  # whole contexts: no skipped token leaks in
     want = max(1, tokens // context_length)
-    ctx = tokenize_corpus(tokenizer, load_texts(dataset), context_length, (skip + want) * context_length)
+    texts = load_texts(dataset, text_column=text_column)
+    ctx = tokenize_corpus(tokenizer, texts, context_length, (skip + want) * context_length)
     if len(ctx) <= skip:
         raise UserError(
             f"{dataset} has only {len(ctx) * context_length} tokens in whole contexts, none left after skipping "
@@ -259,7 +266,9 @@ def split_contexts(lm: LoadedModel, cfg, T: int, skip: int) -> tuple[Tensor, int
     """The evaluation contexts [n_ctx, T] of cfg.dataset after `skip` tokens, and how many of the
     first ones fit the baselines: with baselines and no --acts, they are fitted on the first half
     and everything in the comparison table is scored on the second half."""
-    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip)
+    # CompareConfig has no text_column (yet): compare reads the 'text' column
+    text_column = getattr(cfg, "text_column", HarvestConfig.text_column)
+    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip, text_column)
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
     if cfg.baselines and not cfg.acts and n_fit == 0:
         raise UserError(
@@ -295,7 +304,9 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     T = cfg.context_length or sae.cfg.context_length or 128
     # a wrong cache fails before the model runs
     held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
-    settings = settings_of(cfg, ("sae", "acts", "sparsity_acts", "batch_size"))
+    # the default column is left out, so that reports written before --text-column existed still match
+    default_column = ("text_column",) if cfg.text_column == HarvestConfig.text_column else ()
+    settings = settings_of(cfg, ("sae", "acts", "sparsity_acts", "batch_size", *default_column))
     inputs = {
         k: fingerprint(v)
         for k, v in (

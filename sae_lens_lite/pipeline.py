@@ -11,14 +11,16 @@ resumes. A stage downstream of one that did new work is redone, since its input 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import fields, replace
 from pathlib import Path
 
 from .analyze import AnalyzeConfig, analyze
 from .config import build
+from .corpus import corpus_tokens
 from .errors import UserError
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, _same_corpus, evaluate
 from .export import ExportConfig, export
 from .harvest import HarvestConfig, harvest
 from .outputs import RECORD, read_record
@@ -57,7 +59,12 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     }
     t = build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train")
     check_config(t)
-    e = build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **cfg.get("evaluate", {})}, "evaluate")
+    ev = cfg.get("evaluate", {})
+    e = build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **ev}, "evaluate")
+    if "text_column" not in ev and _same_corpus(e.dataset, h.dataset):
+        e.text_column = h.text_column  # the harvest's corpus, read the same way
+    if "evaluate" in stages:
+        check_held_out(h, e)
     a = build(
         AnalyzeConfig,
         {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})},
@@ -92,6 +99,47 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     ]
     steps += [("export", x, Path(x.out)) for x in exports]
     return [s for s in steps if s[0] in stages], paths
+
+
+def check_held_out(h: HarvestConfig, e: EvalConfig) -> None:
+    """Refuse, before any stage, a run whose evaluate would find no text left after training.
+
+    On the harvest's corpus, evaluate skips the tokens the harvest took (or evaluate.skip_tokens),
+    and a small corpus is used up: pydoc holds about 113k tokens, the harvest's default asks for
+    200k. Without this check the run would fail only after harvesting and training. Checked where
+    the corpus's size is cheap to know (a local corpus, a tokenizer on this machine); counting
+    stops as soon as there is enough."""
+    skip = e.skip_tokens
+    if skip == 0 or e.text_column != h.text_column or not _same_corpus(e.dataset, h.dataset):
+        return
+    T_h, T_e = h.context_length, e.context_length or h.context_length
+    need = 2 if e.baselines and not e.acts else 1  # contexts: baselines fit on one half, score on the other
+    limit = (math.ceil((skip if skip is not None else max(h.tokens, T_h)) / T_e) + need) * T_e
+    try:
+        n = corpus_tokens(h.model, h.dataset, h.split, h.text_column, limit, h.trust_remote_code)
+    except UserError as err:
+        raise UserError(f"[harvest] {run_file_advice(str(err), 'harvest', HarvestConfig)}") from None
+    if n is None or n >= limit or n < T_h:  # unknown, plenty, or too little for the harvest (it says so at once)
+        return
+    if skip is None:  # what the harvest takes: whole contexts from the start
+        skip = min(n // T_h, max(1, h.tokens // T_h)) * T_h
+        taken = f"harvest takes {skip:,} of them (harvest.tokens = {h.tokens:,}), which evaluate skips as training text"
+    else:
+        taken = f"evaluate skips the first {skip:,} (evaluate.skip_tokens)"
+    left = n // T_e - math.ceil(skip / T_e)
+    if left >= need:
+        return
+    what = "nothing" if left <= 0 else f"1 context of {T_e} (the baselines need 2: one to fit, one to score)"
+    if e.skip_tokens is not None:
+        fix = "lower evaluate.skip_tokens"
+    else:  # the most the harvest can take and still leave evaluate.tokens (else the least evaluate needs)
+        room = (n // T_e - max(need, e.tokens // T_e)) * T_e
+        room = room if room >= T_h else (n // T_e - need) * T_e
+        fix = f"set harvest.tokens to at most {room // T_h * T_h:,}" if room >= T_h else "use a larger corpus"
+    raise UserError(
+        f"[evaluate] {e.dataset} holds {n:,} tokens and {taken}, leaving {what} to evaluate on; {fix}, or set "
+        "evaluate.dataset to held-out text"
+    )
 
 
 def run_pipeline(cfg: dict) -> dict[str, Path]:

@@ -3,9 +3,10 @@
     python scripts/train_sae.py
 
 Harvests an activation cache for the layer if there is none yet, then trains on it. Both steps
-resume if interrupted: run the script again.
+resume if interrupted: run the script again. Takes no options: the settings are in the file.
 """
 
+import argparse
 from pathlib import Path
 
 from sae_lens_lite.harvest import HarvestConfig, harvest
@@ -14,14 +15,17 @@ from sae_lens_lite.train import TrainConfig, train
 
 MODEL = "smollm2-135m"
 HOOK = "blocks.6.hook_resid_post"
-CORPUS = "pydoc"  # or a .txt / .jsonl / .parquet file
+CORPUS = "pydoc"  # or a .txt file, a .jsonl / .json / .parquet / .csv file with a "text" column, a directory
+TOKENS = 96_000  # pydoc holds about 113k tokens: this leaves the rest held out for `sae-lite evaluate`
 RUN = Path("runs") / MODEL / HOOK
 ACTS = RUN / "acts"
 OUT = RUN / "sae-l1"
 
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
 # 1. Activations: run the model over the corpus once and keep what the hook saw. Run again, a
 #    finished harvest with the same settings is left as it is ("complete, nothing to do").
-harvest(HarvestConfig(model=MODEL, hooks=[HOOK], dataset=CORPUS, tokens=500_000, out=str(ACTS)))
+harvest(HarvestConfig(model=MODEL, hooks=[HOOK], dataset=CORPUS, tokens=TOKENS, out=str(ACTS)))
 
 # 2. The SAE. penalty="topk" with k=32, or "kl", are the alternatives; target_l0 adapts λ.
 cfg = TrainConfig(

@@ -1,8 +1,11 @@
 """The command line: every subcommand explains itself, bad input is one line and exit 2."""
 
+import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import needs_smollm2
@@ -156,6 +159,101 @@ def test_run_file_is_checked_whole_before_any_stage(tmp_path, capsys):
     f.write_text('[train]\npenalty = "l2"\n')
     assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
     assert "unknown --penalty 'l2'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _no_stage_runs(monkeypatch):
+    import sae_lens_lite.pipeline as pipeline
+
+    def refuse(cfg):
+        raise AssertionError("a stage ran")
+
+    for name in pipeline.STAGES:
+        monkeypatch.setitem(pipeline.FUNCS, name, refuse)
+
+
+def test_run_refuses_a_harvest_that_leaves_evaluate_no_text_before_any_stage(
+    tiny_pipeline, corpus_file, tmp_path, monkeypatch
+):
+    """evaluate skips the harvested tokens of its corpus; a harvest asking for more than the corpus
+    holds leaves nothing. That is refused up front (it used to fail after harvest and training),
+    and the harvest.tokens the message offers does leave evaluate its text."""
+    from conftest import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")  # the model's tokenizer, all the check loads
+    cfg = tiny_run(tmp_path, corpus_file, harvest={"model": str(tmp_path / "tok"), "tokens": 10**6})
+    del cfg["evaluate"]["skip_tokens"]  # the default: skip what the harvest took
+    with monkeypatch.context() as m:
+        _no_stage_runs(m)
+        with pytest.raises(UserError) as e:
+            tiny_pipeline.run_pipeline(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"[evaluate] {corpus_file} holds ") and "leaving nothing to evaluate on" in msg, msg
+    assert "evaluate.dataset" in msg and not (tmp_path / "o").exists()
+    fit = int(re.search(r"set harvest.tokens to at most ([\d,]+\d)", msg).group(1).replace(",", ""))
+    cfg["harvest"]["tokens"] = fit
+    tiny_pipeline.run_pipeline(cfg)  # harvest and evaluate use the tiny model: same tokenizer, same count
+    report = json.loads((tmp_path / "o" / "eval" / "report.json").read_text())
+    assert report["sparsity"]["n_tokens"] > 0
+
+
+@needs_smollm2
+def test_an_empty_run_file_is_refused_before_any_stage(tmp_path, capsys, monkeypatch):
+    """All defaults ask harvest for 200,000 tokens of pydoc (about 113k): refused in seconds with
+    what to set, not after harvesting and two minutes of training."""
+    _no_stage_runs(monkeypatch)
+    f = tmp_path / "empty.toml"
+    f.write_text("")
+    assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sae-lite run: error: [evaluate] pydoc holds ") and err.count("\n") == 1, err
+    assert "set harvest.tokens to at most " in err and "evaluate.dataset" in err
+    assert not (tmp_path / "o").exists()
+    # the demo's settings pass the check (it stops counting once there is enough)
+    import sae_lens_lite.pipeline as pipeline
+
+    pipeline.plan(load_run_file(Path(__file__).parents[1] / "configs" / "demo.toml", [f"out={tmp_path / 'd'}"]))
+
+
+def test_run_file_evaluate_reads_the_harvest_corpus_column(tmp_path):
+    from sae_lens_lite.pipeline import plan
+
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"content": "some text"}))
+    run = {"out": str(tmp_path / "o"), "stages": ["evaluate"], "harvest": {"dataset": str(c), "text_column": "content"}}
+    for evaluate, column in [({"dataset": str(c)}, "content"), ({}, "text"), ({"text_column": "body"}, "body")]:
+        steps, _ = plan({**run, "evaluate": {"skip_tokens": 0, **evaluate}})
+        assert steps[0][1].text_column == column
+
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "train_sae.py"
+
+
+def test_train_sae_script_help_prints_usage_and_does_no_work(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert r.returncode == 0 and r.stdout.startswith("usage: train_sae.py"), r.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/ directory: nothing was harvested
+
+
+@needs_smollm2
+def test_train_sae_script_harvest_fits_the_default_corpus(tmp_path):
+    """The script to copy asks for no more of pydoc than it holds (no shortfall warning), and
+    leaves evaluate's default tokens held out after it."""
+    import ast
+
+    from sae_lens_lite.corpus import corpus_tokens
+    from sae_lens_lite.pipeline import plan
+
+    consts = {
+        t.id: n.value.value
+        for n in ast.parse(SCRIPT.read_text()).body
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+        for t in n.targets
+    }
+    assert consts["CORPUS"] == "pydoc" and consts["MODEL"] == "smollm2-135m"
+    assert corpus_tokens("smollm2-135m", "pydoc", "train", "text", consts["TOKENS"]) == consts["TOKENS"]
+    plan({"out": str(tmp_path / "o"), "harvest": {"tokens": consts["TOKENS"]}})  # refuses if evaluate has no room
 
 
 def test_run_file_advice_names_run_file_keys():

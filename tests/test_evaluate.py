@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 from conftest import SHARED_DATA, needs_smollm2, tiny_model
 
 from sae_lens_lite.baselines import fit_pca, fit_vae, kl_to_prior, vae_activity
+from sae_lens_lite.cli import build_parser
+from sae_lens_lite.config import from_namespace
 from sae_lens_lite.corpus import tokenize_corpus
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluate import (
@@ -177,6 +180,19 @@ def test_eval_contexts_skip_whole_contexts_like_the_harvest(tiny_lm, corpus_file
     assert torch.equal(eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 16, 33), full[3:4])  # rounds up
     with pytest.raises(UserError, match="held-out text"):
         eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 16, 10**7)
+
+
+def test_evaluate_reads_the_column_named_by_text_column(tiny_lm, corpus_file, tmp_path):
+    """A corpus harvest can read with --text-column can be evaluated too (evaluate had no such flag)."""
+    c = tmp_path / "c.jsonl"
+    c.write_text("\n".join(json.dumps({"content": d}) for d in corpus_file.read_text().split(". ")))
+    sae = str(_sae(tmp_path, "identity"))
+    with pytest.raises(UserError, match=r"no column 'text' \(columns: content\); pass --text-column"):
+        evaluate(EvalConfig(sae=sae, dataset=str(c), tokens=64, baselines=False, out=str(tmp_path / "e0")), lm=tiny_lm)
+    args = build_parser().parse_args(["evaluate", "--sae", sae, "--dataset", str(c), "--text-column", "content"])
+    cfg = from_namespace(EvalConfig, args)
+    r = evaluate(replace(cfg, tokens=64, baselines=False, device="cpu"), lm=tiny_lm)
+    assert cfg.text_column == "content" and r["sparsity"]["n_tokens"] > 0
 
 
 def test_identity_sae_gives_clean_loss_and_baselines_are_scored(tiny_lm, corpus_file, tmp_path):
