@@ -308,6 +308,11 @@ def _read_manifest(path: Path) -> dict | None:
     return m
 
 
+def per_hook_caches(path: Path) -> list[str]:
+    """The subdirectories of `path` that hold a cache: a harvest of several hooks writes one per hook."""
+    return sorted(d.name for d in Path(path).iterdir() if (d / MANIFEST).is_file()) if Path(path).is_dir() else []
+
+
 def _provenance(m: dict) -> dict:
     return {k: m.get(k) for k in PROVENANCE_KEYS}
 
@@ -328,6 +333,11 @@ class ActivationCache(_ManifestState):
             raise UserError(f"activation cache {path} not found; create it with `sae-lite harvest --out {path}`")
         m = _read_manifest(path)
         if m is None:
+            hooks = per_hook_caches(path)
+            if hooks:  # a harvest of several hooks writes one cache per hook, each in its own subdirectory
+                raise UserError(
+                    f"{path} holds one cache per hook: {', '.join(hooks)}; pass one of them, e.g. {path / hooks[0]}"
+                )
             raise UserError(f"{path} has no {MANIFEST}; it is not an activation cache")
         if not m["complete"]:
             raise UserError(
@@ -344,16 +354,38 @@ class ActivationCache(_ManifestState):
         return int(self.manifest["n_tokens"])
 
     def check_shard(self, i: int) -> None:
-        """Raise a UserError naming shard i if its size or sha256 differs from the manifest."""
+        """Raise a UserError if shard i is missing or its sha256 differs from the manifest. The error
+        names every damaged shard: on a failure the shards not yet checked are checked too, so that
+        one message (and one repair) covers them all; `sae-lite cache verify` relies on this."""
+        bad = {i: self._damage(i)}
+        if bad[i] is None:
+            self._verified.add(i)
+            return
+        n = self.n_shards
+        for j in range(n):
+            if j != i and j not in self._verified:
+                if why := self._damage(j):
+                    bad[j] = why
+                else:
+                    self._verified.add(j)
+        if len(bad) == 1:
+            f = self.path / self.manifest["shards"][i]["file"]
+            why = "missing" if bad[i] == "missing" else "corrupt (sha256 differs from the manifest)"
+            raise UserError(f"shard {f} is {why}; run the same harvest command again, which redoes it")
+        named = [f"{self.manifest['shards'][j]['file']} is {why}" for j, why in sorted(bad.items())]
+        more = f", and {len(named) - 10} more" if len(named) > 10 else ""
+        raise UserError(
+            f"{len(bad)} of {n} shards of {self.path} fail their sha256 check: {', '.join(named[:10])}{more}; "
+            "run the same harvest command again, which redoes them"
+        )
+
+    def _damage(self, i: int) -> str | None:
+        """'missing' or 'corrupt' if shard i's file is absent or its sha256 differs from the manifest."""
         entry = self.manifest["shards"][i]
         f = self.path / entry["file"]
-        if not f.exists():
-            raise UserError(f"shard {f} is missing; run the same harvest command again, which redoes it")
-        if sha256_file(f) != entry["sha256"]:
-            raise UserError(
-                f"shard {f} is corrupt (sha256 differs from the manifest); run the same harvest command "
-                "again, which redoes it"
-            )
+        if not f.is_file():
+            return "missing"
+        return "corrupt" if sha256_file(f) != entry["sha256"] else None
 
     def read_shard(self, i: int, keys: tuple[str, ...] = ("activations", "tokens", "doc", "pos")) -> dict[str, Tensor]:
         if self.verify and i not in self._verified:

@@ -21,6 +21,7 @@ def describe(path: str) -> str:
         raise UserError(f"{path} not found")
     if p.is_file():
         p = p.parent
+    from .cache import per_hook_caches
     from .export import DICT_HEADER, SAELENS_CFG, SAELENS_WEIGHTS
     from .sae import CONFIG_FILE, WEIGHTS_FILE
 
@@ -38,6 +39,8 @@ def describe(path: str) -> str:
         lines = _dictionary(p)
     elif (p / SAELENS_CFG).exists() and (p / SAELENS_WEIGHTS).exists():
         lines = _saelens(p)
+    elif per_hook_caches(p):
+        lines = _per_hook_caches(p)
     else:
         raise UserError(
             f"{p} holds nothing sae-lite wrote (no manifest.json, config.json, features.json, report.json, "
@@ -57,21 +60,47 @@ def _size(p: Path) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def _cache_state(p: Path, m: dict) -> str:
+    """Complete, partial or damaged, from the manifest and which shard files exist. Hashing the
+    shards would take minutes on a large cache, so their checksums are left to `cache verify`."""
+    per, n_ctx, n_shards = m["contexts_per_shard"], m["n_contexts"], len(m["shards"])
+    missing = [s["file"] for s in m["shards"] if not (p / s["file"]).is_file()]
+    if missing:
+        return (
+            f"DAMAGED: {len(missing)} of {n_shards} shards missing ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); run the same harvest command again to repair it"
+        )
+    if m["complete"]:
+        return "complete (shards not verified; `sae-lite cache verify` checks them)"
+    want = m.get("max_contexts") or 0
+    of = (
+        f" of {math.ceil(want / per)} shards ({n_ctx:,} of {want:,} contexts, {pct(n_ctx / want)})"
+        if want
+        else " shards"
+    )
+    return f"PARTIAL: {n_shards}{of}; run the same harvest command to finish it"
+
+
+def _per_hook_caches(p: Path) -> list[str]:
+    from .cache import _read_manifest, per_hook_caches
+
+    hooks = per_hook_caches(p)
+    lines = [
+        f"activation caches {p}, one per hook: {', '.join(hooks)}; pass one of them to train or analyze, "
+        f"e.g. --acts {p / hooks[0]}"
+    ]
+    for h in hooks:
+        m = _read_manifest(p / h)
+        lines.append(f"  {h}: {_cache_state(p / h, m)}, {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']})")
+    return lines
+
+
 def _cache(p: Path) -> list[str]:
     from .cache import _read_manifest
 
     m = _read_manifest(p)
-    per, n_ctx, n_shards = m["contexts_per_shard"], m["n_contexts"], len(m["shards"])
-    if m["complete"]:
-        state = "complete"
-    else:
-        want = m.get("max_contexts") or 0
-        of = (
-            f" of {math.ceil(want / per)} shards ({n_ctx:,} of {want:,} contexts, {pct(n_ctx / want)})"
-            if want
-            else " shards"
-        )
-        state = f"PARTIAL: {n_shards}{of}; run the same harvest command to finish it"
+    n_ctx, n_shards = m["n_contexts"], len(m["shards"])
+    state = _cache_state(p, m)
     f = m.get("filters") or {}
     lines = [
         f"activation cache {p}: {state}",
@@ -157,6 +186,13 @@ def _eval_summary(r: dict) -> str:
 
 def _training(p: Path) -> list[str]:
     ck = json.loads((p / "checkpoint.json").read_text())
+    if not ck.get("step"):  # stopped before its first checkpoint (train marks --out with a step-0 checkpoint.json)
+        every = (ck.get("train_config") or {}).get("checkpoint_every")
+        return [
+            f"SAE training in progress {p}: no checkpoint yet"
+            + (f" (one is saved every {every:,} tokens)" if every else "")
+            + "; run the same train command to resume (it starts from the beginning)"
+        ]
     return [
         f"SAE training in progress {p}: checkpoint at step {ck['step']:,} ({ck['tokens']:,} tokens); "
         "run the same train command to resume"

@@ -238,6 +238,11 @@ class SAE(nn.Module):
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
         path = Path(path)
         if not (path / WEIGHTS_FILE).exists() or not (path / CONFIG_FILE).exists():
+            if _unfinished_run(path):
+                raise UserError(
+                    f"{path} holds a training run that has not finished; run the same sae-lite train command "
+                    "to resume it"
+                )
             raise UserError(
                 f"{path} is not an SAE directory (expected {WEIGHTS_FILE} and {CONFIG_FILE}); "
                 "train one with `sae-lite train` or import one with `sae-lite import`"
@@ -277,3 +282,15 @@ class SAE(nn.Module):
             )
         sae.load_state_dict(state)
         return sae.to(device)
+
+
+def _unfinished_run(path: Path) -> bool:
+    """Whether `path` holds a training run not yet finished: train writes checkpoint.json (train.CHECKPOINT)
+    from a run's first moment and marks it complete once the SAE is saved."""
+    try:
+        ckpt = json.loads((path / "checkpoint.json").read_bytes())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # damaged: train itself says what to do about it
+        return True
+    return not (isinstance(ckpt, dict) and ckpt.get("complete"))

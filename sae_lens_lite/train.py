@@ -454,51 +454,57 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
             "sae_config": asdict(sae_cfg),
         }
 
-    for epoch, batch_in_epoch, x in _batch_stream(batches, local_batch, epoch, batch_in_epoch):
-        if step >= total:
-            break
-        x = x.to(device, non_blocking=True)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, cfg.lr)
-        dead = since_fired >= cfg.dead_window
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            t = loss_fn(model, x, recipe, cfg, dead)
-        lam_now = lam if cfg.target_l0 else lam * penalty_warmup_at(step, total)
-        loss = total_loss(t, lam_now, recipe)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
-        opt.step()
-        t = distributed.reduce_metrics(t, x, sae.input_scale)  # under torchrun: the global batch's figures
-        with torch.no_grad():
-            recipe.step_end(sae, step)
-            since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
-            if cfg.target_l0:
-                err = (t["l0"].clamp_min(1e-3) / cfg.target_l0).log()  # log(L0 / target)
-                l0_err = err if l0_err is None else l0_err
-                lam, l0_trend = steer_lambda(lam, err, l0_err, l0_trend, recipe.l0_lags, total - step)
-                l0_err = err
-            acc += torch.stack(
-                [
-                    torch.ones((), device=device),
-                    t["mse"].detach(),
-                    t["sse"],
-                    t["sst"],
-                    t["l0"],
-                    t.get(recipe.term, torch.zeros((), device=device)).detach(),
-                    lam_now.detach(),
-                    (since_fired >= cfg.dead_window).float().mean(),
-                ]
-            )
-        step += 1
-        batch_in_epoch += 1
-        if cfg.resample_dead and recipe.resamples and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
-            resample_dead_latents(sae, opt, runtime.gather_rows(x), since_fired, cfg, step)
-        if step % cfg.log_every == 0 or step == total:
-            log.write(step, acc, opt.param_groups[0]["lr"])
-            acc.zero_()
-        if out is not None and main and step % ckpt_steps == 0 and step < total:
-            save_checkpoint(out, step, state(), info())
+    try:
+        for epoch, batch_in_epoch, x in _batch_stream(batches, local_batch, epoch, batch_in_epoch):
+            if step >= total:
+                break
+            x = x.to(device, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg.lr)
+            dead = since_fired >= cfg.dead_window
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                t = loss_fn(model, x, recipe, cfg, dead)
+            lam_now = lam if cfg.target_l0 else lam * penalty_warmup_at(step, total)
+            loss = total_loss(t, lam_now, recipe)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
+            opt.step()
+            t = distributed.reduce_metrics(t, x, sae.input_scale)  # under torchrun: the global batch's figures
+            with torch.no_grad():
+                recipe.step_end(sae, step)
+                since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
+                if cfg.target_l0:
+                    err = (t["l0"].clamp_min(1e-3) / cfg.target_l0).log()  # log(L0 / target)
+                    l0_err = err if l0_err is None else l0_err
+                    lam, l0_trend = steer_lambda(lam, err, l0_err, l0_trend, recipe.l0_lags, total - step)
+                    l0_err = err
+                acc += torch.stack(
+                    [
+                        torch.ones((), device=device),
+                        t["mse"].detach(),
+                        t["sse"],
+                        t["sst"],
+                        t["l0"],
+                        t.get(recipe.term, torch.zeros((), device=device)).detach(),
+                        lam_now.detach(),
+                        (since_fired >= cfg.dead_window).float().mean(),
+                    ]
+                )
+            step += 1
+            batch_in_epoch += 1
+            if cfg.resample_dead and recipe.resamples and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
+                resample_dead_latents(sae, opt, runtime.gather_rows(x), since_fired, cfg, step)
+            if step % cfg.log_every == 0 or step == total:
+                log.write(step, acc, opt.param_groups[0]["lr"])
+                acc.zero_()
+            if out is not None and main and step % ckpt_steps == 0 and step < total:
+                save_checkpoint(out, step, state(), info())
+    except BaseException:
+        # End the bar's line first, so that what the CLI prints next ("interrupted; run the same
+        # command again to resume", or an error) stands on a line of its own, not glued to the bar.
+        log.bar.close()
+        raise
     log.close()
     if step < total:
         raise UserError(f"the activation source ran dry after {step} of {total} steps (an epoch yielded no full batch)")

@@ -99,3 +99,42 @@ def test_cuda_prefetch_yields_the_cpu_batches_in_order(tmp_path):
     assert len(gpu) == len(cpu) and all(g.is_cuda and g.dtype == torch.float32 for g in gpu)
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
+
+
+def test_every_damaged_shard_is_named_in_one_message(tmp_path, capsys):
+    """`sae-lite cache verify` checks shard after shard: the first failure must name every bad one."""
+    c = make_cache(tmp_path / "c", n_shards=6)
+    for i in (1, 3):
+        f = tmp_path / "c" / f"shard_{i:05d}.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-5] ^= 0x10
+        f.write_bytes(bytes(data))
+    (tmp_path / "c" / "shard_00004.safetensors").unlink()
+    c.check_shard(0)
+    with pytest.raises(UserError) as e:
+        c.check_shard(1)
+    msg = str(e.value)
+    assert msg.startswith("3 of 6 shards of ")
+    named = ["shard_00001.safetensors is corrupt", "shard_00003.safetensors is corrupt"]
+    assert ", ".join([*named, "shard_00004.safetensors is missing"]) in msg
+    assert "run the same harvest command again" in msg and "\n" not in msg
+    from sae_lens_lite.cli import main
+
+    capsys.readouterr()
+    assert main(["cache", "verify", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("sae-lite cache: error: 3 of 6 shards") and "shard_00004.safetensors is missing" in err
+
+
+def test_a_directory_of_per_hook_caches_names_them(tmp_path):
+    """harvest with several hooks writes one cache per hook in subdirectories of --out."""
+    for h in ("blocks.4.hook_resid_post", "blocks.2.hook_resid_post"):
+        make_cache(tmp_path / "multi" / h)
+    with pytest.raises(
+        UserError,
+        match=r"multi holds one cache per hook: blocks\.2\.hook_resid_post, blocks\.4\.hook_resid_post; pass one",
+    ):
+        ActivationCache.open(tmp_path / "multi")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty has no manifest.json; it is not an activation cache"):
+        ActivationCache.open(tmp_path / "empty")

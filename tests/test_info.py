@@ -95,3 +95,51 @@ def test_info_on_a_training_run_in_progress(tmp_path):
         == f"SAE training in progress {tmp_path}: checkpoint at step 30 (7,680 tokens); run the same train "
         "command to resume"
     )
+
+
+def test_info_on_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    """train writes checkpoint.json with step 0 and file null before anything else; no tokens yet."""
+    ck = {"step": 0, "complete": False, "file": None, "train_config": {"checkpoint_every": 5_000_000}, "sae_config": {}}
+    (tmp_path / "checkpoint.json").write_text(json.dumps(ck))
+    assert main(["info", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"SAE training in progress {tmp_path}: no checkpoint yet (one is saved every 5,000,000 tokens); run the "
+        "same train command to resume (it starts from the beginning)"
+    )
+    # and the stages that need a finished SAE say what the directory holds
+    from sae_lens_lite.sae import SAE
+
+    with pytest.raises(UserError, match="holds a training run that has not finished; run the same sae-lite train"):
+        SAE.load(tmp_path)
+    (tmp_path / "checkpoint.json").unlink()
+    with pytest.raises(UserError, match="is not an SAE directory"):
+        SAE.load(tmp_path)
+
+
+def test_info_on_a_cache_does_not_claim_its_shards_are_sound(tmp_path):
+    from test_cache import make_cache
+
+    make_cache(tmp_path / "c")
+    first = describe(str(tmp_path / "c")).splitlines()[0]
+    note = "(shards not verified; `sae-lite cache verify` checks them)"
+    assert first == f"activation cache {tmp_path / 'c'}: complete {note}"
+    (tmp_path / "c" / "shard_00002.safetensors").unlink()  # a missing file costs nothing to notice
+    first = describe(str(tmp_path / "c")).splitlines()[0]
+    assert first == (
+        f"activation cache {tmp_path / 'c'}: DAMAGED: 1 of 4 shards missing (shard_00002.safetensors); run the "
+        "same harvest command again to repair it"
+    )
+
+
+def test_info_on_a_harvest_of_several_hooks_names_its_caches(tmp_path):
+    from test_cache import make_cache
+
+    for h in ("blocks.2.hook_resid_post", "blocks.4.hook_resid_post"):
+        make_cache(tmp_path / "multi" / h)
+    lines = describe(str(tmp_path / "multi")).splitlines()
+    assert lines[0] == (
+        f"activation caches {tmp_path / 'multi'}, one per hook: blocks.2.hook_resid_post, blocks.4.hook_resid_post; "
+        f"pass one of them to train or analyze, e.g. --acts {tmp_path / 'multi' / 'blocks.2.hook_resid_post'}"
+    )
+    assert lines[1].startswith("  blocks.2.hook_resid_post: complete") and "80 rows x 3 (float32)" in lines[1]
+    assert len(lines) == 3

@@ -506,3 +506,28 @@ def test_target_l0_pauses_the_integral_while_a_lagging_l0_is_on_course():
     assert float(stalled) > 1.0 and float(trend) == 0.0
     plain, trend = train_mod.steer_lambda(lam, err, last, None, lags=False, steps_left=1000)
     assert float(plain) == pytest.approx(damp_only * math.exp(train_mod.L0_GAIN * 2.0)) and trend is None
+
+
+def test_an_interrupted_train_says_how_to_resume_on_a_line_of_its_own(tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-training: the CLI's "interrupted; run the same command again to resume" must not
+    be glued to the end of the progress bar's line (where a terminal user does not see it)."""
+    from sae_lens_lite.cli import main
+
+    acts = write_cache(tmp_path / "acts")
+    calls = [0]
+    real = train_mod.total_loss
+
+    def ctrl_c_at_step_3(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "total_loss", ctrl_c_at_step_3)
+    args = ["train", "--acts", str(acts), "--out", str(tmp_path / "sae"), "--expansion", "2", "--tokens", "20000"]
+    assert main([*args, "--batch-size", "512", "--log-every", "1", "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    lines = err.replace("\r", "\n").splitlines()
+    said = "sae-lite train: interrupted; run the same command again to resume"
+    assert said in lines and lines[-1] == said  # a line of its own, and the bar is not redrawn after it
+    assert (tmp_path / "sae" / "checkpoint.json").exists()
