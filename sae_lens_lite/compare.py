@@ -62,8 +62,10 @@ class CompareConfig:
     model: str | None = opt(None, "model to splice the SAEs into; default: the model they name")
     dataset: str = opt(
         "pydoc",
-        "evaluation text (.txt/.jsonl/.parquet, a directory, 'pydoc' or a hub id), held out from every SAE's training",
+        "evaluation text (a .txt/.jsonl/.json/.parquet/.csv file, a directory of .txt, 'pydoc' or a hub id), held out "
+        "from every SAE's training",
     )
+    text_column: str = opt("text", "column holding the text in .jsonl/.json/.parquet/.csv/hub corpora")
     tokens: int = opt(16384, "evaluation tokens, in whole contexts")
     skip_tokens: int | None = opt(
         None,

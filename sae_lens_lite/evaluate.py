@@ -266,9 +266,7 @@ def split_contexts(lm: LoadedModel, cfg, T: int, skip: int) -> tuple[Tensor, int
     """The evaluation contexts [n_ctx, T] of cfg.dataset after `skip` tokens, and how many of the
     first ones fit the baselines: with baselines and no --acts, they are fitted on the first half
     and everything in the comparison table is scored on the second half."""
-    # CompareConfig has no text_column (yet): compare reads the 'text' column
-    text_column = getattr(cfg, "text_column", HarvestConfig.text_column)
-    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip, text_column)
+    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip, cfg.text_column)
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
     if cfg.baselines and not cfg.acts and n_fit == 0:
         raise UserError(

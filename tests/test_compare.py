@@ -159,3 +159,16 @@ def test_curve_sizes_span_every_sae():
     assert curve_sizes([32.0], 576) == [32]
     assert curve_sizes([0.0, 3.0], 576) == [1, 2, 4]
     assert curve_sizes([300.0, 500.0], 384) == [256, 384]
+
+
+def test_compare_reads_the_column_named_by_text_column(tiny_lm, corpus_file, tmp_path):
+    """A .jsonl corpus whose text is in another column scores as the same text in a .txt does."""
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"content": corpus_file.read_text()}))
+    sae = _random_sae(tmp_path / "s", 2)
+    kw = dict(saes=[str(sae)], tokens=96, baselines=False)
+    with pytest.raises(UserError, match=r"no column 'text'"):
+        compare(CompareConfig(dataset=str(c), out=str(tmp_path / "c0"), **kw), lm=tiny_lm)
+    got = compare(CompareConfig(dataset=str(c), text_column="content", out=str(tmp_path / "c1"), **kw), lm=tiny_lm)
+    ref = compare(CompareConfig(dataset=str(corpus_file), out=str(tmp_path / "c2"), **kw), lm=tiny_lm)
+    assert got["saes"][0]["kl"] == pytest.approx(ref["saes"][0]["kl"], rel=1e-9)
