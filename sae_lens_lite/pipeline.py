@@ -45,7 +45,7 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     bad = set(stages) - set(STAGES)
     if bad:
         raise UserError(f"unknown stage(s) {', '.join(sorted(bad))}; valid: {', '.join(STAGES)}")
-    h = build(HarvestConfig, {"out": str(out / "acts"), **cfg.get("harvest", {})}, "harvest")
+    h = _build(HarvestConfig, {"out": str(out / "acts"), **cfg.get("harvest", {})}, "harvest")
     if len(h.hooks) != 1:
         raise UserError(
             "a run file trains one SAE: give [harvest] exactly one hook (use `sae-lite harvest` for several)"
@@ -57,15 +57,15 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
         "analysis": out / "analysis",
         "export": out / "export",
     }
-    t = build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train")
-    check_config(t)
+    t = _build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train")
+    _in_run_file_terms(lambda: check_config(t), "train", TrainConfig)
     ev = cfg.get("evaluate", {})
-    e = build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **ev}, "evaluate")
+    e = _build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **ev}, "evaluate")
     if "text_column" not in ev and _same_corpus(e.dataset, h.dataset):
         e.text_column = h.text_column  # the harvest's corpus, read the same way
     if "evaluate" in stages:
         check_held_out(h, e)
-    a = build(
+    a = _build(
         AnalyzeConfig,
         {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})},
         "analyze",
@@ -76,7 +76,7 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
         raise UserError(f"[export] formats = {formats!r} should be a list of saelens and/or dictionary")
     analysis = str(paths["analysis"]) if "analyze" in stages or (paths["analysis"] / "features.json").exists() else None
     exports = [
-        build(
+        _build(
             ExportConfig,
             {
                 "sae": str(paths["sae"]),
@@ -192,6 +192,21 @@ def _headline(out: Path) -> str:
     rec = read_record(out)
     line = (rec or {}).get("line", "")
     return line.split(": ", 2)[-1] if line.count(": ") >= 2 else line
+
+
+def _build(cls, values: dict, stage: str, **kw):
+    """config.build, its own checks of the values worded in run-file terms (harvest.tokens, not --tokens)."""
+    return _in_run_file_terms(lambda: build(cls, values, stage, **kw), stage, cls)
+
+
+def _in_run_file_terms(make, stage: str, cls):
+    try:
+        return make()
+    except UserError as err:
+        msg = str(err)
+        if msg.startswith(f"[{stage}] "):  # build's own messages already name the section
+            raise
+        raise UserError(f"[{stage}] {run_file_advice(msg, stage, cls)}") from None
 
 
 def run_file_advice(message: str, stage: str, cls) -> str:

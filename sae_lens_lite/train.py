@@ -40,7 +40,7 @@ from .corpus import position_filters
 from .errors import UserError
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from .loss import step_terms, total_loss
-from .outputs import existing, fingerprint, finish, pct, settings_of
+from .outputs import differences, existing, fingerprint, finish, pct, settings_of
 from .runtime import model_dtype, resolve_device
 from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
@@ -390,10 +390,11 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
                 f"d_in={sae_cfg.d_in}; "
                 "choose another --out or pass --overwrite"
             )
-        diff = [k for k in RUN_KEYS if ckpt["train_config"].get(k) != asdict(cfg)[k]]
+        now = asdict(cfg)
+        diff = differences({k: ckpt["train_config"].get(k) for k in RUN_KEYS}, {k: now[k] for k in RUN_KEYS})
         if diff:
             raise UserError(
-                f"{out} holds a run with different settings ({', '.join(diff)}); use the same flags to "
+                f"{out} holds a run with different settings ({'; '.join(diff)}); use the same flags to "
                 "resume, another --out, or --overwrite"
             )
         if ckpt.get("complete"):

@@ -158,7 +158,16 @@ def test_run_file_is_checked_whole_before_any_stage(tmp_path, capsys):
     assert "[train] l1 = 'strong' should be a number" in capsys.readouterr().err
     f.write_text('[train]\npenalty = "l2"\n')
     assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
-    assert "unknown --penalty 'l2'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert "[train] unknown train.penalty 'l2'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # A value out of range is named as the run file names it, not by its command-line flag.
+    for text, said in [
+        ("[harvest]\ntokens = -5\n", "[harvest] harvest.tokens must be a positive integer, got -5"),
+        ('[train]\npenalty = "topk"\ntarget_l0 = 5.0\n', "topk has none, set the L0 with train.k"),
+    ]:
+        f.write_text(text)
+        assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "--" not in err, err
 
 
 def _no_stage_runs(monkeypatch):

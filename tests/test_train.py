@@ -1,6 +1,7 @@
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -531,3 +532,14 @@ def test_an_interrupted_train_says_how_to_resume_on_a_line_of_its_own(tmp_path, 
     said = "sae-lite train: interrupted; run the same command again to resume"
     assert said in lines and lines[-1] == said  # a line of its own, and the bar is not redrawn after it
     assert (tmp_path / "sae" / "checkpoint.json").exists()
+
+
+def test_resuming_with_other_settings_names_each_old_and_new_value(tmp_path):
+    data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
+    factory = data.batches(256, 16 * 256, seed=1)
+    cfg = TrainConfig(penalty="l1", batch_size=256, checkpoint_every=5 * 256, precision="float32")
+    sae_cfg = small_sae_cfg("l1", d_in=16, d_sae=64, k=3)
+    with pytest.raises(Interrupted):
+        train_on_batches(sae_cfg, cfg, interrupting(factory, 16 + 7), 30 * 256, out=tmp_path, progress=False)
+    with pytest.raises(UserError, match=rf"different settings \(l1 \(was {cfg.l1}, now 2.0\)\); use the same flags"):
+        train_on_batches(sae_cfg, replace(cfg, l1=2.0), factory, 30 * 256, out=tmp_path, progress=False)
