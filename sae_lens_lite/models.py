@@ -116,6 +116,8 @@ def load_model(
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not name.strip():
+        raise UserError(f"--model is empty; {_MODEL_HINT}")
     if name == SMOLLM2_NAME:
         gguf = smollm2_gguf_path()
         source, weights_hash = str(gguf), _file_hash(gguf)
@@ -129,7 +131,13 @@ def load_model(
     elif Path(name).expanduser().is_dir():
         local = Path(name).expanduser()
         source = str(local.resolve())
-        weights = sorted(local.glob("*.safetensors")) or sorted(local.glob("*.bin"))
+        weights = sorted(local.glob("*.safetensors"))
+        if not weights and (local / "config.json").is_file():
+            raise UserError(
+                f"{local} holds no .safetensors weights: sae-lite reads model weights only from safetensors "
+                "(a .bin or .pt file is a pickle, which can run code); save the model with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
         weights_hash = _file_hash(weights[0]) if weights else "unknown"
     elif not _HUB_ID_RE.match(name):
         # Only a path can look like this; sending it to the hub would fail with a complaint about repo ids.
@@ -146,7 +154,12 @@ def load_model(
     target = str(local) if local is not None else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            target,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never a pickle
+        )
     except HFValidationError as e:
         raise _not_a_hub_id(name, e) from None
     except OSError as e:

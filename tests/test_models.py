@@ -135,3 +135,16 @@ def test_bad_model_path_on_the_command_line_is_one_line_and_exit_2(capsys, tmp_p
     fake.write_text("hello\n")
     assert main(["hooks", "--model", str(fake)]) == 2
     assert "is not a GGUF file" in capsys.readouterr().err
+
+
+def test_a_model_directory_with_only_pickled_weights_is_refused(tmp_path):
+    """Weights load from safetensors only: a pytorch_model.bin is a pickle, which can run code."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(UserError, match=r"holds no \.safetensors weights.*pickle"):
+        load_model(str(tmp_path))
+
+
+def test_an_empty_model_name_is_refused():
+    with pytest.raises(UserError, match="--model is empty"):
+        load_model("")
