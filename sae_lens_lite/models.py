@@ -153,13 +153,14 @@ def load_model(
 
     target = str(local) if local is not None else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            target,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,  # never a pickle
-        )
+        with _quiet_local_load(local is not None):
+            tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                target,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,  # never a pickle
+            )
     except HFValidationError as e:
         raise _not_a_hub_id(name, e) from None
     except OSError as e:
@@ -213,6 +214,22 @@ def _check_hub(name: str) -> None:
             f"cannot load model {name!r}: not a local directory or .gguf file, and the hub ({host}) is "
             f"unreachable. {hint}"
         ) from None
+
+
+@contextlib.contextmanager
+def _quiet_local_load(quiet: bool):
+    """transformers draws a "Loading weights" bar for every model it loads, in a second from a local
+    directory: off there, so a command's output stays its own lines (a hub download keeps its bars)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was:
+            hf_logging.enable_progress_bar()
 
 
 def _not_a_hub_id(name: str, e: Exception) -> UserError:

@@ -75,12 +75,17 @@ def test_edit_hook_identity_keeps_logits_and_zeroing_changes_them():
     assert (zeroed - clean).abs().max() > 1e-3
 
 
-def test_load_model_from_local_directory(tmp_path):
+def test_load_model_from_local_directory(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
     model = tiny_model("qwen2")
     model.save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
+    capfd.readouterr()
     lm = load_model(str(tmp_path))
     assert lm.n_layers == 3 and lm.d_model == 32 and lm.weights_hash != "unknown"
+    # No "Loading weights" bar from transformers for a local load, and its setting is restored.
+    assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
     ids = torch.randint(0, 96, (1, 5))
     torch.testing.assert_close(lm.model(ids).logits, model(ids).logits)
 
