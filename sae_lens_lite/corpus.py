@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
-from .models import SMOLLM2_NAME, LoadedModel, _converted_gguf, _file_hash, smollm2_gguf_path
+from .models import LoadedModel, local_tokenizer
 
 DEFAULT_CORPUS = "pydoc"  # Python's own documentation, shipped with every CPython install
 
@@ -135,18 +135,11 @@ def corpus_tokens(
     if dataset != DEFAULT_CORPUS and not Path(dataset).exists():
         return None
     try:
-        if model == SMOLLM2_NAME or model.endswith(".gguf"):
-            gguf = smollm2_gguf_path() if model == SMOLLM2_NAME else Path(model)
-            path = _converted_gguf(gguf, _file_hash(gguf))  # converted once; harvest would convert it next
-        elif Path(model).is_dir():
-            path = Path(model)
-        else:
-            return None
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tokenizer = local_tokenizer(model, trust_remote_code)  # a .gguf is converted once; harvest would next
     except (UserError, OSError, ValueError):
         return None  # a model that does not load: harvest says why, in its own words
+    if tokenizer is None:
+        return None
     texts = load_texts(dataset, split, text_column)
     if sum(map(len, texts)) >= MAX_CHARS_PER_TOKEN * limit:
         return limit  # plainly enough text: tokenising it all to be sure would not be cheap

@@ -216,6 +216,23 @@ def _check_hub(name: str) -> None:
         ) from None
 
 
+def local_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of a model already on this machine (smollm2-135m, a .gguf, which is converted
+    once as load_model would, or a local directory), without its weights; None for a hub id."""
+    from transformers import AutoTokenizer
+
+    if name == SMOLLM2_NAME or name.endswith(".gguf"):
+        gguf = smollm2_gguf_path() if name == SMOLLM2_NAME else Path(name)
+        if not gguf.is_file():
+            return None
+        path = _converted_gguf(gguf, _file_hash(gguf))
+    elif name.strip() and Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+    else:
+        return None
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
 @contextlib.contextmanager
 def _quiet_local_load(quiet: bool):
     """transformers draws a "Loading weights" bar for every model it loads, in a second from a local
