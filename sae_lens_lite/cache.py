@@ -353,16 +353,17 @@ class ActivationCache(_ManifestState):
     def n_tokens(self) -> int:
         return int(self.manifest["n_tokens"])
 
-    def check_shard(self, i: int) -> None:
-        """Raise a UserError if shard i is missing or its sha256 differs from the manifest. The error
-        names every damaged shard: on a failure the shards not yet checked are checked too, so that
-        one message (and one repair) covers them all; `sae-lite cache verify` relies on this."""
+    def check_shard(self, i: int, all_on_failure: bool = False) -> None:
+        """Raise a UserError if shard i is missing or its sha256 differs from the manifest. With
+        all_on_failure (`sae-lite cache verify`), a failure checks the shards not yet checked too and
+        the error names every damaged one; training stops at the first (hashing the rest of a large
+        cache first would keep the user waiting, and the repair, a re-harvest, checks them all)."""
         bad = {i: self._damage(i)}
         if bad[i] is None:
             self._verified.add(i)
             return
         n = self.n_shards
-        for j in range(n):
+        for j in range(n if all_on_failure else 0):
             if j != i and j not in self._verified:
                 if why := self._damage(j):
                     bad[j] = why

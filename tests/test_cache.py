@@ -102,7 +102,7 @@ def test_cuda_prefetch_yields_the_cpu_batches_in_order(tmp_path):
 
 
 def test_every_damaged_shard_is_named_in_one_message(tmp_path, capsys):
-    """`sae-lite cache verify` checks shard after shard: the first failure must name every bad one."""
+    """`sae-lite cache verify` checks shard after shard: its first failure must name every bad one."""
     c = make_cache(tmp_path / "c", n_shards=6)
     for i in (1, 3):
         f = tmp_path / "c" / f"shard_{i:05d}.safetensors"
@@ -111,8 +111,10 @@ def test_every_damaged_shard_is_named_in_one_message(tmp_path, capsys):
         f.write_bytes(bytes(data))
     (tmp_path / "c" / "shard_00004.safetensors").unlink()
     c.check_shard(0)
+    with pytest.raises(UserError, match=r"^shard \S+shard_00001\.safetensors is corrupt"):
+        c.check_shard(1)  # training stops at the first bad shard, without hashing the rest
     with pytest.raises(UserError) as e:
-        c.check_shard(1)
+        c.check_shard(1, all_on_failure=True)
     msg = str(e.value)
     assert msg.startswith("3 of 6 shards of ")
     named = ["shard_00001.safetensors is corrupt", "shard_00003.safetensors is corrupt"]
