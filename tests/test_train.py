@@ -172,6 +172,23 @@ RESUME = {  # each with the state a resume must restore: λ, resampling, dead co
 }
 
 
+def run_interrupted_and_resumed(sae_cfg, cfg, factory, steps, interrupt_after, ckpt_step, tmp_path):
+    """Train `steps` steps uninterrupted in tmp_path/a; in tmp_path/b, interrupt after
+    `interrupt_after` batches are read, check the checkpoint is at `ckpt_step`, resume to the end.
+    Asserts the two SAEs are identical; returns (uninterrupted, resumed)."""
+    tokens = steps * cfg.batch_size
+    ref = train_on_batches(sae_cfg, cfg, factory, tokens, out=tmp_path / "a", progress=False)
+    with pytest.raises(Interrupted):
+        train_on_batches(
+            sae_cfg, cfg, interrupting(factory, interrupt_after), tokens, out=tmp_path / "b", progress=False
+        )
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == ckpt_step
+    resumed = train_on_batches(sae_cfg, cfg, factory, tokens, out=tmp_path / "b", progress=False)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    return ref, resumed
+
+
 @pytest.mark.parametrize("penalty", list(RESUME))
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
@@ -187,13 +204,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
         **extra,
     )
     sae_cfg = small_sae_cfg(penalty, d_in=16, d_sae=64, k=3)
-    ref = train_on_batches(sae_cfg, cfg, factory, 60 * 256, out=tmp_path / "a", progress=False)
-    with pytest.raises(Interrupted):  # init reads the 16 batches of epoch 0, then 37 steps
-        train_on_batches(sae_cfg, cfg, interrupting(factory, 16 + 37), 60 * 256, out=tmp_path / "b", progress=False)
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 30
-    resumed = train_on_batches(sae_cfg, cfg, factory, 60 * 256, out=tmp_path / "b", progress=False)
-    for k, v in ref.state_dict().items():
-        assert torch.equal(resumed.state_dict()[k], v), k
+    # init reads the 16 batches of epoch 0, then 37 steps; the checkpoint before them is step 30
+    run_interrupted_and_resumed(sae_cfg, cfg, factory, 60, 16 + 37, 30, tmp_path)
 
     def metrics(run):  # everything but the timing
         return [
@@ -215,13 +227,8 @@ def test_resume_restores_the_l0_trend_of_a_paused_controller(tmp_path):
         penalty="jumprelu", batch_size=256, checkpoint_every=10 * 256, lr=0.1, target_l0=15.0, precision="float32"
     )
     sae_cfg = small_sae_cfg("jumprelu", d_in=16, d_sae=64, k=3)
-    ref = train_on_batches(sae_cfg, cfg, factory, 30 * 256, out=tmp_path / "a", progress=False)
-    with pytest.raises(Interrupted):  # init reads the 16 batches of epoch 0, then 17 steps
-        train_on_batches(sae_cfg, cfg, interrupting(factory, 16 + 17), 30 * 256, out=tmp_path / "b", progress=False)
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 10
-    resumed = train_on_batches(sae_cfg, cfg, factory, 30 * 256, out=tmp_path / "b", progress=False)
-    for k, v in ref.state_dict().items():
-        assert torch.equal(resumed.state_dict()[k], v), k
+    # init reads the 16 batches of epoch 0, then 17 steps; the checkpoint before them is step 10
+    ref, resumed = run_interrupted_and_resumed(sae_cfg, cfg, factory, 30, 16 + 17, 10, tmp_path)
     assert ref.cfg.meta["final_metrics"]["lam"] == resumed.cfg.meta["final_metrics"]["lam"]
 
 
