@@ -71,6 +71,20 @@ class _ManifestState:
         return len(self.manifest["shards"])
 
 
+def check_cache_dir(path: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, a cache path that is a file, or a directory that holds
+    files but no cache (the user's own work) unless overwrite."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a directory: choose another --out")
+    if (
+        not overwrite
+        and path.is_dir()
+        and _read_manifest(path) is None
+        and any(p.name != ".lock" for p in path.iterdir())
+    ):
+        raise UserError(f"{path} is not empty and is not an activation cache: choose another --out or pass --overwrite")
+
+
 class CacheWriter(_ManifestState):
     """Appends shards to a cache directory and keeps the manifest in step.
 
@@ -78,6 +92,7 @@ class CacheWriter(_ManifestState):
 
     def __init__(self, path: str | os.PathLike, provenance: dict, d_model: int, overwrite: bool = False):
         self.path = Path(path)
+        check_cache_dir(self.path, overwrite)  # before the lock file lands there: a refused directory stays as it was
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path / ".lock", "w")
         try:
@@ -88,10 +103,6 @@ class CacheWriter(_ManifestState):
             ) from None
         self.provenance = {k: provenance.get(k) for k in PROVENANCE_KEYS}
         old = _read_manifest(self.path)
-        if old is None and any(p.name != ".lock" for p in self.path.iterdir()) and not overwrite:
-            raise UserError(
-                f"{self.path} is not empty and is not an activation cache: choose another --out or pass --overwrite"
-            )
         if old is not None and _provenance(old) != json.loads(json.dumps(self.provenance)):
             if not overwrite:
                 diff = [k for k in PROVENANCE_KEYS if old.get(k) != json.loads(json.dumps(self.provenance)).get(k)]

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import runtime
-from .cache import CacheWriter, ShardedCacheWriter, _read_manifest, first_damaged
+from .cache import CacheWriter, ShardedCacheWriter, _read_manifest, check_cache_dir, first_damaged
 from .config import check_numbers, opt
 from .corpus import (
     DEFAULT_CORPUS,
@@ -109,7 +109,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         )
         print(_result_line(dirs))
         return dirs
-    _refuse_other_work(cfg, dirs)  # before the model loads, and before CacheWriter's lock file lands there
+    _refuse_other_work(cfg, dirs)  # before the model loads
     # Under torchrun rank r harvests shards r, r+N, ... (docs/scaling.md); rank 0 loads first so
     # that downloads and the GGUF conversion happen once.
     device = runtime.init_from_env(resolve_device(cfg.device))
@@ -230,24 +230,13 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
 
 
 def _refuse_other_work(cfg: HarvestConfig, dirs: dict[str, Path]) -> None:
-    """Refuse an --out that is a file, or a cache directory that holds files but no cache (the
-    user's own work), unless --overwrite. CacheWriter refuses that too, but only after creating
-    its .lock file there; checked here first, a refused directory is left as it was."""
+    """The writers' own refusal of an --out that is a file or holds the user's own work
+    (cache.check_cache_dir), made before the model loads."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory: choose another --out")
     for d in dirs.values():
-        if d.exists() and not d.is_dir():
-            raise UserError(f"{d} exists and is not a directory: choose another --out")
-        if (
-            not cfg.overwrite
-            and d.is_dir()
-            and _read_manifest(d) is None
-            and any(p.name != ".lock" for p in d.iterdir())
-        ):
-            raise UserError(
-                f"{d} is not empty and is not an activation cache: choose another --out or pass --overwrite"
-            )
+        check_cache_dir(d, cfg.overwrite)
 
 
 # Not settings of one cache: `hooks` (with several, each cache holds one, named in its manifest)
