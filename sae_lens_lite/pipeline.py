@@ -151,10 +151,7 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
             c = replace(c, overwrite=True)  # its input was just made again: its old output is stale
         print(f"== {name}" + (f" {c.format}" if name == "export" else ""))
         before = _stamp(out)
-        try:
-            FUNCS[name](c)
-        except UserError as err:
-            raise UserError(f"[{name}] {run_file_advice(str(err), name, type(c))}") from None
+        _in_run_file_terms(lambda: FUNCS[name](c), name, type(c))
         did = _stamp(out) != before
         changed |= did
         rows.append(
@@ -200,6 +197,7 @@ def _build(cls, values: dict, stage: str, **kw):
 
 
 def _in_run_file_terms(make, stage: str, cls):
+    """make(), its UserError prefixed with [stage] and its advice worded in run-file terms."""
     try:
         return make()
     except UserError as err:
