@@ -180,6 +180,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    runtime = sys.modules.get(f"{__package__}.runtime")  # not imported: no group was joined
+    if runtime is not None:
+        runtime.exit_if_distributed(rc)  # under torchrun: leave the group, skip the teardown
+    return rc
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parse(parser, argv)
     try:

@@ -17,6 +17,7 @@ import ctypes
 import functools
 import os
 import platform
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -116,6 +117,19 @@ def _leave() -> None:
         # abort the peer ("terminate called without an active exception").
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_if_distributed(rc: int) -> None:
+    """End a torchrun rank whose command is done: leave the group with its peers, then exit
+    without the interpreter's teardown, where gloo's threads can abort a finished rank
+    ("terminate called without an active exception", seen in CI after a clean run). Exit
+    handlers still run first. A single process returns and exits normally."""
+    if not dist.is_initialized():
+        return
+    atexit._run_exitfuncs()  # _leave among them: barrier, then destroy
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _comm_device() -> torch.device:

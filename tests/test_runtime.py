@@ -1,5 +1,8 @@
 """Device resolution: every --device a user can mistype is one line naming the choices."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -37,3 +40,32 @@ def test_bad_device_on_the_command_line_is_one_line_and_exit_2(command, capsys, 
     assert main([*command, "--device", "gpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: unknown --device 'gpu': use auto, cpu, cuda or cuda:N" in err
+
+
+def test_a_finished_rank_leaves_its_group_and_skips_the_interpreter_teardown(tmp_path):
+    # gloo's threads aborted finished torchrun ranks in the interpreter's teardown; the CLI ends a
+    # rank with exit_if_distributed: exit handlers run (they leave the group), the teardown does not.
+    script = """
+import atexit, os, sys
+import torch.distributed as dist
+from sae_lens_lite import runtime
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+keep = Teardown()  # a module global: collected only in the interpreter's teardown
+runtime.exit_if_distributed(5)  # no group yet: returns
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+atexit.register(lambda: print("exit handler ran, group joined:", dist.is_initialized(), flush=True))
+atexit.register(runtime._leave)
+print("done", end=" ")  # unflushed: exit_if_distributed flushes it
+runtime.exit_if_distributed(3)
+print("not reached")
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "store")], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 3, res.stderr
+    assert res.stdout.split("\n")[0] == "done exit handler ran, group joined: False"  # _leave ran first (LIFO)
+    assert "teardown ran" not in res.stdout and "not reached" not in res.stdout
