@@ -254,14 +254,24 @@ def test_batchtopk_threshold_is_the_mean_of_the_cuts_then_a_running_mean():
     assert torch.allclose(sae.threshold, torch.full((32,), want), rtol=1e-4)
 
 
-def test_count_positive_counts_entries_above_zero_in_every_float_width():
-    """L0 is counted on the activations read as integers (fast for bf16 on the CPU): the same
-    count as `> 0`, with -0.0, negatives and subnormals where a sign-blind count would differ."""
-    v = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.5, -2.0, float("inf"), 0.0])
+@pytest.mark.parametrize("penalty", sorted(recipes.RECIPES))
+def test_l0_counts_the_activations_above_their_threshold_with_negative_zeros_and_subnormals(penalty):
+    """L0 is counted on the activations read as integers (fast for bf16 on the CPU), which holds
+    because every recipe's activation writes +0 below its threshold: a pre-activation of -0.0
+    (which a plain relu passes on as -0.0, counted by the integers) or a negative subnormal must
+    not count. Dense [n, d_sae] and as entries, in every float width."""
+    sae, recipe, cfg = make(penalty, d_in=8, d_sae=8, k=2)
+    theta = float(sae.threshold.detach().max()) if penalty == "jumprelu" else 0.0  # θ at its start (fp32)
+    row = [0.0, -0.0, 1e-40, -1e-40, 3.5, -2.0, float("inf"), theta]
+    pre = torch.tensor([row, row[::-1]])  # [2, d_sae]
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        x = v.to(dtype)
-        assert int(count_positive(x)) == int((x > 0).sum()), dtype
-    assert int(count_positive(v)) == 3  # 1e-40, 3.5, inf
+        z = pre.to(dtype)
+        expected = int((z.double() > theta).sum())
+        assert int(count_positive(recipe.activate(sae, z, None))) == expected, dtype
+        idx = torch.arange(8).repeat(2)
+        assert int(count_positive(recipe.activate(sae, z.reshape(-1), idx))) == expected, dtype
+    if penalty != "jumprelu":  # the float32 row: 1e-40 (a subnormal), 3.5, inf
+        assert int(count_positive(recipe.activate(sae, pre, None))) == 6
 
 
 def test_the_sparse_path_stops_at_1_percent_under_bf16_autocast_on_an_amx_cpu(monkeypatch):
@@ -302,3 +312,36 @@ def test_the_dense_path_under_bf16_autocast_follows_the_float32_one(penalty):
         assert got[1][name].dtype == torch.float32
         rel = float((got[1][name] - g).norm() / g.norm())
         assert rel < 0.02, (name, rel)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_l1_dense_decode_has_the_gradients_of_its_definition(autocast):
+    """L1's dense path takes the ReLU's backward, the decoder and the L1 sum in one autograd node
+    that folds the penalty's gradient into the decoder's product: the same gradients as
+    f = relu(pre), x̂ = f W_dec, l1 = Σ_j ‖W_dec,j‖ Σ_t f_tj."""
+    torch.manual_seed(0)
+    sae, recipe, cfg = make("l1", d_in=8, d_sae=32)
+    pre0 = torch.randn(16, 32)
+    probe = torch.randn(16, 8)
+
+    def grads(fused):
+        pre = pre0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = pre.to(torch.bfloat16) if autocast else pre
+            vals = recipe.activate(sae, z, None)
+            if fused:
+                x_hat, t = recipe.decode(sae, loss.Latents(vals, z, None, None, None, 16, 32))
+            else:
+                x_hat = vals @ sae.W_dec.to(vals.dtype)
+                t = {"l1": (vals.float() * sae.W_dec.norm(dim=1)).sum() / 16}
+        total = (x_hat.float() * probe).sum() + 3.0 * t["l1"]
+        sae.zero_grad()
+        total.backward()
+        return total.detach(), pre.grad, sae.W_dec.grad.clone(), t.get("fired")
+
+    fused, plain = grads(True), grads(False)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused[:3], plain[:3]):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    assert (plain[1] == 0).float().mean() > 0.3  # the ReLU's mask is in the comparison
+    assert torch.equal(fused[3], (pre0 > 0).any(0))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from ..errors import UserError
 from ..sae import SAE
@@ -70,8 +71,10 @@ class Recipe:
         return (pre > self.entry_floor(sae)).nonzero(as_tuple=True)
 
     def activate(self, sae: SAE, pre: Tensor, idx: Tensor | None) -> Tensor:
-        """The activation of what entered: pre [nnz] at latents idx, or dense [n, d_sae] (idx None)."""
-        return pre.relu()
+        """The activation of what entered: pre [nnz] at latents idx, or dense [n, d_sae] (idx None).
+        A ReLU that writes +0 below 0 (relu keeps a −0.0), so that loss.count_positive can count
+        the activations' nonzero bits without first clamping away negative zeros."""
+        return F.threshold(pre, 0.0, 0.0)
 
     # ---- the loss ----------------------------------------------------------------------------
 
@@ -80,8 +83,13 @@ class Recipe:
         return err.pow(2).sum(-1).mean()
 
     def penalty(self, sae: SAE, lat: Latents) -> dict[str, Tensor]:
-        """The sparsity term, named `term`; also "l0" (no gradient) where the term counts it anyway."""
+        """The sparsity term, named `term`; also "l0" (no gradient) where the term counts it anyway,
+        "fired" [d_sae] bool where it sums each latent's activations anyway."""
         return {}
+
+    def decode(self, sae: SAE, lat: Latents) -> tuple[Tensor, dict[str, Tensor]]:
+        """(x̂·s − b_dec [n, d_in], the penalty's terms): a recipe may compute both in one go."""
+        return lat.decode(sae.W_dec), self.penalty(sae, lat)
 
     @torch.no_grad()
     def step_end(self, sae: SAE, step: int) -> None:
