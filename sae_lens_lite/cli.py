@@ -131,8 +131,9 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.cache_command == "verify":
             from tqdm.auto import tqdm
 
-            for i in tqdm(range(c.n_shards), desc="verify", unit="shard"):
-                c.check_shard(i, all_on_failure=True)
+            with tqdm(range(c.n_shards), desc="verify", unit="shard") as shards:  # closed before an error line
+                for i in shards:
+                    c.check_shard(i, all_on_failure=True)
             print(f"{args.dir}: {c.n_shards} shards, {c.n_tokens} rows, all checksums match")
         else:
             print(json.dumps({k: v for k, v in c.manifest.items() if k not in ("shards", "harvest_config")}, indent=2))

@@ -66,6 +66,7 @@ class CompareConfig:
         "from every SAE's training",
     )
     text_column: str = opt("text", "column holding the text in .jsonl/.json/.parquet/.csv/hub corpora")
+    split: str = opt("train", "split of a hub dataset (e.g. test; local files and pydoc have one)")
     tokens: int = opt(16384, "evaluation tokens, in whole contexts")
     skip_tokens: int | None = opt(
         None,
@@ -133,7 +134,9 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     check_context_length(lm, T)
     skip = cfg.skip_tokens
     if skip is None:  # held out from every SAE's training text
-        took = [t[1] for t in map(training_text, saes.values()) if t and _same_corpus(t[0], cfg.dataset)]
+        took = [
+            t[1] for t in map(training_text, saes.values()) if t and _same_corpus(t[0], cfg.dataset, t[2], cfg.split)
+        ]
         skip = max(took, default=0)
     contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
     times["load"] = time.perf_counter() - t0

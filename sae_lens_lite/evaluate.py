@@ -69,6 +69,7 @@ class EvalConfig:
     text_column: str = opt(
         HarvestConfig.text_column, "column holding the text in .jsonl/.json/.parquet/.csv/hub corpora"
     )
+    split: str = opt(HarvestConfig.split, "split of a hub dataset (e.g. test; local files and pydoc have one)")
     tokens: int = opt(
         16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)"
     )
@@ -247,12 +248,18 @@ def splice(reconstruct: Callable[[Tensor], Tensor], mask: Tensor):
 
 
 def eval_contexts(
-    tokenizer, dataset: str, context_length: int, tokens: int, skip_tokens: int, text_column: str = "text"
+    tokenizer,
+    dataset: str,
+    context_length: int,
+    tokens: int,
+    skip_tokens: int,
+    text_column: str = "text",
+    split: str = "train",
 ) -> Tensor:
     """Contexts [n_ctx, T] packed exactly as the harvest packs them, after the first skip_tokens."""
     skip = math.ceil(skip_tokens / context_length)  # whole contexts: no skipped token leaks in
     want = max(1, tokens // context_length)
-    texts = load_texts(dataset, text_column=text_column)
+    texts = load_texts(dataset, split, text_column)
     ctx = tokenize_corpus(tokenizer, texts, context_length, (skip + want) * context_length)
     if len(ctx) <= skip:
         raise UserError(
@@ -266,7 +273,7 @@ def split_contexts(lm: LoadedModel, cfg, T: int, skip: int) -> tuple[Tensor, int
     """The evaluation contexts [n_ctx, T] of cfg.dataset after `skip` tokens, and how many of the
     first ones fit the baselines: with baselines and no --acts, they are fitted on the first half
     and everything in the comparison table is scored on the second half."""
-    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip, cfg.text_column)
+    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip, cfg.text_column, cfg.split)
     n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
     if cfg.baselines and not cfg.acts and n_fit == 0:
         raise UserError(
@@ -302,9 +309,9 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     T = cfg.context_length or sae.cfg.context_length or 128
     # a wrong cache fails before the model runs
     held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
-    # the default column is left out, so that reports written before --text-column existed still match
-    default_column = ("text_column",) if cfg.text_column == HarvestConfig.text_column else ()
-    settings = settings_of(cfg, ("sae", "acts", "sparsity_acts", "batch_size", *default_column))
+    # the defaults are left out, so that reports written before --text-column and --split existed still match
+    defaults = tuple(k for k in ("text_column", "split") if getattr(cfg, k) == getattr(HarvestConfig, k))
+    settings = settings_of(cfg, ("sae", "acts", "sparsity_acts", "batch_size", *defaults))
     inputs = {
         k: fingerprint(v)
         for k, v in (
@@ -338,7 +345,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     trained_on = training_text(sae)
     skip = cfg.skip_tokens
     if skip is None:  # keep the eval text disjoint from the SAE's training text by default
-        skip = trained_on[1] if trained_on and _same_corpus(trained_on[0], cfg.dataset) else 0
+        skip = trained_on[1] if trained_on and _same_corpus(trained_on[0], cfg.dataset, trained_on[2], cfg.split) else 0
     contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
     filters = position_filters(cfg)
     times["load"] = time.perf_counter() - t0
@@ -415,7 +422,9 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
             "rows": table,
         }
     report["footing"] = footing(lm, hook, cfg.dataset, skip, contexts, filters, len(x))
-    report["warnings"] = _warnings(cfg.dataset, skip, trained_on, sparse, held_out) + position_warnings(sae, filters)
+    report["warnings"] = _warnings(cfg.dataset, cfg.split, skip, trained_on, sparse, held_out) + position_warnings(
+        sae, filters
+    )
     report["config"] = asdict(cfg)
 
     plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {hook}", DENSE_FREQ)
@@ -630,8 +639,8 @@ def ce_summary(s: dict, methods: list[str]) -> dict:
     return out
 
 
-def training_text(sae: SAE) -> tuple[str, int] | None:
-    """(corpus, tokens harvested from its start) of the cache the SAE was trained on, if still readable."""
+def training_text(sae: SAE) -> tuple[str, int, str] | None:
+    """(corpus, tokens harvested from its start, split) of the cache the SAE was trained on, if still readable."""
     from .cache import ActivationCache
 
     acts = sae.cfg.meta.get("acts")
@@ -641,7 +650,8 @@ def training_text(sae: SAE) -> tuple[str, int] | None:
         m = ActivationCache.open(acts, verify=False).manifest
     except UserError:
         return None  # the cache was moved or deleted; the report then says overlap was not checked
-    return m["corpus"], int(m["n_contexts"]) * int(m["context_length"])
+    split = (m.get("harvest_config") or {}).get("split", HarvestConfig.split)
+    return m["corpus"], int(m["n_contexts"]) * int(m["context_length"]), split
 
 
 def _training_dead(sae: SAE) -> dict:
@@ -659,17 +669,20 @@ def _training_dead(sae: SAE) -> dict:
     return {"dead_fraction_in_training": final["dead_frac"], "training_dead_window": tc["dead_window"]}
 
 
-def _same_corpus(a: str, b: str) -> bool:
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+def _same_corpus(a: str, b: str, split_a: str = "train", split_b: str = "train") -> bool:
+    """Whether corpora a and b are the same text: the same file, or the same hub dataset and split."""
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b and (split_a == split_b or a == DEFAULT_CORPUS or Path(a).suffix != "")  # files have no splits
 
 
 def _warnings(
-    dataset: str, skip: int, trained_on: tuple[str, int] | None, sparse: dict, held_out: dict | None
+    dataset: str, split: str, skip: int, trained_on: tuple[str, int, str] | None, sparse: dict, held_out: dict | None
 ) -> list[str]:
     w = []
     if trained_on is None:
         w.append("the SAE's training cache was not found, so overlap between training and eval text was not checked")
-    elif _same_corpus(trained_on[0], dataset) and skip < trained_on[1]:
+    elif _same_corpus(trained_on[0], dataset, trained_on[2], split) and skip < trained_on[1]:
         w.append(
             f"the eval text overlaps the SAE's training text (its first {trained_on[1]} tokens); "
             f"pass --skip-tokens {trained_on[1]} or held-out text"

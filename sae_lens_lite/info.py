@@ -86,7 +86,7 @@ def _per_hook_caches(p: Path) -> list[str]:
 
     hooks = per_hook_caches(p)
     lines = [
-        f"activation caches {p}, one per hook: {', '.join(hooks)}; pass one of them to train or analyze, "
+        f"activation caches {p}, one per hook ({len(hooks)}); pass one of them to train or analyze, "
         f"e.g. --acts {p / hooks[0]}"
     ]
     for h in hooks:

@@ -61,8 +61,11 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     _in_run_file_terms(lambda: check_config(t), "train", TrainConfig)
     ev = cfg.get("evaluate", {})
     e = _build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **ev}, "evaluate")
-    if "text_column" not in ev and _same_corpus(e.dataset, h.dataset):
-        e.text_column = h.text_column  # the harvest's corpus, read the same way
+    if _same_corpus(e.dataset, h.dataset):  # the harvest's corpus, read the same way
+        if "text_column" not in ev:
+            e.text_column = h.text_column
+        if "split" not in ev:
+            e.split = h.split
     if "evaluate" in stages:
         check_held_out(h, e)
     a = _build(
@@ -105,12 +108,12 @@ def check_held_out(h: HarvestConfig, e: EvalConfig) -> None:
     """Refuse, before any stage, a run whose evaluate would find no text left after training.
 
     On the harvest's corpus, evaluate skips the tokens the harvest took (or evaluate.skip_tokens),
-    and a small corpus is used up: pydoc holds about 113k tokens, the harvest's default asks for
-    200k. Without this check the run would fail only after harvesting and training. Checked where
+    and a small corpus is used up: pydoc holds about 113k tokens, a harvest may ask for 200k.
+    Without this check the run would fail only after harvesting and training. Checked where
     the corpus's size is cheap to know (a local corpus, a tokenizer on this machine); counting
     stops as soon as there is enough."""
     skip = e.skip_tokens
-    if skip == 0 or e.text_column != h.text_column or not _same_corpus(e.dataset, h.dataset):
+    if skip == 0 or e.text_column != h.text_column or not _same_corpus(e.dataset, h.dataset, e.split, h.split):
         return
     T_h, T_e = h.context_length, e.context_length or h.context_length
     need = 2 if e.baselines and not e.acts else 1  # contexts: baselines fit on one half, score on the other

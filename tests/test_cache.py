@@ -124,7 +124,7 @@ def test_every_damaged_shard_is_named_in_one_message(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["cache", "verify", str(tmp_path / "c")]) == 2
-    err = capsys.readouterr().err.splitlines()[-1]
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # on a line of its own, not after the bar's "\r"
     assert err.startswith("sae-lite cache: error: 3 of 6 shards") and "shard_00004.safetensors is missing" in err
 
 

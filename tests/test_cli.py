@@ -206,21 +206,29 @@ def test_run_refuses_a_harvest_that_leaves_evaluate_no_text_before_any_stage(
 
 
 @needs_smollm2
-def test_an_empty_run_file_is_refused_before_any_stage(tmp_path, capsys, monkeypatch):
-    """All defaults ask harvest for 200,000 tokens of pydoc (about 113k): refused in seconds with
-    what to set, not after harvesting and two minutes of training."""
+def test_an_empty_run_file_plans_and_a_harvest_of_all_of_pydoc_is_refused_before_any_stage(
+    tmp_path, capsys, monkeypatch
+):
+    """Every default together is a run that works: harvest's 80k tokens of pydoc (about 113k)
+    leave evaluate its held-out text. Asking for 200,000 is refused in seconds with what to set,
+    not after harvesting and two minutes of training."""
+    import sae_lens_lite.pipeline as pipeline
+
+    pipeline.plan(load_run_file(_write(tmp_path / "empty.toml", ""), [f"out={tmp_path / 'e'}"]))
     _no_stage_runs(monkeypatch)
-    f = tmp_path / "empty.toml"
-    f.write_text("")
+    f = _write(tmp_path / "all.toml", "[harvest]\ntokens = 200000\n")
     assert main(["run", str(f), f"out={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sae-lite run: error: [evaluate] pydoc holds ") and err.count("\n") == 1, err
     assert "set harvest.tokens to at most " in err and "evaluate.dataset" in err
     assert not (tmp_path / "o").exists()
     # the demo's settings pass the check (it stops counting once there is enough)
-    import sae_lens_lite.pipeline as pipeline
-
     pipeline.plan(load_run_file(Path(__file__).parents[1] / "configs" / "demo.toml", [f"out={tmp_path / 'd'}"]))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
 
 
 def test_run_file_evaluate_reads_the_harvest_corpus_column(tmp_path):

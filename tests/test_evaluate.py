@@ -473,3 +473,36 @@ def test_the_report_notes_when_the_training_cache_filtered_positions_differently
     assert "drop_first 0 (here 1)" in w and "--drop-first" in w
     assert position_warnings(SAE(SAEConfig(d_in=4, d_sae=8, meta={"filters": filters})), filters) == []
     assert position_warnings(SAE(SAEConfig(d_in=4, d_sae=8)), filters) == []  # imported: nothing to compare with
+
+
+def test_evaluate_reads_the_split_of_a_hub_dataset_named_by_split(tiny_lm, corpus_file, tmp_path, monkeypatch):
+    """A hub dataset's test split is held out from an SAE trained on its train split: evaluate
+    (and compare) read the split named by --split, and skip nothing there by default."""
+    import datasets
+
+    from sae_lens_lite.harvest import HarvestConfig, harvest
+
+    text = corpus_file.read_text()
+    splits = {"train": text, "test": " ".join(reversed(text.split()))}
+    asked = []
+
+    def load_dataset(name, split="train", **kw):
+        assert name == "org/corpus", name
+        asked.append(split)
+        return datasets.Dataset.from_dict({"text": [splits[split]]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    acts = tmp_path / "acts"
+    h = HarvestConfig(model="tiny", hooks=[HOOK], dataset="org/corpus", tokens=64, context_length=16, out=str(acts))
+    harvest(h, lm=tiny_lm)
+    test_ctx = eval_contexts(tiny_lm.tokenizer, "org/corpus", 16, 32, 0, "text", "test")
+    assert torch.equal(test_ctx, tokenize_corpus(tiny_lm.tokenizer, [splits["test"]], 16)[:2])
+    sae = SAE(SAEConfig(d_in=32, d_sae=64, hook=HOOK, context_length=16, meta={"acts": str(acts)}))
+    path = str(sae.save(tmp_path / "s"))
+    args = build_parser().parse_args(["evaluate", "--sae", path, "--dataset", "org/corpus", "--split", "test"])
+    cfg = replace(from_namespace(EvalConfig, args), tokens=32, baselines=False, device="cpu")
+    asked.clear()
+    r = evaluate(cfg, lm=tiny_lm)
+    assert asked == ["test"] and r["skip_tokens"] == 0 and not any("overlap" in w for w in r["warnings"])
+    r = evaluate(replace(cfg, split="train", out=str(tmp_path / "e_train")), lm=tiny_lm)
+    assert r["skip_tokens"] == 64  # the train split is what the SAE was trained on

@@ -157,3 +157,12 @@ def test_a_directory_of_other_work_is_refused_and_left_as_it_was(tiny_lm, corpus
     with pytest.raises(UserError, match="is not a directory"):
         harvest(cfg(corpus_file, afile), lm=tiny_lm)
     assert afile.read_text() == "mine"
+    # several hooks write one subdirectory each into --out: a directory of the user's files is refused too
+    hooks = ["blocks.0.hook_resid_post", HOOK]
+    with pytest.raises(UserError, match=r"junk holds other files \(notes.txt\); a harvest of several hooks"):
+        harvest(cfg(corpus_file, mine, hooks=hooks), lm=tiny_lm)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    both = tmp_path / "both"  # and a finished harvest of several hooks is not "other files" to itself
+    harvest(cfg(corpus_file, both, hooks=hooks), lm=tiny_lm)
+    assert sorted(p.name for p in both.iterdir()) == sorted(hooks)
+    harvest(cfg(corpus_file, both, hooks=hooks), lm=tiny_lm)  # the rerun finds it complete: not refused

@@ -138,7 +138,7 @@ def test_info_on_a_harvest_of_several_hooks_names_its_caches(tmp_path):
         make_cache(tmp_path / "multi" / h)
     lines = describe(str(tmp_path / "multi")).splitlines()
     assert lines[0] == (
-        f"activation caches {tmp_path / 'multi'}, one per hook: blocks.2.hook_resid_post, blocks.4.hook_resid_post; "
+        f"activation caches {tmp_path / 'multi'}, one per hook (2); "
         f"pass one of them to train or analyze, e.g. --acts {tmp_path / 'multi' / 'blocks.2.hook_resid_post'}"
     )
     assert lines[1].startswith("  blocks.2.hook_resid_post: complete") and "80 rows x 3 (float32)" in lines[1]
