@@ -33,7 +33,7 @@ cfg = TrainConfig(
     out=str(OUT),
     expansion=8,
     penalty="l1",
-    l1=5.0,
+    l1=1.0,
     target_l0=40,
     tokens=4_000_000,
 )

@@ -141,7 +141,7 @@ def test_train_rerun_rule(trained, capsys, tiny_lm, corpus_file):
     train(tcfg(trained))
     out = capsys.readouterr().out.strip().splitlines()
     assert "complete, nothing to do" in out[-2] and out[-1].startswith("train: ")
-    with pytest.raises(UserError, match=r"differs in: l1 \(was 5.0, now 3.0\)"):
+    with pytest.raises(UserError, match=r"differs in: l1 \(was 1.0, now 3.0\)"):
         train(tcfg(trained, l1=3.0))
     # Another cache under the same path: the input's content differs.
     harvest(hcfg(trained, corpus_file, tokens=512, overwrite=True), lm=tiny_lm)
