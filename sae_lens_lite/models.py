@@ -116,37 +116,8 @@ def load_model(
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not name.strip():
-        raise UserError(f"--model is empty; {_MODEL_HINT}")
-    if name == SMOLLM2_NAME:
-        gguf = smollm2_gguf_path()
-        source, weights_hash = str(gguf), _file_hash(gguf)
-        local = _converted_gguf(gguf, weights_hash)
-    elif name.endswith(".gguf"):
-        gguf = Path(name)
-        if not gguf.is_file():
-            raise UserError(f"GGUF file {name} not found")
-        source, weights_hash = str(gguf.resolve()), _file_hash(gguf)
-        local = _converted_gguf(gguf, weights_hash)
-    elif Path(name).expanduser().is_dir():
-        local = Path(name).expanduser()
-        source = str(local.resolve())
-        weights = sorted(local.glob("*.safetensors"))
-        if not weights and (local / "config.json").is_file():
-            raise UserError(
-                f"{local} holds no .safetensors weights: sae-lite reads model weights only from safetensors "
-                "(a .bin or .pt file is a pickle, which can run code); save the model with "
-                "save_pretrained(..., safe_serialization=True)"
-            )
-        weights_hash = _file_hash(weights[0]) if weights else "unknown"
-    elif not _HUB_ID_RE.match(name):
-        # Only a path can look like this; sending it to the hub would fail with a complaint about repo ids.
-        if Path(name).expanduser().exists():
-            raise UserError(f"model path {name} is neither a directory nor a .gguf file; {_MODEL_HINT}")
-        raise UserError(f"model directory {name} not found (a local path, or a Hugging Face model id like org/name)")
-    else:
-        local, source = None, name
-        weights_hash = "hub"
+    local, source, weights_hash = _locate(name)
+    if local is None:
         _check_hub(name)
 
     from huggingface_hub.errors import HFValidationError
@@ -185,6 +156,40 @@ def load_model(
     return LoadedModel(model, tokenizer, name, source, weights_hash)
 
 
+def _locate(name: str) -> tuple[Path | None, str, str]:
+    """Where model `name` is on this machine: (the directory transformers reads, None for a hub id;
+    the source recorded with the model; a hash of its weights). A .gguf is converted once. A name
+    that can only be a path, and is not a usable one, is a UserError."""
+    if not name.strip():
+        raise UserError(f"--model is empty; {_MODEL_HINT}")
+    if name == SMOLLM2_NAME:
+        gguf = smollm2_gguf_path()
+        weights_hash = _file_hash(gguf)
+        return _converted_gguf(gguf, weights_hash), str(gguf), weights_hash
+    if name.endswith(".gguf"):
+        gguf = Path(name)
+        if not gguf.is_file():
+            raise UserError(f"GGUF file {name} not found")
+        weights_hash = _file_hash(gguf)
+        return _converted_gguf(gguf, weights_hash), str(gguf.resolve()), weights_hash
+    local = Path(name).expanduser()
+    if local.is_dir():
+        weights = sorted(local.glob("*.safetensors"))
+        if not weights and (local / "config.json").is_file():
+            raise UserError(
+                f"{local} holds no .safetensors weights: sae-lite reads model weights only from safetensors "
+                "(a .bin or .pt file is a pickle, which can run code); save the model with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        return local, str(local.resolve()), _file_hash(weights[0]) if weights else "unknown"
+    if not _HUB_ID_RE.match(name):
+        # Only a path can look like this; sending it to the hub would fail with a complaint about repo ids.
+        if local.exists():
+            raise UserError(f"model path {name} is neither a directory nor a .gguf file; {_MODEL_HINT}")
+        raise UserError(f"model directory {name} not found (a local path, or a Hugging Face model id like org/name)")
+    return None, name, "hub"
+
+
 def _check_hub(name: str) -> None:
     """Fail in seconds, not after a minute of retries, when a hub model is neither cached nor
     reachable (the usual case offline)."""
@@ -218,19 +223,12 @@ def _check_hub(name: str) -> None:
 
 def local_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of a model already on this machine (smollm2-135m, a .gguf, which is converted
-    once as load_model would, or a local directory), without its weights; None for a hub id."""
+    once as load_model would, or a local directory), without its weights; None for a hub id. A
+    name load_model would refuse is refused the same way (a UserError)."""
     from transformers import AutoTokenizer
 
-    if name == SMOLLM2_NAME or name.endswith(".gguf"):
-        gguf = smollm2_gguf_path() if name == SMOLLM2_NAME else Path(name)
-        if not gguf.is_file():
-            return None
-        path = _converted_gguf(gguf, _file_hash(gguf))
-    elif name.strip() and Path(name).expanduser().is_dir():
-        path = Path(name).expanduser()
-    else:
-        return None
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    local, _, _ = _locate(name)
+    return None if local is None else AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
 
 
 @contextlib.contextmanager
