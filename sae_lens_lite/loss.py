@@ -17,6 +17,7 @@ L0, the sums for explained variance), all on the device; train.py reads them bac
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -51,11 +52,12 @@ def sync_free(t: Tensor) -> bool:
 class Latents(NamedTuple):
     """A batch's latents, dense (idx is None: vals, pre [n, d_sae]) or as entries in token order
     (vals, pre, rows, idx [nnz]). vals are the activations, pre the pre-activations, both with
-    gradient. An entry may have value 0 (a JumpReLU latent just below its threshold still carries
-    the threshold's gradient)."""
+    gradient; pre is None on the dense path of a recipe whose ReLU runs in the encoder's node.
+    An entry may have value 0 (a JumpReLU latent just below its threshold still carries the
+    threshold's gradient)."""
 
     vals: Tensor
-    pre: Tensor
+    pre: Tensor | None
     rows: Tensor | None
     idx: Tensor | None
     starts: Tensor | None  # [n] where each token's entries begin (the decoder's offsets)
@@ -124,10 +126,13 @@ def sparse_max_density(x: Tensor) -> float:
 
 def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[Latents, Tensor, Tensor]:
     """(latents, pre [n, d_sae], xc [n, d_in]) of a batch x [n, d_in]. On the sparse path `pre` has
-    no gradient (the entries carry it); on the dense path it is the one with the gradient."""
+    no gradient (the entries carry it); on the dense path it is the one with the gradient, or None
+    (recipe.plain_relu: only the ReLU's output is made)."""
     n = x.shape[0]
     xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec.detach()  # [n, d_in] centred, no gradient
     if not sparse:
+        if recipe.plain_relu:  # the ReLU in the encoder's node: no pre-activations kept
+            return Latents(dense_pre(sae, xc, relu=True), None, None, None, None, n, sae.d_sae), None, None
         pre = dense_pre(sae, xc)  # [n, d_sae]
         vals = recipe.activate(sae, pre, None)
         mask = recipe.mask(sae, pre.detach())
@@ -142,34 +147,66 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
     return Latents(recipe.activate(sae, pre_e, idx), pre_e, rows, idx, starts, n, sae.d_sae), pre, xc
 
 
-def dense_pre(sae: SAE, xc: Tensor) -> Tensor:
-    """sae.pre_activation [n, d_sae] of the centred input xc = x·s − b_dec (no gradient)."""
-    return _DenseEncode.apply(xc, sae.W_enc, sae.b_enc, sae.b_dec)
+def dense_pre(sae: SAE, xc: Tensor, relu: bool = False) -> Tensor:
+    """sae.pre_activation [n, d_sae] of the centred input xc = x·s − b_dec (no gradient), or its
+    ReLU (relu=True)."""
+    return _DenseEncode.apply(xc, sae.W_enc, sae.b_enc, sae.b_dec, relu)
 
 
 class _DenseEncode(torch.autograd.Function):
-    """pre = xc @ W_enc + b_enc [n, d_sae] (in the autocast dtype where autocast is on), with a
-    backward that keeps [xc | 1]^T [d_in + 1, n] contiguous: ∂W_enc = xc^T @ ∂pre through a
-    transposed view runs ~1.8x slower on the CPU in bf16 (11 against 6 ms at 8x, batch 2048), and
-    the row of ones makes ∂b_enc = Σ_t ∂pre_t the product's last row (~0.2 ms, not a 2 ms pass).
-    b_dec's gradient is a matrix-vector product, −W_enc ∂b_enc: through (x·s − b_dec) @ W_enc
-    autograd would spend a whole [n, d_sae] × [d_sae, d_in] product on it."""
+    """pre = xc @ W_enc + b_enc [n, d_sae] (in the autocast dtype where autocast is on), or its
+    ReLU f written over it in place (relu=True: a new [n, d_sae] costs the CPU ~7 ms at 8x,
+    batch 2048, against ~1 ms in place), with a backward that keeps [xc | 1]^T [d_in + 1, n]
+    contiguous: ∂W_enc = xc^T @ ∂pre through a transposed view runs ~1.8x slower on the CPU in
+    bf16 (11 against 6 ms), and the row of ones makes ∂b_enc = Σ_t ∂pre_t the product's last row
+    (~0.2 ms, not a 2 ms pass). b_dec's gradient is a matrix-vector product, −W_enc ∂b_enc:
+    through (x·s − b_dec) @ W_enc autograd would spend a whole [n, d_sae] × [d_sae, d_in]
+    product on it. The ReLU writes +0 below 0 (see Recipe.activate)."""
 
     @staticmethod
-    def forward(ctx, xc, W_enc, b_enc, b_dec):
+    def forward(ctx, xc, W_enc, b_enc, b_dec, relu):
         kind = xc.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else W_enc.dtype
         xc = xc.to(dtype)
         ones = torch.ones(1, xc.shape[0], dtype=dtype, device=xc.device)
-        ctx.save_for_backward(torch.cat([xc.t(), ones]), W_enc)  # [d_in + 1, n]
-        return torch.addmm(b_enc.to(dtype), xc, W_enc.to(dtype))
+        if relu:
+            out = linear_relu(xc, W_enc.to(dtype), b_enc.to(dtype))
+        else:
+            out = torch.addmm(b_enc.to(dtype), xc, W_enc.to(dtype))
+        ctx.save_for_backward(torch.cat([xc.t(), ones]), W_enc, out if relu else None)  # [d_in + 1, n]
+        return out
 
     @staticmethod
-    def backward(ctx, grad_pre):  # [n, d_sae]
-        xc1_t, W_enc = ctx.saved_tensors
-        grads = (xc1_t @ grad_pre.to(xc1_t.dtype)).to(W_enc.dtype)  # [d_in + 1, d_sae]
+    def backward(ctx, grad_out):  # [n, d_sae]
+        xc1_t, W_enc, f = ctx.saved_tensors
+        grad_pre = grad_out.to(xc1_t.dtype)
+        if f is not None:
+            grad_pre = torch.ops.aten.threshold_backward(grad_pre, f, 0)
+        grads = (xc1_t @ grad_pre).to(W_enc.dtype)  # [d_in + 1, d_sae]
         grad_W_enc, grad_b_enc = grads[:-1], grads[-1]
-        return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc)
+        return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None
+
+
+def linear_relu(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """ReLU(x @ W + b) [n, d_out], +0 below 0, as one oneDNN call where PyTorch has it (a CPU,
+    bf16: the bias and the ReLU then cost no passes of their own, ~2 ms at 8x, batch 2048), else
+    addmm and a ReLU in place."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and _onednn_linear():
+        return torch.ops.mkldnn._linear_pointwise(x, W.t(), b, "relu", [], "")
+    return F.threshold(torch.addmm(b, x, W), 0.0, 0.0, inplace=True)
+
+
+@functools.cache
+def _onednn_linear() -> bool:
+    """Whether oneDNN's fused linear (an internal op of PyTorch's compiler) runs here and agrees
+    with addmm + ReLU in bf16 on a small case; checked once."""
+    try:
+        x, W, b = (torch.linspace(-1, 1, k).to(torch.bfloat16) for k in (64, 256, 32))
+        x, W = x.reshape(4, 16), W.reshape(16, 16)
+        got = torch.ops.mkldnn._linear_pointwise(x, W.t(), b[:16], "relu", [], "")
+        return torch.allclose(got.float(), torch.addmm(b[:16], x, W).relu().float(), atol=1e-2)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tensor) -> Tensor:

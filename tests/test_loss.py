@@ -316,9 +316,9 @@ def test_the_dense_path_under_bf16_autocast_follows_the_float32_one(penalty):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_l1_dense_decode_has_the_gradients_of_its_definition(autocast):
-    """L1's dense path takes the ReLU's backward, the decoder and the L1 sum in one autograd node
-    that folds the penalty's gradient into the decoder's product: the same gradients as
-    f = relu(pre), x̂ = f W_dec, l1 = Σ_j ‖W_dec,j‖ Σ_t f_tj."""
+    """L1's dense path takes the decoder and the L1 sum in one autograd node that folds the
+    penalty's gradient into the decoder's product and the norm's into W_dec's: the same gradients
+    as x̂ = f W_dec, l1 = Σ_j ‖W_dec,j‖ Σ_t f_tj (here behind a ReLU, f = relu(pre))."""
     torch.manual_seed(0)
     sae, recipe, cfg = make("l1", d_in=8, d_sae=32)
     pre0 = torch.randn(16, 32)
@@ -345,3 +345,47 @@ def test_l1_dense_decode_has_the_gradients_of_its_definition(autocast):
         torch.testing.assert_close(a.float(), b.float(), **tol)
     assert (plain[1] == 0).float().mean() > 0.3  # the ReLU's mask is in the comparison
     assert torch.equal(fused[3], (pre0 > 0).any(0))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("onednn", [False, True])
+def test_the_encoder_with_its_relu_has_the_gradients_of_its_definition(autocast, onednn, monkeypatch):
+    """The dense path of a plain-ReLU recipe applies the ReLU inside the encoder's node (in place,
+    or in one oneDNN call under bf16 on the CPU): its output, +0 below 0, and its gradients to
+    W_enc, b_enc and b_dec equal relu(pre) through plain autograd."""
+    if onednn and not loss._onednn_linear():
+        pytest.skip("no oneDNN fused linear in this PyTorch")
+    monkeypatch.setattr(loss, "_onednn_linear", lambda: onednn)
+    torch.manual_seed(0)
+    sae, _, _ = make("l1", d_in=16, d_sae=64)
+    with torch.no_grad():
+        sae.b_enc.normal_(mean=-0.5)
+        sae.b_dec.normal_()
+    x = torch.randn(40, 16)
+    probe = torch.randn(40, 64)
+
+    def run(fused):
+        sae.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            xc = x - sae.b_dec.detach()
+            f = loss.dense_pre(sae, xc, relu=True) if fused else torch.relu(loss.dense_pre(sae, xc))
+        (f.float() * probe).sum().backward()
+        return f.detach(), [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.b_dec)]
+
+    (f_fused, g_fused), (f_plain, g_plain) = run(True), run(False)
+    assert torch.equal(f_fused, f_plain)
+    assert 0.2 < float((f_fused == 0).float().mean()) < 0.9  # the mask matters
+    assert not (f_fused.view(torch.int16 if autocast else torch.int32) < 0).any()  # no -0.0
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_only_recipes_with_the_base_relu_and_no_mask_fuse_it_into_the_encoder():
+    """plain_relu moves a recipe's activation into the encoder's node: a recipe that changes
+    activate() or mask() must not claim it (its own activation would be skipped)."""
+    from sae_lens_lite.recipes.base import Recipe
+
+    for name, cls in recipes.RECIPES.items():
+        own = cls.activate is not Recipe.activate or cls.mask is not Recipe.mask
+        assert not (cls.plain_relu and own), name
+    assert recipes.RECIPES["l1"].plain_relu and recipes.RECIPES["kl"].plain_relu

@@ -12,6 +12,7 @@ KL_TAU = 0.1  # a latent counts as firing once its contribution â€–f_j W_dec,jâ€
 
 class KL(Recipe):
     name, term, resamples = "kl", "kl", True
+    plain_relu = True
 
     def coefficient(self):
         return self.cfg.kl_beta
