@@ -41,6 +41,10 @@ SPARSE_MAX_DENSITY = 0.05
 # while the sparse kernels do not: at 8x on SmolLM2 the dense L1 step took 83-93 ms at every L0,
 # the sparse one 81 ms at L0 53 (1.1%) and 108-169 ms at L0 86-174 (benchmarks.md).
 SPARSE_MAX_DENSITY_AMX = 0.01
+# The sparse path's encoder gradient as a dense bf16 product on such a CPU while n·d_sae is at most
+# this: measured at d_in 256 and 576, n 1,024-4,096, 8-32x, k 32, the dense product took 0.42-0.86
+# of the sparse one's time below it and 1.05-1.6 above (benchmarks.md).
+DENSE_GRAD_MAX = 2**25
 
 
 def sync_free(t: Tensor) -> bool:
@@ -116,12 +120,13 @@ def use_sparse(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig) -> bool:
 
 def sparse_max_density(x: Tensor) -> float:
     """The share of active latents up to which the sparse path runs, for this CPU and precision."""
-    amx = "amx_bf16" in runtime.cpu_flags() and torch.is_autocast_enabled(x.device.type)
-    return (
-        SPARSE_MAX_DENSITY_AMX
-        if amx and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
-        else SPARSE_MAX_DENSITY
-    )
+    amx = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+    return SPARSE_MAX_DENSITY_AMX if amx and amx_bf16(x) else SPARSE_MAX_DENSITY
+
+
+def amx_bf16(x: Tensor) -> bool:
+    """Whether x is on a CPU with AMX (fast bf16 matmuls)."""
+    return x.device.type == "cpu" and "amx_bf16" in runtime.cpu_flags()
 
 
 def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[Latents, Tensor, Tensor]:
@@ -140,7 +145,8 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
             vals = vals * mask
         return Latents(vals, pre, None, None, None, n, sae.d_sae), pre, None
     with torch.no_grad():
-        pre = torch.addmm(sae.b_enc, xc, sae.W_enc)  # [n, d_sae], bf16 under autocast
+        dtype = compute_dtype(xc.device, sae.W_enc.dtype)
+        pre = linear(xc.to(dtype), sae.W_enc.to(dtype), sae.b_enc.to(dtype))  # [n, d_sae], bf16 under autocast
         rows, idx = recipe.entries(sae, pre)  # [nnz] each, in token order
     pre_e = gather_pre(sae, pre, xc, rows, idx)
     starts = torch.searchsorted(rows, torch.arange(n, device=rows.device))  # [n], once: Matryoshka decodes 5 times
@@ -165,14 +171,10 @@ class _DenseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xc, W_enc, b_enc, b_dec, relu):
-        kind = xc.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else W_enc.dtype
+        dtype = compute_dtype(xc.device, W_enc.dtype)
         xc = xc.to(dtype)
         ones = torch.ones(1, xc.shape[0], dtype=dtype, device=xc.device)
-        if relu:
-            out = linear_relu(xc, W_enc.to(dtype), b_enc.to(dtype))
-        else:
-            out = torch.addmm(b_enc.to(dtype), xc, W_enc.to(dtype))
+        out = linear(xc, W_enc.to(dtype), b_enc.to(dtype), relu)
         ctx.save_for_backward(torch.cat([xc.t(), ones]), W_enc, out if relu else None)  # [d_in + 1, n]
         return out
 
@@ -187,13 +189,20 @@ class _DenseEncode(torch.autograd.Function):
         return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None
 
 
-def linear_relu(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
-    """ReLU(x @ W + b) [n, d_out], +0 below 0, as one oneDNN call where PyTorch has it (a CPU,
-    bf16: the bias and the ReLU then cost no passes of their own, ~2 ms at 8x, batch 2048), else
-    addmm and a ReLU in place."""
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in on device: autocast's where it is on, else dtype."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+
+
+def linear(x: Tensor, W: Tensor, b: Tensor, relu: bool = False) -> Tensor:
+    """x @ W + b [n, d_out], or its ReLU (+0 below 0), as one oneDNN call where PyTorch has it (a
+    CPU, bf16: the bias and the ReLU then cost no passes of their own; addmm first copies the bias
+    into its output, and a ReLU that writes new memory costs ~7 ms at 8x, batch 2048), else addmm
+    and a ReLU in place."""
     if x.device.type == "cpu" and x.dtype == torch.bfloat16 and _onednn_linear():
-        return torch.ops.mkldnn._linear_pointwise(x, W.t(), b, "relu", [], "")
-    return F.threshold(torch.addmm(b, x, W), 0.0, 0.0, inplace=True)
+        return torch.ops.mkldnn._linear_pointwise(x, W.t(), b, "relu" if relu else "none", [], "")
+    out = torch.addmm(b, x, W)
+    return F.threshold(out, 0.0, 0.0, inplace=True) if relu else out
 
 
 @functools.cache
@@ -203,8 +212,12 @@ def _onednn_linear() -> bool:
     try:
         x, W, b = (torch.linspace(-1, 1, k).to(torch.bfloat16) for k in (64, 256, 32))
         x, W = x.reshape(4, 16), W.reshape(16, 16)
-        got = torch.ops.mkldnn._linear_pointwise(x, W.t(), b[:16], "relu", [], "")
-        return torch.allclose(got.float(), torch.addmm(b[:16], x, W).relu().float(), atol=1e-2)
+        ref = torch.addmm(b[:16], x, W).float()
+        for attr, want in (("none", ref), ("relu", ref.relu())):
+            got = torch.ops.mkldnn._linear_pointwise(x, W.t(), b[:16], attr, [], "")
+            if not torch.allclose(got.float(), want, atol=1e-2):
+                return False
+        return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -214,7 +227,14 @@ def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tens
     has one (dense path), else wired to the weights by a sparse backward."""
     if xc is None:
         return pre[rows, idx].float()
-    return _GatheredPre.apply(pre[rows, idx].float(), xc, rows, idx, sae.W_enc, sae.b_enc, sae.b_dec)
+    dense_in = pre.dtype if dense_encoder_grad(pre) else None
+    return _GatheredPre.apply(pre[rows, idx].float(), xc, rows, idx, sae.W_enc, sae.b_enc, sae.b_dec, dense_in)
+
+
+def dense_encoder_grad(pre: Tensor) -> bool:
+    """Whether the sparse path takes its encoder's weight gradient as a dense bf16 product
+    (_GatheredPre): on a CPU with AMX under bf16 autocast, while n·d_sae <= DENSE_GRAD_MAX."""
+    return pre.device.type == "cpu" and pre.dtype == torch.bfloat16 and amx_bf16(pre) and pre.numel() <= DENSE_GRAD_MAX
 
 
 def step_terms(model, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:

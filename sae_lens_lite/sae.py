@@ -80,11 +80,17 @@ class _GatheredPre(torch.autograd.Function):
     by a gradient [n, d_sae] that is zero outside the active latents; here the same numbers cost
     nnz·d_in, not n·d_sae·d_in. Entries must be in token order with no (token, latent) twice.
 
-    pre[e] = xc[rows[e]] · W_enc[:, cols[e]] + b_enc[cols[e]],   xc = x·s − b_dec"""
+    pre[e] = xc[rows[e]] · W_enc[:, cols[e]] + b_enc[cols[e]],   xc = x·s − b_dec
+
+    dense_in (a dtype, or None) takes the product densely in that dtype instead: the gradient
+    scattered into [n, d_sae], times [xc | 1]^T, which also gives b_enc's gradient as its last row.
+    On a CPU with AMX, bf16 products are fast enough for that to beat the sparse one up to
+    n·d_sae ≈ 2^25 (loss.dense_encoder_grad)."""
 
     @staticmethod
-    def forward(ctx, pre, xc, rows, cols, W_enc, b_enc, b_dec):
+    def forward(ctx, pre, xc, rows, cols, W_enc, b_enc, b_dec, dense_in=None):
         ctx.save_for_backward(xc, rows, cols, W_enc)
+        ctx.dense_in = dense_in
         return pre
 
     @staticmethod
@@ -92,6 +98,14 @@ class _GatheredPre(torch.autograd.Function):
         xc, rows, cols, W_enc = ctx.saved_tensors
         n = xc.shape[0]
         d_sae = W_enc.shape[1]
+        if ctx.dense_in is not None:
+            dtype = ctx.dense_in
+            G = torch.zeros(n, d_sae, dtype=dtype, device=g.device)  # the gradient to pre [n, d_sae]
+            G.view(-1)[rows * d_sae + cols] = g.to(dtype)  # no (token, latent) twice
+            ones = torch.ones(1, n, dtype=dtype, device=g.device)
+            grads = (torch.cat([xc.t().to(dtype), ones]) @ G).float()  # [d_in + 1, d_sae]
+            grad_W_enc, grad_b_enc = grads[:-1], grads[-1]
+            return None, None, None, None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None
         g = g.float()
         grad_b_enc = torch.zeros(d_sae, device=g.device).index_add_(0, cols, g)  # [d_sae]
         # grad W_enc[:, j] = Σ_{e: cols[e] = j} g[e] xc[rows[e]]: xc^T [d_in, n] times the gradient as
@@ -113,7 +127,7 @@ class _GatheredPre(torch.autograd.Function):
                 G = torch.sparse_csr_tensor(crow, cols, g, (n, d_sae), check_invariants=False)
             grad_W_enc = xc.float().t().contiguous() @ G  # [d_in, d_sae]
         grad_b_dec = -(W_enc @ grad_b_enc)  # ∂pre[t, j]/∂b_dec = −W_enc[:, j]
-        return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec
+        return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
 
 
 def gate(pre: Tensor, floor: Tensor | float) -> Tensor:

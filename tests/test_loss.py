@@ -389,3 +389,33 @@ def test_only_recipes_with_the_base_relu_and_no_mask_fuse_it_into_the_encoder():
         own = cls.activate is not Recipe.activate or cls.mask is not Recipe.mask
         assert not (cls.plain_relu and own), name
     assert recipes.RECIPES["l1"].plain_relu and recipes.RECIPES["kl"].plain_relu
+
+
+@pytest.mark.parametrize("penalty", ["topk", "jumprelu"])
+def test_the_sparse_paths_dense_encoder_gradient_equals_the_sparse_one(penalty, monkeypatch):
+    """On a CPU with AMX under bf16 autocast the sparse path takes its encoder's gradient as a
+    dense bf16 product while n·d_sae is small (DENSE_GRAD_MAX): the same gradients to W_enc, b_enc
+    and b_dec as the sparse product, within bf16 rounding, and it is the dense one that ran."""
+    monkeypatch.setattr(loss, "amx_bf16", lambda x: True)
+    torch.manual_seed(0)
+    sae, recipe, cfg = make(penalty, d_in=32, d_sae=128, k=4)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        if penalty == "jumprelu":
+            sae.threshold.uniform_(0.5, 1.5)
+    x = torch.randn(64, 32)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[:40] = True  # AuxK's entries take the same path
+    got = {}
+    for limit in (0, loss.DENSE_GRAD_MAX):
+        monkeypatch.setattr(loss, "DENSE_GRAD_MAX", limit)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert loss.dense_encoder_grad(torch.zeros(64, 128, dtype=torch.bfloat16)) == (limit > 0)
+            t = terms(sae, x, recipe, cfg, dead, sparse=True)
+        sae.zero_grad()
+        total_loss(t, torch.tensor(0.7), recipe).backward()
+        got[limit] = [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.b_dec)]
+    for sparse_g, dense_g in zip(*got.values()):
+        assert sparse_g.abs().max() > 0
+        rel = float((dense_g - sparse_g).norm() / sparse_g.norm())
+        assert rel < 1e-2, rel
