@@ -41,9 +41,9 @@ SPARSE_MAX_DENSITY = 0.05
 # while the sparse kernels do not: at 8x on SmolLM2 the dense L1 step took 83-93 ms at every L0,
 # the sparse one 81 ms at L0 53 (1.1%) and 108-169 ms at L0 86-174 (benchmarks.md).
 SPARSE_MAX_DENSITY_AMX = 0.01
-# The sparse path's encoder gradient as a dense bf16 product on such a CPU while n·d_sae is at most
+# The sparse path's encoder gradient as a dense bf16 product on such a CPU while n·d_sae is below
 # this: measured at d_in 256 and 576, n 1,024-4,096, 8-32x, k 32, the dense product took 0.42-0.86
-# of the sparse one's time below it and 1.05-1.6 above (benchmarks.md).
+# of the sparse one's time below it and 1.05-1.6 at or above it (docs/training.md).
 DENSE_GRAD_MAX = 2**25
 
 
@@ -233,8 +233,8 @@ def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tens
 
 def dense_encoder_grad(pre: Tensor) -> bool:
     """Whether the sparse path takes its encoder's weight gradient as a dense bf16 product
-    (_GatheredPre): on a CPU with AMX under bf16 autocast, while n·d_sae <= DENSE_GRAD_MAX."""
-    return pre.device.type == "cpu" and pre.dtype == torch.bfloat16 and amx_bf16(pre) and pre.numel() <= DENSE_GRAD_MAX
+    (_GatheredPre): on a CPU with AMX under bf16 autocast, while n·d_sae < DENSE_GRAD_MAX."""
+    return pre.device.type == "cpu" and pre.dtype == torch.bfloat16 and amx_bf16(pre) and pre.numel() < DENSE_GRAD_MAX
 
 
 def step_terms(model, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:

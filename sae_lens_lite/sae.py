@@ -85,7 +85,7 @@ class _GatheredPre(torch.autograd.Function):
     dense_in (a dtype, or None) takes the product densely in that dtype instead: the gradient
     scattered into [n, d_sae], times [xc | 1]^T, which also gives b_enc's gradient as its last row.
     On a CPU with AMX, bf16 products are fast enough for that to beat the sparse one up to
-    n·d_sae ≈ 2^25 (loss.dense_encoder_grad)."""
+    n·d_sae = 2^25 (loss.dense_encoder_grad)."""
 
     @staticmethod
     def forward(ctx, pre, xc, rows, cols, W_enc, b_enc, b_dec, dense_in=None):

@@ -45,9 +45,10 @@ L0: TopK sets it (k). BatchTopK and Matryoshka train at a mean L0 of k (the same
 saved SAE runs on the one estimated threshold, so its L0 is only near k. For L1 (--l1) and JumpReLU
 (--l0-coef) our λ is adapted (`target_l0`) to the L0 SAELens reaches with the same λ, starting from
 that λ, measured on the first 16,384 training activations. The same L0 there is not the same L0 on
-the held-out text where EV and KL are scored (the two SAEs generalise differently), so a second run of
-ours ("ours, held-out L0") has its target scaled by SAELens's held-out L0 over the first run's, unless
-they are already within 3%: that row compares quality at one L0. JumpReLU's thresholds move by about lr
+the held-out text where EV and KL are scored (the two SAEs generalise differently), so up to three more
+runs of ours ("ours, held-out L0") move the target until the held-out L0 is SAELens's within 3%
+(proportionally first, then along the secant through the last two runs), unless the first run is
+already there: that row (the closest run) compares quality at one L0. JumpReLU's thresholds move by about lr
 per step, so in short runs ours may settle below its target: read the L0 column.
 
 Scored the same way for both, after SAELens's SAE is saved by SAELens and read back through our
@@ -98,6 +99,7 @@ K_SET = ("topk", "batchtopk", "matryoshka")  # k sets the (mean) L0
 STEERED = {"l1": "l1", "jumprelu": "l0_coef"}  # ours's λ is steered to SAELens's L0; the Setup field of the λ
 HELD_L0 = "ours, held-out L0"  # the run of ours steered to SAELens's L0 on the held-out text
 HELD_L0_TOLERANCE = 0.03  # ... made when the first run's held-out L0 is further than this from SAELens's
+HELD_L0_RUNS = 3  # at most this many tries at it: the last one is the row
 
 
 @dataclass
@@ -334,15 +336,17 @@ def compare(
     runs = [("ours", "auto", 1.0)] + ([("ours fp32", "float32", 1.0)] if fp32 and amp is not None else [])
     if target:
         # Matching L0 on the training sample need not match it on the held-out text, where EV and KL
-        # are measured: a second run of ours, its target scaled by the first's held-out miss.
+        # are measured: more runs of ours, their targets moved until the held-out L0 is SAELens's.
         runs.insert(1, (HELD_L0, "auto", None))
     for name, precision, scale in runs:
-        if scale is None:
-            scale = rows[0]["l0"] / rows[1]["l0"]  # SAELens's held-out L0 / ours's (first run)
-            if abs(scale - 1) <= HELD_L0_TOLERANCE:
+        if scale is not None:
+            print(f"--- {label}: {name}", flush=True)
+            sae, seconds = train_ours(acts, s, precision, target * scale)
+        else:
+            found = held_out_l0_run(acts, heldout, s, target, rows[1]["l0"], rows[0]["l0"], label)
+            if found is None:
                 continue
-        print(f"--- {label}: {name}", flush=True)
-        sae, seconds = train_ours(acts, s, precision, target * scale)
+            sae, seconds, scale = found
         settings = {"precision": precision, "sparse": True}
         if target:
             coef = STEERED[s.penalty]
@@ -367,6 +371,32 @@ def compare(
         )
         saes[name] = sae
     return rows, saes
+
+
+def held_out_l0_run(
+    acts: Tensor, heldout: Tensor, s: Setup, target: float, got: float, want: float, label: str
+) -> tuple[SAE, float, float] | None:
+    """Up to HELD_L0_RUNS runs of ours whose targets move until the held-out L0 is `want`
+    (SAELens's) within HELD_L0_TOLERANCE, after a first run that steered to `target` and reached
+    `got` there; None if that one already did. The first move is proportional; later ones follow
+    the secant through the last two runs in log L0 (the held-out L0 does not move in proportion to
+    the target). Returns the (SAE, seconds, target scale) of the run that came closest."""
+    tried = [(1.0, got, None, None)]  # (target scale, held-out L0, SAE, seconds)
+    while abs(tried[-1][1] / want - 1) > HELD_L0_TOLERANCE and len(tried) <= HELD_L0_RUNS:
+        s0, l0 = tried[-1][:2]
+        power = 1.0  # held-out L0 ∝ target^power, proportional until two runs say otherwise
+        if len(tried) > 1:
+            s1, l1 = tried[-2][:2]
+            if s1 != s0 and l1 != l0 and math.log(l0 / l1) / math.log(s0 / s1) > 0.1:
+                power = math.log(l0 / l1) / math.log(s0 / s1)
+        scale = s0 * (want / l0) ** (1 / power)
+        print(f"--- {label}: {HELD_L0} (target {target * scale:.1f})", flush=True)
+        sae, seconds = train_ours(acts, s, "auto", target * scale)
+        tried.append((scale, score(sae, heldout)["l0"], sae, seconds))
+    if len(tried) == 1:
+        return None
+    scale, _, sae, seconds = min(tried[1:], key=lambda t: abs(math.log(t[1] / want)))
+    return sae, seconds, scale
 
 
 # ---- CE / KL through our evaluate -----------------------------------------------------------

@@ -139,7 +139,8 @@ def test_the_saelens_sae_reads_back_through_our_import_unchanged(bench, data, tm
 def test_a_held_out_l0_miss_is_corrected_by_a_second_run_of_ours(bench, tmp_path):
     """Held-out text where features fire twice as often as in training: the L0 matched on the
     training sample is not matched there, so quality would be compared at two L0s. The script
-    must then produce a row of ours whose held-out L0 is SAELens's (or its first run is already there)."""
+    must then produce a row of ours whose held-out L0 is SAELens's within the tolerance (or its first
+    run is already there)."""
     from dataclasses import replace
 
     d = make_superposition(n_features=96, d=32, true_l0=4.0, seed=0)
@@ -153,7 +154,27 @@ def test_a_held_out_l0_miss_is_corrected_by_a_second_run_of_ours(bench, tmp_path
     first = abs(by["ours"]["l0"] / lens - 1)
     if bench.HELD_L0 in by:
         assert first > bench.HELD_L0_TOLERANCE
-        assert abs(by[bench.HELD_L0]["l0"] / lens - 1) < min(first, 0.1), rows
+        assert abs(by[bench.HELD_L0]["l0"] / lens - 1) < min(first, 2 * bench.HELD_L0_TOLERANCE), rows
     else:
         assert first <= bench.HELD_L0_TOLERANCE, rows
     assert [r["trainer"] for r in rows][:2] == ["SAELens", "ours"]
+
+
+def test_the_held_out_l0_runs_follow_the_secant_when_l0_is_not_proportional_to_the_target(bench, monkeypatch):
+    """Where the held-out L0 grows like target^0.5 a proportional correction undershoots (the
+    first run reached 200 for SAELens's 100: scaling the target by 1/2 gives 141); the secant
+    through two runs then lands within the tolerance, and the row is the closest run."""
+    trained = []
+
+    def fake_train(acts, s, precision, target_l0):
+        trained.append(target_l0)
+        return target_l0, 1.0  # the "SAE" is its target
+
+    monkeypatch.setattr(bench, "train_ours", fake_train)
+    monkeypatch.setattr(bench, "score", lambda sae, x: {"l0": 200 * (sae / 50) ** 0.5})
+    sae, seconds, scale = bench.held_out_l0_run(None, None, None, 50.0, 200.0, 100.0, "l1")
+    assert trained[0] == pytest.approx(25.0)  # proportional first: 50 · 100/200
+    assert len(trained) <= bench.HELD_L0_RUNS
+    assert abs(200 * (sae / 50) ** 0.5 / 100 - 1) <= bench.HELD_L0_TOLERANCE
+    assert scale == pytest.approx(sae / 50)
+    assert bench.held_out_l0_run(None, None, None, 50.0, 101.0, 100.0, "l1") is None  # already there
