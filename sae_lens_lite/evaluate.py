@@ -388,6 +388,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     times["ce_kl"] = time.perf_counter() - t
 
     ce_all = ce_summary(sums["all"], ["sae"])
+    per_context = dict(sums["contexts"])
+    ce_all["kl_sae_se"], ce_all["sae_se"] = (standard_error(per_context[k]) for k in ("kl_sae", "ce_sae"))
     report = {
         "sae": str(cfg.sae),
         "model": lm.name,
@@ -400,6 +402,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         "n_predictions": int(sums["all"]["n"]),
         "n_activations": len(x),
         "ce": ce_all,
+        "per_context": per_context,  # each context's mean KL and CE with the SAE spliced in
         "reconstruction": recon,
         "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"} | _training_dead(sae),
         "density_histogram": density_histogram(sparse["firing_frequency"]),
@@ -600,8 +603,10 @@ def cache_sparsity(sae: SAE, cache, device) -> dict:
 def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, device) -> dict:
     """Sums of CE (clean and per intervention) and KL(clean ‖ intervention) over all predictions,
     and over the score split (contexts n_fit..). Baselines run on the score split only. Each
-    intervention is spliced at the positions keep [n_ctx, T] marks; the clean pass is shared."""
-    sums = {"all": defaultdict(float), "score": defaultdict(float)}
+    intervention is spliced at the positions keep [n_ctx, T] marks; the clean pass is shared.
+    sums["contexts"] holds each context's mean KL and CE with the SAE spliced in (lists, context
+    order), from which a standard error, or a paired difference between two SAEs, follows."""
+    sums = {"all": defaultdict(float), "score": defaultdict(float), "contexts": defaultdict(list)}
     always = ("sae", "zero_ablation", "mean_ablation")
     # batches never straddle the fit/score boundary
     starts = [*range(0, n_fit, batch_size), *range(n_fit, len(contexts), batch_size)]
@@ -619,11 +624,23 @@ def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, de
             if name not in always and not scored:
                 continue
             logp = next_token_logprobs(model, ids, hook, splice(reconstruct, mask))
-            ce, kl = float(token_ce(logp, ids).double().sum()), float(kl_div(clean, logp).double().sum())
+            ce_t, kl_t = token_ce(logp, ids).double(), kl_div(clean, logp).double()  # [b, T-1]
+            ce, kl = float(ce_t.sum()), float(kl_t.sum())
+            if name == "sae":
+                sums["contexts"]["kl_sae"] += kl_t.mean(1).tolist()
+                sums["contexts"]["ce_sae"] += ce_t.mean(1).tolist()
             for s in splits:
                 s[f"ce/{name}"] += ce
                 s[f"kl/{name}"] += kl
     return sums
+
+
+def standard_error(values: list[float]) -> float | None:
+    """The standard error of the mean of per-context values (None below two contexts): contexts,
+    not tokens, are the independent draws, since a context's tokens move together."""
+    if len(values) < 2:
+        return None
+    return float(torch.tensor(values, dtype=torch.float64).std() / len(values) ** 0.5)
 
 
 def ce_summary(s: dict, methods: list[str]) -> dict:

@@ -57,6 +57,11 @@ def fmt(v, digits: int = 4) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _se(se: float | None) -> str:
+    """' ± SE' (standard error over contexts), or nothing where there is none (older reports)."""
+    return "" if se is None else f" ± {se:.4f} (SE over contexts)"
+
+
 def positions_text(p: dict) -> str:
     """The positions setting in words, e.g. 'not special tokens, not the first 1 of each context'."""
     parts = (["not special tokens"] if p["drop_special"] else []) + (
@@ -85,11 +90,11 @@ def markdown_summary(r: dict) -> str:
         "",
         "| metric | value |",
         "| --- | --- |",
-        f"| CE loss clean / SAE spliced (nats) | {ce['clean']:.4f} / {ce['sae']:.4f} |",
+        f"| CE loss clean / SAE spliced (nats) | {ce['clean']:.4f} / {ce['sae']:.4f}{_se(ce.get('sae_se'))} |",
         f"| CE loss zero-ablated / mean-ablated | {ce['zero_ablation']:.4f} / {ce['mean_ablation']:.4f} |",
         f"| CE loss recovered (vs zero / vs mean ablation) | {fmt(ce['sae_recovered'])} / "
         f"{fmt(ce['sae_recovered_vs_mean'])} |",
-        f"| KL(clean ‖ SAE) per token (nats) | {ce['kl_sae']:.4f} |",
+        f"| KL(clean ‖ SAE) per token (nats) | {ce['kl_sae']:.4f}{_se(ce.get('kl_sae_se'))} |",
         f"| explained variance / FVU | {fmt(rec['explained_variance'])} / {fmt(rec['fvu'])} |",
         f"| MSE (per element) | {rec['mse']:.6g} |",
         f"| L0 / L1 | {sp['l0']:.2f} / {sp['l1']:.4g} |",

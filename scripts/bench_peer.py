@@ -439,7 +439,12 @@ def add_ce(
             ),
             lm=lm,
         )
-        row.update(ce_rec=r["ce"]["sae_recovered"], kl=r["ce"]["kl_sae"], ce_l0=r["sparsity"]["l0"])
+        row.update(
+            ce_rec=r["ce"]["sae_recovered"],
+            kl=r["ce"]["kl_sae"],
+            kl_contexts=r["per_context"]["kl_sae"],  # the same contexts for every SAE: paired
+            ce_l0=r["sparsity"]["l0"],
+        )
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -483,9 +488,22 @@ def table(rows: list[dict]) -> str:
             f"{r['dead']:.2%} vs {base['dead']:.2%}",
         ]
         if ce:
-            cells.append(f"{r['kl']:.4f} vs {base['kl']:.4f}" if "kl" in r and "kl" in base else "")
+            cells.append(
+                f"{r['kl']:.4f} vs {base['kl']:.4f}{kl_difference(r, base)}" if "kl" in r and "kl" in base else ""
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def kl_difference(r: dict, base: dict) -> str:
+    """' (±x% ± y%)': r's KL over base's − 1, with the standard error of the mean per-context
+    difference (paired: both SAEs were scored on the same contexts) over base's KL."""
+    a, b = (torch.tensor(x.get("kl_contexts", []), dtype=torch.float64) for x in (r, base))
+    if len(a) < 2 or len(a) != len(b):
+        return ""
+    diff = a - b
+    se = float(diff.std()) / len(diff) ** 0.5
+    return f" ({float(diff.mean()) / base['kl']:+.1%} ± {se / base['kl']:.1%})"
 
 
 def harvest_caches(

@@ -178,3 +178,17 @@ def test_the_held_out_l0_runs_follow_the_secant_when_l0_is_not_proportional_to_t
     assert abs(200 * (sae / 50) ** 0.5 / 100 - 1) <= bench.HELD_L0_TOLERANCE
     assert scale == pytest.approx(sae / 50)
     assert bench.held_out_l0_run(None, None, None, 50.0, 101.0, 100.0, "l1") is None  # already there
+
+
+def test_the_kl_difference_is_paired_over_contexts(bench):
+    """Two SAEs scored on the same contexts: the difference of their KLs has the standard error of
+    the per-context differences, which here are almost constant (the contexts' own spread, large,
+    cancels): +10% ± ~0.05%, where each SAE's own standard error is ~25% of its KL."""
+    base = torch.tensor([1.0, 3.0, 0.5, 2.5, 1.5, 4.0], dtype=torch.float64)  # mean 2.0833
+    ours = base + 0.20833 + torch.tensor([0.001, -0.001, 0.002, -0.002, 0.003, -0.003], dtype=torch.float64)
+    r = {"kl": float(ours.mean()), "kl_contexts": ours.tolist()}
+    b = {"kl": float(base.mean()), "kl_contexts": base.tolist()}
+    se = float((ours - base).std()) / math.sqrt(6) / float(base.mean())
+    assert bench.kl_difference(r, b) == f" ({float((ours - base).mean() / base.mean()):+.1%} ± {se:.1%})"
+    assert bench.kl_difference(r, b).startswith(" (+10.0% ± 0.0")
+    assert bench.kl_difference({"kl": 1.0}, b) == ""  # a row without contexts (older JSON)

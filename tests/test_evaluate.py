@@ -223,6 +223,15 @@ def test_zero_sae_gives_the_zero_ablation_loss(tiny_lm, corpus_file, tmp_path):
     )
     r = evaluate(cfg, lm=tiny_lm)
     assert r["ce"]["sae"] == r["ce"]["zero_ablation"] and r["ce"]["sae_recovered"] == 0.0
+    # per-context means: as many as contexts, averaging to the reported figures, whose standard
+    # error is their spread over √contexts
+    kl, ce = (torch.tensor(r["per_context"][k], dtype=torch.float64) for k in ("kl_sae", "ce_sae"))
+    assert len(kl) == len(ce) == r["n_contexts"] >= 2
+    assert float(kl.mean()) == pytest.approx(r["ce"]["kl_sae"], rel=1e-9) and float(kl.std()) > 0
+    assert float(ce.mean()) == pytest.approx(r["ce"]["sae"], rel=1e-9)
+    assert r["ce"]["kl_sae_se"] == pytest.approx(float(kl.std()) / len(kl) ** 0.5, rel=1e-9)
+    assert r["ce"]["sae_se"] == pytest.approx(float(ce.std()) / len(ce) ** 0.5, rel=1e-9)
+    assert f"{r['ce']['kl_sae']:.4f} ± {r['ce']['kl_sae_se']:.4f}" in (tmp_path / "ev" / "report.md").read_text()
     assert r["reconstruction"]["explained_variance"] < 0  # predicting 0 is worse than predicting the mean
     assert "baselines" not in r
 
