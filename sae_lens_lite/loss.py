@@ -161,8 +161,8 @@ def dense_pre(sae: SAE, xc: Tensor, relu: bool = False) -> Tensor:
 
 class _DenseEncode(torch.autograd.Function):
     """pre = xc @ W_enc + b_enc [n, d_sae] (in the autocast dtype where autocast is on), or its
-    ReLU f written over it in place (relu=True: a new [n, d_sae] costs the CPU ~7 ms at 8x,
-    batch 2048, against ~1 ms in place), with a backward that keeps [xc | 1]^T [d_in + 1, n]
+    ReLU f (relu=True, made by `linear` in the product's own output: a ReLU into new memory costs
+    the CPU ~7 ms at 8x, batch 2048), with a backward that keeps [xc | 1]^T [d_in + 1, n]
     contiguous: ∂W_enc = xc^T @ ∂pre through a transposed view runs ~1.8x slower on the CPU in
     bf16 (11 against 6 ms), and the row of ones makes ∂b_enc = Σ_t ∂pre_t the product's last row
     (~0.2 ms, not a 2 ms pass). b_dec's gradient is a matrix-vector product, −W_enc ∂b_enc:

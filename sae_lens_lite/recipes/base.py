@@ -26,7 +26,7 @@ class Recipe:
     unit_decoder = False  # decoder rows renormalised to unit norm after every step
     resamples = False  # --resample-dead applies
     # activate() is the base ReLU and mask() None: the dense path then applies the ReLU inside the
-    # encoder's node, in place, and keeps no pre-activations (Latents.pre is None)
+    # encoder's node, in the product's own output, and keeps no pre-activations (Latents.pre None)
     plain_relu = False
     # L0 follows λ only with a long lag, so --target-l0's integral term pauses while L0 is on course
     # for the target (train.steer_lambda; else λ winds up while L0 catches up, by orders of magnitude)
