@@ -41,7 +41,9 @@ from .evaluate import (
     footing,
     footing_differences,
     hook_activations,
+    paired_difference,
     split_contexts,
+    standard_error,
     training_text,
 )
 from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
@@ -188,7 +190,11 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     # the model's loss: the clean forward once per batch, then each method spliced in
     t = time.perf_counter()
     interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
-    sums = ce_kl_sums(lm.model, contexts[n_fit:], keep[n_fit:], hook, interventions, 0, cfg.batch_size, device)["all"]
+    saes_in_order = [name for name, row in rows.items() if row["kind"] == "sae"]
+    all_sums = ce_kl_sums(
+        lm.model, contexts[n_fit:], keep[n_fit:], hook, interventions, 0, cfg.batch_size, device, saes_in_order
+    )
+    sums, per_context = all_sums["all"], all_sums["contexts"]
     ce = ce_summary(sums, list(methods))
     for name, row in rows.items():
         row.update(
@@ -197,6 +203,14 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
             ce_loss_recovered_vs_mean=ce[f"{name}_recovered_vs_mean"],
             kl=ce[f"kl_{name}"],
         )
+        if row["kind"] == "sae":  # every SAE is scored on the same contexts: differences are paired
+            first = saes_in_order[0]
+            row.update(
+                kl_se=standard_error(per_context[f"kl_{name}"]),
+                kl_vs_first=None
+                if name == first
+                else paired_difference(per_context[f"kl_{name}"], per_context[f"kl_{first}"]),
+            )
     times["ce_kl"] = time.perf_counter() - t
 
     result = {
@@ -253,6 +267,10 @@ def compare_reports(cfg: CompareConfig) -> dict:
                 "ce_loss_recovered": ce["sae_recovered"],
                 "ce_loss_recovered_vs_mean": ce["sae_recovered_vs_mean"],
                 "kl": ce["kl_sae"],
+                "kl_se": ce.get("kl_sae_se"),  # absent from reports written before it existed
+                "kl_vs_first": None
+                if r is reports[0]
+                else paired_difference(*(x.get("per_context", {}).get("kl_sae", []) for x in (r, reports[0]))),
                 "sparsity": r["sparsity"],
                 "d_sae": r["sparsity"]["d_sae"],
             }
@@ -362,16 +380,25 @@ def markdown_table(r: dict) -> str:
         f"mean-ablated {ce['mean_ablation']:.4f} nats. Definitions: docs/metrics.md.",
         "",
         "| SAE | source | architecture | d_sae | L0 | explained variance | CE loss recovered | KL (nats) | "
-        "CE loss | dead on these tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"KL − {r['saes'][0]['name']}'s (paired) | CE loss | dead on these tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in r["saes"]:
+        kl = f"{s['kl']:.4f}" + (f" ± {s['kl_se']:.4f}" if s.get("kl_se") is not None else "")
+        d = s.get("kl_vs_first")
+        vs = "" if d is None or d["se"] is None else f"{d['mean']:+.4f} ± {d['se']:.4f}"
         lines.append(
             f"| {s['name']} | {s.get('source', '')} | {s.get('architecture', '')} | {s['d_sae']} | "
             f"{s['active_dims_per_token']:.1f} | "
-            f"{fmt(s['explained_variance'])} | {fmt(s['ce_loss_recovered'])} | {s['kl']:.4f} | {s['ce_loss']:.4f} | "
+            f"{fmt(s['explained_variance'])} | {fmt(s['ce_loss_recovered'])} | {kl} | {vs} | {s['ce_loss']:.4f} | "
             f"{100 * s['sparsity']['dead_fraction']:.1f}% |"
         )
+    lines += [
+        "",
+        "± is a standard error over the scored contexts. The paired column is each SAE's KL minus the "
+        "first's, context by context: the contexts' own spread cancels, so a difference larger than "
+        "about twice its error is resolved by these tokens.",
+    ]
     if r["baselines"]:
         lines += [
             "",

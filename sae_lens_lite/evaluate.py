@@ -600,12 +600,13 @@ def cache_sparsity(sae: SAE, cache, device) -> dict:
 
 
 @torch.inference_mode()
-def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, device) -> dict:
+def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, device, per_context=("sae",)) -> dict:
     """Sums of CE (clean and per intervention) and KL(clean ‖ intervention) over all predictions,
     and over the score split (contexts n_fit..). Baselines run on the score split only. Each
     intervention is spliced at the positions keep [n_ctx, T] marks; the clean pass is shared.
-    sums["contexts"] holds each context's mean KL and CE with the SAE spliced in (lists, context
-    order), from which a standard error, or a paired difference between two SAEs, follows."""
+    sums["contexts"] holds, for the interventions named in per_context, each context's mean KL
+    and CE ("kl_<name>", "ce_<name>": lists in context order), from which a standard error, or a
+    paired difference between two of them, follows."""
     sums = {"all": defaultdict(float), "score": defaultdict(float), "contexts": defaultdict(list)}
     always = ("sae", "zero_ablation", "mean_ablation")
     # batches never straddle the fit/score boundary
@@ -626,9 +627,9 @@ def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, de
             logp = next_token_logprobs(model, ids, hook, splice(reconstruct, mask))
             ce_t, kl_t = token_ce(logp, ids).double(), kl_div(clean, logp).double()  # [b, T-1]
             ce, kl = float(ce_t.sum()), float(kl_t.sum())
-            if name == "sae":
-                sums["contexts"]["kl_sae"] += kl_t.mean(1).tolist()
-                sums["contexts"]["ce_sae"] += ce_t.mean(1).tolist()
+            if name in per_context:
+                sums["contexts"][f"kl_{name}"] += kl_t.mean(1).tolist()
+                sums["contexts"][f"ce_{name}"] += ce_t.mean(1).tolist()
             for s in splits:
                 s[f"ce/{name}"] += ce
                 s[f"kl/{name}"] += kl
@@ -641,6 +642,15 @@ def standard_error(values: list[float]) -> float | None:
     if len(values) < 2:
         return None
     return float(torch.tensor(values, dtype=torch.float64).std() / len(values) ** 0.5)
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict | None:
+    """mean(a − b) and its standard error for per-context values of two methods on the same
+    contexts: the contexts' own spread cancels, so the error is usually far below either's."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    diff = [x - y for x, y in zip(a, b)]
+    return {"mean": sum(diff) / len(diff), "se": standard_error(diff)}
 
 
 def ce_summary(s: dict, methods: list[str]) -> dict:

@@ -172,3 +172,33 @@ def test_compare_reads_the_column_named_by_text_column(tiny_lm, corpus_file, tmp
     got = compare(CompareConfig(dataset=str(c), text_column="content", out=str(tmp_path / "c1"), **kw), lm=tiny_lm)
     ref = compare(CompareConfig(dataset=str(corpus_file), out=str(tmp_path / "c2"), **kw), lm=tiny_lm)
     assert got["saes"][0]["kl"] == pytest.approx(ref["saes"][0]["kl"], rel=1e-9)
+
+
+def test_kl_differences_against_the_first_sae_are_paired_over_contexts(tiny_lm, corpus_file, tmp_path):
+    """Every SAE is scored on the same contexts, so compare gives each one's KL minus the first's
+    context by context: the mean of the per-context differences of evaluate's per_context values,
+    with the standard error of those differences, from the SAEs and from their reports alike."""
+    a, b = _random_sae(tmp_path / "a", 6), _random_sae(tmp_path / "b", 7, "topk")
+    r = compare(
+        CompareConfig(
+            saes=[str(a), str(b)], dataset=str(corpus_file), tokens=128, baselines=False, out=str(tmp_path / "c")
+        ),
+        lm=tiny_lm,
+    )
+    ev = [
+        evaluate(EvalConfig(sae=str(s), dataset=str(corpus_file), tokens=128, baselines=False), lm=tiny_lm)
+        for s in (a, b)
+    ]
+    kl_a, kl_b = (torch.tensor(e["per_context"]["kl_sae"], dtype=torch.float64) for e in ev)
+    diff = kl_b - kl_a
+    first, second = r["saes"]
+    assert first["kl_vs_first"] is None and first["kl_se"] == pytest.approx(ev[0]["ce"]["kl_sae_se"], rel=1e-9)
+    assert second["kl_vs_first"]["mean"] == pytest.approx(float(diff.mean()), rel=1e-9)
+    assert second["kl_vs_first"]["se"] == pytest.approx(float(diff.std()) / len(diff) ** 0.5, rel=1e-9)
+    assert second["kl_vs_first"]["se"] > 0
+    d = second["kl_vs_first"]
+    assert f"| {d['mean']:+.4f} ± {d['se']:.4f} |" in (tmp_path / "c" / "compare.md").read_text()
+    from_reports = compare(
+        CompareConfig(saes=[str(s / "eval" / "report.json") for s in (a, b)], out=str(tmp_path / "c2"))
+    )
+    assert from_reports["saes"][1]["kl_vs_first"]["mean"] == pytest.approx(d["mean"], rel=1e-9)
