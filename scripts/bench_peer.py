@@ -54,7 +54,9 @@ per step, so in short runs ours may settle below its target: read the L0 column.
 Scored the same way for both, after SAELens's SAE is saved by SAELens and read back through our
 import (export.import_sae; BatchTopK and Matryoshka are saved as JumpReLU SAEs): explained
 variance, L0 and latents that never fire, on activations of held-out WikiText-2 test; with --ce,
-CE loss recovered and KL(clean ‖ spliced) by our evaluate on held-out WikiText-2 text. tokens/s is
+CE loss recovered and KL(clean ‖ spliced) by our evaluate on held-out WikiText-2 text, the KL of
+ours against SAELens's as a paired difference over the same contexts with its standard error (a
+difference of a few % needs ~16k tokens to resolve, and may still change with the text). tokens/s is
 end to end per trainer call (initialisation included), and only ratios within one run mean
 anything on a shared machine.
 """
