@@ -195,6 +195,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
         lm.model, contexts[n_fit:], keep[n_fit:], hook, interventions, 0, cfg.batch_size, device, saes_in_order
     )
     sums, per_context = all_sums["all"], all_sums["contexts"]
+    first = saes_in_order[0]
     ce = ce_summary(sums, list(methods))
     for name, row in rows.items():
         row.update(
@@ -204,7 +205,6 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
             kl=ce[f"kl_{name}"],
         )
         if row["kind"] == "sae":  # every SAE is scored on the same contexts: differences are paired
-            first = saes_in_order[0]
             row.update(
                 kl_se=standard_error(per_context[f"kl_{name}"]),
                 kl_vs_first=None

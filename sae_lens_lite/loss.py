@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from . import runtime
-from .sae import SAE, _GatheredPre, token_rows, top_dead
+from .sae import SAE, _GatheredPre, encoder_grads, token_rows, top_dead, with_ones_row
 
 if TYPE_CHECKING:
     from .recipes import Recipe
@@ -173,20 +173,15 @@ class _DenseEncode(torch.autograd.Function):
     def forward(ctx, xc, W_enc, b_enc, b_dec, relu):
         dtype = compute_dtype(xc.device, W_enc.dtype)
         xc = xc.to(dtype)
-        ones = torch.ones(1, xc.shape[0], dtype=dtype, device=xc.device)
         out = linear(xc, W_enc.to(dtype), b_enc.to(dtype), relu)
-        ctx.save_for_backward(torch.cat([xc.t(), ones]), W_enc, out if relu else None)  # [d_in + 1, n]
+        ctx.save_for_backward(with_ones_row(xc, dtype), W_enc, out if relu else None)  # [d_in + 1, n]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # [n, d_sae]
         xc1_t, W_enc, f = ctx.saved_tensors
-        grad_pre = grad_out.to(xc1_t.dtype)
-        if f is not None:
-            grad_pre = torch.ops.aten.threshold_backward(grad_pre, f, 0)
-        grads = (xc1_t @ grad_pre).to(W_enc.dtype)  # [d_in + 1, d_sae]
-        grad_W_enc, grad_b_enc = grads[:-1], grads[-1]
-        return None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None
+        grad_pre = grad_out if f is None else torch.ops.aten.threshold_backward(grad_out.to(f.dtype), f, 0)
+        return None, *encoder_grads(xc1_t, grad_pre, W_enc), None
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -234,7 +229,7 @@ def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tens
 def dense_encoder_grad(pre: Tensor) -> bool:
     """Whether the sparse path takes its encoder's weight gradient as a dense bf16 product
     (_GatheredPre): on a CPU with AMX under bf16 autocast, while n·d_sae < DENSE_GRAD_MAX."""
-    return pre.device.type == "cpu" and pre.dtype == torch.bfloat16 and amx_bf16(pre) and pre.numel() < DENSE_GRAD_MAX
+    return pre.dtype == torch.bfloat16 and amx_bf16(pre) and pre.numel() < DENSE_GRAD_MAX
 
 
 def step_terms(model, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:

@@ -74,6 +74,20 @@ class SAEOutput(NamedTuple):
     pre_acts: Tensor  # [n, d_sae] before the activation (the TopK aux loss needs them)
 
 
+def with_ones_row(xc: Tensor, dtype: torch.dtype) -> Tensor:
+    """[xc | 1]^T [d_in + 1, n] in dtype, contiguous, for encoder_grads."""
+    return torch.cat([xc.t().to(dtype), torch.ones(1, xc.shape[0], dtype=dtype, device=xc.device)])
+
+
+def encoder_grads(xc1_t: Tensor, grad_pre: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients to W_enc, b_enc and b_dec of pre = (x·s − b_dec) @ W_enc + b_enc from ∂pre
+    [n, d_sae] (dense) and [xc | 1]^T (with_ones_row): one product whose last row is b_enc's
+    gradient (no separate sum pass), and b_dec's as the matrix-vector product −W_enc ∂b_enc."""
+    grads = (xc1_t @ grad_pre.to(xc1_t.dtype)).to(W_enc.dtype)  # [d_in + 1, d_sae]
+    grad_b_enc = grads[-1]
+    return grads[:-1], grad_b_enc, -(W_enc @ grad_b_enc)
+
+
 class _GatheredPre(torch.autograd.Function):
     """Pre-activations `pre` [nnz], already computed at entries (token rows[e], latent cols[e]),
     wired to the encoder weights with a sparse backward. The dense backward multiplies x^T [d_in, n]
@@ -102,10 +116,7 @@ class _GatheredPre(torch.autograd.Function):
             dtype = ctx.dense_in
             G = torch.zeros(n, d_sae, dtype=dtype, device=g.device)  # the gradient to pre [n, d_sae]
             G.view(-1)[rows * d_sae + cols] = g.to(dtype)  # no (token, latent) twice
-            ones = torch.ones(1, n, dtype=dtype, device=g.device)
-            grads = (torch.cat([xc.t().to(dtype), ones]) @ G).float()  # [d_in + 1, d_sae]
-            grad_W_enc, grad_b_enc = grads[:-1], grads[-1]
-            return None, None, None, None, grad_W_enc, grad_b_enc, -(W_enc @ grad_b_enc), None
+            return None, None, None, None, *encoder_grads(with_ones_row(xc, dtype), G, W_enc), None
         g = g.float()
         grad_b_enc = torch.zeros(d_sae, device=g.device).index_add_(0, cols, g)  # [d_sae]
         # grad W_enc[:, j] = Σ_{e: cols[e] = j} g[e] xc[rows[e]]: xc^T [d_in, n] times the gradient as

@@ -78,7 +78,7 @@ from torch import Tensor
 
 from sae_lens_lite import recipes
 from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.evaluate import ReconStats, SparsityStats
+from sae_lens_lite.evaluate import ReconStats, SparsityStats, paired_difference
 from sae_lens_lite.export import import_sae
 from sae_lens_lite.recipes import jumprelu, matryoshka
 from sae_lens_lite.runtime import resolve_device
@@ -500,12 +500,10 @@ def table(rows: list[dict]) -> str:
 def kl_difference(r: dict, base: dict) -> str:
     """' (±x% ± y%)': r's KL over base's − 1, with the standard error of the mean per-context
     difference (paired: both SAEs were scored on the same contexts) over base's KL."""
-    a, b = (torch.tensor(x.get("kl_contexts", []), dtype=torch.float64) for x in (r, base))
-    if len(a) < 2 or len(a) != len(b):
+    d = paired_difference(r.get("kl_contexts", []), base.get("kl_contexts", []))
+    if d is None:
         return ""
-    diff = a - b
-    se = float(diff.std()) / len(diff) ** 0.5
-    return f" ({float(diff.mean()) / base['kl']:+.1%} ± {se / base['kl']:.1%})"
+    return f" ({d['mean'] / base['kl']:+.1%} ± {d['se'] / base['kl']:.1%})"
 
 
 def harvest_caches(
