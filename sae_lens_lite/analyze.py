@@ -28,6 +28,7 @@ from . import explain
 from .cache import ActivationCache
 from .config import check_memory, check_numbers
 from .errors import UserError
+from .evaluate import DENSE_FREQ
 from .fsutil import prepare_out_dir, write_text_atomic
 from .models import LoadedModel, generate, hook_point, load_model
 from .outputs import existing, fingerprint, finish, settings_of
@@ -420,6 +421,7 @@ class FeatureExtras(TypedDict, total=False):
     nearest: list  # [[feature id, decoder cosine]]
     model_explanation: dict  # only with --explain-top
     steer: dict  # only with --steer
+    dense: bool  # fires on more than evaluate's DENSE_FREQ of tokens: ranked after every other feature
 
 
 class Feature(FeatureExtras):
@@ -627,9 +629,13 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     )
     s = {c: v.nan_to_num(0.0) for c, v in s.items()}  # never NaN (it would rank first); kept as a guard
     # Ranked by the held-out detection score of the built-in explanation; ties by the
-    # monosemanticity score of the top examples.
+    # monosemanticity score of the top examples. Dense features (evaluate's definition) come after
+    # every other, flagged: a '\n' feature firing on 15% of tokens is not what a ranking should lead with.
+    dense = (freq_t > DENSE_FREQ).tolist()
     rank = torch.empty(sae.d_sae, dtype=torch.long)
-    order = torch.tensor(sorted(range(sae.d_sae), key=lambda j: (-float(det_score[j]), -float(s["score"][j]), j)))
+    order = torch.tensor(
+        sorted(range(sae.d_sae), key=lambda j: (dense[j], -float(det_score[j]), -float(s["score"][j]), j))
+    )
     rank[order] = torch.arange(1, sae.d_sae + 1)
     fams = explain.families([e["explanation"] or "never fires in the explain split" for e in expl], order.tolist())
     family_of = {j: f["id"] for f in fams for j in f["members"]}
@@ -689,6 +695,7 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
                 context_score=comps["context"][j],
                 lens_score=comps["lens"][j],
                 frequency=freq[j],
+                dense=dense[j],
                 mean_act=means[j],
                 max_act=maxes[j],
                 hist={"bin_width": 2.0 ** (int(st.hist_exp[j]) - LOG2_BINS) if counts else 0.0, "counts": counts},
@@ -838,6 +845,7 @@ def _write_ranking(path: Path, ranked: list[dict], vocab: dict) -> None:
         cols = ["rank", "id", "score", "family", "explanation"]
         det = ["precision", "recall", "f1", "fires"]
         more = ["monosemanticity", "token_score", "context_score", "lens_score", "frequency", "mean_act", "max_act"]
+        more += ["dense"]
         w.writerow(cols + det + more + ["top_token", "top_promoted", "model_explanation", "model_balanced_accuracy"])
         for r in ranked:
             top = vocab[str(r["top_tokens"][0][0])] if r["top_tokens"] else ""

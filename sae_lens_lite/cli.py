@@ -12,6 +12,7 @@ import sys
 from . import __version__
 from .config import add_dataclass_args, from_namespace, load_run_file
 from .errors import UserError
+from .outputs import plural
 
 EPILOG = """\
 typical session:
@@ -134,7 +135,7 @@ def dispatch(args: argparse.Namespace) -> int:
             with tqdm(range(c.n_shards), desc="verify", unit="shard") as shards:  # closed before an error line
                 for i in shards:
                     c.check_shard(i, all_on_failure=True)
-            print(f"{args.dir}: {c.n_shards} shards, {c.n_tokens} rows, all checksums match")
+            print(f"{args.dir}: {plural(c.n_shards, 'shard')}, {c.n_tokens:,} rows, all checksums match")
         else:
             print(json.dumps({k: v for k, v in c.manifest.items() if k not in ("shards", "harvest_config")}, indent=2))
         return 0

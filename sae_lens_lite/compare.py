@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .baselines import fit_pca, fit_vae, vae_activity
+from .baselines import fit_baselines, vae_activity
 from .config import opt
 from .corpus import check_context_length, position_filters
 from .errors import UserError
@@ -53,6 +53,7 @@ from .runtime import resolve_device
 from .sae import SAE
 
 OUR_FILES = ("compare.json", "compare.md", "frontier.png")
+MAX_IN_LINE = 4  # SAEs whose figures the result line spells out
 _EVAL = EvalConfig()  # the positions defaults are evaluate's, so that both score the same positions
 
 
@@ -163,7 +164,8 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
                 "name": name,
                 "kind": "sae",
                 "path": str(paths[name]),
-                **_describe(sae),
+                **sae.cfg.provenance(),
+                "d_sae": sae.d_sae,
                 "active_dims_per_token": sp["l0"],
                 **recon.result(),
                 "sparsity": sp,
@@ -174,8 +176,9 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     t = time.perf_counter()
     if cfg.baselines:
         fit_x = x[row_ctx < n_fit] if not cfg.acts else _fit_activations(cfg.acts, hook, d_in, device)
-        for k in curve_sizes([r["active_dims_per_token"] for r in rows.values()], d_in):
-            pca, vae = fit_pca(fit_x, k), fit_vae(fit_x, k)
+        for k, (pca, vae) in fit_baselines(
+            fit_x, curve_sizes([r["active_dims_per_token"] for r in rows.values()], d_in)
+        ).items():
             methods[f"pca_{k}"], methods[f"vae_{k}"] = pca.reconstruct, vae.reconstruct
             for name, fn, active in (
                 (f"pca_{k}", pca.reconstruct, {"active_dims_per_token": float(k)}),
@@ -261,6 +264,8 @@ def compare_reports(cfg: CompareConfig) -> dict:
                 "name": name,
                 "kind": "sae",
                 "path": r["sae"],
+                # absent from reports written before evaluate recorded them
+                **{k: r.get(k) for k in ("source", "recipe", "architecture")},
                 "active_dims_per_token": r["sparsity"]["l0"],
                 **r["reconstruction"],
                 "ce_loss": ce["sae"],
@@ -339,19 +344,6 @@ def _same_model_and_hook(saes: dict[str, SAE], cfg: CompareConfig) -> tuple[str,
     return model, saes[first].cfg.hook, saes[first].d_in
 
 
-def _describe(sae: SAE) -> dict:
-    origin = sae.cfg.meta.get("imported_from") or {}
-    source = (
-        f"imported ({origin.get('format')})"
-        if origin
-        else "trained here"
-        if "train_config" in sae.cfg.meta
-        else "unknown"
-    )
-    arch = f"topk k={sae.cfg.k}" if sae.cfg.activation == "topk" else sae.cfg.activation
-    return {"source": source, "architecture": arch, "d_sae": sae.d_sae}
-
-
 # ---- outputs ------------------------------------------------------------------------------
 
 
@@ -360,9 +352,20 @@ def _write(result: dict, out: Path) -> None:
     result["files"] = {"table": "compare.md", "data": "compare.json", "plot": "frontier.png"}
     write_text_atomic(out / "compare.md", markdown_table(result))
     write_json_atomic(out / "compare.json", result)  # last: its presence marks a finished comparison
-    print(
-        f"compare: {len(result['saes'])} SAEs on {result['n_scored_activations']} activations; table in "
-        f"{out / 'compare.md'}"
+    print(result_line(result, out / "compare.md"))
+
+
+def result_line(r: dict, table: Path) -> str:
+    """compare's last line: where the table is, and each SAE's headline figures (the first few)."""
+    figures = [
+        f"{s['name']} L0 {s['active_dims_per_token']:.1f}, EV {fmt(s['explained_variance'], 3)}, "
+        f"CE loss recovered {fmt(s['ce_loss_recovered'], 3)}, KL {s['kl']:.4f}"
+        for s in r["saes"][:MAX_IN_LINE]
+    ]
+    more = f"; {len(r['saes']) - MAX_IN_LINE} more in the table" if len(r["saes"]) > MAX_IN_LINE else ""
+    return (
+        f"compare: {table}: {len(r['saes'])} SAE{'s' if len(r['saes']) != 1 else ''} on "
+        f"{r['n_scored_activations']:,} activations: {'; '.join(figures)}{more}"
     )
 
 
@@ -379,16 +382,17 @@ def markdown_table(r: dict) -> str:
         f"{r['n_predictions']} predictions, CE clean {ce['clean']:.4f}, zero-ablated {ce['zero_ablation']:.4f}, "
         f"mean-ablated {ce['mean_ablation']:.4f} nats. Definitions: docs/metrics.md.",
         "",
-        "| SAE | source | architecture | d_sae | L0 | explained variance | CE loss recovered | KL (nats) | "
+        "| SAE | source | recipe | architecture | d_sae | L0 | explained variance | CE loss recovered | KL (nats) | "
         f"KL − {r['saes'][0]['name']}'s (paired) | CE loss | dead on these tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in r["saes"]:
         kl = f"{s['kl']:.4f}" + (f" ± {s['kl_se']:.4f}" if s.get("kl_se") is not None else "")
         d = s.get("kl_vs_first")
         vs = "" if d is None or d["se"] is None else f"{d['mean']:+.4f} ± {d['se']:.4f}"
         lines.append(
-            f"| {s['name']} | {s.get('source', '')} | {s.get('architecture', '')} | {s['d_sae']} | "
+            f"| {s['name']} | {s.get('source') or ''} | {s.get('recipe') or ''} | {s.get('architecture') or ''} | "
+            f"{s['d_sae']} | "
             f"{s['active_dims_per_token']:.1f} | "
             f"{fmt(s['explained_variance'])} | {fmt(s['ce_loss_recovered'])} | {kl} | {vs} | {s['ce_loss']:.4f} | "
             f"{100 * s['sparsity']['dead_fraction']:.1f}% |"

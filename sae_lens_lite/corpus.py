@@ -47,6 +47,11 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
             if not path.is_file():
                 raise UserError(f"corpus file {dataset} not found")
             ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+        elif path.is_file():
+            raise UserError(
+                f"corpus file {dataset} is a {path.suffix or 'extensionless'} file, which sae-lite does not read: "
+                "give a .txt (plain text: rename it if that is what it holds), .jsonl, .json, .parquet or .csv file"
+            )
         elif path.suffix or dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:
             raise UserError(
                 f"corpus {dataset} not found (expected a .txt/.jsonl/.parquet/.csv file, a directory, "

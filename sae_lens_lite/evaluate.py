@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .baselines import fit_pca, fit_vae, vae_activity
+from .baselines import fit_baselines, vae_activity
 from .config import check_numbers, opt
 from .corpus import (
     DEFAULT_CORPUS,
@@ -97,7 +97,11 @@ class EvalConfig:
     context_length: int | None = opt(None, "tokens per context; default: the SAE's training context length")
     batch_size: int = opt(8, "contexts per forward")
     device: str = opt("auto", "cpu, cuda, or auto")
-    baselines: bool = opt(True, "also score PCA (k = SAE L0, 2x, 4x) and a Gaussian VAE of the same sizes")
+    baselines: bool = opt(
+        True,
+        "also score PCA (k = SAE L0, 2x, 4x) and a Gaussian VAE of the same sizes (the VAEs' fitting adds up to "
+        "~1,500 small training steps, a minute or more on a busy 2-core CPU; --no-baselines skips them)",
+    )
     acts: str | None = opt(
         None, "activation cache to fit the baselines on (e.g. the SAE's); default: the first half of the eval contexts"
     )
@@ -372,10 +376,9 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     vae_info = {}
     if cfg.baselines:
         fit_x = x[~in_score] if not cfg.acts else _fit_activations(cfg.acts, hook, sae.d_in, device)
-        for k in baseline_sizes(sparse["l0"], sae.d_in):
-            methods[f"pca_{k}"] = fit_pca(fit_x, k).reconstruct
+        for k, (pca, vae) in fit_baselines(fit_x, baseline_sizes(sparse["l0"], sae.d_in)).items():
+            methods[f"pca_{k}"] = pca.reconstruct
             active[f"pca_{k}"] = float(k)
-            vae = fit_vae(fit_x, k)
             methods[f"vae_{k}"] = vae.reconstruct
             vae_info[f"vae_{k}"] = vae_activity(vae, x[in_score])
             active[f"vae_{k}"] = vae_info[f"vae_{k}"]["active_dims_per_token"]
@@ -392,6 +395,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     ce_all["kl_sae_se"], ce_all["sae_se"] = (standard_error(per_context[k]) for k in ("kl_sae", "ce_sae"))
     report = {
         "sae": str(cfg.sae),
+        **sae.cfg.provenance(),
         "model": lm.name,
         "hook": hook,
         "dataset": cfg.dataset,

@@ -29,7 +29,7 @@ from .corpus import (
 )
 from .errors import UserError
 from .models import LoadedModel, hook_point, load_model, run_to_hooks
-from .outputs import differences, settings_of, warn
+from .outputs import differences, plural, settings_of, warn
 from .runtime import DTYPES, model_dtype, resolve_device
 
 
@@ -288,7 +288,7 @@ def _result_line(dirs: dict[str, Path]) -> str:
         )
         parts.append(
             f"{d}: {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}) at {h}, from {m['n_contexts']:,} contexts of "
-            f"{m['model']} on {m['corpus']} in {len(m['shards'])} shards{short}"
+            f"{m['model']} on {m['corpus']} in {plural(len(m['shards']), 'shard')}{short}"
         )
     return "harvest: " + "; ".join(parts)
 

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .errors import UserError
-from .outputs import pct, read_record
+from .outputs import fingerprint, pct, plural, read_record
 
 
 def describe(path: str) -> str:
@@ -107,7 +107,7 @@ def _cache(p: Path) -> list[str]:
         f"  {m['model']} at {m['hook']}, corpus {m['corpus']}",
         f"  {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']}), {n_ctx:,} contexts of "
         f"{m['context_length']} tokens, "
-        f"{n_shards} shards, {_size(p)}",
+        f"{plural(n_shards, 'shard')}, {_size(p)}",
         f"  filters: drop_special={f.get('drop_special')}, drop_first={f.get('drop_first')}, "
         f"outlier_factor={f.get('outlier_factor')}, "
         f"nonfinite={f.get('nonfinite')}"
@@ -126,7 +126,10 @@ def _sae(p: Path) -> list[str]:
 
     sae = SAE.load(p)
     c, meta = sae.cfg, sae.cfg.meta
-    act = f"topk (k={c.k})" if c.activation == "topk" else c.activation
+    prov = c.provenance()
+    act = (
+        c.architecture if prov["recipe"] in (None, c.activation) else f"{c.architecture} (trained as {prov['recipe']})"
+    )
     lines = [
         f"SAE {p}: {act}, d_in {c.d_in} -> d_sae {c.d_sae:,} ({c.d_sae / c.d_in:g}x), input scale "
         f"{float(sae.input_scale):.4g}",
@@ -171,8 +174,20 @@ def _sae(p: Path) -> list[str]:
                 or Path(r.get("sae", "")).name == p.name
             ):
                 lines.append(f"  evaluation ({report.parent}): " + _eval_summary(r))
+                if _evaluated_other_weights(report.parent, p):
+                    lines[-1] = (
+                        f"  evaluation ({report.parent}): STALE, of other weights (the SAE was trained again "
+                        f"since); run `sae-lite evaluate --sae {p} --overwrite` to evaluate these"
+                    )
                 break
     return lines
+
+
+def _evaluated_other_weights(eval_dir: Path, sae_dir: Path) -> bool:
+    """Whether the evaluation in eval_dir read other weights than sae_dir holds now: evaluate records
+    the sha256 of the weights it read (provenance.json), and a retrained SAE keeps its directory."""
+    read = ((read_record(eval_dir) or {}).get("inputs") or {}).get("sae")
+    return read is not None and read != fingerprint(sae_dir)
 
 
 def _eval_summary(r: dict) -> str:
@@ -202,6 +217,8 @@ def _training(p: Path) -> list[str]:
 def _evaluation(p: Path) -> list[str]:
     r = json.loads((p / "report.json").read_text())
     lines = [f"evaluation {p} of the SAE {r['sae']} ({r['model']} at {r['hook']})", "  " + _eval_summary(r)]
+    if Path(r["sae"]).is_dir() and _evaluated_other_weights(p, Path(r["sae"])):
+        lines.append(f"  STALE: {r['sae']} holds other weights now (trained again since this evaluation)")
     return lines + [f"  note: {w}" for w in r.get("warnings", [])] + [f"  report: {p / 'report.md'}"]
 
 
@@ -220,7 +237,12 @@ def _analysis(p: Path) -> list[str]:
         top = vocab.get(str(f["top_tokens"][0][0]), "?") if f.get("top_tokens") else "-"
         lines.append(
             f"    rank {f['rank']}: feature {f['id']}, score {f['score']:.3f}, fires on "
-            f"{pct(f['frequency'])} of tokens, top token {top!r}"
+            f"{pct(f['frequency'])} of tokens, top token {top!r}" + (" (DENSE)" if f.get("dense") else "")
+        )
+    n_dense = sum(1 for f in a["features"] if f.get("dense"))
+    if n_dense:
+        lines.append(
+            f"  {plural(n_dense, 'dense feature')} (firing on more than 10% of tokens) ranked after all others"
         )
     if (p / "index.html").exists():
         lines.append(f"  browser: {p / 'index.html'}")

@@ -20,8 +20,10 @@ continues a text, greedy or sampled, with an optional edit at a hook (steering).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -174,6 +176,7 @@ def _locate(name: str) -> tuple[Path | None, str, str]:
         return _converted_gguf(gguf, weights_hash), str(gguf.resolve()), weights_hash
     local = Path(name).expanduser()
     if local.is_dir():
+        _refuse_our_outputs(local)
         weights = sorted(local.glob("*.safetensors"))
         if not weights and (local / "config.json").is_file():
             raise UserError(
@@ -190,6 +193,29 @@ def _locate(name: str) -> tuple[Path | None, str, str]:
     return None, name, "hub"
 
 
+def _refuse_our_outputs(path: Path) -> None:
+    """A directory sae-lite wrote (an activation cache, an SAE) given where a model belongs: said
+    so, with the model it names, instead of transformers failing on it in its own terms."""
+    # (file that marks it, file naming its model, what it is)
+    for marker, config, what in (
+        ("manifest.json", "manifest.json", "an activation cache"),
+        ("sae.safetensors", "config.json", "an SAE directory"),
+    ):
+        if (path / marker).is_file():
+            try:
+                model = json.loads((path / config).read_text()).get("model")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                model = None
+            named = f" (harvested from {model}: pass --model {model})" if model else ""
+            raise UserError(f"{path} is {what}, not a model{named}; {_MODEL_HINT}")
+
+
+def _did_you_mean(name: str) -> str:
+    """' Did you mean smollm2-135m?' for a name a letter or two from a model this machine has."""
+    close = difflib.get_close_matches(name.lower(), [SMOLLM2_NAME], n=1, cutoff=0.75)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def _check_hub(name: str) -> None:
     """Fail in seconds, not after a minute of retries, when a hub model is neither cached nor
     reachable (the usual case offline)."""
@@ -202,7 +228,7 @@ def _check_hub(name: str) -> None:
         raise _not_a_hub_id(name, e) from None
     if isinstance(cached, str):
         return  # cached: transformers can load it offline
-    hint = f"Offline, use `{SMOLLM2_NAME}`, a local model directory or a .gguf file"
+    hint = f"Offline, use `{SMOLLM2_NAME}`, a local model directory or a .gguf file.{_did_you_mean(name)}"
     if constants.HF_HUB_OFFLINE:
         raise UserError(
             f"cannot load model {name!r}: not a local directory or .gguf file, not in the hub cache, and "

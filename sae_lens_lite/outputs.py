@@ -135,5 +135,10 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def plural(n: int, word: str) -> str:
+    """'1 shard', '2 shards', '1,024 shards': a count and its noun, in the right number."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"

@@ -23,10 +23,11 @@ from .errors import UserError
 from .evaluate import EvalConfig, _same_corpus, evaluate
 from .export import ExportConfig, export
 from .harvest import HarvestConfig, harvest
-from .outputs import RECORD, read_record
+from .outputs import RECORD, plural, read_record
 from .train import TrainConfig, check_config, train
 
 STAGES = ("harvest", "train", "evaluate", "analyze", "export")
+DEFAULT_OUT = "runs/run"  # where a run file without `out` writes
 FUNCS = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export}
 
 
@@ -40,7 +41,7 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     for s in STAGES:
         if not isinstance(cfg.get(s, {}), dict):
             raise UserError(f"{s} in the run file must be a table ([{s}]), not {cfg[s]!r}")
-    out = Path(cfg.get("out", "runs/run"))
+    out = Path(cfg.get("out", DEFAULT_OUT))
     stages = cfg.get("stages", list(STAGES))
     bad = set(stages) - set(STAGES)
     if bad:
@@ -60,7 +61,10 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     t = _build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train")
     _in_run_file_terms(lambda: check_config(t), "train", TrainConfig)
     ev = cfg.get("evaluate", {})
-    e = _build(EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), **ev}, "evaluate")
+    # evaluate reads the harvest's corpus (held out after the harvested tokens) unless [evaluate] names its own
+    e = _build(
+        EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), "dataset": h.dataset, **ev}, "evaluate"
+    )
     if _same_corpus(e.dataset, h.dataset):  # the harvest's corpus, read the same way
         if "text_column" not in ev:
             e.text_column = h.text_column
@@ -148,6 +152,8 @@ def check_held_out(h: HarvestConfig, e: EvalConfig) -> None:
 def run_pipeline(cfg: dict) -> dict[str, Path]:
     """Run the stages named in cfg["stages"] (default all); prints a table of them; returns the output paths."""
     steps, paths = plan(cfg)
+    if "out" not in cfg:
+        print(f'run: the run file sets no `out`; writing under {DEFAULT_OUT} (set out = "..." or pass out=DIR)')
     rows, changed = [], False
     for name, c, out in steps:
         if changed and hasattr(c, "overwrite"):
@@ -167,7 +173,7 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
         )
     print(
         "\nrun: "
-        + ("every stage was complete already" if not changed else f"{len(rows)} stages")
+        + ("every stage was complete already" if not changed else plural(len(rows), "stage"))
         + f" ({', '.join(r[0] for r in rows)})"
     )
     w = [max(len(r[i]) for r in rows + [("stage", "status", "output", "")]) for i in range(3)]

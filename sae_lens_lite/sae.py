@@ -65,7 +65,22 @@ class SAEConfig:
         if self.activation not in ACTIVATIONS:
             raise UserError(f"unknown SAE activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
         if self.activation == "topk" and not (self.k and 0 < self.k <= self.d_sae):
-            raise UserError(f"a topk SAE needs 0 < k <= d_sae, got k={self.k}")
+            raise UserError(f"a topk SAE needs 0 < k <= d_sae = {self.d_sae:,}, got k={self.k:,}")
+
+    @property
+    def architecture(self) -> str:
+        """The activation the SAE applies at inference, as shown to people: relu, jumprelu, topk k=K."""
+        return f"topk k={self.k}" if self.activation == "topk" else self.activation
+
+    def provenance(self) -> dict:
+        """Where the weights come from, for reports and tables: source (trained here, imported
+        (<format>) or unknown), recipe (train's --penalty, None if not trained here: BatchTopK and
+        Matryoshka infer with jumprelu thresholds, so the architecture alone does not say) and
+        architecture (the inference activation)."""
+        origin = self.meta.get("imported_from") or {}
+        recipe = (self.meta.get("train_config") or {}).get("penalty")
+        source = f"imported ({origin.get('format')})" if origin else "trained here" if recipe else "unknown"
+        return {"source": source, "recipe": recipe, "architecture": self.architecture}
 
 
 class SAEOutput(NamedTuple):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from .corpus import position_filters
 from .errors import UserError
 from .fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from .loss import step_terms, total_loss
-from .outputs import differences, existing, fingerprint, finish, pct, settings_of
+from .outputs import differences, existing, fingerprint, finish, pct, settings_of, warn
 from .runtime import model_dtype, resolve_device
 from .sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
@@ -248,6 +250,16 @@ def check_config(cfg: TrainConfig) -> recipes.Recipe:
     return recipe
 
 
+def check_width(cfg: TrainConfig, recipe: recipes.Recipe, d_in: int) -> None:
+    """Refuse a top-k family run asking for more latents per token than the SAE will have."""
+    d_sae = cfg.expansion * d_in
+    if recipe.fixed_count and cfg.k > d_sae:
+        raise UserError(
+            f"--k {cfg.k:,} is more than the SAE's {d_sae:,} latents (--expansion {cfg.expansion} x d_in {d_in}); "
+            "lower --k or raise --expansion"
+        )
+
+
 @torch.no_grad()
 def init_from_data(
     sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int, dec_norm: float, tokens: int = INIT_TOKENS
@@ -418,6 +430,7 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
         l0_trend = tensors.get("l0_trend")
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         if main:
+            print(f"train: resuming {out} from its checkpoint at step {step:,} ({ckpt['tokens']:,} tokens)")
             _truncate_metrics(out / METRICS, step)
             clear_run(out, keep=(ckpt["file"], METRICS))  # temporary files of the write the kill interrupted
     elif out is not None and main:
@@ -457,6 +470,9 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
             "sae_config": asdict(sae_cfg),
         }
 
+    # Ctrl-C stops at the end of the step and saves it, so the rerun resumes there (one process only:
+    # under torchrun the ranks could stop at different steps and wait on each other forever).
+    stop = StopAtStepEnd() if out is not None and main and runtime.world_size() == 1 else None
     try:
         for epoch, batch_in_epoch, x in _batch_stream(batches, local_batch, epoch, batch_in_epoch):
             if step >= total:
@@ -503,11 +519,17 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
                 acc.zero_()
             if out is not None and main and step % ckpt_steps == 0 and step < total:
                 save_checkpoint(out, step, state(), info())
+            if stop is not None and stop.requested and step < total:
+                save_checkpoint(out, step, state(), info())
+                raise KeyboardInterrupt
     except BaseException:
         # End the bar's line first, so that what the CLI prints next ("interrupted; run the same
         # command again to resume", or an error) stands on a line of its own, not glued to the bar.
         log.bar.close()
         raise
+    finally:
+        if stop is not None:
+            stop.restore()
     log.close()
     if step < total:
         raise UserError(f"the activation source ran dry after {step} of {total} steps (an epoch yielded no full batch)")
@@ -522,6 +544,27 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
 
 
 ACC = ("steps", "mse", "sse", "sst", "l0", "penalty", "lam", "dead_frac")
+
+
+class StopAtStepEnd:
+    """While training, the first Ctrl-C (SIGINT) only sets `requested`: the loop finishes its step,
+    saves it and stops, so the rerun resumes from there. A second Ctrl-C stops at once. Outside the
+    main thread (where signals cannot be caught) it does nothing and Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _batch_stream(batches, batch_size: int, epoch: int, skip: int):
@@ -666,9 +709,10 @@ def train(cfg: TrainConfig) -> SAE:
     """Train an SAE on the activation cache at cfg.acts and write it to cfg.out (resumable)."""
     from .cache import ActivationCache
 
-    check_config(cfg)
+    recipe = check_config(cfg)
     device = runtime.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
     cache = ActivationCache.open(cfg.acts)
+    check_width(cfg, recipe, cache.d_model)  # before --out is made: a refused run leaves nothing behind
     if cache.n_tokens < cfg.batch_size:
         raise UserError(
             f"the cache {cfg.acts} holds {cache.n_tokens:,} rows, fewer than one batch of {cfg.batch_size:,}; "
@@ -710,6 +754,8 @@ def train(cfg: TrainConfig) -> SAE:
         ev = (
             "n/a" if m["explained_variance"] is None else f"{m['explained_variance']:.3f}"
         )  # None: constant activations
+        if missed := target_l0_missed(cfg, m["l0"]):
+            warn(missed)
         finish(
             out,
             "train",
@@ -724,6 +770,18 @@ def train(cfg: TrainConfig) -> SAE:
 
 
 FINAL_TOKENS = 32_768  # cache rows the saved SAE is measured on at the end of training
+TARGET_L0_TOLERANCE = 1.25  # --target-l0 counts as met within this factor either way
+
+
+def target_l0_missed(cfg: TrainConfig, l0: float) -> str | None:
+    """The warning for a --target-l0 the saved SAE missed by more than TARGET_L0_TOLERANCE, else None."""
+    if not cfg.target_l0 or 1 / TARGET_L0_TOLERANCE <= l0 / cfg.target_l0 <= TARGET_L0_TOLERANCE:
+        return None
+    return (
+        f"--target-l0 {cfg.target_l0:g} was not reached: the saved SAE's L0 is {l0:.1f} "
+        f"({l0 / cfg.target_l0:.2g}x the target); λ is steered gradually, so train on more --tokens, or start "
+        f"from a coefficient nearer the one this L0 needs"
+    )
 
 
 @torch.no_grad()

@@ -237,9 +237,12 @@ def test_run_file_evaluate_reads_the_harvest_corpus_column(tmp_path):
     c = tmp_path / "c.jsonl"
     c.write_text(json.dumps({"content": "some text"}))
     run = {"out": str(tmp_path / "o"), "stages": ["evaluate"], "harvest": {"dataset": str(c), "text_column": "content"}}
-    for evaluate, column in [({"dataset": str(c)}, "content"), ({}, "text"), ({"text_column": "body"}, "body")]:
+    # [evaluate] without a dataset reads the harvest's corpus, the way the harvest read it
+    for evaluate, column in [({"dataset": str(c)}, "content"), ({}, "content"), ({"text_column": "body"}, "body")]:
         steps, _ = plan({**run, "evaluate": {"skip_tokens": 0, **evaluate}})
-        assert steps[0][1].text_column == column
+        assert steps[0][1].text_column == column and steps[0][1].dataset == str(c)
+    steps, _ = plan({**run, "evaluate": {"skip_tokens": 0, "dataset": "pydoc"}})
+    assert steps[0][1].dataset == "pydoc" and steps[0][1].text_column == "text"
 
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "train_sae.py"

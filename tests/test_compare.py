@@ -79,8 +79,8 @@ def test_native_and_saelens_round_trip_score_identically_in_one_run(tiny_lm, cor
     assert {b["name"] for b in r["baselines"]} == {f"{kind}_{k}" for k in sizes for kind in ("pca", "vae")}
     md = (out / "compare.md").read_text()
     assert (
-        "| native | unknown | relu | 64 |" in md
-        and "| imported | imported (saelens) | relu | 64 |" in md
+        "| native | unknown |  | relu | 64 |" in md
+        and "| imported | imported (saelens) |  | relu | 64 |" in md
         and "| pca_" in md
     )
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -138,7 +138,7 @@ def test_a_width_sweep_at_one_hook_is_compared_each_sae_on_its_own_latents(tiny_
     assert rows["wide"]["ce_loss"] == pytest.approx(e["ce"]["sae"], rel=1e-9)
     assert rows["wide"]["active_dims_per_token"] == pytest.approx(e["sparsity"]["l0"], rel=1e-9)
     assert rows["wide"]["sparsity"]["dead"] == e["sparsity"]["dead"]
-    assert "| wide | unknown | relu | 256 |" in (tmp_path / "c" / "compare.md").read_text()
+    assert "| wide | unknown |  | relu | 256 |" in (tmp_path / "c" / "compare.md").read_text()
 
 
 def test_reports_compare_only_on_the_same_footing(tiny_lm, corpus_file, tmp_path):

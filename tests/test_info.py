@@ -48,7 +48,7 @@ def test_info_on_an_sae_shows_config_training_and_evaluation(tiny_lm, corpus_fil
     fe = json.loads((tmp_path / "sae" / "config.json").read_text())["meta"]["final_eval"]
     r = json.loads((tmp_path / "sae" / "eval" / "report.json").read_text())
     text = describe(str(tmp_path / "sae"))
-    assert text.startswith(f"SAE {tmp_path / 'sae'}: relu, d_in 32 -> d_sae 64 (2x)")
+    assert text.startswith(f"SAE {tmp_path / 'sae'}: relu (trained as l1), d_in 32 -> d_sae 64 (2x)")
     assert "training: penalty l1 (l1 1.0), lr 0.001, batch 256, seed 0, 4,096 tokens" in text
     assert f"EV {fe['explained_variance']:.3f}, L0 {fe['l0']:.1f}" in text
     assert f"evaluation ({tmp_path / 'sae' / 'eval'}): CE loss recovered {r['ce']['sae_recovered']:.3f}" in text
