@@ -79,7 +79,7 @@ def check_cache_dir(path: Path, overwrite: bool) -> None:
     if (
         not overwrite
         and path.is_dir()
-        and _read_manifest(path) is None
+        and read_manifest(path) is None
         and any(p.name != ".lock" for p in path.iterdir())
     ):
         raise UserError(f"{path} is not empty and is not an activation cache: choose another --out or pass --overwrite")
@@ -102,7 +102,7 @@ class CacheWriter(_ManifestState):
                 f"{self.path} is being written by another process; wait for it or choose another --out"
             ) from None
         self.provenance = {k: provenance.get(k) for k in PROVENANCE_KEYS}
-        old = _read_manifest(self.path)
+        old = read_manifest(self.path)
         if old is not None and _provenance(old) != json.loads(json.dumps(self.provenance)):
             if not overwrite:
                 diff = [k for k in PROVENANCE_KEYS if old.get(k) != json.loads(json.dumps(self.provenance)).get(k)]
@@ -300,7 +300,7 @@ def first_damaged(path: Path, manifest: dict) -> int | None:
     return None
 
 
-def _read_manifest(path: Path) -> dict | None:
+def read_manifest(path: Path) -> dict | None:
     f = path / MANIFEST
     if not f.exists():
         return None
@@ -342,7 +342,7 @@ class ActivationCache(_ManifestState):
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"activation cache {path} not found; create it with `sae-lite harvest --out {path}`")
-        m = _read_manifest(path)
+        m = read_manifest(path)
         if m is None:
             hooks = per_hook_caches(path)
             if hooks:  # a harvest of several hooks writes one cache per hook, each in its own subdirectory

@@ -34,14 +34,14 @@ from .evaluate import (
     EvalConfig,
     ReconStats,
     SparsityStats,
-    _fit_activations,
-    _same_corpus,
     ce_kl_sums,
     ce_summary,
+    fit_activations,
     footing,
     footing_differences,
     hook_activations,
     paired_difference,
+    same_corpus,
     split_contexts,
     standard_error,
     training_text,
@@ -138,7 +138,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     skip = cfg.skip_tokens
     if skip is None:  # held out from every SAE's training text
         took = [
-            t[1] for t in map(training_text, saes.values()) if t and _same_corpus(t[0], cfg.dataset, t[2], cfg.split)
+            t[1] for t in map(training_text, saes.values()) if t and same_corpus(t[0], cfg.dataset, t[2], cfg.split)
         ]
         skip = max(took, default=0)
     contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
@@ -175,7 +175,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
 
     t = time.perf_counter()
     if cfg.baselines:
-        fit_x = x[row_ctx < n_fit] if not cfg.acts else _fit_activations(cfg.acts, hook, d_in, device)
+        fit_x = x[row_ctx < n_fit] if not cfg.acts else fit_activations(cfg.acts, hook, d_in, device)
         for k, (pca, vae) in fit_baselines(
             fit_x, curve_sizes([r["active_dims_per_token"] for r in rows.values()], d_in)
         ).items():

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .cache import ActivationCache
 from .errors import UserError
-from .runtime import _comm_device, is_main, rank, world_size
+from .runtime import comm_device, is_main, rank, world_size
 from .sae import SAE, SAEConfig, SAEOutput, gate
 
 # ---- data-parallel training (used by train.py) ----------------------------------------------
@@ -98,7 +98,7 @@ def average_input_stats(sae: SAE) -> None:
         return
     s = sae.input_scale
     stats = torch.cat([(math.sqrt(sae.d_in) / s).reshape(1), sae.b_dec / s]).to(
-        _comm_device()
+        comm_device()
     )  # [1 + d_in]: E‖x‖, mean x
     dist.all_reduce(stats)
     stats = stats.to(s.device) / world_size()
@@ -157,7 +157,7 @@ def reduce_metrics(t: dict[str, Tensor], x: Tensor, scale: Tensor) -> dict[str, 
             n * m,
             t["fired"].double(),
         ]
-    ).to(_comm_device())
+    ).to(comm_device())
     dist.all_reduce(vec)
     vec = vec.to(x.device)
     k = len(means)
@@ -270,7 +270,7 @@ class ShardedSAE(nn.Module):
             for name in self.sliced():
                 part = getattr(self, name).detach().clone()  # rank q's slice lands here
                 if world_size() > 1:
-                    part = part.to(_comm_device())
+                    part = part.to(comm_device())
                     dist.broadcast(part, src=q)
                 part = part.cpu()
                 if full is not None:

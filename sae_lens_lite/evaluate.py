@@ -349,7 +349,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     trained_on = training_text(sae)
     skip = cfg.skip_tokens
     if skip is None:  # keep the eval text disjoint from the SAE's training text by default
-        skip = trained_on[1] if trained_on and _same_corpus(trained_on[0], cfg.dataset, trained_on[2], cfg.split) else 0
+        skip = trained_on[1] if trained_on and same_corpus(trained_on[0], cfg.dataset, trained_on[2], cfg.split) else 0
     contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
     filters = position_filters(cfg)
     times["load"] = time.perf_counter() - t0
@@ -375,7 +375,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     active = {"sae": sparse["l0"]}
     vae_info = {}
     if cfg.baselines:
-        fit_x = x[~in_score] if not cfg.acts else _fit_activations(cfg.acts, hook, sae.d_in, device)
+        fit_x = x[~in_score] if not cfg.acts else fit_activations(cfg.acts, hook, sae.d_in, device)
         for k, (pca, vae) in fit_baselines(fit_x, baseline_sizes(sparse["l0"], sae.d_in)).items():
             methods[f"pca_{k}"] = pca.reconstruct
             active[f"pca_{k}"] = float(k)
@@ -575,7 +575,7 @@ def _open_cache(path: str, hook: str, d_in: int, flag: str):
     return cache
 
 
-def _fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
+def fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
     """Up to FIT_ROWS activations from the leading shards of a cache."""
     cache = _open_cache(path, hook, d_in, "--acts")
     rows, n = [], 0
@@ -700,7 +700,7 @@ def _training_dead(sae: SAE) -> dict:
     return {"dead_fraction_in_training": final["dead_frac"], "training_dead_window": tc["dead_window"]}
 
 
-def _same_corpus(a: str, b: str, split_a: str = "train", split_b: str = "train") -> bool:
+def same_corpus(a: str, b: str, split_a: str = "train", split_b: str = "train") -> bool:
     """Whether corpora a and b are the same text: the same file, or the same hub dataset and split."""
     if Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()
@@ -713,7 +713,7 @@ def _warnings(
     w = []
     if trained_on is None:
         w.append("the SAE's training cache was not found, so overlap between training and eval text was not checked")
-    elif _same_corpus(trained_on[0], dataset, trained_on[2], split) and skip < trained_on[1]:
+    elif same_corpus(trained_on[0], dataset, trained_on[2], split) and skip < trained_on[1]:
         w.append(
             f"the eval text overlaps the SAE's training text (its first {trained_on[1]} tokens); "
             f"pass --skip-tokens {trained_on[1]} or held-out text"

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import runtime
-from .cache import CacheWriter, ShardedCacheWriter, _read_manifest, check_cache_dir, first_damaged
+from .cache import CacheWriter, ShardedCacheWriter, check_cache_dir, first_damaged, read_manifest
 from .config import check_numbers, opt
 from .corpus import (
     DEFAULT_CORPUS,
@@ -261,7 +261,7 @@ def _finished(cfg: HarvestConfig, dirs: dict[str, Path]) -> bool:
         return False
     now, known = settings_of(cfg, HARVEST_NOT_SETTINGS), {f.name for f in fields(HarvestConfig)}
     for d in dirs.values():
-        m = _read_manifest(d) if d.is_dir() else None
+        m = read_manifest(d) if d.is_dir() else None
         if m is None or not m.get("complete") or "harvest_config" not in m:
             return False
         then = HarvestConfig(**{k: v for k, v in m["harvest_config"].items() if k in known})
@@ -271,14 +271,14 @@ def _finished(cfg: HarvestConfig, dirs: dict[str, Path]) -> bool:
                 f"{d} holds a cache made differently (differs in: {'; '.join(diff)}); pass --overwrite to "
                 "redo it, or choose another --out"
             )
-    return all(first_damaged(d, _read_manifest(d)) is None for d in dirs.values())
+    return all(first_damaged(d, read_manifest(d)) is None for d in dirs.values())
 
 
 def _result_line(dirs: dict[str, Path]) -> str:
     """harvest's result: rows, width and source of each cache (and a shortfall against --tokens)."""
     parts = []
     for h, d in dirs.items():
-        m = _read_manifest(d)
+        m = read_manifest(d)
         asked = (m.get("harvest_config") or {}).get("tokens")
         got = m["n_contexts"] * m["context_length"]
         short = (

@@ -82,7 +82,7 @@ def _cache_state(p: Path, m: dict) -> str:
 
 
 def _per_hook_caches(p: Path) -> list[str]:
-    from .cache import _read_manifest, per_hook_caches
+    from .cache import per_hook_caches, read_manifest
 
     hooks = per_hook_caches(p)
     lines = [
@@ -90,15 +90,15 @@ def _per_hook_caches(p: Path) -> list[str]:
         f"e.g. --acts {p / hooks[0]}"
     ]
     for h in hooks:
-        m = _read_manifest(p / h)
+        m = read_manifest(p / h)
         lines.append(f"  {h}: {_cache_state(p / h, m)}, {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']})")
     return lines
 
 
 def _cache(p: Path) -> list[str]:
-    from .cache import _read_manifest
+    from .cache import read_manifest
 
-    m = _read_manifest(p)
+    m = read_manifest(p)
     n_ctx, n_shards = m["n_contexts"], len(m["shards"])
     state = _cache_state(p, m)
     f = m.get("filters") or {}

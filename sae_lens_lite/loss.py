@@ -7,7 +7,7 @@ The latents of a batch are a `Latents`: either dense [n, d_sae] or the active on
 (token rows[e], latent idx[e], value vals[e]). A recipe writes its penalty once, against that
 interface, and it holds on both paths. The sparse path computes only the encoder's forward
 densely (it chooses the latents); the decoder is a weighted gather of the active rows and the
-encoder's backward a sparse product (sae._GatheredPre): 2·d_in·d_sae FLOPs a token instead of
+encoder's backward a sparse product (sae.GatheredPre): 2·d_in·d_sae FLOPs a token instead of
 10·d_in·d_sae. Which path runs is decided here (`use_sparse`), never by the recipe.
 
 `step_terms` returns every term as a scalar tensor plus what the metrics need (firing latents,
@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from . import runtime
-from .sae import SAE, _GatheredPre, encoder_grads, token_rows, top_dead, with_ones_row
+from .sae import SAE, GatheredPre, encoder_grads, token_rows, top_dead, with_ones_row
 
 if TYPE_CHECKING:
     from .recipes import Recipe
@@ -223,12 +223,12 @@ def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tens
     if xc is None:
         return pre[rows, idx].float()
     dense_in = pre.dtype if dense_encoder_grad(pre) else None
-    return _GatheredPre.apply(pre[rows, idx].float(), xc, rows, idx, sae.W_enc, sae.b_enc, sae.b_dec, dense_in)
+    return GatheredPre.apply(pre[rows, idx].float(), xc, rows, idx, sae.W_enc, sae.b_enc, sae.b_dec, dense_in)
 
 
 def dense_encoder_grad(pre: Tensor) -> bool:
     """Whether the sparse path takes its encoder's weight gradient as a dense bf16 product
-    (_GatheredPre): on a CPU with AMX under bf16 autocast, while n·d_sae < DENSE_GRAD_MAX."""
+    (GatheredPre): on a CPU with AMX under bf16 autocast, while n·d_sae < DENSE_GRAD_MAX."""
     return pre.dtype == torch.bfloat16 and amx_bf16(pre) and pre.numel() < DENSE_GRAD_MAX
 
 

@@ -20,7 +20,7 @@ from .analyze import AnalyzeConfig, analyze
 from .config import build
 from .corpus import corpus_tokens
 from .errors import UserError
-from .evaluate import EvalConfig, _same_corpus, evaluate
+from .evaluate import EvalConfig, evaluate, same_corpus
 from .export import ExportConfig, export
 from .harvest import HarvestConfig, harvest
 from .outputs import RECORD, plural, read_record
@@ -65,7 +65,7 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     e = _build(
         EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), "dataset": h.dataset, **ev}, "evaluate"
     )
-    if _same_corpus(e.dataset, h.dataset):  # the harvest's corpus, read the same way
+    if same_corpus(e.dataset, h.dataset):  # the harvest's corpus, read the same way
         if "text_column" not in ev:
             e.text_column = h.text_column
         if "split" not in ev:
@@ -117,7 +117,7 @@ def check_held_out(h: HarvestConfig, e: EvalConfig) -> None:
     the corpus's size is cheap to know (a local corpus, a tokenizer on this machine); counting
     stops as soon as there is enough."""
     skip = e.skip_tokens
-    if skip == 0 or e.text_column != h.text_column or not _same_corpus(e.dataset, h.dataset, e.split, h.split):
+    if skip == 0 or e.text_column != h.text_column or not same_corpus(e.dataset, h.dataset, e.split, h.split):
         return
     T_h, T_e = h.context_length, e.context_length or h.context_length
     need = 2 if e.baselines and not e.acts else 1  # contexts: baselines fit on one half, score on the other

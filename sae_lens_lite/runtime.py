@@ -132,7 +132,7 @@ def exit_if_distributed(rc: int) -> None:
     os._exit(rc)
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     # NCCL moves GPU tensors only, gloo CPU tensors only.
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -172,7 +172,7 @@ def any_rank(flag: bool) -> bool:
     """Whether flag is true on any rank (every rank gets the same answer)."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([float(flag)], device=_comm_device())
+    t = torch.tensor([float(flag)], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -181,8 +181,8 @@ def gather_rows(x: Tensor) -> Tensor:
     """The global batch [N·n, d]: every rank's rows, in rank order (x itself in a single process)."""
     if world_size() == 1:
         return x
-    parts = [torch.empty_like(x, device=_comm_device()) for _ in range(world_size())]
-    dist.all_gather(parts, x.to(_comm_device()))
+    parts = [torch.empty_like(x, device=comm_device()) for _ in range(world_size())]
+    dist.all_gather(parts, x.to(comm_device()))
     return torch.cat(parts).to(x.device)
 
 

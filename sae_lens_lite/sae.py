@@ -103,7 +103,7 @@ def encoder_grads(xc1_t: Tensor, grad_pre: Tensor, W_enc: Tensor) -> tuple[Tenso
     return grads[:-1], grad_b_enc, -(W_enc @ grad_b_enc)
 
 
-class _GatheredPre(torch.autograd.Function):
+class GatheredPre(torch.autograd.Function):
     """Pre-activations `pre` [nnz], already computed at entries (token rows[e], latent cols[e]),
     wired to the encoder weights with a sparse backward. The dense backward multiplies x^T [d_in, n]
     by a gradient [n, d_sae] that is zero outside the active latents; here the same numbers cost

@@ -61,20 +61,23 @@ def unit_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+def imported_base(path: str, node: ast.ImportFrom) -> str:
+    """The module a `from X import ...` in the file `path` reads from, relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    here = module_name(path)
+    parts = (here if path.endswith("__init__.py") else here.rpartition(".")[0]).split(".")
+    return ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+
+
 def imports(path: str, source: str, known: set[str]) -> list[tuple[int, str]]:
     """(line, module) for each import of a module of the package in the file `path`."""
-    here = module_name(path)
-    package = here if path.endswith("__init__.py") else here.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == ROOT]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
+            base = imported_base(path, node)
             if base.split(".")[0] != ROOT:
                 continue
             # `from . import runtime` imports a module; `from .sae import SAE` a name of one
@@ -98,6 +101,23 @@ def check(sources: dict[str, str]) -> list[str]:
                     f"{ROOT}/{path}:{line} ({STAGES[STAGE[unit]][0]}) imports {target} from a later stage "
                     f"({STAGES[STAGE[to]][0]})"
                 )
+    return problems
+
+
+def private_imports(sources: dict[str, str]) -> list[str]:
+    """Every name with a leading underscore imported from another module of the package: a private
+    name is its module's own business, and one another module needs is public."""
+    problems = []
+    for path, source in sorted(sources.items()):
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = imported_base(path, node)
+            if base.split(".")[0] != ROOT or base == module_name(path):
+                continue
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    problems.append(f"{ROOT}/{path}:{node.lineno} imports the private name {a.name} from {base}")
     return problems
 
 
@@ -144,3 +164,22 @@ def test_the_checker_reports_violations():
     for e in expected:
         assert sum(e in p for p in problems) == 1, f"{e!r} not reported once in {problems}"
     assert len(problems) == len(expected), problems
+
+
+def test_no_private_name_is_imported_from_another_module():
+    problems = private_imports(package_sources())
+    assert not problems, "\n".join(problems)
+
+
+def test_the_private_import_checker_reports_violations():
+    bad = {
+        "evaluate.py": "def _same_corpus(): ...\ndef _own(): ...\nx = _own()\n",
+        "compare.py": "from .evaluate import EvalConfig, _same_corpus\n",
+        "recipes/l1.py": "from ..sae import _GatheredPre\nfrom .base import __all__\n",
+        "recipes/base.py": "",
+        "sae.py": "",
+    }
+    assert private_imports(bad) == [
+        "sae_lens_lite/compare.py:1 imports the private name _same_corpus from sae_lens_lite.evaluate",
+        "sae_lens_lite/recipes/l1.py:1 imports the private name _GatheredPre from sae_lens_lite.sae",
+    ]
