@@ -29,16 +29,33 @@ from torch import Tensor
 from .errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The CPU features the fast training paths depend on (loss.py), named in every CPU benchmark figure.
+CPU_FEATURES = (("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16"))
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""  # not Linux
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere): avx512_bf16, amx_bf16, ..."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split(":", 1)[1].split())
+    lines = _cpuinfo().splitlines()
+    return frozenset(w for line in lines if line.startswith("flags") for w in line.split(":", 1)[1].split())
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU as a benchmark figure must name it: model, torch's threads, and the matmul features
+    the fast paths depend on, e.g. "AMD EPYC, 2 threads, AVX512-BF16 yes, AMX no"."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+    flags = {w for ln in text.splitlines() if ln.startswith("flags") for w in ln.split(":", 1)[1].split()}
+    features = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in CPU_FEATURES)
+    return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {features}"
 
 
 def resolve_device(device: str) -> torch.device:

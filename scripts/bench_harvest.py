@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from sae_lens_lite import runtime
 from sae_lens_lite.cache import ActivationCache
 from sae_lens_lite.corpus import load_texts, tokenize_corpus
 from sae_lens_lite.harvest import HarvestConfig, harvest
@@ -105,7 +106,7 @@ def main():
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else runtime.cpu_description()
     print(
         f"device {name}; {args.model} {args.hook}; {n} tokens, context {args.context_length}, batch {args.batch_size}"
     )

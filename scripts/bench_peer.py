@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -76,7 +75,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from sae_lens_lite import recipes
+from sae_lens_lite import recipes, runtime
 from sae_lens_lite.cache import ActivationCache
 from sae_lens_lite.evaluate import ReconStats, SparsityStats, paired_difference
 from sae_lens_lite.export import import_sae
@@ -630,11 +629,7 @@ def main():
                 add_ce(r, saes, cache.manifest, acts_dir, out / "saes", args.eval_tokens, lm, device)
             rows += r
 
-    name = (
-        torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else runtime.cpu_description()
     print(
         f"\n{cache.manifest['model']} {cache.manifest['hook']}: {cache.n_tokens:,} cached tokens "
         f"({acts_dir}); d_in {d_in}, "

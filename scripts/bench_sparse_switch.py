@@ -18,7 +18,6 @@ it should be the faster one, or near the crossover.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -103,8 +102,7 @@ def main():
     with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
         limit = sparse_max_density(x)
     print(
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{'bf16 autocast' if amp else 'float32'}; AMX: {'amx_bf16' in runtime.cpu_flags()}; "
+        f"{runtime.cpu_description()}; {'bf16 autocast' if amp else 'float32'}; "
         f"d_in {x.shape[1]}, d_sae {args.d_sae}, batch {args.batch}; sparse path up to "
         f"{limit * min(1.0, x.shape[1] / 256):.1%} active"
     )

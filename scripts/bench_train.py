@@ -22,7 +22,6 @@ interleaved, so a noisy machine slows every contestant alike.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from sae_lens_lite import runtime
 from sae_lens_lite.cache import ActivationCache, CacheWriter
 from sae_lens_lite.recipes import RECIPES
 from sae_lens_lite.runtime import resolve_device
@@ -174,11 +174,7 @@ def main():
     amp = autocast_dtype("auto", device)
     peak_dtype = amp or torch.float32
     n = 8192 if gpu else 2048
-    name = (
-        torch.cuda.get_device_name(device)
-        if gpu
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    name = torch.cuda.get_device_name(device) if gpu else runtime.cpu_description()
     print(f"device: {name}; torch {torch.__version__}; trainer precision: {peak_dtype}")
 
     peak = matmul_peak(device, peak_dtype, n)

@@ -1,5 +1,6 @@
 """Device resolution: every --device a user can mistype is one line naming the choices."""
 
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,26 @@ print("not reached")
     assert res.returncode == 3, res.stderr
     assert res.stdout.split("\n")[0] == "done exit handler ran, group joined: False"  # _leave ran first (LIFO)
     assert "teardown ran" not in res.stdout and "not reached" not in res.stdout
+
+
+def test_cpu_description_names_the_model_and_the_matmul_features():
+    from sae_lens_lite.runtime import cpu_description
+
+    amd = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    intel = "model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n"
+    threads = torch.get_num_threads()
+    assert cpu_description(amd) == f"AMD EPYC 9R14, {threads} threads, AVX512-BF16 yes, AMX no"
+    assert cpu_description(intel).endswith("AVX512-BF16 yes, AMX yes")
+    assert cpu_description("flags : fpu sse2\n").endswith("AVX512-BF16 no, AMX no")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script runs its checks")
+def test_the_gpu_check_script_skips_cleanly_without_cuda(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
+    r = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "OUT": str(tmp_path)}
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "gpu_check: no CUDA device here; nothing to do", r.stderr
+    assert list(tmp_path.iterdir()) == []
