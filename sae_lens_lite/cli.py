@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import ExportConfig, ImportConfig
     from .harvest import HarvestConfig
     from .intervene import AttributeConfig, SteerConfig
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
     p = argparse.ArgumentParser(
         prog="sae-lite",

@@ -481,8 +481,8 @@ def import_cmd(cfg: ImportConfig) -> Path:
 
 def read_analysis(analysis: str | os.PathLike, d_sae: int) -> dict[int, dict]:
     """{feature id: {rank, score, frequency, top_tokens, top_contexts, logit_lens}} from the
-    features.json of `sae-lite analyze` (its schema: analyze.Feature), token ids turned into text."""
-    from .analyze import read_features
+    features.json of `sae-lite analyze` (its schema: features.Feature), token ids turned into text."""
+    from .features import read_features
 
     data = read_features(analysis, d_sae)
     vocab = data["vocab"]

@@ -24,7 +24,8 @@ from .evaluate import EvalConfig, evaluate, same_corpus
 from .export import ExportConfig, export
 from .harvest import HarvestConfig, harvest
 from .outputs import RECORD, plural, read_record
-from .train import TrainConfig, check_config, train
+from .train import check_config, train
+from .train_config import TrainConfig
 
 STAGES = ("harvest", "train", "evaluate", "analyze", "export")
 DEFAULT_OUT = "runs/run"  # where a run file without `out` writes

@@ -310,7 +310,7 @@ def test_all_dead_sae_and_one_token_cache_give_a_valid_analysis(tmp_path, case):
 
 
 def test_read_features_checks_the_schema(tmp_path):
-    from sae_lens_lite.analyze import FORMAT, Feature, read_features
+    from sae_lens_lite.features import FORMAT, Feature, read_features
 
     synthetic(tmp_path)
     run(tmp_path)

@@ -350,7 +350,7 @@ def test_forty_thousand_features_load_lazily(browser, tmp_path):
 
 def test_the_synthetic_analysis_fits_the_schema_of_features_json():
     """The page is built from features.json; the hand-made analysis above must keep its schema."""
-    from sae_lens_lite.analyze import Analysis, Feature
+    from sae_lens_lite.features import Analysis, Feature
 
     a = synthetic_analysis(n_features=5)
     assert set(Analysis.__required_keys__) - set(a) <= {

@@ -9,9 +9,9 @@ The stages, earliest first:
     cache         the activation cache on disk (its writers, the sharded one included, and reader)
     harvest       run the model over a corpus into a cache
     sae           the SAE module; synthetic data with known features
-    training      recipes/ (one module per method), loss, distributed (DDP, latent sharding), train
+    training      train_config, latents, recipes/ (one per method), loss, distributed (DDP, sharding), train
     evaluation    baselines, report, evaluate
-    analysis      explain, browser/, analyze, intervene, compare
+    analysis      features (the features.json schema), explain, browser/, analyze, intervene, compare
     export        export (SAELens, dictionaries), info
     entry points  pipeline, cli, __main__
 
@@ -39,9 +39,9 @@ STAGES = [
     ("cache", {"cache"}),
     ("harvest", {"harvest"}),
     ("sae", {"sae", "synthetic"}),
-    ("training", {"recipes", "loss", "distributed", "train"}),
+    ("training", {"train_config", "latents", "recipes", "loss", "distributed", "train"}),
     ("evaluation", {"baselines", "report", "evaluate"}),
-    ("analysis", {"explain", "browser", "analyze", "intervene", "compare"}),
+    ("analysis", {"features", "explain", "browser", "analyze", "intervene", "compare"}),
     ("export", {"export", "info"}),
     ("entry points", {"pipeline", "cli", "__main__"}),
 ]
@@ -121,6 +121,37 @@ def private_imports(sources: dict[str, str]) -> list[str]:
     return problems
 
 
+def import_circles(sources: dict[str, str]) -> list[str]:
+    """Every circle of modules importing each other (lazy and TYPE_CHECKING imports included: a
+    circle is one tangle however its imports are deferred), each as 'a -> b -> a'."""
+    known = {module_name(p) for p in sources}
+    graph: dict[str, set[str]] = {}
+    for path, source in sources.items():
+        here = module_name(path)
+        for _, target in imports(path, source, known):
+            while target not in known and "." in target:  # `from .sae import SAE` → the module sae
+                target = target.rpartition(".")[0]
+            if target != here and target in known:
+                graph.setdefault(here, set()).add(target)
+    circles, done = [], set()
+
+    def visit(node: str, trail: list[str]) -> None:
+        if node in trail:
+            loop = trail[trail.index(node) :]
+            start = loop.index(min(loop))  # one spelling per circle, from its smallest module
+            circles.append(" -> ".join(loop[start:] + loop[:start] + [min(loop)]))
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, trail + [node])
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
+    return sorted(set(circles))
+
+
 def package_sources() -> dict[str, str]:
     return {p.relative_to(PACKAGE).as_posix(): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))}
 
@@ -182,4 +213,25 @@ def test_the_private_import_checker_reports_violations():
     assert private_imports(bad) == [
         "sae_lens_lite/compare.py:1 imports the private name _same_corpus from sae_lens_lite.evaluate",
         "sae_lens_lite/recipes/l1.py:1 imports the private name _GatheredPre from sae_lens_lite.sae",
+    ]
+
+
+def test_no_import_circles():
+    circles = import_circles(package_sources())
+    assert not circles, "\n".join(circles)
+
+
+def test_the_circle_checker_reports_circles():
+    bad = {
+        "train.py": "from .recipes import get\n",
+        "recipes/__init__.py": "from .l1 import L1\n",
+        "recipes/l1.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..train import TrainConfig\n",
+        "analyze.py": "def page():\n    from .browser import write_page\n",
+        "browser/__init__.py": "from ..analyze import Analysis\n",
+        "sae.py": "",
+        "loss.py": "from .sae import SAE\n",
+    }
+    assert import_circles(bad) == [
+        "sae_lens_lite.analyze -> sae_lens_lite.browser -> sae_lens_lite.analyze",
+        "sae_lens_lite.recipes -> sae_lens_lite.recipes.l1 -> sae_lens_lite.train -> sae_lens_lite.recipes",
     ]

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sae_lens_lite import loss, recipes
+from sae_lens_lite import latents, loss, recipes
 from sae_lens_lite.loss import _terms, count_positive, total_loss, use_sparse
 from sae_lens_lite.recipes import jumprelu
 from sae_lens_lite.recipes.kl import KL_TAU
@@ -131,7 +131,7 @@ def test_sparse_path_equals_the_dense_one(penalty, n_dead, sync_free, monkeypatc
     """The sparse path (gather decoder, sparse encoder backward) gives the dense path's loss terms,
     metrics and gradients for every parameter: the penalty's gradient included (λ = 0.7), AuxK with
     either way of picking the dead latents, JumpReLU's threshold gradient from the latents near it."""
-    monkeypatch.setattr(loss, "sync_free", lambda t: sync_free)
+    monkeypatch.setattr(latents, "sync_free", lambda t: sync_free)
     torch.manual_seed(0)
     sae, recipe, cfg = make(penalty, d_in=16, d_sae=64, k=4, kl_rho=0.05)
     with torch.no_grad():

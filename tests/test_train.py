@@ -422,9 +422,9 @@ def test_a_training_step_never_waits_for_the_device(penalty, extra, monkeypatch)
     line. Count the waiting ops of runs of 3 and 9 steps (one log line each, at the end): any op
     that waits once per step makes the longer run's count larger. The sparse TopK path is run the
     way it runs on CUDA (fixed-shape AuxK selection), with latents dead from the first step."""
-    from sae_lens_lite import loss
+    from sae_lens_lite import latents
 
-    monkeypatch.setattr(loss, "sync_free", lambda t: True)
+    monkeypatch.setattr(latents, "sync_free", lambda t: True)
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
     counts = []
     for steps in (3, 9):

@@ -18,7 +18,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from ..analyze import Analysis  # the schema of features.json, defined next to its writer
+from ..features import Analysis  # the schema of features.json
 
 FIELDS = (
     "id",

@@ -21,7 +21,7 @@ from .matryoshka import Matryoshka
 from .topk import TopK
 
 if TYPE_CHECKING:
-    from ..train import TrainConfig
+    from ..train_config import TrainConfig
 
 RECIPES: dict[str, type[Recipe]] = {
     "l1": L1,

@@ -13,8 +13,8 @@ from ..errors import UserError
 from ..sae import SAE
 
 if TYPE_CHECKING:
-    from ..loss import Latents
-    from ..train import TrainConfig
+    from ..latents import Latents
+    from ..train_config import TrainConfig
 
 
 class Recipe:
@@ -75,7 +75,7 @@ class Recipe:
 
     def activate(self, sae: SAE, pre: Tensor, idx: Tensor | None) -> Tensor:
         """The activation of what entered: pre [nnz] at latents idx, or dense [n, d_sae] (idx None).
-        A ReLU that writes +0 below 0 (relu keeps a −0.0), so that loss.count_positive can count
+        A ReLU that writes +0 below 0 (relu keeps a −0.0), so that latents.count_positive can count
         the activations' nonzero bits without first clamping away negative zeros."""
         return F.threshold(pre, 0.0, 0.0)
 

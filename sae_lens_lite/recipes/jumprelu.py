@@ -8,7 +8,7 @@ kernel of width ε, and that of z·H(z − θ) as −(θ/ε)·K((z − θ)/ε). 
 import torch
 from torch import Tensor
 
-from ..loss import count_positive
+from ..latents import count_positive
 from .base import Recipe
 
 BANDWIDTH = 0.05  # ε, in the units of the normalised pre-activations (unit-norm decoder rows)
