@@ -7,6 +7,7 @@ into the model). Definitions of every number: docs/metrics.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -114,12 +115,29 @@ def fit_baselines(x: Tensor, sizes: list[int]) -> dict[int, tuple[PCA, "Gaussian
     steps (the slow part: PCA is one eigendecomposition)."""
     steps = vae_steps(len(x))
     fitted = {}
-    with tqdm(
-        total=steps * len(sizes), desc=f"baselines: PCA, VAE (k = {sizes})", unit="step", dynamic_ncols=True
-    ) as bar:
+    with (
+        tqdm(
+            total=steps * len(sizes), desc=f"baselines: PCA, VAE (k = {sizes})", unit="step", dynamic_ncols=True
+        ) as bar,
+        one_thread(x.device),
+    ):
         for k in sizes:
             fitted[k] = (fit_pca(x, k), fit_vae(x, k, steps, on_step=bar.update))
     return fitted
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """One CPU thread for the VAEs' small products: threads that wait on each other at every op
+    cost more than they share, and on a CPU busy with other work much more (docs/metrics.md:
+    a VAE step took 18x longer with two threads than with one on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def fit_vae(x: Tensor, d_latent: int, steps: int | None = None, seed: int = 0, on_step=None) -> GaussianVAE:

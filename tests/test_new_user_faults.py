@@ -13,6 +13,7 @@ from test_cli import tiny_pipeline, tiny_run  # noqa: F401 (a fixture)
 from test_outputs import hcfg, tcfg
 from test_train import small_sae_cfg
 
+from sae_lens_lite import baselines
 from sae_lens_lite.baselines import VAE_STEPS, fit_baselines, vae_steps
 from sae_lens_lite.compare import CompareConfig, compare
 from sae_lens_lite.corpus import load_texts
@@ -58,10 +59,20 @@ def test_info_flags_an_evaluation_of_other_weights(tiny_lm, corpus_file, tmp_pat
 # 3. the baselines show progress, and a small fitting set is not passed over hundreds of times
 
 
-def test_baselines_show_progress_and_small_fitting_sets_take_fewer_steps(capsys):
+def test_baselines_show_progress_and_small_fitting_sets_take_fewer_steps(capsys, monkeypatch):
     assert vae_steps(1024) < VAE_STEPS and vae_steps(10**6) == VAE_STEPS
     x = torch.randn(300, 8)
-    fitted = fit_baselines(x, [2, 4])
+    threads, during = torch.get_num_threads(), []
+    fit_vae = baselines.fit_vae
+    monkeypatch.setattr(
+        baselines, "fit_vae", lambda *a, **k: during.append(torch.get_num_threads()) or fit_vae(*a, **k)
+    )
+    torch.set_num_threads(2)
+    try:
+        fitted = fit_baselines(x, [2, 4])
+        assert during == [1, 1] and torch.get_num_threads() == 2  # one thread while fitting, then restored
+    finally:
+        torch.set_num_threads(threads)
     assert sorted(fitted) == [2, 4] and fitted[4][0].k == 4 and fitted[4][1].d_latent == 4
     err = capsys.readouterr().err
     assert "baselines: PCA, VAE (k = [2, 4])" in err and f"{2 * vae_steps(300)}/{2 * vae_steps(300)}" in err
