@@ -22,7 +22,8 @@ makes one L1 coefficient work across layers and models). It is a buffer, not a p
 `folded()` returns the equivalent SAE with s = 1 for export.
 
 On disk an SAE is a directory: `sae.safetensors` (the four weights plus `input_scale`) and
-`config.json` (an `SAEConfig`).
+`config.json` (an `SAEConfig`). A config with `d_out` describes a transcoder (transcoder.py),
+which `SAE.build` and `SAE.load` return in its place.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class SAEConfig:
     context_length: int | None = None
     dtype: str = "float32"
     meta: dict = field(default_factory=dict)
+    # A transcoder (transcoder.py): reads `hook`, predicts `target_hook` ([d_out]); `skip` adds
+    # the linear skip path W_skip [d_in, d_out].
+    d_out: int | None = None
+    target_hook: str | None = None
+    skip: bool = False
 
     def __post_init__(self):
         if self.d_in <= 0 or self.d_sae <= 0:
@@ -66,6 +72,10 @@ class SAEConfig:
             raise UserError(f"unknown SAE activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
         if self.activation == "topk" and not (self.k and 0 < self.k <= self.d_sae):
             raise UserError(f"a topk SAE needs 0 < k <= d_sae, got k={self.k}")
+        if self.d_out is not None and self.d_out <= 0:
+            raise UserError(f"a transcoder's d_out must be positive, got {self.d_out}")
+        if self.skip and self.d_out is None:
+            raise UserError("a skip path belongs to a transcoder: set d_out (train with --transcoder)")
 
 
 class SAEOutput(NamedTuple):
@@ -162,15 +172,55 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self._make_parameters()
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))  # θ [d_sae]
+        self.register_buffer("input_scale", torch.ones(()))
+        self.reset_parameters()
+
+    def _make_parameters(self) -> None:
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        if cfg.activation == "jumprelu":
-            self.threshold = nn.Parameter(torch.zeros(d_sae))  # θ [d_sae]
-        self.register_buffer("input_scale", torch.ones(()))
-        self.reset_parameters()
+
+    @staticmethod
+    def build(cfg: SAEConfig) -> "SAE":
+        """The module a config describes: an SAE, or a transcoder where it names d_out."""
+        if cfg.d_out is None:
+            return SAE(cfg)
+        from .transcoder import Transcoder
+
+        return Transcoder(cfg)
+
+    # What the training loop and evaluation ask of an SAE, which a transcoder answers differently.
+    @property
+    def b_center(self) -> Tensor:
+        """What the encoder subtracts from the scaled input: b_dec (Anthropic, April 2024)."""
+        return self.b_dec
+
+    @property
+    def target_scale(self) -> Tensor:
+        """The scale of what is reconstructed: the input's own."""
+        return self.input_scale
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_in
+
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch as (input, target): an SAE's target is its input."""
+        return rows, rows
+
+    def add_skip(self, recon: Tensor, x: Tensor) -> Tensor:
+        """An SAE has no skip path (Transcoder.add_skip)."""
+        return recon
+
+    @torch.no_grad()
+    def init_biases(self, x: Tensor, y: Tensor) -> None:
+        """b_dec at the (scaled) data mean (Anthropic, April 2024); x is y for an SAE."""
+        self.b_dec.copy_(y.mean(0) * self.input_scale)
 
     @torch.no_grad()
     def reset_parameters(self, dec_norm: float = 1.0, generator: torch.Generator | None = None):
@@ -202,7 +252,7 @@ class SAE(nn.Module):
 
     def pre_activation(self, x: Tensor) -> Tensor:
         x = x.to(self.W_enc.dtype) * self.input_scale  # [n, d_in]
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]; addmm fuses the bias add
+        return torch.addmm(self.b_enc, x - self.b_center, self.W_enc)  # [n, d_sae]; addmm fuses the bias add
 
     def floor(self) -> Tensor | float:
         """What a pre-activation must exceed to be active: θ [d_sae] for jumprelu, else 0."""
@@ -282,7 +332,7 @@ class SAE(nn.Module):
         if not isinstance(raw, dict) or not {"d_in", "d_sae"} <= set(raw) or set(raw) - known:
             raise UserError(f"{path / CONFIG_FILE} is not an SAE config (expected the keys {', '.join(sorted(known))})")
         try:
-            sae = cls(SAEConfig(**raw))
+            sae = SAE.build(SAEConfig(**raw))
         except TypeError:  # a size that is not a number
             raise UserError(
                 f"{path / CONFIG_FILE} holds sizes that are not integers: d_in={raw['d_in']!r}, d_sae={raw['d_sae']!r}"

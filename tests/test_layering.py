@@ -38,7 +38,7 @@ STAGES = [
     ("corpus", {"corpus"}),
     ("cache", {"cache"}),
     ("harvest", {"harvest"}),
-    ("sae", {"sae", "synthetic"}),
+    ("sae", {"sae", "synthetic", "transcoder"}),
     ("training", {"recipes", "loss", "distributed", "train"}),
     ("evaluation", {"baselines", "report", "evaluate"}),
     ("analysis", {"explain", "browser", "analyze", "intervene", "compare"}),

@@ -4,12 +4,17 @@ truth, the spliced evaluation and the exports."""
 import pytest
 import torch
 
+from sae_lens_lite import recipes
 from sae_lens_lite.cache import ActivationCache
 from sae_lens_lite.corpus import load_texts, tokenize_corpus
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.harvest import HarvestConfig, harvest
 from sae_lens_lite.models import blocks, edit_hook, run_to_hooks
-from tests.conftest import FAMILIES, tiny_model
+from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.synthetic import make_transcoder_pairs, mcc
+from sae_lens_lite.train import TrainConfig, train, train_on_batches
+from sae_lens_lite.transcoder import Transcoder
+from conftest import FAMILIES, tiny_model
 
 MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 
@@ -88,3 +93,198 @@ def test_pair_harvest_refuses_bad_layers_and_a_plain_cache_has_no_targets(tiny_l
     plain = harvest(harvest_cfg(corpus_file, tmp_path / "plain", mlp_pairs="", hooks=[MLP_OUT]), lm=tiny_lm)
     with pytest.raises(UserError, match="--mlp-pairs"):
         next(ActivationCache.open(plain[MLP_OUT]).iter_batches(8, targets=True))
+
+
+# ---- the module --------------------------------------------------------------------------
+
+
+def random_transcoder(skip: bool, activation: str = "relu", k: int | None = None) -> Transcoder:
+    torch.manual_seed(0)
+    tc = SAE.build(SAEConfig(d_in=8, d_sae=24, d_out=6, skip=skip, activation=activation, k=k))
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.normal_()
+        tc.input_scale.fill_(1.7)
+        tc.output_scale.fill_(0.4)
+    return tc
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_forward_is_the_formula_and_folding_keeps_it(skip, tmp_path):
+    tc = random_transcoder(skip)
+    x = torch.randn(10, 8)
+    f = torch.relu(x * 1.7 @ tc.W_enc + tc.b_enc)  # no centring: b_dec is in the output space
+    y = f @ tc.W_dec + tc.b_dec + ((x * 1.7) @ tc.W_skip if skip else 0)
+    out = tc(x)
+    torch.testing.assert_close(out.x_hat, y / 0.4)
+    torch.testing.assert_close(out.latents, f)
+    folded = tc.folded()
+    assert float(folded.input_scale) == float(folded.output_scale) == 1.0
+    torch.testing.assert_close(folded(x).x_hat, out.x_hat, rtol=1e-4, atol=1e-4)
+    loaded = SAE.load(tc.save(tmp_path / "tc"))
+    assert isinstance(loaded, Transcoder) and loaded.cfg == tc.cfg
+    torch.testing.assert_close(loaded(x).x_hat, out.x_hat)
+
+
+def test_a_skip_path_needs_a_transcoder():
+    with pytest.raises(UserError, match="transcoder"):
+        SAEConfig(d_in=8, d_sae=16, skip=True)
+    with pytest.raises(UserError, match="--transcoder"):
+        TrainConfig(skip=True)
+    with pytest.raises(UserError, match="resample"):
+        TrainConfig(transcoder=True, resample_dead=True)
+
+
+# ---- training: ground truth, every recipe, resume ----------------------------------------------
+
+RECIPE_SETTINGS = {
+    "l1": dict(l1=1.0),
+    "kl": dict(kl_rho=0.05),
+    "topk": dict(k=4),
+    "batchtopk": dict(k=4),
+    "jumprelu": dict(target_l0=4.0),
+    "matryoshka": dict(k=4),
+}
+D_IN, D_OUT = 32, 24
+
+
+def transcoder_cfg(penalty: str, d_sae: int = 256, skip: bool = False, k: int = 4) -> SAEConfig:
+    opts = recipes.get(penalty, TrainConfig(penalty=penalty, k=k)).sae_options()
+    return SAEConfig(d_in=D_IN, d_sae=d_sae, d_out=D_OUT, skip=skip, **opts)
+
+
+def pairs_data(linear: float = 0.0):
+    return make_transcoder_pairs(n_features=64, d_in=D_IN, d_out=D_OUT, linear=linear, seed=0)
+
+
+def train_pairs(data, penalty="topk", skip=False, tokens=200_000, **kw):
+    settings = {**RECIPE_SETTINGS[penalty], **kw}
+    cfg = TrainConfig(penalty=penalty, batch_size=512, lr=3e-3, seed=0, transcoder=True, skip=skip, **settings)
+    return train_on_batches(
+        transcoder_cfg(penalty, skip=skip), cfg, data.batches(512, 1 << 17, seed=1), tokens, progress=False
+    )
+
+
+@pytest.mark.parametrize("penalty", ["topk", "l1"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_recovers_known_latents(skip, penalty):
+    """y = s D (+ x A with the skip path), x = s E, s sparse. Without a linear part the decoder
+    rows are D. With one, the split between skip and latents is not unique (synthetic.
+    TranscoderPairs): given the learned skip map A', the latents' rows are D + E (A − A')."""
+    data = pairs_data(linear=0.5 if skip else 0.0)
+    tc = train_pairs(data, penalty, skip=skip).folded()
+    assert isinstance(tc, Transcoder) and tc.W_dec.shape == (256, D_OUT)
+    truth = data.features_out
+    if skip:
+        A = tc.W_skip.detach()
+        assert A.norm() > 0.3 * data.linear.norm()  # the skip path carries a real share of y
+        truth = truth + data.latents.features @ (data.linear - A)
+    score = mcc(tc.W_dec, truth)
+    assert score >= 0.95, score
+
+
+@pytest.mark.parametrize("penalty", list(RECIPE_SETTINGS))
+def test_every_recipe_trains_a_skip_transcoder(penalty, tmp_path):
+    data = pairs_data(linear=0.5)
+    tc = train_pairs(data, penalty, skip=True, tokens=60_000)
+    x, y = tc.split(data.sample(4096, torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        out = tc(x)
+    ev = 1 - float((y - out.x_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert ev > 0.5, ev  # the mean alone explains 0
+    assert float((out.latents > 0).float().sum(-1).mean()) < 100  # sparse: of 256 latents
+    loaded = SAE.load(tc.save(tmp_path / penalty))
+    torch.testing.assert_close(loaded(x).x_hat, out.x_hat)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    data = pairs_data(linear=0.5)
+    factory = data.batches(256, 16 * 256, seed=1)
+    cfg = TrainConfig(
+        penalty="topk", k=3, batch_size=256, checkpoint_every=10 * 256, precision="float32", transcoder=True, skip=True
+    )
+    sae_cfg = transcoder_cfg("topk", d_sae=64, skip=True, k=3)
+    ref = train_on_batches(sae_cfg, cfg, factory, 40 * 256, out=tmp_path / "a", progress=False)
+    count = [0]
+
+    def killed(epoch):  # the same batches, killed after 16 (init) + 25 steps
+        for x in factory(epoch):
+            if count[0] == 16 + 25:
+                raise Interrupted
+            count[0] += 1
+            yield x
+
+    with pytest.raises(Interrupted):
+        train_on_batches(sae_cfg, cfg, killed, 40 * 256, out=tmp_path / "b", progress=False)
+    resumed = train_on_batches(sae_cfg, cfg, factory, 40 * 256, out=tmp_path / "b", progress=False)
+    assert isinstance(resumed, Transcoder)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+
+def test_train_from_a_pair_cache(tiny_lm, corpus_file, tmp_path):
+    acts = harvest(harvest_cfg(corpus_file, tmp_path / "pairs"), lm=tiny_lm)[MLP_IN]
+    run = dict(acts=str(acts), penalty="topk", k=4, expansion=4, batch_size=128, tokens=128 * 20, log_every=5)
+    tc = train(TrainConfig(out=str(tmp_path / "tc"), transcoder=True, skip=True, **run))
+    assert isinstance(tc, Transcoder) and tc.cfg.hook == MLP_IN and tc.cfg.target_hook == MLP_OUT
+    loaded = SAE.load(tmp_path / "tc")
+    assert isinstance(loaded, Transcoder) and loaded.cfg.skip and loaded.W_skip.shape == (32, 32)
+    ev = loaded.cfg.meta["final_eval"]["explained_variance"]  # of the MLP's output, from its input
+    assert ev is not None and -1.0 < ev < 1.0
+    sae = train(TrainConfig(out=str(tmp_path / "sae"), **run))  # the same cache trains an SAE on the input
+    assert type(sae) is SAE and sae.cfg.d_out is None
+    plain = harvest(harvest_cfg(corpus_file, tmp_path / "plain", mlp_pairs="", hooks=[MLP_OUT]), lm=tiny_lm)
+    with pytest.raises(UserError, match="--mlp-pairs"):
+        train(TrainConfig(out=str(tmp_path / "bad"), transcoder=True, **{**run, "acts": str(plain[MLP_OUT])}))
+
+
+# ---- evaluation with the MLP replaced -------------------------------------------------------------
+
+
+def model_ce(model, ids, mlp_out=None) -> float:
+    """Mean next-token CE of model on ids, with layer 1's MLP output replaced by mlp_out(input)."""
+    handle = None
+    if mlp_out is not None:
+        handle = blocks(model)[1].mlp.register_forward_hook(lambda mod, args, out: mlp_out(args[0]))
+    try:
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return float(-logp.gather(-1, ids[:, 1:, None]).mean())
+
+
+def test_evaluate_splices_the_transcoder_in_place_of_the_mlp(tiny_lm, corpus_file, tmp_path):
+    from sae_lens_lite.evaluate import EvalConfig, eval_contexts, evaluate
+
+    tc = SAE.build(
+        SAEConfig(d_in=32, d_sae=64, d_out=32, skip=True, hook=MLP_IN, target_hook=MLP_OUT, context_length=16)
+    )
+    with torch.no_grad():
+        tc.W_skip.normal_(0, 0.1)
+        tc.b_dec.normal_(0, 0.1)
+    tc.save(tmp_path / "tc")
+    cfg = EvalConfig(
+        sae=str(tmp_path / "tc"), dataset=str(corpus_file), tokens=128, batch_size=3, drop_first=0, drop_special=False
+    )
+    r = evaluate(cfg, lm=tiny_lm)
+    ids = eval_contexts(tiny_lm.tokenizer, str(corpus_file), 16, 128, 0)  # every position is spliced
+    ce = r["ce"]
+    assert ce["clean"] == pytest.approx(model_ce(tiny_lm.model, ids), rel=1e-5)
+    assert ce["sae"] == pytest.approx(
+        model_ce(tiny_lm.model, ids, lambda x: tc(x.reshape(-1, 32)).x_hat.reshape(x.shape)), rel=1e-5
+    )
+    assert ce["zero_ablation"] == pytest.approx(model_ce(tiny_lm.model, ids, torch.zeros_like), rel=1e-5)
+    acts = run_to_hooks(tiny_lm.model, ids, [MLP_IN, MLP_OUT])
+    x, y = acts[MLP_IN].reshape(-1, 32), acts[MLP_OUT].reshape(-1, 32)
+    with torch.no_grad():
+        ev = 1 - float((y - tc(x).x_hat).double().pow(2).sum() / (y - y.mean(0)).double().pow(2).sum())
+    assert r["reconstruction"]["explained_variance"] == pytest.approx(ev, rel=1e-4)
+    assert r["target_hook"] == MLP_OUT and r["footing"]["hook"] == MLP_OUT
+    rows = {row["method"]: row for row in r["baselines"]["rows"]}
+    assert rows["sae"]["ce_loss"] > r["baselines"]["ce_clean"] and {"pca_32", "vae_32"} <= set(rows)
