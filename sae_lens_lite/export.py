@@ -5,6 +5,9 @@ Every format mapping lives here, writer next to reader (formats: docs/formats.md
     ours      f = act((x*s - b_dec) @ W_enc + b_enc)          x_hat = (f @ W_dec + b_dec) / s
     SAELens   f = act((x - b_dec) @ W_enc + b_enc)            x_hat = f @ W_dec + b_dec
               (apply_b_dec_to_input=True, normalize_activations="none", s folded into the weights)
+    SAELens transcoder (architecture transcoder, skip_transcoder, jumprelu_[skip_]transcoder)
+              f = act(x @ W_enc + b_enc)   y_hat = f @ W_dec + b_dec (+ x @ W_skip.T, W_skip [d_out, d_in])
+              (apply_b_dec_to_input=False: b_dec lives in the output space; both scales folded)
     sparsify  f = topk(relu(encoder(x - b_dec)))              x_hat = f @ W_dec + b_dec
               (encoder is an nn.Linear: its weight is W_enc transposed, [d_sae, d_in])
 
@@ -228,6 +231,8 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
         },
     }
     meta.update({k: v for k, v in ours.items() if v is not None or k not in meta})
+    if sae.cfg.d_out is not None:
+        return _saelens_transcoder_cfg(sae, meta)
     cfg = {
         "architecture": SAELENS_ARCH[sae.cfg.activation],
         "d_in": sae.d_in,
@@ -244,6 +249,37 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
     return cfg
 
 
+# SAELens's transcoder architectures, by (our activation, skip path). It has no TopK transcoder.
+SAELENS_TRANSCODERS = {
+    ("relu", False): "transcoder",
+    ("relu", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
+
+
+def _saelens_transcoder_cfg(sae: SAE, meta: dict) -> dict:
+    """cfg.json of a SAELens transcoder: it reads metadata.hook_name, writes hook_name_out."""
+    arch = SAELENS_TRANSCODERS.get((sae.cfg.activation, sae.cfg.skip))
+    if arch is None:
+        raise UserError(
+            f"SAELens has no {sae.cfg.activation} transcoder (only ReLU and JumpReLU ones); train with --penalty "
+            "l1, jumprelu or batchtopk (a JumpReLU after training) to export to SAELens"
+        )
+    return {
+        "architecture": arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "d_out": sae.d_out,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,  # SAELens refuses it for transcoders; ours does not centre either
+        "normalize_activations": "none",  # both scales are folded into the weights
+        "reshape_activations": "none",
+        "metadata": {**meta, "hook_name_out": sae.cfg.target_hook},
+    }
+
+
 def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path | None = None) -> Path:
     """Write a SAELens directory. cfg.json goes last: it is what makes the directory loadable."""
     out = Path(out)
@@ -253,6 +289,8 @@ def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path |
     weights = {"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}
     if sae.cfg.activation == "jumprelu":
         weights["threshold"] = f.threshold  # SAELens: f = relu(pre) · (pre > threshold)
+    if sae.cfg.skip:
+        weights["W_skip"] = f.W_skip.T.contiguous()  # SAELens's [d_out, d_in], applied as x @ W_skip.T
     save_safetensors_atomic(weights, out / SAELENS_WEIGHTS)
     if freq is not None:
         # SAELens stores log10 of the firing frequency, with the same 1e-10 floor for dead latents.

@@ -288,3 +288,38 @@ def test_evaluate_splices_the_transcoder_in_place_of_the_mlp(tiny_lm, corpus_fil
     assert r["target_hook"] == MLP_OUT and r["footing"]["hook"] == MLP_OUT
     rows = {row["method"]: row for row in r["baselines"]["rows"]}
     assert rows["sae"]["ce_loss"] > r["baselines"]["ce_clean"] and {"pca_32", "vae_32"} <= set(rows)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("activation", "skip"), [("relu", False), ("relu", True), ("jumprelu", True)])
+def test_saelens_loads_the_exported_transcoder_and_computes_the_same(activation, skip, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens_lite.export import save_saelens
+
+    tc = random_transcoder(skip, activation)
+    tc.cfg.hook, tc.cfg.target_hook = MLP_IN, MLP_OUT
+    if activation == "jumprelu":
+        with torch.no_grad():
+            tc.threshold.uniform_(0.0, 1.0)
+    theirs = sae_lens.SAE.load_from_disk(str(save_saelens(tc, tmp_path / "sl")), device="cpu")
+    want = {
+        ("relu", False): "Transcoder",
+        ("relu", True): "SkipTranscoder",
+        ("jumprelu", True): "JumpReLUSkipTranscoder",
+    }
+    assert type(theirs).__name__ == want[(activation, skip)]
+    assert theirs.cfg.metadata.hook_name == MLP_IN and theirs.cfg.metadata.hook_name_out == MLP_OUT
+    x = torch.randn(20, 8) * 3
+    ours = tc(x)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(x), ours.x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_saelens_has_no_topk_transcoder(tmp_path):
+    from sae_lens_lite.export import save_saelens
+
+    with pytest.raises(UserError, match="no topk transcoder"):
+        save_saelens(random_transcoder(False, "topk", k=3), tmp_path / "sl")
