@@ -37,6 +37,8 @@ from .outputs import existing, fingerprint, finish, read_record, settings_of, wa
 from .sae import CONFIG_FILE as OUR_CONFIG
 from .sae import SAE, SAEConfig
 from .sae import WEIGHTS_FILE as OUR_WEIGHTS
+from .transcoder_set import CONFIG as TRANSCODER_SET_CONFIG
+from .transcoder_set import find_layers, save_transcoder_set
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -53,11 +55,16 @@ HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # ours is its
 
 @dataclass
 class ExportConfig:
-    sae: str = opt("runs/sae", "SAE directory to export (from `sae-lite train` or `sae-lite import`)")
+    sae: str = opt(
+        "runs/sae",
+        "SAE directory to export (from `sae-lite train` or `sae-lite import`); for circuit-tracer, a directory "
+        "of per-layer MLP transcoders",
+    )
     format: str = opt(
         "saelens",
-        "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors",
-        choices=["saelens", "dictionary"],
+        "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors; "
+        "circuit-tracer: a transcoder set (config.yaml + layer_L.safetensors)",
+        choices=["saelens", "dictionary", "circuit-tracer"],
     )
     out: str = opt("runs/export", "output directory")
     analysis: str | None = opt(
@@ -104,8 +111,10 @@ def _read_json(path: Path) -> dict:
 
 def export(cfg: ExportConfig) -> Path:
     """Write the SAE at cfg.sae in cfg.format to cfg.out; returns the output directory."""
+    if cfg.format == "circuit-tracer":
+        return export_transcoder_set(cfg)
     if cfg.format not in ("saelens", "dictionary"):
-        raise UserError(f"unknown export --format {cfg.format!r}: use saelens or dictionary")
+        raise UserError(f"unknown export --format {cfg.format!r}: use saelens, dictionary or circuit-tracer")
     sae = SAE.load(cfg.sae)
     settings = settings_of(cfg, ("sae", "analysis", "acts"))
     inputs = {"sae": fingerprint(cfg.sae), "analysis": fingerprint(cfg.analysis), "acts": fingerprint(cfg.acts)}
@@ -140,6 +149,16 @@ def export(cfg: ExportConfig) -> Path:
         f"export: wrote {what} {out} ({', '.join(files)}): {sae.d_sae:,} features, {freq_from}"
         f"{', scores and top tokens from ' + str(cfg.analysis) if features else ''}{extra}",
     )
+    return out
+
+
+def export_transcoder_set(cfg: ExportConfig) -> Path:
+    """circuit-tracer's transcoder set from the per-layer transcoders under cfg.sae (transcoder_set.py)."""
+    layers = {L: SAE.load(d) for L, d in find_layers(Path(cfg.sae)).items()}
+    model = next(iter(layers.values())).cfg.model
+    out = prepare_out_dir(cfg.out, cfg.overwrite, TRANSCODER_SET_CONFIG)
+    save_transcoder_set(layers, out, HUB_IDS.get(model, model), scan=f"sae_lens_lite:{Path(cfg.sae).name}")
+    print(f"export: wrote circuit-tracer transcoder set {out} ({len(layers)} layers, {out / TRANSCODER_SET_CONFIG})")
     return out
 
 

@@ -42,7 +42,7 @@ STAGES = [
     ("training", {"recipes", "loss", "distributed", "train"}),
     ("evaluation", {"baselines", "report", "evaluate"}),
     ("analysis", {"explain", "browser", "analyze", "intervene", "compare"}),
-    ("export", {"export", "info"}),
+    ("export", {"export", "info", "transcoder_set"}),
     ("entry points", {"pipeline", "cli", "__main__"}),
 ]
 STAGE = {unit: i for i, (_, units) in enumerate(STAGES) for unit in units}

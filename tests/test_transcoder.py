@@ -323,3 +323,38 @@ def test_saelens_has_no_topk_transcoder(tmp_path):
 
     with pytest.raises(UserError, match="no topk transcoder"):
         save_saelens(random_transcoder(False, "topk", k=3), tmp_path / "sl")
+
+
+def test_circuit_tracer_set_holds_every_layer_in_its_orientation(tmp_path):
+    """The files computed by circuit-tracer's formulas (SingleLayerTranscoder.encode/decode:
+    F.linear(x, W_enc, b_enc), acts @ W_dec + b_dec + x @ W_skip.T) give our outputs."""
+    yaml = pytest.importorskip("yaml")
+    from safetensors.torch import load_file
+
+    from sae_lens_lite.export import ExportConfig, export
+
+    ours = {}
+    for layer in range(3):
+        tc = random_transcoder(True, "jumprelu")
+        with torch.no_grad():
+            tc.threshold.uniform_(0.0, 1.0)
+        tc.cfg.hook, tc.cfg.target_hook = f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+        tc.cfg.model = "smollm2-135m"
+        ours[layer] = tc
+        tc.save(tmp_path / "set" / f"L{layer}")
+    out = export(ExportConfig(sae=str(tmp_path / "set"), format="circuit-tracer", out=str(tmp_path / "ct")))
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model_kind"] == "transcoder_set" and config["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("mlp.hook_in", "mlp.hook_out")
+    x = torch.randn(12, 8) * 3
+    for layer, path in enumerate(config["transcoders"]):
+        w = load_file(path)
+        pre = torch.nn.functional.linear(x, w["W_enc"], w["b_enc"])
+        acts = pre * (pre > w["activation_function.threshold"])
+        y = acts @ w["W_dec"] + w["b_dec"] + x @ w["W_skip"].T
+        with torch.no_grad():
+            torch.testing.assert_close(acts, ours[layer](x).latents, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y, ours[layer](x).x_hat, rtol=1e-5, atol=1e-5)
+    (tmp_path / "set" / "L1" / "config.json").unlink()
+    with pytest.raises(UserError, match=r"lacks layers \[1\]"):
+        export(ExportConfig(sae=str(tmp_path / "set"), format="circuit-tracer", out=str(tmp_path / "ct2")))
