@@ -3,6 +3,7 @@ truth, the spliced evaluation and the exports."""
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_model
 
 from sae_lens_lite import recipes
 from sae_lens_lite.cache import ActivationCache
@@ -14,7 +15,6 @@ from sae_lens_lite.sae import SAE, SAEConfig
 from sae_lens_lite.synthetic import make_transcoder_pairs, mcc
 from sae_lens_lite.train import TrainConfig, train, train_on_batches
 from sae_lens_lite.transcoder import Transcoder
-from conftest import FAMILIES, tiny_model
 
 MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 
@@ -358,3 +358,67 @@ def test_circuit_tracer_set_holds_every_layer_in_its_orientation(tmp_path):
     (tmp_path / "set" / "L1" / "config.json").unlink()
     with pytest.raises(UserError, match=r"lacks layers \[1\]"):
         export(ExportConfig(sae=str(tmp_path / "set"), format="circuit-tracer", out=str(tmp_path / "ct2")))
+
+
+# ---- steering and attribution ---------------------------------------------------------------------
+
+
+def layer1_transcoder() -> Transcoder:
+    tc = SAE.build(SAEConfig(d_in=32, d_sae=48, d_out=32, skip=True, hook=MLP_IN, target_hook=MLP_OUT))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        tc.W_enc.normal_(0, 0.5)
+        tc.W_dec.normal_(0, 0.2)
+        tc.W_skip.normal_(0, 0.1)
+        tc.output_scale.fill_(2.0)
+    return tc.requires_grad_(False)
+
+
+def test_attribution_adds_up_to_the_mlp_output_times_its_gradient(tiny_lm):
+    from sae_lens_lite.intervene import attribution
+
+    tc = layer1_transcoder()
+    ids = torch.randint(2, 96, (1, 9))
+    r = attribution(tiny_lm, tc, ids)
+    saved = {}
+
+    def keep_grad(mod, args, out):
+        out.retain_grad()
+        saved["y"] = out
+
+    handle = blocks(tiny_lm.model)[1].mlp.register_forward_hook(keep_grad)
+    try:
+        with torch.enable_grad():
+            logp = tiny_lm.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            logp[r.target].backward()
+    finally:
+        handle.remove()
+    y = saved["y"]
+    want = (y * y.grad).sum(-1)[0].detach()  # [T]: the MLP output · ∂log p/∂(MLP output)
+    torch.testing.assert_close(r.total, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r.latents.sum(1) + r.error + r.bias, r.total, rtol=1e-4, atol=1e-5)
+    assert r.latents.abs().sum() > 0
+
+
+def test_ablating_a_transcoder_latent_removes_its_share_of_the_mlp_output(tiny_lm):
+    from sae_lens_lite.intervene import ablation_effects
+
+    tc = layer1_transcoder()
+    ids = torch.randint(2, 96, (1, 9))
+    acts = run_to_hooks(tiny_lm.model, ids, [MLP_IN])[MLP_IN][0]  # [T, d]
+    with torch.no_grad():
+        f = tc.encode(acts)
+    j = int(f.sum(0).argmax())
+    target = 5
+    got = ablation_effects(tiny_lm, tc, ids, target, [j])
+    share = f[:, j : j + 1] * tc.W_dec[j] / 2.0  # [T, d]: latent j's part of the prediction, in output units
+    handle = blocks(tiny_lm.model)[1].mlp.register_forward_hook(lambda mod, args, out: out - share[None])
+    try:
+        with torch.no_grad():
+            ablated = tiny_lm.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)[target]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        plain = tiny_lm.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)[target]
+    torch.testing.assert_close(got[0], (plain - ablated).float(), rtol=1e-4, atol=1e-5)
+    assert abs(float(got[0])) > 0
