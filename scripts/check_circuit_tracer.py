@@ -16,11 +16,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
+
+
+def readable_by_transformers4(model_dir: str) -> str:
+    """A view of model_dir that transformers 4.x loads: sae-lite's transformers 5 writes
+    tokenizer_class "TokenizersBackend", which 4.x does not know; its fast tokenizer reads the
+    same tokenizer.json. The weights and config are linked, not copied."""
+    src, view = Path(model_dir), Path(tempfile.mkdtemp(prefix="ct-model-"))
+    for f in src.iterdir():
+        if f.name != "tokenizer_config.json":
+            (view / f.name).symlink_to(f.resolve())
+    tok = json.loads((src / "tokenizer_config.json").read_text())
+    if tok.get("tokenizer_class") == "TokenizersBackend":
+        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (view / "tokenizer_config.json").write_text(json.dumps(tok))
+    return str(view)
 
 
 def main() -> None:
@@ -52,7 +68,11 @@ def main() -> None:
 
     t = time.perf_counter()
     model = ReplacementModel.from_pretrained_and_transcoders(
-        args.model, transcoders, backend="nnsight", device=torch.device("cpu"), dtype=torch.float32
+        readable_by_transformers4(args.model),
+        transcoders,
+        backend="nnsight",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
     )
     print(json.dumps({"replacement_model": type(model).__name__, "load_s": round(time.perf_counter() - t, 1)}))
     t = time.perf_counter()
