@@ -786,7 +786,7 @@ def measure_saved(sae: SAE, cache, device: torch.device, n_tokens: int = FINAL_T
         fired |= on.any(0)
     return {
         "explained_variance": 1 - sse / sst if sst > 0 else None,
-        "l0": l0 / len(x),
+        "l0": l0 / len(rows),
         "dead_frac": float((~fired).float().mean()),
         "n_tokens": len(rows),
     }

@@ -422,3 +422,30 @@ def test_ablating_a_transcoder_latent_removes_its_share_of_the_mlp_output(tiny_l
         plain = tiny_lm.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)[target]
     torch.testing.assert_close(got[0], (plain - ablated).float(), rtol=1e-4, atol=1e-5)
     assert abs(float(got[0])) > 0
+
+
+def test_measure_saved_scores_the_target_over_every_sampled_row(tmp_path):
+    from sae_lens_lite.cache import CacheWriter
+    from sae_lens_lite.train import measure_saved
+
+    g = torch.Generator().manual_seed(0)
+    w = CacheWriter(tmp_path / "big", {"hook": MLP_IN, "target_hook": MLP_OUT, "dtype": "float32"}, 32, d_target=32)
+    for _ in range(2):  # 2 x 5,000 rows: more than one of measure_saved's batches of 4,096
+        n = 5000
+        x = torch.randn(n, 32, generator=g)
+        ids = torch.zeros(n, dtype=torch.int32)
+        w.add_shard(
+            x, ids, ids.clone(), ids.clone(), n_contexts=1, targets=torch.tanh(x) @ torch.randn(32, 32, generator=g)
+        )
+    w.finish()
+    cache = ActivationCache.open(tmp_path / "big")
+    tc = SAE.build(SAEConfig(d_in=32, d_sae=64, d_out=32, activation="topk", k=4))
+    with torch.no_grad():
+        tc.b_enc.fill_(1.0)  # every pre-activation of the top 4 positive: L0 exactly 4
+    m = measure_saved(tc, cache, torch.device("cpu"), n_tokens=cache.n_tokens)
+    data = cache.load(("activations", "targets"))
+    x, y = data["activations"].float(), data["targets"].float()
+    with torch.no_grad():
+        ev = 1 - float((y - tc(x).x_hat).double().pow(2).sum() / (y - y.mean(0)).double().pow(2).sum())
+    assert m["n_tokens"] == cache.n_tokens and m["l0"] == pytest.approx(4.0)
+    assert m["explained_variance"] == pytest.approx(ev, rel=1e-4)
