@@ -703,6 +703,7 @@ def train(cfg: TrainConfig) -> SAE:
     check_config(cfg)
     device = runtime.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
     cache = ActivationCache.open(cfg.acts)
+    cache.row_keys(cfg.transcoder)  # a transcoder needs a pair cache: refused here, with how to make one
     if cache.n_tokens < cfg.batch_size:
         raise UserError(
             f"the cache {cfg.acts} holds {cache.n_tokens:,} rows, fewer than one batch of {cfg.batch_size:,}; "
