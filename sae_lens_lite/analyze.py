@@ -698,7 +698,7 @@ def _steer_samples(
     from .corpus import special_token_ids
     from .evaluate import evaluated_positions
 
-    hook = sae.cfg.hook or hook
+    hook = sae.cfg.target_hook or sae.cfg.hook or hook  # a transcoder writes (and is steered at) the MLP's output
     if not hook:
         raise UserError("--steer needs the SAE's hook, but neither the SAE's config nor the cache names one")
     hook_point(lm.model, hook)

@@ -4,7 +4,7 @@ A cache is a directory (format spec: docs/formats.md):
 
     manifest.json              provenance, sizes, one entry per shard (rows, sha256), `complete`
     shard_00000.safetensors    activations [n, d_model], tokens [n], doc [n], pos [n]
-    ...
+    ...                        (+ targets [n, d_target] in a pair cache: a transcoder's target)
 
 Shards hold a fixed number of contexts, so an interrupted harvest resumes after the last shard
 the manifest lists and produces byte-identical shards. A shard file is written to a temporary
@@ -42,6 +42,7 @@ PROVENANCE_KEYS = (
     "model",
     "weights_hash",
     "hook",
+    "target_hook",  # a pair cache's second hook (a transcoder's target), read in the same pass; else None
     "corpus",
     "tokenizer",
     "dtype",
@@ -90,7 +91,9 @@ class CacheWriter(_ManifestState):
 
     Holds an exclusive lock on the directory while open, so two harvests cannot interleave."""
 
-    def __init__(self, path: str | os.PathLike, provenance: dict, d_model: int, overwrite: bool = False):
+    def __init__(
+        self, path: str | os.PathLike, provenance: dict, d_model: int, overwrite: bool = False, d_target: int = 0
+    ):
         self.path = Path(path)
         check_cache_dir(self.path, overwrite)  # before the lock file lands there: a refused directory stays as it was
         self.path.mkdir(parents=True, exist_ok=True)
@@ -121,6 +124,7 @@ class CacheWriter(_ManifestState):
             "complete": False,
             **self.provenance,
             "d_model": d_model,
+            **({"d_target": d_target} if d_target else {}),
             "n_tokens": 0,
             "n_contexts": 0,
             "shards": [],
@@ -142,13 +146,24 @@ class CacheWriter(_ManifestState):
         n_contexts: int,
         index: int | None = None,
         nonfinite_rows: int = 0,
+        targets: Tensor | None = None,
     ) -> None:
         """acts [n, d_model]; tokens, doc, pos [n]; n_contexts: how many contexts it covers;
-        index: the shard's number if the caller tracks it (it must be the next one)."""
+        index: the shard's number if the caller tracks it (it must be the next one); targets
+        [n, d_target]: a pair cache's second hook on the same rows."""
         assert index in (None, self.n_shards), f"shard {index} written out of order"
         self.append(
             write_shard(
-                self.path, self.n_shards, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows
+                self.path,
+                self.n_shards,
+                self.manifest["dtype"],
+                acts,
+                tokens,
+                doc,
+                pos,
+                n_contexts,
+                nonfinite_rows,
+                targets,
             )
         )
 
@@ -204,6 +219,7 @@ def write_shard(
     pos: Tensor,
     n_contexts: int,
     nonfinite_rows: int = 0,
+    targets: Tensor | None = None,
 ) -> dict:
     """Write shard `index` of the cache at `path` (temporary name, fsync, rename) and return its
     manifest entry. Separate from CacheWriter so that ranks of a sharded harvest can each write
@@ -216,6 +232,8 @@ def write_shard(
         "doc": doc.to(torch.int32).contiguous().cpu(),
         "pos": pos.to(torch.int32).contiguous().cpu(),
     }
+    if targets is not None:
+        tensors["targets"] = targets.to(DTYPES[dtype]).contiguous().cpu()
     try:
         save_file(tensors, str(tmp))
         mode_from_umask(tmp)
@@ -244,13 +262,15 @@ class ShardedCacheWriter(_ManifestState):
     enters them in shard order. So the manifest only ever lists a complete prefix of shards, and
     a crash loses at most the round in flight."""
 
-    def __init__(self, path: str | os.PathLike, provenance: dict, d_model: int, overwrite: bool = False):
+    def __init__(
+        self, path: str | os.PathLike, provenance: dict, d_model: int, overwrite: bool = False, d_target: int = 0
+    ):
         self.path = Path(path)
         self.writer: CacheWriter | None = None
         err = None
         if is_main():
             try:
-                self.writer = CacheWriter(path, provenance, d_model, overwrite)
+                self.writer = CacheWriter(path, provenance, d_model, overwrite, d_target)
             except UserError as e:
                 err = str(e)
         err, opened = broadcast_object((err, self.writer.manifest if self.writer else None))
@@ -268,9 +288,12 @@ class ShardedCacheWriter(_ManifestState):
         n_contexts: int,
         index: int,
         nonfinite_rows: int = 0,
+        targets: Tensor | None = None,
     ) -> None:
         self.pending.append(
-            write_shard(self.path, index, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows)
+            write_shard(
+                self.path, index, self.manifest["dtype"], acts, tokens, doc, pos, n_contexts, nonfinite_rows, targets
+            )
         )
 
     def sync(self) -> None:
@@ -364,6 +387,26 @@ class ActivationCache(_ManifestState):
     def n_tokens(self) -> int:
         return int(self.manifest["n_tokens"])
 
+    @property
+    def d_target(self) -> int:
+        """Width of a pair cache's targets (the second hook); 0 for a cache of one hook."""
+        return int(self.manifest.get("d_target") or 0)
+
+    def row_keys(self, targets: bool) -> tuple[str, ...]:
+        """The tensors a batch is made of: the activations, then (targets=True) the pair cache's
+        targets, side by side in one row [d_model + d_target] (Transcoder.split takes them apart)."""
+        if targets and not self.d_target:
+            raise UserError(
+                f"{self.path} holds one hook ({self.manifest.get('hook')}), not input/target pairs; harvest "
+                "pairs for a transcoder with `sae-lite harvest --mlp-pairs LAYERS`"
+            )
+        return ("activations", "targets") if targets else ("activations",)
+
+    def _rows(self, i: int, keys: tuple[str, ...], dtype: torch.dtype) -> Tensor:
+        """Shard i's rows of `keys` side by side [n, Σ widths] in dtype."""
+        got = self.read_shard(i, keys)
+        return torch.cat([got[k].to(dtype) for k in keys], 1) if len(keys) > 1 else got[keys[0]].to(dtype)
+
     def check_shard(self, i: int, all_on_failure: bool = False) -> None:
         """Raise a UserError if shard i is missing or its sha256 differs from the manifest. With
         all_on_failure (`sae-lite cache verify`), a failure checks the shards not yet checked too and
@@ -428,8 +471,10 @@ class ActivationCache(_ManifestState):
         shards_in_memory: int = 8,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        targets: bool = False,
     ) -> Iterator[Tensor]:
-        """One pass over the cache in batches [batch_size, d_model] (the last may be smaller).
+        """One pass over the cache in batches [batch_size, d_model] (the last may be smaller);
+        with `targets`, a pair cache's rows [batch_size, d_model + d_target] (row_keys).
 
         Shuffling is two-level and deterministic for a seed: a random shard order, then rows
         permuted within a window of `shards_in_memory` shards. RAM stays bounded by the window
@@ -437,16 +482,17 @@ class ActivationCache(_ManifestState):
         side stream (prefetch_to_cuda), and converted on the GPU."""
         device = torch.device(device)
         if device.type == "cuda":  # copy in the stored dtype on a side stream, convert on the GPU
-            host = self.iter_batches(batch_size, seed, shuffle, shards_in_memory, DTYPES[self.manifest["dtype"]], "cpu")
+            host = self.iter_batches(
+                batch_size, seed, shuffle, shards_in_memory, DTYPES[self.manifest["dtype"]], "cpu", targets
+            )
             yield from (x.to(dtype) for x in prefetch_to_cuda(host, device))
             return
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(self.n_shards, generator=g).tolist() if shuffle else list(range(self.n_shards))
-        carry = torch.empty(0, self.d_model, dtype=dtype)
+        keys = self.row_keys(targets)
+        carry = torch.empty(0, self.d_model + (self.d_target if targets else 0), dtype=dtype)
         for w in range(0, len(order), shards_in_memory):
-            window = [
-                self.read_shard(i, ("activations",))["activations"].to(dtype) for i in order[w : w + shards_in_memory]
-            ]
+            window = [self._rows(i, keys, dtype) for i in order[w : w + shards_in_memory]]
             rows = torch.cat([carry, *window])
             if shuffle:
                 rows = rows[torch.randperm(len(rows), generator=g)]
@@ -457,11 +503,16 @@ class ActivationCache(_ManifestState):
                 yield rows[b : b + batch_size].to(device)
             carry = rows[n_full:] if not last_window else carry[:0]
 
-    def resident_batches(self, batch_size: int, device: str | torch.device, dtype: torch.dtype = torch.float32):
+    def resident_batches(
+        self, batch_size: int, device: str | torch.device, dtype: torch.dtype = torch.float32, targets: bool = False
+    ):
         """`batches(epoch, seed)` over the whole cache held on `device` (in its stored dtype):
         each epoch is a full random permutation of every row, with no disk reads. For caches
         that fit in GPU memory, where it removes the loader from the training loop entirely."""
-        acts = self.load(("activations",))["activations"].to(device)  # [n, d_model]
+        keys, stored = self.row_keys(targets), DTYPES[self.manifest["dtype"]]
+        acts = torch.cat([self._rows(i, keys, stored) for i in range(self.n_shards)]).to(
+            device
+        )  # [n, d_model (+ d_target)]
 
         def batches(epoch: int, seed: int) -> Iterator[Tensor]:
             g = torch.Generator(device=acts.device).manual_seed(seed + epoch)
@@ -472,7 +523,7 @@ class ActivationCache(_ManifestState):
         return batches
 
     def nbytes(self) -> int:
-        return self.n_tokens * self.d_model * DTYPES[self.manifest["dtype"]].itemsize
+        return self.n_tokens * (self.d_model + self.d_target) * DTYPES[self.manifest["dtype"]].itemsize
 
 
 def prefetch_to_cuda(batches: Iterator[Tensor], device: torch.device) -> Iterator[Tensor]:

@@ -52,13 +52,14 @@ def local_batch_size(batch_size: int) -> int:
 
 
 def rank_batches(
-    cache: ActivationCache, batch_size: int, seed: int, device: torch.device
+    cache: ActivationCache, batch_size: int, seed: int, device: torch.device, targets: bool = False
 ) -> Callable[[int], Iterator[Tensor]]:
     """`batches(epoch)` for train_on_batches: this rank's share of each epoch, in batches of
     batch_size / N rows. The shard order is shuffled with the epoch's seed (the same on every
     rank), and rank r takes shards r, r+N, r+2N, ... of it: ranks read disjoint shards, and a new
     split each epoch. Every rank stops after as many batches as the rank with the fewest rows can
-    fill, so no rank waits on a collective that another, out of data, never joins."""
+    fill, so no rank waits on a collective that another, out of data, never joins. `targets`: a
+    pair cache's rows [input | target] (a transcoder's)."""
     n, r = world_size(), rank()
     local = local_batch_size(batch_size)
     if cache.n_shards < n:
@@ -66,7 +67,7 @@ def rank_batches(
         # single process reads it and keeps its own rows of each global batch, so the steps are
         # the single process's steps (partial batches dropped, as train_on_batches drops them).
         def split_rows(epoch: int) -> Iterator[Tensor]:
-            for x in cache.iter_batches(batch_size, seed=seed + epoch, device=device):  # [batch_size, d]
+            for x in cache.iter_batches(batch_size, seed=seed + epoch, device=device, targets=targets):
                 if len(x) == batch_size:
                     yield x[r * local : (r + 1) * local]
 
@@ -85,25 +86,29 @@ def rank_batches(
         view = replace(
             cache, manifest={**cache.manifest, "shards": [shards[i] for i in mine]}, verify=False, _verified=set()
         )
-        return itertools.islice(view.iter_batches(local, seed=seed + epoch, device=device), steps)
+        return itertools.islice(view.iter_batches(local, seed=seed + epoch, device=device, targets=targets), steps)
 
     return batches
 
 
 @torch.no_grad()
 def average_input_stats(sae: SAE) -> None:
-    """Make train.init_from_data global: each rank measured E‖x‖ and the mean on its own rows
-    (equally many), so the average of the ranks' figures is the figure over all their rows."""
+    """Make train.init_from_data global: each rank measured E‖x‖, E‖y‖ (the target's: x's own
+    for an SAE) and the target's mean on its own rows (equally many), so the average of the
+    ranks' figures is the figure over all their rows. A transcoder's b_enc, which centres its
+    input, is averaged too."""
     if world_size() == 1:
         return
-    s = sae.input_scale
-    stats = torch.cat([(math.sqrt(sae.d_in) / s).reshape(1), sae.b_dec / s]).to(
-        comm_device()
-    )  # [1 + d_in]: E‖x‖, mean x
+    s, t = sae.input_scale, sae.target_scale
+    stats = torch.cat(
+        [(math.sqrt(sae.d_in) / s).reshape(1), (math.sqrt(sae.d_out) / t).reshape(1), sae.b_dec / t, sae.b_enc]
+    ).to(comm_device())  # [2 + d_out + d_sae]: E‖x‖, E‖y‖, mean y, b_enc
     dist.all_reduce(stats)
     stats = stats.to(s.device) / world_size()
     sae.input_scale.fill_(math.sqrt(sae.d_in) / float(stats[0]))
-    sae.b_dec.copy_(stats[1:] * sae.input_scale)
+    sae.target_scale.fill_(math.sqrt(sae.d_out) / float(stats[1]))
+    sae.b_dec.copy_(stats[2 : 2 + sae.d_out] * sae.target_scale)
+    sae.b_enc.copy_(stats[2 + sae.d_out :])
 
 
 class _DDP(DistributedDataParallel):

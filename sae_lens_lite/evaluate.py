@@ -9,6 +9,11 @@ Every number is defined once, in this module, and in words in docs/metrics.md.
             hook → sums of CE and KL(clean ‖ spliced)
     → report.json, report.md, density.png
 
+A transcoder (sae.Transcoder) is scored the same way at the hook it writes (the MLP's output):
+pass 1 reads its input and target hooks together, pass 2 splices its prediction from the input
+recorded in the same forward, and zero/mean ablation replace the MLP's output, so the CE loss
+recovered and KL are measured with the MLP spliced out.
+
 Evaluated positions are chosen by the same filters as the harvest's rows, with the harvest's
 defaults (special tokens and the first position dropped), for every SAE alike, native or
 imported: the SAE is spliced and scored there only. The report's `footing` records them with the
@@ -196,12 +201,31 @@ def sparsity_metrics(latents: Tensor) -> dict:
 
 
 @torch.no_grad()
-def score_reconstruction(reconstruct: Callable[[Tensor], Tensor], x: Tensor) -> dict:
-    """reconstruction_metrics of reconstruct(x), streamed in chunks (x [n, d_in])."""
-    stats = ReconStats(x.double().mean(0))
+def score_reconstruction(reconstruct: Callable[[Tensor], Tensor], x: Tensor, target: Tensor | None = None) -> dict:
+    """reconstruction_metrics of reconstruct(x) against target (default x: an SAE's own input),
+    streamed in chunks (x [n, d_in], target [n, d_out])."""
+    target = x if target is None else target
+    stats = ReconStats(target.double().mean(0))
     for i in range(0, len(x), CHUNK):
-        stats.add(x[i : i + CHUNK], reconstruct(x[i : i + CHUNK]))
+        stats.add(target[i : i + CHUNK], reconstruct(x[i : i + CHUNK]))
     return stats.result()
+
+
+@contextlib.contextmanager
+def written_by(sae: SAE, model):
+    """The function that replaces the activation at the hook the SAE writes, for splice(): an
+    SAE's reconstruction of that activation; a transcoder's prediction from its input hook,
+    recorded in the same forward (the MLP's input, read before the MLP's output is replaced)."""
+    if sae.cfg.target_hook is None:
+        yield lambda a: sae(a).x_hat
+        return
+    held: dict[str, Tensor] = {}
+
+    def record(a: Tensor) -> None:
+        held["x"] = a
+
+    with edit_hook(model, sae.cfg.hook, record):
+        yield lambda a: sae(held["x"].reshape(-1, sae.d_in)).x_hat
 
 
 # ---- the model's loss with an activation replaced -----------------------------------------
@@ -287,11 +311,14 @@ def split_contexts(lm: LoadedModel, cfg, T: int, skip: int) -> tuple[Tensor, int
     return contexts, n_fit
 
 
-def hook_activations(lm: LoadedModel, cfg, contexts: Tensor, hook: str, filters: dict, device) -> tuple:
-    """The activations at `hook` of every position the filters keep: x [n, d], each row's
-    context [n], and the kept mask [n_ctx, T]; refuses text that leaves none."""
+def hook_activations(
+    lm: LoadedModel, cfg, contexts: Tensor, hook: str, filters: dict, device, target_hook: str | None = None
+) -> tuple:
+    """The activations at `hook` of every position the filters keep: x [n, d] ([x | target] with
+    a target hook), each row's context [n], and the kept mask [n_ctx, T]; refuses text that
+    leaves none."""
     x, row_ctx, keep = eval_activations(
-        lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device
+        lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device, target_hook
     )
     if len(x) == 0:
         raise UserError(
@@ -310,6 +337,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     hook = sae.cfg.hook
     if not hook:
         raise UserError(f'{cfg.sae}/config.json names no hook; set "hook" there to where the SAE was trained')
+    written = sae.cfg.target_hook or hook  # where it is spliced: a transcoder writes the MLP's output
     T = cfg.context_length or sae.cfg.context_length or 128
     # a wrong cache fails before the model runs
     held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
@@ -341,6 +369,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
             raise UserError(f"{cfg.sae}/config.json names no model; pass --model")
         lm = load_model(cfg.model or sae.cfg.model, device)
     hook_point(lm.model, hook)
+    hook_point(lm.model, written)
     if lm.d_model != sae.d_in:
         raise UserError(
             f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model"
@@ -356,14 +385,15 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
 
     # pass 1: activations at the hook
     t = time.perf_counter()
-    x, row_ctx, keep = hook_activations(lm, cfg, contexts, hook, filters, device)  # [n, d], [n], [n_ctx, T]
+    rows, row_ctx, keep = hook_activations(lm, cfg, contexts, hook, filters, device, sae.cfg.target_hook)
+    x, y = sae.split(rows)  # [n, d_in] read and [n, d_out] written (the same for an SAE); [n], [n_ctx, T]
     in_score = row_ctx >= n_fit  # [n]
-    mean = x.mean(0)  # [d_in], the mean-ablation value
+    mean = y.mean(0)  # [d_out], the mean-ablation value
     with torch.inference_mode():
         recon, sparse = ReconStats(mean), SparsityStats(sae.d_sae)
         for i in range(0, len(x), CHUNK):
             o = sae(x[i : i + CHUNK])
-            recon.add(x[i : i + CHUNK], o.x_hat)
+            recon.add(y[i : i + CHUNK], o.x_hat)
             sparse.add(o.latents)
     recon, sparse = recon.result(), sparse.result()
     held_out = cache_sparsity(sae, held_cache, device) if held_cache is not None else None
@@ -371,23 +401,27 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
 
     # baselines: reconstruct functions, fitted once, scored the same way as the SAE
     t = time.perf_counter()
-    methods: dict[str, Callable[[Tensor], Tensor]] = {"sae": lambda a: sae(a).x_hat}
+    # Baselines reconstruct the written activation from itself (for a transcoder: a k-dim code of
+    # the MLP's output), the SAE from what it reads.
+    methods: dict[str, Callable[[Tensor], Tensor]] = {}
     active = {"sae": sparse["l0"]}
     vae_info = {}
     if cfg.baselines:
-        fit_x = x[~in_score] if not cfg.acts else fit_activations(cfg.acts, hook, sae.d_in, device)
-        for k, (pca, vae) in fit_baselines(fit_x, baseline_sizes(sparse["l0"], sae.d_in)).items():
+        fit_x = y[~in_score] if not cfg.acts else fit_activations(cfg.acts, written, sae.d_out, device)
+        for k, (pca, vae) in fit_baselines(fit_x, baseline_sizes(sparse["l0"], sae.d_out)).items():
             methods[f"pca_{k}"] = pca.reconstruct
             active[f"pca_{k}"] = float(k)
             methods[f"vae_{k}"] = vae.reconstruct
-            vae_info[f"vae_{k}"] = vae_activity(vae, x[in_score])
+            vae_info[f"vae_{k}"] = vae_activity(vae, y[in_score])
             active[f"vae_{k}"] = vae_info[f"vae_{k}"]["active_dims_per_token"]
     times["baselines_fit"] = time.perf_counter() - t
 
     # pass 2: CE and KL with each method spliced in
     t = time.perf_counter()
-    interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
-    sums = ce_kl_sums(lm.model, contexts, keep, hook, interventions, n_fit, cfg.batch_size, device)
+    with written_by(sae, lm.model) as sae_fn:
+        methods = {"sae": sae_fn, **methods}
+        interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
+        sums = ce_kl_sums(lm.model, contexts, keep, written, interventions, n_fit, cfg.batch_size, device)
     times["ce_kl"] = time.perf_counter() - t
 
     ce_all = ce_summary(sums["all"], ["sae"])
@@ -398,6 +432,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         **sae.cfg.provenance(),
         "model": lm.name,
         "hook": hook,
+        **({"target_hook": written} if written != hook else {}),
         "dataset": cfg.dataset,
         "skip_tokens": skip,
         "context_length": T,
@@ -418,7 +453,8 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         table = []
         for m in methods:
             ce = ce_summary(score, [m])
-            row = {"method": m, "active_dims_per_token": active[m], **score_reconstruction(methods[m], x[in_score])}
+            fit = (lambda a: sae(a).x_hat, x[in_score]) if m == "sae" else (methods[m], y[in_score])
+            row = {"method": m, "active_dims_per_token": active[m], **score_reconstruction(*fit, y[in_score])}
             row.update(ce_loss=ce[m], ce_loss_recovered=ce[f"{m}_recovered"], kl=ce[f"kl_{m}"])
             table.append(row | vae_info.get(m, {}))
         report["baselines"] = {
@@ -428,13 +464,14 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
             "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
             "rows": table,
         }
-    report["footing"] = footing(lm, hook, cfg.dataset, skip, contexts, filters, len(x))
+    # the hook it is spliced at: a transcoder's numbers compare with an SAE's at the MLP's output
+    report["footing"] = footing(lm, written, cfg.dataset, skip, contexts, filters, len(x))
     report["warnings"] = _warnings(cfg.dataset, cfg.split, skip, trained_on, sparse, held_out) + position_warnings(
         sae, filters
     )
     report["config"] = asdict(cfg)
 
-    plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {hook}", DENSE_FREQ)
+    plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {written}", DENSE_FREQ)
     report["files"] = {"report": "report.json", "summary": "report.md", "density": "density.png"}
     times["total"] = time.perf_counter() - t0
     report["timing_s"] = times
@@ -467,20 +504,26 @@ def baseline_sizes(l0: float, d_in: int) -> list[int]:
 
 
 def eval_activations(
-    model, contexts, hook, filters: dict, special: set[int], batch_size, device
+    model, contexts, hook, filters: dict, special: set[int], batch_size, device, target_hook: str | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Activations [n, d] at the evaluated positions of contexts [n_ctx, T], each row's context
     index [n], and the evaluated-position mask [n_ctx, T]. The positions are harvest's rows
     (`keep_mask` with these filters), except that an outlier norm is measured against the median
-    over the whole eval text, not per batch, so that it does not depend on --batch-size."""
-    acts = []
+    over the whole eval text, not per batch, so that it does not depend on --batch-size. With a
+    target hook (a transcoder's), rows are [x | target] [n, d + d_target], read in the same pass
+    and kept where x is, as a pair harvest keeps them."""
+    acts, targets = [], []
     for b in tqdm(range(0, len(contexts), batch_size), desc="eval: activations", unit="batch", dynamic_ncols=True):
         ids = contexts[b : b + batch_size].to(device)  # [b, T]
-        acts.append(run_to_hooks(model, ids, [hook])[hook].float())  # [b, T, d]
+        got = run_to_hooks(model, ids, [hook] + ([target_hook] if target_hook else []))
+        acts.append(got[hook].float())  # [b, T, d]
+        if target_hook:
+            targets.append(got[target_hook].float())
     act = torch.cat(acts)  # [n_ctx, T, d]
     keep = keep_mask(contexts.to(device), act, special, **filters)  # [n_ctx, T]
     ctx_idx = torch.arange(len(contexts), device=device)[:, None].expand_as(keep)[keep]
-    return act[keep], ctx_idx, keep
+    rows = torch.cat([act[keep], torch.cat(targets)[keep]], 1) if target_hook else act[keep]
+    return rows, ctx_idx, keep
 
 
 def tokens_hash(contexts: Tensor) -> str:

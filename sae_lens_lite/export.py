@@ -5,6 +5,9 @@ Every format mapping lives here, writer next to reader (formats: docs/formats.md
     ours      f = act((x*s - b_dec) @ W_enc + b_enc)          x_hat = (f @ W_dec + b_dec) / s
     SAELens   f = act((x - b_dec) @ W_enc + b_enc)            x_hat = f @ W_dec + b_dec
               (apply_b_dec_to_input=True, normalize_activations="none", s folded into the weights)
+    SAELens transcoder (architecture transcoder, skip_transcoder, jumprelu_[skip_]transcoder)
+              f = act(x @ W_enc + b_enc)   y_hat = f @ W_dec + b_dec (+ x @ W_skip.T, W_skip [d_out, d_in])
+              (apply_b_dec_to_input=False: b_dec lives in the output space; both scales folded)
     sparsify  f = topk(relu(encoder(x - b_dec)))              x_hat = f @ W_dec + b_dec
               (encoder is an nn.Linear: its weight is W_enc transposed, [d_sae, d_in])
 
@@ -34,6 +37,8 @@ from .outputs import existing, fingerprint, finish, read_record, settings_of, wa
 from .sae import CONFIG_FILE as OUR_CONFIG
 from .sae import SAE, SAEConfig
 from .sae import WEIGHTS_FILE as OUR_WEIGHTS
+from .transcoder_set import CONFIG as TRANSCODER_SET_CONFIG
+from .transcoder_set import find_layers, save_transcoder_set
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -50,11 +55,16 @@ HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # ours is its
 
 @dataclass
 class ExportConfig:
-    sae: str = opt("runs/sae", "SAE directory to export (from `sae-lite train` or `sae-lite import`)")
+    sae: str = opt(
+        "runs/sae",
+        "SAE directory to export (from `sae-lite train` or `sae-lite import`); for circuit-tracer, a directory "
+        "of per-layer MLP transcoders",
+    )
     format: str = opt(
         "saelens",
-        "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors",
-        choices=["saelens", "dictionary"],
+        "saelens: a directory SAELens's SAE.load_from_disk reads; dictionary: features.jsonl + dictionary.safetensors; "
+        "circuit-tracer: a transcoder set (config.yaml + layer_L.safetensors)",
+        choices=["saelens", "dictionary", "circuit-tracer"],
     )
     out: str = opt("runs/export", "output directory")
     analysis: str | None = opt(
@@ -101,8 +111,10 @@ def _read_json(path: Path) -> dict:
 
 def export(cfg: ExportConfig) -> Path:
     """Write the SAE at cfg.sae in cfg.format to cfg.out; returns the output directory."""
+    if cfg.format == "circuit-tracer":
+        return export_transcoder_set(cfg)
     if cfg.format not in ("saelens", "dictionary"):
-        raise UserError(f"unknown export --format {cfg.format!r}: use saelens or dictionary")
+        raise UserError(f"unknown export --format {cfg.format!r}: use saelens, dictionary or circuit-tracer")
     sae = SAE.load(cfg.sae)
     settings = settings_of(cfg, ("sae", "analysis", "acts"))
     inputs = {"sae": fingerprint(cfg.sae), "analysis": fingerprint(cfg.analysis), "acts": fingerprint(cfg.acts)}
@@ -137,6 +149,16 @@ def export(cfg: ExportConfig) -> Path:
         f"export: wrote {what} {out} ({', '.join(files)}): {sae.d_sae:,} features, {freq_from}"
         f"{', scores and top tokens from ' + str(cfg.analysis) if features else ''}{extra}",
     )
+    return out
+
+
+def export_transcoder_set(cfg: ExportConfig) -> Path:
+    """circuit-tracer's transcoder set from the per-layer transcoders under cfg.sae (transcoder_set.py)."""
+    layers = {L: SAE.load(d) for L, d in find_layers(Path(cfg.sae)).items()}
+    model = next(iter(layers.values())).cfg.model
+    out = prepare_out_dir(cfg.out, cfg.overwrite, TRANSCODER_SET_CONFIG)
+    save_transcoder_set(layers, out, HUB_IDS.get(model, model), scan=f"sae_lens_lite:{Path(cfg.sae).name}")
+    print(f"export: wrote circuit-tracer transcoder set {out} ({len(layers)} layers, {out / TRANSCODER_SET_CONFIG})")
     return out
 
 
@@ -228,6 +250,8 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
         },
     }
     meta.update({k: v for k, v in ours.items() if v is not None or k not in meta})
+    if sae.cfg.d_out is not None:
+        return _saelens_transcoder_cfg(sae, meta)
     cfg = {
         "architecture": SAELENS_ARCH[sae.cfg.activation],
         "d_in": sae.d_in,
@@ -244,6 +268,37 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
     return cfg
 
 
+# SAELens's transcoder architectures, by (our activation, skip path). It has no TopK transcoder.
+SAELENS_TRANSCODERS = {
+    ("relu", False): "transcoder",
+    ("relu", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
+
+
+def _saelens_transcoder_cfg(sae: SAE, meta: dict) -> dict:
+    """cfg.json of a SAELens transcoder: it reads metadata.hook_name, writes hook_name_out."""
+    arch = SAELENS_TRANSCODERS.get((sae.cfg.activation, sae.cfg.skip))
+    if arch is None:
+        raise UserError(
+            f"SAELens has no {sae.cfg.activation} transcoder (only ReLU and JumpReLU ones); train with --penalty "
+            "l1, jumprelu or batchtopk (a JumpReLU after training) to export to SAELens"
+        )
+    return {
+        "architecture": arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "d_out": sae.d_out,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": False,  # SAELens refuses it for transcoders; ours does not centre either
+        "normalize_activations": "none",  # both scales are folded into the weights
+        "reshape_activations": "none",
+        "metadata": {**meta, "hook_name_out": sae.cfg.target_hook},
+    }
+
+
 def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path | None = None) -> Path:
     """Write a SAELens directory. cfg.json goes last: it is what makes the directory loadable."""
     out = Path(out)
@@ -253,6 +308,8 @@ def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path |
     weights = {"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}
     if sae.cfg.activation == "jumprelu":
         weights["threshold"] = f.threshold  # SAELens: f = relu(pre) · (pre > threshold)
+    if sae.cfg.skip:
+        weights["W_skip"] = f.W_skip.T.contiguous()  # SAELens's [d_out, d_in], applied as x @ W_skip.T
     save_safetensors_atomic(weights, out / SAELENS_WEIGHTS)
     if freq is not None:
         # SAELens stores log10 of the firing frequency, with the same 1e-10 floor for dead latents.

@@ -1,7 +1,10 @@
 """Run the model over a corpus with hooks, stop at the layer, and write the activation cache.
 
 Corpus → tokens → fixed-length contexts → forward (stopped after the deepest hook) → filter rows
-→ shards. Several hooks are harvested in one pass, one cache per hook. Reading, packing and the
+→ shards. Several hooks are harvested in one pass, one cache per hook. With --mlp-pairs each cache
+is a pair cache for a transcoder: the MLP's input (blocks.L.ln2.hook_normalized) as its
+activations and the MLP's output (blocks.L.hook_mlp_out) of the same tokens as its targets, for
+one layer or every layer in the same pass. Reading, packing and the
 row filters are corpus.py's; the cache writers (the sharded one under torchrun too) are cache.py's.
 """
 
@@ -40,6 +43,11 @@ class HarvestConfig:
         ["blocks.6.hook_resid_post"],
         "hook point(s), e.g. blocks.6.hook_resid_post; several give one cache each",
         flag="--hook",
+    )
+    mlp_pairs: str = opt(
+        "",
+        "harvest (MLP input, MLP output) pairs for transcoders instead of --hook: layers like '6' or "
+        "'0,6,12', or 'all'; one pair cache per layer, all in one pass",
     )
     dataset: str = opt(
         DEFAULT_CORPUS,
@@ -95,9 +103,41 @@ def cache_dirs(cfg: HarvestConfig) -> dict[str, Path]:
     return {h: Path(cfg.out) / h for h in cfg.hooks}
 
 
+MLP_IN, MLP_OUT = "ln2.hook_normalized", "hook_mlp_out"  # a transcoder's input and target kinds
+
+
+def pair_layers(spec: str, n_layers: int) -> list[int]:
+    """The layers of --mlp-pairs: 'all', or a comma-separated list of layer numbers."""
+    if spec.strip() == "all":
+        return list(range(n_layers))
+    try:
+        layers = sorted({int(p) for p in spec.split(",") if p.strip()})
+    except ValueError:
+        raise UserError(f"--mlp-pairs takes 'all' or layer numbers like 6 or 0,6,12, not {spec!r}") from None
+    if not layers or not all(0 <= L < n_layers for L in layers):
+        raise UserError(f"--mlp-pairs {spec!r}: layers must lie in 0..{n_layers - 1}")
+    return layers
+
+
+def target_hooks(cfg: HarvestConfig) -> dict[str, str]:
+    """{input hook: target hook} of a pair harvest (empty for a plain one)."""
+    if not cfg.mlp_pairs:
+        return {}
+    return {h: h.replace(MLP_IN, MLP_OUT) for h in cfg.hooks}
+
+
 def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path]:
-    """Write one activation cache per hook; returns {hook: cache directory}. Resumable."""
+    """Write one activation cache per hook (per layer's MLP pair with --mlp-pairs); returns
+    {hook: cache directory}. Resumable."""
     cfg.__post_init__()
+    if cfg.mlp_pairs:  # the layer count of 'all' needs the model, so pairs are resolved after it loads
+        lm = lm or load_model(
+            cfg.model,
+            resolve_device(cfg.device),
+            model_dtype(cfg.model_dtype, resolve_device(cfg.device)),
+            cfg.trust_remote_code,
+        )
+        cfg.hooks = [f"blocks.{L}.{MLP_IN}" for L in pair_layers(cfg.mlp_pairs, lm.n_layers)]
     if not cfg.hooks:
         raise UserError("no hook given; pass --hook blocks.L.hook_resid_post (for example)")
     if cfg.nonfinite not in ("error", "skip"):
@@ -152,10 +192,14 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         },
     }
     Writer = ShardedCacheWriter if world > 1 else CacheWriter
+    targets = target_hooks(cfg)
     writers = {}
     try:
         for h, d in dirs.items():
-            writers[h] = Writer(d, {**base, "hook": h}, lm.d_model, cfg.overwrite)
+            d_target = lm.d_model if h in targets else 0
+            writers[h] = Writer(
+                d, {**base, "hook": h, "target_hook": targets.get(h)}, lm.d_model, cfg.overwrite, d_target
+            )
         for h, w in writers.items():
             bad = w.drop_damaged() if world == 1 else None
             if bad is not None:
@@ -183,17 +227,20 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         for s in range(start_shard + rank, start_shard + rounds * world, world):
             ctx = contexts[s * per : (s + 1) * per]  # [≤ per, T]
             rows: dict[str, list[Tensor]] = {h: [] for h in todo}
+            tgts: dict[str, list[Tensor]] = {h: [] for h in todo if h in targets}  # [n, d_target] per batch
             meta: dict[str, list[Tensor]] = {h: [] for h in todo}
             skipped = {h: 0 for h in todo}  # NaN/Inf rows dropped from this shard
             for b in range(0, len(ctx), cfg.batch_size):
                 ids = ctx[b : b + cfg.batch_size].to(device)  # [b, T]
-                acts = run_to_hooks(lm.model, ids, todo)
+                acts = run_to_hooks(lm.model, ids, todo + [targets[h] for h in todo if h in targets])
                 doc = torch.arange(s * per + b, s * per + b + len(ids), device=device)[:, None].expand_as(ids)
                 pos = torch.arange(ids.shape[1], device=device)[None, :].expand_as(ids)
                 for h in todo:
                     a = acts[h]  # [b, T, d]
                     keep = keep_mask(ids, a, special, **filters)
                     finite = torch.isfinite(a).all(dim=-1)
+                    if h in targets:  # a pair's row is kept or dropped as one
+                        finite &= torch.isfinite(acts[targets[h]]).all(dim=-1)
                     bad = int((keep & ~finite).sum())
                     if bad and cfg.nonfinite == "error":
                         raise UserError(
@@ -203,6 +250,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                     skipped[h] += bad
                     keep &= finite
                     rows[h].append(a[keep].to(DTYPES[cfg.dtype]).cpu())
+                    if h in targets:
+                        tgts[h].append(acts[targets[h]][keep].to(DTYPES[cfg.dtype]).cpu())
                     meta[h].append(torch.stack([ids[keep], doc[keep], pos[keep]]).cpu())
                 bar.update(ids.numel() * world)  # rank 0 stands for the group
             for h in todo:
@@ -210,7 +259,14 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
                     continue  # the cache already had it (it was ahead of the others), or past the end
                 tok, doc, pos = torch.cat(meta[h], dim=1)
                 writers[h].add_shard(
-                    torch.cat(rows[h]), tok, doc, pos, n_contexts=len(ctx), index=s, nonfinite_rows=skipped[h]
+                    torch.cat(rows[h]),
+                    tok,
+                    doc,
+                    pos,
+                    n_contexts=len(ctx),
+                    index=s,
+                    nonfinite_rows=skipped[h],
+                    targets=torch.cat(tgts[h]) if h in tgts else None,
                 )
             if world > 1:
                 for h in todo:
@@ -301,8 +357,8 @@ def stream_activations(cfg: HarvestConfig, lm: LoadedModel, batch_size: int, buf
     computed on the fly (one pass over the corpus per epoch). Rows are mixed through a buffer of
     `buffer_rows`: when it is full it is shuffled and half of it is emitted, so consecutive batches
     mix many contexts while memory stays at one buffer. Filters apply as in `harvest`."""
-    if len(cfg.hooks) != 1:
-        raise UserError("streaming trains one SAE: give exactly one hook")
+    if len(cfg.hooks) != 1 or cfg.mlp_pairs:
+        raise UserError("streaming trains one SAE: give exactly one hook (transcoders train from a pair cache)")
     hook = cfg.hooks[0]
     hook_point(lm.model, hook)
     check_context_length(lm, cfg.context_length)

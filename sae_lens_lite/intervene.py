@@ -20,10 +20,15 @@ spliced activation is x' = decode(f) + e with e = x − decode(f) held as a valu
 which add up to x · ∂ log p / ∂x at every spliced position. A latent's attribution is summed over
 the prompt's positions: it estimates log p(target) − log p(target | latent zeroed everywhere),
 which `ablation_effects` measures by rerunning the model.
+
+A transcoder reads the MLP's input and writes the MLP's output: every edit is made at the hook it
+writes, with the latents encoded from the input it reads in the same forward (`reading`); its
+"error" is the MLP's output that the latents do not account for (its skip path included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -141,15 +146,37 @@ def _device(lm: LoadedModel) -> torch.device:
 # ---- edits at the hook ----------------------------------------------------------------------
 
 
+def written_hook(sae: SAE) -> str:
+    """The hook the SAE's edits are made at: its own, or a transcoder's target (the MLP's output)."""
+    return sae.cfg.target_hook or sae.cfg.hook
+
+
+@contextlib.contextmanager
+def reading(model, sae: SAE):
+    """Yields read(act) → what the SAE reads in the forward now running, for an edit at
+    written_hook: act itself for an SAE; for a transcoder, its input, recorded at its own hook."""
+    if sae.cfg.target_hook is None:
+        yield lambda act: act
+        return
+    held: dict[str, Tensor] = {}
+
+    def record(a: Tensor) -> None:
+        held["x"] = a
+
+    with edit_hook(model, sae.cfg.hook, record):
+        yield lambda act: held["x"]
+
+
 def direction(sae: SAE, features: list[int]) -> Tensor:
-    """Σ_j W_dec[j] / input_scale [d_in]: what raising each latent by 1 adds to the activation."""
-    return sae.W_dec[features].sum(0) / sae.input_scale
+    """Σ_j W_dec[j] / s [d_out]: what raising each latent by 1 adds to the activation it writes."""
+    return sae.W_dec[features].sum(0) / sae.target_scale
 
 
 def steering_edit(
-    sae: SAE, features: list[int], strength: float, mode: str, mask: Tensor
+    sae: SAE, features: list[int], strength: float, mode: str, mask: Tensor, read=lambda act: act
 ) -> Callable[[Tensor], Tensor]:
-    """An edit_hook fn for act [b, T, d] that steers at the positions in mask [b, T]."""
+    """An edit_hook fn for act [b, T, d] that steers at the positions in mask [b, T]; `read` gives
+    what the SAE reads (`reading`; a transcoder's input)."""
     if mode not in MODES:
         raise UserError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
 
@@ -159,7 +186,7 @@ def steering_edit(
         if mode == "add":
             delta = strength * direction(sae, features).expand_as(x)
         else:  # clamp: only the change in the reconstruction is written back, the error stays
-            f = sae.encode(x)  # [n, d_sae]
+            f = sae.encode(read(act)[m])  # [n, d_sae]
             f_c = f.clone()
             f_c[:, features] = strength
             delta = sae.decode(f_c) - sae.decode(f)  # exactly 0 where f_c == f
@@ -170,13 +197,14 @@ def steering_edit(
     return fn
 
 
-def ablation_edit(sae: SAE, features: Tensor, mask: Tensor) -> Callable[[Tensor], Tensor]:
+def ablation_edit(sae: SAE, features: Tensor, mask: Tensor, read=lambda act: act) -> Callable[[Tensor], Tensor]:
     """Zero latent features[i] in batch row i (clamp to 0, error kept): act [b, T, d], mask [b, T]."""
 
     def fn(act: Tensor) -> Tensor:
-        out = act.clone()
+        out, x = act.clone(), read(act)
         for i, j in enumerate(features.tolist()):
-            out[i : i + 1] = steering_edit(sae, [j], 0.0, "clamp", mask[i : i + 1])(act[i : i + 1])
+            row = steering_edit(sae, [j], 0.0, "clamp", mask[i : i + 1], lambda a, i=i: x[i : i + 1])
+            out[i : i + 1] = row(act[i : i + 1])
         return out
 
     return fn
@@ -209,10 +237,12 @@ def steer(cfg: SteerConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
     kw = dict(sample=cfg.sample, temperature=cfg.temperature, seed=cfg.seed)
     clean = generate(lm, ids, cfg.max_new_tokens, **kw)
 
-    def edit_for(cur: Tensor):
-        return steering_edit(sae, cfg.feature, cfg.strength, cfg.mode, positions(lm, sae, cur))
+    with reading(lm.model, sae) as read:
 
-    steered = generate(lm, ids, cfg.max_new_tokens, sae.cfg.hook, edit_for, **kw)
+        def edit_for(cur: Tensor):
+            return steering_edit(sae, cfg.feature, cfg.strength, cfg.mode, positions(lm, sae, cur), read)
+
+        steered = generate(lm, ids, cfg.max_new_tokens, written_hook(sae), edit_for, **kw)
     what = (
         f"{cfg.mode} {cfg.strength:g} x feature {', '.join(map(str, cfg.feature))}"
         if cfg.mode == "add"
@@ -267,8 +297,8 @@ def attribution(lm: LoadedModel, sae: SAE, ids: Tensor, target: int | None = Non
     saved = {}
 
     def fn(act: Tensor) -> Tensor:
-        x = act[mask].to(sae.W_enc.dtype)  # [n, d]
-        f = sae.encode(x).detach().requires_grad_(True)  # [n, d_sae]
+        x = act[mask].to(sae.W_enc.dtype)  # [n, d]: what is replaced (a transcoder: the MLP's output)
+        f = sae.encode(read(act)[mask].to(sae.W_enc.dtype)).detach().requires_grad_(True)  # [n, d_sae]
         recon = sae.decode(f)
         err = (x - recon).detach().requires_grad_(True)  # [n, d]: a value, with its own gradient
         out = act.clone()
@@ -276,7 +306,7 @@ def attribution(lm: LoadedModel, sae: SAE, ids: Tensor, target: int | None = Non
         saved.update(f=f, err=err)
         return out
 
-    with torch.enable_grad(), edit_hook(lm.model, sae.cfg.hook, fn):
+    with torch.enable_grad(), reading(lm.model, sae) as read, edit_hook(lm.model, written_hook(sae), fn):
         logp = _wide(lm.model(input_ids=ids, use_cache=False).logits[0, -1]).log_softmax(-1)  # [vocab]
         if target is None:
             target = int(logp.argmax())
@@ -288,7 +318,7 @@ def attribution(lm: LoadedModel, sae: SAE, ids: Tensor, target: int | None = Non
     g = err.grad  # [n, d] = ∂log p/∂x' at the spliced positions
     error, bias = f.new_zeros(T), f.new_zeros(T)
     error[mask[0]] = (err * g).sum(-1).detach()
-    bias[mask[0]] = (g @ (sae.b_dec / sae.input_scale)).detach()
+    bias[mask[0]] = (g @ (sae.b_dec / sae.target_scale)).detach()
     return Attribution(target, float(logp[target].detach()), latents, error, bias, latents.sum(1) + error + bias)
 
 
@@ -302,7 +332,10 @@ def ablation_effects(lm: LoadedModel, sae: SAE, ids: Tensor, target: int, featur
         feats = torch.tensor(features[c : c + ABLATION_BATCH])
         batch = ids.expand(len(feats), -1)
         mask = positions(lm, sae, batch)
-        with edit_hook(lm.model, sae.cfg.hook, ablation_edit(sae, feats, mask)):
+        with (
+            reading(lm.model, sae) as read,
+            edit_hook(lm.model, written_hook(sae), ablation_edit(sae, feats, mask, read)),
+        ):
             logits = lm.model(input_ids=batch, use_cache=False).logits[:, -1]
         out.append(clean - _wide(logits).log_softmax(-1)[:, target])
     return torch.cat(out).cpu() if out else torch.zeros(0)

@@ -80,7 +80,7 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
     no gradient (the entries carry it); on the dense path it is the one with the gradient, or None
     (recipe.plain_relu: only the ReLU's output is made)."""
     n = x.shape[0]
-    xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_dec.detach()  # [n, d_in] centred, no gradient
+    xc = x.to(sae.W_enc.dtype) * sae.input_scale - sae.b_center.detach()  # [n, d_in] centred, no gradient
     if not sparse:
         if recipe.plain_relu:  # the ReLU in the encoder's node: no pre-activations kept
             return Latents(dense_pre(sae, xc, relu=True), None, None, None, None, n, sae.d_sae), None, None
@@ -102,7 +102,7 @@ def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[
 def dense_pre(sae: SAE, xc: Tensor, relu: bool = False) -> Tensor:
     """sae.pre_activation [n, d_sae] of the centred input xc = x·s − b_dec (no gradient), or its
     ReLU (relu=True)."""
-    return _DenseEncode.apply(xc, sae.W_enc, sae.b_enc, sae.b_dec, relu)
+    return _DenseEncode.apply(xc, sae.W_enc, sae.b_enc, sae.b_center, relu)
 
 
 class _DenseEncode(torch.autograd.Function):
@@ -169,7 +169,7 @@ def gather_pre(sae: SAE, pre: Tensor, xc: Tensor | None, rows: Tensor, idx: Tens
     if xc is None:
         return pre[rows, idx].float()
     dense_in = pre.dtype if dense_encoder_grad(pre) else None
-    return GatheredPre.apply(pre[rows, idx].float(), xc, rows, idx, sae.W_enc, sae.b_enc, sae.b_dec, dense_in)
+    return GatheredPre.apply(pre[rows, idx].float(), xc, rows, idx, sae.W_enc, sae.b_enc, sae.b_center, dense_in)
 
 
 def dense_encoder_grad(pre: Tensor) -> bool:
@@ -181,17 +181,19 @@ def dense_encoder_grad(pre: Tensor) -> bool:
 def step_terms(model, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor) -> dict[str, Tensor]:
     """Every loss term for a batch x [n, d_in] (raw units), each a scalar, plus what the metrics
     need. `model` is the SAE or its DistributedDataParallel wrapper: the work runs inside its
-    forward so that DDP sees it. `dead` [d_sae] bool marks latents for the AuxK loss."""
+    forward so that DDP sees it. `dead` [d_sae] bool marks latents for the AuxK loss. A
+    transcoder's batch is [input | target] side by side (sae.split)."""
     sae = getattr(model, "module", model)
-    sparse = use_sparse(sae, x, recipe, cfg)
+    sparse = use_sparse(sae, sae.split(x)[0], recipe, cfg)
     return model(x, fn=lambda sae, x: _terms(sae, x, recipe, cfg, dead, sparse))
 
 
 def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, sparse: bool) -> dict[str, Tensor]:
+    x, y = sae.split(x)  # input [n, d_in] and target [n, d_out]: the same tensor for an SAE
     lat, pre, xc = forward_latents(sae, x, recipe, sparse)
-    xs = x * sae.input_scale  # [n, d_in] the input in normalised units, where the SAE works
+    xs = y * sae.target_scale  # [n, d_out] the target in normalised units, where the SAE works
     x_hat, t = recipe.decode(sae, lat)  # without b_dec, and the penalty's terms
-    err = xs - (x_hat + sae.b_dec).float()  # [n, d_in] reconstruction error, normalised
+    err = xs - sae.add_skip(x_hat + sae.b_dec, x).float()  # [n, d_out] reconstruction error, normalised
     t["mse"] = recipe.mse(sae, lat, err)
     if recipe.aux:
         # AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the residual error, which

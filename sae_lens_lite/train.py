@@ -88,6 +88,8 @@ RUN_KEYS = (
     "resample_dead",
     "precision",
     "sparse",
+    "transcoder",
+    "skip",
 )
 
 
@@ -167,7 +169,8 @@ def init_from_data(
     sae: SAE, batches: Callable[[int], Iterator[Tensor]], seed: int, dec_norm: float, tokens: int = INIT_TOKENS
 ) -> None:
     """Anthropic, April 2024: scale inputs so E‖x‖ = √d_in; decoder rows in random directions at
-    norm dec_norm, encoder = decoder transpose; b_dec at the (scaled) data mean, measured on `tokens` rows."""
+    norm dec_norm, encoder = decoder transpose; b_dec at the (scaled) data mean, measured on `tokens` rows.
+    A transcoder scales its input and its target each to its own width (sae.init_biases)."""
     rows, n = [], 0
     for x in batches(0):
         rows.append(x.float().cpu())
@@ -176,15 +179,15 @@ def init_from_data(
             break
     if not rows:
         raise UserError("no training data: the activation source yielded no batch")
-    x = torch.cat(rows)  # [n, d_in]
-    mean_norm = x.norm(dim=1).mean()
-    if not torch.isfinite(mean_norm) or mean_norm == 0:
+    x, y = sae.split(torch.cat(rows))  # [n, d_in], [n, d_out]: the same for an SAE
+    norms = torch.stack([x.norm(dim=1).mean(), y.norm(dim=1).mean()])
+    if not torch.isfinite(norms).all() or (norms == 0).any():
         raise UserError("the activations are all zero or not finite; check the cache")
     g = torch.Generator().manual_seed(seed)
     sae.reset_parameters(dec_norm=dec_norm, generator=g)
-    s = math.sqrt(sae.d_in) / float(mean_norm)
-    sae.input_scale.fill_(s)
-    sae.b_dec.copy_(x.mean(0) * s)
+    sae.input_scale.fill_(math.sqrt(sae.d_in) / float(norms[0]))
+    sae.target_scale.fill_(math.sqrt(sae.d_out) / float(norms[1]))  # the input scale again for an SAE
+    sae.init_biases(x, y)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -278,7 +281,7 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
         f"an SAE of {sae_cfg.d_sae} latents on {sae_cfg.d_in}-dim inputs at --batch-size {cfg.batch_size}",
         "lower --expansion or --batch-size",
     )
-    sae = SAE(sae_cfg)
+    sae = SAE.build(sae_cfg)  # a Transcoder where sae_cfg names d_out
     init_from_data(sae, batches, cfg.seed, recipe.dec_norm, INIT_TOKENS // runtime.world_size())
     recipe.init(sae)
     sae.to(device)
@@ -391,7 +394,8 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
             opt.step()
-            t = distributed.reduce_metrics(t, x, sae.input_scale)  # under torchrun: the global batch's figures
+            # under torchrun: the global batch's figures
+            t = distributed.reduce_metrics(t, sae.split(x)[1], sae.target_scale)
             with torch.no_grad():
                 recipe.step_end(sae, step)
                 since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
@@ -595,7 +599,16 @@ class _Logger:
 # ---- the entry point: from an activation cache ----------------------------------------------
 
 
-def sae_config_for(cfg: TrainConfig, d_in: int, model: str, hook: str, context_length: int, meta: dict) -> SAEConfig:
+def sae_config_for(
+    cfg: TrainConfig,
+    d_in: int,
+    model: str,
+    hook: str,
+    context_length: int,
+    meta: dict,
+    d_out: int | None = None,
+    target_hook: str | None = None,
+) -> SAEConfig:
     return SAEConfig(
         d_in=d_in,
         d_sae=cfg.expansion * d_in,
@@ -604,6 +617,9 @@ def sae_config_for(cfg: TrainConfig, d_in: int, model: str, hook: str, context_l
         hook=hook,
         context_length=context_length,
         meta=meta,
+        d_out=d_out,
+        target_hook=target_hook,
+        skip=cfg.skip,
     )
 
 
@@ -614,6 +630,7 @@ def train(cfg: TrainConfig) -> SAE:
     recipe = check_config(cfg)
     device = runtime.init_from_env(resolve_device(cfg.device))  # joins the group under torchrun
     cache = ActivationCache.open(cfg.acts)
+    cache.row_keys(cfg.transcoder)  # a transcoder needs a pair cache: refused here, with how to make one
     check_width(cfg, recipe, cache.d_model)  # before --out is made: a refused run leaves nothing behind
     if cache.n_tokens < cfg.batch_size:
         raise UserError(
@@ -647,6 +664,8 @@ def train(cfg: TrainConfig) -> SAE:
             "corpus": m.get("corpus"),
             "filters": m.get("filters"),
         },
+        d_out=cache.d_target if cfg.transcoder else None,  # the pair cache's targets (see _cache_batches)
+        target_hook=m.get("target_hook") if cfg.transcoder else None,
     )
     tokens = cfg.tokens or max(cache.n_tokens, 2_000_000)
     sae = train_on_batches(sae_cfg, cfg, _cache_batches(cache, cfg, device), tokens, out)
@@ -692,27 +711,27 @@ def measure_saved(sae: SAE, cache, device: torch.device, n_tokens: int = FINAL_T
     n_tokens rows of its cache. The trainer's logged figures are averages over its last log
     interval, taken while the weights still moved (and its dead count needs dead_window tokens)."""
     rows, n = [], 0
-    for x in cache.iter_batches(4096, seed=1, device=device):
+    for x in cache.iter_batches(4096, seed=1, device=device, targets=sae.cfg.d_out is not None):
         rows.append(x)
         n += len(x)
         if n >= n_tokens:
             break
-    x = torch.cat(rows)[:n_tokens]  # [n, d_in]
-    mean = x.mean(0)
+    rows = torch.cat(rows)[:n_tokens]  # [n, d_in] ([n, d_in + d_out] for a transcoder)
+    mean = sae.split(rows)[1].mean(0)
     sse = sst = l0 = 0.0
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)  # [d_sae]
-    for chunk in x.split(4096):
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=rows.device)  # [d_sae]
+    for chunk, target in (sae.split(c) for c in rows.split(4096)):
         o = sae(chunk)
         on = o.latents > 0  # [b, d_sae]
-        sse += float((chunk - o.x_hat).double().pow(2).sum())
-        sst += float((chunk - mean).double().pow(2).sum())
+        sse += float((target - o.x_hat).double().pow(2).sum())
+        sst += float((target - mean).double().pow(2).sum())
         l0 += float(on.sum())
         fired |= on.any(0)
     return {
         "explained_variance": 1 - sse / sst if sst > 0 else None,
-        "l0": l0 / len(x),
+        "l0": l0 / len(rows),
         "dead_frac": float((~fired).float().mean()),
-        "n_tokens": len(x),
+        "n_tokens": len(rows),
     }
 
 
@@ -720,12 +739,14 @@ def _cache_batches(cache, cfg: TrainConfig, device: torch.device) -> Callable[[i
     """batches(epoch) from an activation cache: under torchrun each rank reads only its own shards;
     on a GPU the whole cache is held in its memory when it fits (no disk reads at all); otherwise
     shards are streamed (on CUDA, copied one batch ahead on a side stream)."""
+    pairs = cfg.transcoder  # rows [input | target]; refused here for a cache of one hook
+    cache.row_keys(pairs)
     if runtime.world_size() > 1:
-        return distributed.rank_batches(cache, cfg.batch_size, cfg.seed, device)
+        return distributed.rank_batches(cache, cfg.batch_size, cfg.seed, device, pairs)
     if device.type == "cuda" and cache.nbytes() < RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]:
-        resident = cache.resident_batches(cfg.batch_size, device)
+        resident = cache.resident_batches(cfg.batch_size, device, targets=pairs)
         return lambda epoch: resident(epoch, cfg.seed)
-    return lambda epoch: cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device)
+    return lambda epoch: cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device, targets=pairs)
 
 
 def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:

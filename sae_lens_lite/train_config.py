@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import check_numbers
+from .errors import UserError
 
 
 @dataclass
@@ -89,6 +90,17 @@ class TrainConfig:
         default="", metadata={"help": "also log to this Weights & Biases project (needs `pip install wandb`)"}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --out instead of resuming it"})
+    transcoder: bool = field(
+        default=False,
+        metadata={
+            "help": "train a transcoder: encode the pair cache's input hook, predict its target hook "
+            "(harvest --mlp-pairs); every recipe applies"
+        },
+    )
+    skip: bool = field(
+        default=False,
+        metadata={"help": "with --transcoder: add a linear skip path W_skip [d_in, d_out] (off by default)"},
+    )
 
     def __post_init__(self):
         check_numbers(
@@ -107,3 +119,10 @@ class TrainConfig:
             checkpoint_every="positive",
             log_every="positive",
         )
+        if self.skip and not self.transcoder:
+            raise UserError("--skip adds a transcoder's skip path; pass --transcoder too")
+        if self.resample_dead and self.transcoder:
+            raise UserError(
+                "--resample-dead points latents at badly reconstructed inputs, which a transcoder does not "
+                "reconstruct; leave it off (AuxK recipes revive dead latents instead)"
+            )

@@ -42,7 +42,7 @@ STAGES = [
     ("training", {"train_config", "latents", "recipes", "loss", "distributed", "train"}),
     ("evaluation", {"baselines", "report", "evaluate"}),
     ("analysis", {"features", "explain", "browser", "analyze", "intervene", "compare"}),
-    ("export", {"export", "info"}),
+    ("export", {"export", "info", "transcoder_set"}),
     ("entry points", {"pipeline", "cli", "__main__"}),
 ]
 STAGE = {unit: i for i, (_, units) in enumerate(STAGES) for unit in units}

@@ -59,7 +59,7 @@ def test_unknown_hook_lists_the_valid_ones():
         hook_point(model, "blocks.0.resid")
     with pytest.raises(UserError, match="beyond the model's depth"):
         hook_point(model, "blocks.7.hook_resid_post")
-    assert len(hook_names(model)) == 3 * 4
+    assert len(hook_names(model)) == 3 * 5
 
 
 def test_edit_hook_identity_keeps_logits_and_zeroing_changes_them():
