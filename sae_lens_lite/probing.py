@@ -52,8 +52,12 @@ def fit_logistic(x: Tensor, y: Tensor, c: float = 1.0, balanced: bool = False, m
     x [n, d], y [n] or [n, m] in {0, 1} → (w [d, m], b [m]). The objective is sklearn's with an L2
     penalty (SAEBench's probe, C = 1), divided by n: mean BCE + ‖w‖² / (2·C·n). `balanced` weighs
     each class by n / (2·n_class), sklearn's class_weight="balanced"."""
-    x = x.double()
-    y = (y[:, None] if y.ndim == 1 else y).double()  # [n, m]
+    with torch.inference_mode(False), torch.enable_grad():  # callable from under inference_mode
+        return _fit_logistic(x.double().clone(), y.double().clone(), c, balanced, max_iter)
+
+
+def _fit_logistic(x: Tensor, y: Tensor, c: float, balanced: bool, max_iter: int):
+    y = y[:, None] if y.ndim == 1 else y  # [n, m]
     n, m = y.shape
     weight = torch.ones_like(y)
     if balanced:
@@ -71,8 +75,7 @@ def fit_logistic(x: Tensor, y: Tensor, c: float = 1.0, balanced: bool = False, m
         out.backward()
         return out
 
-    with torch.enable_grad():
-        opt.step(loss)
+    opt.step(loss)
     return w.detach(), b.detach()
 
 

@@ -10,7 +10,7 @@ The stages, earliest first:
     harvest       run the model over a corpus into a cache
     sae           the SAE module; synthetic data with known features
     training      recipes/ (one module per method), loss, distributed (DDP, latent sharding), train
-    evaluation    baselines, report, evaluate, probing and absorption (sparse probing, first-letter absorption)
+    evaluation    baselines, report, evaluate; probing, absorption and probe (k-sparse probing, absorption)
     analysis      explain, browser/, analyze, intervene, compare
     export        export (SAELens, dictionaries), info
     entry points  pipeline, cli, __main__
@@ -40,7 +40,7 @@ STAGES = [
     ("harvest", {"harvest"}),
     ("sae", {"sae", "synthetic"}),
     ("training", {"recipes", "loss", "distributed", "train"}),
-    ("evaluation", {"baselines", "report", "evaluate", "probing", "absorption"}),
+    ("evaluation", {"baselines", "report", "evaluate", "probing", "absorption", "probe"}),
     ("analysis", {"explain", "browser", "analyze", "intervene", "compare"}),
     ("export", {"export", "info"}),
     ("entry points", {"pipeline", "cli", "__main__"}),
