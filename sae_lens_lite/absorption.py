@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .models import LoadedModel, run_to_hooks
 from .probing import Encode, fit_logistic, predict, top_mean_diff
@@ -81,7 +82,7 @@ def word_activations(
         prompts.append(prompt_ids(lm.tokenizer, wid, rng.sample(pool, min(n_examples, len(pool)))))
     out = torch.zeros(len(words), lm.d_model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc="first_letter: words", unit="batch", leave=False):
         batch = order[s : s + batch_size]
         T = max(len(prompts[i][0]) for i in batch)
         ids = torch.zeros(len(batch), T, dtype=torch.long)  # right-padded: the causal model never reads it

@@ -61,7 +61,7 @@ class ProbeConfig:
     n_test: int = opt(256, "held-out texts per task to score the probes on (half of each class)")
     max_tokens: int = opt(128, "tokens read from each text (its beginning; SAEBench's context length)")
     ks: list[int] = opt(list(KS), "numbers of latents k the sparse probes use")
-    words_per_letter: int = opt(80, "first_letter: vocabulary words per first letter (a quarter held out)")
+    words_per_letter: int = opt(40, "first_letter: vocabulary words per first letter (a quarter held out)")
     batch_size: int = opt(16, "texts per forward")
     seed: int = opt(0, "seed of the task splits, the word sample and the random-direction floor")
     device: str = opt("auto", "cpu, cuda, or auto")

@@ -22,13 +22,14 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .corpus import keep_mask, special_token_ids
 from .errors import UserError
 from .models import LoadedModel, run_to_hooks
 
 KS = (1, 2, 5, 20)  # SAEBench reports k = 1, 2, 5; 20 shows where the curve flattens
-# Eight sae-probes tasks with short texts across kinds (entities, headlines, sentiment, style, code):
+# Eight sae-probes tasks with short texts across kinds (entities, headlines, sentiment, grammar, style):
 # the default, small enough for a 2-core CPU.
 DEFAULT_TASKS = (
     "5_hist_fig_ismale",
@@ -38,7 +39,7 @@ DEFAULT_TASKS = (
     "113_movie_sent",
     "126_art_type_book",
     "149_twt_emotion_happiness",
-    "159_code_Python",
+    "87_glue_cola",
 )
 Encode = Callable[[Tensor], Tensor]  # activations [n, d_in] → latents [n, d_sae]
 
@@ -267,7 +268,7 @@ def text_activations(
     special = special_token_ids(tok)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     xs, owners = [], []
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc="probe: texts", unit="batch", leave=False):
         batch = order[s : s + batch_size]
         T = max(1, max(len(ids[i]) for i in batch))
         tokens = torch.full((len(batch), T), pad, dtype=torch.long)
