@@ -15,6 +15,7 @@ an absorbing dictionary and read the planted rate back.
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .models import LoadedModel, run_to_hooks
+from .models import LoadedModel, StopForward, capture
 from .probing import Encode, fit_logistic, predict, top_mean_diff
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -37,6 +38,7 @@ ABSORBER_COS = 0.1  # a latent may absorb only if its decoder row's cosine with 
 FULL_COS = 0.025  # full absorption: the top projecting latent's cosine with the probe
 PROJ_SHARE = 0.4  # absorbers must carry at least this share of the activation's projection on the probe
 MAX_ABSORBERS = 3
+WORDS_PER_DRAW = 16  # words that share one draw of in-context examples (word_activations)
 
 
 # ---- prompts ------------------------------------------------------------------------------
@@ -59,39 +61,52 @@ def vocabulary_words(tokenizer, per_letter: int, seed: int = 0) -> list[tuple[in
     return out
 
 
-def prompt_ids(tokenizer, word_id: int, examples: list[str]) -> tuple[list[int], int]:
-    """The in-context prompt for one word as token ids, and the position of the word's token.
-
-    The word enters as its own token id, so the position is known without re-tokenising."""
+def icl_prefix(tokenizer, examples: list[str]) -> list[int]:
+    """The in-context examples as token ids, ending where the word goes (SAEBench's template, its
+    separator also before the first example)."""
     shots = "".join(f"\n{w} has the first letter: {w.strip()[0].upper()}" for w in examples) + "\n"
-    head = tokenizer(shots, add_special_tokens=False).input_ids
-    tail = tokenizer(TEMPLATE.format(word=""), add_special_tokens=False).input_ids  # " has the first letter:"
-    return head + [word_id] + tail, len(head)
+    return tokenizer(shots, add_special_tokens=False).input_ids
 
 
 @torch.inference_mode()
 def word_activations(
     lm: LoadedModel, hook: str, words: list[tuple[int, str]], n_examples: int, batch_size: int, seed: int, device
 ) -> Tensor:
-    """The activation at `hook` on each word's token in its prompt → [n_words, d_in]."""
+    """The activation at `hook` on each word's token, the word placed after n_examples in-context
+    examples and followed by " has the first letter:" → [n_words, d_in].
+
+    The words of one batch share one random draw of examples (none of them among it; SAEBench
+    draws per word): the examples run once, their keys and values are reused for every word, and
+    a word then costs its few tokens instead of the whole prompt. The word enters as its own token
+    id, so its position needs no re-tokenising."""
+    from transformers import DynamicCache
+
     rng = random.Random(seed)
     texts = [w for _, w in words]
-    prompts = []
-    for i, (wid, w) in enumerate(words):
-        pool = texts[:i] + texts[i + 1 :]  # never the word itself among its examples
-        prompts.append(prompt_ids(lm.tokenizer, wid, rng.sample(pool, min(n_examples, len(pool)))))
+    tail = lm.tokenizer(TEMPLATE.format(word=""), add_special_tokens=False).input_ids  # " has the first letter:"
     out = torch.zeros(len(words), lm.d_model)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
-    for s in tqdm(range(0, len(order), batch_size), desc="first_letter: words", unit="batch", leave=False):
-        batch = order[s : s + batch_size]
-        T = max(len(prompts[i][0]) for i in batch)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)  # right-padded: the causal model never reads it
-        for r, i in enumerate(batch):
-            ids[r, : len(prompts[i][0])] = torch.tensor(prompts[i][0])
-        act = run_to_hooks(lm.model, ids.to(device), [hook])[hook].float()  # [b, T, d]
-        pos = torch.tensor([prompts[i][1] for i in batch], device=act.device)
-        out[batch] = act[torch.arange(len(batch), device=act.device), pos].cpu()
+    for s in tqdm(range(0, len(words), batch_size), desc="first_letter: words", unit="batch", leave=False):
+        batch = words[s : s + batch_size]
+        mine = {w for _, w in batch}
+        prefix = icl_prefix(lm.tokenizer, rng.sample([t for t in texts if t not in mine], n_examples))
+        cache = DynamicCache()
+        _forward(lm, hook, torch.tensor([prefix], device=device), cache)
+        cache.batch_repeat_interleave(len(batch))
+        rows = torch.tensor([[wid, *tail] for wid, _ in batch], device=device)  # [b, 1 + len(tail)]
+        out[s : s + len(batch)] = _forward(lm, hook, rows, cache)[:, 0].float().cpu()
     return out
+
+
+def _forward(lm: LoadedModel, hook: str, ids: Tensor, cache) -> Tensor:
+    """The activation at `hook` [b, T, d] of ids [b, T] after what `cache` holds; the forward stops there."""
+    # transformers 5 renames past_key_values to cache
+    name = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    with capture(lm.model, [hook]) as acts:
+        try:
+            lm.model(input_ids=ids, use_cache=True, **{name: cache})
+        except StopForward:
+            pass
+    return acts[hook]
 
 
 def letter_labels(words: list[tuple[int, str]]) -> Tensor:

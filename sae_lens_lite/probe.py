@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .absorption import absorption_scores, first_letter_data, letter_labels, vocabulary_words, word_activations
+from .absorption import (
+    WORDS_PER_DRAW,
+    absorption_scores,
+    first_letter_data,
+    letter_labels,
+    vocabulary_words,
+    word_activations,
+)
 from .config import check_numbers, opt
 from .errors import UserError
 from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
@@ -62,7 +69,7 @@ class ProbeConfig:
     max_tokens: int = opt(128, "tokens read from each text (its beginning; SAEBench's context length)")
     ks: list[int] = opt(list(KS), "numbers of latents k the sparse probes use")
     words_per_letter: int = opt(40, "first_letter: vocabulary words per first letter (a quarter held out)")
-    batch_size: int = opt(16, "texts per forward")
+    batch_size: int = opt(64, "texts per forward (sorted by length, so little of it is padding)")
     seed: int = opt(0, "seed of the task splits, the word sample and the random-direction floor")
     device: str = opt("auto", "cpu, cuda, or auto")
     out: str | None = opt(None, "directory for probe.json and probe.md; default: <sae>/probe")
@@ -224,7 +231,7 @@ def first_letter_task(lm: LoadedModel, saes: dict[str, SAE], cfg: ProbeConfig, d
     """Absorption and splitting for each SAE on the same words and activations."""
     hook = next(iter(saes.values())).cfg.hook
     words = vocabulary_words(lm.tokenizer, cfg.words_per_letter, cfg.seed)
-    x = word_activations(lm, hook, words, 10, cfg.batch_size, cfg.seed, device).to(device)
+    x = word_activations(lm, hook, words, 10, WORDS_PER_DRAW, cfg.seed, device).to(device)
     y = letter_labels(words).to(device)
     out = {"n_words": len(words), "saes": {}}
     for name, sae in saes.items():

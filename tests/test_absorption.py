@@ -8,7 +8,7 @@ from sae_lens_lite.absorption import (
     absorption_fractions,
     absorption_scores,
     f1,
-    prompt_ids,
+    icl_prefix,
     vocabulary_words,
     word_activations,
 )
@@ -114,10 +114,22 @@ def test_f1():
     assert f1(torch.tensor([False]), torch.tensor([False])) == 0.0
 
 
-def test_prompts_read_the_word_token(tiny_lm):
+def test_word_activations_equal_a_full_forward_of_each_prompt(tiny_lm):
+    from sae_lens_lite.models import run_to_hooks
+
+    hook = "blocks.1.hook_resid_post"
     words = vocabulary_words(tiny_lm.tokenizer, per_letter=3, seed=0)
     assert words and all(w.strip().isalpha() for _, w in words)
-    ids, pos = prompt_ids(tiny_lm.tokenizer, words[0][0], [w for _, w in words[1:4]])
-    assert ids[pos] == words[0][0]
-    x = word_activations(tiny_lm, "blocks.1.hook_resid_post", words, 3, 4, 0, "cpu")
-    assert x.shape == (len(words), 32) and x.abs().sum(1).min() > 0
+    x = word_activations(tiny_lm, hook, words, 3, 4, 0, "cpu")
+    assert x.shape == (len(words), 32)
+    # the first batch's prefix, drawn as word_activations draws it: the same seed, the same pool
+    import random
+
+    batch = {w for _, w in words[:4]}
+    examples = random.Random(0).sample([w for _, w in words if w not in batch], 3)
+    tail = tiny_lm.tokenizer(" has the first letter:", add_special_tokens=False).input_ids
+    for i in range(4):
+        ids = icl_prefix(tiny_lm.tokenizer, examples) + [words[i][0], *tail]
+        pos = len(ids) - len(tail) - 1
+        full = run_to_hooks(tiny_lm.model, torch.tensor([ids]), [hook])[hook][0, pos]
+        assert torch.allclose(x[i], full, atol=1e-5)
