@@ -97,7 +97,7 @@ def probe(cfg: ProbeConfig, lm: LoadedModel | None = None) -> dict:
     if cfg.overwrite:
         shutil.rmtree(out / "tasks", ignore_errors=True)
     t0 = time.perf_counter()
-    lm = lm or _model_for({"sae": sae}, cfg.model, device)
+    lm = lm or _model_for(sae, cfg.model, device)
     tasks = suite_tasks(lm, {Path(cfg.sae).name: sae}, cfg, out / "tasks", device)
     result = {
         "sae": cfg.sae,
@@ -125,7 +125,9 @@ def headline(s: dict, name: str) -> str:
         parts.append(
             f"k-sparse probing over {s['n_tasks']} tasks "
             + ", ".join(f"k={k} {accs[str(k)]:.3f}" for k in list(accs)[:2])
-            + f" (ceiling {s['accuracy']['ceiling']:.3f}, floor k=1 {s['accuracy'][FLOOR]['1']:.3f})"
+            + f" (ceiling {s['accuracy']['ceiling']:.3f}, floor "
+            + ", ".join(f"k={k} {v:.3f}" for k, v in list(s["accuracy"][FLOOR].items())[:2])
+            + ")"
         )
     if name in s.get("absorption", {}):
         a = s["absorption"][name]
@@ -137,8 +139,7 @@ def headline(s: dict, name: str) -> str:
     return "; ".join(parts)
 
 
-def _model_for(saes: dict[str, SAE], model: str | None, device) -> LoadedModel:
-    sae = next(iter(saes.values()))
+def _model_for(sae: SAE, model: str | None, device) -> LoadedModel:
     if not sae.cfg.hook:
         raise UserError('the SAE\'s config.json names no hook; set "hook" there to where it was trained')
     if not (model or sae.cfg.model):
@@ -157,7 +158,7 @@ def suite_tasks(lm: LoadedModel, saes: dict[str, SAE], cfg: ProbeConfig, where: 
     """Each task's result for every SAE (one model pass per task), read from `where` when a
     finished task file with the same settings and SAEs is there, written there otherwise."""
     where.mkdir(parents=True, exist_ok=True)
-    key = settings_of(cfg, ("sae", "tasks", "batch_size", "out", "model"))
+    key = settings_of(cfg, ("sae", "tasks", "batch_size"))
     prints = {name: fingerprint_sae(s) for name, s in saes.items()}
     results = {}
     bar = tqdm(cfg.tasks, desc="probe: tasks", unit="task", dynamic_ncols=True)
