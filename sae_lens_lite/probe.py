@@ -353,13 +353,14 @@ def plot_probing(points: list[tuple[str, float, dict]], summary: dict, ks: list[
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for j, k in enumerate(ks[:2]):
+    shown = [k for k in (1, 5) if k in ks] or ks[:2]  # the k the field reports most (SAEBench: 1, 2, 5)
+    for j, k in enumerate(shown):
         ax.scatter([p[1] for p in points], [p[2][str(k)] for p in points], color=f"C{j}", label=f"SAEs, k={k}")
         floor = [v[str(k)] for n, v in summary["accuracy"].items() if n.startswith(FLOOR)]
         if floor:
             ax.axhline(sum(floor) / len(floor), color=f"C{j}", linestyle=":", label=f"random directions, k={k}")
     for name, l0, acc in points:
-        ax.annotate(name, (l0, acc[str(ks[0])]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        ax.annotate(name, (l0, acc[str(shown[0])]), fontsize=7, xytext=(3, -9), textcoords="offset points")
     ax.axhline(summary["accuracy"]["ceiling"], color="black", linestyle="--", label="all dims (ceiling)")
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel(f"k-sparse probing accuracy (mean of {summary['n_tasks']} tasks)")
