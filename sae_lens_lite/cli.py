@@ -19,6 +19,7 @@ typical session:
   sae-lite harvest --model smollm2-135m --hook blocks.6.hook_resid_post --dataset pydoc --tokens 100000 --out runs/acts
   sae-lite train --acts runs/acts --expansion 8 --out runs/sae
   sae-lite evaluate --sae runs/sae --dataset held_out.txt
+  sae-lite probe --sae runs/sae
   sae-lite compare runs/sae runs/sae_topk runs/imported --dataset held_out.txt --out runs/compare
   sae-lite analyze --sae runs/sae --acts runs/acts --out runs/analysis
   sae-lite export --sae runs/sae --format saelens --out runs/saelens
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import ExportConfig, ImportConfig
     from .harvest import HarvestConfig
     from .intervene import AttributeConfig, SteerConfig
+    from .probe import ProbeConfig
     from .train_config import TrainConfig
 
     p = argparse.ArgumentParser(
@@ -55,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluate",
             EvalConfig,
             "reconstruction, sparsity and spliced CE loss on held-out text, with PCA/VAE baselines",
+        ),
+        (
+            "probe",
+            ProbeConfig,
+            "k-sparse probing on labelled text tasks (with ceiling and random floor), first-letter absorption",
         ),
         ("analyze", AnalyzeConfig, "top activations, monosemanticity ranking, logit lens, HTML feature browser"),
         ("export", ExportConfig, "write a feature dictionary or a SAELens-compatible directory"),
@@ -146,12 +153,14 @@ def dispatch(args: argparse.Namespace) -> int:
     from .export import export, import_cmd
     from .harvest import harvest
     from .intervene import attribute, steer
+    from .probe import probe
     from .train import train
 
     fn = {
         "harvest": harvest,
         "train": train,
         "evaluate": evaluate,
+        "probe": probe,
         "analyze": analyze,
         "export": export,
         "import": import_cmd,

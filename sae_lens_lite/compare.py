@@ -48,11 +48,13 @@ from .evaluate import (
 )
 from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
 from .models import LoadedModel, hook_point, load_model
+from .probe import FIRST_LETTER, compare_markdown, compare_probing
+from .probing import DEFAULT_TASKS
 from .report import fmt, positions_text
 from .runtime import resolve_device
 from .sae import SAE
 
-OUR_FILES = ("compare.json", "compare.md", "frontier.png")
+OUR_FILES = ("compare.json", "compare.md", "frontier.png", "probing.png", "probing")
 MAX_IN_LINE = 4  # SAEs whose figures the result line spells out
 _EVAL = EvalConfig()  # the positions defaults are evaluate's, so that both score the same positions
 
@@ -101,6 +103,9 @@ class CompareConfig:
     )
     out: str = opt("runs/compare", "directory for compare.json, compare.md and frontier.png")
     overwrite: bool = opt(False, "replace an existing comparison in --out")
+    # sae-lite probe's suite on every SAE (probe.py): finished tasks are kept in <out>/probing and resume
+    probe: bool = opt(False, "also k-sparse probing (with ceiling and floor) and absorption: a table and probing.png")
+    probe_tasks: list[str] = opt([*DEFAULT_TASKS, FIRST_LETTER], "the tasks for --probe (as sae-lite probe --tasks)")
 
 
 def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
@@ -230,6 +235,11 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
         "baselines": [r for r in rows.values() if r["kind"] != "sae"],
         "config": asdict(cfg),
     }
+    if cfg.probe:
+        t = time.perf_counter()
+        l0s = {r["name"]: r["active_dims_per_token"] for r in result["saes"]}
+        result["probing"] = compare_probing(lm, saes, l0s, cfg.probe_tasks, out, device)
+        times["probing"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     result["timing_s"] = times
     _write(result, out)
@@ -246,6 +256,8 @@ def curve_sizes(l0s: list[float], d_in: int) -> list[int]:
 def compare_reports(cfg: CompareConfig) -> dict:
     """The table and plot of finished evaluations (report.json files), refused unless every
     report's footing (model, hook, tokens, positions) equals the first's."""
+    if cfg.probe:
+        raise UserError("--probe needs SAE directories, not report.json files")
     paths = [_report_path(p) for p in cfg.saes]
     reports = [json.loads(p.read_text()) for p in paths]
     for p, r in zip(paths[1:], reports[1:]):
@@ -418,6 +430,8 @@ def markdown_table(r: dict) -> str:
             )
     if "plot" in r["files"]:
         lines += ["", "![frontier](frontier.png)"]
+    if "probing" in r:
+        lines += compare_markdown(r["probing"], f["model"], f["hook"])
     return "\n".join(lines) + "\n"
 
 

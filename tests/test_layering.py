@@ -10,7 +10,7 @@ The stages, earliest first:
     harvest       run the model over a corpus into a cache
     sae           the SAE module; synthetic data with known features
     training      train_config, latents, recipes/ (one per method), loss, distributed (DDP, sharding), train
-    evaluation    baselines, report, evaluate
+    evaluation    baselines, report, evaluate; probing, absorption and probe (k-sparse probing, absorption)
     analysis      features (the features.json schema), explain, browser/, analyze, intervene, compare
     export        export (SAELens, dictionaries), info
     entry points  pipeline, cli, __main__
@@ -40,7 +40,7 @@ STAGES = [
     ("harvest", {"harvest"}),
     ("sae", {"sae", "synthetic"}),
     ("training", {"train_config", "latents", "recipes", "loss", "distributed", "train"}),
-    ("evaluation", {"baselines", "report", "evaluate"}),
+    ("evaluation", {"baselines", "report", "evaluate", "probing", "absorption", "probe"}),
     ("analysis", {"features", "explain", "browser", "analyze", "intervene", "compare"}),
     ("export", {"export", "info", "transcoder_set"}),
     ("entry points", {"pipeline", "cli", "__main__"}),
