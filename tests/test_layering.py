@@ -41,7 +41,7 @@ STAGES = [
     ("sae", {"sae", "synthetic"}),
     ("training", {"recipes", "loss", "distributed", "train"}),
     ("evaluation", {"baselines", "report", "evaluate"}),
-    ("analysis", {"explain", "browser", "analyze", "intervene", "compare"}),
+    ("analysis", {"explain", "contexts", "browser", "analyze", "intervene", "sweep", "compare"}),
     ("export", {"export", "info"}),
     ("entry points", {"pipeline", "cli", "__main__"}),
 ]
