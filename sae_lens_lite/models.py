@@ -454,6 +454,7 @@ def generate_batch(
     seed: int = 0,
 ) -> list[Generation]:
     """Continue each row of ids [b, T] (no padding: rows of one length), reusing keys and values.
+    Sampled rows each have their own generator seeded with `seed`: a row draws as it would alone.
 
     `edit_for(ids)` gives the edit at `hook` for the current sequences [b, T + t]; the forward only
     runs the new token, so the edit is handed the activation of the whole sequence with earlier
@@ -461,9 +462,9 @@ def generate_batch(
     (every edit in intervene.py does). The earlier positions' keys and values were computed under
     the edit when they were new, so this is the full recompute of every step, at a fraction of the
     cost (tests/test_models.py checks identical tokens)."""
-    gen = torch.Generator().manual_seed(seed)
     eos = lm.tokenizer.eos_token_id
     b = ids.shape[0]
+    gens = [torch.Generator().manual_seed(seed) for _ in range(b)]  # each row draws as it would alone
     new = torch.empty(b, 0, dtype=torch.long)
     logps = torch.empty(b, 0)
     done = torch.zeros(b, dtype=torch.bool)
@@ -479,7 +480,7 @@ def generate_batch(
         logits = out.logits[:, -1].float().cpu()  # [b, vocab]
         if sample:
             probs = (logits / temperature).softmax(-1)  # sampled on the CPU: the same draw on every device
-            tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            tok = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
         else:
             tok = logits.argmax(-1)
         new = torch.cat([new, tok[:, None]], 1)
