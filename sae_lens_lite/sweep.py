@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .analyze import FEATURES_FILE, read_features
 from .config import opt
@@ -40,7 +41,16 @@ from .models import LoadedModel, capture, generate_batch
 from .outputs import read_record
 from .sae import SAE
 
-DEFAULT_PROMPTS = ["The", "In this section, we", "My favourite thing is", "Note that the"]
+DEFAULT_PROMPTS = [  # general text and Python documentation (the demo's corpus), as steer_table.py's four
+    "The",
+    "In this section, we",
+    "My favourite thing is",
+    "Note that the",
+    "The function returns",
+    "To open a file,",
+    "For example, the",
+    "This module provides",
+]
 LENS_TOKENS = 5  # promoted logit-lens tokens whose probability is the lens concept score
 SCORE_BATCH = 16  # rows per clean scoring forward (its log-probs are [rows, tokens, vocab])
 
@@ -154,7 +164,7 @@ def run_curves(cfg: SweepConfig, lm: LoadedModel, sae: SAE, info: list[dict]) ->
     rows = [(-1, 0.0)] + [(i, t) for i in range(n_f) for t in cfg.times[1:]]
     dirs = torch.stack([direction(sae, [f["id"]]) for f in info])  # [n_f, d]
     delta = torch.stack([torch.zeros_like(dirs[0]) if i < 0 else t * info[i]["max_act"] * dirs[i] for i, t in rows])
-    for k, prompt in enumerate(cfg.prompts):
+    for k, prompt in enumerate(tqdm(cfg.prompts, desc=f"sweep: {len(rows)} rows per prompt", unit="prompt")):
         ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(delta.device)  # [1, T]
         gens = generate_batch(
             lm,

@@ -241,7 +241,7 @@
       card.append(el("h3", null, "Steering sweep: best strength " + fmt(s.best_strength, 2) + " (" +
         s.best_times + " \u00d7 max activation), the activation's peak before fluency drops by more than " +
         m.sweep.max_drop + " nats/token"));
-      const t = el("table", "nearest");
+      const t = el("table", "sweep");
       const head = el("tr");
       for (const h of ["\u00d7 max act", "activation", "log p lens", "fluency cost"]) head.append(el("th", null, h));
       t.append(head);
