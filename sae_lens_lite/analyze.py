@@ -431,6 +431,7 @@ class FeatureExtras(TypedDict, total=False):
     nearest: list  # [[feature id, decoder cosine]]
     model_explanation: dict  # only with --explain-top
     steer: dict  # only with --steer
+    sweep: dict  # only after `sae-lite sweep`: {"best_times", "best_strength", the curve, "text"}
 
 
 class Feature(FeatureExtras):
@@ -459,6 +460,7 @@ class AnalysisExtras(TypedDict, total=False):
     cost: dict  # seconds (wall and CPU) of each pass
     families: list  # [{"id", "explanation", "members": [feature ids, best first]}]
     steer: dict  # --steer: {"prompt", "clean", "times_max", "new_tokens", "hook"}
+    sweep: dict  # `sae-lite sweep`'s settings: {"times", "prompts", "new_tokens", "max_drop", "seed", "temperature"}
 
 
 class Analysis(AnalysisExtras):
