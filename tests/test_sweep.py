@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 from test_analyze import run, synthetic
+from test_browser import browser  # noqa: F401  (the Chromium fixture)
 
 from sae_lens_lite.cli import main
 from sae_lens_lite.errors import UserError
@@ -105,3 +106,34 @@ def test_sweep_refuses_bad_settings(tmp_path, analysed):
     with pytest.raises(UserError, match="out of range"):
         sweep(SweepConfig(**base, feature=[99]), lm=lm, sae=sae)
     assert main(["sweep", "--analysis", str(tmp_path / "nowhere")]) == 2
+
+
+def test_the_card_shows_the_sweep_in_chromium(tmp_path, browser):  # noqa: F811
+    """A swept feature's card shows its best strength and its curve as a table, the best row marked."""
+    from selenium.webdriver.common.by import By
+    from test_browser import synthetic_analysis, wait
+
+    from sae_lens_lite.browser import write_page
+
+    a = synthetic_analysis(20)
+    a["sweep"] = {"times": [0.0, 1.0, 4.0], "prompts": ["The"], "new_tokens": 4, "max_drop": 1.0}
+    a["sweep"].update(seed=0, temperature=1.0)
+    best = min(a["features"], key=lambda f: f["rank"])
+    best["sweep"] = {
+        "best_times": 1.0,
+        "best_strength": 2.5,
+        "times": [0.0, 1.0, 4.0],
+        "activation": [0.0, 0.8, 2.0],
+        "lens_logp": [-9.0, -8.0, -7.0],
+        "fluency_cost": [0.0, 0.4, 3.1],
+        "text": " steered words",
+    }
+    browser.get(write_page(a, tmp_path / "index.html").as_uri() + f"#f{best['id']}")  # opens its card
+    wait(browser, lambda: browser.execute_script("return document.body.dataset.ready") == "1")
+    card = browser.find_element(By.ID, "card")
+    wait(browser, lambda: card.get_attribute("data-feature") == str(best["id"]))
+    assert "Steering sweep: best strength 2.50 (1 \u00d7 max activation)" in card.text
+    assert "at the best strength: The steered words" in card.text
+    cells = [r.text for r in card.find_elements(By.CSS_SELECTOR, "table.sweep tr")]
+    assert len(cells) == 4 and cells[2].split() == ["1.00", "0.80", "-8.00", "0.40"]
+    assert len(card.find_elements(By.CSS_SELECTOR, "table.sweep tr.best")) == 1
