@@ -9,7 +9,11 @@ tokens ("the tokens "(" or "[""), a set of previous tokens ("the token after "de
 (previous, token) pairs (""the" after "of""); the kind and the set with the best F1 win, a
 context kind only when it beats the token kind clearly. Because every pattern is a union of
 (previous, token) pairs, its precision, recall and F1 over *every* held-out token follow exactly
-from sparse counts: how often each pair occurs, and how often the feature fires on it.
+from sparse counts: how often each pair occurs, and how often the feature fires on it. Given the
+rows' context (contexts.py), three context kinds follow: an attribute such as "inside
+parentheses", a token within the last n, a set of tokens where an attribute holds; each replaces
+the best so far only when its explain-split F1 is higher by CONTEXT_MARGIN, and is counted exactly
+on the held-out rows from the rows each feature fires on.
 
 Model explainer (opt-in, `--explain-top N`): a local instruct model reads activating contexts
 drawn across activation quantiles of the explain part, the activating tokens marked, and writes a
