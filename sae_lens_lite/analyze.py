@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import explain
 from .cache import ActivationCache
 from .config import check_memory, check_numbers
+from .contexts import RowContext
 from .errors import UserError
 from .evaluate import DENSE_FREQ
 from .features import FEATURES_FILE, FORMAT, VERSION, Analysis, Feature
@@ -388,6 +389,16 @@ def canonical_ids(tokenizer, n_vocab: int) -> Tensor:
     return canon
 
 
+def row_context(tokenizer, tokens, canon, doc, pos, held, n_vocab) -> RowContext:
+    """Every row's context (contexts.py) from its token text and context order."""
+    used = tokens.unique()
+    text = dict(zip(used.tolist(), tokenizer.batch_decode([[i] for i in used.tolist()])))
+    texts = [text[t] for t in tokens.tolist()]
+    return RowContext.build(
+        texts, canon[tokens].numpy(), doc.long().numpy(), pos.long().numpy(), held.long().numpy(), n_vocab + 1
+    )
+
+
 def random_window_jaccard(tokens: Tensor, doc: Tensor, pos: Tensor, before: int, n_pairs: int = 2048) -> float:
     """Chance level of the context-bag agreement: mean Jaccard of windows at random rows of
     different contexts."""
@@ -488,7 +499,8 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     pat = counter.finish()
     names = {n_vocab: "the start of a context"}
     name = lambda i: names.setdefault(i, explain.token_name(lm.tokenizer.decode([i])))  # noqa: E731
-    expl = explain.explain_all(pat, name)
+    ctx = row_context(lm.tokenizer, tokens, canon, doc, pos, held, n_vocab)
+    expl = explain.explain_all(pat, name, ctx)
     seconds_builtin, cpu_builtin = time.time() - t1 + counter.seconds, time.process_time() - c1 + counter.cpu_seconds
     det_score = torch.tensor([e["detection"]["score"] for e in expl])
     near_cos, near_ids = explain.nearest(sae.W_dec)

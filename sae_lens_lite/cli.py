@@ -26,6 +26,7 @@ typical session:
   sae-lite info runs/sae
   sae-lite steer --sae runs/sae --feature 123 --strength 20 --prompt "The function"
   sae-lite attribute --sae runs/sae --prompt "import numpy as"
+  sae-lite sweep --sae runs/sae --analysis runs/analysis --top 20
 or all of it from one file:
   sae-lite run configs/demo.toml train.l1=3
 Interrupted work resumes when the same command is run again; finished work with the same
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .harvest import HarvestConfig
     from .intervene import AttributeConfig, SteerConfig
     from .probe import ProbeConfig
+    from .sweep import SweepConfig
     from .train_config import TrainConfig
 
     p = argparse.ArgumentParser(
@@ -67,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", ExportConfig, "write a feature dictionary or a SAELens-compatible directory"),
         ("import", ImportConfig, "convert a SAELens or sparsify SAE into ours"),
         ("steer", SteerConfig, "generate with and without a feature added to (or clamped at) the hook"),
+        (
+            "sweep",
+            SweepConfig,
+            "steering strength against concept and fluency, per feature: table, plots, best strength",
+        ),
         (
             "attribute",
             AttributeConfig,
@@ -154,6 +161,7 @@ def dispatch(args: argparse.Namespace) -> int:
     from .harvest import harvest
     from .intervene import attribute, steer
     from .probe import probe
+    from .sweep import sweep
     from .train import train
 
     fn = {
@@ -167,6 +175,7 @@ def dispatch(args: argparse.Namespace) -> int:
         "compare": compare,
         "steer": steer,
         "attribute": attribute,
+        "sweep": sweep,
     }[cmd]
     fn(from_namespace(args.config_cls, args))  # each stage ends by printing its result line
     return 0

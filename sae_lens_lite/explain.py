@@ -9,7 +9,11 @@ tokens ("the tokens "(" or "[""), a set of previous tokens ("the token after "de
 (previous, token) pairs (""the" after "of""); the kind and the set with the best F1 win, a
 context kind only when it beats the token kind clearly. Because every pattern is a union of
 (previous, token) pairs, its precision, recall and F1 over *every* held-out token follow exactly
-from sparse counts: how often each pair occurs, and how often the feature fires on it.
+from sparse counts: how often each pair occurs, and how often the feature fires on it. Given the
+rows' context (contexts.py), three context kinds follow: an attribute such as "inside
+parentheses", a token within the last n, a set of tokens where an attribute holds; each replaces
+the best so far only when its explain-split F1 is higher by CONTEXT_MARGIN, and is counted exactly
+on the held-out rows from the rows each feature fires on.
 
 Model explainer (opt-in, `--explain-top N`): a local instruct model reads activating contexts
 drawn across activation quantiles of the explain part, the activating tokens marked, and writes a
@@ -32,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import contexts
+from .contexts import RowContext
 from .fsutil import write_text_atomic
 
 MAX_ITEMS = 5  # a pattern lists at most this many tokens or pairs: longer is not a readable phrase
@@ -40,6 +46,8 @@ CONTEXT_MARGIN = 0.05  # a context pattern must beat the token pattern's F1 by t
 N_QUANTILES = 4  # activation quantiles of the examples shown and given to the model
 SAMPLE = 32  # firings sampled uniformly per feature and split, for the quantile examples
 KINDS = ("token", "after", "pair")
+CONTEXT_KINDS = ("attribute", "window", "token_in")  # contexts.py
+TOKEN_IN_ATTRIBUTES = 3  # attributes tried for "tokens where an attribute holds"
 PROMPT_VERSION = 1
 
 
@@ -68,6 +76,7 @@ class PatternCounts:
         self.sample_pri = torch.full((2, d_sae, sample), -1.0)  # random priorities; the top ones are a uniform sample
         self.sample_rows = torch.full((2, d_sae, sample), -1, dtype=torch.long)
         self.sample_vals = torch.zeros(2, d_sae, sample)
+        self.fired: list[tuple[Tensor, Tensor]] = []  # (feature, row) of every firing, for context patterns
         self.gen = torch.Generator().manual_seed(0)
         self.seconds = self.cpu_seconds = 0.0  # time spent here (wall, CPU), to report the cost apart from pass 1
 
@@ -80,6 +89,7 @@ class PatternCounts:
         r, c = fired.nonzero(as_tuple=True)
         rows = r + start
         key = c * self.B**2 + self.pair[rows]
+        self.fired.append((c.int(), rows.int()))
         split = self.split[rows]
         pri = torch.rand(len(r), generator=self.gen)  # a random priority per firing
         for s in (0, 1):
@@ -115,7 +125,13 @@ class PatternCounts:
         pairs = [_merge([self.pair[self.split == s].unique(return_counts=True)]) for s in (0, 1)]
         absent = self.sample_pri < 0
         self.sample_rows[absent], self.sample_vals[absent] = -1, 0.0
+        feat = torch.cat([c for c, _ in self.fired]) if self.fired else torch.zeros(0, dtype=torch.int)
+        rows = torch.cat([r for _, r in self.fired]) if self.fired else torch.zeros(0, dtype=torch.int)
+        order = feat.argsort(stable=True)
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(feat.long(), minlength=self.d_sae).cumsum(0)])
+        self.fired = []
         out = Counts(self.B, self.d_sae, triples, pairs, self.sample_rows, self.sample_vals)
+        out.fire_ptr, out.fire_rows, out.split = ptr.numpy(), rows[order].numpy(), self.split.numpy()
         self.seconds += time.perf_counter() - t0
         self.cpu_seconds += time.process_time() - c0
         return out
@@ -138,6 +154,9 @@ class Counts:
     unigram: list[tuple[Tensor, Tensor]] = field(
         default_factory=list
     )  # per split: occurrences of each token, of each previous token [B]
+    fire_ptr: np.ndarray | None = None  # [d_sae + 1]: feature j fired at rows fire_rows[ptr[j]:ptr[j + 1]]
+    fire_rows: np.ndarray | None = None  # [n_firings] cache rows, grouped by feature
+    split: np.ndarray | None = None  # [n_rows] 0 explain, 1 held out
 
     def __post_init__(self):
         for keys, n in self.pairs:
@@ -150,6 +169,11 @@ class Counts:
         lo, hi = torch.searchsorted(keys, torch.tensor([j * self.B**2, (j + 1) * self.B**2])).tolist()
         pair = keys[lo:hi] % self.B**2
         return (pair // self.B).numpy(), (pair % self.B).numpy(), n[lo:hi].numpy()
+
+    def fired_rows(self, split: int, j: int) -> np.ndarray:
+        """The cache rows of a split where feature j fires."""
+        rows = self.fire_rows[self.fire_ptr[j] : self.fire_ptr[j + 1]]
+        return rows[self.split[rows] == split]
 
     def occurrences(self, split: int, kind: str, items: list[tuple[int, int]]) -> int:
         """How many tokens of a split the pattern matches (whether the feature fires or not)."""
@@ -191,10 +215,15 @@ def best_set(fire: np.ndarray, occur: np.ndarray, total: int) -> tuple[list[int]
 NO_PATTERN = "no pattern: fires on tokens none of which it marks out"  # fires, but no item raises F1 enough
 
 
-def find_pattern(counts: Counts, j: int) -> tuple[str, list[tuple[int, int]], float] | None:
-    """Feature j's best pattern on the explain split: (kind, [(previous, token), ...], F1), or None
-    when it never fires there. Items in a token pattern are (-1, t); in an after pattern (p, -1).
-    A feature no item explains (each would add less than MIN_GAIN to F1) gets ("", [], 0.0)."""
+def find_pattern(counts: Counts, j: int, ctx: RowContext | None = None) -> tuple[str, list, float] | None:
+    """Feature j's best pattern on the explain split: (kind, items, F1), or None when it never
+    fires there. Items in a token pattern are (-1, t); in an after pattern (p, -1); in a pair
+    pattern (p, t); context kinds (with `ctx`) are described in contexts.py. A feature no item
+    explains (each would add less than MIN_GAIN to F1) gets ("", [], 0.0).
+
+    Kinds are tried simplest first; a later kind replaces the best so far only when its F1 is
+    higher by CONTEXT_MARGIN (after and pair only need to beat a token pattern by it): the
+    simpler explanation wins a near tie, and the choice never looks at the held-out split."""
     prev, cur, n = counts.feature(0, j)
     total = int(n.sum())
     if total == 0:
@@ -220,22 +249,49 @@ def find_pattern(counts: Counts, j: int) -> tuple[str, list[tuple[int, int]], fl
         margin = 0.0 if best is None or best[0] != "token" else CONTEXT_MARGIN
         if best is None or f1 > best[2] + margin:
             best = (kind, items, f1)
+    if ctx is not None:
+        for kind, items, f1 in context_patterns(counts, ctx, j, total):
+            if items and f1 >= MIN_GAIN and (best is None or f1 > best[2] + CONTEXT_MARGIN):
+                best = (kind, items, f1)
     return best or ("", [], 0.0)
 
 
-def detection(counts: Counts, j: int, kind: str, items: list[tuple[int, int]], split: int = 1) -> dict:
+def context_patterns(counts: Counts, ctx: RowContext, j: int, total: int) -> list[tuple[str, list, float]]:
+    """Feature j's best pattern of each context kind on the explain split, simplest first:
+    attribute(s), a token within the last n, a set of tokens where an attribute holds (tried for
+    the TOKEN_IN_ATTRIBUTES attributes with the best F1 alone)."""
+    rows = counts.fired_rows(0, j)
+    attrs, f1_attr = contexts.best_attributes(ctx, rows, total)
+    window, f1_win = contexts.best_window(ctx, rows, total)
+    alone = 2 * np.bincount(np.nonzero(contexts.unpack(ctx.bits[rows]))[1], minlength=contexts.K)
+    alone = alone / (ctx.attr_occ[0].diagonal() + total)
+    tried = [int(a) for a in np.argsort(-alone)[:TOKEN_IN_ATTRIBUTES]]
+    token_in, f1_in = contexts.best_token_in(ctx, rows, total, tried, best_set)
+    return [
+        ("attribute", [attrs], f1_attr),
+        ("window", [window] if window else [], f1_win),
+        ("token_in", token_in, f1_in),
+    ]
+
+
+def detection(counts: Counts, j: int, kind: str, items: list, split: int = 1, ctx: RowContext | None = None) -> dict:
     """Precision, recall and F1 of a pattern as a predictor of 'feature j fires here', over every
     token of a split; `score` is F1 with one imaginary miss each way, 2TP / (2TP + FP + FN + 2),
     so that a handful of held-out firings cannot rank above hundreds."""
     prev, cur, n = counts.feature(split, j)
-    if kind == "token":
-        hit = np.isin(cur, [t for _, t in items])
-    elif kind == "after":
-        hit = np.isin(prev, [p for p, _ in items])
+    fires = int(n.sum())
+    if kind in CONTEXT_KINDS:
+        tp = int(ctx.matches(kind, items, counts.fired_rows(split, j)).sum())
+        predicted = ctx.occurrences(split, kind, items)
     else:
-        hit = np.isin(prev * counts.B + cur, [p * counts.B + t for p, t in items])
-    tp, fires = int(n[hit].sum()), int(n.sum())
-    predicted = counts.occurrences(split, kind, items) if items else 0
+        if kind == "token":
+            hit = np.isin(cur, [t for _, t in items])
+        elif kind == "after":
+            hit = np.isin(prev, [p for p, _ in items])
+        else:
+            hit = np.isin(prev * counts.B + cur, [p * counts.B + t for p, t in items])
+        tp = int(n[hit].sum())
+        predicted = counts.occurrences(split, kind, items) if items else 0
     return {
         "precision": round(tp / predicted, 4) if predicted else None,
         "recall": round(tp / fires, 4) if fires else None,
@@ -265,8 +321,10 @@ def phrase(kind: str, items: list[tuple[int, int]], name) -> str:
 
     def alts(xs):
         xs = [name(x) for x in xs]
-        return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " or " + xs[-1]
+        return _or(xs)
 
+    if kind in CONTEXT_KINDS:
+        return contexts.phrase(kind, items, name, _or)
     if kind == "token":
         return alts([t for _, t in items])
     if kind == "after":
@@ -279,11 +337,16 @@ def phrase(kind: str, items: list[tuple[int, int]], name) -> str:
     return ", or ".join(f"{name(t)} after {alts(ps)}" for t, ps in after.items())
 
 
-def explain_all(counts: Counts, name) -> list[dict]:
-    """The built-in explanation of every feature and its held-out detection scores."""
+def _or(xs: list[str]) -> str:
+    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " or " + xs[-1]
+
+
+def explain_all(counts: Counts, name, ctx: RowContext | None = None) -> list[dict]:
+    """The built-in explanation of every feature and its held-out detection scores; context
+    patterns too when `ctx` is given."""
     out = []
     for j in range(counts.d_sae):
-        found = find_pattern(counts, j)
+        found = find_pattern(counts, j, ctx)
         if found is None or not found[1]:  # never fires in the explain split, or no pattern found
             out.append(
                 {
@@ -300,7 +363,7 @@ def explain_all(counts: Counts, name) -> list[dict]:
                 "explanation": phrase(kind, items, name),
                 "pattern": {"kind": kind, "items": [list(i) for i in items]},
                 "explain_f1": round(f1, 4),
-                "detection": detection(counts, j, kind, items),
+                "detection": detection(counts, j, kind, items, ctx=ctx),
             }
         )
     return out

@@ -35,6 +35,7 @@ class FeatureExtras(TypedDict, total=False):
     model_explanation: dict  # only with --explain-top
     steer: dict  # only with --steer
     dense: bool  # fires on more than evaluate's DENSE_FREQ of tokens: ranked after every other feature
+    sweep: dict  # only after `sae-lite sweep`: {"best_times", "best_strength", the curve, "text"}
 
 
 class Feature(FeatureExtras):
@@ -63,6 +64,7 @@ class AnalysisExtras(TypedDict, total=False):
     cost: dict  # seconds (wall and CPU) of each pass
     families: list  # [{"id", "explanation", "members": [feature ids, best first]}]
     steer: dict  # --steer: {"prompt", "clean", "times_max", "new_tokens", "hook"}
+    sweep: dict  # `sae-lite sweep`'s settings: {"times", "prompts", "new_tokens", "max_drop", "seed", "temperature"}
 
 
 class Analysis(AnalysisExtras):

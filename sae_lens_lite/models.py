@@ -24,6 +24,7 @@ import contextlib
 import difflib
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -478,27 +479,80 @@ def generate(
     temperature: float = 1.0,
     seed: int = 0,
 ) -> Generation:
-    """Continue ids [1, T]. `edit_for(ids)` gives the edit at `hook` for the current sequence, so
-    generated tokens are edited too. A full forward per token (no KV cache): slower, but the same
-    code path for every architecture, and the edit sees every position on every step."""
-    gen = torch.Generator().manual_seed(seed)
+    """Continue ids [1, T] (see `generate_batch`)."""
+    return generate_batch(lm, ids, max_new_tokens, hook, edit_for, sample, temperature, seed)[0]
+
+
+@torch.no_grad()
+def generate_batch(
+    lm: LoadedModel,
+    ids: Tensor,
+    max_new_tokens: int,
+    hook: str | None = None,
+    edit_for: Callable[[Tensor], Callable[[Tensor], Tensor]] | None = None,
+    sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[Generation]:
+    """Continue each row of ids [b, T] (no padding: rows of one length), reusing keys and values.
+    Sampled rows each have their own generator seeded with `seed`: a row draws as it would alone.
+
+    `edit_for(ids)` gives the edit at `hook` for the current sequences [b, T + t]; the forward only
+    runs the new token, so the edit is handed the activation of the whole sequence with earlier
+    positions zero and only the new positions are kept: edits must act position by position
+    (every edit in intervene.py does). The earlier positions' keys and values were computed under
+    the edit when they were new, so this is the full recompute of every step, at a fraction of the
+    cost (tests/test_models.py checks identical tokens)."""
     eos = lm.tokenizer.eos_token_id
-    new, logps = [], []
+    b = ids.shape[0]
+    gens = [torch.Generator().manual_seed(seed) for _ in range(b)]  # each row draws as it would alone
+    new = torch.empty(b, 0, dtype=torch.long)
+    logps = torch.empty(b, 0)
+    done = torch.zeros(b, dtype=torch.bool)
+    step, past = ids, None
+    # transformers renamed past_key_values to cache (5.x); older versions only know the first
+    cache_kw = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
     for _ in range(max_new_tokens):
         with contextlib.ExitStack() as stack:
             if hook is not None and edit_for is not None:
-                stack.enter_context(edit_hook(lm.model, hook, edit_for(ids)))
-            logits = lm.model(input_ids=ids, use_cache=False).logits[0, -1].float()  # [vocab]
-        logp = logits.log_softmax(-1)
+                stack.enter_context(edit_hook(lm.model, hook, _last_positions(edit_for(ids), ids.shape[1])))
+            out = lm.model(input_ids=step, use_cache=True, **{cache_kw: past})
+        past = out[cache_kw] if cache_kw in out else out.past_key_values
+        logits = out.logits[:, -1].float().cpu()  # [b, vocab]
         if sample:
-            probs = (logits / temperature).softmax(-1).cpu()  # sampled on the CPU: the same draw on every device
-            tok = int(torch.multinomial(probs, 1, generator=gen))
+            probs = (logits / temperature).softmax(-1)  # sampled on the CPU: the same draw on every device
+            tok = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
         else:
-            tok = int(logits.argmax())
-        new.append(tok)
-        logps.append(float(logp[tok]))
-        ids = torch.cat([ids, torch.tensor([[tok]], device=ids.device)], 1)
-        if tok == eos:
+            tok = logits.argmax(-1)
+        new = torch.cat([new, tok[:, None]], 1)
+        logps = torch.cat([logps, logits.log_softmax(-1).gather(1, tok[:, None])], 1)
+        done |= tok == eos
+        step = tok[:, None].to(ids.device)
+        ids = torch.cat([ids, step], 1)
+        if done.all():
             break
-    tokens = [lm.tokenizer.decode([t]) for t in new]
-    return Generation(lm.tokenizer.decode(new), new, tokens, logps)
+    return [_generation(lm, row.tolist(), lp.tolist(), eos) for row, lp in zip(new, logps)]
+
+
+def _last_positions(fn: Callable[[Tensor], Tensor | None], T: int) -> Callable[[Tensor], Tensor | None]:
+    """fn for act [b, T, d], applied to act [b, t, d] holding the last t positions only."""
+
+    def edit(act: Tensor) -> Tensor | None:
+        t = act.shape[1]
+        if t == T:
+            return fn(act)
+        full = act.new_zeros(act.shape[0], T, act.shape[2])
+        full[:, T - t :] = act
+        out = fn(full)
+        return None if out is None else out[:, T - t :]
+
+    return edit
+
+
+def _generation(lm: LoadedModel, ids: list[int], logps: list[float], eos: int | None) -> Generation:
+    """One row's tokens up to and including its first end-of-text."""
+    if eos in ids:
+        n = ids.index(eos) + 1
+        ids, logps = ids[:n], logps[:n]
+    tokens = [lm.tokenizer.decode([t]) for t in ids]
+    return Generation(lm.tokenizer.decode(ids), ids, tokens, logps)

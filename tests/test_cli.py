@@ -14,7 +14,20 @@ from sae_lens_lite.cli import build_parser, main
 from sae_lens_lite.config import load_run_file, parse_value
 from sae_lens_lite.errors import UserError
 
-COMMANDS = ["harvest", "train", "evaluate", "analyze", "export", "import", "steer", "attribute", "run", "hooks", "info"]
+COMMANDS = [
+    "harvest",
+    "train",
+    "evaluate",
+    "analyze",
+    "export",
+    "import",
+    "steer",
+    "attribute",
+    "sweep",
+    "run",
+    "hooks",
+    "info",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

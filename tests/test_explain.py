@@ -7,6 +7,7 @@ from test_analyze import D, write_cache
 
 from sae_lens_lite import explain
 from sae_lens_lite.analyze import AnalyzeConfig, analyze, canonical_ids
+from sae_lens_lite.contexts import RowContext
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.models import LoadedModel
 from sae_lens_lite.sae import SAE, SAEConfig
@@ -219,3 +220,76 @@ def test_refuses_bad_explain_settings(tmp_path):
         run(tmp_path, explain_top=-1)
     with pytest.raises(UserError, match="holds out none of the cache's 64 contexts"):
         run(tmp_path, heldout=0.001)  # 64 contexts: none held out
+
+
+def planted_contexts(n_ctx=240, T=48, seed=0):
+    """A token stream over a small vocabulary with brackets and a marker, and four features with
+    known triggers: 0 fires on any token within 3 after the marker "M"; 1 on every token inside
+    parentheses (not on "(" or ")" themselves); 2 on "w3" but only inside parentheses; 3 on "w5"
+    anywhere. Returns the explainer's inputs and the ground truth."""
+    vocab = [f" w{i}" for i in range(16)] + [" M", "(", ")", "[", "]", "\n"]
+    V = len(vocab)
+    ix = {t.strip() or t: i for i, t in enumerate(vocab)}
+    g = torch.Generator().manual_seed(seed)
+    p = torch.full((V,), 1.0)
+    p[ix["M"]], p[ix["("]], p[ix[")"]], p[ix["["]], p[ix["]"]] = 0.3, 0.5, 0.5, 0.2, 0.2
+    tok = torch.multinomial(p, n_ctx * T, replacement=True, generator=g).view(n_ctx, T)
+    fire = torch.zeros(n_ctx, T, 4)
+    for c in range(n_ctx):
+        depth = 0
+        for t in range(T):
+            x = int(tok[c, t])
+            before = depth
+            depth = depth + 1 if x == ix["("] else depth - 1 if x == ix[")"] and depth > 0 else depth
+            inside = before > 0 and depth > 0
+            fire[c, t, 0] = float(ix["M"] in tok[c, max(0, t - 3) : t].tolist())
+            fire[c, t, 1] = float(inside)
+            fire[c, t, 2] = float(inside and x == ix["w3"])
+            fire[c, t, 3] = float(x == ix["w5"])
+    doc = torch.arange(n_ctx).repeat_interleave(T)
+    pos = torch.arange(T).repeat(n_ctx)
+    cur = tok.flatten()
+    prev = torch.where(pos > 0, torch.cat([torch.tensor([V]), cur[:-1]]), V)
+    held = explain.heldout_rows(doc, 0.25)
+    pc = explain.PatternCounts(cur, prev, held, V, 4)
+    for s in range(0, len(cur), 1000):
+        pc.update(s, fire.view(-1, 4)[s : s + 1000])
+    counts = pc.finish()
+    ctx = RowContext.build(
+        [vocab[i] for i in cur.tolist()], cur.numpy(), doc.numpy(), pos.numpy(), held.long().numpy(), V + 1
+    )
+    name = lambda i: explain.token_name(vocab[i]) if i < V else "the start of a context"  # noqa: E731
+    return counts, ctx, name, fire.view(-1, 4), held, ix
+
+
+def test_builtin_explainer_names_planted_context_features():
+    counts, ctx, name, fire, held, ix = planted_contexts()
+    e = explain.explain_all(counts, name, ctx)
+    assert e[0]["explanation"] == 'a token within 3 tokens after "M"'
+    assert e[1]["explanation"] == "a token inside parentheses"
+    assert e[2]["explanation"] == '"w3", inside parentheses'
+    assert e[3]["explanation"] == '"w5"'  # a token feature stays a token pattern: the simpler wins
+    for j in range(4):
+        d = e[j]["detection"]
+        assert d["precision"] == d["recall"] == d["f1"] == 1.0 and d["fires"] >= 50, (j, d)
+    # Without the row context, the same features get only token patterns, and score far lower.
+    plain = explain.explain_all(counts, name)
+    assert plain[0]["detection"]["f1"] < 0.7 and plain[1]["detection"]["f1"] < 0.7
+
+
+def test_context_detection_counts_every_held_out_token():
+    """A context pattern's counts are those of a direct count over the held-out rows, for a
+    pattern that is not the feature's trigger (so precision and recall are both below 1)."""
+    counts, ctx, name, fire, held, ix = planted_contexts(seed=1)
+    rows = torch.arange(len(held))[held].numpy()
+    for kind, items in (("window", [[ix["M"], 5]]), ("attribute", [[4, 1]]), ("token_in", [[4, ix["w3"]]])):
+        match = torch.from_numpy(ctx.matches(kind, items, rows))
+        for j in (0, 1):
+            d = explain.detection(counts, j, kind, items, ctx=ctx)
+            fired = fire[held, j] > 0
+            assert d["predicted"] == int(match.sum()) and d["hits"] == int((match & fired).sum())
+            assert d["fires"] == int(fired.sum())
+    # ... and the match itself is the definition: "M" within the previous 5 tokens, same context
+    tok = torch.from_numpy(ctx.cur)
+    want = [ix["M"] in tok[max(r - r % 48, r - 5) : r].tolist() for r in rows.tolist()]
+    assert ctx.matches("window", [[ix["M"], 5]], rows).tolist() == want

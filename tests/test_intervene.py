@@ -18,7 +18,7 @@ from sae_lens_lite.intervene import (
     steer,
     steering_edit,
 )
-from sae_lens_lite.models import LoadedModel, edit_hook, generate, run_to_hooks
+from sae_lens_lite.models import LoadedModel, edit_hook, generate, generate_batch, run_to_hooks
 from sae_lens_lite.sae import SAE, SAEConfig
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Sparse autoencoders find"
@@ -138,6 +138,51 @@ def test_generation_is_greedy_or_seeded():
     a, b = (generate(lm, ids, 8, sample=True, seed=3) for _ in range(2))
     c = generate(lm, ids, 8, sample=True, seed=4)
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def _recompute(lm, ids, n, hook=None, edit_for=None):
+    """Greedy decoding the slow way: a full forward over the whole text for every new token."""
+    out = []
+    for _ in range(n):
+        fn = edit_for(ids) if edit_for else None
+        with torch.no_grad(), edit_hook(lm.model, hook, fn) if fn else torch.no_grad():
+            tok = int(lm.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+        out.append(tok)
+        ids = torch.cat([ids, torch.tensor([[tok]])], 1)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generation_gives_the_recomputed_tokens(family):
+    """Keys and values reused: the same greedy tokens as recomputing the prefix, with and without
+    an edit at the hook (the edit also acts on the generated tokens), one row or a batch."""
+    lm, sae, _ = planted(family)  # latent 0 writes a token's direction: edits visibly change the text
+    hook = sae.cfg.hook
+    ids = encode_prompt(lm, PROMPT)
+    n = 12
+    assert generate(lm, ids, n).token_ids == _recompute(lm, ids, n)
+    for mode, S in (("add", 3.0), ("clamp", 2.0)):
+        edit_for = lambda cur, mode=mode, S=S: steering_edit(sae, [0], S, mode, positions(lm, sae, cur))  # noqa: E731
+        want = _recompute(lm, ids, n, hook, edit_for)
+        assert generate(lm, ids, n, hook, edit_for).token_ids == want
+        assert want != _recompute(lm, ids, n), "the edit should change the text"
+    # a batch of rows, each with its own strength, gives each row's own continuation
+    strengths = torch.tensor([0.0, 3.0, -3.0])
+    d = sae.W_dec[0] / sae.input_scale
+
+    def per_row(cur):
+        mask = positions(lm, sae, cur)
+
+        def fn(act):
+            return torch.where(mask[..., None], act + strengths[:, None, None] * d, act)
+
+        return fn
+
+    rows = generate_batch(lm, ids.expand(3, -1), n, hook, per_row)
+    assert rows[0].token_ids == _recompute(lm, ids, n)
+    for g, S in zip(rows[1:], strengths[1:].tolist()):
+        one = lambda cur, S=S: steering_edit(sae, [0], S, "add", positions(lm, sae, cur))  # noqa: E731
+        assert g.token_ids == _recompute(lm, ids, n, hook, one)
 
 
 def test_attribution_matches_ablation_where_linear():

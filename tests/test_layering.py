@@ -41,7 +41,7 @@ STAGES = [
     ("sae", {"sae", "synthetic"}),
     ("training", {"train_config", "latents", "recipes", "loss", "distributed", "train"}),
     ("evaluation", {"baselines", "report", "evaluate", "probing", "absorption", "probe"}),
-    ("analysis", {"features", "explain", "browser", "analyze", "intervene", "compare"}),
+    ("analysis", {"features", "explain", "contexts", "browser", "analyze", "intervene", "sweep", "compare"}),
     ("export", {"export", "info", "transcoder_set"}),
     ("entry points", {"pipeline", "cli", "__main__"}),
 ]

@@ -41,12 +41,15 @@ FIELDS = (
     "nearest",
     "model_explanation",
     "steer",
+    "sweep",
 )
 # An example is [center index, activation, [token id ...], [activation 0..99 ...]]; quantiles are
 # lists of examples, highest quantile first; detection is [precision, recall, F1, held-out firings,
 # held-out tokens matched]; nearest is [[feature id, cosine, explanation], ...]; model_explanation
 # is [text, balanced accuracy, AUROC, contexts scored] or null; "steer" is {"strength", "text"}
-# from `analyze --steer`, or null; meta.steer holds the prompt.
+# from `analyze --steer`, or null; meta.steer holds the prompt. "sweep" is the feature's entry from
+# `sae-lite sweep` ({"best_times", "best_strength", "times", "activation", "fluency_cost", "text",
+# ...}) or null; meta.sweep holds its settings.
 
 
 def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
@@ -91,6 +94,7 @@ def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
                 [[i, c, expl.get(i, "")] for i, c in f.get("nearest", [])],
                 [m["explanation"], m["balanced_accuracy"], m["auroc"], m["n_scored"]] if m else None,
                 f.get("steer"),
+                f.get("sweep"),
             ]
         )
     vocab = {str(t): analysis["vocab"].get(str(t), f"<{t}>") for t in sorted(used)}
@@ -104,6 +108,7 @@ def page_data(analysis: Analysis, max_features: int | None = None) -> dict:
     families = [[f["explanation"], [j for j in f["members"] if j in shown]] for f in analysis.get("families", [])]
     families = [f for f in families if f[1]] if families else [[expl.get(f["id"], ""), [f["id"]]] for f in feats]
     meta["steer"] = analysis.get("steer")
+    meta["sweep"] = analysis.get("sweep")
     return {"meta": meta, "fields": FIELDS, "vocab": vocab, "features": rows, "families": families}
 
 

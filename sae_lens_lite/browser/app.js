@@ -5,7 +5,8 @@
   const D = JSON.parse(document.getElementById("data").textContent);
   const V = D.vocab, F = D.features;
   const ID = 0, RANK = 1, SCORE = 2, COMP = 3, FREQ = 4, MEAN = 5, MAX = 6, BW = 7, HIST = 8,
-    TOP = 9, PROM = 10, SUPP = 11, EX = 12, EXPL = 13, DET = 14, FAM = 15, QUANT = 16, NEAR = 17, MODEL = 18, STEER = 19;
+    TOP = 9, PROM = 10, SUPP = 11, EX = 12, EXPL = 13, DET = 14, FAM = 15, QUANT = 16, NEAR = 17, MODEL = 18, STEER = 19,
+    SWEEP = 20;
   const PAGE = 100; // rows rendered at a time
   const $ = (id) => document.getElementById(id);
   const list = $("list"), card = $("card"), more = $("more"), search = $("search"), group = $("group");
@@ -233,6 +234,23 @@
         m.steer.times_max + " \u00d7 max activation), greedy"));
       card.append(el("div", "ctx", show(m.steer.prompt + f[STEER].text)),
         el("div", "ctx", "unsteered: " + show(m.steer.prompt + m.steer.clean)));
+    }
+
+    if (f[SWEEP] && m.sweep) { // from sae-lite sweep: concept and fluency against strength
+      const s = f[SWEEP];
+      card.append(el("h3", null, "Steering sweep: best strength " + fmt(s.best_strength, 2) + " (" +
+        s.best_times + " \u00d7 max activation), the activation's peak before fluency drops by more than " +
+        m.sweep.max_drop + " nats/token"));
+      const t = el("table", "sweep");
+      const head = el("tr");
+      for (const h of ["\u00d7 max act", "activation", "log p lens", "fluency cost"]) head.append(el("th", null, h));
+      t.append(head);
+      s.times.forEach((x, i) => {
+        const tr = el("tr", x === s.best_times ? "best" : null);
+        for (const v of [x, s.activation[i], s.lens_logp[i], s.fluency_cost[i]]) tr.append(el("td", "num", fmt(v, 2)));
+        t.append(tr);
+      });
+      card.append(t, el("div", "ctx", "at the best strength: " + show(m.sweep.prompts[0] + s.text)));
     }
 
     card.append(el("h3", null, "Top activations"));
