@@ -31,7 +31,7 @@ from .contexts import RowContext
 from .errors import UserError
 from .evaluate import DENSE_FREQ
 from .features import FEATURES_FILE, FORMAT, VERSION, Analysis, Feature
-from .fsutil import prepare_out_dir, write_text_atomic
+from .fsutil import prepare_out_dir, save_figure_atomic, write_text_atomic
 from .models import LoadedModel, generate, hook_point, load_model
 from .outputs import existing, fingerprint, finish, settings_of
 from .runtime import resolve_device
@@ -886,11 +886,5 @@ def write_plots(out: Path, freq: Tensor, l0: Tensor, score: Tensor, n_rows: int)
 
 
 def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
     return str(path)

@@ -46,7 +46,7 @@ from .evaluate import (
     standard_error,
     training_text,
 )
-from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
+from .fsutil import claim_out_dir, save_figure_atomic, write_json_atomic, write_text_atomic
 from .models import LoadedModel, hook_point, load_model
 from .probe import FIRST_LETTER, compare_markdown, compare_probing
 from .probing import DEFAULT_TASKS
@@ -475,8 +475,4 @@ def plot_frontier(r: dict, path: Path) -> None:
         f"{positions_text(f['positions'])}",
         fontsize=9,
     )
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)

@@ -24,6 +24,18 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """A matplotlib figure laid out, written to a temporary name, renamed into place and closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """safetensors.save_file to a temporary name, then rename."""
     from safetensors.torch import save_file

@@ -31,7 +31,7 @@ from .absorption import (
 )
 from .config import check_numbers, opt
 from .errors import UserError
-from .fsutil import claim_out_dir, write_json_atomic, write_text_atomic
+from .fsutil import claim_out_dir, save_figure_atomic, write_json_atomic, write_text_atomic
 from .models import LoadedModel, hook_point, load_model
 from .outputs import existing, fingerprint, finish, settings_of
 from .probing import (
@@ -366,8 +366,4 @@ def plot_probing(points: list[tuple[str, float, dict]], summary: dict, ks: list[
     ax.set_ylabel(f"k-sparse probing accuracy (mean of {summary['n_tasks']} tasks)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)

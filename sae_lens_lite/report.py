@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .fsutil import save_figure_atomic
+
 
 def density_histogram(freq: Tensor, bins: int = 40) -> dict:
     """Counts of log10 firing frequency freq [d_sae] over the latents that fire, in `bins` equal
@@ -46,11 +48,7 @@ def plot_density(freq: Tensor, path: Path, title: str, dense_freq: float) -> Non
     ax.set_ylabel("latents")
     ax.set_title(f"{title}\n{int((freq == 0).sum())} of {len(freq)} latents dead (not shown)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def fmt(v, digits: int = 4) -> str:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .config import opt
 from .errors import UserError
 from .features import FEATURES_FILE, read_features
-from .fsutil import write_text_atomic
+from .fsutil import save_figure_atomic, write_text_atomic
 from .intervene import check_features, check_fit, direction, load, positions
 from .models import LoadedModel, capture, generate_batch
 from .outputs import read_record
@@ -256,9 +256,7 @@ def plot_curve(path: Path, c: Curve, max_drop: float) -> Path:
     ax[0].set_title(f"feature {c.feature}: concept (best {c.times[c.best]:g} x max act)", fontsize=9)
     ax[1].set_title("fluency cost = clean mean log p - steered", fontsize=9)
     ax[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=90)
     return path
 
 
