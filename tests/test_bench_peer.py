@@ -7,39 +7,25 @@ numbers. No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 pytest.importorskip("sae_lens")
 
 from sae_lens_lite.synthetic import make_superposition  # noqa: E402
 
-pytestmark = pytest.mark.slow  # importing sae-lens alone takes ~10-25 s on the 2-core CPU
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_peer.py"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
+]  # importing sae-lens alone takes ~10-25 s on the 2-core CPU
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_peer", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peer"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny steps: on a shared 2-core machine two threads mostly wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    return load_script("bench_peer")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,9 @@ hard regime, training.md) L1 and KL fall to MCC ~0.8 here."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_script
 
 pytest.importorskip("sae_lens")
 
@@ -22,27 +19,15 @@ from sae_lens_lite import recipes  # noqa: E402
 from sae_lens_lite.sae import SAEConfig  # noqa: E402
 from sae_lens_lite.train import TrainConfig, train_on_batches  # noqa: E402
 
-pytestmark = pytest.mark.slow  # importing sae-lens alone takes ~10-25 s on the 2-core CPU
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
+]  # importing sae-lens alone takes ~10-25 s on the 2-core CPU
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny steps: on a shared 2-core machine two threads mostly wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    return load_script("bench_quality")
 
 
 @pytest.fixture(scope="module")
