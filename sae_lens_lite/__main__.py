@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from sae_lens_lite.cli import main
 
 sys.exit(main())

@@ -9,10 +9,10 @@ import json
 import os
 import sys
 
-from . import __version__
-from .config import add_dataclass_args, from_namespace, load_run_file
-from .errors import UserError
-from .outputs import plural
+from sae_lens_lite import __version__
+from sae_lens_lite.config import add_dataclass_args, from_namespace, load_run_file
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.outputs import plural
 
 EPILOG = """\
 typical session:
@@ -34,15 +34,15 @@ settings is left as it is; --overwrite redoes it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .analyze import AnalyzeConfig
-    from .compare import CompareConfig
-    from .evaluate import EvalConfig
-    from .export import ExportConfig, ImportConfig
-    from .harvest import HarvestConfig
-    from .intervene import AttributeConfig, SteerConfig
-    from .probe import ProbeConfig
-    from .sweep import SweepConfig
-    from .train_config import TrainConfig
+    from sae_lens_lite.data.harvest import HarvestConfig
+    from sae_lens_lite.evaluation.compare import CompareConfig
+    from sae_lens_lite.evaluation.evaluate import EvalConfig
+    from sae_lens_lite.evaluation.probe import ProbeConfig
+    from sae_lens_lite.export import ExportConfig, ImportConfig
+    from sae_lens_lite.interpret.analyze import AnalyzeConfig
+    from sae_lens_lite.interpret.intervene import AttributeConfig, SteerConfig
+    from sae_lens_lite.interpret.sweep import SweepConfig
+    from sae_lens_lite.training.train_config import TrainConfig
 
     p = argparse.ArgumentParser(
         prog="sae-lite",
@@ -125,22 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
 def dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "run":
-        from .pipeline import run_pipeline
+        from sae_lens_lite.pipeline import run_pipeline
 
         run_pipeline(load_run_file(args.config, args.overrides))
         return 0
     if cmd == "info":
-        from .info import describe
+        from sae_lens_lite.info import describe
 
         print(describe(args.path))
         return 0
     if cmd == "hooks":
-        from .models import hook_names, load_model
+        from sae_lens_lite.data.models import hook_names, load_model
 
         print("\n".join(hook_names(load_model(args.model).model)))
         return 0
     if cmd == "cache":
-        from .cache import ActivationCache
+        from sae_lens_lite.data.cache import ActivationCache
 
         c = ActivationCache.open(args.dir)
         if args.cache_command == "verify":
@@ -154,15 +154,15 @@ def dispatch(args: argparse.Namespace) -> int:
             print(json.dumps({k: v for k, v in c.manifest.items() if k not in ("shards", "harvest_config")}, indent=2))
         return 0
 
-    from .analyze import analyze
-    from .compare import compare
-    from .evaluate import evaluate
-    from .export import export, import_cmd
-    from .harvest import harvest
-    from .intervene import attribute, steer
-    from .probe import probe
-    from .sweep import sweep
-    from .train import train
+    from sae_lens_lite.data.harvest import harvest
+    from sae_lens_lite.evaluation.compare import compare
+    from sae_lens_lite.evaluation.evaluate import evaluate
+    from sae_lens_lite.evaluation.probe import probe
+    from sae_lens_lite.export import export, import_cmd
+    from sae_lens_lite.interpret.analyze import analyze
+    from sae_lens_lite.interpret.intervene import attribute, steer
+    from sae_lens_lite.interpret.sweep import sweep
+    from sae_lens_lite.training.train import train
 
     fn = {
         "harvest": harvest,

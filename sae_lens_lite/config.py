@@ -16,7 +16,7 @@ import tomllib
 import typing
 from pathlib import Path
 
-from .errors import UserError
+from sae_lens_lite.errors import UserError
 
 
 def opt(default, help: str, **kw):

@@ -29,16 +29,16 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from . import __version__
-from .config import opt
-from .errors import UserError
-from .fsutil import prepare_out_dir, save_safetensors_atomic, sha256_file, write_json_atomic
-from .outputs import existing, fingerprint, finish, read_record, settings_of, warn
-from .sae import CONFIG_FILE as OUR_CONFIG
-from .sae import SAE, SAEConfig
-from .sae import WEIGHTS_FILE as OUR_WEIGHTS
-from .transcoder_set import CONFIG as TRANSCODER_SET_CONFIG
-from .transcoder_set import find_layers, save_transcoder_set
+from sae_lens_lite import __version__
+from sae_lens_lite.config import opt
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.fsutil import prepare_out_dir, save_safetensors_atomic, sha256_file, write_json_atomic
+from sae_lens_lite.outputs import existing, fingerprint, finish, read_record, settings_of, warn
+from sae_lens_lite.training.sae import CONFIG_FILE as OUR_CONFIG
+from sae_lens_lite.training.sae import SAE, SAEConfig
+from sae_lens_lite.training.sae import WEIGHTS_FILE as OUR_WEIGHTS
+from sae_lens_lite.transcoder_set import CONFIG as TRANSCODER_SET_CONFIG
+from sae_lens_lite.transcoder_set import find_layers, save_transcoder_set
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -203,7 +203,7 @@ def firing_frequency(sae: SAE, features: dict[int, dict], acts: str | None, batc
         return torch.tensor([float(features[i]["frequency"]) for i in range(sae.d_sae)])
     if not acts:
         return None
-    from .cache import ActivationCache
+    from sae_lens_lite.data.cache import ActivationCache
 
     cache = ActivationCache.open(acts)
     hook = cache.manifest.get("hook")
@@ -539,7 +539,7 @@ def import_cmd(cfg: ImportConfig) -> Path:
 def read_analysis(analysis: str | os.PathLike, d_sae: int) -> dict[int, dict]:
     """{feature id: {rank, score, frequency, top_tokens, top_contexts, logit_lens}} from the
     features.json of `sae-lite analyze` (its schema: features.Feature), token ids turned into text."""
-    from .features import read_features
+    from sae_lens_lite.interpret.features import read_features
 
     data = read_features(analysis, d_sae)
     vocab = data["vocab"]

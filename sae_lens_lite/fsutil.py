@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError
+from sae_lens_lite.errors import UserError
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

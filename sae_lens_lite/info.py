@@ -10,8 +10,8 @@ import json
 import math
 from pathlib import Path
 
-from .errors import UserError
-from .outputs import fingerprint, pct, plural, read_record
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.outputs import fingerprint, pct, plural, read_record
 
 
 def describe(path: str) -> str:
@@ -21,9 +21,9 @@ def describe(path: str) -> str:
         raise UserError(f"{path} not found")
     if p.is_file():
         p = p.parent
-    from .cache import per_hook_caches
-    from .export import DICT_HEADER, SAELENS_CFG, SAELENS_WEIGHTS
-    from .sae import CONFIG_FILE, WEIGHTS_FILE
+    from sae_lens_lite.data.cache import per_hook_caches
+    from sae_lens_lite.export import DICT_HEADER, SAELENS_CFG, SAELENS_WEIGHTS
+    from sae_lens_lite.training.sae import CONFIG_FILE, WEIGHTS_FILE
 
     if (p / "manifest.json").exists():
         lines = _cache(p)
@@ -82,7 +82,7 @@ def _cache_state(p: Path, m: dict) -> str:
 
 
 def _per_hook_caches(p: Path) -> list[str]:
-    from .cache import per_hook_caches, read_manifest
+    from sae_lens_lite.data.cache import per_hook_caches, read_manifest
 
     hooks = per_hook_caches(p)
     lines = [
@@ -96,7 +96,7 @@ def _per_hook_caches(p: Path) -> list[str]:
 
 
 def _cache(p: Path) -> list[str]:
-    from .cache import read_manifest
+    from sae_lens_lite.data.cache import read_manifest
 
     m = read_manifest(p)
     n_ctx, n_shards = m["n_contexts"], len(m["shards"])
@@ -122,7 +122,7 @@ def _cache(p: Path) -> list[str]:
 
 
 def _sae(p: Path) -> list[str]:
-    from .sae import SAE
+    from sae_lens_lite.training.sae import SAE
 
     sae = SAE.load(p)
     c, meta = sae.cfg, sae.cfg.meta
@@ -250,7 +250,7 @@ def _analysis(p: Path) -> list[str]:
 
 
 def _dictionary(p: Path) -> list[str]:
-    from .export import DICT_FEATURES, DICT_HEADER
+    from sae_lens_lite.export import DICT_FEATURES, DICT_HEADER
 
     h = json.loads((p / DICT_HEADER).read_text())
     with open(p / DICT_FEATURES) as f:
@@ -266,7 +266,7 @@ def _dictionary(p: Path) -> list[str]:
 
 
 def _saelens(p: Path) -> list[str]:
-    from .export import SAELENS_CFG, SAELENS_SPARSITY
+    from sae_lens_lite.export import SAELENS_CFG, SAELENS_SPARSITY
 
     c = json.loads((p / SAELENS_CFG).read_text())
     meta = c.get("metadata") or {}

@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .errors import UserError
-from .fsutil import sha256_file, write_json_atomic
+from sae_lens_lite import __version__
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.fsutil import sha256_file, write_json_atomic
 
 RECORD = "provenance.json"
 # Config fields that say where to write or how fast, not what to compute.

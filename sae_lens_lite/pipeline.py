@@ -16,16 +16,16 @@ import re
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .analyze import AnalyzeConfig, analyze
-from .config import build
-from .corpus import corpus_tokens
-from .errors import UserError
-from .evaluate import EvalConfig, evaluate, same_corpus
-from .export import ExportConfig, export
-from .harvest import HarvestConfig, harvest
-from .outputs import RECORD, plural, read_record
-from .train import check_config, train
-from .train_config import TrainConfig
+from sae_lens_lite.config import build
+from sae_lens_lite.data.corpus import corpus_tokens
+from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.evaluation.evaluate import EvalConfig, evaluate, same_corpus
+from sae_lens_lite.export import ExportConfig, export
+from sae_lens_lite.interpret.analyze import AnalyzeConfig, analyze
+from sae_lens_lite.outputs import RECORD, plural, read_record
+from sae_lens_lite.training.train import check_config, train
+from sae_lens_lite.training.train_config import TrainConfig
 
 STAGES = ("harvest", "train", "evaluate", "analyze", "export")
 DEFAULT_OUT = "runs/run"  # where a run file without `out` writes

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import UserError
+from sae_lens_lite.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The CPU features the fast training paths depend on (loss.py), named in every CPU benchmark figure.

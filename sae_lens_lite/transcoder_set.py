@@ -25,9 +25,9 @@ import json
 import re
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import save_safetensors_atomic, write_text_atomic
-from .sae import CONFIG_FILE, SAE
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.fsutil import save_safetensors_atomic, write_text_atomic
+from sae_lens_lite.training.sae import CONFIG_FILE, SAE
 
 CONFIG = "config.yaml"
 INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out"  # circuit-tracer's names for the MLP's input and output

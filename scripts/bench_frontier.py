@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.evaluate import EvalConfig, ReconStats, evaluate
-from sae_lens_lite.harvest import HarvestConfig, harvest
-from sae_lens_lite.recipes.matryoshka import prefixes
-from sae_lens_lite.sae import SAE
-from sae_lens_lite.train import TrainConfig, train
+from sae_lens_lite.data.cache import ActivationCache
+from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.evaluation.evaluate import EvalConfig, ReconStats, evaluate
+from sae_lens_lite.training.recipes.matryoshka import prefixes
+from sae_lens_lite.training.sae import SAE
+from sae_lens_lite.training.train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETTINGS = {  # name: TrainConfig overrides

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from sae_lens_lite.intervene import load, positions, steering_edit
-from sae_lens_lite.models import edit_hook, generate
+from sae_lens_lite.data.models import edit_hook, generate
+from sae_lens_lite.interpret.intervene import load, positions, steering_edit
 
 
 def recompute(lm, ids, n, hook, edit_for):

@@ -23,10 +23,10 @@ import time
 import torch
 
 from sae_lens_lite import runtime
-from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.corpus import load_texts, tokenize_corpus
-from sae_lens_lite.harvest import HarvestConfig, harvest
-from sae_lens_lite.models import blocks, hook_point, load_model
+from sae_lens_lite.data.cache import ActivationCache
+from sae_lens_lite.data.corpus import load_texts, tokenize_corpus
+from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.models import blocks, hook_point, load_model
 from sae_lens_lite.runtime import model_dtype, resolve_device
 
 

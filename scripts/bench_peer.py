@@ -75,14 +75,15 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from sae_lens_lite import recipes, runtime
-from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.evaluate import ReconStats, SparsityStats, paired_difference
+from sae_lens_lite import runtime
+from sae_lens_lite.data.cache import ActivationCache
+from sae_lens_lite.evaluation.evaluate import ReconStats, SparsityStats, paired_difference
 from sae_lens_lite.export import import_sae
-from sae_lens_lite.recipes import jumprelu, matryoshka
 from sae_lens_lite.runtime import resolve_device
-from sae_lens_lite.sae import SAE, SAEConfig
-from sae_lens_lite.train import (
+from sae_lens_lite.training import recipes
+from sae_lens_lite.training.recipes import jumprelu, matryoshka
+from sae_lens_lite.training.sae import SAE, SAEConfig
+from sae_lens_lite.training.train import (
     INIT_TOKENS,
     LAMBDA_WARMUP,
     LR_DECAY,
@@ -414,7 +415,7 @@ def add_ce(
     device: str,
 ) -> None:
     """CE loss recovered and KL by our evaluate on held-out WikiText-2, for each SAE of one setting."""
-    from sae_lens_lite.evaluate import EvalConfig, evaluate
+    from sae_lens_lite.evaluation.evaluate import EvalConfig, evaluate
 
     for row in rows:
         sae = saes[row["trainer"]]
@@ -510,7 +511,7 @@ def harvest_caches(
 ) -> tuple[Path, Path]:
     """The training cache (`acts`, or harvested from every shared corpus but WikiText-2 test) and a
     held-out one (WikiText-2 test) at its hook; harvests are reused when complete."""
-    from sae_lens_lite.harvest import HarvestConfig, harvest
+    from sae_lens_lite.data.harvest import HarvestConfig, harvest
 
     if acts:
         hook = ActivationCache.open(acts).manifest["hook"]
@@ -607,7 +608,7 @@ def main():
 
     lm = None
     if args.ce:
-        from sae_lens_lite.models import load_model
+        from sae_lens_lite.data.models import load_model
 
         lm = load_model(cache.manifest["model"], device)
     rows = []

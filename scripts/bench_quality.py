@@ -33,12 +33,12 @@ import time
 
 import torch
 
-from sae_lens_lite import recipes
 from sae_lens_lite.export import save_saelens
-from sae_lens_lite.recipes import matryoshka
-from sae_lens_lite.sae import SAEConfig
-from sae_lens_lite.synthetic import Superposition, make_superposition, mcc, mean_max_cosine, zipf_probs
-from sae_lens_lite.train import TrainConfig, train_on_batches
+from sae_lens_lite.training import recipes
+from sae_lens_lite.training.recipes import matryoshka
+from sae_lens_lite.training.sae import SAEConfig
+from sae_lens_lite.training.synthetic import Superposition, make_superposition, mcc, mean_max_cosine, zipf_probs
+from sae_lens_lite.training.train import TrainConfig, train_on_batches
 
 EVAL_SAMPLES = 100_000  # the saelens regime's evaluation (eval_sae_on_synthetic_data's default)
 SAELENS_L1 = 0.3  # l1_coefficient of SAELens's L1 anchor: lands near our target L0 on this data

@@ -24,11 +24,12 @@ from dataclasses import replace
 
 import torch
 
-from sae_lens_lite import recipes, runtime
-from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.loss import sparse_max_density, step_terms, total_loss, use_sparse
-from sae_lens_lite.sae import SAE, SAEConfig
-from sae_lens_lite.train import TrainConfig, autocast_dtype, init_from_data
+from sae_lens_lite import runtime
+from sae_lens_lite.data.cache import ActivationCache
+from sae_lens_lite.training import recipes
+from sae_lens_lite.training.loss import sparse_max_density, step_terms, total_loss, use_sparse
+from sae_lens_lite.training.sae import SAE, SAEConfig
+from sae_lens_lite.training.train import TrainConfig, autocast_dtype, init_from_data
 
 
 def inputs(args) -> torch.Tensor:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from sae_lens_lite import recipes
-from sae_lens_lite import train as train_mod
-from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.sae import SAEConfig
-from sae_lens_lite.synthetic import make_superposition
-from sae_lens_lite.train import TrainConfig, train_on_batches
+from sae_lens_lite.data.cache import ActivationCache
+from sae_lens_lite.training import recipes
+from sae_lens_lite.training import train as train_mod
+from sae_lens_lite.training.sae import SAEConfig
+from sae_lens_lite.training.synthetic import make_superposition
+from sae_lens_lite.training.train import TrainConfig, train_on_batches
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_peer import Setup, epoch_batches, score, train_ours  # noqa: E402

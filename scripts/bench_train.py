@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 
 from sae_lens_lite import runtime
-from sae_lens_lite.cache import ActivationCache, CacheWriter
-from sae_lens_lite.recipes import RECIPES
+from sae_lens_lite.data.cache import ActivationCache, CacheWriter
 from sae_lens_lite.runtime import resolve_device
-from sae_lens_lite.synthetic import make_superposition
-from sae_lens_lite.train import TrainConfig, autocast_dtype, train
+from sae_lens_lite.training.recipes import RECIPES
+from sae_lens_lite.training.synthetic import make_superposition
+from sae_lens_lite.training.train import TrainConfig, autocast_dtype, train
 
 
 def sync(device):

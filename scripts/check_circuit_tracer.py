@@ -5,7 +5,7 @@ its own and imports nothing from sae_lens_lite:
 
     python -m venv ct-venv && ct-venv/bin/pip install circuit-tracer==0.5.0 torch
     ct-venv/bin/python scripts/check_circuit_tracer.py --set runs/ct-set \
-        --model ~/.cache/sae_lens_lite/models/SmolLM2-135M-Instruct.Q4_1-<hash> --prompt "def add(a, b):"
+        --model ~/.cache/sae_lens_lite/data/models/SmolLM2-135M-Instruct.Q4_1-<hash> --prompt "def add(a, b):"
 
 --model is a local model directory (sae-lite converts the smollm2-135m GGUF into one the first
 time it loads it), read offline by circuit-tracer's nnsight backend. Prints what loaded, each

@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from sae_lens_lite.evaluate import next_token_logprobs
-from sae_lens_lite.intervene import ablation_effects, attribution, direction, encode_prompt, load, positions
-from sae_lens_lite.models import edit_hook, generate
+from sae_lens_lite.data.models import edit_hook, generate
+from sae_lens_lite.evaluation.evaluate import next_token_logprobs
+from sae_lens_lite.interpret.intervene import ablation_effects, attribution, direction, encode_prompt, load, positions
 
 STEER_PROMPTS = ["The", "In this section, we", "My favourite thing is", "Note that the"]
 ATTR_PROMPTS = [

@@ -9,9 +9,9 @@ resume if interrupted: run the script again. Takes no options: the settings are 
 import argparse
 from pathlib import Path
 
-from sae_lens_lite.harvest import HarvestConfig, harvest
-from sae_lens_lite.sae import SAE
-from sae_lens_lite.train import TrainConfig, train
+from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.training.sae import SAE
+from sae_lens_lite.training.train import TrainConfig, train
 
 MODEL = "smollm2-135m"
 HOOK = "blocks.6.hook_resid_post"

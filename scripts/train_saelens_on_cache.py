@@ -16,7 +16,7 @@ import itertools
 
 import torch
 
-from sae_lens_lite.cache import ActivationCache
+from sae_lens_lite.data.cache import ActivationCache
 
 
 def batches(cache: ActivationCache, batch_size: int):

@@ -86,7 +86,7 @@ FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]
 
 @pytest.fixture
 def tiny_lm():
-    from sae_lens_lite.models import LoadedModel
+    from sae_lens_lite.data.models import LoadedModel
 
     model = tiny_model("llama")
     return LoadedModel(model, tiny_tokenizer(), "tiny-llama", "memory", "0" * 16)

@@ -1,9 +1,9 @@
-"""Absorption and feature splitting (sae_lens_lite/absorption.py) on a dictionary built to absorb:
+"""Absorption and feature splitting (sae_lens_lite/evaluation/absorption.py) on a dictionary built to absorb:
 the planted rate and the planted number of split latents must come back."""
 
 import torch
 
-from sae_lens_lite.absorption import (
+from sae_lens_lite.evaluation.absorption import (
     FirstLetterData,
     absorption_fractions,
     absorption_scores,
@@ -115,7 +115,7 @@ def test_f1():
 
 
 def test_word_activations_equal_a_full_forward_of_each_prompt(tiny_lm):
-    from sae_lens_lite.models import run_to_hooks
+    from sae_lens_lite.data.models import run_to_hooks
 
     hook = "blocks.1.hook_resid_post"
     words = vocabulary_words(tiny_lm.tokenizer, per_letter=3, seed=0)

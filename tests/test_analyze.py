@@ -5,7 +5,10 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from sae_lens_lite.analyze import (
+from sae_lens_lite.data.cache import ActivationCache, CacheWriter
+from sae_lens_lite.data.models import LoadedModel
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.interpret.analyze import (
     N_BINS,
     AnalyzeConfig,
     analyze,
@@ -16,10 +19,7 @@ from sae_lens_lite.analyze import (
     ordered_batches,
     window_activations,
 )
-from sae_lens_lite.cache import ActivationCache, CacheWriter
-from sae_lens_lite.errors import UserError
-from sae_lens_lite.models import LoadedModel
-from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.training.sae import SAE, SAEConfig
 
 D = 32  # the tiny models' hidden size
 
@@ -243,7 +243,7 @@ def test_refuses_what_it_cannot_do(tmp_path):
 
 
 def test_canonical_ids_merge_case_and_spacing_variants_only():
-    from sae_lens_lite.analyze import canonical_ids
+    from sae_lens_lite.interpret.analyze import canonical_ids
 
     class Tok:
         texts = [" index", "Index", "index", " the", "\n", " ", "The", "indexes"]
@@ -310,7 +310,7 @@ def test_all_dead_sae_and_one_token_cache_give_a_valid_analysis(tmp_path, case):
 
 
 def test_read_features_checks_the_schema(tmp_path):
-    from sae_lens_lite.features import FORMAT, Feature, read_features
+    from sae_lens_lite.interpret.features import FORMAT, Feature, read_features
 
     synthetic(tmp_path)
     run(tmp_path)

@@ -15,7 +15,7 @@ from conftest import load_script
 
 pytest.importorskip("sae_lens")
 
-from sae_lens_lite.synthetic import make_superposition  # noqa: E402
+from sae_lens_lite.training.synthetic import make_superposition  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -88,7 +88,7 @@ def saelens_sae(penalty: str):
     )
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    from sae_lens_lite.recipes.matryoshka import prefixes
+    from sae_lens_lite.training.recipes.matryoshka import prefixes
 
     size = dict(d_in=32, d_sae=64)
     return {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_lens_lite.browser import page_data, render, write_page
+from sae_lens_lite.interpret.browser import page_data, render, write_page
 
 XSS = ["<script>window.__xss=1</script>", "<img src=x onerror=window.__xss=2>", "</script><b>x"]
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -350,7 +350,7 @@ def test_forty_thousand_features_load_lazily(browser, tmp_path):
 
 def test_the_synthetic_analysis_fits_the_schema_of_features_json():
     """The page is built from features.json; the hand-made analysis above must keep its schema."""
-    from sae_lens_lite.features import Analysis, Feature
+    from sae_lens_lite.interpret.features import Analysis, Feature
 
     a = synthetic_analysis(n_features=5)
     assert set(Analysis.__required_keys__) - set(a) <= {

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sae_lens_lite.cache import ActivationCache, CacheWriter
+from sae_lens_lite.data.cache import ActivationCache, CacheWriter
 from sae_lens_lite.errors import UserError
 
 PROV = {"model": "m", "hook": "h", "dtype": "float32", "context_length": 4, "contexts_per_shard": 5}
@@ -65,7 +65,7 @@ def test_incomplete_cache_and_second_writer_are_refused(tmp_path):
 
 
 def test_full_disk_leaves_no_shard_that_looks_complete(tmp_path, monkeypatch):
-    import sae_lens_lite.cache as cache_mod
+    import sae_lens_lite.data.cache as cache_mod
 
     w = CacheWriter(tmp_path / "c", PROV, d_model=3)
 

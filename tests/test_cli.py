@@ -119,8 +119,8 @@ def tiny_run(tmp_path, corpus_file, **sections):
 @pytest.fixture
 def tiny_pipeline(tiny_lm, monkeypatch):
     import sae_lens_lite.pipeline as pipeline
-    from sae_lens_lite.evaluate import evaluate
-    from sae_lens_lite.harvest import harvest
+    from sae_lens_lite.data.harvest import harvest
+    from sae_lens_lite.evaluation.evaluate import evaluate
 
     monkeypatch.setitem(pipeline.FUNCS, "harvest", lambda cfg: harvest(cfg, lm=tiny_lm))
     monkeypatch.setitem(pipeline.FUNCS, "evaluate", lambda cfg: evaluate(cfg, lm=tiny_lm))
@@ -275,7 +275,7 @@ def test_train_sae_script_harvest_fits_the_default_corpus(tmp_path):
     leaves evaluate's default tokens held out after it."""
     import ast
 
-    from sae_lens_lite.corpus import corpus_tokens
+    from sae_lens_lite.data.corpus import corpus_tokens
     from sae_lens_lite.pipeline import plan
 
     consts = {
@@ -291,7 +291,7 @@ def test_train_sae_script_harvest_fits_the_default_corpus(tmp_path):
 
 def test_run_file_advice_names_run_file_keys():
     from sae_lens_lite.pipeline import run_file_advice
-    from sae_lens_lite.train import TrainConfig
+    from sae_lens_lite.training.train import TrainConfig
 
     msg = (
         "runs/sae holds a run with different settings (l1); use the same flags to resume, another "

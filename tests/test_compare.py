@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from sae_lens_lite.cli import main
-from sae_lens_lite.compare import CompareConfig, compare, curve_sizes
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluate import EvalConfig, evaluate
+from sae_lens_lite.evaluation.compare import CompareConfig, compare, curve_sizes
+from sae_lens_lite.evaluation.evaluate import EvalConfig, evaluate
 from sae_lens_lite.export import import_sae, save_saelens
-from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.training.sae import SAE, SAEConfig
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from sae_lens_lite.corpus import keep_mask, load_texts
+from sae_lens_lite.data.corpus import keep_mask, load_texts
 from sae_lens_lite.errors import UserError
 
 

@@ -13,14 +13,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import CORPUS_TEXT, tiny_model, tiny_tokenizer
 
-from sae_lens_lite import distributed, recipes, runtime
-from sae_lens_lite.cache import ActivationCache, CacheWriter
+from sae_lens_lite import runtime
+from sae_lens_lite.data.cache import ActivationCache, CacheWriter
+from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.models import LoadedModel
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.harvest import HarvestConfig, harvest
-from sae_lens_lite.models import LoadedModel
-from sae_lens_lite.sae import SAE, SAEConfig
-from sae_lens_lite.synthetic import make_superposition
-from sae_lens_lite.train import TrainConfig, train, train_on_batches
+from sae_lens_lite.training import distributed, recipes
+from sae_lens_lite.training.sae import SAE, SAEConfig
+from sae_lens_lite.training.synthetic import make_superposition
+from sae_lens_lite.training.train import TrainConfig, train, train_on_batches
 
 WORLD = 2
 D, N_ROWS, B = 16, 2048, 64
@@ -300,7 +301,7 @@ def test_torchrun_cli_trains_like_a_single_process(tmp_path):
 
 
 def _sharded_sae(activation):
-    from sae_lens_lite.distributed import ShardedSAE, latent_sum
+    from sae_lens_lite.training.distributed import ShardedSAE, latent_sum
 
     torch.manual_seed(0)  # the same SAE and batch on every rank
     cfg = SAEConfig(d_in=8, d_sae=32, activation=activation, k=5 if activation == "topk" else None)

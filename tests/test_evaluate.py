@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import SHARED_DATA, needs_smollm2, tiny_model
 
-from sae_lens_lite.baselines import fit_pca, fit_vae, kl_to_prior, vae_activity
 from sae_lens_lite.cli import build_parser
 from sae_lens_lite.config import from_namespace
-from sae_lens_lite.corpus import tokenize_corpus
+from sae_lens_lite.data.corpus import tokenize_corpus
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluate import (
+from sae_lens_lite.evaluation.baselines import fit_pca, fit_vae, kl_to_prior, vae_activity
+from sae_lens_lite.evaluation.evaluate import (
     EvalConfig,
     ReconStats,
     SparsityStats,
@@ -26,8 +26,8 @@ from sae_lens_lite.evaluate import (
     sparsity_metrics,
     splice,
 )
-from sae_lens_lite.report import plot_density
-from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.evaluation.report import plot_density
+from sae_lens_lite.training.sae import SAE, SAEConfig
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -237,7 +237,7 @@ def test_zero_sae_gives_the_zero_ablation_loss(tiny_lm, corpus_file, tmp_path):
 
 
 def test_eval_text_skips_the_sae_training_text_by_default(tiny_lm, corpus_file, tmp_path):
-    from sae_lens_lite.harvest import HarvestConfig, harvest
+    from sae_lens_lite.data.harvest import HarvestConfig, harvest
 
     acts = tmp_path / "acts"
     harvest(
@@ -285,7 +285,7 @@ def test_mismatched_model_is_a_user_error(tiny_lm, corpus_file, tmp_path):
 @pytest.mark.slow
 @needs_smollm2
 def test_identity_and_zero_splice_on_real_smollm2(tmp_path):
-    from sae_lens_lite.models import load_model
+    from sae_lens_lite.data.models import load_model
 
     lm = load_model("smollm2-135m")
     text = SHARED_DATA / "wikitext2-test.txt"
@@ -326,7 +326,7 @@ def test_sparsity_on_a_held_out_cache_counts_rare_latents_as_alive(tiny_lm, corp
     of 5000 rows that are -1 everywhere but one row (+1 on coordinate 0 only), latent 0 fires once
     (alive, though 32 eval tokens would call it dead), latents 1-31 never (dead), 32-63 on nearly
     every row (dense)."""
-    from sae_lens_lite.cache import CacheWriter
+    from sae_lens_lite.data.cache import CacheWriter
 
     n, d = 5000, 32
     acts = -torch.ones(n, d)
@@ -448,7 +448,7 @@ def test_outlier_factor_leaves_out_the_positions_harvest_would_drop(tiny_lm, tmp
 
 
 def test_footing_differences_name_each_differing_setting():
-    from sae_lens_lite.evaluate import footing_differences
+    from sae_lens_lite.evaluation.evaluate import footing_differences
 
     f = {
         "model": "m",
@@ -472,7 +472,7 @@ def test_footing_differences_name_each_differing_setting():
 
 
 def test_the_report_notes_when_the_training_cache_filtered_positions_differently():
-    from sae_lens_lite.evaluate import position_warnings
+    from sae_lens_lite.evaluation.evaluate import position_warnings
 
     filters = {"drop_special": True, "drop_first": 1, "outlier_factor": 0.0}
     sae = SAE(
@@ -489,7 +489,7 @@ def test_evaluate_reads_the_split_of_a_hub_dataset_named_by_split(tiny_lm, corpu
     (and compare) read the split named by --split, and skip nothing there by default."""
     import datasets
 
-    from sae_lens_lite.harvest import HarvestConfig, harvest
+    from sae_lens_lite.data.harvest import HarvestConfig, harvest
 
     text = corpus_file.read_text()
     splits = {"train": text, "test": " ".join(reversed(text.split()))}

@@ -5,12 +5,12 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from test_analyze import D, write_cache
 
-from sae_lens_lite import explain
-from sae_lens_lite.analyze import AnalyzeConfig, analyze, canonical_ids
-from sae_lens_lite.contexts import RowContext
+from sae_lens_lite.data.models import LoadedModel
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.models import LoadedModel
-from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.interpret import explain
+from sae_lens_lite.interpret.analyze import AnalyzeConfig, analyze, canonical_ids
+from sae_lens_lite.interpret.contexts import RowContext
+from sae_lens_lite.training.sae import SAE, SAEConfig
 
 N_CTX, T = 64, 32
 

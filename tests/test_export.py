@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sae_lens_lite.cache import CacheWriter
+from sae_lens_lite.data.cache import CacheWriter
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.export import (
     ExportConfig,
@@ -18,7 +18,7 @@ from sae_lens_lite.export import (
     load_dictionary,
     read_analysis,
 )
-from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.training.sae import SAE, SAEConfig
 
 D_IN, D_SAE, K = 16, 48, 6
 
@@ -439,7 +439,7 @@ def test_analysis_that_is_not_ours_or_does_not_fit_the_sae_is_refused(tmp_path):
     for data, msg in (
         ([{"id": 0, "logit_lens": {}}], "not a features.json written by"),
         ({"d_sae": 5, "features": []}, "not a features.json"),
-        ({"format": "sae_lens_lite.features", "version": 1}, "lacks"),
+        ({"format": "sae_lens_lite.interpret.features", "version": 1}, "lacks"),
     ):
         f.write_text(json.dumps(data))
         with pytest.raises(UserError, match=msg):

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from sae_lens_lite.cache import ActivationCache, CacheWriter
-from sae_lens_lite.corpus import load_texts, tokenize_corpus
+from sae_lens_lite.data.cache import ActivationCache, CacheWriter
+from sae_lens_lite.data.corpus import load_texts, tokenize_corpus
+from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.models import run_to_hooks
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.harvest import HarvestConfig, harvest
-from sae_lens_lite.models import run_to_hooks
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -5,14 +5,14 @@ import json
 import pytest
 from test_outputs import hcfg, tcfg
 
-from sae_lens_lite.analyze import AnalyzeConfig, analyze
 from sae_lens_lite.cli import main
+from sae_lens_lite.data.harvest import harvest
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluate import EvalConfig, evaluate
+from sae_lens_lite.evaluation.evaluate import EvalConfig, evaluate
 from sae_lens_lite.export import ExportConfig, export
-from sae_lens_lite.harvest import harvest
 from sae_lens_lite.info import describe
-from sae_lens_lite.train import train
+from sae_lens_lite.interpret.analyze import AnalyzeConfig, analyze
+from sae_lens_lite.training.train import train
 
 
 def test_info_on_a_complete_and_a_partial_cache(tiny_lm, corpus_file, tmp_path, capsys):
@@ -107,7 +107,7 @@ def test_info_on_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
         "same train command to resume (it starts from the beginning)"
     )
     # and the stages that need a finished SAE say what the directory holds
-    from sae_lens_lite.sae import SAE
+    from sae_lens_lite.training.sae import SAE
 
     with pytest.raises(UserError, match="holds a training run that has not finished; run the same sae-lite train"):
         SAE.load(tmp_path)

@@ -5,9 +5,10 @@ import torch
 from conftest import FAMILIES, tiny_model, tiny_tokenizer
 
 from sae_lens_lite.cli import main
+from sae_lens_lite.data.models import LoadedModel, edit_hook, generate, generate_batch, run_to_hooks
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluate import next_token_logprobs
-from sae_lens_lite.intervene import (
+from sae_lens_lite.evaluation.evaluate import next_token_logprobs
+from sae_lens_lite.interpret.intervene import (
     AttributeConfig,
     SteerConfig,
     ablation_effects,
@@ -18,8 +19,7 @@ from sae_lens_lite.intervene import (
     steer,
     steering_edit,
 )
-from sae_lens_lite.models import LoadedModel, edit_hook, generate, generate_batch, run_to_hooks
-from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.training.sae import SAE, SAEConfig
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Sparse autoencoders find"
 

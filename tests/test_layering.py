@@ -1,7 +1,8 @@
 """Data flows one way through sae_lens_lite: a module imports from its own stage or an earlier
 one, never from a later stage (STYLE.md, "Nothing downstream is imported upstream").
 
-The stages, earliest first:
+The stages, earliest first (the modules of data/, training/, evaluation/ and interpret/ are
+stages of their own, in the order below; the folders show the same flow):
 
     foundations   __init__, errors, fsutil, config, outputs, runtime (device, dtype, process group)
     models        load a model, name its hook points
@@ -10,9 +11,9 @@ The stages, earliest first:
     harvest       run the model over a corpus into a cache
     sae           the SAE module; synthetic data with known features
     training      train_config, latents, recipes/ (one per method), loss, distributed (DDP, sharding), train
-    evaluation    baselines, report, evaluate; probing, absorption and probe (k-sparse probing, absorption)
-    analysis      features (the features.json schema), explain, browser/, analyze, intervene, compare
-    export        export (SAELens, dictionaries), info
+    evaluation    baselines, report, evaluate, compare; probing, absorption and probe
+    analysis      features (the features.json schema), explain, contexts, browser/, analyze, intervene, sweep
+    export        export (SAELens, dictionaries), transcoder_set, info
     entry points  pipeline, cli, __main__
 
 Every import counts: at module level, inside a function (a lazy import is a dependency all the
@@ -32,16 +33,29 @@ import sae_lens_lite
 ROOT = "sae_lens_lite"
 PACKAGE = Path(sae_lens_lite.__file__).parent
 
+SUBPACKAGES = {"data", "training", "evaluation", "interpret"}  # folders whose modules are stage entries
 STAGES = [
-    ("foundations", {"__init__", "errors", "fsutil", "config", "outputs", "runtime"}),
-    ("models", {"models"}),
-    ("corpus", {"corpus"}),
-    ("cache", {"cache"}),
-    ("harvest", {"harvest"}),
-    ("sae", {"sae", "synthetic"}),
-    ("training", {"train_config", "latents", "recipes", "loss", "distributed", "train"}),
-    ("evaluation", {"baselines", "report", "evaluate", "probing", "absorption", "probe"}),
-    ("analysis", {"features", "explain", "contexts", "browser", "analyze", "intervene", "sweep", "compare"}),
+    ("foundations", {"__init__", "errors", "fsutil", "config", "outputs", "runtime", *SUBPACKAGES}),
+    ("models", {"data.models"}),
+    ("corpus", {"data.corpus"}),
+    ("cache", {"data.cache"}),
+    ("harvest", {"data.harvest"}),
+    ("sae", {"training.sae", "training.synthetic"}),
+    (
+        "training",
+        {"training.train_config", "training.latents", "training.recipes", "training.loss", "training.distributed"}
+        | {"training.train"},
+    ),
+    (
+        "evaluation",
+        {"evaluation.baselines", "evaluation.report", "evaluation.evaluate", "evaluation.probing"}
+        | {"evaluation.absorption", "evaluation.probe", "evaluation.compare"},
+    ),
+    (
+        "analysis",
+        {"interpret.features", "interpret.explain", "interpret.contexts", "interpret.browser"}
+        | {"interpret.analyze", "interpret.intervene", "interpret.sweep"},
+    ),
     ("export", {"export", "info", "transcoder_set"}),
     ("entry points", {"pipeline", "cli", "__main__"}),
 ]
@@ -49,16 +63,19 @@ STAGE = {unit: i for i, (_, units) in enumerate(STAGES) for unit in units}
 
 
 def module_name(path: str) -> str:
-    """ "recipes/kl.py" → sae_lens_lite.recipes.kl; "browser/__init__.py" → sae_lens_lite.browser."""
+    """ "recipes/kl.py" → sae_lens_lite.training.recipes.kl; "browser/__init__.py" → sae_lens_lite.interpret.browser."""
     parts = [ROOT, *path.removesuffix(".py").split("/")]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def unit_of(module: str) -> str:
-    """The stage entry a module belongs to: its top-level name in the package (a subpackage is one
-    entry with all its modules), "__init__" for the package itself."""
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "__init__"
+    """The stage entry a module belongs to: its name in the package, "folder.name" inside one of
+    SUBPACKAGES (a subpackage below that, such as training/recipes/, is one entry with all its
+    modules), "__init__" for the package itself."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return "__init__"
+    return ".".join(parts[:2]) if parts[0] in SUBPACKAGES else parts[0]
 
 
 def imported_base(path: str, node: ast.ImportFrom) -> str:
@@ -171,26 +188,32 @@ def test_the_checker_reports_violations():
     bad = {
         "__init__.py": "from . import errors\n",
         "errors.py": "",
-        "cache.py": "def shards():\n    from .train import TrainConfig\n",  # a lazy import, by name
-        "corpus.py": "from . import harvest\n",  # a module, from the package
-        "harvest.py": "import sae_lens_lite.evaluate\nfrom .cache import CacheWriter\n",  # absolute; and a legal one
-        "train.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .compare import CompareConfig\n",
-        "recipes/__init__.py": "from ..analyze import Analysis\nfrom .l1 import L1\nfrom .. import runtime\n",
-        "recipes/l1.py": "",
+        "data/__init__.py": "",
+        "data/cache.py": "def shards():\n    from ..training.train import TrainConfig\n",  # a lazy import, by name
+        "data/corpus.py": "from . import harvest\n",  # a module, from the package
+        "data/harvest.py": "import sae_lens_lite.evaluation.evaluate\nfrom .cache import Writer\n",  # abs; legal
+        "training/train.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from sae_lens_lite.evaluation.compare import CompareConfig\n",
+        "training/recipes/__init__.py": "from ...interpret.analyze import Analysis\nfrom .l1 import L1\n"
+        "from sae_lens_lite import runtime\n",
+        "training/recipes/l1.py": "",
         "runtime.py": "",
-        "evaluate.py": "",
-        "compare.py": "",
-        "analyze.py": "",
+        "evaluation/evaluate.py": "",
+        "evaluation/compare.py": "",
+        "interpret/analyze.py": "",
         "newstage.py": "",
+        "data/newstage.py": "",
     }
     problems = check(bad)
     expected = [
-        "cache.py:2 (cache) imports sae_lens_lite.train from a later stage (training)",
-        "corpus.py:1 (corpus) imports sae_lens_lite.harvest from a later stage (harvest)",
-        "harvest.py:1 (harvest) imports sae_lens_lite.evaluate from a later stage (evaluation)",
-        "train.py:3 (training) imports sae_lens_lite.compare from a later stage (analysis)",
-        "recipes/__init__.py:1 (training) imports sae_lens_lite.analyze from a later stage (analysis)",
-        "newstage.py is in no stage",
+        "data/cache.py:2 (cache) imports sae_lens_lite.training.train from a later stage (training)",
+        "data/corpus.py:1 (corpus) imports sae_lens_lite.data.harvest from a later stage (harvest)",
+        "data/harvest.py:1 (harvest) imports sae_lens_lite.evaluation.evaluate from a later stage (evaluation)",
+        "training/train.py:3 (training) imports sae_lens_lite.evaluation.compare from a later stage (evaluation)",
+        "training/recipes/__init__.py:1 (training) imports sae_lens_lite.interpret.analyze from a later stage "
+        "(analysis)",
+        "sae_lens_lite/newstage.py is in no stage",
+        "sae_lens_lite/data/newstage.py is in no stage",
     ]
     for e in expected:
         assert sum(e in p for p in problems) == 1, f"{e!r} not reported once in {problems}"
@@ -204,15 +227,16 @@ def test_no_private_name_is_imported_from_another_module():
 
 def test_the_private_import_checker_reports_violations():
     bad = {
-        "evaluate.py": "def _same_corpus(): ...\ndef _own(): ...\nx = _own()\n",
-        "compare.py": "from .evaluate import EvalConfig, _same_corpus\n",
-        "recipes/l1.py": "from ..sae import _GatheredPre\nfrom .base import __all__\n",
-        "recipes/base.py": "",
-        "sae.py": "",
+        "evaluation/evaluate.py": "def _same_corpus(): ...\ndef _own(): ...\nx = _own()\n",
+        "evaluation/compare.py": "from .evaluate import EvalConfig, _same_corpus\n",
+        "training/recipes/l1.py": "from ..sae import _GatheredPre\nfrom .base import __all__\n",
+        "training/recipes/base.py": "",
+        "training/sae.py": "",
     }
     assert private_imports(bad) == [
-        "sae_lens_lite/compare.py:1 imports the private name _same_corpus from sae_lens_lite.evaluate",
-        "sae_lens_lite/recipes/l1.py:1 imports the private name _GatheredPre from sae_lens_lite.sae",
+        "sae_lens_lite/evaluation/compare.py:1 imports the private name _same_corpus from "
+        "sae_lens_lite.evaluation.evaluate",
+        "sae_lens_lite/training/recipes/l1.py:1 imports the private name _GatheredPre from sae_lens_lite.training.sae",
     ]
 
 
@@ -223,15 +247,17 @@ def test_no_import_circles():
 
 def test_the_circle_checker_reports_circles():
     bad = {
-        "train.py": "from .recipes import get\n",
-        "recipes/__init__.py": "from .l1 import L1\n",
-        "recipes/l1.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..train import TrainConfig\n",
-        "analyze.py": "def page():\n    from .browser import write_page\n",
-        "browser/__init__.py": "from ..analyze import Analysis\n",
-        "sae.py": "",
-        "loss.py": "from .sae import SAE\n",
+        "training/train.py": "from .recipes import get\n",
+        "training/recipes/__init__.py": "from .l1 import L1\n",
+        "training/recipes/l1.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from ..train import TrainConfig\n",
+        "interpret/analyze.py": "def page():\n    from sae_lens_lite.interpret.browser import write_page\n",
+        "interpret/browser/__init__.py": "from ..analyze import Analysis\n",
+        "training/sae.py": "",
+        "training/loss.py": "from .sae import SAE\n",
     }
     assert import_circles(bad) == [
-        "sae_lens_lite.analyze -> sae_lens_lite.browser -> sae_lens_lite.analyze",
-        "sae_lens_lite.recipes -> sae_lens_lite.recipes.l1 -> sae_lens_lite.train -> sae_lens_lite.recipes",
+        "sae_lens_lite.interpret.analyze -> sae_lens_lite.interpret.browser -> sae_lens_lite.interpret.analyze",
+        "sae_lens_lite.training.recipes -> sae_lens_lite.training.recipes.l1 -> sae_lens_lite.training.train"
+        " -> sae_lens_lite.training.recipes",
     ]

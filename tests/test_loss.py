@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sae_lens_lite import latents, loss, recipes
-from sae_lens_lite.loss import _terms, count_positive, total_loss, use_sparse
-from sae_lens_lite.recipes import jumprelu
-from sae_lens_lite.recipes.kl import KL_TAU
-from sae_lens_lite.sae import SAE, SAEConfig
-from sae_lens_lite.train import TrainConfig
+from sae_lens_lite.training import latents, loss, recipes
+from sae_lens_lite.training.loss import _terms, count_positive, total_loss, use_sparse
+from sae_lens_lite.training.recipes import jumprelu
+from sae_lens_lite.training.recipes.kl import KL_TAU
+from sae_lens_lite.training.sae import SAE, SAEConfig
+from sae_lens_lite.training.train import TrainConfig
 
 
 def make(penalty, d_in=8, d_sae=32, **kw):
@@ -78,7 +78,7 @@ def test_batchtopk_keeps_the_k_n_largest_of_the_batch_and_jumprelu_counts_l0():
 
 
 def test_matryoshka_loss_is_the_mean_over_nested_prefixes():
-    from sae_lens_lite.recipes.matryoshka import prefixes
+    from sae_lens_lite.training.recipes.matryoshka import prefixes
 
     torch.manual_seed(0)
     sae, recipe, cfg = make("matryoshka", d_sae=64, k=6)
@@ -232,7 +232,7 @@ def test_a_dead_jumprelu_latent_still_gets_an_encoder_gradient(sparse):
 
 
 def test_batchtopk_threshold_is_the_mean_of_the_cuts_then_a_running_mean():
-    from sae_lens_lite.recipes.batchtopk import THRESHOLD_RATE
+    from sae_lens_lite.training.recipes.batchtopk import THRESHOLD_RATE
 
     torch.manual_seed(0)
     sae, recipe, cfg = make("batchtopk", k=3)
@@ -383,7 +383,7 @@ def test_the_encoder_with_its_relu_has_the_gradients_of_its_definition(autocast,
 def test_only_recipes_with_the_base_relu_and_no_mask_fuse_it_into_the_encoder():
     """plain_relu moves a recipe's activation into the encoder's node: a recipe that changes
     activate() or mask() must not claim it (its own activation would be skipped)."""
-    from sae_lens_lite.recipes.base import Recipe
+    from sae_lens_lite.training.recipes.base import Recipe
 
     for name, cls in recipes.RECIPES.items():
         own = cls.activate is not Recipe.activate or cls.mask is not Recipe.mask

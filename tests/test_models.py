@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_model, tiny_tokenizer
 
+from sae_lens_lite.data.models import blocks, edit_hook, hook_names, hook_point, load_model, run_to_hooks
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.models import blocks, edit_hook, hook_names, hook_point, load_model, run_to_hooks
 
 
 @pytest.mark.parametrize("family", FAMILIES)

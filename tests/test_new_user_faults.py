@@ -13,17 +13,17 @@ from test_cli import tiny_pipeline, tiny_run  # noqa: F401 (a fixture)
 from test_outputs import hcfg, tcfg
 from test_train import small_sae_cfg
 
-from sae_lens_lite import baselines
-from sae_lens_lite.baselines import VAE_STEPS, fit_baselines, vae_steps
-from sae_lens_lite.compare import CompareConfig, compare
-from sae_lens_lite.corpus import load_texts
+from sae_lens_lite.data.corpus import load_texts
+from sae_lens_lite.data.harvest import harvest
+from sae_lens_lite.data.models import load_model
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluate import EvalConfig, evaluate
-from sae_lens_lite.harvest import harvest
+from sae_lens_lite.evaluation import baselines
+from sae_lens_lite.evaluation.baselines import VAE_STEPS, fit_baselines, vae_steps
+from sae_lens_lite.evaluation.compare import CompareConfig, compare
+from sae_lens_lite.evaluation.evaluate import EvalConfig, evaluate
 from sae_lens_lite.info import describe
-from sae_lens_lite.models import load_model
-from sae_lens_lite.synthetic import make_superposition
-from sae_lens_lite.train import TrainConfig, target_l0_missed, train, train_on_batches
+from sae_lens_lite.training.synthetic import make_superposition
+from sae_lens_lite.training.train import TrainConfig, target_l0_missed, train, train_on_batches
 
 
 def _evaluate(tmp_path, corpus_file, lm, sae="sae", **kw):

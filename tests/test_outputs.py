@@ -8,16 +8,16 @@ import os
 import pytest
 import torch
 
-import sae_lens_lite.harvest as harvest_mod
-from sae_lens_lite.analyze import AnalyzeConfig, analyze
-from sae_lens_lite.cache import ActivationCache
+import sae_lens_lite.data.harvest as harvest_mod
+from sae_lens_lite.data.cache import ActivationCache
+from sae_lens_lite.data.harvest import HarvestConfig, harvest
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluate import EvalConfig, _training_dead, evaluate
+from sae_lens_lite.evaluation.evaluate import EvalConfig, _training_dead, evaluate
 from sae_lens_lite.export import ExportConfig, ImportConfig, export, import_cmd
-from sae_lens_lite.harvest import HarvestConfig, harvest
+from sae_lens_lite.interpret.analyze import AnalyzeConfig, analyze
 from sae_lens_lite.outputs import RECORD, fingerprint
-from sae_lens_lite.sae import SAE, SAEConfig
-from sae_lens_lite.train import TrainConfig, train
+from sae_lens_lite.training.sae import SAE, SAEConfig
+from sae_lens_lite.training.train import TrainConfig, train
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -290,7 +290,7 @@ def test_a_stage_refuses_a_directory_holding_another_stages_output(trained, tiny
 
 def test_overwrite_removes_the_record_before_redoing(trained, monkeypatch):
     """An interrupted redo must not leave the old record saying the output is complete."""
-    import sae_lens_lite.train as train_mod
+    import sae_lens_lite.training.train as train_mod
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -1,4 +1,4 @@
-"""`sae-lite probe` (sae_lens_lite/probe.py): one SAE through a labelled task and first_letter on a
+"""`sae-lite probe` (sae_lens_lite/evaluation/probe.py): one SAE through a labelled task and first_letter on a
 tiny model; per-task resume; the rerun rule; the CLI flags."""
 
 import json
@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from sae_lens_lite import probe as probe_mod
 from sae_lens_lite.cli import build_parser
-from sae_lens_lite.probe import FIRST_LETTER, FLOOR, ProbeConfig, probe
-from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.evaluation import probe as probe_mod
+from sae_lens_lite.evaluation.probe import FIRST_LETTER, FLOOR, ProbeConfig, probe
+from sae_lens_lite.training.sae import SAE, SAEConfig
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -87,7 +87,7 @@ def test_cli_maps_tasks_and_ks():
 
 
 def test_compare_probe_gives_each_sae_the_numbers_probe_gives_it(setup, tiny_lm, corpus_file):
-    from sae_lens_lite.compare import CompareConfig, compare
+    from sae_lens_lite.evaluation.compare import CompareConfig, compare
 
     cfg, tmp = setup
     torch.manual_seed(1)

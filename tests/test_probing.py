@@ -1,4 +1,4 @@
-"""k-sparse probing (sae_lens_lite/probing.py) on cases with known answers: a planted latent found at
+"""k-sparse probing (sae_lens_lite/evaluation/probing.py) on cases with known answers: a planted latent found at
 k = 1, the random-direction floor below a trained SAE, the probe itself, pooling and task loading."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.probing import (
+from sae_lens_lite.evaluation.probing import (
     TokenActs,
     balanced_split,
     dense_probe,
@@ -19,9 +19,9 @@ from sae_lens_lite.probing import (
     text_activations,
     top_mean_diff,
 )
-from sae_lens_lite.sae import SAEConfig
-from sae_lens_lite.synthetic import make_superposition
-from sae_lens_lite.train import TrainConfig, train_on_batches
+from sae_lens_lite.training.sae import SAEConfig
+from sae_lens_lite.training.synthetic import make_superposition
+from sae_lens_lite.training.train import TrainConfig, train_on_batches
 
 
 def planted(n: int, d_sae: int, feature: int, seed: int):
@@ -97,7 +97,7 @@ def test_pooling_encodes_each_token_then_averages_per_text():
 
 
 def test_text_activations_drop_the_first_position_and_padding(tiny_lm):
-    from sae_lens_lite.models import run_to_hooks
+    from sae_lens_lite.data.models import run_to_hooks
 
     hook = "blocks.1.hook_resid_post"
     texts = ["The quick brown fox jumps", "A feature"]

@@ -296,25 +296,35 @@ def train_setup(tmp_path_factory):
 
 
 TRAIN_KILLS = {  # name: (checkpoint every, target, cond, when)
-    "before_the_first_checkpoint": ("16000", "sae_lens_lite.train:save_checkpoint", "n == 1", "before"),
-    "between_checkpoints": ("16000", "sae_lens_lite.train:save_checkpoint", "n == 2", "after"),
-    "during_a_checkpoint_write": ("16000", "sae_lens_lite.train:save_safetensors_atomic", "n == 2", "during"),
-    "during_the_final_weights_write": ("16000", "sae_lens_lite.sae:save_safetensors_atomic", "True", "during"),
-    "after_the_final_weights_before_config": ("16000", "sae_lens_lite.sae:write_json_atomic", "True", "before"),
+    "before_the_first_checkpoint": ("16000", "sae_lens_lite.training.train:save_checkpoint", "n == 1", "before"),
+    "between_checkpoints": ("16000", "sae_lens_lite.training.train:save_checkpoint", "n == 2", "after"),
+    "during_a_checkpoint_write": ("16000", "sae_lens_lite.training.train:save_safetensors_atomic", "n == 2", "during"),
+    "during_the_final_weights_write": ("16000", "sae_lens_lite.training.sae:save_safetensors_atomic", "True", "during"),
+    "after_the_final_weights_before_config": (
+        "16000",
+        "sae_lens_lite.training.sae:write_json_atomic",
+        "True",
+        "before",
+    ),
     "before_marking_the_run_complete": (
         "16000",
-        "sae_lens_lite.train:write_json_atomic",
+        "sae_lens_lite.training.train:write_json_atomic",
         "a[1].get('complete')",
         "before",
     ),
     "after_marking_complete_before_cleanup": (
         "16000",
-        "sae_lens_lite.train:write_json_atomic",
+        "sae_lens_lite.training.train:write_json_atomic",
         "a[1].get('complete')",
         "after",
     ),
-    "no_checkpoint_run_mid_training": ("10000000", "sae_lens_lite.train:lr_at", "a[0] == 300", "before"),
-    "no_checkpoint_run_during_final_write": ("10000000", "sae_lens_lite.sae:write_json_atomic", "True", "before"),
+    "no_checkpoint_run_mid_training": ("10000000", "sae_lens_lite.training.train:lr_at", "a[0] == 300", "before"),
+    "no_checkpoint_run_during_final_write": (
+        "10000000",
+        "sae_lens_lite.training.sae:write_json_atomic",
+        "True",
+        "before",
+    ),
 }
 
 
@@ -372,10 +382,14 @@ def harvest_setup(tmp_path_factory):
 
 
 HARVEST_KILLS = {
-    "before_the_first_shard": ("sae_lens_lite.cache:write_shard", "n == 1", "before"),
-    "during_a_shard_write": ("sae_lens_lite.cache:save_file", "n == 3", "during"),
-    "before_marking_the_cache_complete": ("sae_lens_lite.cache:write_json_atomic", "a[1].get('complete')", "before"),
-    "after_marking_complete": ("sae_lens_lite.cache:write_json_atomic", "a[1].get('complete')", "after"),
+    "before_the_first_shard": ("sae_lens_lite.data.cache:write_shard", "n == 1", "before"),
+    "during_a_shard_write": ("sae_lens_lite.data.cache:save_file", "n == 3", "during"),
+    "before_marking_the_cache_complete": (
+        "sae_lens_lite.data.cache:write_json_atomic",
+        "a[1].get('complete')",
+        "before",
+    ),
+    "after_marking_complete": ("sae_lens_lite.data.cache:write_json_atomic", "a[1].get('complete')", "after"),
 }
 
 
@@ -398,7 +412,7 @@ def test_kill_9_of_harvest_at_any_point_then_rerun_gives_the_same_cache(harvest_
 
 
 def _sae_dir(tmp):
-    from sae_lens_lite.sae import SAE, SAEConfig
+    from sae_lens_lite.training.sae import SAE, SAEConfig
 
     return SAE(SAEConfig(d_in=32, d_sae=64, model="tiny", hook="blocks.0.hook_resid_post", context_length=16)).save(
         tmp / "sae"
@@ -408,7 +422,7 @@ def _sae_dir(tmp):
 def _cache_dir(tmp):
     import torch
 
-    from sae_lens_lite.cache import CacheWriter
+    from sae_lens_lite.data.cache import CacheWriter
 
     w = CacheWriter(
         tmp / "acts",
@@ -440,7 +454,7 @@ def _truncate_weights(tmp):
 
 
 def _nan_weights(tmp):
-    from sae_lens_lite.sae import SAE
+    from sae_lens_lite.training.sae import SAE
 
     sae = SAE.load(_sae_dir(tmp))
     sae.W_dec.data[3, 5] = float("nan")

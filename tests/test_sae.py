@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.sae import CONFIG_FILE, SAE, SAEConfig
+from sae_lens_lite.training.sae import CONFIG_FILE, SAE, SAEConfig
 
 
 def random_sae(activation="relu", k=None, scale=1.7, seed=0) -> SAE:

@@ -11,12 +11,12 @@ from test_analyze import run, synthetic
 from test_browser import browser  # noqa: F401  (the Chromium fixture)
 
 from sae_lens_lite.cli import main
+from sae_lens_lite.data.models import LoadedModel, generate, run_to_hooks
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluate import next_token_logprobs
-from sae_lens_lite.intervene import positions
-from sae_lens_lite.models import LoadedModel, generate, run_to_hooks
-from sae_lens_lite.sae import SAE
-from sae_lens_lite.sweep import SweepConfig, best_index, score, sweep
+from sae_lens_lite.evaluation.evaluate import next_token_logprobs
+from sae_lens_lite.interpret.intervene import positions
+from sae_lens_lite.interpret.sweep import SweepConfig, best_index, score, sweep
+from sae_lens_lite.training.sae import SAE
 
 PROMPTS = ["The quick brown", "Sparse autoencoders"]
 
@@ -113,7 +113,7 @@ def test_the_card_shows_the_sweep_in_chromium(tmp_path, browser):  # noqa: F811
     from selenium.webdriver.common.by import By
     from test_browser import synthetic_analysis, wait
 
-    from sae_lens_lite.browser import write_page
+    from sae_lens_lite.interpret.browser import write_page
 
     a = synthetic_analysis(20)
     a["sweep"] = {"times": [0.0, 1.0, 4.0], "prompts": ["The"], "new_tokens": 4, "max_drop": 1.0}

@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import torch
 
-from sae_lens_lite.synthetic import linear_sum_assignment_max, make_superposition, mcc, mean_max_cosine
+from sae_lens_lite.training.synthetic import linear_sum_assignment_max, make_superposition, mcc, mean_max_cosine
 
 
 def test_hungarian_matches_brute_force():

@@ -15,9 +15,9 @@ from conftest import load_script
 
 pytest.importorskip("sae_lens")
 
-from sae_lens_lite import recipes  # noqa: E402
-from sae_lens_lite.sae import SAEConfig  # noqa: E402
-from sae_lens_lite.train import TrainConfig, train_on_batches  # noqa: E402
+from sae_lens_lite.training import recipes  # noqa: E402
+from sae_lens_lite.training.sae import SAEConfig  # noqa: E402
+from sae_lens_lite.training.train import TrainConfig, train_on_batches  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,

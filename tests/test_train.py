@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_lens_lite import recipes, runtime
-from sae_lens_lite import train as train_mod
-from sae_lens_lite.cache import CacheWriter
+from sae_lens_lite import runtime
+from sae_lens_lite.data.cache import CacheWriter
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.sae import SAE, SAEConfig
-from sae_lens_lite.synthetic import make_superposition, mean_max_cosine
-from sae_lens_lite.train import (
+from sae_lens_lite.training import recipes
+from sae_lens_lite.training import train as train_mod
+from sae_lens_lite.training.sae import SAE, SAEConfig
+from sae_lens_lite.training.synthetic import make_superposition, mean_max_cosine
+from sae_lens_lite.training.train import (
     LAMBDA_WARMUP,
     LR_DECAY,
     TrainConfig,
@@ -319,9 +320,9 @@ def test_compiled_loss_trains_like_eager(penalty):
 
 def test_streaming_training_needs_no_cache_and_matches_cache_statistics(tiny_lm, corpus_file, tmp_path):
     """Train straight from the model; the stream yields exactly the rows a harvest would cache."""
-    from sae_lens_lite.cache import ActivationCache
-    from sae_lens_lite.harvest import HarvestConfig, harvest, stream_activations
-    from sae_lens_lite.train import train_streaming
+    from sae_lens_lite.data.cache import ActivationCache
+    from sae_lens_lite.data.harvest import HarvestConfig, harvest, stream_activations
+    from sae_lens_lite.training.train import train_streaming
 
     hcfg = HarvestConfig(
         hooks=["blocks.1.hook_resid_post"],
@@ -422,7 +423,7 @@ def test_a_training_step_never_waits_for_the_device(penalty, extra, monkeypatch)
     line. Count the waiting ops of runs of 3 and 9 steps (one log line each, at the end): any op
     that waits once per step makes the longer run's count larger. The sparse TopK path is run the
     way it runs on CUDA (fixed-shape AuxK selection), with latents dead from the first step."""
-    from sae_lens_lite import latents
+    from sae_lens_lite.training import latents
 
     monkeypatch.setattr(latents, "sync_free", lambda t: True)
     data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
@@ -448,7 +449,7 @@ def test_on_cuda_a_training_step_never_synchronises(penalty, tmp_path, monkeypat
     side-stream prefetch, runs of 3 and 9 steps must warn equally often."""
     import warnings
 
-    from sae_lens_lite import train as train_mod
+    from sae_lens_lite.training import train as train_mod
 
     monkeypatch.setattr(train_mod, "RESIDENT_FRACTION", 0.0)  # stream from disk: the prefetch path
     write_cache(tmp_path / "acts")

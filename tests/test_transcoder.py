@@ -5,15 +5,15 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_model
 
-from sae_lens_lite import recipes
-from sae_lens_lite.cache import ActivationCache
-from sae_lens_lite.corpus import load_texts, tokenize_corpus
+from sae_lens_lite.data.cache import ActivationCache
+from sae_lens_lite.data.corpus import load_texts, tokenize_corpus
+from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.models import blocks, edit_hook, run_to_hooks
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.harvest import HarvestConfig, harvest
-from sae_lens_lite.models import blocks, edit_hook, run_to_hooks
-from sae_lens_lite.sae import SAE, SAEConfig, Transcoder
-from sae_lens_lite.synthetic import make_transcoder_pairs, mcc
-from sae_lens_lite.train import TrainConfig, train, train_on_batches
+from sae_lens_lite.training import recipes
+from sae_lens_lite.training.sae import SAE, SAEConfig, Transcoder
+from sae_lens_lite.training.synthetic import make_transcoder_pairs, mcc
+from sae_lens_lite.training.train import TrainConfig, train, train_on_batches
 
 MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 
@@ -259,7 +259,7 @@ def model_ce(model, ids, mlp_out=None) -> float:
 
 
 def test_evaluate_splices_the_transcoder_in_place_of_the_mlp(tiny_lm, corpus_file, tmp_path):
-    from sae_lens_lite.evaluate import EvalConfig, eval_contexts, evaluate
+    from sae_lens_lite.evaluation.evaluate import EvalConfig, eval_contexts, evaluate
 
     tc = SAE.build(
         SAEConfig(d_in=32, d_sae=64, d_out=32, skip=True, hook=MLP_IN, target_hook=MLP_OUT, context_length=16)
@@ -374,7 +374,7 @@ def layer1_transcoder() -> Transcoder:
 
 
 def test_attribution_adds_up_to_the_mlp_output_times_its_gradient(tiny_lm):
-    from sae_lens_lite.intervene import attribution
+    from sae_lens_lite.interpret.intervene import attribution
 
     tc = layer1_transcoder()
     ids = torch.randint(2, 96, (1, 9))
@@ -400,7 +400,7 @@ def test_attribution_adds_up_to_the_mlp_output_times_its_gradient(tiny_lm):
 
 
 def test_ablating_a_transcoder_latent_removes_its_share_of_the_mlp_output(tiny_lm):
-    from sae_lens_lite.intervene import ablation_effects
+    from sae_lens_lite.interpret.intervene import ablation_effects
 
     tc = layer1_transcoder()
     ids = torch.randint(2, 96, (1, 9))
@@ -424,8 +424,8 @@ def test_ablating_a_transcoder_latent_removes_its_share_of_the_mlp_output(tiny_l
 
 
 def test_measure_saved_scores_the_target_over_every_sampled_row(tmp_path):
-    from sae_lens_lite.cache import CacheWriter
-    from sae_lens_lite.train import measure_saved
+    from sae_lens_lite.data.cache import CacheWriter
+    from sae_lens_lite.training.train import measure_saved
 
     g = torch.Generator().manual_seed(0)
     w = CacheWriter(tmp_path / "big", {"hook": MLP_IN, "target_hook": MLP_OUT, "dtype": "float32"}, 32, d_target=32)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from sae_lens_lite.evaluate import EvalConfig, _training_dead, evaluate
-from sae_lens_lite.sae import SAE, SAEConfig
+from sae_lens_lite.evaluation.evaluate import EvalConfig, _training_dead, evaluate
+from sae_lens_lite.training.sae import SAE, SAEConfig
 
 METRICS = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
 DOCUMENTED = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_.]*)`", METRICS))

@@ -1,0 +1,771 @@
+"""Evaluate an SAE on held-out text: reconstruction, sparsity, and the model's loss with it spliced in.
+
+Every number is defined once, in this module, and in words in docs/metrics.md.
+
+    text → contexts [n_ctx, T]
+    pass 1: forward stopped at the hook → activations x [n, d_in] at the evaluated positions
+            → reconstruction and sparsity metrics (streamed through the SAE); baselines fitted
+    pass 2: per batch, the full model clean, then with x_hat / zeros / the mean spliced in at the
+            hook → sums of CE and KL(clean ‖ spliced)
+    → report.json, report.md, density.png
+
+A transcoder (sae.Transcoder) is scored the same way at the hook it writes (the MLP's output):
+pass 1 reads its input and target hooks together, pass 2 splices its prediction from the input
+recorded in the same forward, and zero/mean ablation replace the MLP's output, so the CE loss
+recovered and KL are measured with the MLP spliced out.
+
+Evaluated positions are chosen by the same filters as the harvest's rows, with the harvest's
+defaults (special tokens and the first position dropped), for every SAE alike, native or
+imported: the SAE is spliced and scored there only. The report's `footing` records them with the
+tokens and the model, and `footing_differences` says why two reports are not comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae_lens_lite.config import check_numbers, opt
+from sae_lens_lite.data.corpus import (
+    DEFAULT_CORPUS,
+    check_context_length,
+    keep_mask,
+    load_texts,
+    position_filters,
+    special_token_ids,
+    tokenize_corpus,
+)
+from sae_lens_lite.data.harvest import HarvestConfig
+from sae_lens_lite.data.models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.evaluation.baselines import fit_baselines, vae_activity
+from sae_lens_lite.evaluation.report import density_histogram, fmt, markdown_summary, plot_density
+from sae_lens_lite.fsutil import claim_out_dir, write_json_atomic, write_text_atomic
+from sae_lens_lite.outputs import existing, fingerprint, finish, pct, settings_of
+from sae_lens_lite.runtime import resolve_device
+from sae_lens_lite.training.sae import SAE
+
+DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense"
+CHUNK = 4096  # rows per SAE/baseline call when streaming over activations
+FIT_ROWS = 65536  # activations read from --acts to fit the baselines
+OUR_FILES = ("report.json", "report.md", "density.png", "provenance.json")
+
+
+@dataclass
+class EvalConfig:
+    sae: str = opt("runs/sae", "SAE directory to evaluate (config.json + sae.safetensors)")
+    model: str | None = opt(None, "model to splice the SAE into; default: the model named in the SAE's config")
+    dataset: str = opt(
+        DEFAULT_CORPUS,
+        "evaluation text (a .txt/.jsonl/.json/.parquet/.csv file, a directory of .txt, 'pydoc' or a hub id); pass "
+        "text held out from training",
+    )
+    text_column: str = opt(
+        HarvestConfig.text_column, "column holding the text in .jsonl/.json/.parquet/.csv/hub corpora"
+    )
+    split: str = opt(HarvestConfig.split, "split of a hub dataset (e.g. test; local files and pydoc have one)")
+    tokens: int = opt(
+        16384, "evaluation tokens, in whole contexts (CPU: the full SmolLM2 does ~1k tokens/s per forward)"
+    )
+    skip_tokens: int | None = opt(
+        None,
+        "skip the corpus's first tokens (rounded up to whole contexts); default: what the SAE's training "
+        "cache took from this corpus, else 0",
+    )
+    # Which positions are spliced and scored: harvest's row filters, with harvest's defaults, so a
+    # native SAE and an imported one (no training cache to ask) are scored on the same positions.
+    drop_special: bool = opt(
+        HarvestConfig.drop_special,
+        "leave BOS/EOS/pad positions unspliced and unscored (as harvest drops them by default)",
+    )
+    drop_first: int = opt(
+        HarvestConfig.drop_first,
+        "leave the first N positions of every context unspliced and unscored (harvest drops position 0 by "
+        "default: an attention sink with a huge norm)",
+    )
+    outlier_factor: float = opt(
+        HarvestConfig.outlier_factor,
+        "also leave positions whose activation norm exceeds this multiple of the median norm over the eval "
+        "text (0 = none; harvest's --outlier-factor)",
+    )
+    context_length: int | None = opt(None, "tokens per context; default: the SAE's training context length")
+    batch_size: int = opt(8, "contexts per forward")
+    device: str = opt("auto", "cpu, cuda, or auto")
+    baselines: bool = opt(
+        True,
+        "also score PCA (k = SAE L0, 2x, 4x) and a Gaussian VAE of the same sizes (the VAEs' fitting adds up to "
+        "~1,500 small training steps, a minute or more on a busy 2-core CPU; --no-baselines skips them)",
+    )
+    acts: str | None = opt(
+        None, "activation cache to fit the baselines on (e.g. the SAE's); default: the first half of the eval contexts"
+    )
+    sparsity_acts: str | None = opt(
+        None,
+        "also count dead and dense latents over this activation cache (harvest held-out text at the SAE's "
+        "hook): the eval tokens are too few to tell rare latents from dead ones",
+    )
+    out: str | None = opt(None, "directory for report.json, report.md and density.png; default: <sae>/eval")
+    overwrite: bool = opt(False, "replace an existing report in --out")
+
+    def __post_init__(self):
+        # context_length >= 2: a context of one token predicts nothing
+        check_numbers(
+            self, tokens="positive", skip_tokens="non-negative", context_length=(2, None), batch_size="positive"
+        )
+
+
+# ---- metrics on activations ---------------------------------------------------------------
+
+
+class ReconStats:
+    """Sums for reconstruction metrics over one set of tokens, added in any number of batches.
+
+    `mean` [d_in] must be that whole set's mean: explained variance is relative to the mean,
+    not to zero (relative to zero it looks near-perfect for any x with a large offset)."""
+
+    def __init__(self, mean: Tensor):
+        self.mean = mean.detach().double()
+        self.sse = self.sst = 0.0
+        self.n = 0
+
+    def add(self, x: Tensor, x_hat: Tensor) -> "ReconStats":
+        x = x.double()  # [n, d_in]
+        self.sse += float((x - x_hat.double()).pow(2).sum())
+        self.sst += float((x - self.mean).pow(2).sum())
+        self.n += x.shape[0]
+        return self
+
+    def result(self) -> dict:
+        d = self.mean.numel()
+        fvu = self.sse / self.sst if self.sst > 0 else None  # undefined if every x is the same
+        return {
+            "mse": self.sse / (self.n * d),  # per element: independent of batch size and d_in
+            "explained_variance": None if fvu is None else 1 - fvu,
+            "fvu": fvu,
+            "n_tokens": self.n,
+        }
+
+
+def reconstruction_metrics(x: Tensor, x_hat: Tensor) -> dict:
+    """mse, explained_variance, fvu of x_hat [n, d_in] against x [n, d_in]."""
+    return ReconStats(x.double().mean(0)).add(x, x_hat).result()
+
+
+class SparsityStats:
+    """Sums for sparsity metrics over latents [n, d_sae], added in any number of batches."""
+
+    def __init__(self, d_sae: int):
+        self.fires = torch.zeros(d_sae, dtype=torch.float64)  # tokens on which each latent is nonzero
+        self.l0 = self.l1 = 0.0
+        self.n = 0
+
+    def add(self, latents: Tensor) -> "SparsityStats":
+        on = latents != 0  # [n, d_sae]
+        self.fires += on.sum(0).double().cpu()
+        self.l0 += float(on.sum())
+        self.l1 += float(latents.double().abs().sum())
+        self.n += latents.shape[0]
+        return self
+
+    def result(self) -> dict:
+        freq = self.fires / self.n  # [d_sae] firing frequency
+        d = freq.numel()
+        dead, dense = int((freq == 0).sum()), int((freq > DENSE_FREQ).sum())
+        return {
+            "l0": self.l0 / self.n,
+            "l1": self.l1 / self.n,
+            "dead": dead,
+            "dead_fraction": dead / d,
+            "dense": dense,
+            "dense_fraction": dense / d,
+            "d_sae": d,
+            "n_tokens": self.n,
+            "firing_frequency": freq,  # tensor; dropped from the JSON report
+        }
+
+
+def sparsity_metrics(latents: Tensor) -> dict:
+    """l0, l1, dead/dense counts and fractions, and per-latent firing frequency of latents [n, d_sae]."""
+    return SparsityStats(latents.shape[1]).add(latents).result()
+
+
+@torch.no_grad()
+def score_reconstruction(reconstruct: Callable[[Tensor], Tensor], x: Tensor, target: Tensor | None = None) -> dict:
+    """reconstruction_metrics of reconstruct(x) against target (default x: an SAE's own input),
+    streamed in chunks (x [n, d_in], target [n, d_out])."""
+    target = x if target is None else target
+    stats = ReconStats(target.double().mean(0))
+    for i in range(0, len(x), CHUNK):
+        stats.add(target[i : i + CHUNK], reconstruct(x[i : i + CHUNK]))
+    return stats.result()
+
+
+@contextlib.contextmanager
+def written_by(sae: SAE, model):
+    """The function that replaces the activation at the hook the SAE writes, for splice(): an
+    SAE's reconstruction of that activation; a transcoder's prediction from its input hook,
+    recorded in the same forward (the MLP's input, read before the MLP's output is replaced)."""
+    if sae.cfg.target_hook is None:
+        yield lambda a: sae(a).x_hat
+        return
+    held: dict[str, Tensor] = {}
+
+    def record(a: Tensor) -> None:
+        held["x"] = a
+
+    with edit_hook(model, sae.cfg.hook, record):
+        yield lambda a: sae(held["x"].reshape(-1, sae.d_in)).x_hat
+
+
+# ---- the model's loss with an activation replaced -----------------------------------------
+
+
+def next_token_logprobs(model, input_ids: Tensor, hook: str | None = None, fn=None) -> Tensor:
+    """log p(next token) [b, T-1, vocab] from positions 0..T-2 of input_ids [b, T]. With `hook`,
+    fn(act [b, T, d]) may return a replacement for the activation there (see models.edit_hook)."""
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        if hook is not None and fn is not None:
+            stack.enter_context(edit_hook(model, hook, fn))
+        logits = model(input_ids=input_ids, use_cache=False).logits  # [b, T, vocab]
+    return logits[:, :-1].float().log_softmax(-1)
+
+
+def token_ce(logp: Tensor, input_ids: Tensor) -> Tensor:
+    """Cross-entropy in nats [b, T-1] of next-token log-probs [b, T-1, vocab]: position t predicts input_ids[:, t+1]."""
+    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def ce_loss(model, input_ids: Tensor, hook: str | None = None, fn=None) -> Tensor:
+    """Per-prediction CE [b, T-1] (nats) of the model on input_ids [b, T], optionally edited at `hook`."""
+    return token_ce(next_token_logprobs(model, input_ids, hook, fn), input_ids)
+
+
+def kl_div(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) per position, in nats; [..., vocab] → [...]."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def ce_loss_recovered(clean: float, spliced: float, ablated: float) -> float | None:
+    """(L_ablated − L_spliced) / (L_ablated − L_clean): 1 = as good as clean, 0 = as bad as ablating."""
+    gap = ablated - clean
+    return None if abs(gap) < 1e-9 else (ablated - spliced) / gap
+
+
+def splice(reconstruct: Callable[[Tensor], Tensor], mask: Tensor):
+    """An edit_hook fn replacing act [b, T, d] by reconstruct(act) where mask [b, T] is True."""
+
+    def fn(act: Tensor) -> Tensor:
+        new = reconstruct(act.reshape(-1, act.shape[-1])).reshape(act.shape).to(act.dtype)
+        return torch.where(mask[..., None], new, act)
+
+    return fn
+
+
+# ---- the evaluation run -------------------------------------------------------------------
+
+
+def eval_contexts(
+    tokenizer,
+    dataset: str,
+    context_length: int,
+    tokens: int,
+    skip_tokens: int,
+    text_column: str = "text",
+    split: str = "train",
+) -> Tensor:
+    """Contexts [n_ctx, T] packed exactly as the harvest packs them, after the first skip_tokens."""
+    skip = math.ceil(skip_tokens / context_length)  # whole contexts: no skipped token leaks in
+    want = max(1, tokens // context_length)
+    texts = load_texts(dataset, split, text_column)
+    ctx = tokenize_corpus(tokenizer, texts, context_length, (skip + want) * context_length)
+    if len(ctx) <= skip:
+        raise UserError(
+            f"{dataset} has only {len(ctx) * context_length} tokens in whole contexts, none left after skipping "
+            f"the first {skip_tokens} (by default, the part the SAE was trained on); pass held-out text with --dataset"
+        )
+    return ctx[skip : skip + want]
+
+
+def split_contexts(lm: LoadedModel, cfg, T: int, skip: int) -> tuple[Tensor, int]:
+    """The evaluation contexts [n_ctx, T] of cfg.dataset after `skip` tokens, and how many of the
+    first ones fit the baselines: with baselines and no --acts, they are fitted on the first half
+    and everything in the comparison table is scored on the second half."""
+    contexts = eval_contexts(lm.tokenizer, cfg.dataset, T, cfg.tokens, skip, cfg.text_column, cfg.split)
+    n_fit = len(contexts) // 2 if cfg.baselines and not cfg.acts else 0
+    if cfg.baselines and not cfg.acts and n_fit == 0:
+        raise UserError(
+            "baselines need at least 2 eval contexts (fit on one half, score on the other); raise --tokens "
+            "or pass --no-baselines"
+        )
+    return contexts, n_fit
+
+
+def hook_activations(
+    lm: LoadedModel, cfg, contexts: Tensor, hook: str, filters: dict, device, target_hook: str | None = None
+) -> tuple:
+    """The activations at `hook` of every position the filters keep: x [n, d] ([x | target] with
+    a target hook), each row's context [n], and the kept mask [n_ctx, T]; refuses text that
+    leaves none."""
+    x, row_ctx, keep = eval_activations(
+        lm.model, contexts, hook, filters, special_token_ids(lm.tokenizer), cfg.batch_size, device, target_hook
+    )
+    if len(x) == 0:
+        raise UserError(
+            f"{cfg.dataset} gave no positions to evaluate on after the position filters {filters}; lower "
+            "--drop-first or --outlier-factor"
+        )
+    return x, row_ctx, keep
+
+
+def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
+    """Evaluate the SAE in cfg.sae; writes report.json, report.md, density.png and returns the report."""
+    times, t0 = {}, time.perf_counter()
+    cfg.__post_init__()
+    device = resolve_device(cfg.device)
+    sae = SAE.load(cfg.sae, device).eval().requires_grad_(False)
+    hook = sae.cfg.hook
+    if not hook:
+        raise UserError(f'{cfg.sae}/config.json names no hook; set "hook" there to where the SAE was trained')
+    written = sae.cfg.target_hook or hook  # where it is spliced: a transcoder writes the MLP's output
+    T = cfg.context_length or sae.cfg.context_length or 128
+    # a wrong cache fails before the model runs
+    held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
+    # the defaults are left out, so that reports written before --text-column and --split existed still match
+    defaults = tuple(k for k in ("text_column", "split") if getattr(cfg, k) == getattr(HarvestConfig, k))
+    settings = settings_of(cfg, ("sae", "acts", "sparsity_acts", "batch_size", *defaults))
+    inputs = {
+        k: fingerprint(v)
+        for k, v in (
+            ("sae", cfg.sae),
+            ("dataset", cfg.dataset),
+            ("acts", cfg.acts),
+            ("sparsity_acts", cfg.sparsity_acts),
+        )
+        if v
+    }
+    where = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval"
+    if existing(where, "evaluate", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
+        return json.loads((where / "report.json").read_text())
+    out = claim_out_dir(
+        Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval",
+        cfg.overwrite,
+        "report.json",
+        OUR_FILES,
+        "an evaluation report",
+    )
+    if lm is None:
+        if not (cfg.model or sae.cfg.model):
+            raise UserError(f"{cfg.sae}/config.json names no model; pass --model")
+        lm = load_model(cfg.model or sae.cfg.model, device)
+    hook_point(lm.model, hook)
+    hook_point(lm.model, written)
+    if lm.d_model != sae.d_in:
+        raise UserError(
+            f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model"
+        )
+    check_context_length(lm, T)
+    trained_on = training_text(sae)
+    skip = cfg.skip_tokens
+    if skip is None:  # keep the eval text disjoint from the SAE's training text by default
+        skip = trained_on[1] if trained_on and same_corpus(trained_on[0], cfg.dataset, trained_on[2], cfg.split) else 0
+    contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
+    filters = position_filters(cfg)
+    times["load"] = time.perf_counter() - t0
+
+    # pass 1: activations at the hook
+    t = time.perf_counter()
+    rows, row_ctx, keep = hook_activations(lm, cfg, contexts, hook, filters, device, sae.cfg.target_hook)
+    x, y = sae.split(rows)  # [n, d_in] read and [n, d_out] written (the same for an SAE); [n], [n_ctx, T]
+    in_score = row_ctx >= n_fit  # [n]
+    mean = y.mean(0)  # [d_out], the mean-ablation value
+    with torch.inference_mode():
+        recon, sparse = ReconStats(mean), SparsityStats(sae.d_sae)
+        for i in range(0, len(x), CHUNK):
+            o = sae(x[i : i + CHUNK])
+            recon.add(y[i : i + CHUNK], o.x_hat)
+            sparse.add(o.latents)
+    recon, sparse = recon.result(), sparse.result()
+    held_out = cache_sparsity(sae, held_cache, device) if held_cache is not None else None
+    times["activations_and_sae"] = time.perf_counter() - t
+
+    # baselines: reconstruct functions, fitted once, scored the same way as the SAE
+    t = time.perf_counter()
+    # Baselines reconstruct the written activation from itself (for a transcoder: a k-dim code of
+    # the MLP's output), the SAE from what it reads.
+    methods: dict[str, Callable[[Tensor], Tensor]] = {}
+    active = {"sae": sparse["l0"]}
+    vae_info = {}
+    if cfg.baselines:
+        fit_x = y[~in_score] if not cfg.acts else fit_activations(cfg.acts, written, sae.d_out, device)
+        for k, (pca, vae) in fit_baselines(fit_x, baseline_sizes(sparse["l0"], sae.d_out)).items():
+            methods[f"pca_{k}"] = pca.reconstruct
+            active[f"pca_{k}"] = float(k)
+            methods[f"vae_{k}"] = vae.reconstruct
+            vae_info[f"vae_{k}"] = vae_activity(vae, y[in_score])
+            active[f"vae_{k}"] = vae_info[f"vae_{k}"]["active_dims_per_token"]
+    times["baselines_fit"] = time.perf_counter() - t
+
+    # pass 2: CE and KL with each method spliced in
+    t = time.perf_counter()
+    with written_by(sae, lm.model) as sae_fn:
+        methods = {"sae": sae_fn, **methods}
+        interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
+        sums = ce_kl_sums(lm.model, contexts, keep, written, interventions, n_fit, cfg.batch_size, device)
+    times["ce_kl"] = time.perf_counter() - t
+
+    ce_all = ce_summary(sums["all"], ["sae"])
+    per_context = dict(sums["contexts"])
+    ce_all["kl_sae_se"], ce_all["sae_se"] = (standard_error(per_context[k]) for k in ("kl_sae", "ce_sae"))
+    report = {
+        "sae": str(cfg.sae),
+        **sae.cfg.provenance(),
+        "model": lm.name,
+        "hook": hook,
+        **({"target_hook": written} if written != hook else {}),
+        "dataset": cfg.dataset,
+        "skip_tokens": skip,
+        "context_length": T,
+        "positions": filters,
+        "n_contexts": len(contexts),
+        "n_predictions": int(sums["all"]["n"]),
+        "n_activations": len(x),
+        "ce": ce_all,
+        "per_context": per_context,  # each context's mean KL and CE with the SAE spliced in
+        "reconstruction": recon,
+        "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"} | _training_dead(sae),
+        "density_histogram": density_histogram(sparse["firing_frequency"]),
+    }
+    if held_out is not None:
+        report["sparsity_on_acts"] = held_out
+    if cfg.baselines:
+        score = sums["score"]
+        table = []
+        for m in methods:
+            ce = ce_summary(score, [m])
+            fit = (lambda a: sae(a).x_hat, x[in_score]) if m == "sae" else (methods[m], y[in_score])
+            row = {"method": m, "active_dims_per_token": active[m], **score_reconstruction(*fit, y[in_score])}
+            row.update(ce_loss=ce[m], ce_loss_recovered=ce[f"{m}_recovered"], kl=ce[f"kl_{m}"])
+            table.append(row | vae_info.get(m, {}))
+        report["baselines"] = {
+            "fit_on": f"activation cache {cfg.acts}" if cfg.acts else f"eval contexts 0..{n_fit - 1}",
+            "scored_on": f"eval contexts {n_fit}..{len(contexts) - 1}",
+            "ce_clean": score["ce/clean"] / score["n"],
+            "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
+            "rows": table,
+        }
+    # the hook it is spliced at: a transcoder's numbers compare with an SAE's at the MLP's output
+    report["footing"] = footing(lm, written, cfg.dataset, skip, contexts, filters, len(x))
+    report["warnings"] = _warnings(cfg.dataset, cfg.split, skip, trained_on, sparse, held_out) + position_warnings(
+        sae, filters
+    )
+    report["config"] = asdict(cfg)
+
+    plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {written}", DENSE_FREQ)
+    report["files"] = {"report": "report.json", "summary": "report.md", "density": "density.png"}
+    times["total"] = time.perf_counter() - t0
+    report["timing_s"] = times
+    write_text_atomic(out / "report.md", markdown_summary(report))
+    write_json_atomic(out / "report.json", report)
+    headline = {
+        "ce_loss_recovered": ce_all["sae_recovered"],
+        "explained_variance": recon["explained_variance"],
+        "l0": sparse["l0"],
+        "dead_fraction": sparse["dead_fraction"],
+        "n_tokens": sparse["n_tokens"],
+    }
+    finish(
+        out,
+        "evaluate",
+        settings,
+        inputs,
+        headline,  # last: its presence marks a finished evaluation
+        f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(ce_all['sae_recovered'], 3)}, EV "
+        f"{fmt(recon['explained_variance'], 3)}, "
+        f"L0 {sparse['l0']:.1f}, dead {pct(sparse['dead_fraction'])} on {sparse['n_tokens']:,} tokens of {cfg.dataset}",
+    )
+    return report
+
+
+def baseline_sizes(l0: float, d_in: int) -> list[int]:
+    """PCA components / VAE latent dims: the SAE's L0 (rounded) and 2x, 4x that, capped at d_in."""
+    k = max(1, round(l0))
+    return sorted({min(d_in, m * k) for m in (1, 2, 4)})
+
+
+def eval_activations(
+    model, contexts, hook, filters: dict, special: set[int], batch_size, device, target_hook: str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Activations [n, d] at the evaluated positions of contexts [n_ctx, T], each row's context
+    index [n], and the evaluated-position mask [n_ctx, T]. The positions are harvest's rows
+    (`keep_mask` with these filters), except that an outlier norm is measured against the median
+    over the whole eval text, not per batch, so that it does not depend on --batch-size. With a
+    target hook (a transcoder's), rows are [x | target] [n, d + d_target], read in the same pass
+    and kept where x is, as a pair harvest keeps them."""
+    acts, targets = [], []
+    for b in tqdm(range(0, len(contexts), batch_size), desc="eval: activations", unit="batch", dynamic_ncols=True):
+        ids = contexts[b : b + batch_size].to(device)  # [b, T]
+        got = run_to_hooks(model, ids, [hook] + ([target_hook] if target_hook else []))
+        acts.append(got[hook].float())  # [b, T, d]
+        if target_hook:
+            targets.append(got[target_hook].float())
+    act = torch.cat(acts)  # [n_ctx, T, d]
+    keep = keep_mask(contexts.to(device), act, special, **filters)  # [n_ctx, T]
+    ctx_idx = torch.arange(len(contexts), device=device)[:, None].expand_as(keep)[keep]
+    rows = torch.cat([act[keep], torch.cat(targets)[keep]], 1) if target_hook else act[keep]
+    return rows, ctx_idx, keep
+
+
+def tokens_hash(contexts: Tensor) -> str:
+    """sha256 prefix of the eval token ids [n_ctx, T]: equal only for the same tokens in the same contexts."""
+    return hashlib.sha256(contexts.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+# What two reports must share for their numbers to be compared (docs/metrics.md, "Comparing").
+FOOTING_KEYS = (
+    "model",
+    "weights_hash",
+    "hook",
+    "dataset",
+    "skip_tokens",
+    "context_length",
+    "n_contexts",
+    "tokens_sha256",
+    "positions",
+    "n_activations",
+)
+
+
+def evaluated_positions(ids: Tensor, special: set[int], drop_first: int) -> Tensor:
+    """Which positions of ids [b, T] an SAE reads when it edits a live model (intervene.py,
+    analyze --steer): not special tokens and not the first `drop_first` (attention sinks)."""
+    return keep_mask(ids, None, special, drop_special=True, drop_first=drop_first, outlier_factor=0.0)
+
+
+def footing(
+    lm: LoadedModel, hook: str, dataset: str, skip: int, contexts: Tensor, filters: dict, n_activations: int
+) -> dict:
+    """The model, hook, tokens and positions a report's numbers were measured on."""
+    return {
+        "model": lm.name,
+        "weights_hash": lm.weights_hash,
+        "hook": hook,
+        "dataset": dataset,
+        "skip_tokens": skip,
+        "context_length": contexts.shape[1],
+        "n_contexts": len(contexts),
+        "tokens_sha256": tokens_hash(contexts),
+        "positions": filters,
+        "n_activations": n_activations,
+    }
+
+
+def footing_differences(a: dict, b: dict) -> list[str]:
+    """Why two reports (or footings) are not comparable, one item per differing setting; [] if they are."""
+    fa, fb = a.get("footing", a), b.get("footing", b)
+    if not all(k in f for f in (fa, fb) for k in FOOTING_KEYS):
+        return ["a report records no footing (written by an older sae-lite); evaluate it again"]
+    out = []
+    for k in FOOTING_KEYS:
+        if k == "positions":
+            out += [
+                f"positions.{p} {fa[k].get(p)} vs {fb[k].get(p)}"
+                for p in sorted(set(fa[k]) | set(fb[k]))
+                if fa[k].get(p) != fb[k].get(p)
+            ]
+        elif fa[k] != fb[k]:
+            out.append(f"{k} {fa[k]} vs {fb[k]}")
+    return out
+
+
+def position_warnings(sae: SAE, filters: dict) -> list[str]:
+    """A note when the SAE's training cache filtered positions differently from this evaluation."""
+    trained = sae.cfg.meta.get("filters") or {}
+    differ = [k for k in ("drop_special", "drop_first", "outlier_factor") if k in trained and trained[k] != filters[k]]
+    if not differ:
+        return []
+    pairs = ", ".join(f"{k} {trained[k]} (here {filters[k]})" for k in differ)
+    return [
+        f"the SAE's training cache filtered positions with {pairs}; every SAE is evaluated with the same "
+        f"setting, pass --{differ[0].replace('_', '-')} to change it"
+    ]
+
+
+def _open_cache(path: str, hook: str, d_in: int, flag: str):
+    """The activation cache at `path`, checked to hold the SAE's hook point and width."""
+    from sae_lens_lite.data.cache import ActivationCache
+
+    cache = ActivationCache.open(path)
+    if cache.manifest.get("hook") != hook or cache.d_model != d_in:
+        raise UserError(
+            f"{flag} {path} holds {cache.manifest.get('hook')} (d={cache.d_model}) but the SAE reads "
+            f"{hook} (d={d_in}); harvest {hook} for it"
+        )
+    if cache.n_tokens == 0:
+        raise UserError(
+            f"{flag} {path} holds no activations (its harvest filters dropped every row); harvest more text"
+        )
+    return cache
+
+
+def fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
+    """Up to FIT_ROWS activations from the leading shards of a cache."""
+    cache = _open_cache(path, hook, d_in, "--acts")
+    rows, n = [], 0
+    for i in range(cache.n_shards):
+        rows.append(cache.read_shard(i, ("activations",))["activations"].float())
+        n += len(rows[-1])
+        if n >= FIT_ROWS:
+            break
+    return torch.cat(rows)[:FIT_ROWS].to(device)
+
+
+@torch.inference_mode()
+def cache_sparsity(sae: SAE, cache, device) -> dict:
+    """Sparsity metrics (SparsityStats) over every activation in an ActivationCache (see
+    _open_cache): with many more tokens than the eval set, a latent that fires once in 100k tokens
+    is not counted as dead."""
+    stats = SparsityStats(sae.d_sae)
+    batches = cache.iter_batches(CHUNK, shuffle=False, device=device)
+    for x in tqdm(
+        batches, total=-(-cache.n_tokens // CHUNK), desc="sparsity on --sparsity-acts", unit="batch", leave=False
+    ):
+        stats.add(sae.encode(x))
+    r = stats.result()
+    del r["firing_frequency"]
+    return {"acts": str(cache.path), **r}
+
+
+@torch.inference_mode()
+def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, device, per_context=("sae",)) -> dict:
+    """Sums of CE (clean and per intervention) and KL(clean ‖ intervention) over all predictions,
+    and over the score split (contexts n_fit..). Baselines run on the score split only. Each
+    intervention is spliced at the positions keep [n_ctx, T] marks; the clean pass is shared.
+    sums["contexts"] holds, for the interventions named in per_context, each context's mean KL
+    and CE ("kl_<name>", "ce_<name>": lists in context order), from which a standard error, or a
+    paired difference between two of them, follows."""
+    sums = {"all": defaultdict(float), "score": defaultdict(float), "contexts": defaultdict(list)}
+    always = ("sae", "zero_ablation", "mean_ablation")
+    # batches never straddle the fit/score boundary
+    starts = [*range(0, n_fit, batch_size), *range(n_fit, len(contexts), batch_size)]
+    for b in tqdm(starts, desc="eval: CE/KL", unit="batch", dynamic_ncols=True):
+        e = min(b + batch_size, n_fit if b < n_fit else len(contexts))
+        ids = contexts[b:e].to(device)  # [b, T]
+        mask = keep[b:e].to(device)  # [b, T]
+        scored = b >= n_fit
+        clean = next_token_logprobs(model, ids)  # [b, T-1, vocab]
+        splits = [sums["all"], sums["score"]] if scored else [sums["all"]]
+        for s in splits:
+            s["n"] += ids.shape[0] * (ids.shape[1] - 1)
+            s["ce/clean"] += float(token_ce(clean, ids).double().sum())
+        for name, reconstruct in interventions.items():
+            if name not in always and not scored:
+                continue
+            logp = next_token_logprobs(model, ids, hook, splice(reconstruct, mask))
+            ce_t, kl_t = token_ce(logp, ids).double(), kl_div(clean, logp).double()  # [b, T-1]
+            ce, kl = float(ce_t.sum()), float(kl_t.sum())
+            if name in per_context:
+                sums["contexts"][f"kl_{name}"] += kl_t.mean(1).tolist()
+                sums["contexts"][f"ce_{name}"] += ce_t.mean(1).tolist()
+            for s in splits:
+                s[f"ce/{name}"] += ce
+                s[f"kl/{name}"] += kl
+    return sums
+
+
+def standard_error(values: list[float]) -> float | None:
+    """The standard error of the mean of per-context values (None below two contexts): contexts,
+    not tokens, are the independent draws, since a context's tokens move together."""
+    if len(values) < 2:
+        return None
+    return float(torch.tensor(values, dtype=torch.float64).std() / len(values) ** 0.5)
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict | None:
+    """mean(a − b) and its standard error for per-context values of two methods on the same
+    contexts: the contexts' own spread cancels, so the error is usually far below either's."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    diff = [x - y for x, y in zip(a, b)]
+    return {"mean": sum(diff) / len(diff), "se": standard_error(diff)}
+
+
+def ce_summary(s: dict, methods: list[str]) -> dict:
+    n = s["n"]
+    clean, zero, mean = s["ce/clean"] / n, s["ce/zero_ablation"] / n, s["ce/mean_ablation"] / n
+    out = {"clean": clean, "zero_ablation": zero, "mean_ablation": mean}
+    for m in methods:
+        out[m] = s[f"ce/{m}"] / n
+        out[f"{m}_recovered"] = ce_loss_recovered(clean, out[m], zero)
+        out[f"{m}_recovered_vs_mean"] = ce_loss_recovered(clean, out[m], mean)
+    for m in [*methods, "zero_ablation", "mean_ablation"]:
+        out[f"kl_{m}"] = s[f"kl/{m}"] / n
+    return out
+
+
+def training_text(sae: SAE) -> tuple[str, int, str] | None:
+    """(corpus, tokens harvested from its start, split) of the cache the SAE was trained on, if still readable."""
+    from sae_lens_lite.data.cache import ActivationCache
+
+    acts = sae.cfg.meta.get("acts")
+    if not acts:
+        return None
+    try:
+        m = ActivationCache.open(acts, verify=False).manifest
+    except UserError:
+        return None  # the cache was moved or deleted; the report then says overlap was not checked
+    split = (m.get("harvest_config") or {}).get("split", HarvestConfig.split)
+    return m["corpus"], int(m["n_contexts"]) * int(m["context_length"]), split
+
+
+def _training_dead(sae: SAE) -> dict:
+    """The trainer's dead fraction (no firing in its last dead_window tokens), where the SAE
+    records it: a small eval set cannot tell rare latents from dead ones, the trainer's window can."""
+    measured = sae.cfg.meta.get("final_eval") or {}
+    if "dead_frac" in measured:  # train.measure_saved: the saved weights on a sample of the training cache
+        return {"dead_fraction_end_of_training": measured["dead_frac"], "end_of_training_tokens": measured["n_tokens"]}
+    final, tc = sae.cfg.meta.get("final_metrics") or {}, sae.cfg.meta.get("train_config") or {}
+    if "dead_frac" not in final or "dead_window" not in tc:
+        return {}
+    if final.get("tokens", 0) < tc["dead_window"]:
+        # a run shorter than the window cannot see a latent stay silent for a whole window: its 0 % means nothing
+        return {}
+    return {"dead_fraction_in_training": final["dead_frac"], "training_dead_window": tc["dead_window"]}
+
+
+def same_corpus(a: str, b: str, split_a: str = "train", split_b: str = "train") -> bool:
+    """Whether corpora a and b are the same text: the same file, or the same hub dataset and split."""
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b and (split_a == split_b or a == DEFAULT_CORPUS or Path(a).suffix != "")  # files have no splits
+
+
+def _warnings(
+    dataset: str, split: str, skip: int, trained_on: tuple[str, int, str] | None, sparse: dict, held_out: dict | None
+) -> list[str]:
+    w = []
+    if trained_on is None:
+        w.append("the SAE's training cache was not found, so overlap between training and eval text was not checked")
+    elif same_corpus(trained_on[0], dataset, trained_on[2], split) and skip < trained_on[1]:
+        w.append(
+            f"the eval text overlaps the SAE's training text (its first {trained_on[1]} tokens); "
+            f"pass --skip-tokens {trained_on[1]} or held-out text"
+        )
+    n = sparse["n_tokens"]
+    more = (
+        f"see the count on {held_out['n_tokens']} tokens of --sparsity-acts"
+        if held_out
+        else "pass --sparsity-acts with a held-out cache to count on more"
+    )
+    w.append(f"'dead' means no firing on these {n} tokens; latents rarer than 1 in {n} look dead ({more})")
+    return w

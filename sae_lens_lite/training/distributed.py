@@ -1,0 +1,310 @@
+"""Scale-out with PyTorch's own distributed engine: torchrun and torch.distributed.
+
+    torchrun --nproc-per-node 8 -m sae_lens_lite harvest --out runs/acts ...
+    torchrun --nproc-per-node 8 -m sae_lens_lite train --acts runs/acts --out runs/sae ...
+
+The process group itself (joining it, rank, world size, the generic collectives) is in
+runtime.py; under a single process every helper here is the identity, so a single process runs
+exactly the code it always ran.
+
+Three ways to spread the work (docs/scaling.md: recipes, what is exact, memory arithmetic):
+
+- Data-parallel training (here). The SAE is replicated and wrapped in DistributedDataParallel.
+  Each rank reads its own shards of the cache (its rows of each batch when there are fewer shards
+  than ranks) and contributes batch_size / N rows to every step; DDP
+  averages the gradients, so a step is the single-process step on the union of the ranks' rows.
+  Metrics, dead-latent counters and the adaptive λ are all-reduced, so every rank holds the same
+  state, and rank 0 alone writes.
+- Sharded harvest (cache.ShardedCacheWriter, used by harvest.py). Rank r runs the model on
+  shards r, r+N, r+2N, ... and writes those files; after each round of N shards rank 0, which
+  holds the cache's lock, enters them in the manifest in order. The result is the
+  single-process cache, file for file.
+- A latent-sharded SAE (`ShardedSAE`, here): each rank holds d_sae / N latents and the decoder's
+  partial sums are all-reduced (tensor parallelism on the latent axis, as in Megatron-LM).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sae_lens_lite.data.cache import ActivationCache
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.runtime import comm_device, is_main, rank, world_size
+from sae_lens_lite.training.sae import SAE, SAEConfig, SAEOutput, gate
+
+# ---- data-parallel training (used by train.py) ----------------------------------------------
+
+
+def local_batch_size(batch_size: int) -> int:
+    """Rows this rank contributes to a step of `batch_size` rows (the global batch)."""
+    n = world_size()
+    if batch_size % n:
+        raise UserError(f"--batch-size {batch_size} does not split evenly over {n} processes; use a multiple of {n}")
+    return batch_size // n
+
+
+def rank_batches(
+    cache: ActivationCache, batch_size: int, seed: int, device: torch.device, targets: bool = False
+) -> Callable[[int], Iterator[Tensor]]:
+    """`batches(epoch)` for train_on_batches: this rank's share of each epoch, in batches of
+    batch_size / N rows. The shard order is shuffled with the epoch's seed (the same on every
+    rank), and rank r takes shards r, r+N, r+2N, ... of it: ranks read disjoint shards, and a new
+    split each epoch. Every rank stops after as many batches as the rank with the fewest rows can
+    fill, so no rank waits on a collective that another, out of data, never joins. `targets`: a
+    pair cache's rows [input | target] (a transcoder's)."""
+    n, r = world_size(), rank()
+    local = local_batch_size(batch_size)
+    if cache.n_shards < n:
+        # Too few shards to hand out (a small cache): every rank reads the epoch in the order a
+        # single process reads it and keeps its own rows of each global batch, so the steps are
+        # the single process's steps (partial batches dropped, as train_on_batches drops them).
+        def split_rows(epoch: int) -> Iterator[Tensor]:
+            for x in cache.iter_batches(batch_size, seed=seed + epoch, device=device, targets=targets):
+                if len(x) == batch_size:
+                    yield x[r * local : (r + 1) * local]
+
+        return split_rows
+    shards = cache.manifest["shards"]
+    checked: set[int] = set()
+
+    def batches(epoch: int) -> Iterator[Tensor]:
+        order = torch.randperm(cache.n_shards, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        steps = min(sum(shards[i]["n_rows"] for i in order[q::n]) // local for q in range(n))
+        mine = order[r::n]
+        for i in mine:  # verify each shard once, as a single process does
+            if cache.verify and i not in checked:
+                cache.check_shard(i)
+                checked.add(i)
+        view = replace(
+            cache, manifest={**cache.manifest, "shards": [shards[i] for i in mine]}, verify=False, _verified=set()
+        )
+        return itertools.islice(view.iter_batches(local, seed=seed + epoch, device=device, targets=targets), steps)
+
+    return batches
+
+
+@torch.no_grad()
+def average_input_stats(sae: SAE) -> None:
+    """Make train.init_from_data global: each rank measured E‖x‖, E‖y‖ (the target's: x's own
+    for an SAE) and the target's mean on its own rows (equally many), so the average of the
+    ranks' figures is the figure over all their rows. A transcoder's b_enc, which centres its
+    input, is averaged too."""
+    if world_size() == 1:
+        return
+    s, t = sae.input_scale, sae.target_scale
+    stats = torch.cat(
+        [(math.sqrt(sae.d_in) / s).reshape(1), (math.sqrt(sae.d_out) / t).reshape(1), sae.b_dec / t, sae.b_enc]
+    ).to(comm_device())  # [2 + d_out + d_sae]: E‖x‖, E‖y‖, mean y, b_enc
+    dist.all_reduce(stats)
+    stats = stats.to(s.device) / world_size()
+    sae.input_scale.fill_(math.sqrt(sae.d_in) / float(stats[0]))
+    sae.target_scale.fill_(math.sqrt(sae.d_out) / float(stats[1]))
+    sae.b_dec.copy_(stats[2 : 2 + sae.d_out] * sae.target_scale)
+    sae.b_enc.copy_(stats[2 + sae.d_out :])
+
+
+class _DDP(DistributedDataParallel):
+    """DDP that lends the wrapped SAE's attributes (W_dec, input_scale, d_in, ...), so the loss
+    code takes it wherever it takes an SAE; calling it runs DDP's forward, which arms the
+    gradient all-reduce of the backward pass."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def data_parallel(sae: SAE, device: torch.device) -> nn.Module:
+    """The SAE wrapped in DistributedDataParallel (the SAE itself in a single process)."""
+    if world_size() == 1:
+        return sae
+    # input_scale is made equal on every rank by average_input_stats; no need to re-send it each step.
+    return _DDP(sae, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def batch_mean(v: Tensor) -> Tensor:
+    """Mean over the global batch of a per-rank batch mean v (equal rank batches), with gradient.
+    For loss terms that are not means over tokens, like the KL penalty of the mean firing rate.
+
+    The backward all-reduce sums the ranks' identical upstream gradients (N times g/N = g); DDP
+    then averages the ranks' parameter gradients, which gives the gradient of the global term."""
+    if world_size() == 1:
+        return v
+    import torch.distributed.nn.functional as dnn
+
+    return dnn.all_reduce(v) / world_size()
+
+
+@torch.no_grad()
+def reduce_metrics(t: dict[str, Tensor], x: Tensor, scale: Tensor) -> dict[str, Tensor]:
+    """The step's metric terms (loss.loss_terms) over the global batch, identical on every rank
+    (one all-reduce): means of the ranks' means, sums of sums, `fired` if any rank saw the latent
+    fire, and `sst` around the global mean (Chan et al. 1979: the ranks' own sums of squares plus
+    the spread of the rank means). x [n, d_in]: this rank's rows; scale: the input scale."""
+    if world_size() == 1:
+        return t
+    n, N = x.shape[0], world_size()
+    means = sorted(k for k in t if k not in ("sse", "sst", "fired"))  # the loss terms and L0: per-rank means
+    m = (x.double() * scale.double()).mean(0)  # [d_in] this rank's mean of the normalised rows
+    vec = torch.cat(
+        [
+            torch.stack([t[k].detach().double() for k in means]) / N,
+            torch.stack([t["sse"].double(), t["sst"].double(), n * m.pow(2).sum()]),
+            n * m,
+            t["fired"].double(),
+        ]
+    ).to(comm_device())
+    dist.all_reduce(vec)
+    vec = vec.to(x.device)
+    k = len(means)
+    out = dict(t)
+    for i, key in enumerate(means):
+        out[key] = vec[i].float()
+    sse, within, between, nm = vec[k], vec[k + 1], vec[k + 2], vec[k + 3 : k + 3 + len(m)]
+    out["sse"] = sse.float()
+    out["sst"] = (within + between - nm.pow(2).sum() / (n * N)).float()
+    out["fired"] = vec[k + 3 + len(m) :] > 0
+    return out
+
+
+# ---- a latent-sharded SAE -------------------------------------------------------------------
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward. The sum is replicated and every rank computes
+    the same loss from it, so the gradient arriving at it is already the full one on each rank
+    (Megatron-LM's reduce_from_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
+class _FromReplicated(torch.autograd.Function):
+    """Identity forward, all-reduce (sum) backward. A replicated input (x·s − b_dec) feeds a
+    different slice of latents on each rank, so its gradient is the sum of the ranks' parts
+    (Megatron-LM's copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def latent_sum(t: Tensor) -> Tensor:
+    """Sum over ranks of a term summed over this rank's latents (an L1 penalty, say), replicated,
+    with the gradient each rank's latents need."""
+    return _SumOverRanks.apply(t) if world_size() > 1 else t
+
+
+class ShardedSAE(nn.Module):
+    """An SAE whose latents are split across the ranks: this rank holds latents [lo, hi), i.e.
+    its columns of W_enc and b_enc and its rows of W_dec, plus a replica of b_dec and the scale.
+
+        f_r   = act((x·s − b_dec) @ W_enc[:, lo:hi] + b_enc[lo:hi])     # [n, d_sae/N] this rank's latents
+        x_hat = (Σ_r f_r @ W_dec[lo:hi] + b_dec) / s                    # [n, d_in], all-reduced
+
+    Every rank sees the same batch x. Weights, gradients and Adam state per rank fall as 1/N; the
+    traffic is one all-reduce of [n, d_in] forward and one backward. TopK keeps the k largest
+    pre-activations over all ranks. Loss terms summed over latents go through `latent_sum`."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        n, r = world_size(), rank()
+        if cfg.d_sae % n:
+            raise UserError(
+                f"d_sae {cfg.d_sae} does not split evenly over {n} processes; choose a d_sae divisible by {n}"
+            )
+        self.cfg = cfg
+        size = cfg.d_sae // n
+        self.lo, self.hi = r * size, (r + 1) * size
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, size))
+        self.b_enc = nn.Parameter(torch.zeros(size))
+        self.W_dec = nn.Parameter(torch.zeros(size, cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(size))
+        self.register_buffer("input_scale", torch.ones(()))
+
+    def sliced(self) -> tuple[str, ...]:
+        """The parameters split over ranks (W_enc by column, the others by row)."""
+        return ("W_enc", "b_enc", "W_dec") + (("threshold",) if self.cfg.activation == "jumprelu" else ())
+
+    @classmethod
+    @torch.no_grad()
+    def from_sae(cls, sae: SAE) -> "ShardedSAE":
+        """This rank's slice of a full SAE (the same SAE on every rank, e.g. loaded from disk)."""
+        out = cls(sae.cfg).to(sae.W_enc.device)
+        out.W_enc.copy_(sae.W_enc[:, out.lo : out.hi])
+        out.b_enc.copy_(sae.b_enc[out.lo : out.hi])
+        out.W_dec.copy_(sae.W_dec[out.lo : out.hi])
+        if sae.cfg.activation == "jumprelu":
+            out.threshold.copy_(sae.threshold[out.lo : out.hi])
+        out.b_dec.copy_(sae.b_dec)
+        out.input_scale.copy_(sae.input_scale)
+        return out
+
+    @torch.no_grad()
+    def to_sae(self) -> SAE | None:
+        """The full SAE on rank 0, on the CPU (None on the other ranks), to save or evaluate. The
+        slices travel one rank at a time, so no GPU ever holds more than its own slice twice."""
+        full = SAE(self.cfg) if is_main() else None
+        size = self.hi - self.lo
+        for q in range(world_size()):
+            lo, hi = q * size, (q + 1) * size
+            for name in self.sliced():
+                part = getattr(self, name).detach().clone()  # rank q's slice lands here
+                if world_size() > 1:
+                    part = part.to(comm_device())
+                    dist.broadcast(part, src=q)
+                part = part.cpu()
+                if full is not None:
+                    dst = getattr(full, name)
+                    (dst[:, lo:hi] if name == "W_enc" else dst[lo:hi]).copy_(part)
+        if full is not None:
+            full.b_dec.copy_(self.b_dec)
+            full.input_scale.copy_(self.input_scale)
+        return full
+
+    def activate(self, pre: Tensor) -> Tensor:
+        if self.cfg.activation != "topk":
+            return gate(
+                pre, self.threshold if self.cfg.activation == "jumprelu" else 0.0
+            )  # per latent: as SAE.activate
+        # Global TopK: each rank's k best are the only candidates for the global k best.
+        cand = pre.detach().topk(min(self.cfg.k, pre.shape[1]), dim=-1).values  # [n, k]
+        if world_size() > 1:
+            parts = [torch.empty_like(cand) for _ in range(world_size())]
+            dist.all_gather(parts, cand.contiguous())
+            cand = torch.cat(parts, dim=1)  # [n, N·k]
+        kth = cand.topk(self.cfg.k, dim=-1).values[:, -1:]  # [n, 1] the k-th largest over all ranks
+        return torch.where(pre >= kth, pre.relu(), torch.zeros_like(pre))
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        u = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # [n, d_in]
+        if world_size() > 1:
+            u = _FromReplicated.apply(u)
+        pre = torch.addmm(self.b_enc, u, self.W_enc)  # [n, d_sae/N]
+        f = self.activate(pre)
+        x_hat = (latent_sum(f @ self.W_dec) + self.b_dec) / self.input_scale  # [n, d_in]
+        return SAEOutput(x_hat, f, pre)

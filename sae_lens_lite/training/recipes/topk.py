@@ -1,0 +1,20 @@
+"""TopK (Gao et al. 2024): keep each token's k largest pre-activations, unit-norm decoder rows,
+and the AuxK loss, in which dead latents learn to reconstruct what the live ones missed."""
+
+import torch
+
+from sae_lens_lite.training.recipes.base import Recipe
+
+
+class TopK(Recipe):
+    name, activation, term = "topk", "topk", "aux"
+    fixed_count = aux = unit_decoder = True
+
+    def sae_options(self):
+        return {"activation": "topk", "k": self.cfg.k}
+
+    def mask(self, sae, pre):
+        return torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, pre.topk(self.cfg.k, dim=-1).indices, True)
+
+    def entries(self, sae, pre):
+        return sae.entries(pre)  # straight from topk: fixed shapes, no host sync

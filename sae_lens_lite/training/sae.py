@@ -1,0 +1,489 @@
+"""The sparse autoencoder: encode, decode, forward, and its on-disk format.
+
+One SAE class covers every architecture we train, because at inference they differ only in
+the activation, i.e. in which latents are active:
+
+    relu      f_j = pre_j where pre_j > 0                    (the L1 and KL recipes)
+    topk      the k largest pre-activations of each token     (Gao et al. 2024)
+    jumprelu  f_j = pre_j where pre_j > θ_j, a threshold per latent (Rajamanoharan et al. 2024;
+              also what BatchTopK and Matryoshka SAEs become after training, with one θ)
+
+How a latent is chosen *during training* (a batch-wide top-k, a straight-through threshold) is
+the business of the training recipe (recipes/). Weights are plain parameters in the orientation
+used everywhere in this project and in SAELens:
+
+    W_enc [d_in, d_sae]   b_enc [d_sae]   W_dec [d_sae, d_in]   b_dec [d_in]
+
+    f     = act((x * s - b_dec) @ W_enc + b_enc)      # latents [n, d_sae]
+    x_hat = (f @ W_dec + b_dec) / s                    # reconstruction [n, d_in]
+
+`s` is the input scale (Anthropic, April 2024 update: scale inputs so E||x|| = sqrt(d_in), which
+makes one L1 coefficient work across layers and models). It is a buffer, not a parameter, and
+`folded()` returns the equivalent SAE with s = 1 for export.
+
+On disk an SAE is a directory: `sae.safetensors` (the four weights plus `input_scale`) and
+`config.json` (an `SAEConfig`). A config with `d_out` describes a transcoder (Transcoder, below),
+which `SAE.build` and `SAE.load` return in its place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from sae_lens_lite.errors import UserError
+from sae_lens_lite.fsutil import save_safetensors_atomic, write_json_atomic
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+ACTIVATIONS = ("relu", "topk", "jumprelu")
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    activation: str = "relu"  # "relu", "topk" or "jumprelu"
+    k: int | None = None  # only for topk
+    # Provenance, copied from the activation cache so that evaluate/analyze/export need no flags.
+    model: str | None = None
+    hook: str | None = None
+    context_length: int | None = None
+    dtype: str = "float32"
+    meta: dict = field(default_factory=dict)
+    # A transcoder (Transcoder, below): reads `hook`, predicts `target_hook` ([d_out]); `skip` adds
+    # the linear skip path W_skip [d_in, d_out].
+    d_out: int | None = None
+    target_hook: str | None = None
+    skip: bool = False
+
+    def __post_init__(self):
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise UserError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"unknown SAE activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        if self.activation == "topk" and not (self.k and 0 < self.k <= self.d_sae):
+            raise UserError(f"a topk SAE needs 0 < k <= d_sae = {self.d_sae:,}, got k={self.k:,}")
+        if self.d_out is not None and self.d_out <= 0:
+            raise UserError(f"a transcoder's d_out must be positive, got {self.d_out}")
+        if self.skip and self.d_out is None:
+            raise UserError("a skip path belongs to a transcoder: set d_out (train with --transcoder)")
+
+    @property
+    def architecture(self) -> str:
+        """The activation the SAE applies at inference, as shown to people: relu, jumprelu, topk k=K."""
+        return f"topk k={self.k}" if self.activation == "topk" else self.activation
+
+    def provenance(self) -> dict:
+        """Where the weights come from, for reports and tables: source (trained here, imported
+        (<format>) or unknown), recipe (train's --penalty, None if not trained here: BatchTopK and
+        Matryoshka infer with jumprelu thresholds, so the architecture alone does not say) and
+        architecture (the inference activation)."""
+        origin = self.meta.get("imported_from") or {}
+        recipe = (self.meta.get("train_config") or {}).get("penalty")
+        source = f"imported ({origin.get('format')})" if origin else "trained here" if recipe else "unknown"
+        return {"source": source, "recipe": recipe, "architecture": self.architecture}
+
+
+class SAEOutput(NamedTuple):
+    x_hat: Tensor  # [n, d_in] reconstruction, in the input's units
+    latents: Tensor  # [n, d_sae] feature activations f
+    pre_acts: Tensor  # [n, d_sae] before the activation (the TopK aux loss needs them)
+
+
+def with_ones_row(xc: Tensor, dtype: torch.dtype) -> Tensor:
+    """[xc | 1]^T [d_in + 1, n] in dtype, contiguous, for encoder_grads."""
+    return torch.cat([xc.t().to(dtype), torch.ones(1, xc.shape[0], dtype=dtype, device=xc.device)])
+
+
+def encoder_grads(xc1_t: Tensor, grad_pre: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients to W_enc, b_enc and b_dec of pre = (x·s − b_dec) @ W_enc + b_enc from ∂pre
+    [n, d_sae] (dense) and [xc | 1]^T (with_ones_row): one product whose last row is b_enc's
+    gradient (no separate sum pass), and b_dec's as the matrix-vector product −W_enc ∂b_enc."""
+    grads = (xc1_t @ grad_pre.to(xc1_t.dtype)).to(W_enc.dtype)  # [d_in + 1, d_sae]
+    grad_b_enc = grads[-1]
+    return grads[:-1], grad_b_enc, -(W_enc @ grad_b_enc)
+
+
+class GatheredPre(torch.autograd.Function):
+    """Pre-activations `pre` [nnz], already computed at entries (token rows[e], latent cols[e]),
+    wired to the encoder weights with a sparse backward. The dense backward multiplies x^T [d_in, n]
+    by a gradient [n, d_sae] that is zero outside the active latents; here the same numbers cost
+    nnz·d_in, not n·d_sae·d_in. Entries must be in token order with no (token, latent) twice.
+
+    pre[e] = xc[rows[e]] · W_enc[:, cols[e]] + b_enc[cols[e]],   xc = x·s − b_dec
+
+    dense_in (a dtype, or None) takes the product densely in that dtype instead: the gradient
+    scattered into [n, d_sae], times [xc | 1]^T, which also gives b_enc's gradient as its last row.
+    On a CPU with AMX, bf16 products are fast enough for that to beat the sparse one up to
+    n·d_sae = 2^25 (loss.dense_encoder_grad)."""
+
+    @staticmethod
+    def forward(ctx, pre, xc, rows, cols, W_enc, b_enc, b_dec, dense_in=None):
+        ctx.save_for_backward(xc, rows, cols, W_enc)
+        ctx.dense_in = dense_in
+        return pre
+
+    @staticmethod
+    def backward(ctx, g):  # g [nnz]
+        xc, rows, cols, W_enc = ctx.saved_tensors
+        n = xc.shape[0]
+        d_sae = W_enc.shape[1]
+        if ctx.dense_in is not None:
+            dtype = ctx.dense_in
+            G = torch.zeros(n, d_sae, dtype=dtype, device=g.device)  # the gradient to pre [n, d_sae]
+            G.view(-1)[rows * d_sae + cols] = g.to(dtype)  # no (token, latent) twice
+            return None, None, None, None, *encoder_grads(with_ones_row(xc, dtype), G, W_enc), None
+        g = g.float()
+        grad_b_enc = torch.zeros(d_sae, device=g.device).index_add_(0, cols, g)  # [d_sae]
+        # grad W_enc[:, j] = Σ_{e: cols[e] = j} g[e] xc[rows[e]]: xc^T [d_in, n] times the gradient as
+        # a sparse [n, d_sae] matrix.
+        if g.is_cuda:
+            # As [d_sae, n] @ [n, d_in], its entries sorted by latent (stably) and so coalesced:
+            # saying so spares CUDA's addmm its own coalesce, which sorts and then waits for the host.
+            order = cols.argsort(stable=True)
+            G = torch.sparse_coo_tensor(
+                torch.stack([cols[order], rows[order]]), g[order], (d_sae, n), is_coalesced=True, check_invariants=False
+            )
+            grad_W_enc = torch.sparse.mm(G, xc.float()).t()  # [d_in, d_sae]
+        else:
+            # The CPU: token-ordered entries are already a CSR matrix (no sort), and dense @ CSR
+            # writes the parameter's own layout (a transposed result would be copied, ~14 ms at 8x).
+            crow = torch.searchsorted(rows, torch.arange(n + 1, device=rows.device))  # [n + 1]
+            with warnings.catch_warnings():  # "CSR support is in beta": once per process, not the user's concern
+                warnings.simplefilter("ignore")
+                G = torch.sparse_csr_tensor(crow, cols, g, (n, d_sae), check_invariants=False)
+            grad_W_enc = xc.float().t().contiguous() @ G  # [d_in, d_sae]
+        grad_b_dec = -(W_enc @ grad_b_enc)  # ∂pre[t, j]/∂b_dec = −W_enc[:, j]
+        return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
+
+
+def gate(pre: Tensor, floor: Tensor | float) -> Tensor:
+    """pre where it exceeds floor (0: a ReLU; θ: a JumpReLU), else 0."""
+    return pre * (pre > floor)
+
+
+def token_rows(n: int, m: int, device) -> Tensor:
+    """[n·m] the token of each entry of a row-major [n, m] selection."""
+    return torch.arange(n, device=device).unsqueeze(1).expand(n, m).reshape(-1)
+
+
+def top_dead(pre: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of pre [n, d_sae] among the latents marked in dead [d_sae] (AuxK), as
+    (values, indices) [n, k]; where fewer than k are dead, the extra picks get the value 0."""
+    vals, idx = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1)
+    return vals.masked_fill(~dead[idx], 0.0), idx  # the extra picks were -inf
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._make_parameters()
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))  # θ [d_sae]
+        self.register_buffer("input_scale", torch.ones(()))
+        self.reset_parameters()
+
+    def _make_parameters(self) -> None:
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @staticmethod
+    def build(cfg: SAEConfig) -> "SAE":
+        """The module a config describes: an SAE, or a transcoder where it names d_out."""
+        return SAE(cfg) if cfg.d_out is None else Transcoder(cfg)
+
+    # What the training loop and evaluation ask of an SAE, which a transcoder answers differently.
+    @property
+    def b_center(self) -> Tensor:
+        """What the encoder subtracts from the scaled input: b_dec (Anthropic, April 2024)."""
+        return self.b_dec
+
+    @property
+    def target_scale(self) -> Tensor:
+        """The scale of what is reconstructed: the input's own."""
+        return self.input_scale
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_in
+
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch as (input, target): an SAE's target is its input."""
+        return rows, rows
+
+    def add_skip(self, recon: Tensor, x: Tensor) -> Tensor:
+        """An SAE has no skip path (Transcoder.add_skip)."""
+        return recon
+
+    @torch.no_grad()
+    def init_biases(self, x: Tensor, y: Tensor) -> None:
+        """b_dec at the (scaled) data mean (Anthropic, April 2024); x is y for an SAE."""
+        self.b_dec.copy_(y.mean(0) * self.input_scale)
+
+    @torch.no_grad()
+    def reset_parameters(self, dec_norm: float = 1.0, generator: torch.Generator | None = None):
+        # Anthropic, April 2024: decoder rows in random directions (at the recipe's norm; see
+        # recipes/base.py), encoder initialised as the decoder's transpose, so every latent starts
+        # as a matched filter.
+        W = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
+        W = W / W.norm(dim=1, keepdim=True) * dec_norm
+        self.W_dec.copy_(W)
+        self.W_enc.copy_(W.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        act = f"topk, k={c.k}" if c.activation == "topk" else c.activation
+        return (
+            f"d_in={c.d_in}, d_sae={c.d_sae}, {act}, hook={c.hook}, model={c.model}, "
+            f"input_scale={float(self.input_scale):.4g}"
+        )
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        x = x.to(self.W_enc.dtype) * self.input_scale  # [n, d_in]
+        return torch.addmm(self.b_enc, x - self.b_center, self.W_enc)  # [n, d_sae]; addmm fuses the bias add
+
+    def floor(self) -> Tensor | float:
+        """What a pre-activation must exceed to be active: θ [d_sae] for jumprelu, else 0."""
+        return self.threshold if self.cfg.activation == "jumprelu" else 0.0
+
+    def activate(self, pre: Tensor) -> Tensor:
+        if self.cfg.activation == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1)
+            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        return gate(pre, self.floor())
+
+    def entries(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """The active latents of pre [n, d_sae] as entries (rows, idx) [nnz], in token order: the
+        sparse form of activate(). TopK's come straight from topk (fixed shapes, no host sync)."""
+        if self.cfg.activation == "topk":
+            idx = pre.topk(self.cfg.k, dim=-1).indices  # [n, k]
+            return token_rows(*idx.shape, pre.device), idx.reshape(-1)
+        return (pre > self.floor()).nonzero(as_tuple=True)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activate(self.pre_activation(x))  # [n, d_sae]
+
+    def decode(self, f: Tensor) -> Tensor:
+        return torch.addmm(self.b_dec, f, self.W_dec) / self.input_scale  # [n, d_in]
+
+    def forward(self, x: Tensor, fn=None) -> SAEOutput:
+        if fn is not None:  # training: loss.step_terms runs its work here, inside DDP's forward
+            return fn(self, x)
+        pre = self.pre_activation(x)
+        f = self.activate(pre)
+        return SAEOutput(self.decode(f), f, pre)
+
+    @torch.no_grad()
+    def folded(self) -> "SAE":
+        """The same function with input_scale folded into the weights (s = 1)."""
+        s = float(self.input_scale)
+        out = SAE(self.cfg)
+        out.W_enc.copy_(self.W_enc * s)
+        out.b_enc.copy_(self.b_enc)
+        out.W_dec.copy_(self.W_dec / s)
+        out.b_dec.copy_(self.b_dec / s)
+        if self.cfg.activation == "jumprelu":
+            out.threshold.copy_(self.threshold)  # pre-activations are unchanged by the fold
+        return out.to(self.W_enc.device)
+
+    # ---- on-disk format ---------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the SAE directory atomically: files go to temporary names, then are renamed."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.float() for k, v in self.state_dict().items()}
+        save_safetensors_atomic(tensors, path / WEIGHTS_FILE, metadata={"format": "sae_lens_lite"})
+        write_json_atomic(path / CONFIG_FILE, asdict(self.cfg))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
+        path = Path(path)
+        if not (path / WEIGHTS_FILE).exists() or not (path / CONFIG_FILE).exists():
+            if _unfinished_run(path):
+                raise UserError(
+                    f"{path} holds a training run that has not finished; run the same sae-lite train command "
+                    "to resume it"
+                )
+            raise UserError(
+                f"{path} is not an SAE directory (expected {WEIGHTS_FILE} and {CONFIG_FILE}); "
+                "train one with `sae-lite train` or import one with `sae-lite import`"
+            )
+        try:
+            raw = json.loads((path / CONFIG_FILE).read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(
+                f"{path / CONFIG_FILE} is not valid JSON ({e}); restore it or train the SAE again"
+            ) from None
+        known = {f.name for f in fields(SAEConfig)}
+        if not isinstance(raw, dict) or not {"d_in", "d_sae"} <= set(raw) or set(raw) - known:
+            raise UserError(f"{path / CONFIG_FILE} is not an SAE config (expected the keys {', '.join(sorted(known))})")
+        try:
+            sae = SAE.build(SAEConfig(**raw))
+        except TypeError:  # a size that is not a number
+            raise UserError(
+                f"{path / CONFIG_FILE} holds sizes that are not integers: d_in={raw['d_in']!r}, d_sae={raw['d_sae']!r}"
+            ) from None
+        try:
+            state = load_file(str(path / WEIGHTS_FILE))
+        except Exception as e:  # truncated or not safetensors: the library raises its own error types
+            raise UserError(
+                f"cannot read {path / WEIGHTS_FILE} ({e}); it is damaged, train or import the SAE again"
+            ) from None
+        want = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != want:
+            raise UserError(
+                f"{path / WEIGHTS_FILE} holds {got}, but config.json describes {want}; the two files do "
+                "not belong together"
+            )
+        if not all(torch.isfinite(v).all() for v in state.values()) or not float(state["input_scale"]) > 0:
+            raise UserError(
+                f"{path / WEIGHTS_FILE} holds NaN or infinite weights (a diverged run?); train it again, "
+                "e.g. with a lower --lr"
+            )
+        sae.load_state_dict(state)
+        return sae.to(device)
+
+
+def _unfinished_run(path: Path) -> bool:
+    """Whether `path` holds a training run not yet finished: train writes checkpoint.json (train.CHECKPOINT)
+    from a run's first moment and marks it complete once the SAE is saved."""
+    try:
+        ckpt = json.loads((path / "checkpoint.json").read_bytes())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # damaged: train itself says what to do about it
+        return True
+    return not (isinstance(ckpt, dict) and ckpt.get("complete"))
+
+
+# ---- the transcoder: the same module, reading one hook and predicting another --------------
+
+
+class Transcoder(SAE):
+    """The transcoder: a sparse replacement of an MLP, which reads one hook and predicts another.
+
+    An SAE reconstructs its own input; a transcoder encodes the MLP's input x and decodes the MLP's
+    output y (Dunefsky et al. 2024), optionally with a linear skip path from x to y (Paulo et al.
+    2025, "Transcoders beat sparse autoencoders"):
+
+        f     = act((x * s_in) @ W_enc + b_enc)                            # latents [n, d_sae]
+        y_hat = (f @ W_dec + b_dec + (x * s_in) @ W_skip) / s_out          # prediction [n, d_out]
+
+        W_enc [d_in, d_sae]   b_enc [d_sae]   W_dec [d_sae, d_out]   b_dec [d_out]   W_skip [d_in, d_out]
+
+    Each side has its own scale (s_in: E‖x s_in‖ = √d_in, s_out: E‖y s_out‖ = √d_out), and the
+    input is not centred by b_dec, which lives in the output space (SAELens and circuit-tracer
+    transcoders do the same). Everything else (recipes, the dense and sparse paths, checkpoints,
+    DDP) is the SAE's: the loop asks the module to split a batch into input and target and to add
+    the skip path, and an SAE answers with its input twice and nothing to add.
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        assert cfg.d_out is not None, "a transcoder's config names d_out"
+        super().__init__(cfg)
+
+    def _make_parameters(self) -> None:
+        d_in, d_sae, d_out = self.cfg.d_in, self.cfg.d_sae, self.cfg.d_out
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if self.cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_out))  # starts at 0: the latents learn first
+        self.register_buffer("output_scale", torch.ones(()))
+        # The encoder subtracts nothing: b_dec is an output-space bias (see b_center).
+        self.register_buffer("_no_center", torch.zeros(d_in), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, dec_norm: float = 1.0, generator: torch.Generator | None = None):
+        # Input and output are different spaces, so the encoder cannot start as the decoder's
+        # transpose: both start as random directions at the recipe's norm.
+        W_dec = torch.randn(self.cfg.d_sae, self.cfg.d_out, generator=generator)
+        W_enc = torch.randn(self.cfg.d_in, self.cfg.d_sae, generator=generator)
+        self.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True) * dec_norm)
+        self.W_enc.copy_(W_enc / W_enc.norm(dim=0, keepdim=True) * dec_norm)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if self.cfg.skip:
+            self.W_skip.zero_()
+
+    @property
+    def b_center(self) -> Tensor:
+        return self._no_center
+
+    @property
+    def target_scale(self) -> Tensor:
+        return self.output_scale
+
+    @property
+    def d_out(self) -> int:
+        return int(self.cfg.d_out)
+
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """A pair cache's rows [n, d_in + d_out] as (input [n, d_in], target [n, d_out])."""
+        return rows[:, : self.d_in], rows[:, self.d_in :]
+
+    def add_skip(self, recon: Tensor, x: Tensor) -> Tensor:
+        """recon [n, d_out] (normalised units) plus the skip path of the raw input x [n, d_in]."""
+        if not self.cfg.skip:
+            return recon
+        return recon + (x.to(self.W_skip.dtype) * self.input_scale) @ self.W_skip
+
+    @torch.no_grad()
+    def init_biases(self, x: Tensor, y: Tensor) -> None:
+        """b_dec at the target's scaled mean, and b_enc so that each latent starts centred on the
+        input's mean ((x − x̄)·s_in @ W_enc), as the SAE's b_dec centring would make it."""
+        self.b_dec.copy_(y.mean(0) * self.output_scale)
+        self.b_enc.copy_(-(x.mean(0) * self.input_scale) @ self.W_enc)
+
+    def decode(self, f: Tensor) -> Tensor:
+        return torch.addmm(self.b_dec, f, self.W_dec) / self.output_scale  # [n, d_out], without the skip path
+
+    def forward(self, x: Tensor, fn=None) -> SAEOutput:
+        if fn is not None:
+            return fn(self, x)
+        pre = self.pre_activation(x)
+        f = self.activate(pre)
+        y_hat = self.add_skip(torch.addmm(self.b_dec, f, self.W_dec), x) / self.output_scale
+        return SAEOutput(y_hat, f, pre)
+
+    @torch.no_grad()
+    def folded(self) -> "Transcoder":
+        """The same function with both scales folded into the weights (s_in = s_out = 1)."""
+        s_in, s_out = float(self.input_scale), float(self.output_scale)
+        out = Transcoder(self.cfg)
+        out.W_enc.copy_(self.W_enc * s_in)
+        out.b_enc.copy_(self.b_enc)
+        out.W_dec.copy_(self.W_dec / s_out)
+        out.b_dec.copy_(self.b_dec / s_out)
+        if self.cfg.skip:
+            out.W_skip.copy_(self.W_skip * (s_in / s_out))
+        if self.cfg.activation == "jumprelu":
+            out.threshold.copy_(self.threshold)
+        return out.to(self.W_enc.device)
