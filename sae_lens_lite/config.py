@@ -49,7 +49,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             names.insert(0, f.metadata["flag"])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         tp, item = _field_type(cls, f)
-        kw = dict(dest=f.name, default=default, help=f"{help} (default: {str(default).replace('%', '%%')})")
+        kw: dict[str, typing.Any] = dict(
+            dest=f.name, default=default, help=f"{help} (default: {str(default).replace('%', '%%')})"
+        )
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if tp is bool:

@@ -55,11 +55,14 @@ def mode_from_umask(path: str | os.PathLike) -> None:
 
 def _umask() -> int:
     try:  # Linux says it without changing it
-        return int(re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M).group(1), 8)
-    except (OSError, AttributeError):
-        old = os.umask(0o022)
-        os.umask(old)
-        return old
+        found = re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.M)
+        if found:
+            return int(found.group(1), 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # elsewhere, set and restore
+    os.umask(old)
+    return old
 
 
 def _json_default(o):

@@ -30,12 +30,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 import torch
 from torch import Tensor, nn
 
 from sae_lens_lite.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,8 +75,8 @@ ARCHITECTURES = {
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for
     source: str  # the resolved hub id, directory or file
     weights_hash: str  # provenance: sha256 prefix of the weights file, or the hub revision
@@ -332,18 +335,18 @@ def _converted_gguf(gguf: Path, weights_hash: str) -> Path:
 # ---- hook points ---------------------------------------------------------------------------
 
 
-def arch(model: nn.Module) -> tuple[str, str, str]:
+def arch(model: PreTrainedModel) -> tuple[str, str, str]:
     mtype = model.config.model_type
     if mtype not in ARCHITECTURES:
         raise UserError(f"model type {mtype!r} has no hook mapping yet; supported: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[mtype]
 
 
-def blocks(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(arch(model)[0])
+def blocks(model: PreTrainedModel) -> nn.ModuleList:
+    return cast(nn.ModuleList, model.get_submodule(arch(model)[0]))
 
 
-def hook_names(model: nn.Module) -> list[str]:
+def hook_names(model: PreTrainedModel) -> list[str]:
     return [f"blocks.{i}.{k}" for i in range(len(blocks(model))) for k in HOOK_KINDS]
 
 
@@ -355,7 +358,7 @@ class HookPoint:
     module: nn.Module  # the HF module whose input (resid_pre, ln2.hook_normalized) or output we read
 
 
-def hook_point(model: nn.Module, name: str) -> HookPoint:
+def hook_point(model: PreTrainedModel, name: str) -> HookPoint:
     m = _HOOK_RE.match(name)
     layers = blocks(model)
     if m is None:
@@ -397,7 +400,7 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def edit_hook(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor | None]) -> Iterator[HookPoint]:
+def edit_hook(model: PreTrainedModel, name: str, fn: Callable[[Tensor], Tensor | None]) -> Iterator[HookPoint]:
     """Call `fn(act)` on the activation at `name` ([batch, pos, d_model]) during every forward.
     If `fn` returns a tensor it replaces the activation (splicing, ablation); None leaves it."""
     hp = hook_point(model, name)
@@ -425,7 +428,7 @@ def edit_hook(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor | None]
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, names: list[str], stop: bool = True) -> Iterator[dict[str, Tensor]]:
+def capture(model: PreTrainedModel, names: list[str], stop: bool = True) -> Iterator[dict[str, Tensor]]:
     """Record the activations at `names` into the yielded dict during forwards inside the block.
 
     With `stop`, the forward ends right after the deepest hooked module has run: nothing past
@@ -445,7 +448,7 @@ def capture(model: nn.Module, names: list[str], stop: bool = True) -> Iterator[d
         yield out
 
 
-def run_to_hooks(model: nn.Module, input_ids: Tensor, names: list[str], stop: bool = True) -> dict[str, Tensor]:
+def run_to_hooks(model: PreTrainedModel, input_ids: Tensor, names: list[str], stop: bool = True) -> dict[str, Tensor]:
     """Forward `input_ids` [batch, pos] and return {hook name: activation [batch, pos, d_model]}."""
     with capture(model, names, stop=stop) as acts, torch.inference_mode():
         try:
@@ -554,5 +557,5 @@ def _generation(lm: LoadedModel, ids: list[int], logps: list[float], eos: int | 
     if eos in ids:
         n = ids.index(eos) + 1
         ids, logps = ids[:n], logps[:n]
-    tokens = [lm.tokenizer.decode([t]) for t in ids]
-    return Generation(lm.tokenizer.decode(ids), ids, tokens, logps)
+    tokens = [str(lm.tokenizer.decode([t])) for t in ids]
+    return Generation(str(lm.tokenizer.decode(ids)), ids, tokens, logps)

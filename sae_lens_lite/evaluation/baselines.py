@@ -29,6 +29,10 @@ class PCA(nn.Module):
 
     Kept in float64 so that k = d_in reconstructs to float32 precision exactly."""
 
+    mean: Tensor
+    components: Tensor
+    explained: Tensor
+
     def __init__(self, mean: Tensor, components: Tensor, explained: Tensor):
         super().__init__()
         self.register_buffer("mean", mean.double())  # [d_in]
@@ -65,6 +69,9 @@ class GaussianVAE(nn.Module):
     (Rybkin et al. 2021, "sigma-VAE"), so the ELBO weighs reconstruction against KL without a
     hand-set beta. Inputs are centred and scaled to unit per-element variance inside the module.
     """
+
+    shift: Tensor
+    scale: Tensor
 
     def __init__(self, d_in: int, d_latent: int, d_hidden: int):
         super().__init__()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, cast
 
 from sae_lens_lite.errors import UserError
 
@@ -117,4 +117,4 @@ def read_features(path: str | os.PathLike, d_sae: int | None = None) -> Analysis
         raise UserError(
             f"{f} describes an SAE with {data['d_sae']} features, this one has {d_sae}; pass the matching analysis"
         )
-    return data
+    return cast(Analysis, data)  # its keys checked above

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -90,10 +90,13 @@ def load(
     device: str = "auto",
     lm: LoadedModel | None = None,
     features: list[int] | None = None,
+    sae: SAE | None = None,
 ) -> tuple[LoadedModel, SAE]:
-    """The model and the SAE, checked to fit each other (and `features` to exist) on one device."""
+    """The model and the SAE, checked to fit each other (and `features` to exist) on one device.
+    Either may be passed in already loaded (`lm`, `sae`); the other is loaded."""
     dev = resolve_device(device) if lm is None else next(lm.model.parameters()).device
-    sae = SAE.load(sae_dir, dev).eval().requires_grad_(False)
+    if sae is None:
+        sae = SAE.load(sae_dir, dev).eval().requires_grad_(False)
     if features is not None:  # before the model loads: a typo fails in a second
         check_features(sae, features)
     if not sae.cfg.hook:
@@ -222,11 +225,7 @@ def steer(cfg: SteerConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
         raise UserError(f"--temperature must be positive, got {cfg.temperature}")
     if not math.isfinite(cfg.strength):
         raise UserError(f"--strength must be a finite number, got {cfg.strength}")
-    if sae is None:
-        lm, sae = load(cfg.sae, cfg.model, cfg.device, lm, cfg.feature)
-    else:
-        check_fit(lm, sae)
-        check_features(sae, cfg.feature)
+    lm, sae = load(cfg.sae, cfg.model, cfg.device, lm, cfg.feature, sae)
     ids = encode_prompt(lm, cfg.prompt)
     limit = lm.max_context
     if limit and ids.shape[1] + cfg.max_new_tokens > limit:
@@ -234,7 +233,7 @@ def steer(cfg: SteerConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
             f"prompt ({ids.shape[1]} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds {lm.name}'s "
             f"context of {limit}"
         )
-    kw = dict(sample=cfg.sample, temperature=cfg.temperature, seed=cfg.seed)
+    kw: dict[str, Any] = dict(sample=cfg.sample, temperature=cfg.temperature, seed=cfg.seed)
     clean = generate(lm, ids, cfg.max_new_tokens, **kw)
 
     with reading(lm.model, sae) as read:
@@ -294,7 +293,7 @@ def attribution(lm: LoadedModel, sae: SAE, ids: Tensor, target: int | None = Non
             "the prompt has no position the SAE reads (special tokens and the first positions its harvest "
             "dropped are skipped); use a longer prompt"
         )
-    saved = {}
+    saved: dict[str, Tensor] = {}
 
     def fn(act: Tensor) -> Tensor:
         x = act[mask].to(sae.W_enc.dtype)  # [n, d]: what is replaced (a transcoder: the MLP's output)
@@ -312,6 +311,7 @@ def attribution(lm: LoadedModel, sae: SAE, ids: Tensor, target: int | None = Non
             target = int(logp.argmax())
         logp[target].backward()
     f, err = saved["f"], saved["err"]
+    assert f.grad is not None and err.grad is not None  # both were leaves of the backward above
     T = ids.shape[1]
     latents = f.new_zeros(T, sae.d_sae)
     latents[mask[0]] = (f * f.grad).detach()
@@ -358,10 +358,7 @@ def attribute(cfg: AttributeConfig, lm: LoadedModel | None = None, sae: SAE | No
     ablation. Prints a table and returns the numbers."""
     if cfg.top < 1:
         raise UserError(f"--top must be at least 1, got {cfg.top}")
-    if sae is None:
-        lm, sae = load(cfg.sae, cfg.model, cfg.device, lm)
-    else:
-        check_fit(lm, sae)
+    lm, sae = load(cfg.sae, cfg.model, cfg.device, lm, sae=sae)
     ids = encode_prompt(lm, cfg.prompt)
     target = target_id(lm, cfg.target) if cfg.target is not None else None
     a = attribution(lm, sae, ids, target)
@@ -378,7 +375,7 @@ def attribute(cfg: AttributeConfig, lm: LoadedModel | None = None, sae: SAE | No
 
     def row(j: int) -> dict:
         pos = a.latents[:, j].cpu()
-        where = pos.abs().argmax().item()
+        where = int(pos.abs().argmax().item())
         return {
             "feature": j,
             "attribution": float(per_latent[j]),

@@ -36,8 +36,8 @@ from sae_lens_lite.config import opt
 from sae_lens_lite.data.models import LoadedModel, capture, generate_batch
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import save_figure_atomic, write_text_atomic
-from sae_lens_lite.interpret.features import FEATURES_FILE, read_features
-from sae_lens_lite.interpret.intervene import check_features, check_fit, direction, load, positions
+from sae_lens_lite.interpret.features import FEATURES_FILE, Analysis, Feature, read_features
+from sae_lens_lite.interpret.intervene import direction, load, positions
 from sae_lens_lite.outputs import read_record
 from sae_lens_lite.training.sae import SAE
 
@@ -124,11 +124,7 @@ def sweep(cfg: SweepConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
     check(cfg)
     analysis = read_features(cfg.analysis)
     feats = cfg.feature or [f["id"] for f in sorted(analysis["features"], key=lambda f: f["rank"])[: cfg.top]]
-    if sae is None:
-        lm, sae = load(cfg.sae, cfg.model, cfg.device, lm, feats)
-    else:
-        check_fit(lm, sae)
-        check_features(sae, feats)
+    lm, sae = load(cfg.sae, cfg.model, cfg.device, lm, feats, sae)
     if analysis["d_sae"] != sae.d_sae:
         raise UserError(f"{cfg.analysis} describes {analysis['d_sae']} features, the SAE has {sae.d_sae}")
     info = [analysis["features"][j] for j in feats]
@@ -154,7 +150,7 @@ def sweep(cfg: SweepConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
     return {"out": str(out), "curves": curves, "plots": [str(p) for p in plots], "seconds": seconds}
 
 
-def run_curves(cfg: SweepConfig, lm: LoadedModel, sae: SAE, info: list[dict]) -> list[Curve]:
+def run_curves(cfg: SweepConfig, lm: LoadedModel, sae: SAE, info: list[Feature]) -> list[Curve]:
     """Generate and score every (feature, strength) row for every prompt; average over prompts."""
     n_f, n_t = len(info), len(cfg.times)
     lens = torch.tensor([[t for t, _ in f["lens"]["promoted"][:LENS_TOKENS]] for f in info])  # [n_f, L]
@@ -184,11 +180,12 @@ def run_curves(cfg: SweepConfig, lm: LoadedModel, sae: SAE, info: list[dict]) ->
                 if k == 0:
                     texts[x][c] = gens[r].text
     mean = sums / len(cfg.prompts)
-    curves = []
+    curves: list[Curve] = []
     for x, f in enumerate(info):
-        c = Curve(f["id"], f["max_act"], list(cfg.times), *(mean[m, x].round(4).tolist() for m in range(3)), texts[x])
-        c.best = best_index(c.activation, c.drop, cfg.max_drop)
-        curves.append(c)
+        activation, lens_logp, fluency = (mean[m, x].round(4).tolist() for m in range(3))
+        curve = Curve(f["id"], f["max_act"], list(cfg.times), activation, lens_logp, fluency, texts[x])
+        curve.best = best_index(curve.activation, curve.drop, cfg.max_drop)
+        curves.append(curve)
     return curves
 
 
@@ -296,7 +293,7 @@ def settings(cfg: SweepConfig) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def record_best(cfg: SweepConfig, analysis: dict, curves: list[Curve]) -> None:
+def record_best(cfg: SweepConfig, analysis: Analysis, curves: list[Curve]) -> None:
     """The best strength and its curve into each swept feature of features.json ("sweep"), the
     settings at the top level, and the page rebuilt with them."""
     from sae_lens_lite.interpret.browser import write_page
