@@ -178,6 +178,7 @@ def keep_mask(
     if drop_first:
         keep[:, :drop_first] = False
     if outlier_factor > 0:
+        assert acts is not None, "the outlier filter needs the activations"
         norms = acts.float().norm(dim=-1)  # [b, T]
         keep &= norms <= outlier_factor * norms.median()
     return keep

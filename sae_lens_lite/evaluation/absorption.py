@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -194,7 +195,10 @@ def absorption_scores(data: FirstLetterData, decoder: Tensor, min_letters: int =
     letters = []
     for c in range(data.n_classes):
         truth = data.y_test == c
-        row = {"letter": LETTERS[c] if data.n_classes == len(LETTERS) else str(c), "n_test": int(truth.sum())}
+        row: dict[str, Any] = {
+            "letter": LETTERS[c] if data.n_classes == len(LETTERS) else str(c),
+            "n_test": int(truth.sum()),
+        }
         row["probe_f1"] = f1(scores[:, c] > 0, truth)
         row["main_latents"], row["k_sparse_f1"] = split_latents(
             data.f_train, (data.y_train == c).long(), data.f_test, (data.y_test == c).long()

@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +36,7 @@ from sae_lens_lite.evaluation.absorption import (
 from sae_lens_lite.evaluation.probing import (
     DEFAULT_TASKS,
     KS,
+    Encode,
     balanced_split,
     dense_probe,
     k_sparse_probe,
@@ -99,6 +101,7 @@ def probe(cfg: ProbeConfig, lm: LoadedModel | None = None) -> dict:
     t0 = time.perf_counter()
     lm = lm or _model_for(sae, cfg.model, device)
     tasks = suite_tasks(lm, {Path(cfg.sae).name: sae}, cfg, out / "tasks", device)
+    summary = summarise(tasks, cfg.ks)
     result = {
         "sae": cfg.sae,
         "model": lm.name,
@@ -106,15 +109,14 @@ def probe(cfg: ProbeConfig, lm: LoadedModel | None = None) -> dict:
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "tasks": tasks,
-        "summary": summarise(tasks, cfg.ks),
+        "summary": summary,
         "config": asdict(cfg),
         "timing_s": time.perf_counter() - t0,
     }
     write_text_atomic(out / "probe.md", probing_markdown(result))
     write_json_atomic(out / "probe.json", result)
-    s = result["summary"]
     name = Path(cfg.sae).name
-    finish(out, "probe", settings, inputs, s, f"probe: {out / 'probe.md'}: " + headline(s, name))
+    finish(out, "probe", settings, inputs, summary, f"probe: {out / 'probe.md'}: " + headline(summary, name))
     return result
 
 
@@ -207,7 +209,7 @@ def probing_task(lm: LoadedModel, saes: dict[str, SAE], spec: str, cfg: ProbeCon
     is_tr = torch.arange(len(order)) < len(tr)
     a, b = has & is_tr, has & ~is_tr
     x = acts.pool()
-    out = {
+    out: dict[str, Any] = {
         "task": task.name,
         "classes": list(task.classes),
         "n_train": int(a.sum()),
@@ -216,7 +218,7 @@ def probing_task(lm: LoadedModel, saes: dict[str, SAE], spec: str, cfg: ProbeCon
         "saes": {},
     }
     center = acts.x[torch.isin(acts.text, a.nonzero()[:, 0])].mean(0)  # the training tokens' mean
-    encoders = {name: s.encode for name, s in saes.items()}
+    encoders: dict[str, Encode] = {name: s.encode for name, s in saes.items()}
     for d_sae in sorted({s.d_sae for s in saes.values()}):
         floor = random_dictionary(lm.d_model, d_sae, center, cfg.seed)
         encoders[FLOOR if len({s.d_sae for s in saes.values()}) == 1 else f"{FLOOR} ({d_sae})"] = floor
@@ -234,7 +236,7 @@ def first_letter_task(lm: LoadedModel, saes: dict[str, SAE], cfg: ProbeConfig, d
     words = vocabulary_words(lm.tokenizer, cfg.words_per_letter, cfg.seed)
     x = word_activations(lm, hook, words, 10, WORDS_PER_DRAW, cfg.seed, device).to(device)
     y = letter_labels(words).to(device)
-    out = {"n_words": len(words), "saes": {}}
+    out: dict[str, Any] = {"n_words": len(words), "saes": {}}
     for name, sae in saes.items():
         data = first_letter_data(x, y, sae.encode, seed=cfg.seed)
         decoder = (sae.W_dec / sae.input_scale).detach()  # each latent's direction in the model's units

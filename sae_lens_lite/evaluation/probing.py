@@ -251,6 +251,7 @@ class TokenActs:
             if out is None:
                 out = torch.zeros(self.n_texts, v.shape[1], dtype=torch.float64, device=v.device)
             out.index_add_(0, self.text[i : i + chunk].to(v.device), v.double())
+        assert out is not None, "no token to pool"  # every task keeps at least one token per text
         counts = torch.bincount(self.text, minlength=self.n_texts).clamp(min=1).to(out.device)
         return (out / counts[:, None]).float()
 

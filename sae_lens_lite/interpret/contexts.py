@@ -23,6 +23,7 @@ patterns of explain.py.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,7 +269,7 @@ def best_token_in(ctx: RowContext, rows: np.ndarray, total: int, attrs: list[int
     return best
 
 
-def phrase(kind: str, items: list[list[int]], name, alts) -> str:
+def phrase(kind: str, items: Sequence[Sequence[int]], name, alts) -> str:
     """A readable phrase; `name(id)` names a token, `alts(names)` joins alternatives with "or"."""
     if kind == "attribute":
         return "a token " + ", ".join(ATTRIBUTES[a][1] for a in items[0])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +173,7 @@ class Counts:
 
     def fired_rows(self, split: int, j: int) -> np.ndarray:
         """The cache rows of a split where feature j fires."""
+        assert self.fire_ptr is not None and self.fire_rows is not None and self.split is not None  # set by finish()
         rows = self.fire_rows[self.fire_ptr[j] : self.fire_ptr[j + 1]]
         return rows[self.split[rows] == split]
 
@@ -281,6 +283,7 @@ def detection(counts: Counts, j: int, kind: str, items: list, split: int = 1, ct
     prev, cur, n = counts.feature(split, j)
     fires = int(n.sum())
     if kind in CONTEXT_KINDS:
+        assert ctx is not None, "a context kind is only chosen with a RowContext"
         tp = int(ctx.matches(kind, items, counts.fired_rows(split, j)).sum())
         predicted = ctx.occurrences(split, kind, items)
     else:
@@ -316,7 +319,7 @@ def token_name(text: str) -> str:
     return " + ".join(names[r[0]] if len(r) == 1 else f"{len(r)} {names[r[0]]}s" for r in runs)
 
 
-def phrase(kind: str, items: list[tuple[int, int]], name) -> str:
+def phrase(kind: str, items: Sequence[Sequence[int]], name) -> str:
     """A readable phrase for a pattern; `name(id)` names a canonical token (the context start included)."""
 
     def alts(xs):
@@ -398,7 +401,7 @@ def quantile_picks(vals: Tensor, per: int) -> list[list[int]]:
     N_QUANTILES activation quantiles, the highest quantile first."""
     idx = (vals > 0).nonzero().squeeze(1)
     idx = idx[vals[idx].argsort(descending=True)]
-    bins = np.array_split(np.arange(len(idx)), N_QUANTILES) if len(idx) else [[] for _ in range(N_QUANTILES)]
+    bins: list = np.array_split(np.arange(len(idx)), N_QUANTILES) if len(idx) else [[] for _ in range(N_QUANTILES)]
     # The middle of each bin: representative of the quantile, not its edge.
     return [
         [int(idx[b[i]]) for i in np.linspace(0, len(b) - 1, min(per, len(b))).round().astype(int)] if len(b) else []

@@ -63,6 +63,7 @@ class Latents(NamedTuple):
             latent = torch.arange(self.d_sae, device=W_dec.device)
             return self.decode(W_dec, ((latent >= lo) & (latent < hi)).float())
         band = (self.idx >= lo) & (self.idx < hi)
+        assert self.rows is not None  # entries always come with their rows
         idx, rows = self.idx[band], self.rows[band]  # still in token order
         counts = torch.bincount(rows, minlength=self.n)
         starts = counts.cumsum(0) - counts
