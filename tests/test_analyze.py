@@ -12,6 +12,7 @@ from sae_lens_lite.interpret.analyze import (
     N_BINS,
     AnalyzeConfig,
     analyze,
+    at_rows,
     context_windows,
     feature_stats,
     final_norm,
@@ -107,6 +108,18 @@ def test_windows_and_their_activations(tmp_path):
     ref = torch.where(win >= 0, f.T[torch.arange(5)[:, None, None], win.clamp(min=0)], 0.0)
     torch.testing.assert_close(wa, ref)
     torch.testing.assert_close(wa[:, :, 3], st.top_vals)  # the centre is the top activation itself
+
+
+def test_values_at_window_rows_and_the_firing_share(tmp_path):
+    got = at_rows(torch.tensor([5, 6, 7], dtype=torch.int32), torch.tensor([[2, -1], [0, 1]]))
+    assert got.dtype == torch.int64 and got.tolist() == [[7, -1], [5, 6]]  # an absent row stays -1
+    g = torch.Generator().manual_seed(3)
+    cache = write_cache(tmp_path / "acts", torch.randint(0, 96, (6, 8), generator=g), torch.randn(6, 8, D, generator=g))
+    sae = random_sae()
+    st = feature_stats(sae, ordered_batches(cache, 16, "cpu"), 4)
+    f = sae.encode(cache.load(dtype=torch.float32)["activations"]).detach()  # [n, d_sae]
+    assert torch.equal(st.frequency(), (f > 0).sum(0).double() / len(f))
+    assert 0 < st.frequency().min() and st.frequency().max() < 1  # features of different frequencies
 
 
 def test_logit_lens_applies_the_norm_weight_and_ignores_biases():

@@ -10,7 +10,7 @@ row filters are corpus.py's; the cache writers (the sharded one under torchrun t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -161,117 +161,15 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         lm = runtime.main_first(
             lambda: load_model(cfg.model, device, model_dtype(cfg.model_dtype, device), cfg.trust_remote_code)
         )
-    for h in cfg.hooks:
-        hook_point(lm.model, h)  # unknown hooks fail before any file is written
-    check_context_length(lm, cfg.context_length)
-    contexts = tokenize_corpus(lm.tokenizer, texts, cfg.context_length, cfg.tokens)  # [n_ctx, T]
-    if len(contexts) < max(1, cfg.tokens // cfg.context_length) and rank == 0:
-        warn(
-            f"{cfg.dataset} holds {len(contexts) * cfg.context_length:,} tokens in whole contexts of "
-            f"{cfg.context_length}, "
-            f"fewer than the {cfg.tokens:,} asked (--tokens); the cache will hold those"
-        )
-    special, filters = special_token_ids(lm.tokenizer), position_filters(cfg)
-
-    base = {
-        "model": cfg.model,
-        "weights_hash": lm.weights_hash,
-        "corpus": cfg.dataset,
-        "corpus_sha256": corpus_fingerprint(texts),
-        "tokenizer": type(lm.tokenizer).__name__ + ":" + str(getattr(lm.tokenizer, "name_or_path", "")),
-        "dtype": cfg.dtype,
-        "context_length": cfg.context_length,
-        "contexts_per_shard": cfg.contexts_per_shard,
-        "max_contexts": len(contexts),
-        "filters": {
-            "drop_special": cfg.drop_special,
-            "special_ids": sorted(special),
-            "drop_first": cfg.drop_first,
-            "outlier_factor": cfg.outlier_factor,
-            "nonfinite": cfg.nonfinite,
-        },
-    }
-    Writer = ShardedCacheWriter if world > 1 else CacheWriter
-    targets = target_hooks(cfg)
-    writers = {}
+    contexts = _contexts(cfg, lm, texts, rank)  # [n_ctx, T]
+    writers: dict[str, CacheWriter | ShardedCacheWriter] = {}
     try:
-        for h, d in dirs.items():
-            d_target = lm.d_model if h in targets else 0
-            writers[h] = Writer(
-                d, {**base, "hook": h, "target_hook": targets.get(h)}, lm.d_model, cfg.overwrite, d_target
-            )
-        for h, w in writers.items():
-            bad = w.drop_damaged() if world == 1 else None
-            if bad is not None:
-                warn(f"{dirs[h]}: shard {bad} was missing or corrupt; harvesting it again, and the shards after it")
+        _open_writers(writers, cfg, dirs, lm, _manifest_base(cfg, lm, texts, len(contexts)), world)
         todo = [h for h, w in writers.items() if not w.complete]
         if not todo:
             print(_result_line(dirs))
             return dirs
-        # Every cache of one harvest advances together; resume from the least advanced.
-        start_shard = min(writers[h].n_shards for h in todo)
-        n_ctx = len(contexts)
-        per = cfg.contexts_per_shard
-        n_shards = (n_ctx + per - 1) // per
-        bar = tqdm(
-            total=n_ctx * cfg.context_length,
-            initial=start_shard * per * cfg.context_length,
-            unit="tok",
-            desc="harvest",
-            dynamic_ncols=True,
-            disable=rank > 0,
-        )
-        # All ranks go through the same rounds of N shards, so that they sync together; a rank
-        # whose shard lies past the end sits the last round out.
-        rounds = -(-(n_shards - start_shard) // world)
-        for s in range(start_shard + rank, start_shard + rounds * world, world):
-            ctx = contexts[s * per : (s + 1) * per]  # [≤ per, T]
-            rows: dict[str, list[Tensor]] = {h: [] for h in todo}
-            tgts: dict[str, list[Tensor]] = {h: [] for h in todo if h in targets}  # [n, d_target] per batch
-            meta: dict[str, list[Tensor]] = {h: [] for h in todo}
-            skipped = {h: 0 for h in todo}  # NaN/Inf rows dropped from this shard
-            for b in range(0, len(ctx), cfg.batch_size):
-                ids = ctx[b : b + cfg.batch_size].to(device)  # [b, T]
-                acts = run_to_hooks(lm.model, ids, todo + [targets[h] for h in todo if h in targets])
-                doc = torch.arange(s * per + b, s * per + b + len(ids), device=device)[:, None].expand_as(ids)
-                pos = torch.arange(ids.shape[1], device=device)[None, :].expand_as(ids)
-                for h in todo:
-                    a = acts[h]  # [b, T, d]
-                    keep = keep_mask(ids, a, special, **filters)
-                    finite = torch.isfinite(a).all(dim=-1)
-                    if h in targets:  # a pair's row is kept or dropped as one
-                        finite &= torch.isfinite(acts[targets[h]]).all(dim=-1)
-                    bad = int((keep & ~finite).sum())
-                    if bad and cfg.nonfinite == "error":
-                        raise UserError(
-                            f"{bad} activation rows at {h} are NaN or Inf (shard {s}); pass --nonfinite "
-                            "skip to drop them"
-                        )
-                    skipped[h] += bad
-                    keep &= finite
-                    rows[h].append(a[keep].to(DTYPES[cfg.dtype]).cpu())
-                    if h in targets:
-                        tgts[h].append(acts[targets[h]][keep].to(DTYPES[cfg.dtype]).cpu())
-                    meta[h].append(torch.stack([ids[keep], doc[keep], pos[keep]]).cpu())
-                bar.update(ids.numel() * world)  # rank 0 stands for the group
-            for h in todo:
-                if writers[h].n_shards > s or len(ctx) == 0:
-                    continue  # the cache already had it (it was ahead of the others), or past the end
-                tok, doc, pos = torch.cat(meta[h], dim=1)
-                writers[h].add_shard(
-                    torch.cat(rows[h]),
-                    tok,
-                    doc,
-                    pos,
-                    n_contexts=len(ctx),
-                    index=s,
-                    nonfinite_rows=skipped[h],
-                    targets=torch.cat(tgts[h]) if h in tgts else None,
-                )
-            if world > 1:
-                for h in todo:
-                    writers[h].sync()  # rank 0 enters this round's shards in the manifest
-        bar.close()
+        _write_shards(cfg, lm, contexts, {h: writers[h] for h in todo}, device)
         for h in todo:
             if world == 1 and writers[h].manifest["n_tokens"] == 0:
                 raise UserError(
@@ -285,6 +183,150 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
     if rank == 0:
         print(_result_line(dirs))
     return dirs
+
+
+def _contexts(cfg: HarvestConfig, lm: LoadedModel, texts: list[str], rank: int) -> Tensor:
+    """The corpus packed into contexts [n_ctx, T], once the hooks and the context length are known
+    to fit the model (before any file is written)."""
+    for h in cfg.hooks:
+        hook_point(lm.model, h)  # unknown hooks fail before any file is written
+    check_context_length(lm, cfg.context_length)
+    contexts = tokenize_corpus(lm.tokenizer, texts, cfg.context_length, cfg.tokens)  # [n_ctx, T]
+    if len(contexts) < max(1, cfg.tokens // cfg.context_length) and rank == 0:
+        warn(
+            f"{cfg.dataset} holds {len(contexts) * cfg.context_length:,} tokens in whole contexts of "
+            f"{cfg.context_length}, "
+            f"fewer than the {cfg.tokens:,} asked (--tokens); the cache will hold those"
+        )
+    return contexts
+
+
+def _manifest_base(cfg: HarvestConfig, lm: LoadedModel, texts: list[str], n_contexts: int) -> dict:
+    """What every cache of this harvest records in its manifest (each adds its hook)."""
+    return {
+        "model": cfg.model,
+        "weights_hash": lm.weights_hash,
+        "corpus": cfg.dataset,
+        "corpus_sha256": corpus_fingerprint(texts),
+        "tokenizer": type(lm.tokenizer).__name__ + ":" + str(getattr(lm.tokenizer, "name_or_path", "")),
+        "dtype": cfg.dtype,
+        "context_length": cfg.context_length,
+        "contexts_per_shard": cfg.contexts_per_shard,
+        "max_contexts": n_contexts,
+        "filters": {
+            "drop_special": cfg.drop_special,
+            "special_ids": sorted(special_token_ids(lm.tokenizer)),
+            "drop_first": cfg.drop_first,
+            "outlier_factor": cfg.outlier_factor,
+            "nonfinite": cfg.nonfinite,
+        },
+    }
+
+
+def _open_writers(
+    writers: dict, cfg: HarvestConfig, dirs: dict[str, Path], lm: LoadedModel, base: dict, world: int
+) -> None:
+    """Open each hook's cache writer into `writers`, one by one (so that the caller closes those
+    already open if one fails); a damaged shard is dropped, with the shards after it."""
+    Writer = ShardedCacheWriter if world > 1 else CacheWriter
+    targets = target_hooks(cfg)
+    for h, d in dirs.items():
+        d_target = lm.d_model if h in targets else 0
+        writers[h] = Writer(d, {**base, "hook": h, "target_hook": targets.get(h)}, lm.d_model, cfg.overwrite, d_target)
+    for h, w in writers.items():
+        bad = w.drop_damaged() if world == 1 else None
+        if bad is not None:
+            warn(f"{dirs[h]}: shard {bad} was missing or corrupt; harvesting it again, and the shards after it")
+
+
+def _write_shards(
+    cfg: HarvestConfig, lm: LoadedModel, contexts: Tensor, writers: dict[str, CacheWriter | ShardedCacheWriter], device
+) -> None:
+    """Run the model over the contexts of the shards these caches lack, and add them. Every cache
+    of one harvest advances together; the pass resumes from the least advanced."""
+    rank, world = runtime.rank(), runtime.world_size()
+    start_shard = min(w.n_shards for w in writers.values())
+    n_ctx = len(contexts)
+    per = cfg.contexts_per_shard
+    n_shards = (n_ctx + per - 1) // per
+    bar = tqdm(
+        total=n_ctx * cfg.context_length,
+        initial=start_shard * per * cfg.context_length,
+        unit="tok",
+        desc="harvest",
+        dynamic_ncols=True,
+        disable=rank > 0,
+    )
+    # All ranks go through the same rounds of N shards, so that they sync together; a rank
+    # whose shard lies past the end sits the last round out.
+    rounds = -(-(n_shards - start_shard) // world)
+    for s in range(start_shard + rank, start_shard + rounds * world, world):
+        ctx = contexts[s * per : (s + 1) * per]  # [≤ per, T]
+        shard = _run_shard(cfg, lm, ctx, s, list(writers), device, bar)
+        for h, w in writers.items():
+            if w.n_shards > s or len(ctx) == 0:
+                continue  # the cache already had it (it was ahead of the others), or past the end
+            kept = shard[h]
+            tok, doc, pos = torch.cat(kept.meta, dim=1)
+            w.add_shard(
+                torch.cat(kept.acts),
+                tok,
+                doc,
+                pos,
+                n_contexts=len(ctx),
+                index=s,
+                nonfinite_rows=kept.nonfinite,
+                targets=torch.cat(kept.targets) if kept.targets is not None else None,
+            )
+        if world > 1:
+            for w in writers.values():
+                w.sync()  # rank 0 enters this round's shards in the manifest
+    bar.close()
+
+
+@dataclass
+class ShardRows:
+    """The rows of one shard that one hook's cache keeps, batch by batch."""
+
+    acts: list[Tensor] = field(default_factory=list)  # [n, d_model] per batch
+    targets: list[Tensor] | None = None  # [n, d_target] per batch; a pair cache's only
+    meta: list[Tensor] = field(default_factory=list)  # [3, n] token id, context, position per batch
+    nonfinite: int = 0  # NaN/Inf rows dropped
+
+
+def _run_shard(
+    cfg: HarvestConfig, lm: LoadedModel, ctx: Tensor, s: int, hooks: list[str], device, bar
+) -> dict[str, ShardRows]:
+    """The rows each hook keeps from shard s, whose contexts are ctx [≤ per, T]."""
+    targets = target_hooks(cfg)
+    special, filters = special_token_ids(lm.tokenizer), position_filters(cfg)
+    first = s * cfg.contexts_per_shard  # the context index of ctx[0]
+    kept = {h: ShardRows(targets=[] if h in targets else None) for h in hooks}
+    for b in range(0, len(ctx), cfg.batch_size):
+        ids = ctx[b : b + cfg.batch_size].to(device)  # [b, T]
+        acts = run_to_hooks(lm.model, ids, hooks + [targets[h] for h in hooks if h in targets])
+        doc = torch.arange(first + b, first + b + len(ids), device=device)[:, None].expand_as(ids)
+        pos = torch.arange(ids.shape[1], device=device)[None, :].expand_as(ids)
+        for h in hooks:
+            a = acts[h]  # [b, T, d]
+            target = acts[targets[h]] if h in targets else None
+            keep = keep_mask(ids, a, special, **filters)
+            finite = torch.isfinite(a).all(dim=-1)
+            if target is not None:  # a pair's row is kept or dropped as one
+                finite &= torch.isfinite(target).all(dim=-1)
+            bad = int((keep & ~finite).sum())
+            if bad and cfg.nonfinite == "error":
+                raise UserError(
+                    f"{bad} activation rows at {h} are NaN or Inf (shard {s}); pass --nonfinite skip to drop them"
+                )
+            keep &= finite
+            kept[h].nonfinite += bad
+            kept[h].acts.append(a[keep].to(DTYPES[cfg.dtype]).cpu())
+            if target is not None:
+                kept[h].targets.append(target[keep].to(DTYPES[cfg.dtype]).cpu())
+            kept[h].meta.append(torch.stack([ids[keep], doc[keep], pos[keep]]).cpu())
+        bar.update(ids.numel() * runtime.world_size())  # rank 0 stands for the group
+    return kept
 
 
 def _refuse_other_work(cfg: HarvestConfig, dirs: dict[str, Path]) -> None:

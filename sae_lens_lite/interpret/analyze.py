@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,13 @@ class FeatureStats:
     l0: Tensor  # [d_sae + 1] number of rows with 0, 1, 2, ... features firing
     n_rows: int
 
+    def frequency(self) -> Tensor:
+        """[d_sae] float64: the share of rows on which each feature fired."""
+        return self.count.double() / max(self.n_rows, 1)
+
+    def cpu(self) -> FeatureStats:
+        return FeatureStats(*(t.cpu() if isinstance(t, Tensor) else t for t in vars(self).values()))
+
 
 def ordered_batches(cache: ActivationCache, batch_size: int, device) -> Iterator[tuple[int, Tensor]]:
     """(first row index, activations [b, d_model]) over the whole cache in row order."""
@@ -262,10 +269,20 @@ def final_norm(model: nn.Module) -> nn.Module:
     return norms[-1]
 
 
+class LogitLens(NamedTuple):
+    """The tokens each decoder direction promotes and suppresses most, and their logits; each [d_sae, n]."""
+
+    up_vals: Tensor
+    up_ids: Tensor
+    down_vals: Tensor
+    down_ids: Tensor
+
+
 @torch.no_grad()
-def logit_lens(model: nn.Module, W_dec: Tensor, n: int = N_LENS, n_vocab: int | None = None, chunk: int = 256):
-    """Tokens each decoder direction promotes and suppresses: W_dec [d_sae, d_model] →
-    (top values, top ids, bottom values, bottom ids), each [d_sae, n].
+def logit_lens(
+    model: nn.Module, W_dec: Tensor, n: int = N_LENS, n_vocab: int | None = None, chunk: int = 256
+) -> LogitLens:
+    """Tokens each decoder direction promotes and suppresses: W_dec [d_sae, d_model] → LogitLens.
 
     A direction is scaled to RMS 1 (a normalised residual), passed through the final norm and the
     unembedding, and the output for the zero vector is subtracted: that removes the norm's and the
@@ -280,7 +297,7 @@ def logit_lens(model: nn.Module, W_dec: Tensor, n: int = N_LENS, n_vocab: int | 
         logits = (head(norm(d[None]))[0].float() - zero)[:, :n_vocab]  # [c, V]
         up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
         out.append((up.values.cpu(), up.indices.cpu(), down.values.cpu(), down.indices.cpu()))
-    return tuple(torch.cat(t) for t in zip(*out))
+    return LogitLens(*(torch.cat(t) for t in zip(*out)))
 
 
 # ---- monosemanticity score (definition and reasoning: docs/analysis.md) -------------------------
@@ -345,7 +362,10 @@ def monosemanticity(
         return (share / freq.clamp(min=1e-12)).clamp(max=1)
 
     cur, prv = win_tokens[:, :, center], win_tokens[:, :, center - 1]
-    share_of = lambda t: torch.where(t >= 0, unigram[t.clamp(min=0)], 0.0)  # noqa: E731
+
+    def share_of(t: Tensor) -> Tensor:  # each token's unigram frequency, 0 where absent (-1)
+        return torch.where(t >= 0, unigram[t.clamp(min=0)], 0.0)
+
     tok = kappa(pair_agreement(cur, acts), p_same) * bound(share_of(heaviest(cur, acts)))
     prev = kappa(pair_agreement(prv, acts), p_same) * bound(share_of(heaviest(prv, acts)))
     # Context bags: pairs whose windows overlap (same context, nearby) would agree trivially.
@@ -408,8 +428,13 @@ def random_window_jaccard(tokens: Tensor, doc: Tensor, pos: Tensor, before: int,
     if not keep.any():
         return 0.0
     win = context_windows(doc, pos, torch.stack([a[keep], b[keep]]), before, 0)[..., :before]  # [2, p, before]
-    t = torch.where(win >= 0, tokens[win.clamp(min=0)].long(), -1)
+    t = at_rows(tokens, win)
     return float(window_jaccard(t[0], t[1]).mean())
+
+
+def at_rows(values: Tensor, rows: Tensor) -> Tensor:
+    """values [n] at cache rows [...] (e.g. windows) → int64 [...], -1 where a row is absent (-1)."""
+    return torch.where(rows >= 0, values[rows.clamp(min=0)].long(), -1)
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -460,219 +485,26 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         lm = load_model(model_name, device)
     out = prepare_out_dir(cfg.out, cfg.overwrite, marker=FEATURES_FILE)
 
-    k, before, after = cfg.top_k, cfg.ctx_before, cfg.ctx_after
-    meta = cache.load(("tokens", "doc", "pos"))
-    tokens, doc, pos = meta["tokens"].long(), meta["doc"], meta["pos"]
-    n_vocab = len(lm.tokenizer)
-    if int(tokens.max()) >= n_vocab:
-        raise UserError(
-            f"the cache holds token ids up to {int(tokens.max())} but the tokenizer of {lm.name} has "
-            f"{n_vocab}; pass the right --model"
-        )
-    # The score compares tokens up to case and spacing; the page still shows the exact tokens.
-    canon = canonical_ids(lm.tokenizer, n_vocab)  # [V]
-    prev_row = context_windows(doc, pos, torch.arange(len(tokens)), 1, 0)[:, 0]  # [n] -1: none
-    prev_tok = torch.where(prev_row >= 0, canon[tokens[prev_row.clamp(min=0)]], n_vocab)
-    held = explain.heldout_rows(doc, cfg.heldout)
-    if int(doc.max()) == 0:
-        # One context cannot be split by context: hold out rows instead, and say what that costs.
-        held = torch.rand(len(doc), generator=torch.Generator().manual_seed(0)) < cfg.heldout
-        print(
-            "warning: the cache holds one context, so held-out tokens are drawn from it by row and the "
-            "detection scores are optimistic; harvest more text for honest scores",
-            file=sys.stderr,
-        )
-    elif held.all() or not held.any():
-        raise UserError(
-            f"--heldout {cfg.heldout} holds out {'none' if not held.any() else 'all'} of the cache's "
-            f"{int(doc.max()) + 1} contexts; "
-            "explanations need contexts to read and contexts to score on: change --heldout or harvest more"
-        )
-    counter = explain.PatternCounts(canon[tokens], prev_tok, held, n_vocab, sae.d_sae)
-    t1, c1 = time.time(), time.process_time()
-    st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), k, observe=counter.update)
-    st = FeatureStats(*(t.cpu() if isinstance(t, Tensor) else t for t in vars(st).values()))
-    pass1, pass1_cpu = time.time() - t1 - counter.seconds, time.process_time() - c1 - counter.cpu_seconds
-
-    # Built-in explanations (explain split) and their detection scores (held-out split).
-    t1, c1 = time.time(), time.process_time()
-    pat = counter.finish()
-    names = {n_vocab: "the start of a context"}
-    name = lambda i: names.setdefault(i, explain.token_name(lm.tokenizer.decode([i])))  # noqa: E731
-    ctx = row_context(lm.tokenizer, tokens, canon, doc, pos, held, n_vocab)
-    expl = explain.explain_all(pat, name, ctx)
-    seconds_builtin, cpu_builtin = time.time() - t1 + counter.seconds, time.process_time() - c1 + counter.cpu_seconds
-    det_score = torch.tensor([e["detection"]["score"] for e in expl])
-    near_cos, near_ids = explain.nearest(sae.W_dec)
-    # Examples across activation quantiles, from a uniform sample of each feature's firings.
-    samp_rows, samp_vals = pat.sample_rows.permute(1, 0, 2).flatten(1), pat.sample_vals.permute(1, 0, 2).flatten(1)
-    picks = [explain.quantile_picks(samp_vals[j], N_PER_QUANTILE) for j in range(sae.d_sae)]
-    q_rows = torch.full((sae.d_sae, explain.N_QUANTILES * N_PER_QUANTILE), -1, dtype=torch.long)
-    for j, pj in enumerate(picks):
-        flat = [i for q in pj for i in q]
-        q_rows[j, : len(flat)] = samp_rows[j, flat]
-
-    win = context_windows(doc, pos, torch.cat([st.top_rows, q_rows], 1), before, after)  # [d_sae, k + q, W] rows
-    win_acts = window_activations(sae, cache, win, cfg.batch_size)  # [d_sae, k + q, W]
-    gather = lambda t: torch.where(win >= 0, t[win.clamp(min=0)].long(), -1)  # noqa: E731
-    win_tok, win_doc, win_pos = gather(tokens), gather(doc), gather(pos)
-    up_v, up_i, down_v, down_i = logit_lens(lm.model, sae.W_dec, n_vocab=n_vocab)
-    unigram = (torch.bincount(tokens, minlength=n_vocab).double() / len(tokens)).float()
-    bag_chance = random_window_jaccard(tokens, doc, pos, before)
-    freq_t = st.count.double() / max(st.n_rows, 1)
-    as_canon = lambda t: torch.where(t >= 0, canon[t.clamp(min=0)], -1)  # noqa: E731
-    unigram_canon = torch.zeros(n_vocab).index_add_(0, canon, unigram)
-    top_win = lambda t: t[:, :k].contiguous()  # noqa: E731
-    s = monosemanticity(
-        as_canon(top_win(win_tok)),
-        top_win(win_doc),
-        top_win(win_pos),
-        st.top_vals,
-        before,
-        canon[up_i],
-        unigram_canon,
-        freq_t.float(),
-        bag_chance,
-        k,
-    )
-    s = {c: v.nan_to_num(0.0) for c, v in s.items()}  # never NaN (it would rank first); kept as a guard
-    # Ranked by the held-out detection score of the built-in explanation; ties by the
-    # monosemanticity score of the top examples. Dense features (evaluate's definition) come after
-    # every other, flagged: a '\n' feature firing on 15% of tokens is not what a ranking should lead with.
-    dense = (freq_t > DENSE_FREQ).tolist()
-    rank = torch.empty(sae.d_sae, dtype=torch.long)
-    order = torch.tensor(
-        sorted(range(sae.d_sae), key=lambda j: (dense[j], -float(det_score[j]), -float(s["score"][j]), j))
-    )
-    rank[order] = torch.arange(1, sae.d_sae + 1)
-    fams = explain.families([e["explanation"] or "never fires in the explain split" for e in expl], order.tolist())
-    family_of = {j: f["id"] for f in fams for j in f["members"]}
-
-    ids = sorted(set(win_tok[win_tok >= 0].tolist()) | set(up_i.flatten().tolist()) | set(down_i.flatten().tolist()))
-    vocab = {str(i): lm.tokenizer.decode([i]) for i in ids}
-    r4 = lambda t: t.double().round(decimals=4).tolist()  # noqa: E731
-    r3 = lambda t: t.double().round(decimals=3).tolist()  # noqa: E731
-    freq, means, maxes = freq_t.tolist(), r4(st.total / st.count.clamp(min=1)), r4(st.max)
-    scores, comps = r4(s["score"]), {c: r4(s[c]) for c in ("token", "context", "lens")}
-    features = []
-    for j in range(sae.d_sae):
-        n_ex = int((st.top_vals[j] > 0).sum())
-        counts = st.hist[j].tolist()
-        while counts and counts[-1] == 0:
-            counts.pop()
-        toks, docs, poss, wacts = win_tok[j].tolist(), win_doc[j].tolist(), win_pos[j].tolist(), r4(win_acts[j])
-        rows_j = win[j, :, before].tolist()
-
-        def example(e):
-            keep = [i for i, t in enumerate(toks[e]) if t >= 0]
-            return {
-                "row": rows_j[e],
-                "doc": docs[e][before],
-                "pos": poss[e][before],
-                "act": wacts[e][before],
-                "center": sum(i < before for i in keep),
-                "tokens": [toks[e][i] for i in keep],
-                "acts": [wacts[e][i] for i in keep],
-            }
-
-        raw = st.top_vals[j, :n_ex].tolist()
-        mass: dict[int, float] = {}
-        examples = []
-        for e in range(n_ex):
-            # Unrounded: a near-dead feature's top activations can all round to 0.
-            mass[toks[e][before]] = mass.get(toks[e][before], 0.0) + raw[e]
-            examples.append(example(e))
-        quantiles, e = [], k
-        for q in picks[j]:
-            quantiles.append([example(e + i) for i in range(len(q))])
-            e += N_PER_QUANTILE
-        top_tokens = sorted(mass.items(), key=lambda kv: -kv[1])[:N_TOP_TOKENS]
-        total = sum(raw)  # > 0: every example fired
-        features.append(
-            Feature(
-                id=j,
-                rank=int(rank[j]),
-                score=expl[j]["detection"]["score"],
-                explanation=expl[j]["explanation"],
-                family=family_of[j],
-                pattern=expl[j]["pattern"],
-                explain_f1=expl[j]["explain_f1"],
-                detection=expl[j]["detection"],
-                monosemanticity=scores[j],
-                token_score=comps["token"][j],
-                context_score=comps["context"][j],
-                lens_score=comps["lens"][j],
-                frequency=freq[j],
-                dense=dense[j],
-                mean_act=means[j],
-                max_act=maxes[j],
-                hist={"bin_width": 2.0 ** (int(st.hist_exp[j]) - LOG2_BINS) if counts else 0.0, "counts": counts},
-                top_tokens=[[t, round(v / total, 4)] for t, v in top_tokens],
-                lens={
-                    "promoted": [[t, v] for t, v in zip(up_i[j].tolist(), r3(up_v[j]))],
-                    "suppressed": [[t, v] for t, v in zip(down_i[j].tolist(), r3(down_v[j]))],
-                },
-                examples=examples,
-                quantiles=quantiles,
-                nearest=[[i, c] for i, c in zip(near_ids[j].tolist(), r3(near_cos[j]))],
-            )
-        )
-    analysis = Analysis(
-        format=FORMAT,
-        version=VERSION,
-        sae=str(cfg.sae),
-        acts=str(cfg.acts),
-        model=lm.name,
-        hook=m.get("hook"),
-        n_tokens=st.n_rows,
-        d_sae=sae.d_sae,
-        top_k=k,
-        ctx_before=before,
-        ctx_after=after,
-        chance={"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance},
-        heldout={"share": cfg.heldout, "tokens": int(pat.unigram[1][0].sum())},
-        cost={
-            "pass1_s": round(pass1, 2),
-            "pass1_cpu_s": round(pass1_cpu, 2),
-            "builtin_explain_s": round(seconds_builtin, 2),
-            "builtin_explain_cpu_s": round(cpu_builtin, 2),
-        },
-        vocab=vocab,
-        features=features,
-        families=fams,
-    )
+    rows = _cache_rows(cache, lm, cfg.heldout)
+    cost: dict[str, float] = {}  # wall and CPU seconds of each step, for features.json
+    counter = explain.PatternCounts(rows.canon[rows.tokens], rows.prev_tok, rows.held, rows.n_vocab, sae.d_sae)
+    st = _first_pass(cfg, sae, cache, counter, device, cost)
+    explained = _builtin_explanations(counter, lm.tokenizer, rows, cost)
+    win = _example_windows(cfg, sae, cache, rows, st, explained.counts)  # pass 2
+    lens = logit_lens(lm.model, sae.W_dec, n_vocab=rows.n_vocab)
+    scores = _score(rows, st, win, lens, cfg.ctx_before, cfg.top_k)
+    ranking = _rank(explained, scores, st.frequency())
+    features = _feature_entries(cfg, st, win, explained, ranking, scores, lens, explain.nearest(sae.W_dec))
+    analysis = _analysis(cfg, lm, m.get("hook"), st, explained, scores, win, lens, features, ranking, cost)
+    order = ranking.order
     if cfg.steer > 0:
         analysis["steer"] = _steer_samples(cfg, lm, sae, m.get("hook"), features, order[: cfg.steer].tolist())
     _write_outputs(out, analysis, order, cfg.max_features)
     if cfg.explain_top:
-        # The built-in analysis is on disk already; the slow model explanations come on top.
-        heads = [f["members"][0] for f in fams[: cfg.explain_top] if expl[f["members"][0]]["pattern"] is not None]
-        t1 = time.time()
-        done = model_explanations(cfg, lm, sae, cache, pat, heads, tokens, doc, pos, out)
-        for j, entry in done.items():
-            features[j]["model_explanation"] = entry
-        analysis["cost"]["model_explain_s"] = round(sum(e["seconds"] for e in done.values()), 2)
-        analysis["cost"]["model_explain_cpu_s"] = round(sum(e.get("cpu_seconds", 0.0) for e in done.values()), 2)
-        analysis["cost"]["model_explained"] = len(done)
-        print(f"model explanations: {len(done)} families in {time.time() - t1:.0f} s")
-        _write_outputs(out, analysis, order, cfg.max_features)
-    plots = write_plots(out, freq_t, st.l0, det_score, st.n_rows)
-    l0_mean = float((st.l0 * torch.arange(len(st.l0))).sum() / max(st.n_rows, 1))
-    summary = {
-        "out": str(out),
-        "features_json": str(out / FEATURES_FILE),
-        "page": str(out / "index.html"),
-        "ranking": str(out / "ranking.csv"),
-        "plots": plots,
-        "n_tokens": st.n_rows,
-        "d_sae": sae.d_sae,
-        "dead_features": int((st.count == 0).sum()),
-        "mean_l0": l0_mean,
-        "top_features": order[:10].tolist(),
-        "n_families": len(fams),
-        "cost": analysis["cost"],
-        "seconds": round(time.time() - t0, 1),
-    }
+        _add_model_explanations(cfg, lm, sae, cache, rows, explained, ranking, analysis, out)
+    plots = write_plots(out, st.frequency(), st.l0, explained.detection, st.n_rows)
+    summary = _summary(out, plots, analysis, st, order, t0)
+    l0_mean = summary["mean_l0"]
     best = order[0].item()
     finish(
         out,
@@ -686,6 +518,354 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         f"monosemanticity {features[best]['monosemanticity']:.3f}); in {summary['seconds']} s",
     )
     return summary
+
+
+# ---- the stage's steps, in the order analyze() takes them -----------------------------------------
+
+
+@dataclass
+class CacheRows:
+    """The cache's rows in order: each one's token and place, and the split explanations are scored on."""
+
+    tokens: Tensor  # [n] int64 token ids
+    doc: Tensor  # [n] the context of each row
+    pos: Tensor  # [n] its position in that context
+    canon: Tensor  # [V] each token's canonical id (canonical_ids)
+    prev_tok: Tensor  # [n] canonical id of the token before; n_vocab at the start of a context
+    held: Tensor  # [n] bool: the row is held out (explanations are read from the rest, scored on these)
+    n_vocab: int
+
+
+def _cache_rows(cache: ActivationCache, lm: LoadedModel, heldout: float) -> CacheRows:
+    meta = cache.load(("tokens", "doc", "pos"))
+    tokens, doc, pos = meta["tokens"].long(), meta["doc"], meta["pos"]
+    n_vocab = len(lm.tokenizer)
+    if int(tokens.max()) >= n_vocab:
+        raise UserError(
+            f"the cache holds token ids up to {int(tokens.max())} but the tokenizer of {lm.name} has "
+            f"{n_vocab}; pass the right --model"
+        )
+    # The score compares tokens up to case and spacing; the page still shows the exact tokens.
+    canon = canonical_ids(lm.tokenizer, n_vocab)  # [V]
+    prev_row = context_windows(doc, pos, torch.arange(len(tokens)), 1, 0)[:, 0]  # [n] -1: none
+    prev_tok = torch.where(prev_row >= 0, canon[tokens[prev_row.clamp(min=0)]], n_vocab)
+    return CacheRows(tokens, doc, pos, canon, prev_tok, _heldout_rows(doc, heldout), n_vocab)
+
+
+def _heldout_rows(doc: Tensor, share: float) -> Tensor:
+    """[n] bool: the rows of the held-out contexts (explain.heldout_rows), or of one context by row."""
+    held = explain.heldout_rows(doc, share)
+    if int(doc.max()) == 0:
+        # One context cannot be split by context: hold out rows instead, and say what that costs.
+        held = torch.rand(len(doc), generator=torch.Generator().manual_seed(0)) < share
+        print(
+            "warning: the cache holds one context, so held-out tokens are drawn from it by row and the "
+            "detection scores are optimistic; harvest more text for honest scores",
+            file=sys.stderr,
+        )
+    elif held.all() or not held.any():
+        raise UserError(
+            f"--heldout {share} holds out {'none' if not held.any() else 'all'} of the cache's "
+            f"{int(doc.max()) + 1} contexts; "
+            "explanations need contexts to read and contexts to score on: change --heldout or harvest more"
+        )
+    return held
+
+
+def _first_pass(
+    cfg: AnalyzeConfig, sae: SAE, cache: ActivationCache, counter: explain.PatternCounts, device, cost: dict
+) -> FeatureStats:
+    """Pass 1: the feature statistics, with the explanations' pattern counts taken on the way
+    (their time is counted apart, as the built-in explanations')."""
+    t1, c1 = time.time(), time.process_time()
+    st = feature_stats(sae, ordered_batches(cache, cfg.batch_size, device), cfg.top_k, observe=counter.update).cpu()
+    cost["pass1_s"] = round(time.time() - t1 - counter.seconds, 2)
+    cost["pass1_cpu_s"] = round(time.process_time() - c1 - counter.cpu_seconds, 2)
+    return st
+
+
+@dataclass
+class Explained:
+    """The built-in explanations (explain.py) and the counts they were read from."""
+
+    counts: explain.Counts  # pattern counts per split, and a sample of each feature's firings
+    features: list[dict]  # per feature: explanation, pattern, explain_f1, detection
+    detection: Tensor  # [d_sae] held-out detection score of each explanation: the ranking key
+
+
+def _builtin_explanations(counter: explain.PatternCounts, tokenizer, rows: CacheRows, cost: dict) -> Explained:
+    """Built-in explanations (explain split) and their detection scores (held-out split)."""
+    t1, c1 = time.time(), time.process_time()
+    counts = counter.finish()
+    names = {rows.n_vocab: "the start of a context"}
+
+    def name(i: int) -> str:
+        return names.setdefault(i, explain.token_name(tokenizer.decode([i])))
+
+    ctx = row_context(tokenizer, rows.tokens, rows.canon, rows.doc, rows.pos, rows.held, rows.n_vocab)
+    expl = explain.explain_all(counts, name, ctx)
+    cost["builtin_explain_s"] = round(time.time() - t1 + counter.seconds, 2)
+    cost["builtin_explain_cpu_s"] = round(time.process_time() - c1 + counter.cpu_seconds, 2)
+    return Explained(counts, expl, torch.tensor([e["detection"]["score"] for e in expl]))
+
+
+@dataclass
+class Windows:
+    """Context windows around each feature's examples: its top k, then N_PER_QUANTILE from each
+    activation quantile. Each tensor is [d_sae, k + q, W], W = ctx_before + 1 + ctx_after, with -1
+    (an activation of 0) where a position is absent."""
+
+    rows: Tensor  # cache rows
+    acts: Tensor  # the feature's activation on each
+    tokens: Tensor
+    docs: Tensor
+    pos: Tensor
+    picks: list[list[list[int]]]  # per feature and quantile: the sampled firings shown
+
+
+def _example_windows(
+    cfg: AnalyzeConfig, sae: SAE, cache: ActivationCache, rows: CacheRows, st: FeatureStats, counts: explain.Counts
+) -> Windows:
+    """Pass 2: the windows of the top examples and of the quantile examples, re-encoded."""
+    # Examples across activation quantiles, from a uniform sample of each feature's firings.
+    samp_rows = counts.sample_rows.permute(1, 0, 2).flatten(1)
+    samp_vals = counts.sample_vals.permute(1, 0, 2).flatten(1)
+    picks = [explain.quantile_picks(samp_vals[j], N_PER_QUANTILE) for j in range(sae.d_sae)]
+    q_rows = torch.full((sae.d_sae, explain.N_QUANTILES * N_PER_QUANTILE), -1, dtype=torch.long)
+    for j, pj in enumerate(picks):
+        flat = [i for q in pj for i in q]
+        q_rows[j, : len(flat)] = samp_rows[j, flat]
+    win = context_windows(rows.doc, rows.pos, torch.cat([st.top_rows, q_rows], 1), cfg.ctx_before, cfg.ctx_after)
+    acts = window_activations(sae, cache, win, cfg.batch_size)
+    return Windows(win, acts, at_rows(rows.tokens, win), at_rows(rows.doc, win), at_rows(rows.pos, win), picks)
+
+
+@dataclass
+class Scores:
+    parts: dict[str, Tensor]  # [d_sae] each: "token", "context", "lens", and "score" made of them
+    chance: dict[str, float]  # features.json's "chance": the levels the parts are measured against
+
+
+def _score(rows: CacheRows, st: FeatureStats, win: Windows, lens: LogitLens, before: int, k: int) -> Scores:
+    """The monosemanticity score of every feature's top-k examples (docs/analysis.md)."""
+    unigram = (torch.bincount(rows.tokens, minlength=rows.n_vocab).double() / len(rows.tokens)).float()
+    bag_chance = random_window_jaccard(rows.tokens, rows.doc, rows.pos, before)
+    unigram_canon = torch.zeros(rows.n_vocab).index_add_(0, rows.canon, unigram)
+    tokens, docs, pos = (t[:, :k].contiguous() for t in (win.tokens, win.docs, win.pos))  # the top-k windows
+    s = monosemanticity(
+        at_rows(rows.canon, tokens),
+        docs,
+        pos,
+        st.top_vals,
+        before,
+        rows.canon[lens.up_ids],
+        unigram_canon,
+        st.frequency().float(),
+        bag_chance,
+        k,
+    )
+    s = {c: v.nan_to_num(0.0) for c, v in s.items()}  # never NaN (it would rank first); kept as a guard
+    return Scores(s, {"same_token": float((unigram**2).sum()), "context_jaccard": bag_chance})
+
+
+@dataclass
+class Ranking:
+    order: Tensor  # [d_sae] feature ids, best first
+    rank: Tensor  # [d_sae] each feature's place in that order, 1 = best
+    dense: list[bool]  # fires on more than DENSE_FREQ of tokens (evaluate's definition)
+    families: list[dict]  # features sharing an explanation: {"id", "explanation", "members"}, best first
+    family_of: dict[int, int]  # feature id → the id of its family
+
+
+def _rank(explained: Explained, scores: Scores, freq: Tensor) -> Ranking:
+    """Ranked by the held-out detection score of the built-in explanation; ties by the
+    monosemanticity score of the top examples. Dense features come after every other, flagged:
+    a '\\n' feature firing on 15% of tokens is not what a ranking should lead with."""
+    d_sae, det, score = len(freq), explained.detection, scores.parts["score"]
+    dense = (freq > DENSE_FREQ).tolist()
+    order = torch.tensor(sorted(range(d_sae), key=lambda j: (dense[j], -float(det[j]), -float(score[j]), j)))
+    rank = torch.empty(d_sae, dtype=torch.long)
+    rank[order] = torch.arange(1, d_sae + 1)
+    labels = [e["explanation"] or "never fires in the explain split" for e in explained.features]
+    fams = explain.families(labels, order.tolist())
+    return Ranking(order, rank, dense, fams, {j: f["id"] for f in fams for j in f["members"]})
+
+
+def _feature_entries(
+    cfg: AnalyzeConfig,
+    st: FeatureStats,
+    win: Windows,
+    explained: Explained,
+    ranking: Ranking,
+    scores: Scores,
+    lens: LogitLens,
+    nearest: tuple[Tensor, Tensor],
+) -> list[Feature]:
+    """The features.json entry of every feature, in id order (tensors are listed once for all)."""
+    before = cfg.ctx_before
+    freq, means, maxes = st.frequency().tolist(), _round(st.total / st.count.clamp(min=1), 4), _round(st.max, 4)
+    part = {c: _round(v, 4) for c, v in scores.parts.items()}
+    near_cos, near_ids = nearest
+    features = []
+    for j, expl in enumerate(explained.features):
+        n_ex = int((st.top_vals[j] > 0).sum())
+        examples, quantiles = _examples(win, j, n_ex, cfg.top_k, before)
+        features.append(
+            Feature(
+                id=j,
+                rank=int(ranking.rank[j]),
+                score=expl["detection"]["score"],
+                explanation=expl["explanation"],
+                family=ranking.family_of[j],
+                pattern=expl["pattern"],
+                explain_f1=expl["explain_f1"],
+                detection=expl["detection"],
+                monosemanticity=part["score"][j],
+                token_score=part["token"][j],
+                context_score=part["context"][j],
+                lens_score=part["lens"][j],
+                frequency=freq[j],
+                dense=ranking.dense[j],
+                mean_act=means[j],
+                max_act=maxes[j],
+                hist=_histogram(st.hist[j], int(st.hist_exp[j])),
+                top_tokens=_top_tokens(win.tokens[j, :n_ex, before].tolist(), st.top_vals[j, :n_ex].tolist()),
+                lens={
+                    "promoted": [[t, v] for t, v in zip(lens.up_ids[j].tolist(), _round(lens.up_vals[j], 3))],
+                    "suppressed": [[t, v] for t, v in zip(lens.down_ids[j].tolist(), _round(lens.down_vals[j], 3))],
+                },
+                examples=examples,
+                quantiles=quantiles,
+                nearest=[[i, c] for i, c in zip(near_ids[j].tolist(), _round(near_cos[j], 3))],
+            )
+        )
+    return features
+
+
+def _round(t: Tensor, decimals: int) -> list:
+    return t.double().round(decimals=decimals).tolist()
+
+
+def _examples(win: Windows, j: int, n_top: int, k: int, before: int) -> tuple[list[dict], list[list[dict]]]:
+    """Feature j's top examples (its first n_top windows) and its examples from each quantile."""
+    toks, docs, poss, acts = win.tokens[j].tolist(), win.docs[j].tolist(), win.pos[j].tolist(), _round(win.acts[j], 4)
+    rows = win.rows[j, :, before].tolist()
+
+    def example(e: int) -> dict:
+        keep = [i for i, t in enumerate(toks[e]) if t >= 0]
+        return {
+            "row": rows[e],
+            "doc": docs[e][before],
+            "pos": poss[e][before],
+            "act": acts[e][before],
+            "center": sum(i < before for i in keep),
+            "tokens": [toks[e][i] for i in keep],
+            "acts": [acts[e][i] for i in keep],
+        }
+
+    quantiles = [[example(k + q * N_PER_QUANTILE + i) for i in range(len(p))] for q, p in enumerate(win.picks[j])]
+    return [example(e) for e in range(n_top)], quantiles
+
+
+def _histogram(hist: Tensor, exp: int) -> dict:
+    """features.json's "hist" of one feature: its bins [N_BINS] up to the last non-empty one."""
+    counts = hist.tolist()
+    while counts and counts[-1] == 0:
+        counts.pop()
+    return {"bin_width": 2.0 ** (exp - LOG2_BINS) if counts else 0.0, "counts": counts}
+
+
+def _top_tokens(center: list[int], acts: list[float]) -> list[list]:
+    """[[token id, share of the activation]] of the tokens the top examples fire on, most first."""
+    mass: dict[int, float] = {}
+    for t, a in zip(center, acts):
+        # Unrounded: a near-dead feature's top activations can all round to 0.
+        mass[t] = mass.get(t, 0.0) + a
+    total = sum(acts)  # > 0: every example fired
+    return [[t, round(v / total, 4)] for t, v in sorted(mass.items(), key=lambda kv: -kv[1])[:N_TOP_TOKENS]]
+
+
+def _analysis(
+    cfg: AnalyzeConfig,
+    lm: LoadedModel,
+    hook: str | None,
+    st: FeatureStats,
+    explained: Explained,
+    scores: Scores,
+    win: Windows,
+    lens: LogitLens,
+    features: list[Feature],
+    ranking: Ranking,
+    cost: dict,
+) -> Analysis:
+    """The whole of features.json, its vocabulary being every token id the features name."""
+    used = set(win.tokens[win.tokens >= 0].tolist()) | set(lens.up_ids.flatten().tolist())
+    ids = sorted(used | set(lens.down_ids.flatten().tolist()))
+    return Analysis(
+        format=FORMAT,
+        version=VERSION,
+        sae=str(cfg.sae),
+        acts=str(cfg.acts),
+        model=lm.name,
+        hook=hook,
+        n_tokens=st.n_rows,
+        d_sae=len(features),
+        top_k=cfg.top_k,
+        ctx_before=cfg.ctx_before,
+        ctx_after=cfg.ctx_after,
+        chance=scores.chance,
+        heldout={"share": cfg.heldout, "tokens": int(explained.counts.unigram[1][0].sum())},
+        cost=cost,
+        vocab={str(i): lm.tokenizer.decode([i]) for i in ids},
+        features=features,
+        families=ranking.families,
+    )
+
+
+def _add_model_explanations(
+    cfg: AnalyzeConfig,
+    lm: LoadedModel,
+    sae: SAE,
+    cache: ActivationCache,
+    rows: CacheRows,
+    explained: Explained,
+    ranking: Ranking,
+    analysis: Analysis,
+    out: Path,
+) -> None:
+    """--explain-top: the explainer's explanations of the best families, added to the analysis and
+    written again (the built-in analysis is on disk already; the slow model explanations come on top)."""
+    features = analysis["features"]
+    heads = [f["members"][0] for f in ranking.families[: cfg.explain_top]]
+    heads = [j for j in heads if explained.features[j]["pattern"] is not None]
+    t1 = time.time()
+    done = model_explanations(cfg, lm, sae, cache, explained.counts, heads, rows, out)
+    for j, entry in done.items():
+        features[j]["model_explanation"] = entry
+    analysis["cost"]["model_explain_s"] = round(sum(e["seconds"] for e in done.values()), 2)
+    analysis["cost"]["model_explain_cpu_s"] = round(sum(e.get("cpu_seconds", 0.0) for e in done.values()), 2)
+    analysis["cost"]["model_explained"] = len(done)
+    print(f"model explanations: {len(done)} families in {time.time() - t1:.0f} s")
+    _write_outputs(out, analysis, ranking.order, cfg.max_features)
+
+
+def _summary(out: Path, plots: list[str], analysis: Analysis, st: FeatureStats, order: Tensor, t0: float) -> dict:
+    """analyze's result: where its outputs are, and their headline figures."""
+    return {
+        "out": str(out),
+        "features_json": str(out / FEATURES_FILE),
+        "page": str(out / "index.html"),
+        "ranking": str(out / "ranking.csv"),
+        "plots": plots,
+        "n_tokens": st.n_rows,
+        "d_sae": len(analysis["features"]),
+        "dead_features": int((st.count == 0).sum()),
+        "mean_l0": float((st.l0 * torch.arange(len(st.l0))).sum() / max(st.n_rows, 1)),
+        "top_features": order[:10].tolist(),
+        "n_families": len(analysis["families"]),
+        "cost": analysis["cost"],
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def _write_outputs(out: Path, analysis: Analysis, order: Tensor, max_features: int | None) -> None:
@@ -782,77 +962,96 @@ def model_explanations(
     cache: ActivationCache,
     counts: explain.Counts,
     heads: list[int],
-    tokens: Tensor,
-    doc: Tensor,
-    pos: Tensor,
+    rows: CacheRows,
     out: Path,
 ) -> dict[int, dict]:
     """Explanations of features `heads` by cfg.explainer, each scored yes/no on held-out contexts:
     activating ones from every quantile and as many random held-out ones where it never fires."""
     from sae_lens_lite.fsutil import sha256_file
 
-    before, after = cfg.ctx_before, cfg.ctx_after
     header = {
         "explainer": cfg.explainer,
         "sae": sha256_file(Path(cfg.sae) / "sae.safetensors"),
         "acts": str(cfg.acts),
         "heldout": cfg.heldout,
-        "ctx": [before, after],
+        "ctx": [cfg.ctx_before, cfg.ctx_after],
         "prompt": explain.PROMPT_VERSION,
     }
     results = explain.ResultCache(out / "model_explanations.json", header)
     todo = [j for j in heads if results.get(j) is None]
     if todo:
-        n_pos = explain.N_QUANTILES * N_SCORE
-        g = torch.Generator().manual_seed(1)
-        held = explain.heldout_rows(doc, cfg.heldout).nonzero().squeeze(1)
-        rows = torch.full((sae.d_sae, explain.N_QUANTILES * (N_EXPLAIN + N_SCORE) + 4 * n_pos), -1, dtype=torch.long)
-        plan = {}
-        for j in todo:
-            ex = [i for q in explain.quantile_picks(counts.sample_vals[0, j], N_EXPLAIN) for i in q]
-            po = [i for q in explain.quantile_picks(counts.sample_vals[1, j], N_SCORE) for i in q]
-            r = torch.cat(
-                [
-                    counts.sample_rows[0, j, ex],
-                    counts.sample_rows[1, j, po],
-                    held[torch.randint(len(held), (4 * n_pos,), generator=g)],
-                ]
-            )
-            rows[j, : len(r)] = r
-            plan[j] = (len(ex), len(po))
-        win = context_windows(doc, pos, rows, before, after)  # [d_sae, R, W]
+        win, plan = _explainer_windows(cfg, sae.d_sae, counts, todo, rows)  # [d_sae, R, W]
         acts = window_activations(sae, cache, win, cfg.batch_size)
         xlm = lm if cfg.explainer == lm.name else load_model(cfg.explainer, sae.W_enc.device)
         model = explain.ModelExplainer(xlm)
-        dec = lambda i: lm.tokenizer.decode([i])  # noqa: E731
-        text = lambda w: lm.tokenizer.decode(tokens[w[w >= 0]].tolist()).replace("\n", " ")  # noqa: E731
         for j in tqdm(todo, desc="model explanations", unit="feature", dynamic_ncols=True):
             t1, c1 = time.time(), time.process_time()
-            n_ex, n_po = plan[j]
-            shown = [
-                explain.marked([dec(int(tokens[r])) for r in w[w >= 0]], a[w >= 0].tolist())
-                for w, a in zip(win[j, :n_ex], acts[j, :n_ex])
-            ]
-            phrase = model.explain(shown)
-            pos_txt = [text(w) for w in win[j, n_ex : n_ex + n_po]]
-            quiet = [
-                text(w)
-                for w, a in zip(win[j, n_ex + n_po :], acts[j, n_ex + n_po :])
-                if (w >= 0).any() and not (a > 0).any()
-            ]
-            neg_txt = quiet[: len(pos_txt)]
-            entry = {"explanation": phrase, "balanced_accuracy": None, "auroc": None, "n_scored": 0}
-            if pos_txt and len(neg_txt) == len(pos_txt):
-                margin = model.yes_margin(phrase, pos_txt + neg_txt)
-                label = torch.arange(len(margin)) < len(pos_txt)
-                entry.update(
-                    balanced_accuracy=round(explain.balanced_accuracy(margin, label), 4),
-                    auroc=round(explain.auroc(margin, label), 4),
-                    n_scored=len(margin),
-                )
+            entry = _explain_and_score(model, lm.tokenizer, rows.tokens, win[j], acts[j], plan[j])
             entry["seconds"], entry["cpu_seconds"] = round(time.time() - t1, 2), round(time.process_time() - c1, 2)
             results.put(j, entry)
     return {j: results.get(j) for j in heads}
+
+
+class ExplainerSplit(NamedTuple):
+    """How a feature's windows for the explainer divide: the first `shown` are shown to it, the
+    next `scored` are activating held-out ones to score on, and random held-out ones follow."""
+
+    shown: int
+    scored: int
+
+
+def _explainer_windows(
+    cfg: AnalyzeConfig, d_sae: int, counts: explain.Counts, todo: list[int], rows: CacheRows
+) -> tuple[Tensor, dict[int, ExplainerSplit]]:
+    """The windows of each feature in `todo` [d_sae, R, W] (-1 elsewhere), and how they divide."""
+    n_pos = explain.N_QUANTILES * N_SCORE
+    g = torch.Generator().manual_seed(1)
+    held = explain.heldout_rows(rows.doc, cfg.heldout).nonzero().squeeze(1)
+    picked = torch.full((d_sae, explain.N_QUANTILES * (N_EXPLAIN + N_SCORE) + 4 * n_pos), -1, dtype=torch.long)
+    plan = {}
+    for j in todo:
+        ex = [i for q in explain.quantile_picks(counts.sample_vals[0, j], N_EXPLAIN) for i in q]
+        po = [i for q in explain.quantile_picks(counts.sample_vals[1, j], N_SCORE) for i in q]
+        r = torch.cat(
+            [
+                counts.sample_rows[0, j, ex],
+                counts.sample_rows[1, j, po],
+                held[torch.randint(len(held), (4 * n_pos,), generator=g)],
+            ]
+        )
+        picked[j, : len(r)] = r
+        plan[j] = ExplainerSplit(len(ex), len(po))
+    return context_windows(rows.doc, rows.pos, picked, cfg.ctx_before, cfg.ctx_after), plan
+
+
+def _explain_and_score(
+    model: explain.ModelExplainer, tokenizer, tokens: Tensor, win: Tensor, acts: Tensor, split: ExplainerSplit
+) -> dict:
+    """One feature's explanation, from its shown windows (win, acts [R, W]), scored on its
+    activating held-out windows and as many held-out ones where it never fires."""
+
+    def text(w: Tensor) -> str:
+        return tokenizer.decode(tokens[w[w >= 0]].tolist()).replace("\n", " ")
+
+    n_ex, n_po = split
+    shown = [
+        explain.marked([tokenizer.decode([int(tokens[r])]) for r in w[w >= 0]], a[w >= 0].tolist())
+        for w, a in zip(win[:n_ex], acts[:n_ex])
+    ]
+    phrase = model.explain(shown)
+    pos_txt = [text(w) for w in win[n_ex : n_ex + n_po]]
+    quiet = [text(w) for w, a in zip(win[n_ex + n_po :], acts[n_ex + n_po :]) if (w >= 0).any() and not (a > 0).any()]
+    neg_txt = quiet[: len(pos_txt)]
+    entry = {"explanation": phrase, "balanced_accuracy": None, "auroc": None, "n_scored": 0}
+    if pos_txt and len(neg_txt) == len(pos_txt):
+        margin = model.yes_margin(phrase, pos_txt + neg_txt)
+        label = torch.arange(len(margin)) < len(pos_txt)
+        entry.update(
+            balanced_accuracy=round(explain.balanced_accuracy(margin, label), 4),
+            auroc=round(explain.auroc(margin, label), 4),
+            n_scored=len(margin),
+        )
+    return entry
 
 
 def write_plots(out: Path, freq: Tensor, l0: Tensor, score: Tensor, n_rows: int) -> list[str]:
