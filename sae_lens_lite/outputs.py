@@ -14,9 +14,10 @@ cache directory must hold nothing else. The record is written last, after every 
 the stage, so its presence means the output is complete.
 
 A stage declares once, as an `Output`, what the rule reads: which config fields name its inputs,
-which do not change its result, and how its folder is claimed. `Output.start` then gives the stage
-a `StageRun` that applies the rule (`done`), claims the folder (`claim`) and records the result
-(`finish`); the stage only says when, after its own checks of what it was given.
+which do not change its result, how its folder is claimed and how its result is recorded
+(provenance.json, or the cache's manifests). `Output.start` then gives the stage a `StageRun`
+that applies the rule (`done`), claims the folder (`claim`) and records the result (`finish`);
+the stage only says when, after its own checks of what it was given.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from sae_lens_lite import __version__
 from sae_lens_lite.errors import UserError
@@ -146,6 +148,24 @@ def report_folder(report: str, ours: tuple[str, ...], what: str) -> Callable[[Pa
     return lambda out, cfg: claim_out_dir(out, cfg.overwrite, report, ours, what)
 
 
+class Record(Protocol):
+    """How a stage records its finished output, and finds it finished when run again."""
+
+    def done(self, run: StageRun) -> dict | None: ...  # the recorded result, or None: run the stage
+
+    def finish(self, run: StageRun, result: dict, line: str) -> None: ...  # record it, print its line
+
+
+class Provenance:
+    """The record of most stages: provenance.json, written last; the rule is `existing`'s."""
+
+    def done(self, run: StageRun) -> dict | None:
+        return existing(run.out, run.output.stage, run.settings, run.inputs, run.cfg.overwrite)
+
+    def finish(self, run: StageRun, result: dict, line: str) -> None:
+        finish(run.out, run.output.stage, run.settings, run.inputs, result, line)
+
+
 @dataclasses.dataclass(frozen=True)
 class Output:
     """How a stage keeps its output folder, declared once beside its config."""
@@ -154,6 +174,7 @@ class Output:
     claim: Callable[[Path, object], Path]  # (folder, config) → the folder made, other work refused
     inputs: tuple[str, ...] = ()  # config fields naming what it reads: recorded by content (fingerprint)
     skip: tuple[str, ...] = ()  # config fields that are not settings (beyond NOT_SETTINGS), often its inputs
+    record: Record = Provenance()  # how its finished output is recorded, and found finished again
 
     def start(self, cfg, out: str | os.PathLike | None = None, skip: tuple[str, ...] = ()) -> StageRun:
         """A run of the stage with `cfg` into `out` (default cfg.out); `skip`: more fields that are
@@ -176,7 +197,7 @@ class StageRun:
     def done(self) -> dict | None:
         """The recorded result when the folder holds this stage's output made the same way (said, with
         the result line: the stage returns at once); None when it must run; a UserError otherwise."""
-        return existing(self.out, self.output.stage, self.settings, self.inputs, self.cfg.overwrite)
+        return self.output.record.done(self)
 
     def claim(self) -> Path:
         """The output folder, made; refused while it holds other work (unless --overwrite)."""
@@ -184,7 +205,7 @@ class StageRun:
 
     def finish(self, result: dict, line: str) -> None:
         """The record of the finished stage (its last file) and its result line, printed."""
-        finish(self.out, self.output.stage, self.settings, self.inputs, result, line)
+        self.output.record.finish(self, result, line)
 
 
 def warn(message: str) -> None:

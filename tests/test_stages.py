@@ -141,7 +141,9 @@ def test_every_declared_output_names_a_registered_stage():
     declared = [
         o for s in stages.STAGES for o in vars(importlib.import_module(s.module)).values() if isinstance(o, Output)
     ]
-    assert {o.stage for o in declared} == {"train", "evaluate", "probe", "analyze", "export", "import"} <= names
+    assert (
+        {o.stage for o in declared} == {"harvest", "train", "evaluate", "probe", "analyze", "export", "import"} <= names
+    )
 
 
 def test_help_lists_the_stages_in_registry_order(capsys):
