@@ -1,11 +1,12 @@
 """Every stage from one run file: harvest → train → evaluate → analyze → export.
 
 The run file (TOML, see configs/demo.toml) has a top-level `out` directory and one table per
-stage, holding that stage's config fields. Paths between stages are filled in here, so a run
-file only says what differs from the defaults. The whole file is checked (unknown keys, types)
-before any stage starts. Each stage then applies the rerun rule (outputs.py): finished work with
-the same settings is skipped, work with other settings is refused, and an interrupted stage
-resumes. A stage downstream of one that did new work is redone, since its input changed.
+stage, holding that stage's config fields; the stages, their order, their folders and the paths
+wired between them are the registry's (stages.py), so a run file only says what differs from
+the defaults. The whole file is checked (unknown keys, types) before any stage starts. Each stage
+then applies the rerun rule (outputs.py): finished work with the same settings is skipped, work
+with other settings is refused, and an interrupted stage resumes. A stage downstream of one that
+did new work is redone, since its input changed.
 """
 
 from __future__ import annotations
