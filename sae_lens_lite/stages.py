@@ -39,16 +39,20 @@ def cache_headline(out: Path) -> str:
     return f"{m['n_tokens']:,} rows x {m['d_model']} at {m['hook']}"
 
 
+def _load(where: str):
+    """The object at "module:name", its module imported now (so that --help imports configs only)."""
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str  # the subcommand, its run-file table and the "stage" its record names
     help: str  # its line in `sae-lite --help`
-    module: str  # the module holding its config and its function
-    config_name: str  # its config dataclass
-    function: str  # run(cfg): does the work (or finds it done), prints the result line
-    positional: (
-        tuple[str, str, str] | tuple[()]
-    ) = ()  # (list field, metavar, help): a field given as arguments, not a flag
+    config_at: str  # "module:Class" of its config dataclass
+    run_at: str  # "module:function" of run(cfg), which does the work (or finds it done) and prints its line
+    # (list field, metavar, help): a field given as arguments, not as a flag (compare's SAEs)
+    positional: tuple[str, str, str] | tuple[()] = ()
     run_dir: str | None = None  # its folder under a run file's `out`; None: not run by `sae-lite run`
     reads: tuple[tuple[str, str], ...] = ()  # (config field, run_dir of an earlier stage) wired by `run`
     marker: str = RECORD  # the file written last into its folder: there, the output is complete
@@ -56,11 +60,11 @@ class Stage:
 
     @property
     def config(self) -> type:
-        return getattr(importlib.import_module(self.module), self.config_name)
+        return _load(self.config_at)
 
     @property
     def run(self) -> Callable:
-        return getattr(importlib.import_module(self.module), self.function)
+        return _load(self.run_at)
 
     def stamp(self, out: Path) -> int | None:
         """What changes when the stage writes its folder: the time of its marker."""
@@ -88,9 +92,8 @@ STAGES: list[Stage] = [
     Stage(
         "harvest",
         "run a model over a corpus and cache activations at hook points",
-        "sae_lens_lite.data.harvest",
-        "HarvestConfig",
-        "harvest",
+        "sae_lens_lite.data.harvest:HarvestConfig",
+        "sae_lens_lite.data.harvest:harvest",
         run_dir="acts",
         marker="manifest.json",  # the cache's manifest is its record (harvest.py)
         headline=cache_headline,
@@ -98,76 +101,70 @@ STAGES: list[Stage] = [
     Stage(
         "train",
         "train an SAE on a cached activation set",
-        "sae_lens_lite.training.train",
-        "TrainConfig",
-        "train",
+        "sae_lens_lite.training.train_config:TrainConfig",
+        "sae_lens_lite.training.train:train",
         run_dir="sae",
         reads=(("acts", "acts"),),
     ),
     Stage(
         "evaluate",
         "reconstruction, sparsity and spliced CE loss on held-out text, with PCA/VAE baselines",
-        "sae_lens_lite.evaluation.evaluate",
-        "EvalConfig",
-        "evaluate",
+        "sae_lens_lite.evaluation.evaluate:EvalConfig",
+        "sae_lens_lite.evaluation.evaluate:evaluate",
         run_dir="eval",
         reads=(("sae", "sae"),),
     ),
     Stage(
         "probe",
         "k-sparse probing on labelled text tasks (with ceiling and random floor), first-letter absorption",
-        "sae_lens_lite.evaluation.probe",
-        "ProbeConfig",
-        "probe",
+        "sae_lens_lite.evaluation.probe:ProbeConfig",
+        "sae_lens_lite.evaluation.probe:probe",
     ),
     Stage(
         "analyze",
         "top activations, monosemanticity ranking, logit lens, HTML feature browser",
-        "sae_lens_lite.interpret.analyze",
-        "AnalyzeConfig",
-        "analyze",
+        "sae_lens_lite.interpret.analyze:AnalyzeConfig",
+        "sae_lens_lite.interpret.analyze:analyze",
         run_dir="analysis",
         reads=(("sae", "sae"), ("acts", "acts")),
     ),
     Stage(
         "export",
         "write a feature dictionary or a SAELens-compatible directory",
-        "sae_lens_lite.export",
-        "ExportConfig",
-        "export",
+        "sae_lens_lite.export:ExportConfig",
+        "sae_lens_lite.export:export",
         run_dir="export",
         reads=(("sae", "sae"), ("acts", "acts"), ("analysis", "analysis")),
     ),
     Stage(
-        "import", "convert a SAELens or sparsify SAE into ours", "sae_lens_lite.export", "ImportConfig", "import_cmd"
+        "import",
+        "convert a SAELens or sparsify SAE into ours",
+        "sae_lens_lite.export:ImportConfig",
+        "sae_lens_lite.export:import_cmd",
     ),
     Stage(
         "steer",
         "generate with and without a feature added to (or clamped at) the hook",
-        "sae_lens_lite.interpret.intervene",
-        "SteerConfig",
-        "steer",
+        "sae_lens_lite.interpret.intervene:SteerConfig",
+        "sae_lens_lite.interpret.intervene:steer",
     ),
     Stage(
         "sweep",
         "steering strength against concept and fluency, per feature: table, plots, best strength",
-        "sae_lens_lite.interpret.sweep",
-        "SweepConfig",
-        "sweep",
+        "sae_lens_lite.interpret.sweep:SweepConfig",
+        "sae_lens_lite.interpret.sweep:sweep",
     ),
     Stage(
         "attribute",
         "which features raise or lower the next token's log-probability (activation x gradient, checked by ablation)",
-        "sae_lens_lite.interpret.intervene",
-        "AttributeConfig",
-        "attribute",
+        "sae_lens_lite.interpret.intervene:AttributeConfig",
+        "sae_lens_lite.interpret.intervene:attribute",
     ),
     Stage(
         "compare",
         "score several SAEs of one model and hook on the same tokens and positions: a table and a frontier plot",
-        "sae_lens_lite.evaluation.compare",
-        "CompareConfig",
-        "compare",
+        "sae_lens_lite.evaluation.compare:CompareConfig",
+        "sae_lens_lite.evaluation.compare:compare",
         positional=("saes", "SAE", "SAE directories (trained or imported), or evaluation report.json files"),
     ),
 ]

@@ -18,10 +18,11 @@ stages of their own, in the order below; the folders show the same flow):
     entry points  info, pipeline, cli, __main__ (each reads the registry)
 
 Every import counts: at module level, inside a function (a lazy import is a dependency all the
-same), a module named by a string ("sae_lens_lite.data.harvest", which stages.py imports when its
-stage is used), and under `if TYPE_CHECKING:` too (a type hint naming a later stage's class ties the
-module to that stage; today's such imports all stay inside the training stage, where recipes
-name TrainConfig and train builds recipes). Within a stage imports may go either way.
+same), a module named by a string ("sae_lens_lite.data.harvest", alone or as "module:name", as
+stages.py names what it imports when a stage is used), and under `if TYPE_CHECKING:` too (a type
+hint naming a later stage's class ties the module to that stage; today's such imports all stay
+inside the training stage, where recipes name TrainConfig and train builds recipes). Within a
+stage imports may go either way.
 
 A module that is in no stage fails the test, so a new module gets placed deliberately; so does
 a stage entry naming a module that no longer exists.
@@ -92,11 +93,11 @@ def imported_base(path: str, node: ast.ImportFrom) -> str:
 
 def imports(path: str, source: str, known: set[str]) -> list[tuple[int, str]]:
     """(line, module) for each import of a module of the package in the file `path`, and each
-    string naming one (a module imported by name, as the registry's are)."""
+    string naming one, alone or as "module:name" (imported by name, as the registry's are)."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
-            found.append((node.lineno, node.value))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split(":")[0] in known:
+            found.append((node.lineno, node.value.split(":")[0]))
         elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == ROOT]
         elif isinstance(node, ast.ImportFrom):
@@ -197,7 +198,7 @@ def test_the_checker_reports_violations():
         "data/__init__.py": "",
         "data/cache.py": "def shards():\n    from ..training.train import TrainConfig\n",  # a lazy import, by name
         "data/corpus.py": "from . import harvest\n",  # a module, from the package
-        "data/models.py": 'STAGE = "sae_lens_lite.training.train"\n',  # a module named, to import later
+        "data/models.py": 'STAGE = "sae_lens_lite.training.train:train"\n',  # named, to import later
         "data/harvest.py": "import sae_lens_lite.evaluation.evaluate\nfrom .cache import Writer\n",  # abs; legal
         "training/train.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
         "    from sae_lens_lite.evaluation.compare import CompareConfig\n",

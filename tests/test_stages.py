@@ -39,7 +39,9 @@ def toy(cfg: ToyConfig) -> dict:
     return {"words": cfg.words}
 
 
-TOY = stages.Stage("toy", "write a few words", __name__, "ToyConfig", "toy", run_dir="toy", reads=(("sae", "sae"),))
+TOY = stages.Stage(
+    "toy", "write a few words", f"{__name__}:ToyConfig", f"{__name__}:toy", run_dir="toy", reads=(("sae", "sae"),)
+)
 
 
 @pytest.fixture
@@ -138,9 +140,8 @@ def test_every_declared_output_names_a_registered_stage():
     """The "stage" a record names is the stage's name in the registry, which `info` and the run
     table read it by."""
     names = {s.name for s in stages.STAGES}
-    declared = [
-        o for s in stages.STAGES for o in vars(importlib.import_module(s.module)).values() if isinstance(o, Output)
-    ]
+    modules = [importlib.import_module(s.run_at.split(":")[0]) for s in stages.STAGES]
+    declared = [o for m in modules for o in vars(m).values() if isinstance(o, Output)]
     assert (
         {o.stage for o in declared} == {"harvest", "train", "evaluate", "probe", "analyze", "export", "import"} <= names
     )
