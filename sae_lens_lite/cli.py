@@ -1,5 +1,6 @@
-"""`sae-lite`: argument parsing only. Every subcommand maps its flags onto a stage's config
-dataclass and calls that stage's function; errors a user can fix print as one line, exit 2."""
+"""`sae-lite`: argument parsing only. Every stage of the registry (stages.py) is a subcommand that
+maps its flags onto the stage's config dataclass and calls the stage's function; errors a user
+can fix print as one line, exit 2."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import os
 import sys
 
-from sae_lens_lite import __version__
+from sae_lens_lite import __version__, stages
 from sae_lens_lite.config import add_dataclass_args, from_namespace, load_run_file
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.outputs import plural
@@ -34,16 +35,6 @@ settings is left as it is; --overwrite redoes it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sae_lens_lite.data.harvest import HarvestConfig
-    from sae_lens_lite.evaluation.compare import CompareConfig
-    from sae_lens_lite.evaluation.evaluate import EvalConfig
-    from sae_lens_lite.evaluation.probe import ProbeConfig
-    from sae_lens_lite.export import ExportConfig, ImportConfig
-    from sae_lens_lite.interpret.analyze import AnalyzeConfig
-    from sae_lens_lite.interpret.intervene import AttributeConfig, SteerConfig
-    from sae_lens_lite.interpret.sweep import SweepConfig
-    from sae_lens_lite.training.train_config import TrainConfig
-
     p = argparse.ArgumentParser(
         prog="sae-lite",
         description="Train, evaluate, inspect and export sparse autoencoders on language-model activations.",
@@ -52,48 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"sae-lite {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    stages = [
-        ("harvest", HarvestConfig, "run a model over a corpus and cache activations at hook points"),
-        ("train", TrainConfig, "train an SAE on a cached activation set"),
-        (
-            "evaluate",
-            EvalConfig,
-            "reconstruction, sparsity and spliced CE loss on held-out text, with PCA/VAE baselines",
-        ),
-        (
-            "probe",
-            ProbeConfig,
-            "k-sparse probing on labelled text tasks (with ceiling and random floor), first-letter absorption",
-        ),
-        ("analyze", AnalyzeConfig, "top activations, monosemanticity ranking, logit lens, HTML feature browser"),
-        ("export", ExportConfig, "write a feature dictionary or a SAELens-compatible directory"),
-        ("import", ImportConfig, "convert a SAELens or sparsify SAE into ours"),
-        ("steer", SteerConfig, "generate with and without a feature added to (or clamped at) the hook"),
-        (
-            "sweep",
-            SweepConfig,
-            "steering strength against concept and fluency, per feature: table, plots, best strength",
-        ),
-        (
-            "attribute",
-            AttributeConfig,
-            "which features raise or lower the next token's log-probability (activation x gradient, "
-            "checked by ablation)",
-        ),
-    ]
-    for name, cls, help in stages:
-        sp = sub.add_parser(name, help=help, description=help)
-        add_dataclass_args(sp, cls)
-        sp.set_defaults(config_cls=cls)
+    for stage in stages.STAGES:
+        add_stage(sub, stage)
+    add_tools(sub)
+    return p
 
-    help = "score several SAEs of one model and hook on the same tokens and positions: a table and a frontier plot"
-    cmp = sub.add_parser("compare", help=help, description=help)
-    cmp.add_argument(
-        "saes", nargs="+", metavar="SAE", help="SAE directories (trained or imported), or evaluation report.json files"
-    )
-    add_dataclass_args(cmp, CompareConfig, skip=("saes",))
-    cmp.set_defaults(config_cls=CompareConfig)
 
+def add_stage(sub, stage: stages.Stage) -> None:
+    """A stage's subcommand: one flag per field of its config (config.py), its list field given
+    as positional arguments where it has one."""
+    sp = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+    if stage.positional:
+        field, metavar, help = stage.positional
+        sp.add_argument(field, nargs="+", metavar=metavar, help=help)
+    add_dataclass_args(sp, stage.config, skip=stage.positional[:1])
+    sp.set_defaults(stage=stage)
+
+
+def add_tools(sub) -> None:
+    """The commands that are not stages: run files, a model's hooks, a cache's checks, info."""
     run = sub.add_parser(
         "run",
         help="every stage from a run file (configs/*.toml) with key=value overrides",
@@ -119,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info = sub.add_parser("info", help=what, description=what[0].upper() + what[1:] + ".")
     info.add_argument("path", help="a directory written by sae-lite (or a file in one)")
-    return p
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if "stage" in args:
+        args.stage.run(from_namespace(args.stage.config, args))  # each stage ends by printing its result line
+        return 0
     cmd = args.command
     if cmd == "run":
         from sae_lens_lite.pipeline import run_pipeline
@@ -139,45 +109,18 @@ def dispatch(args: argparse.Namespace) -> int:
 
         print("\n".join(hook_names(load_model(args.model).model)))
         return 0
-    if cmd == "cache":
-        from sae_lens_lite.data.cache import ActivationCache
+    from sae_lens_lite.data.cache import ActivationCache  # cmd == "cache"
 
-        c = ActivationCache.open(args.dir)
-        if args.cache_command == "verify":
-            from tqdm.auto import tqdm
+    c = ActivationCache.open(args.dir)
+    if args.cache_command == "verify":
+        from tqdm.auto import tqdm
 
-            with tqdm(range(c.n_shards), desc="verify", unit="shard") as shards:  # closed before an error line
-                for i in shards:
-                    c.check_shard(i, all_on_failure=True)
-            print(f"{args.dir}: {plural(c.n_shards, 'shard')}, {c.n_tokens:,} rows, all checksums match")
-        else:
-            print(json.dumps({k: v for k, v in c.manifest.items() if k not in ("shards", "harvest_config")}, indent=2))
-        return 0
-
-    from sae_lens_lite.data.harvest import harvest
-    from sae_lens_lite.evaluation.compare import compare
-    from sae_lens_lite.evaluation.evaluate import evaluate
-    from sae_lens_lite.evaluation.probe import probe
-    from sae_lens_lite.export import export, import_cmd
-    from sae_lens_lite.interpret.analyze import analyze
-    from sae_lens_lite.interpret.intervene import attribute, steer
-    from sae_lens_lite.interpret.sweep import sweep
-    from sae_lens_lite.training.train import train
-
-    fn = {
-        "harvest": harvest,
-        "train": train,
-        "evaluate": evaluate,
-        "probe": probe,
-        "analyze": analyze,
-        "export": export,
-        "import": import_cmd,
-        "compare": compare,
-        "steer": steer,
-        "attribute": attribute,
-        "sweep": sweep,
-    }[cmd]
-    fn(from_namespace(args.config_cls, args))  # each stage ends by printing its result line
+        with tqdm(range(c.n_shards), desc="verify", unit="shard") as shards:  # closed before an error line
+            for i in shards:
+                c.check_shard(i, all_on_failure=True)
+        print(f"{args.dir}: {plural(c.n_shards, 'shard')}, {c.n_tokens:,} rows, all checksums match")
+    else:
+        print(json.dumps({k: v for k, v in c.manifest.items() if k not in ("shards", "harvest_config")}, indent=2))
     return 0
 
 

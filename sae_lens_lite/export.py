@@ -33,7 +33,7 @@ from sae_lens_lite import __version__
 from sae_lens_lite.config import opt
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import prepare_out_dir, save_safetensors_atomic, sha256_file, write_json_atomic
-from sae_lens_lite.outputs import existing, fingerprint, finish, read_record, settings_of, warn
+from sae_lens_lite.outputs import Output, read_record, resumable_folder, warn
 from sae_lens_lite.training.sae import CONFIG_FILE as OUR_CONFIG
 from sae_lens_lite.training.sae import SAE, SAEConfig
 from sae_lens_lite.training.sae import WEIGHTS_FILE as OUR_WEIGHTS
@@ -51,6 +51,15 @@ DICT_HEADER, DICT_FEATURES, DICT_WEIGHTS = "dictionary.json", "features.jsonl", 
 DICT_FORMAT, DICT_VERSION = "sae_lens_lite.dictionary", 1
 # Our built-in model names, as the hub ids SAELens users and Neuronpedia know them by.
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # ours is its Q4_1 GGUF, dequantised
+
+
+def _claim_export(out: Path, cfg: ExportConfig) -> Path:
+    return prepare_out_dir(out, cfg.overwrite, SAELENS_CFG if cfg.format == "saelens" else DICT_HEADER)
+
+
+# How export and import keep their folders (outputs.py); a circuit-tracer set is written as it is.
+OUTPUT = Output("export", _claim_export, inputs=("sae", "analysis", "acts"), skip=("sae", "analysis", "acts"))
+IMPORT_OUTPUT = Output("import", resumable_folder(OUR_CONFIG), inputs=("src",))
 
 
 @dataclass
@@ -116,16 +125,14 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format not in ("saelens", "dictionary"):
         raise UserError(f"unknown export --format {cfg.format!r}: use saelens, dictionary or circuit-tracer")
     sae = SAE.load(cfg.sae)
-    settings = settings_of(cfg, ("sae", "analysis", "acts"))
-    inputs = {"sae": fingerprint(cfg.sae), "analysis": fingerprint(cfg.analysis), "acts": fingerprint(cfg.acts)}
-    if existing(cfg.out, "export", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
+    run = OUTPUT.start(cfg)
+    if run.done() is not None:  # the rerun rule (outputs.py)
         return Path(cfg.out)
     features = read_analysis(cfg.analysis, sae.d_sae) if cfg.analysis else {}  # a damaged file fails here, first
     if cfg.analysis:
-        check_analysis_source(cfg.analysis, inputs["sae"], cfg.sae)
+        check_analysis_source(cfg.analysis, run.inputs["sae"], cfg.sae)
     freq = firing_frequency(sae, features, cfg.acts)
-    marker = SAELENS_CFG if cfg.format == "saelens" else DICT_HEADER
-    out = prepare_out_dir(cfg.out, cfg.overwrite, marker)
+    out = run.claim()
     removed = freq is None and cfg.format == "saelens" and (out / SAELENS_SPARSITY).exists()
     if cfg.format == "saelens":
         save_saelens(sae, out, freq, source=Path(cfg.sae))
@@ -140,11 +147,7 @@ def export(cfg: ExportConfig) -> Path:
         else f"frequencies from {'the analysis' if features and cfg.analysis else cfg.acts}"
     )
     extra = f"; removed the stale {SAELENS_SPARSITY}" if removed else ""
-    finish(
-        out,
-        "export",
-        settings,
-        inputs,
+    run.finish(
         {"format": cfg.format, "files": files, "d_sae": sae.d_sae},
         f"export: wrote {what} {out} ({', '.join(files)}): {sae.d_sae:,} features, {freq_from}"
         f"{', scores and top tokens from ' + str(cfg.analysis) if features else ''}{extra}",
@@ -509,22 +512,18 @@ def import_cmd(cfg: ImportConfig) -> Path:
         raise UserError(
             "nothing to import: pass --src (a SAELens or sparsify directory, or a SAELens release with --sae-id)"
         )
-    settings, inputs = settings_of(cfg), {"src": fingerprint(cfg.src)}
-    if existing(cfg.out, "import", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
+    run = IMPORT_OUTPUT.start(cfg)
+    if run.done() is not None:  # the rerun rule (outputs.py)
         return Path(cfg.out)
     sae = import_sae(cfg.src, cfg.sae_id)
     if cfg.model:
         sae.cfg.model = cfg.model
     if cfg.hook:
         sae.cfg.hook = cfg.hook
-    out = prepare_out_dir(cfg.out, cfg.overwrite, OUR_CONFIG)
+    out = run.claim()
     sae.save(out)
     origin = sae.cfg.meta.get("imported_from", {}).get("format", "our")
-    finish(
-        out,
-        "import",
-        settings,
-        inputs,
+    run.finish(
         {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.cfg.activation},
         f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.activation}"
         f"{f' k={sae.cfg.k}' if sae.cfg.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae:,}, hook "

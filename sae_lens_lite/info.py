@@ -1,7 +1,9 @@
 """`sae-lite info PATH`: what a directory written by sae-lite holds, at a glance.
 
 Each kind of directory is read with its own format's reader (cache.py's manifest, SAE.load's
-config, the analysis's features.json, the export headers); nothing here writes anything.
+config, the analysis's features.json, the export headers); a folder in none of these formats
+that holds the record of a stage of the registry (stages.py) is shown by that stage's result
+line. Nothing here writes anything.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from sae_lens_lite import stages
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.outputs import fingerprint, pct, plural, read_record
 
@@ -41,6 +44,8 @@ def describe(path: str) -> str:
         lines = _saelens(p)
     elif per_hook_caches(p):
         lines = _per_hook_caches(p)
+    elif stage := _recorded_stage(p):
+        lines = [f"{stage.name} output {p}: {stage.headline(p)}"]
     else:
         raise UserError(
             f"{p} holds nothing sae-lite wrote (no manifest.json, config.json, features.json, report.json, "
@@ -53,6 +58,13 @@ def describe(path: str) -> str:
             f"{rec.get('sae_lens_lite_version', '?')})"
         )
     return "\n".join(lines)
+
+
+def _recorded_stage(p: Path) -> stages.Stage | None:
+    """The stage of the registry (stages.py) whose record `p` holds: a folder in no format above
+    is described by its stage's result line."""
+    rec = read_record(p)
+    return stages.get(rec.get("stage")) if rec else None
 
 
 def _size(p: Path) -> str:

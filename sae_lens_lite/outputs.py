@@ -12,6 +12,12 @@ it read. Run again on the same directory, it compares:
 The activation cache keeps the same rule with its manifest as the record (harvest.py), since a
 cache directory must hold nothing else. The record is written last, after every other file of
 the stage, so its presence means the output is complete.
+
+A stage declares once, as an `Output`, what the rule reads: which config fields name its inputs,
+which do not change its result, how its folder is claimed and how its result is recorded
+(provenance.json, or the cache's manifests). `Output.start` then gives the stage a `StageRun`
+that applies the rule (`done`), claims the folder (`claim`) and records the result (`finish`);
+the stage only says when, after its own checks of what it was given.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from sae_lens_lite import __version__
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.fsutil import sha256_file, write_json_atomic
+from sae_lens_lite.fsutil import claim_out_dir, prepare_out_dir, sha256_file, write_json_atomic
 
 RECORD = "provenance.json"
 # Config fields that say where to write or how fast, not what to compute.
@@ -128,6 +136,76 @@ def finish(out: str | os.PathLike, stage: str, settings: dict, inputs: dict, res
         },
     )
     print(line)
+
+
+def resumable_folder(marker: str, debris: tuple[str, ...] = ()) -> Callable[[Path, object], Path]:
+    """The claim of a stage that writes into a folder it may resume: fsutil.prepare_out_dir."""
+    return lambda out, cfg: prepare_out_dir(out, cfg.overwrite, marker, debris)
+
+
+def report_folder(report: str, ours: tuple[str, ...], what: str) -> Callable[[Path, object], Path]:
+    """The claim of a stage that writes a report: fsutil.claim_out_dir."""
+    return lambda out, cfg: claim_out_dir(out, cfg.overwrite, report, ours, what)
+
+
+class Record(Protocol):
+    """How a stage records its finished output, and finds it finished when run again."""
+
+    def done(self, run: StageRun) -> dict | None: ...  # the recorded result, or None: run the stage
+
+    def finish(self, run: StageRun, result: dict, line: str) -> None: ...  # record it, print its line
+
+
+class Provenance:
+    """The record of most stages: provenance.json, written last; the rule is `existing`'s."""
+
+    def done(self, run: StageRun) -> dict | None:
+        return existing(run.out, run.output.stage, run.settings, run.inputs, run.cfg.overwrite)
+
+    def finish(self, run: StageRun, result: dict, line: str) -> None:
+        finish(run.out, run.output.stage, run.settings, run.inputs, result, line)
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """How a stage keeps its output folder, declared once beside its config."""
+
+    stage: str  # the stage's name, as in stages.py: its command and the "stage" of its record
+    claim: Callable[[Path, object], Path]  # (folder, config) → the folder made, other work refused
+    inputs: tuple[str, ...] = ()  # config fields naming what it reads: recorded by content (fingerprint)
+    skip: tuple[str, ...] = ()  # config fields that are not settings (beyond NOT_SETTINGS), often its inputs
+    record: Record = Provenance()  # how its finished output is recorded, and found finished again
+
+    def start(self, cfg, out: str | os.PathLike | None = None, skip: tuple[str, ...] = ()) -> StageRun:
+        """A run of the stage with `cfg` into `out` (default cfg.out); `skip`: more fields that are
+        not settings for this run."""
+        inputs = {k: fingerprint(getattr(cfg, k)) for k in self.inputs if getattr(cfg, k)}
+        settings = settings_of(cfg, (*self.skip, *skip))
+        return StageRun(self, cfg, Path(cfg.out if out is None else out), settings, inputs)
+
+
+@dataclasses.dataclass
+class StageRun:
+    """One run of a stage into its folder: the rerun rule, the claim of the folder and the record."""
+
+    output: Output
+    cfg: object
+    out: Path
+    settings: dict
+    inputs: dict
+
+    def done(self) -> dict | None:
+        """The recorded result when the folder holds this stage's output made the same way (said, with
+        the result line: the stage returns at once); None when it must run; a UserError otherwise."""
+        return self.output.record.done(self)
+
+    def claim(self) -> Path:
+        """The output folder, made; refused while it holds other work (unless --overwrite)."""
+        return self.output.claim(self.out, self.cfg)
+
+    def finish(self, result: dict, line: str) -> None:
+        """The record of the finished stage (its last file) and its result line, printed."""
+        self.output.record.finish(self, result, line)
 
 
 def warn(message: str) -> None:

@@ -1,112 +1,137 @@
 """Every stage from one run file: harvest → train → evaluate → analyze → export.
 
 The run file (TOML, see configs/demo.toml) has a top-level `out` directory and one table per
-stage, holding that stage's config fields. Paths between stages are filled in here, so a run
-file only says what differs from the defaults. The whole file is checked (unknown keys, types)
-before any stage starts. Each stage then applies the rerun rule (outputs.py): finished work with
-the same settings is skipped, work with other settings is refused, and an interrupted stage
-resumes. A stage downstream of one that did new work is redone, since its input changed.
+stage, holding that stage's config fields; the stages, their order, their folders and the paths
+wired between them are the registry's (stages.py), so a run file only says what differs from
+the defaults. The whole file is checked (unknown keys, types) before any stage starts. Each stage
+then applies the rerun rule (outputs.py): finished work with the same settings is skipped, work
+with other settings is refused, and an interrupted stage resumes. A stage downstream of one that
+did new work is redone, since its input changed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import fields, replace
 from pathlib import Path
 
+from sae_lens_lite import stages
 from sae_lens_lite.config import build
 from sae_lens_lite.data.corpus import corpus_tokens
-from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.harvest import HarvestConfig
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluation.evaluate import EvalConfig, evaluate, same_corpus
-from sae_lens_lite.export import ExportConfig, export
-from sae_lens_lite.interpret.analyze import AnalyzeConfig, analyze
-from sae_lens_lite.outputs import RECORD, plural, read_record
-from sae_lens_lite.training.train import check_config, train
+from sae_lens_lite.evaluation.evaluate import EvalConfig, same_corpus
+from sae_lens_lite.export import ExportConfig
+from sae_lens_lite.outputs import plural
+from sae_lens_lite.training.train import check_config
 from sae_lens_lite.training.train_config import TrainConfig
 
-STAGES = ("harvest", "train", "evaluate", "analyze", "export")
 DEFAULT_OUT = "runs/run"  # where a run file without `out` writes
-FUNCS = {"harvest": harvest, "train": train, "evaluate": evaluate, "analyze": analyze, "export": export}
+
+
+class _Functions(dict):
+    """The function each stage runs, by name: the registry's (stages.py), unless one is set here
+    (tests stand in a function that passes a small model)."""
+
+    def __missing__(self, name: str):
+        return stages.get(name).run
+
+
+FUNCS = _Functions()
+
+
+def __getattr__(name: str):
+    if name == "STAGES":  # the names of the run-file stages, in order, read from the registry each time
+        return tuple(s.name for s in stages.run_file_stages())
+    raise AttributeError(name)
 
 
 def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     """Every stage's config built and checked up front: [(stage, config, output dir)], paths."""
-    unknown = set(cfg) - {"out", "stages", *STAGES}
+    names = [s.name for s in stages.run_file_stages()]
+    unknown = set(cfg) - {"out", "stages", *names}
     if unknown:
         raise UserError(
-            f"unknown run-file entries {', '.join(sorted(unknown))}; valid: out, stages, {', '.join(STAGES)}"
+            f"unknown run-file entries {', '.join(sorted(unknown))}; valid: out, stages, {', '.join(names)}"
         )
-    for s in STAGES:
+    for s in names:
         if not isinstance(cfg.get(s, {}), dict):
             raise UserError(f"{s} in the run file must be a table ([{s}]), not {cfg[s]!r}")
     out = Path(cfg.get("out", DEFAULT_OUT))
-    stages = cfg.get("stages", list(STAGES))
-    bad = set(stages) - set(STAGES)
+    chosen = cfg.get("stages", names)
+    bad = set(chosen) - set(names)
     if bad:
-        raise UserError(f"unknown stage(s) {', '.join(sorted(bad))}; valid: {', '.join(STAGES)}")
-    h = _build(HarvestConfig, {"out": str(out / "acts"), **cfg.get("harvest", {})}, "harvest")
+        raise UserError(f"unknown stage(s) {', '.join(sorted(bad))}; valid: {', '.join(names)}")
+    paths = {s.run_dir: out / s.run_dir for s in stages.run_file_stages()}
+    made: dict[str, list] = {}  # each stage's configs, for the plans of the stages after it
+    for stage in stages.run_file_stages():
+        made[stage.name] = PLANS.get(stage.name, _plan_stage)(stage, cfg, paths, chosen, made)
+    steps = [(name, c, Path(c.out)) for name, configs in made.items() for c in configs]
+    return [s for s in steps if s[0] in chosen], paths
+
+
+def _wired(stage: stages.Stage, cfg: dict, paths: dict[str, Path], **values) -> dict:
+    """A stage's run-file values: its inputs from the folders of the stages before it, its own
+    folder, `values`, and then its table of the run file, which may set any of them."""
+    wired = {field: str(paths[src]) for field, src in stage.reads}
+    return {**wired, "out": str(paths[stage.run_dir]), **values, **cfg.get(stage.name, {})}
+
+
+def _plan_stage(stage: stages.Stage, cfg: dict, paths: dict[str, Path], chosen: list[str], made: dict) -> list:
+    """A stage with nothing to its plan but its wiring."""
+    return [_build(stage.config, _wired(stage, cfg, paths), stage.name)]
+
+
+def _plan_harvest(stage: stages.Stage, cfg: dict, paths: dict[str, Path], chosen: list[str], made: dict) -> list:
+    h = _build(HarvestConfig, {"out": str(paths["acts"]), **cfg.get("harvest", {})}, "harvest")
     if len(h.hooks) != 1:
         raise UserError(
             "a run file trains one SAE: give [harvest] exactly one hook (use `sae-lite harvest` for several)"
         )
-    paths = {
-        "acts": Path(h.out),
-        "sae": out / "sae",
-        "eval": out / "eval",
-        "analysis": out / "analysis",
-        "export": out / "export",
-    }
-    t = _build(TrainConfig, {"acts": str(paths["acts"]), "out": str(paths["sae"]), **cfg.get("train", {})}, "train")
+    paths["acts"] = Path(h.out)
+    return [h]
+
+
+def _plan_train(stage: stages.Stage, cfg: dict, paths: dict[str, Path], chosen: list[str], made: dict) -> list:
+    t = _build(TrainConfig, _wired(stage, cfg, paths), "train")
     _in_run_file_terms(lambda: check_config(t), "train", TrainConfig)
-    ev = cfg.get("evaluate", {})
+    return [t]
+
+
+def _plan_evaluate(stage: stages.Stage, cfg: dict, paths: dict[str, Path], chosen: list[str], made: dict) -> list:
+    h, ev = made["harvest"][0], cfg.get("evaluate", {})
     # evaluate reads the harvest's corpus (held out after the harvested tokens) unless [evaluate] names its own
-    e = _build(
-        EvalConfig, {"sae": str(paths["sae"]), "out": str(paths["eval"]), "dataset": h.dataset, **ev}, "evaluate"
-    )
+    e = _build(EvalConfig, _wired(stage, cfg, paths, dataset=h.dataset), "evaluate")
     if same_corpus(e.dataset, h.dataset):  # the harvest's corpus, read the same way
         if "text_column" not in ev:
             e.text_column = h.text_column
         if "split" not in ev:
             e.split = h.split
-    if "evaluate" in stages:
+    if "evaluate" in chosen:
         check_held_out(h, e)
-    a = _build(
-        AnalyzeConfig,
-        {"sae": str(paths["sae"]), "acts": str(paths["acts"]), "out": str(paths["analysis"]), **cfg.get("analyze", {})},
-        "analyze",
-    )
+    return [e]
+
+
+def _plan_export(stage: stages.Stage, cfg: dict, paths: dict[str, Path], chosen: list[str], made: dict) -> list:
     ex = dict(cfg.get("export", {}))
     formats = ex.pop("formats", ["saelens", "dictionary"])
     if not isinstance(formats, list) or not set(formats) <= {"saelens", "dictionary"}:
         raise UserError(f"[export] formats = {formats!r} should be a list of saelens and/or dictionary")
-    analysis = str(paths["analysis"]) if "analyze" in stages or (paths["analysis"] / "features.json").exists() else None
-    exports = [
+    analysis = str(paths["analysis"]) if "analyze" in chosen or (paths["analysis"] / "features.json").exists() else None
+    wired = _wired(stage, {}, paths, analysis=analysis)  # its table (ex) applies to each format's config
+    return [
         _build(
-            ExportConfig,
-            {
-                "sae": str(paths["sae"]),
-                "format": f,
-                "out": str(paths["export"] / f),
-                "analysis": analysis,
-                "acts": str(paths["acts"]),
-                **ex,
-            },
-            "export",
-            extra=("formats",),
+            ExportConfig, {**wired, "format": f, "out": str(paths["export"] / f), **ex}, "export", extra=("formats",)
         )
         for f in formats
     ]
-    steps = [
-        ("harvest", h, paths["acts"]),
-        ("train", t, paths["sae"]),
-        ("evaluate", e, Path(e.out)),
-        ("analyze", a, Path(a.out)),
-    ]
-    steps += [("export", x, Path(x.out)) for x in exports]
-    return [s for s in steps if s[0] in stages], paths
+
+
+# What `sae-lite run` does for a stage beyond wiring its folders (_plan_stage): a harvest trains
+# one SAE, train's settings are checked whole, evaluate reads the harvest's corpus, export writes
+# each of its formats.
+PLANS = {"harvest": _plan_harvest, "train": _plan_train, "evaluate": _plan_evaluate, "export": _plan_export}
 
 
 def check_held_out(h: HarvestConfig, e: EvalConfig) -> None:
@@ -160,16 +185,14 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
         if changed and hasattr(c, "overwrite"):
             c = replace(c, overwrite=True)  # its input was just made again: its old output is stale
         print(f"== {name}" + (f" {c.format}" if name == "export" else ""))
-        before = _stamp(out)
-        _in_run_file_terms(lambda: FUNCS[name](c), name, type(c))
-        did = _stamp(out) != before
-        changed |= did
+        r = _in_run_file_terms(lambda: stages.run(stages.get(name), c, out, FUNCS[name]), name, type(c))
+        changed |= r.did
         rows.append(
             (
                 name + (f" {c.format}" if name == "export" else ""),
-                "done" if did else "nothing to do",
+                "done" if r.did else "nothing to do",
                 str(out),
-                _headline(out),
+                r.headline,
             )
         )
     print(
@@ -181,24 +204,6 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
     for r in [("stage", "status", "output", "result"), *rows]:
         print(f"  {r[0]:{w[0]}}  {r[1]:{w[1]}}  {r[2]:{w[2]}}  {r[3]}")
     return paths
-
-
-def _stamp(out: Path):
-    """What changes when a stage writes its output: the time of its record (the manifest for a cache)."""
-    for name in (RECORD, "manifest.json"):
-        if (out / name).exists():
-            return (out / name).stat().st_mtime_ns
-    return None
-
-
-def _headline(out: Path) -> str:
-    """The stage's result line without its 'stage: path:' prefix."""
-    if (out / "manifest.json").exists():
-        m = json.loads((out / "manifest.json").read_text())
-        return f"{m['n_tokens']:,} rows x {m['d_model']} at {m['hook']}"
-    rec = read_record(out)
-    line = (rec or {}).get("line", "")
-    return line.split(": ", 2)[-1] if line.count(": ") >= 2 else line
 
 
 def _build(cls, values: dict, stage: str, **kw):

@@ -1,7 +1,7 @@
 """Functions fit on a screen (STYLE.md, habit 15): none in the package over MAX_LINES.
 
 The functions listed in OVER are the debt issue 34 names (analyze, the training loop, evaluate,
-harvest, compare, the parser), each held at its present length: the test fails when one of them
+harvest, compare), each held at its present length: the test fails when one of them
 grows, when another function passes MAX_LINES, and when a listed one has been split (so that
 the list only shrinks)."""
 
@@ -13,7 +13,6 @@ import sae_lens_lite
 PACKAGE = Path(sae_lens_lite.__file__).parent
 MAX_LINES = 80
 OVER = {  # (module, function): its length today, a ceiling until it is split into named steps
-    ("cli.py", "build_parser"): 87,
     ("evaluation/compare.py", "compare"): 136,
     ("evaluation/evaluate.py", "evaluate"): 167,
     ("training/train.py", "_train_on_batches"): 187,

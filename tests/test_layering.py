@@ -13,13 +13,16 @@ stages of their own, in the order below; the folders show the same flow):
     training      train_config, latents, recipes/ (one per method), loss, distributed (DDP, sharding), train
     evaluation    baselines, report, evaluate, compare; probing, absorption and probe
     analysis      features (the features.json schema), explain, contexts, browser/, analyze, intervene, sweep
-    export        export (SAELens, dictionaries), transcoder_set, info
-    entry points  pipeline, cli, __main__
+    export        export (SAELens, dictionaries), transcoder_set
+    registry      stages: one line per stage, naming the module that holds it
+    entry points  info, pipeline, cli, __main__ (each reads the registry)
 
 Every import counts: at module level, inside a function (a lazy import is a dependency all the
-same), and under `if TYPE_CHECKING:` too (a type hint naming a later stage's class ties the
-module to that stage; today's such imports all stay inside the training stage, where recipes
-name TrainConfig and train builds recipes). Within a stage imports may go either way.
+same), a module named by a string ("sae_lens_lite.data.harvest", alone or as "module:name", as
+stages.py names what it imports when a stage is used), and under `if TYPE_CHECKING:` too (a type
+hint naming a later stage's class ties the module to that stage; today's such imports all stay
+inside the training stage, where recipes name TrainConfig and train builds recipes). Within a
+stage imports may go either way.
 
 A module that is in no stage fails the test, so a new module gets placed deliberately; so does
 a stage entry naming a module that no longer exists.
@@ -56,8 +59,9 @@ STAGES = [
         {"interpret.features", "interpret.explain", "interpret.contexts", "interpret.browser"}
         | {"interpret.analyze", "interpret.intervene", "interpret.sweep"},
     ),
-    ("export", {"export", "info", "transcoder_set"}),
-    ("entry points", {"pipeline", "cli", "__main__"}),
+    ("export", {"export", "transcoder_set"}),
+    ("registry", {"stages"}),
+    ("entry points", {"info", "pipeline", "cli", "__main__"}),
 ]
 STAGE = {unit: i for i, (_, units) in enumerate(STAGES) for unit in units}
 
@@ -88,10 +92,13 @@ def imported_base(path: str, node: ast.ImportFrom) -> str:
 
 
 def imports(path: str, source: str, known: set[str]) -> list[tuple[int, str]]:
-    """(line, module) for each import of a module of the package in the file `path`."""
+    """(line, module) for each import of a module of the package in the file `path`, and each
+    string naming one, alone or as "module:name" (imported by name, as the registry's are)."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split(":")[0] in known:
+            found.append((node.lineno, node.value.split(":")[0]))
+        elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == ROOT]
         elif isinstance(node, ast.ImportFrom):
             base = imported_base(path, node)
@@ -191,6 +198,7 @@ def test_the_checker_reports_violations():
         "data/__init__.py": "",
         "data/cache.py": "def shards():\n    from ..training.train import TrainConfig\n",  # a lazy import, by name
         "data/corpus.py": "from . import harvest\n",  # a module, from the package
+        "data/models.py": 'STAGE = "sae_lens_lite.training.train:train"\n',  # named, to import later
         "data/harvest.py": "import sae_lens_lite.evaluation.evaluate\nfrom .cache import Writer\n",  # abs; legal
         "training/train.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
         "    from sae_lens_lite.evaluation.compare import CompareConfig\n",
@@ -208,6 +216,7 @@ def test_the_checker_reports_violations():
     expected = [
         "data/cache.py:2 (cache) imports sae_lens_lite.training.train from a later stage (training)",
         "data/corpus.py:1 (corpus) imports sae_lens_lite.data.harvest from a later stage (harvest)",
+        "data/models.py:1 (models) imports sae_lens_lite.training.train from a later stage (training)",
         "data/harvest.py:1 (harvest) imports sae_lens_lite.evaluation.evaluate from a later stage (evaluation)",
         "training/train.py:3 (training) imports sae_lens_lite.evaluation.compare from a later stage (evaluation)",
         "training/recipes/__init__.py:1 (training) imports sae_lens_lite.interpret.analyze from a later stage "

@@ -32,7 +32,7 @@ from sae_lens_lite.data.corpus import (
 )
 from sae_lens_lite.data.models import LoadedModel, hook_point, load_model, run_to_hooks
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.outputs import differences, plural, settings_of, warn
+from sae_lens_lite.outputs import Output, StageRun, differences, plural, settings_of, warn
 from sae_lens_lite.runtime import DTYPES, model_dtype, resolve_device
 
 
@@ -145,13 +145,10 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
     if cfg.dtype not in DTYPES:
         raise UserError(f"unknown --dtype {cfg.dtype!r}; use one of {', '.join(DTYPES)}")
     dirs = cache_dirs(cfg)
-    if _finished(cfg, dirs):  # the rerun rule (outputs.py), decided before the model loads
-        print(
-            f"harvest: {cfg.out} is complete, nothing to do (same settings, every shard intact; --overwrite redoes it)"
-        )
-        print(_result_line(dirs))
+    run = OUTPUT.start(cfg)
+    if run.done() is not None:  # the rerun rule (outputs.py), decided before the model loads
         return dirs
-    _refuse_other_work(cfg, dirs)  # before the model loads
+    run.claim()  # before the model loads
     # Under torchrun rank r harvests shards r, r+N, ... (docs/scaling.md); rank 0 loads first so
     # that downloads and the GGUF conversion happen once.
     device = runtime.init_from_env(resolve_device(cfg.device))
@@ -181,7 +178,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None) -> dict[str, Path
         for w in writers.values():
             w.close()
     if rank == 0:
-        print(_result_line(dirs))
+        run.finish({}, _result_line(dirs))
     return dirs
 
 
@@ -352,12 +349,39 @@ def _refuse_other_work(cfg: HarvestConfig, dirs: dict[str, Path]) -> None:
 HARVEST_NOT_SETTINGS = ("hooks", "batch_size")
 
 
-def _finished(cfg: HarvestConfig, dirs: dict[str, Path]) -> bool:
-    """True when every cache is complete, made with these settings, and every shard matches its
-    sha256; a UserError names the settings that differ. (The cache's manifest is its record.)"""
+class CacheManifests:
+    """harvest's record (outputs.py): each cache's manifest, which the cache writer finishes last,
+    since a cache directory holds nothing else."""
+
+    def done(self, run: StageRun) -> dict | None:
+        dirs = cache_dirs(run.cfg)
+        if not _finished(run.cfg, dirs, run.settings):
+            return None
+        print(
+            f"harvest: {run.cfg.out} is complete, nothing to do (same settings, every shard intact; "
+            "--overwrite redoes it)"
+        )
+        print(_result_line(dirs))
+        return {}
+
+    def finish(self, run: StageRun, result: dict, line: str) -> None:
+        print(line)  # the manifests were written as the caches finished
+
+
+def _claim(out: Path, cfg: HarvestConfig) -> Path:
+    _refuse_other_work(cfg, cache_dirs(cfg))  # the writers make the directories
+    return out
+
+
+OUTPUT = Output("harvest", _claim, skip=HARVEST_NOT_SETTINGS, record=CacheManifests())
+
+
+def _finished(cfg: HarvestConfig, dirs: dict[str, Path], now: dict) -> bool:
+    """True when every cache is complete, made with these settings (`now`), and every shard
+    matches its sha256; a UserError names the settings that differ."""
     if cfg.overwrite:
         return False
-    now, known = settings_of(cfg, HARVEST_NOT_SETTINGS), {f.name for f in fields(HarvestConfig)}
+    known = {f.name for f in fields(HarvestConfig)}
     for d in dirs.values():
         m = read_manifest(d) if d.is_dir() else None
         if m is None or not m.get("complete") or "harvest_config" not in m:

@@ -51,8 +51,8 @@ from sae_lens_lite.data.models import LoadedModel, edit_hook, hook_point, load_m
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.baselines import fit_baselines, vae_activity
 from sae_lens_lite.evaluation.report import density_histogram, fmt, markdown_summary, plot_density
-from sae_lens_lite.fsutil import claim_out_dir, write_json_atomic, write_text_atomic
-from sae_lens_lite.outputs import existing, fingerprint, finish, pct, settings_of
+from sae_lens_lite.fsutil import write_json_atomic, write_text_atomic
+from sae_lens_lite.outputs import Output, pct, report_folder
 from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training.sae import SAE
 
@@ -60,6 +60,12 @@ DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense"
 CHUNK = 4096  # rows per SAE/baseline call when streaming over activations
 FIT_ROWS = 65536  # activations read from --acts to fit the baselines
 OUR_FILES = ("report.json", "report.md", "density.png", "provenance.json")
+OUTPUT = Output(  # outputs.py
+    "evaluate",
+    report_folder("report.json", OUR_FILES, "an evaluation report"),
+    inputs=("sae", "dataset", "acts", "sparsity_acts"),
+    skip=("sae", "acts", "sparsity_acts", "batch_size"),
+)
 
 
 @dataclass
@@ -343,27 +349,10 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
     # the defaults are left out, so that reports written before --text-column and --split existed still match
     defaults = tuple(k for k in ("text_column", "split") if getattr(cfg, k) == getattr(HarvestConfig, k))
-    settings = settings_of(cfg, ("sae", "acts", "sparsity_acts", "batch_size", *defaults))
-    inputs = {
-        k: fingerprint(v)
-        for k, v in (
-            ("sae", cfg.sae),
-            ("dataset", cfg.dataset),
-            ("acts", cfg.acts),
-            ("sparsity_acts", cfg.sparsity_acts),
-        )
-        if v
-    }
-    where = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval"
-    if existing(where, "evaluate", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
-        return json.loads((where / "report.json").read_text())
-    out = claim_out_dir(
-        Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval",
-        cfg.overwrite,
-        "report.json",
-        OUR_FILES,
-        "an evaluation report",
-    )
+    run = OUTPUT.start(cfg, cfg.out or Path(cfg.sae) / "eval", skip=defaults)
+    if run.done() is not None:  # the rerun rule (outputs.py)
+        return json.loads((run.out / "report.json").read_text())
+    out = run.claim()
     if lm is None:
         if not (cfg.model or sae.cfg.model):
             raise UserError(f"{cfg.sae}/config.json names no model; pass --model")
@@ -484,11 +473,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
         "dead_fraction": sparse["dead_fraction"],
         "n_tokens": sparse["n_tokens"],
     }
-    finish(
-        out,
-        "evaluate",
-        settings,
-        inputs,
+    run.finish(
         headline,  # last: its presence marks a finished evaluation
         f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(ce_all['sae_recovered'], 3)}, EV "
         f"{fmt(recon['explained_variance'], 3)}, "

@@ -44,14 +44,17 @@ from sae_lens_lite.evaluation.probing import (
     random_dictionary,
     text_activations,
 )
-from sae_lens_lite.fsutil import claim_out_dir, save_figure_atomic, write_json_atomic, write_text_atomic
-from sae_lens_lite.outputs import existing, fingerprint, finish, settings_of
+from sae_lens_lite.fsutil import save_figure_atomic, write_json_atomic, write_text_atomic
+from sae_lens_lite.outputs import Output, report_folder, settings_of
 from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training.sae import SAE
 
 FIRST_LETTER = "first_letter"
 FLOOR = "random directions"
 OUR_FILES = ("probe.json", "probe.md", "provenance.json", "tasks")
+OUTPUT = Output(  # outputs.py
+    "probe", report_folder("probe.json", OUR_FILES, "a probing result"), inputs=("sae",), skip=("sae", "batch_size")
+)
 
 
 @dataclass
@@ -90,12 +93,10 @@ def probe(cfg: ProbeConfig, lm: LoadedModel | None = None) -> dict:
     cfg.__post_init__()
     device = resolve_device(cfg.device)
     sae = SAE.load(cfg.sae, device).eval().requires_grad_(False)
-    settings = settings_of(cfg, ("sae", "batch_size"))
-    inputs = {"sae": fingerprint(cfg.sae)}
-    out = Path(cfg.out) if cfg.out else Path(cfg.sae) / "probe"
-    if (done := existing(out, "probe", settings, inputs, cfg.overwrite)) is not None:
-        return json.loads((out / "probe.json").read_text()) if (out / "probe.json").exists() else done
-    out = claim_out_dir(out, cfg.overwrite, "probe.json", OUR_FILES, "a probing result")
+    run = OUTPUT.start(cfg, cfg.out or Path(cfg.sae) / "probe")
+    if (done := run.done()) is not None:  # the rerun rule (outputs.py)
+        return json.loads((run.out / "probe.json").read_text()) if (run.out / "probe.json").exists() else done
+    out = run.claim()
     if cfg.overwrite:
         shutil.rmtree(out / "tasks", ignore_errors=True)
     t0 = time.perf_counter()
@@ -116,7 +117,7 @@ def probe(cfg: ProbeConfig, lm: LoadedModel | None = None) -> dict:
     write_text_atomic(out / "probe.md", probing_markdown(result))
     write_json_atomic(out / "probe.json", result)
     name = Path(cfg.sae).name
-    finish(out, "probe", settings, inputs, summary, f"probe: {out / 'probe.md'}: " + headline(summary, name))
+    run.finish(summary, f"probe: {out / 'probe.md'}: " + headline(summary, name))
     return result
 
 

@@ -29,11 +29,11 @@ from sae_lens_lite.data.cache import ActivationCache
 from sae_lens_lite.data.models import LoadedModel, generate, hook_point, load_model
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.evaluate import DENSE_FREQ
-from sae_lens_lite.fsutil import prepare_out_dir, save_figure_atomic, write_text_atomic
+from sae_lens_lite.fsutil import save_figure_atomic, write_text_atomic
 from sae_lens_lite.interpret import explain
 from sae_lens_lite.interpret.contexts import RowContext
 from sae_lens_lite.interpret.features import FEATURES_FILE, FORMAT, VERSION, Analysis, Feature
-from sae_lens_lite.outputs import existing, fingerprint, finish, settings_of
+from sae_lens_lite.outputs import Output, resumable_folder
 from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training.sae import SAE
 
@@ -43,6 +43,7 @@ N_LENS = 10  # tokens listed as promoted / suppressed by the logit lens
 N_TOP_TOKENS = 5
 N_PER_QUANTILE = 2  # examples shown from each activation quantile
 STEER_TOKENS = 20  # tokens generated for each --steer sample
+OUTPUT = Output("analyze", resumable_folder(FEATURES_FILE), inputs=("sae", "acts"), skip=("sae", "acts", "batch_size"))
 
 
 @dataclass
@@ -471,19 +472,15 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
         raise UserError(
             f"the SAE was trained on {sae.cfg.hook} but the cache holds {m['hook']}; pass the matching --acts"
         )
-    settings, inputs = (
-        settings_of(cfg, ("sae", "acts", "batch_size")),
-        {"sae": fingerprint(cfg.sae), "acts": fingerprint(cfg.acts)},
-    )
-    done = existing(cfg.out, "analyze", settings, inputs, cfg.overwrite)  # the rerun rule (outputs.py)
-    if done is not None:
+    run = OUTPUT.start(cfg)
+    if (done := run.done()) is not None:  # the rerun rule (outputs.py)
         return done
     model_name = cfg.model or m.get("model") or sae.cfg.model
     if lm is None:
         if not model_name:
             raise UserError("the cache does not name its model; pass --model for token text and the logit lens")
         lm = load_model(model_name, device)
-    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=FEATURES_FILE)
+    out = run.claim()
 
     rows = _cache_rows(cache, lm, cfg.heldout)
     cost: dict[str, float] = {}  # wall and CPU seconds of each step, for features.json
@@ -506,11 +503,7 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     summary = _summary(out, plots, analysis, st, order, t0)
     l0_mean = summary["mean_l0"]
     best = order[0].item()
-    finish(
-        out,
-        "analyze",
-        settings,
-        inputs,
+    run.finish(
         summary,
         f"analyze: {out / 'index.html'}: {sae.d_sae:,} features on {st.n_rows:,} tokens, "
         f"{summary['dead_features']:,} never fire, "

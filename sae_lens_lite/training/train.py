@@ -41,7 +41,7 @@ from sae_lens_lite.config import check_memory
 from sae_lens_lite.data.corpus import position_filters
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
-from sae_lens_lite.outputs import differences, existing, fingerprint, finish, pct, settings_of, warn
+from sae_lens_lite.outputs import Output, differences, pct, resumable_folder, warn
 from sae_lens_lite.runtime import model_dtype, resolve_device
 from sae_lens_lite.training import distributed, recipes
 from sae_lens_lite.training.loss import step_terms, total_loss
@@ -71,6 +71,7 @@ CHECKPOINT = "checkpoint.json"
 METRICS = "metrics.jsonl"
 # What a run writes into --out besides the SAE; a run killed before its first checkpoint leaves only these.
 RUN_FILES = (METRICS, "checkpoint_*.safetensors", "*.tmp")
+OUTPUT = Output("train", resumable_folder(CHECKPOINT, RUN_FILES), inputs=("acts",), skip=("acts",))  # outputs.py
 # Fields that change the result: a run resumes only if they are the same.
 RUN_KEYS = (
     "expansion",
@@ -638,9 +639,9 @@ def train(cfg: TrainConfig) -> SAE:
             f"the cache {cfg.acts} holds {cache.n_tokens:,} rows, fewer than one batch of {cfg.batch_size:,}; "
             f"pass a --batch-size of at most {cache.n_tokens:,} or harvest more tokens"
         )
-    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT, debris=RUN_FILES)
-    settings, inputs = settings_of(cfg, ("acts",)), {"acts": fingerprint(cfg.acts)}
-    if existing(out, "train", settings, inputs, cfg.overwrite) is not None:  # the rerun rule (outputs.py)
+    run = OUTPUT.start(cfg)
+    out = run.claim()
+    if run.done() is not None:  # the rerun rule (outputs.py)
         return SAE.load(out, device)
     if cfg.overwrite and runtime.is_main():
         for p in [
@@ -678,11 +679,7 @@ def train(cfg: TrainConfig) -> SAE:
         )  # None: constant activations
         if missed := target_l0_missed(cfg, m["l0"]):
             warn(missed)
-        finish(
-            out,
-            "train",
-            settings,
-            inputs,
+        run.finish(
             m,
             f"train: {out}: EV {ev}, L0 {m['l0']:.1f}, "
             f"dead {pct(m['dead_frac'])} of {sae.d_sae:,} latents (no firing on {m['n_tokens']:,} cache rows); "
