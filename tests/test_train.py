@@ -318,46 +318,6 @@ def test_compiled_loss_trains_like_eager(penalty):
         assert torch.allclose(runs[1].state_dict()[k], v, atol=1e-5), k
 
 
-def test_streaming_training_needs_no_cache_and_matches_cache_statistics(tiny_lm, corpus_file, tmp_path):
-    """Train straight from the model; the stream yields exactly the rows a harvest would cache."""
-    from sae_lens_lite.data.cache import ActivationCache
-    from sae_lens_lite.data.harvest import HarvestConfig, harvest, stream_activations
-    from sae_lens_lite.training.train import train_streaming
-
-    hcfg = HarvestConfig(
-        hooks=["blocks.1.hook_resid_post"],
-        dataset=str(corpus_file),
-        tokens=1500,
-        context_length=32,
-        batch_size=4,
-        out=str(tmp_path / "acts"),
-        dtype="float32",
-    )
-    cached = ActivationCache.open(harvest(hcfg, lm=tiny_lm)["blocks.1.hook_resid_post"]).load()["activations"]
-    batches, _ = stream_activations(hcfg, tiny_lm, batch_size=64, buffer_rows=256, seed=0)
-    streamed = torch.cat(list(batches(0)))
-    assert len(streamed) == len(cached)
-
-    # Same multiset of rows, in a shuffled order.
-    def key(t):
-        return t[:, 0].sort().values
-
-    torch.testing.assert_close(key(streamed), key(cached))
-    assert not torch.equal(streamed[:, 0], cached[:, 0])
-    assert not torch.equal(torch.cat(list(batches(1)))[:, 0], streamed[:, 0])
-
-    sae = train_streaming(
-        hcfg,
-        TrainConfig(out=str(tmp_path / "sae"), expansion=2, tokens=20_000, batch_size=64, lr=3e-3, device="cpu"),
-        lm=tiny_lm,
-    )
-    assert (tmp_path / "sae" / "sae.safetensors").exists() and sae.cfg.hook == "blocks.1.hook_resid_post"
-    assert not (tmp_path / "acts2").exists()
-    x = cached[:512]
-    fvu = ((sae(x).x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    assert fvu < 0.5
-
-
 def test_bf16_autocast_keeps_explained_variance_within_0_005_of_fp32():
     """Mixed precision must not cost quality: same data, seed and schedule, fp32 vs bf16 matmuls."""
     data = make_superposition(n_features=128, d=32, true_l0=3.0, seed=1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -38,11 +37,10 @@ from tqdm.auto import tqdm
 
 from sae_lens_lite import runtime
 from sae_lens_lite.config import check_memory
-from sae_lens_lite.data.corpus import position_filters
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from sae_lens_lite.outputs import differences, existing, fingerprint, finish, pct, settings_of, warn
-from sae_lens_lite.runtime import model_dtype, resolve_device
+from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training import distributed, recipes
 from sae_lens_lite.training.loss import step_terms, total_loss
 from sae_lens_lite.training.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
@@ -748,32 +746,3 @@ def _cache_batches(cache, cfg: TrainConfig, device: torch.device) -> Callable[[i
         resident = cache.resident_batches(cfg.batch_size, device, targets=pairs)
         return lambda epoch: resident(epoch, cfg.seed)
     return lambda epoch: cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device, targets=pairs)
-
-
-def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:
-    """Train on activations computed on the fly from the model (no cache on disk): one pass
-    over harvest_cfg's corpus per epoch, mixed through a shuffling buffer. Resumable like `train`,
-    by recomputing the skipped batches of the current epoch."""
-    from sae_lens_lite.data.harvest import stream_activations
-    from sae_lens_lite.data.models import load_model
-
-    check_config(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("streaming training runs in one process; harvest a cache and train from it under torchrun")
-    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT, debris=RUN_FILES)
-    if lm is None:
-        device = resolve_device(harvest_cfg.device)
-        lm = load_model(
-            harvest_cfg.model, device, model_dtype(harvest_cfg.model_dtype, device), harvest_cfg.trust_remote_code
-        )
-    batches, corpus_tokens = stream_activations(harvest_cfg, lm, cfg.batch_size, seed=cfg.seed)
-    filters = position_filters(harvest_cfg)
-    sae_cfg = sae_config_for(
-        cfg,
-        lm.d_model,
-        harvest_cfg.model,
-        harvest_cfg.hooks[0],
-        harvest_cfg.context_length,
-        {"streamed_from": harvest_cfg.dataset, "corpus": harvest_cfg.dataset, "filters": filters},
-    )
-    return train_on_batches(sae_cfg, cfg, batches, cfg.tokens or max(corpus_tokens, 2_000_000), out)
