@@ -1,7 +1,7 @@
 """Check that training is bit-identical across a refactor: train small SAEs on synthetic data
 (every recipe, the sparse and bf16 paths, --target-l0, resampling, a transcoder, a run resumed
 from a checkpoint, and `train` on an on-disk cache) and print the sha256 of each run's
-sae.safetensors and of its metrics.jsonl (the timing field dropped).
+sae.safetensors, of its metrics.jsonl (the timing field dropped) and of its checkpoints.
 
     # on the code before the change (a checkout of the old commit first on the path)
     PYTHONPATH=/tmp/old .venv/bin/python scripts/check_train_identity.py --write before.json
@@ -56,6 +56,17 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def json_sha(path: Path) -> str:
+    """sha256 of a JSON file without its timing fields (tokens_per_s, at any depth)."""
+
+    def drop(v):
+        if isinstance(v, dict):
+            return {k: drop(x) for k, x in v.items() if k != "tokens_per_s"}
+        return [drop(x) for x in v] if isinstance(v, list) else v
+
+    return hashlib.sha256(json.dumps(drop(json.loads(path.read_text())), sort_keys=True).encode()).hexdigest()
+
+
 def metrics_sha(path: Path) -> str:
     lines = [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in path.read_text().splitlines()]
     return hashlib.sha256(json.dumps(lines, sort_keys=True).encode()).hexdigest()
@@ -68,7 +79,11 @@ def run_case(name: str, d_in: int, d_sae: int, extra: dict, d_out: int | None, o
     options = recipes.get(cfg.penalty, cfg).sae_options()
     sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, **options, d_out=d_out, skip=cfg.skip)
     train_on_batches(sae_cfg, cfg, factory, STEPS * BATCH, out=out, progress=False)
-    return {"weights": sha(out / "sae.safetensors"), "metrics": metrics_sha(out / "metrics.jsonl")}
+    return {
+        "weights": sha(out / "sae.safetensors"),
+        "metrics": metrics_sha(out / "metrics.jsonl"),
+        "checkpoint_json": json_sha(out / "checkpoint.json"),  # the final one: complete, and where the data stood
+    }
 
 
 class Interrupted(Exception):
@@ -146,7 +161,7 @@ def main() -> int:
         bad = [
             f"{case}.{k}"
             for case in sorted(set(want) | set(got))
-            for k in ("weights", "metrics", "checkpoint")
+            for k in ("weights", "metrics", "checkpoint", "checkpoint_json")
             if (want.get(case) or {}).get(k) != (got.get(case) or {}).get(k)
         ]
         for b in bad:

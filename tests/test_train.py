@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sae_lens_lite import runtime
 from sae_lens_lite.data.cache import CacheWriter
@@ -17,6 +18,7 @@ from sae_lens_lite.training.synthetic import make_superposition, mean_max_cosine
 from sae_lens_lite.training.train import (
     LAMBDA_WARMUP,
     LR_DECAY,
+    LogSums,
     TrainConfig,
     lr_at,
     penalty_warmup_at,
@@ -216,6 +218,34 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
 
     assert metrics("a") == metrics("b") and metrics("a")[-1]["step"] == 60
     assert not list((tmp_path / "b").glob("checkpoint_*.safetensors"))  # cleaned up when complete
+
+
+def test_log_sums_name_the_slots_of_the_packed_tensor_a_checkpoint_keeps(tmp_path):
+    sums = LogSums(*(torch.tensor(float(i)) for i in range(8)))
+    assert sums.packed().tolist() == [float(i) for i in range(8)]
+    assert LogSums.read(sums.packed()) == LogSums(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
+    assert LogSums._fields == ("steps", "mse", "sse", "sst", "l0", "penalty", "lam", "dead_frac")
+
+    # A run killed after its checkpoint at step 10, with a log line every 7 steps: the checkpoint's
+    # sums are those of steps 8-10, and each slot holds what its name says.
+    data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
+    cfg = TrainConfig(penalty="l1", batch_size=256, checkpoint_every=10 * 256, log_every=7, precision="float32")
+    with pytest.raises(Interrupted):
+        train_on_batches(
+            small_sae_cfg("l1", d_in=16, d_sae=64),
+            cfg,
+            interrupting(data.batches(256, 16 * 256, seed=1), 16 + 12),
+            30 * 256,
+            out=tmp_path,
+            progress=False,
+        )
+    ckpt = json.loads((tmp_path / "checkpoint.json").read_text())
+    a = LogSums.read(load_file(tmp_path / ckpt["file"])["acc"])
+    assert ckpt["step"] == 10 and a.steps == 3.0
+    assert a.lam == pytest.approx(3 * cfg.l1)  # past the warm-up (5% of 30 steps): λ itself, 3 times
+    assert a.sse == pytest.approx(a.mse * 256, rel=1e-4)  # summed over the batch's tokens, not averaged
+    assert a.sst > 0 and 0 < a.l0 / a.steps <= 64 and a.penalty > 0
+    assert 0 <= a.dead_frac <= a.steps
 
 
 def test_resume_restores_the_l0_trend_of_a_paused_controller(tmp_path):
