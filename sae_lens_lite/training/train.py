@@ -359,6 +359,8 @@ class _Run:
 
 
 def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE:
+    """The run in outline: the SAE and Adam, the checkpoint to resume (or a fresh --out), the
+    steps, the SAE saved."""
     recipe = check_config(cfg)
     device = runtime.init_from_env(resolve_device(cfg.device))  # under torchrun: this rank's GPU
     amp = autocast_dtype(cfg.precision, device)
@@ -384,19 +386,7 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
                 return _already_complete(out, device, main)
             _resume(out, ckpt, sae, opt, st, device, main)
         elif main:
-            # Nothing saved yet (a fresh --out, or a run killed before its first checkpoint): start
-            # over, and mark --out as this run's before anything else is written.
-            clear_run(out)
-            write_json_atomic(
-                out / CHECKPOINT,
-                {
-                    "step": 0,
-                    "complete": False,
-                    "file": None,
-                    "train_config": asdict(cfg),
-                    "sae_config": asdict(sae_cfg),
-                },
-            )
+            _start(out, sae_cfg, cfg)
 
     model = distributed.data_parallel(sae, device)  # DistributedDataParallel under torchrun, else the SAE
     loss_fn = torch.compile(step_terms) if cfg.compile else step_terms
@@ -407,13 +397,7 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
         raise UserError(
             f"the activation source ran dry after {st.step} of {total} steps (an epoch yielded no full batch)"
         )
-    sae.cfg.meta.update(input_scale=float(sae.input_scale), train_config=asdict(cfg), final_metrics=log.last)
-    if out is not None and main:
-        sae.save(out)
-        write_json_atomic(out / CHECKPOINT, run.info(st, complete=True))
-        for p in out.glob("checkpoint_*.safetensors"):
-            p.unlink()
-    runtime.barrier()  # the SAE is on disk before any rank returns
+    _finish(run, st, log.last)
     return sae
 
 
@@ -442,7 +426,30 @@ def _build_sae(
     return sae
 
 
-# ---- resuming -------------------------------------------------------------------------------
+def _finish(run: _Run, st: TrainState, final_metrics: dict) -> None:
+    """Record the run in the SAE's config and save it; the checkpoint is marked complete and its
+    files removed."""
+    sae, out = run.sae, run.out
+    sae.cfg.meta.update(input_scale=float(sae.input_scale), train_config=asdict(run.cfg), final_metrics=final_metrics)
+    if out is not None and run.main:
+        sae.save(out)
+        write_json_atomic(out / CHECKPOINT, run.info(st, complete=True))
+        for p in out.glob("checkpoint_*.safetensors"):
+            p.unlink()
+    runtime.barrier()  # the SAE is on disk before any rank returns
+
+
+# ---- starting and resuming ------------------------------------------------------------------
+
+
+def _start(out: Path, sae_cfg: SAEConfig, cfg: TrainConfig) -> None:
+    """Nothing saved yet (a fresh --out, or a run killed before its first checkpoint): start over,
+    and mark --out as this run's before anything else is written."""
+    clear_run(out)
+    write_json_atomic(
+        out / CHECKPOINT,
+        {"step": 0, "complete": False, "file": None, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)},
+    )
 
 
 def _check_resumable(out: Path, ckpt: dict, sae_cfg: SAEConfig, cfg: TrainConfig) -> None:
