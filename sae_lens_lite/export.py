@@ -34,6 +34,7 @@ from sae_lens_lite.config import opt
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import prepare_out_dir, save_safetensors_atomic, sha256_file, write_json_atomic
 from sae_lens_lite.outputs import Output, read_record, resumable_folder, warn
+from sae_lens_lite.training import activations
 from sae_lens_lite.training.sae import CONFIG_FILE as OUR_CONFIG
 from sae_lens_lite.training.sae import SAE, SAEConfig
 from sae_lens_lite.training.sae import WEIGHTS_FILE as OUR_WEIGHTS
@@ -227,7 +228,11 @@ def firing_frequency(sae: SAE, features: dict[int, dict], acts: str | None, batc
 
 # Our inference activation -> SAELens's architecture computing the same function (and back).
 # BatchTopK and Matryoshka SAEs are saved as jumprelu SAEs with one threshold, as SAELens saves them.
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+SAELENS_ARCH: dict[type[activations.Activation], str] = {
+    activations.ReLU: "standard",
+    activations.TopK: "topk",
+    activations.JumpReLU: "jumprelu",
+}
 OUR_ACTIVATION = {v: k for k, v in SAELENS_ARCH.items()}
 
 
@@ -255,8 +260,9 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
     meta.update({k: v for k, v in ours.items() if v is not None or k not in meta})
     if sae.cfg.d_out is not None:
         return _saelens_transcoder_cfg(sae, meta)
+    act = sae.cfg.act
     cfg = {
-        "architecture": SAELENS_ARCH[sae.cfg.activation],
+        "architecture": SAELENS_ARCH[type(act)],
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": "float32",
@@ -266,26 +272,26 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
         "reshape_activations": "none",
         "metadata": meta,
     }
-    if sae.cfg.activation == "topk":
-        cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
+    if isinstance(act, activations.TopK):
+        cfg.update(k=act.k, rescale_acts_by_decoder_norm=False)
     return cfg
 
 
 # SAELens's transcoder architectures, by (our activation, skip path). It has no TopK transcoder.
-SAELENS_TRANSCODERS = {
-    ("relu", False): "transcoder",
-    ("relu", True): "skip_transcoder",
-    ("jumprelu", False): "jumprelu_transcoder",
-    ("jumprelu", True): "jumprelu_skip_transcoder",
+SAELENS_TRANSCODERS: dict[tuple[type[activations.Activation], bool], str] = {
+    (activations.ReLU, False): "transcoder",
+    (activations.ReLU, True): "skip_transcoder",
+    (activations.JumpReLU, False): "jumprelu_transcoder",
+    (activations.JumpReLU, True): "jumprelu_skip_transcoder",
 }
 
 
 def _saelens_transcoder_cfg(sae: SAE, meta: dict) -> dict:
     """cfg.json of a SAELens transcoder: it reads metadata.hook_name, writes hook_name_out."""
-    arch = SAELENS_TRANSCODERS.get((sae.cfg.activation, sae.cfg.skip))
+    arch = SAELENS_TRANSCODERS.get((type(sae.cfg.act), sae.cfg.skip))
     if arch is None:
         raise UserError(
-            f"SAELens has no {sae.cfg.activation} transcoder (only ReLU and JumpReLU ones); train with --penalty "
+            f"SAELens has no {sae.cfg.act.name} transcoder (only ReLU and JumpReLU ones); train with --penalty "
             "l1, jumprelu or batchtopk (a JumpReLU after training) to export to SAELens"
         )
     return {
@@ -309,7 +315,7 @@ def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path |
     cfg = saelens_cfg(sae, source)
     f = sae.folded()
     weights = {"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}
-    if sae.cfg.activation == "jumprelu":
+    if sae.cfg.act.thresholded:
         weights["threshold"] = f.threshold  # SAELens: f = relu(pre) · (pre > threshold)
     if sae.cfg.skip:
         weights["W_skip"] = f.W_skip.T.contiguous()  # SAELens's [d_out, d_in], applied as x @ W_skip.T
@@ -357,7 +363,8 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
         raise UserError(
             f"SAELens reshape_activations={cfg['reshape_activations']!r} (attention hook_z SAEs) cannot be imported"
         )
-    missing = {"W_enc", "W_dec", "b_enc", "b_dec", *(["threshold"] if arch == "jumprelu" else [])} - set(state)
+    ours_act = OUR_ACTIVATION[arch]  # the type; its k, if any, is read below
+    missing = {"W_enc", "W_dec", "b_enc", "b_dec", *(["threshold"] if ours_act.thresholded else [])} - set(state)
     if missing:
         raise UserError(f"the SAELens weights lack {', '.join(sorted(missing))}; is this a {arch} SAE?")
     scale = state.get("scaling_factor", state.get("finetuning_scaling_factor"))
@@ -381,7 +388,7 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
         SAEConfig(
             d_in=d_in,
             d_sae=d_sae,
-            activation=OUR_ACTIVATION[arch],
+            activation=ours_act.name,
             k=int(k) if arch == "topk" else None,
             model=ours.get("model", meta.get("model_name")),
             hook=meta.get("hook_name"),
@@ -392,7 +399,7 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
     with torch.no_grad():
         for name, t in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
             getattr(sae, name).copy_(t.float())
-        if arch == "jumprelu":  # the pre-activations are unchanged by the b_dec fold above
+        if ours_act.thresholded:  # the pre-activations are unchanged by the b_dec fold above
             # SAELens computes relu(pre)·(pre > θ): a θ below 0 acts as 0 (ours: pre·(pre > θ)).
             sae.threshold.copy_(state["threshold"].float().clamp_min(0))
     return sae
@@ -438,7 +445,11 @@ def from_sparsify(path: Path) -> SAE:
     # Selecting the top k of relu(pre) and of pre then relu-ing give the same latents.
     sae = SAE(
         SAEConfig(
-            d_in=d_in, d_sae=d_sae, activation="topk", k=k, hook=sparsify_hook(path.name), meta={"sparsify_cfg": cfg}
+            d_in=d_in,
+            d_sae=d_sae,
+            **activations.TopK(k).config_fields(),
+            hook=sparsify_hook(path.name),
+            meta={"sparsify_cfg": cfg},
         )
     )
     with torch.no_grad():
@@ -525,8 +536,8 @@ def import_cmd(cfg: ImportConfig) -> Path:
     origin = sae.cfg.meta.get("imported_from", {}).get("format", "our")
     run.finish(
         {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.cfg.activation},
-        f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.activation}"
-        f"{f' k={sae.cfg.k}' if sae.cfg.k else ''}, d_in {sae.d_in}, d_sae {sae.d_sae:,}, hook "
+        f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.act.label}"
+        f", d_in {sae.d_in}, d_sae {sae.d_sae:,}, hook "
         f"{sae.cfg.hook}, model {sae.cfg.model}",
     )
     return out

@@ -263,11 +263,12 @@ def _analysis(p: Path) -> list[str]:
 
 def _dictionary(p: Path) -> list[str]:
     from sae_lens_lite.export import DICT_FEATURES, DICT_HEADER
+    from sae_lens_lite.training.activations import parse
 
     h = json.loads((p / DICT_HEADER).read_text())
     with open(p / DICT_FEATURES) as f:
         n = sum(1 for line in f if line.strip())
-    act = f"topk (k={h['k']})" if h.get("activation") == "topk" else h.get("activation")
+    act = parse(h["activation"], h.get("k")).label if h.get("activation") else None
     return [
         f"feature dictionary {p}: {h['d_sae']:,} features ({n:,} lines), {act}, d_in {h['d_in']}",
         f"  {h.get('model')} at {h.get('hook')}; from the SAE {h.get('source_sae')} (sha256 "

@@ -185,15 +185,6 @@ def main_first(fn: Callable):
     return result if is_main() else fn()
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether flag is true on any rank (every rank gets the same answer)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def gather_rows(x: Tensor) -> Tensor:
     """The global batch [N·n, d]: every rank's rows, in rank order (x itself in a single process)."""
     if world_size() == 1:

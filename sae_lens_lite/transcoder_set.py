@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import save_safetensors_atomic, write_text_atomic
+from sae_lens_lite.training import activations
 from sae_lens_lite.training.sae import CONFIG_FILE, SAE
 
 CONFIG = "config.yaml"
@@ -62,9 +63,9 @@ def find_layers(root: Path) -> dict[int, Path]:
 
 def layer_tensors(tc: SAE) -> dict:
     """One layer's file in circuit-tracer's orientation, from our transcoder (scales folded)."""
-    if tc.cfg.activation not in ("relu", "jumprelu"):
+    if type(tc.cfg.act) not in (activations.ReLU, activations.JumpReLU):
         raise UserError(
-            f"circuit-tracer loads ReLU and JumpReLU transcoders, not {tc.cfg.activation}; train with --penalty "
+            f"circuit-tracer loads ReLU and JumpReLU transcoders, not {tc.cfg.act.name}; train with --penalty "
             "l1, jumprelu or batchtopk (a JumpReLU after training)"
         )
     f = tc.folded()
@@ -76,7 +77,7 @@ def layer_tensors(tc: SAE) -> dict:
     }
     if tc.cfg.skip:
         out["W_skip"] = f.W_skip.T.contiguous()
-    if tc.cfg.activation == "jumprelu":
+    if tc.cfg.act.thresholded:
         out["activation_function.threshold"] = f.threshold
     return {k: v.detach().float().cpu() for k, v in out.items()}
 

@@ -297,56 +297,6 @@ def test_torchrun_cli_trains_like_a_single_process(tmp_path):
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 24  # one writer
 
 
-# ---- a latent-sharded SAE -------------------------------------------------------------------
-
-
-def _sharded_sae(activation):
-    from sae_lens_lite.training.distributed import ShardedSAE, latent_sum
-
-    torch.manual_seed(0)  # the same SAE and batch on every rank
-    cfg = SAEConfig(d_in=8, d_sae=32, activation=activation, k=5 if activation == "topk" else None)
-    full = SAE(cfg)
-    with torch.no_grad():
-        full.b_enc.normal_(0, 0.1)
-        full.b_dec.normal_()
-        full.input_scale.fill_(1.7)
-        if activation == "jumprelu":
-            full.threshold.uniform_(0, 0.5)
-    x = torch.randn(16, 8)
-
-    def loss(out, W_dec, l1):  # mse + an L1 penalty weighted by decoder norms (a sum over latents)
-        return (out.x_hat - x).pow(2).sum(-1).mean() + 0.1 * l1((out.latents.sum(0) * W_dec.norm(dim=1)).sum())
-
-    ref = full(x)
-    loss(ref, full.W_dec, lambda t: t).backward()
-    part = ShardedSAE.from_sae(full)
-    out = part(x)
-    loss(out, part.W_dec, latent_sum).backward()
-    lo, hi = part.lo, part.hi
-    assert part.W_enc.shape == (8, 32 // WORLD)
-    torch.testing.assert_close(out.x_hat, ref.x_hat)
-    torch.testing.assert_close(out.latents, ref.latents[:, lo:hi])
-    if activation == "topk":
-        n_active = torch.tensor(float((out.latents != 0).sum()))
-        dist.all_reduce(n_active)
-        assert n_active == 16 * 5  # k per token over all ranks
-    torch.testing.assert_close(part.W_enc.grad, full.W_enc.grad[:, lo:hi])
-    torch.testing.assert_close(part.b_enc.grad, full.b_enc.grad[lo:hi])
-    torch.testing.assert_close(part.W_dec.grad, full.W_dec.grad[lo:hi])
-    torch.testing.assert_close(part.b_dec.grad, full.b_dec.grad)  # summed over ranks' encoder slices
-    back = part.to_sae()
-    if runtime.is_main():
-        for k, v in full.state_dict().items():
-            assert torch.equal(back.state_dict()[k], v)
-    else:
-        assert back is None
-
-
-@pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu"])
-def test_latent_sharded_sae_forward_and_gradients_equal_the_unsharded_ones(activation):
-    spawn(_sharded_sae, activation)
-
-
 # ---- sharded harvest ------------------------------------------------------------------------
 
 

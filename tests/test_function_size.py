@@ -15,7 +15,6 @@ MAX_LINES = 80
 OVER = {  # (module, function): its length today, a ceiling until it is split into named steps
     ("evaluation/compare.py", "compare"): 136,
     ("evaluation/evaluate.py", "evaluate"): 167,
-    ("training/train.py", "_train_on_batches"): 187,
 }
 
 

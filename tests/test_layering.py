@@ -9,7 +9,7 @@ stages of their own, in the order below; the folders show the same flow):
     corpus        read, tokenise, pack and filter text
     cache         the activation cache on disk (its writers, the sharded one included, and reader)
     harvest       run the model over a corpus into a cache
-    sae           the SAE module; synthetic data with known features
+    sae           the activations, the SAE module; synthetic data with known features
     training      train_config, latents, recipes/ (one per method), loss, distributed (DDP, sharding), train
     evaluation    baselines, report, evaluate, compare; probing, absorption and probe
     analysis      features (the features.json schema), explain, contexts, browser/, analyze, intervene, sweep
@@ -43,7 +43,7 @@ STAGES = [
     ("corpus", {"data.corpus"}),
     ("cache", {"data.cache"}),
     ("harvest", {"data.harvest"}),
-    ("sae", {"training.sae", "training.synthetic"}),
+    ("sae", {"training.activations", "training.sae", "training.synthetic"}),
     (
         "training",
         {"training.train_config", "training.latents", "training.recipes", "training.loss", "training.distributed"}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sae_lens_lite import runtime
 from sae_lens_lite.data.cache import CacheWriter
@@ -17,6 +18,7 @@ from sae_lens_lite.training.synthetic import make_superposition, mean_max_cosine
 from sae_lens_lite.training.train import (
     LAMBDA_WARMUP,
     LR_DECAY,
+    LogSums,
     TrainConfig,
     lr_at,
     penalty_warmup_at,
@@ -218,6 +220,34 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, penalty):
     assert not list((tmp_path / "b").glob("checkpoint_*.safetensors"))  # cleaned up when complete
 
 
+def test_log_sums_name_the_slots_of_the_packed_tensor_a_checkpoint_keeps(tmp_path):
+    sums = LogSums(*(torch.tensor(float(i)) for i in range(8)))
+    assert sums.packed().tolist() == [float(i) for i in range(8)]
+    assert LogSums.read(sums.packed()) == LogSums(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
+    assert LogSums._fields == ("steps", "mse", "sse", "sst", "l0", "penalty", "lam", "dead_frac")
+
+    # A run killed after its checkpoint at step 10, with a log line every 7 steps: the checkpoint's
+    # sums are those of steps 8-10, and each slot holds what its name says.
+    data = make_superposition(n_features=64, d=16, true_l0=2.0, seed=0)
+    cfg = TrainConfig(penalty="l1", batch_size=256, checkpoint_every=10 * 256, log_every=7, precision="float32")
+    with pytest.raises(Interrupted):
+        train_on_batches(
+            small_sae_cfg("l1", d_in=16, d_sae=64),
+            cfg,
+            interrupting(data.batches(256, 16 * 256, seed=1), 16 + 12),
+            30 * 256,
+            out=tmp_path,
+            progress=False,
+        )
+    ckpt = json.loads((tmp_path / "checkpoint.json").read_text())
+    a = LogSums.read(load_file(tmp_path / ckpt["file"])["acc"])
+    assert ckpt["step"] == 10 and a.steps == 3.0
+    assert a.lam == pytest.approx(3 * cfg.l1)  # past the warm-up (5% of 30 steps): λ itself, 3 times
+    assert a.sse == pytest.approx(a.mse * 256, rel=1e-4)  # summed over the batch's tokens, not averaged
+    assert a.sst > 0 and 0 < a.l0 / a.steps <= 64 and a.penalty > 0
+    assert 0 <= a.dead_frac <= a.steps
+
+
 def test_resume_restores_the_l0_trend_of_a_paused_controller(tmp_path):
     """JumpReLU's --target-l0 pauses its integral term on L0's smoothed trend (train.steer_lambda).
     Here the pause acts in steps 2-22 and the run resumes from step 10: a trend not restored from
@@ -316,46 +346,6 @@ def test_compiled_loss_trains_like_eager(penalty):
         )
     for k, v in runs[0].state_dict().items():
         assert torch.allclose(runs[1].state_dict()[k], v, atol=1e-5), k
-
-
-def test_streaming_training_needs_no_cache_and_matches_cache_statistics(tiny_lm, corpus_file, tmp_path):
-    """Train straight from the model; the stream yields exactly the rows a harvest would cache."""
-    from sae_lens_lite.data.cache import ActivationCache
-    from sae_lens_lite.data.harvest import HarvestConfig, harvest, stream_activations
-    from sae_lens_lite.training.train import train_streaming
-
-    hcfg = HarvestConfig(
-        hooks=["blocks.1.hook_resid_post"],
-        dataset=str(corpus_file),
-        tokens=1500,
-        context_length=32,
-        batch_size=4,
-        out=str(tmp_path / "acts"),
-        dtype="float32",
-    )
-    cached = ActivationCache.open(harvest(hcfg, lm=tiny_lm)["blocks.1.hook_resid_post"]).load()["activations"]
-    batches, _ = stream_activations(hcfg, tiny_lm, batch_size=64, buffer_rows=256, seed=0)
-    streamed = torch.cat(list(batches(0)))
-    assert len(streamed) == len(cached)
-
-    # Same multiset of rows, in a shuffled order.
-    def key(t):
-        return t[:, 0].sort().values
-
-    torch.testing.assert_close(key(streamed), key(cached))
-    assert not torch.equal(streamed[:, 0], cached[:, 0])
-    assert not torch.equal(torch.cat(list(batches(1)))[:, 0], streamed[:, 0])
-
-    sae = train_streaming(
-        hcfg,
-        TrainConfig(out=str(tmp_path / "sae"), expansion=2, tokens=20_000, batch_size=64, lr=3e-3, device="cpu"),
-        lm=tiny_lm,
-    )
-    assert (tmp_path / "sae" / "sae.safetensors").exists() and sae.cfg.hook == "blocks.1.hook_resid_post"
-    assert not (tmp_path / "acts2").exists()
-    x = cached[:512]
-    fvu = ((sae(x).x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    assert fvu < 0.5
 
 
 def test_bf16_autocast_keeps_explained_variance_within_0_005_of_fp32():

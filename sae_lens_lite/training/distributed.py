@@ -7,7 +7,7 @@ The process group itself (joining it, rank, world size, the generic collectives)
 runtime.py; under a single process every helper here is the identity, so a single process runs
 exactly the code it always ran.
 
-Three ways to spread the work (docs/scaling.md: recipes, what is exact, memory arithmetic):
+Two ways to spread the work (docs/scaling.md: recipes, what is exact, memory arithmetic):
 
 - Data-parallel training (here). The SAE is replicated and wrapped in DistributedDataParallel.
   Each rank reads its own shards of the cache (its rows of each batch when there are fewer shards
@@ -19,8 +19,9 @@ Three ways to spread the work (docs/scaling.md: recipes, what is exact, memory a
   shards r, r+N, r+2N, ... and writes those files; after each round of N shards rank 0, which
   holds the cache's lock, enters them in the manifest in order. The result is the
   single-process cache, file for file.
-- A latent-sharded SAE (`ShardedSAE`, here): each rank holds d_sae / N latents and the decoder's
-  partial sums are all-reduced (tensor parallelism on the latent axis, as in Megatron-LM).
+
+The SAE itself is never split: every rank holds all of it (docs/scaling.md says why latent
+sharding was removed and what it would take).
 """
 
 from __future__ import annotations
@@ -37,10 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sae_lens_lite.data.cache import ActivationCache
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.runtime import comm_device, is_main, rank, world_size
-from sae_lens_lite.training.sae import SAE, SAEConfig, SAEOutput, gate
-
-# ---- data-parallel training (used by train.py) ----------------------------------------------
+from sae_lens_lite.runtime import comm_device, rank, world_size
+from sae_lens_lite.training.sae import SAE
 
 
 def local_batch_size(batch_size: int) -> int:
@@ -174,137 +173,3 @@ def reduce_metrics(t: dict[str, Tensor], x: Tensor, scale: Tensor) -> dict[str, 
     out["sst"] = (within + between - nm.pow(2).sum() / (n * N)).float()
     out["fired"] = vec[k + 3 + len(m) :] > 0
     return out
-
-
-# ---- a latent-sharded SAE -------------------------------------------------------------------
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) forward, identity backward. The sum is replicated and every rank computes
-    the same loss from it, so the gradient arriving at it is already the full one on each rank
-    (Megatron-LM's reduce_from_tensor_model_parallel_region)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        return g
-
-
-class _FromReplicated(torch.autograd.Function):
-    """Identity forward, all-reduce (sum) backward. A replicated input (x·s − b_dec) feeds a
-    different slice of latents on each rank, so its gradient is the sum of the ranks' parts
-    (Megatron-LM's copy_to_tensor_model_parallel_region)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
-
-
-def latent_sum(t: Tensor) -> Tensor:
-    """Sum over ranks of a term summed over this rank's latents (an L1 penalty, say), replicated,
-    with the gradient each rank's latents need."""
-    return _SumOverRanks.apply(t) if world_size() > 1 else t
-
-
-class ShardedSAE(nn.Module):
-    """An SAE whose latents are split across the ranks: this rank holds latents [lo, hi), i.e.
-    its columns of W_enc and b_enc and its rows of W_dec, plus a replica of b_dec and the scale.
-
-        f_r   = act((x·s − b_dec) @ W_enc[:, lo:hi] + b_enc[lo:hi])     # [n, d_sae/N] this rank's latents
-        x_hat = (Σ_r f_r @ W_dec[lo:hi] + b_dec) / s                    # [n, d_in], all-reduced
-
-    Every rank sees the same batch x. Weights, gradients and Adam state per rank fall as 1/N; the
-    traffic is one all-reduce of [n, d_in] forward and one backward. TopK keeps the k largest
-    pre-activations over all ranks. Loss terms summed over latents go through `latent_sum`."""
-
-    def __init__(self, cfg: SAEConfig):
-        super().__init__()
-        n, r = world_size(), rank()
-        if cfg.d_sae % n:
-            raise UserError(
-                f"d_sae {cfg.d_sae} does not split evenly over {n} processes; choose a d_sae divisible by {n}"
-            )
-        self.cfg = cfg
-        size = cfg.d_sae // n
-        self.lo, self.hi = r * size, (r + 1) * size
-        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, size))
-        self.b_enc = nn.Parameter(torch.zeros(size))
-        self.W_dec = nn.Parameter(torch.zeros(size, cfg.d_in))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-        if cfg.activation == "jumprelu":
-            self.threshold = nn.Parameter(torch.zeros(size))
-        self.register_buffer("input_scale", torch.ones(()))
-
-    def sliced(self) -> tuple[str, ...]:
-        """The parameters split over ranks (W_enc by column, the others by row)."""
-        return ("W_enc", "b_enc", "W_dec") + (("threshold",) if self.cfg.activation == "jumprelu" else ())
-
-    @classmethod
-    @torch.no_grad()
-    def from_sae(cls, sae: SAE) -> "ShardedSAE":
-        """This rank's slice of a full SAE (the same SAE on every rank, e.g. loaded from disk)."""
-        out = cls(sae.cfg).to(sae.W_enc.device)
-        out.W_enc.copy_(sae.W_enc[:, out.lo : out.hi])
-        out.b_enc.copy_(sae.b_enc[out.lo : out.hi])
-        out.W_dec.copy_(sae.W_dec[out.lo : out.hi])
-        if sae.cfg.activation == "jumprelu":
-            out.threshold.copy_(sae.threshold[out.lo : out.hi])
-        out.b_dec.copy_(sae.b_dec)
-        out.input_scale.copy_(sae.input_scale)
-        return out
-
-    @torch.no_grad()
-    def to_sae(self) -> SAE | None:
-        """The full SAE on rank 0, on the CPU (None on the other ranks), to save or evaluate. The
-        slices travel one rank at a time, so no GPU ever holds more than its own slice twice."""
-        full = SAE(self.cfg) if is_main() else None
-        size = self.hi - self.lo
-        for q in range(world_size()):
-            lo, hi = q * size, (q + 1) * size
-            for name in self.sliced():
-                part = getattr(self, name).detach().clone()  # rank q's slice lands here
-                if world_size() > 1:
-                    part = part.to(comm_device())
-                    dist.broadcast(part, src=q)
-                part = part.cpu()
-                if full is not None:
-                    dst = getattr(full, name)
-                    (dst[:, lo:hi] if name == "W_enc" else dst[lo:hi]).copy_(part)
-        if full is not None:
-            full.b_dec.copy_(self.b_dec)
-            full.input_scale.copy_(self.input_scale)
-        return full
-
-    def activate(self, pre: Tensor) -> Tensor:
-        if self.cfg.activation != "topk":
-            return gate(
-                pre, self.threshold if self.cfg.activation == "jumprelu" else 0.0
-            )  # per latent: as SAE.activate
-        # Global TopK: each rank's k best are the only candidates for the global k best.
-        cand = pre.detach().topk(min(self.cfg.k, pre.shape[1]), dim=-1).values  # [n, k]
-        if world_size() > 1:
-            parts = [torch.empty_like(cand) for _ in range(world_size())]
-            dist.all_gather(parts, cand.contiguous())
-            cand = torch.cat(parts, dim=1)  # [n, N·k]
-        kth = cand.topk(self.cfg.k, dim=-1).values[:, -1:]  # [n, 1] the k-th largest over all ranks
-        return torch.where(pre >= kth, pre.relu(), torch.zeros_like(pre))
-
-    def forward(self, x: Tensor) -> SAEOutput:
-        u = x.to(self.W_enc.dtype) * self.input_scale - self.b_dec  # [n, d_in]
-        if world_size() > 1:
-            u = _FromReplicated.apply(u)
-        pre = torch.addmm(self.b_enc, u, self.W_enc)  # [n, d_sae/N]
-        f = self.activate(pre)
-        x_hat = (latent_sum(f @ self.W_dec) + self.b_dec) / self.input_scale  # [n, d_in]
-        return SAEOutput(x_hat, f, pre)

@@ -26,8 +26,9 @@ from torch.nn import functional as F
 
 from sae_lens_lite import runtime
 from sae_lens_lite.training import latents
+from sae_lens_lite.training.activations import token_rows
 from sae_lens_lite.training.latents import Latents, count_positive
-from sae_lens_lite.training.sae import SAE, GatheredPre, encoder_grads, token_rows, top_dead, with_ones_row
+from sae_lens_lite.training.sae import SAE, GatheredPre, encoder_grads, top_dead, with_ones_row
 
 if TYPE_CHECKING:
     from sae_lens_lite.training.recipes import Recipe

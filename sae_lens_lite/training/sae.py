@@ -1,12 +1,8 @@
 """The sparse autoencoder: encode, decode, forward, and its on-disk format.
 
 One SAE class covers every architecture we train, because at inference they differ only in
-the activation, i.e. in which latents are active:
-
-    relu      f_j = pre_j where pre_j > 0                    (the L1 and KL recipes)
-    topk      the k largest pre-activations of each token     (Gao et al. 2024)
-    jumprelu  f_j = pre_j where pre_j > θ_j, a threshold per latent (Rajamanoharan et al. 2024;
-              also what BatchTopK and Matryoshka SAEs become after training, with one θ)
+the activation, i.e. in which latents are active: relu, topk or jumprelu, one object each
+(activations.py), which the SAE asks (`cfg.act`).
 
 How a latent is chosen *during training* (a batch-wide top-k, a straight-through threshold) is
 the business of the training recipe (recipes/). Weights are plain parameters in the orientation
@@ -41,17 +37,19 @@ from torch import Tensor, nn
 
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import save_safetensors_atomic, write_json_atomic
+from sae_lens_lite.training.activations import Activation, parse
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
-ACTIVATIONS = ("relu", "topk", "jumprelu")
 
 
 @dataclass
 class SAEConfig:
     d_in: int
     d_sae: int
-    activation: str = "relu"  # "relu", "topk" or "jumprelu"
+    # The activation as config.json spells it: "relu", "topk" or "jumprelu"; `act` is the object
+    # (activations.py says why the field stays a string).
+    activation: str = "relu"
     k: int | None = None  # only for topk
     # Provenance, copied from the activation cache so that evaluate/analyze/export need no flags.
     model: str | None = None
@@ -68,19 +66,21 @@ class SAEConfig:
     def __post_init__(self):
         if self.d_in <= 0 or self.d_sae <= 0:
             raise UserError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(f"unknown SAE activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
-        if self.activation == "topk" and not (self.k and 0 < self.k <= self.d_sae):
-            raise UserError(f"a topk SAE needs 0 < k <= d_sae = {self.d_sae:,}, got k={self.k:,}")
+        self.act.check(self.d_sae)  # an unknown name is refused by parse
         if self.d_out is not None and self.d_out <= 0:
             raise UserError(f"a transcoder's d_out must be positive, got {self.d_out}")
         if self.skip and self.d_out is None:
             raise UserError("a skip path belongs to a transcoder: set d_out (train with --transcoder)")
 
     @property
+    def act(self) -> Activation:
+        """The activation the fields `activation` and `k` spell."""
+        return parse(self.activation, self.k)
+
+    @property
     def architecture(self) -> str:
         """The activation the SAE applies at inference, as shown to people: relu, jumprelu, topk k=K."""
-        return f"topk k={self.k}" if self.activation == "topk" else self.activation
+        return self.act.label
 
     def provenance(self) -> dict:
         """Where the weights come from, for reports and tables: source (trained here, imported
@@ -166,16 +166,6 @@ class GatheredPre(torch.autograd.Function):
         return None, None, None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
 
 
-def gate(pre: Tensor, floor: Tensor | float) -> Tensor:
-    """pre where it exceeds floor (0: a ReLU; θ: a JumpReLU), else 0."""
-    return pre * (pre > floor)
-
-
-def token_rows(n: int, m: int, device) -> Tensor:
-    """[n·m] the token of each entry of a row-major [n, m] selection."""
-    return torch.arange(n, device=device).unsqueeze(1).expand(n, m).reshape(-1)
-
-
 def top_dead(pre: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest of pre [n, d_sae] among the latents marked in dead [d_sae] (AuxK), as
     (values, indices) [n, k]; where fewer than k are dead, the extra picks get the value 0."""
@@ -188,7 +178,7 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self._make_parameters()
-        if cfg.activation == "jumprelu":
+        if cfg.act.thresholded:
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))  # θ [d_sae]
         self.register_buffer("input_scale", torch.ones(()))
         self.reset_parameters()
@@ -247,9 +237,8 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        act = f"topk, k={c.k}" if c.activation == "topk" else c.activation
         return (
-            f"d_in={c.d_in}, d_sae={c.d_sae}, {act}, hook={c.hook}, model={c.model}, "
+            f"d_in={c.d_in}, d_sae={c.d_sae}, {c.act}, hook={c.hook}, model={c.model}, "
             f"input_scale={float(self.input_scale):.4g}"
         )
 
@@ -265,23 +254,13 @@ class SAE(nn.Module):
         x = x.to(self.W_enc.dtype) * self.input_scale  # [n, d_in]
         return torch.addmm(self.b_enc, x - self.b_center, self.W_enc)  # [n, d_sae]; addmm fuses the bias add
 
-    def floor(self) -> Tensor | float:
-        """What a pre-activation must exceed to be active: θ [d_sae] for jumprelu, else 0."""
-        return self.threshold if self.cfg.activation == "jumprelu" else 0.0
-
     def activate(self, pre: Tensor) -> Tensor:
-        if self.cfg.activation == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1)
-            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
-        return gate(pre, self.floor())
+        return self.cfg.act.activate(self, pre)  # [n, d_sae]
 
     def entries(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """The active latents of pre [n, d_sae] as entries (rows, idx) [nnz], in token order: the
         sparse form of activate(). TopK's come straight from topk (fixed shapes, no host sync)."""
-        if self.cfg.activation == "topk":
-            idx = pre.topk(self.cfg.k, dim=-1).indices  # [n, k]
-            return token_rows(*idx.shape, pre.device), idx.reshape(-1)
-        return (pre > self.floor()).nonzero(as_tuple=True)
+        return self.cfg.act.entries(self, pre)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activate(self.pre_activation(x))  # [n, d_sae]
@@ -305,7 +284,7 @@ class SAE(nn.Module):
         out.b_enc.copy_(self.b_enc)
         out.W_dec.copy_(self.W_dec / s)
         out.b_dec.copy_(self.b_dec / s)
-        if self.cfg.activation == "jumprelu":
+        if self.cfg.act.thresholded:
             out.threshold.copy_(self.threshold)  # pre-activations are unchanged by the fold
         return out.to(self.W_enc.device)
 
@@ -484,6 +463,6 @@ class Transcoder(SAE):
         out.b_dec.copy_(self.b_dec / s_out)
         if self.cfg.skip:
             out.W_skip.copy_(self.W_skip * (s_in / s_out))
-        if self.cfg.activation == "jumprelu":
+        if self.cfg.act.thresholded:
             out.threshold.copy_(self.threshold)
         return out.to(self.W_enc.device)

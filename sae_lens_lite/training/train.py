@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -38,11 +37,10 @@ from tqdm.auto import tqdm
 
 from sae_lens_lite import runtime
 from sae_lens_lite.config import check_memory
-from sae_lens_lite.data.corpus import position_filters
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.fsutil import prepare_out_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from sae_lens_lite.fsutil import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from sae_lens_lite.outputs import Output, differences, pct, resumable_folder, warn
-from sae_lens_lite.runtime import model_dtype, resolve_device
+from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training import distributed, recipes
 from sae_lens_lite.training.loss import step_terms, total_loss
 from sae_lens_lite.training.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
@@ -262,7 +260,108 @@ def train_on_batches(
         return _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress)
 
 
+class LogSums(NamedTuple):
+    """What the loop adds up between two log lines. A step adds its figures as one stacked
+    tensor (`packed`, [8] in this field order, kept on the device and saved in a checkpoint as
+    "acc"), and a log line reads the sums back in one host sync (`read`): 0-d tensors in a
+    step, floats once read."""
+
+    steps: Tensor | float  # 1 a step: the sums' divisor
+    mse: Tensor | float  # the reconstruction term
+    sse: Tensor | float  # Σ‖y − ŷ‖² over the global batch (normalised units), for explained variance
+    sst: Tensor | float  # Σ‖y − ȳ‖² around the batch mean
+    l0: Tensor | float  # active latents per token
+    penalty: Tensor | float  # the recipe's logged term (Recipe.term); 0 where it has none
+    lam: Tensor | float  # λ (or β) as applied, after its warm-up
+    dead_frac: Tensor | float  # fraction of latents that have not fired for dead_window tokens
+
+    def packed(self) -> Tensor:
+        return torch.stack(list(self))  # type: ignore[arg-type]  # [8]
+
+    @classmethod
+    def read(cls, acc: Tensor) -> LogSums:
+        return cls(*acc.tolist())
+
+
+@dataclass
+class TrainState:
+    """What the steps change besides the weights and Adam's moments, and a checkpoint saves with
+    them: all on the device, so that no step waits for it."""
+
+    lam: Tensor  # base λ (or β); --target-l0 steers it
+    since_fired: Tensor  # [d_sae] tokens since each latent last fired
+    acc: Tensor  # [8] LogSums since the last log line, packed
+    l0_err: Tensor | None = None  # --target-l0: the last step's log(L0 / target)
+    l0_trend: Tensor | None = None  # --target-l0, recipes whose L0 lags: its change per step, smoothed
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # the next batch of `epoch` to read
+
+    @classmethod
+    def fresh(cls, cfg: TrainConfig, recipe: recipes.Recipe, d_sae: int, device: torch.device) -> TrainState:
+        # With --target-l0 the controller replaces the warm-up: λ starts at TARGET_START × the
+        # coefficient and is steered from the first step, so it rises only as fast as L0 follows.
+        lam = torch.tensor((recipe.coefficient() or 0.0) * (TARGET_START if cfg.target_l0 else 1.0), device=device)
+        return cls(lam, torch.zeros(d_sae, device=device), torch.zeros(len(LogSums._fields), device=device))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The checkpoint's entries for this state (the SAE's and Adam's are added beside them)."""
+        return {
+            "lam": self.lam,
+            **({"l0_err": self.l0_err} if self.l0_err is not None else {}),
+            **({"l0_trend": self.l0_trend} if self.l0_trend is not None else {}),
+            "since_fired": self.since_fired,
+            "acc": self.acc,
+        }
+
+    def restore(self, tensors: dict[str, Tensor], ckpt: dict) -> None:
+        self.lam, self.since_fired, self.acc = tensors["lam"], tensors["since_fired"], tensors["acc"]
+        self.l0_err = tensors.get("l0_err")  # absent in checkpoints of runs without --target-l0
+        self.l0_trend = tensors.get("l0_trend")
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+
+
+@dataclass
+class _Run:
+    """What stays fixed while a run's steps go by."""
+
+    cfg: TrainConfig
+    sae_cfg: SAEConfig
+    recipe: recipes.Recipe
+    sae: SAE
+    model: torch.nn.Module  # the SAE, or the SAE in DistributedDataParallel under torchrun
+    opt: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    loss_fn: Callable
+    amp: torch.dtype | None
+    device: torch.device
+    total: int  # steps
+    local_batch: int  # rows this rank contributes to a step
+    out: Path | None
+    main: bool  # rank 0, the only one that writes
+
+    def info(self, st: TrainState, complete: bool = False) -> dict:
+        """checkpoint.json's fields for the state st."""
+        return {
+            "step": st.step,
+            "epoch": st.epoch,
+            "batch_in_epoch": st.batch_in_epoch,
+            "tokens": st.step * self.cfg.batch_size,
+            "complete": complete,
+            "train_config": asdict(self.cfg),
+            "sae_config": asdict(self.sae_cfg),
+        }
+
+    def checkpoint(self, st: TrainState) -> None:
+        """Save the SAE, Adam and st as the run's checkpoint (rank 0 only)."""
+        assert self.out is not None
+        state = {**{f"sae.{k}": v for k, v in self.sae.state_dict().items()}, **optimizer_tensors(self.opt)}
+        save_checkpoint(self.out, st.step, {**state, **st.tensors()}, self.info(st))
+
+
 def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE:
+    """The run in outline: the SAE and Adam, the checkpoint to resume (or a fresh --out), the
+    steps, the SAE saved."""
     recipe = check_config(cfg)
     device = runtime.init_from_env(resolve_device(cfg.device))  # under torchrun: this rank's GPU
     amp = autocast_dtype(cfg.precision, device)
@@ -272,9 +371,46 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
             f"{total_tokens} training tokens is less than one batch of {cfg.batch_size}; train on more "
             "tokens or use a smaller --batch-size"
         )
-
     # Under torchrun each step takes batch_size / N rows from each of the N ranks (docs/scaling.md).
     local_batch, main = distributed.local_batch_size(cfg.batch_size), runtime.is_main()  # only rank 0 writes
+    sae = _build_sae(sae_cfg, cfg, recipe, batches, device, local_batch)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
+    st = TrainState.fresh(cfg, recipe, sae.d_sae, device)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt = read_checkpoint(out)
+        if ckpt is not None:
+            _check_resumable(out, ckpt, sae_cfg, cfg)
+            if ckpt.get("complete"):
+                return _already_complete(out, device, main)
+            _resume(out, ckpt, sae, opt, st, device, main)
+        elif main:
+            _start(out, sae_cfg, cfg)
+
+    model = distributed.data_parallel(sae, device)  # DistributedDataParallel under torchrun, else the SAE
+    loss_fn = torch.compile(step_terms) if cfg.compile else step_terms
+    run = _Run(cfg, sae_cfg, recipe, sae, model, opt, params, loss_fn, amp, device, total, local_batch, out, main)
+    log = _Logger(cfg, recipe, out if main else None, total, st.step, progress and main)
+    _run_steps(run, st, batches, log)
+    if st.step < total:
+        raise UserError(
+            f"the activation source ran dry after {st.step} of {total} steps (an epoch yielded no full batch)"
+        )
+    _finish(run, st, log.last)
+    return sae
+
+
+def _build_sae(
+    sae_cfg: SAEConfig,
+    cfg: TrainConfig,
+    recipe: recipes.Recipe,
+    batches: Callable[[int], Iterator[Tensor]],
+    device: torch.device,
+    local_batch: int,
+) -> SAE:
+    """The SAE initialised from the data (the same on every rank), on the device."""
     # fp32 weights, gradients and two Adam moments (16 bytes a weight), and a few [batch, d_sae] tensors per step
     need = 16 * 2 * sae_cfg.d_in * sae_cfg.d_sae + 4 * 4 * local_batch * sae_cfg.d_sae
     check_memory(
@@ -288,147 +424,100 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
     recipe.init(sae)
     sae.to(device)
     distributed.average_input_stats(sae)
-    params = [p for p in sae.parameters() if p.requires_grad]
-    fused = device.type in ("cpu", "cuda")
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
-    # base λ (or β). With --target-l0 the controller replaces the warm-up: λ starts at TARGET_START ×
-    # the coefficient and is steered from the first step, so it rises only as fast as L0 follows.
-    lam = torch.tensor((recipe.coefficient() or 0.0) * (TARGET_START if cfg.target_l0 else 1.0), device=device)
-    l0_err = None  # --target-l0: the last step's log(L0 / target)
-    l0_trend = None  # --target-l0, recipes whose L0 lags: its change per step, smoothed (L0_TREND)
-    since_fired = torch.zeros(sae.d_sae, device=device)  # [d_sae] tokens since each latent last fired
-    acc = torch.zeros(8, device=device)  # summed metrics since the last log (see ACC below)
-    step, epoch, batch_in_epoch = 0, 0, 0
+    return sae
 
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-    ckpt = read_checkpoint(out) if out is not None else None
-    if ckpt is not None:
-        if ckpt["sae_config"]["d_in"] != sae_cfg.d_in:
-            raise UserError(
-                f"{out} holds a run with d_in={ckpt['sae_config']['d_in']} but the activations have "
-                f"d_in={sae_cfg.d_in}; "
-                "choose another --out or pass --overwrite"
-            )
-        now = asdict(cfg)
-        diff = differences({k: ckpt["train_config"].get(k) for k in RUN_KEYS}, {k: now[k] for k in RUN_KEYS})
-        if diff:
-            raise UserError(
-                f"{out} holds a run with different settings ({'; '.join(diff)}); use the same flags to "
-                "resume, another --out, or --overwrite"
-            )
-        if ckpt.get("complete"):
-            if main:  # a run killed while removing its checkpoint files left some behind
-                for p in out.glob("checkpoint_*.safetensors"):
-                    p.unlink()
-            print(f"train: {out} is complete, nothing to do (same settings; --overwrite redoes it)")
-            return SAE.load(out, device)
-        try:
-            tensors = load_file(str(out / ckpt["file"]), device=str(device))
-        except Exception as e:  # missing or damaged: safetensors raises its own error types
-            raise UserError(
-                f"cannot read the checkpoint {out / ckpt['file']} ({e}); pass --overwrite to start the run again"
-            ) from None
-        sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-        load_optimizer(opt, tensors)
-        lam, since_fired, acc = tensors["lam"], tensors["since_fired"], tensors["acc"]
-        l0_err = tensors.get("l0_err")  # absent in checkpoints of runs without --target-l0
-        l0_trend = tensors.get("l0_trend")
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        if main:
-            print(f"train: resuming {out} from its checkpoint at step {step:,} ({ckpt['tokens']:,} tokens)")
-            _truncate_metrics(out / METRICS, step)
-            clear_run(out, keep=(ckpt["file"], METRICS))  # temporary files of the write the kill interrupted
-    elif out is not None and main:
-        # Nothing saved yet (a fresh --out, or a run killed before its first checkpoint): start
-        # over, and mark --out as this run's before anything else is written.
-        clear_run(out)
-        write_json_atomic(
-            out / CHECKPOINT,
-            {"step": 0, "complete": False, "file": None, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)},
+
+def _finish(run: _Run, st: TrainState, final_metrics: dict) -> None:
+    """Record the run in the SAE's config and save it; the checkpoint is marked complete and its
+    files removed."""
+    sae, out = run.sae, run.out
+    sae.cfg.meta.update(input_scale=float(sae.input_scale), train_config=asdict(run.cfg), final_metrics=final_metrics)
+    if out is not None and run.main:
+        sae.save(out)
+        write_json_atomic(out / CHECKPOINT, run.info(st, complete=True))
+        for p in out.glob("checkpoint_*.safetensors"):
+            p.unlink()
+    runtime.barrier()  # the SAE is on disk before any rank returns
+
+
+# ---- starting and resuming ------------------------------------------------------------------
+
+
+def _start(out: Path, sae_cfg: SAEConfig, cfg: TrainConfig) -> None:
+    """Nothing saved yet (a fresh --out, or a run killed before its first checkpoint): start over,
+    and mark --out as this run's before anything else is written."""
+    clear_run(out)
+    write_json_atomic(
+        out / CHECKPOINT,
+        {"step": 0, "complete": False, "file": None, "train_config": asdict(cfg), "sae_config": asdict(sae_cfg)},
+    )
+
+
+def _check_resumable(out: Path, ckpt: dict, sae_cfg: SAEConfig, cfg: TrainConfig) -> None:
+    """Refuse to resume a run in `out` made on other activations or with other settings."""
+    if ckpt["sae_config"]["d_in"] != sae_cfg.d_in:
+        raise UserError(
+            f"{out} holds a run with d_in={ckpt['sae_config']['d_in']} but the activations have "
+            f"d_in={sae_cfg.d_in}; "
+            "choose another --out or pass --overwrite"
+        )
+    now = asdict(cfg)
+    diff = differences({k: ckpt["train_config"].get(k) for k in RUN_KEYS}, {k: now[k] for k in RUN_KEYS})
+    if diff:
+        raise UserError(
+            f"{out} holds a run with different settings ({'; '.join(diff)}); use the same flags to "
+            "resume, another --out, or --overwrite"
         )
 
-    model = distributed.data_parallel(sae, device)  # DistributedDataParallel under torchrun, else the SAE
-    loss_fn = torch.compile(step_terms) if cfg.compile else step_terms
-    log = _Logger(cfg, recipe, out if main else None, total, step, progress and main)
-    ckpt_steps = max(1, cfg.checkpoint_every // cfg.batch_size)
-    dead_steps = max(1, cfg.dead_window // cfg.batch_size)
 
-    def state() -> dict[str, Tensor]:
-        return {
-            **{f"sae.{k}": v for k, v in sae.state_dict().items()},
-            **optimizer_tensors(opt),
-            "lam": lam,
-            **({"l0_err": l0_err} if l0_err is not None else {}),
-            **({"l0_trend": l0_trend} if l0_trend is not None else {}),
-            "since_fired": since_fired,
-            "acc": acc,
-        }
+def _already_complete(out: Path, device: torch.device, main: bool) -> SAE:
+    if main:  # a run killed while removing its checkpoint files left some behind
+        for p in out.glob("checkpoint_*.safetensors"):
+            p.unlink()
+    print(f"train: {out} is complete, nothing to do (same settings; --overwrite redoes it)")
+    return SAE.load(out, device)
 
-    def info(complete: bool = False) -> dict:
-        return {
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "tokens": step * cfg.batch_size,
-            "complete": complete,
-            "train_config": asdict(cfg),
-            "sae_config": asdict(sae_cfg),
-        }
 
+def _resume(
+    out: Path, ckpt: dict, sae: SAE, opt: torch.optim.Optimizer, st: TrainState, device: torch.device, main: bool
+) -> None:
+    """Load the checkpoint into the SAE, Adam and the state; the run then reproduces the
+    uninterrupted one (same data order, optimizer state and schedule position)."""
+    try:
+        tensors = load_file(str(out / ckpt["file"]), device=str(device))
+    except Exception as e:  # missing or damaged: safetensors raises its own error types
+        raise UserError(
+            f"cannot read the checkpoint {out / ckpt['file']} ({e}); pass --overwrite to start the run again"
+        ) from None
+    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+    load_optimizer(opt, tensors)
+    st.restore(tensors, ckpt)
+    if main:
+        print(f"train: resuming {out} from its checkpoint at step {st.step:,} ({ckpt['tokens']:,} tokens)")
+        _truncate_metrics(out / METRICS, st.step)
+        clear_run(out, keep=(ckpt["file"], METRICS))  # temporary files of the write the kill interrupted
+
+
+# ---- the steps ------------------------------------------------------------------------------
+
+
+def _run_steps(run: _Run, st: TrainState, batches: Callable[[int], Iterator[Tensor]], log: _Logger) -> None:
+    """Steps until run.total or the data runs dry, each followed by its bookkeeping."""
     # Ctrl-C stops at the end of the step and saves it, so the rerun resumes there (one process only:
     # under torchrun the ranks could stop at different steps and wait on each other forever).
-    stop = StopAtStepEnd() if out is not None and main and runtime.world_size() == 1 else None
+    stop = StopAtStepEnd() if run.out is not None and run.main and runtime.world_size() == 1 else None
     try:
-        for epoch, batch_in_epoch, x in _batch_stream(batches, local_batch, epoch, batch_in_epoch):
-            if step >= total:
+        for epoch, batch_in_epoch, x in _batch_stream(batches, run.local_batch, st.epoch, st.batch_in_epoch):
+            st.epoch, st.batch_in_epoch = epoch, batch_in_epoch  # (checkpoint.json's position once complete)
+            if st.step >= run.total:
                 break
-            x = x.to(device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg.lr)
-            dead = since_fired >= cfg.dead_window
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                t = loss_fn(model, x, recipe, cfg, dead)
-            lam_now = lam if cfg.target_l0 else lam * penalty_warmup_at(step, total)
-            loss = total_loss(t, lam_now, recipe)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
-            opt.step()
-            # under torchrun: the global batch's figures
-            t = distributed.reduce_metrics(t, sae.split(x)[1], sae.target_scale)
-            with torch.no_grad():
-                recipe.step_end(sae, step)
-                since_fired = torch.where(t["fired"], 0.0, since_fired + cfg.batch_size)
-                if cfg.target_l0:
-                    err = (t["l0"].clamp_min(1e-3) / cfg.target_l0).log()  # log(L0 / target)
-                    l0_err = err if l0_err is None else l0_err
-                    lam, l0_trend = steer_lambda(lam, err, l0_err, l0_trend, recipe.l0_lags, total - step)
-                    l0_err = err
-                acc += torch.stack(
-                    [
-                        torch.ones((), device=device),
-                        t["mse"].detach(),
-                        t["sse"],
-                        t["sst"],
-                        t["l0"],
-                        t.get(recipe.term, torch.zeros((), device=device)).detach(),
-                        lam_now.detach(),
-                        (since_fired >= cfg.dead_window).float().mean(),
-                    ]
-                )
-            step += 1
-            batch_in_epoch += 1
-            if cfg.resample_dead and recipe.resamples and step % dead_steps == 0 and step < total * (1 - LR_DECAY):
-                resample_dead_latents(sae, opt, runtime.gather_rows(x), since_fired, cfg, step)
-            if step % cfg.log_every == 0 or step == total:
-                log.write(step, acc, opt.param_groups[0]["lr"])
-                acc.zero_()
-            if out is not None and main and step % ckpt_steps == 0 and step < total:
-                save_checkpoint(out, step, state(), info())
-            if stop is not None and stop.requested and step < total:
-                save_checkpoint(out, step, state(), info())
+            x = x.to(run.device, non_blocking=True)
+            _step(run, st, x)
+            st.step += 1
+            st.batch_in_epoch += 1
+            _after_step(run, st, x, log)
+            if stop is not None and stop.requested and st.step < run.total:
+                run.checkpoint(st)
                 raise KeyboardInterrupt
     except BaseException:
         # End the bar's line first, so that what the CLI prints next ("interrupted; run the same
@@ -439,19 +528,62 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
         if stop is not None:
             stop.restore()
     log.close()
-    if step < total:
-        raise UserError(f"the activation source ran dry after {step} of {total} steps (an epoch yielded no full batch)")
-    sae.cfg.meta.update(input_scale=float(sae.input_scale), train_config=asdict(cfg), final_metrics=log.last)
-    if out is not None and main:
-        sae.save(out)
-        write_json_atomic(out / CHECKPOINT, info(complete=True))
-        for p in out.glob("checkpoint_*.safetensors"):
-            p.unlink()
-    runtime.barrier()  # the SAE is on disk before any rank returns
-    return sae
 
 
-ACC = ("steps", "mse", "sse", "sst", "l0", "penalty", "lam", "dead_frac")
+def _step(run: _Run, st: TrainState, x: Tensor) -> None:
+    """One optimizer step on x [local_batch, d_in] ([local_batch, d_in + d_out] for a transcoder),
+    then, on the device, the recipe's step end, the dead-latent counters, --target-l0's λ and
+    the log sums."""
+    cfg, recipe, opt, sae = run.cfg, run.recipe, run.opt, run.sae
+    for g in opt.param_groups:
+        g["lr"] = lr_at(st.step, run.total, cfg.lr)
+    dead = st.since_fired >= cfg.dead_window
+    with torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+        t = run.loss_fn(run.model, x, recipe, cfg, dead)
+    lam_now = st.lam if cfg.target_l0 else st.lam * penalty_warmup_at(st.step, run.total)
+    loss = total_loss(t, lam_now, recipe)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, CLIP_NORM, foreach=True)
+    opt.step()
+    t = distributed.reduce_metrics(t, sae.split(x)[1], sae.target_scale)  # under torchrun: the global batch's figures
+    with torch.no_grad():
+        recipe.step_end(sae, st.step)
+        st.since_fired = torch.where(t["fired"], 0.0, st.since_fired + cfg.batch_size)
+        if cfg.target_l0:
+            err = (t["l0"].clamp_min(1e-3) / cfg.target_l0).log()  # log(L0 / target)
+            last = err if st.l0_err is None else st.l0_err
+            st.lam, st.l0_trend = steer_lambda(st.lam, err, last, st.l0_trend, recipe.l0_lags, run.total - st.step)
+            st.l0_err = err
+        zero = torch.zeros((), device=run.device)
+        st.acc += LogSums(
+            steps=torch.ones((), device=run.device),
+            mse=t["mse"].detach(),
+            sse=t["sse"],
+            sst=t["sst"],
+            l0=t["l0"],
+            penalty=t.get(recipe.term, zero).detach(),
+            lam=lam_now.detach(),
+            dead_frac=(st.since_fired >= cfg.dead_window).float().mean(),
+        ).packed()
+
+
+def _after_step(run: _Run, st: TrainState, x: Tensor, log: _Logger) -> None:
+    """After step st.step (counted from 1): resampling, the log line, the periodic checkpoint."""
+    cfg, total = run.cfg, run.total
+    dead_steps = max(1, cfg.dead_window // cfg.batch_size)
+    if cfg.resample_dead and run.recipe.resamples and st.step % dead_steps == 0 and st.step < total * (1 - LR_DECAY):
+        resample_dead_latents(run.sae, run.opt, runtime.gather_rows(x), st.since_fired, cfg, st.step)
+    if st.step % cfg.log_every == 0 or st.step == total:
+        log.write(st.step, st.acc, run.opt.param_groups[0]["lr"])
+        st.acc.zero_()
+    if (
+        run.out is not None
+        and run.main
+        and st.step % max(1, cfg.checkpoint_every // cfg.batch_size) == 0
+        and st.step < total
+    ):
+        run.checkpoint(st)
 
 
 class StopAtStepEnd:
@@ -559,18 +691,18 @@ class _Logger:
             self.run = wandb.init(project=cfg.wandb, config=asdict(cfg), dir=str(out) if out else None)
 
     def write(self, step: int, acc: Tensor, lr: float) -> None:
-        a = dict(zip(ACC, acc.tolist()))  # the one host sync per log interval
-        n = max(a["steps"], 1.0)
+        a = LogSums.read(acc)  # the one host sync per log interval
+        n = max(a.steps, 1.0)
         now = time.perf_counter()
         m = {
             "step": step,
             "tokens": step * self.cfg.batch_size,
-            "mse": a["mse"] / n,
-            "explained_variance": 1 - a["sse"] / max(a["sst"], 1e-12),
-            "l0": a["l0"] / n,
-            "dead_frac": a["dead_frac"] / n,
-            self.recipe.term: a["penalty"] / n,
-            "lam": a["lam"] / n,
+            "mse": a.mse / n,
+            "explained_variance": 1 - a.sse / max(a.sst, 1e-12),
+            "l0": a.l0 / n,
+            "dead_frac": a.dead_frac / n,
+            self.recipe.term: a.penalty / n,
+            "lam": a.lam / n,
             "lr": lr,
             "tokens_per_s": (step - self.step0) * self.cfg.batch_size / max(now - self.t0, 1e-9),
         }
@@ -745,32 +877,3 @@ def _cache_batches(cache, cfg: TrainConfig, device: torch.device) -> Callable[[i
         resident = cache.resident_batches(cfg.batch_size, device, targets=pairs)
         return lambda epoch: resident(epoch, cfg.seed)
     return lambda epoch: cache.iter_batches(cfg.batch_size, seed=cfg.seed + epoch, device=device, targets=pairs)
-
-
-def train_streaming(harvest_cfg, cfg: TrainConfig, lm=None) -> SAE:
-    """Train on activations computed on the fly from the model (no cache on disk): one pass
-    over harvest_cfg's corpus per epoch, mixed through a shuffling buffer. Resumable like `train`,
-    by recomputing the skipped batches of the current epoch."""
-    from sae_lens_lite.data.harvest import stream_activations
-    from sae_lens_lite.data.models import load_model
-
-    check_config(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("streaming training runs in one process; harvest a cache and train from it under torchrun")
-    out = prepare_out_dir(cfg.out, cfg.overwrite, marker=CHECKPOINT, debris=RUN_FILES)
-    if lm is None:
-        device = resolve_device(harvest_cfg.device)
-        lm = load_model(
-            harvest_cfg.model, device, model_dtype(harvest_cfg.model_dtype, device), harvest_cfg.trust_remote_code
-        )
-    batches, corpus_tokens = stream_activations(harvest_cfg, lm, cfg.batch_size, seed=cfg.seed)
-    filters = position_filters(harvest_cfg)
-    sae_cfg = sae_config_for(
-        cfg,
-        lm.d_model,
-        harvest_cfg.model,
-        harvest_cfg.hooks[0],
-        harvest_cfg.context_length,
-        {"streamed_from": harvest_cfg.dataset, "corpus": harvest_cfg.dataset, "filters": filters},
-    )
-    return train_on_batches(sae_cfg, cfg, batches, cfg.tokens or max(corpus_tokens, 2_000_000), out)

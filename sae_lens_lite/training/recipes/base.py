@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from sae_lens_lite.errors import UserError
+from sae_lens_lite.training import activations
 from sae_lens_lite.training.sae import SAE
 
 if TYPE_CHECKING:
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
 
 class Recipe:
     name = ""
-    activation = "relu"  # the SAE's inference activation (sae.ACTIVATIONS); fixes the export format
     term = ""  # the loss term logged as the penalty; weighted by λ unless it is "aux"
     fixed_count = False  # a known number of active latents per batch: the sparse path always pays
     aux = False  # AuxK on dead latents (Gao et al. 2024)
@@ -49,9 +49,13 @@ class Recipe:
         if self.cfg.target_l0 and self.coefficient() is None:
             raise UserError(f"--target-l0 adapts a penalty coefficient; {self.name} has none, set the L0 with --k")
 
+    def sae_activation(self) -> activations.Activation:
+        """The trained SAE's inference activation, which also fixes the format it exports to."""
+        return activations.ReLU()
+
     def sae_options(self) -> dict:
         """SAEConfig fields of the trained SAE (activation, k)."""
-        return {"activation": self.activation}
+        return self.sae_activation().config_fields()
 
     @torch.no_grad()
     def init(self, sae: SAE) -> None:

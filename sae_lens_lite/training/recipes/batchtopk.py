@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from sae_lens_lite import runtime
+from sae_lens_lite.training import activations
 from sae_lens_lite.training.recipes.topk import TopK
 
 THRESHOLD_RATE = 0.01  # θ ← θ + rate · (this batch's smallest kept activation − θ)
@@ -15,10 +16,10 @@ GUESSES = (0.8, 0.4, 0.0)  # candidate floors tried, as fractions of the last ba
 
 
 class BatchTopK(TopK):
-    name, activation = "batchtopk", "jumprelu"
+    name = "batchtopk"
 
-    def sae_options(self):
-        return {"activation": "jumprelu"}
+    def sae_activation(self):
+        return activations.JumpReLU()  # one θ for every latent, estimated (step_end)
 
     @torch.no_grad()
     def init(self, sae):

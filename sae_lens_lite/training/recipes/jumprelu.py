@@ -8,6 +8,7 @@ kernel of width ε, and that of z·H(z − θ) as −(θ/ε)·K((z − θ)/ε). 
 import torch
 from torch import Tensor
 
+from sae_lens_lite.training import activations
 from sae_lens_lite.training.latents import count_positive
 from sae_lens_lite.training.recipes.base import Recipe
 
@@ -84,7 +85,7 @@ class _L0(torch.autograd.Function):
 
 
 class JumpReLU(Recipe):
-    name, activation, term = "jumprelu", "jumprelu", "l0_ste"
+    name, term = "jumprelu", "l0_ste"
     unit_decoder = True  # keeps θ and ε in the units of the normalised pre-activations
     # AuxK on dead latents, as TopK's: nothing else moves a latent whose pre-activation stays
     # below θ (the L0 term's gradient reaches θ only within ε/2 of it), and without it 18% of a
@@ -97,6 +98,9 @@ class JumpReLU(Recipe):
 
     def coefficient(self):
         return self.cfg.l0_coef
+
+    def sae_activation(self):
+        return activations.JumpReLU()
 
     @torch.no_grad()
     def init(self, sae):

@@ -3,15 +3,16 @@ and the AuxK loss, in which dead latents learn to reconstruct what the live ones
 
 import torch
 
+from sae_lens_lite.training import activations
 from sae_lens_lite.training.recipes.base import Recipe
 
 
 class TopK(Recipe):
-    name, activation, term = "topk", "topk", "aux"
+    name, term = "topk", "aux"
     fixed_count = aux = unit_decoder = True
 
-    def sae_options(self):
-        return {"activation": "topk", "k": self.cfg.k}
+    def sae_activation(self):
+        return activations.TopK(self.cfg.k)
 
     def mask(self, sae, pre):
         return torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, pre.topk(self.cfg.k, dim=-1).indices, True)
