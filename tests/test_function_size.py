@@ -15,8 +15,6 @@ MAX_LINES = 80
 OVER = {  # (module, function): its length today, a ceiling until it is split into named steps
     ("interpret/analyze.py", "analyze"): 271,
     ("cli.py", "build_parser"): 87,
-    ("evaluation/compare.py", "compare"): 136,
-    ("evaluation/evaluate.py", "evaluate"): 167,
     ("data/harvest.py", "harvest"): 159,
     ("training/train.py", "_train_on_batches"): 187,
 }
