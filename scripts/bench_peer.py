@@ -77,8 +77,7 @@ from torch import Tensor
 
 from sae_lens_lite import runtime
 from sae_lens_lite.data.cache import ActivationCache
-from sae_lens_lite.evaluation.evaluate import paired_difference
-from sae_lens_lite.evaluation.metrics import sae_pass
+from sae_lens_lite.evaluation.metrics import paired_difference, sae_pass
 from sae_lens_lite.export import import_sae
 from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training import recipes

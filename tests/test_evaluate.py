@@ -12,17 +12,17 @@ from sae_lens_lite.config import from_namespace
 from sae_lens_lite.data.corpus import tokenize_corpus
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.baselines import fit_pca, fit_vae, kl_to_prior, vae_activity
-from sae_lens_lite.evaluation.evaluate import (
-    EvalConfig,
-    baseline_sizes,
+from sae_lens_lite.evaluation.evaluate import EvalConfig, baseline_sizes, eval_contexts, evaluate
+from sae_lens_lite.evaluation.metrics import (
+    ReconStats,
+    SparsityStats,
     ce_loss,
     ce_loss_recovered,
-    eval_contexts,
-    evaluate,
     kl_div,
+    reconstruction_metrics,
+    sparsity_metrics,
     splice,
 )
-from sae_lens_lite.evaluation.metrics import ReconStats, SparsityStats, reconstruction_metrics, sparsity_metrics
 from sae_lens_lite.evaluation.report import plot_density
 from sae_lens_lite.training.sae import SAE, SAEConfig
 

@@ -5,9 +5,9 @@
     forward once, then each SAE, both ablations and each baseline spliced in
     → compare.json, compare.md, frontier.png
 
-Every number is evaluate.py's (definitions: docs/metrics.md); what is new is the sharing. Evaluating
-N SAEs one by one runs the model load, the activation pass, the clean forward and both ablations N
-times; here they run once, and only the spliced forward is paid per SAE.
+Every number is evaluate's, computed by metrics.py (definitions: docs/metrics.md); what is new is
+the sharing. Evaluating N SAEs one by one runs the model load, the activation pass, the clean
+forward and both ablations N times; here they run once, and only the spliced forward is paid per SAE.
 
 Given evaluation reports (report.json) instead of SAE directories, compare lays out their numbers
 if their footings agree, and otherwise says which settings differ.
@@ -32,19 +32,23 @@ from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.baselines import fit_baselines, vae_activity
 from sae_lens_lite.evaluation.evaluate import (
     EvalConfig,
-    ce_kl_sums,
-    ce_summary,
     fit_activations,
     footing,
     footing_differences,
     hook_activations,
-    paired_difference,
     same_corpus,
     split_contexts,
-    standard_error,
     training_text,
 )
-from sae_lens_lite.evaluation.metrics import labelled, sae_pass, score_reconstruction
+from sae_lens_lite.evaluation.metrics import (
+    ce_kl_sums,
+    ce_summary,
+    labelled,
+    paired_difference,
+    sae_pass,
+    score_reconstruction,
+    standard_error,
+)
 from sae_lens_lite.evaluation.probe import FIRST_LETTER, compare_markdown, compare_probing
 from sae_lens_lite.evaluation.probing import DEFAULT_TASKS
 from sae_lens_lite.evaluation.report import fmt, positions_text
@@ -130,7 +134,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
         )
     T = cfg.context_length or (lengths.pop() if lengths else 128)
     out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
-    lm = _model_for(cfg, lm, model_name, hook, d_in, T, device)
+    lm = _model_for(lm, model_name, hook, d_in, T, device)
     skip = cfg.skip_tokens if cfg.skip_tokens is not None else _held_out_skip(cfg, saes)
     contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
     times["load"] = time.perf_counter() - t0
@@ -186,7 +190,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     return result
 
 
-def _model_for(cfg: CompareConfig, lm, model_name: str, hook: str, d_in: int, T: int, device) -> LoadedModel:
+def _model_for(lm: LoadedModel | None, model_name: str, hook: str, d_in: int, T: int, device) -> LoadedModel:
     """The model the SAEs are spliced into, checked to have their hook, their width and contexts of T tokens."""
     if lm is None:
         lm = load_model(model_name, device)

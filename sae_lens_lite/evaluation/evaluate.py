@@ -1,6 +1,7 @@
 """Evaluate an SAE on held-out text: reconstruction, sparsity, and the model's loss with it spliced in.
 
-Every number is defined once, in this module, and in words in docs/metrics.md.
+Every number is defined once, in metrics.py, and in words in docs/metrics.md; this module runs
+the evaluation and writes its report.
 
     text → contexts [n_ctx, T]
     pass 1: forward stopped at the hook → activations x [n, d_in] at the evaluated positions
@@ -27,7 +28,6 @@ import hashlib
 import json
 import math
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,9 +54,12 @@ from sae_lens_lite.evaluation.metrics import (
     CHUNK,
     DENSE_FREQ,
     SAEMetrics,
+    ce_kl_sums,
+    ce_summary,
     latent_sparsity,
     sae_pass,
     score_reconstruction,
+    standard_error,
 )
 from sae_lens_lite.evaluation.report import density_histogram, fmt, markdown_summary, plot_density
 from sae_lens_lite.fsutil import claim_out_dir, write_json_atomic, write_text_atomic
@@ -149,50 +152,6 @@ def written_by(sae: SAE, model):
 
     with edit_hook(model, sae.cfg.hook, record):
         yield lambda a: sae(held["x"].reshape(-1, sae.d_in)).x_hat
-
-
-# ---- the model's loss with an activation replaced -----------------------------------------
-
-
-def next_token_logprobs(model, input_ids: Tensor, hook: str | None = None, fn=None) -> Tensor:
-    """log p(next token) [b, T-1, vocab] from positions 0..T-2 of input_ids [b, T]. With `hook`,
-    fn(act [b, T, d]) may return a replacement for the activation there (see models.edit_hook)."""
-    with contextlib.ExitStack() as stack, torch.inference_mode():
-        if hook is not None and fn is not None:
-            stack.enter_context(edit_hook(model, hook, fn))
-        logits = model(input_ids=input_ids, use_cache=False).logits  # [b, T, vocab]
-    return logits[:, :-1].float().log_softmax(-1)
-
-
-def token_ce(logp: Tensor, input_ids: Tensor) -> Tensor:
-    """Cross-entropy in nats [b, T-1] of next-token log-probs [b, T-1, vocab]: position t predicts input_ids[:, t+1]."""
-    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
-def ce_loss(model, input_ids: Tensor, hook: str | None = None, fn=None) -> Tensor:
-    """Per-prediction CE [b, T-1] (nats) of the model on input_ids [b, T], optionally edited at `hook`."""
-    return token_ce(next_token_logprobs(model, input_ids, hook, fn), input_ids)
-
-
-def kl_div(logp: Tensor, logq: Tensor) -> Tensor:
-    """KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) per position, in nats; [..., vocab] → [...]."""
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def ce_loss_recovered(clean: float, spliced: float, ablated: float) -> float | None:
-    """(L_ablated − L_spliced) / (L_ablated − L_clean): 1 = as good as clean, 0 = as bad as ablating."""
-    gap = ablated - clean
-    return None if abs(gap) < 1e-9 else (ablated - spliced) / gap
-
-
-def splice(reconstruct: Callable[[Tensor], Tensor], mask: Tensor):
-    """An edit_hook fn replacing act [b, T, d] by reconstruct(act) where mask [b, T] is True."""
-
-    def fn(act: Tensor) -> Tensor:
-        new = reconstruct(act.reshape(-1, act.shape[-1])).reshape(act.shape).to(act.dtype)
-        return torch.where(mask[..., None], new, act)
-
-    return fn
 
 
 # ---- the evaluation run -------------------------------------------------------------------
@@ -646,73 +605,6 @@ def cache_sparsity(sae: SAE, cache, device) -> dict:
     total = -(-cache.n_tokens // CHUNK)
     bar = tqdm(batches, total=total, desc="sparsity on --sparsity-acts", unit="batch", leave=False)
     return {"acts": str(cache.path), **latent_sparsity(sae, bar)}
-
-
-@torch.inference_mode()
-def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, device, per_context=("sae",)) -> dict:
-    """Sums of CE (clean and per intervention) and KL(clean ‖ intervention) over all predictions,
-    and over the score split (contexts n_fit..). Baselines run on the score split only. Each
-    intervention is spliced at the positions keep [n_ctx, T] marks; the clean pass is shared.
-    sums["contexts"] holds, for the interventions named in per_context, each context's mean KL
-    and CE ("kl_<name>", "ce_<name>": lists in context order), from which a standard error, or a
-    paired difference between two of them, follows."""
-    sums = {"all": defaultdict(float), "score": defaultdict(float), "contexts": defaultdict(list)}
-    always = ("sae", "zero_ablation", "mean_ablation")
-    # batches never straddle the fit/score boundary
-    starts = [*range(0, n_fit, batch_size), *range(n_fit, len(contexts), batch_size)]
-    for b in tqdm(starts, desc="eval: CE/KL", unit="batch", dynamic_ncols=True):
-        e = min(b + batch_size, n_fit if b < n_fit else len(contexts))
-        ids = contexts[b:e].to(device)  # [b, T]
-        mask = keep[b:e].to(device)  # [b, T]
-        scored = b >= n_fit
-        clean = next_token_logprobs(model, ids)  # [b, T-1, vocab]
-        splits = [sums["all"], sums["score"]] if scored else [sums["all"]]
-        for s in splits:
-            s["n"] += ids.shape[0] * (ids.shape[1] - 1)
-            s["ce/clean"] += float(token_ce(clean, ids).double().sum())
-        for name, reconstruct in interventions.items():
-            if name not in always and not scored:
-                continue
-            logp = next_token_logprobs(model, ids, hook, splice(reconstruct, mask))
-            ce_t, kl_t = token_ce(logp, ids).double(), kl_div(clean, logp).double()  # [b, T-1]
-            ce, kl = float(ce_t.sum()), float(kl_t.sum())
-            if name in per_context:
-                sums["contexts"][f"kl_{name}"] += kl_t.mean(1).tolist()
-                sums["contexts"][f"ce_{name}"] += ce_t.mean(1).tolist()
-            for s in splits:
-                s[f"ce/{name}"] += ce
-                s[f"kl/{name}"] += kl
-    return sums
-
-
-def standard_error(values: list[float]) -> float | None:
-    """The standard error of the mean of per-context values (None below two contexts): contexts,
-    not tokens, are the independent draws, since a context's tokens move together."""
-    if len(values) < 2:
-        return None
-    return float(torch.tensor(values, dtype=torch.float64).std() / len(values) ** 0.5)
-
-
-def paired_difference(a: list[float], b: list[float]) -> dict | None:
-    """mean(a − b) and its standard error for per-context values of two methods on the same
-    contexts: the contexts' own spread cancels, so the error is usually far below either's."""
-    if len(a) != len(b) or len(a) < 2:
-        return None
-    diff = [x - y for x, y in zip(a, b)]
-    return {"mean": sum(diff) / len(diff), "se": standard_error(diff)}
-
-
-def ce_summary(s: dict, methods: list[str]) -> dict:
-    n = s["n"]
-    clean, zero, mean = s["ce/clean"] / n, s["ce/zero_ablation"] / n, s["ce/mean_ablation"] / n
-    out = {"clean": clean, "zero_ablation": zero, "mean_ablation": mean}
-    for m in methods:
-        out[m] = s[f"ce/{m}"] / n
-        out[f"{m}_recovered"] = ce_loss_recovered(clean, out[m], zero)
-        out[f"{m}_recovered_vs_mean"] = ce_loss_recovered(clean, out[m], mean)
-    for m in [*methods, "zero_ablation", "mean_ablation"]:
-        out[f"kl_{m}"] = s[f"kl/{m}"] / n
-    return out
 
 
 def training_text(sae: SAE) -> tuple[str, int, str] | None:
