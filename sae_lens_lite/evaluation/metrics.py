@@ -157,6 +157,8 @@ def sparsity_metrics(latents: Tensor) -> dict:
 
 
 class SAEMetrics(NamedTuple):
+    """What sae_pass measured: report.json's "reconstruction" and "sparsity"."""
+
     reconstruction: dict  # ReconStats.result()
     sparsity: dict  # SparsityStats.result(), with the firing frequency [d_sae] as a tensor
 
