@@ -26,7 +26,8 @@ import torch
 
 from sae_lens_lite.data.cache import ActivationCache
 from sae_lens_lite.data.harvest import HarvestConfig, harvest
-from sae_lens_lite.evaluation.evaluate import EvalConfig, ReconStats, evaluate
+from sae_lens_lite.evaluation.evaluate import EvalConfig, evaluate
+from sae_lens_lite.evaluation.metrics import CHUNK, ReconStats
 from sae_lens_lite.training.recipes.matryoshka import prefixes
 from sae_lens_lite.training.sae import SAE
 from sae_lens_lite.training.train import TrainConfig, train
@@ -55,7 +56,7 @@ def prefix_ev(sae: SAE, acts: Path, tokens: int = PREFIX_TOKENS) -> dict[int, fl
     x = ActivationCache.open(acts).load(("activations",), dtype=torch.float32)["activations"][:tokens]
     stats = {m: ReconStats(x.double().mean(0)) for m in prefixes(sae.d_sae)}
     latent = torch.arange(sae.d_sae)
-    for xb in x.split(4096):
+    for xb in x.split(CHUNK):  # metrics.sae_pass's loop, with one encode shared by every prefix's decode
         f = sae.encode(xb)  # [n, d_sae]
         for m, st in stats.items():
             st.add(xb, sae.decode(f * (latent < m)))

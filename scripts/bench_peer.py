@@ -77,7 +77,7 @@ from torch import Tensor
 
 from sae_lens_lite import runtime
 from sae_lens_lite.data.cache import ActivationCache
-from sae_lens_lite.evaluation.evaluate import ReconStats, SparsityStats, paired_difference
+from sae_lens_lite.evaluation.metrics import paired_difference, sae_pass
 from sae_lens_lite.export import import_sae
 from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training import recipes
@@ -290,16 +290,10 @@ def check_import(saelens_sae, ours: SAE, x: Tensor) -> float:
     return float((ref - got).norm(dim=1).max() / ref.norm(dim=1).mean())
 
 
-@torch.no_grad()
 def score(sae: SAE, x: Tensor) -> dict:
-    """Explained variance, L0 and never-firing fraction of sae on x [n, d_in], as evaluate defines them."""
-    sae = sae.to(x.device).eval()
-    recon, sparse = ReconStats(x.double().mean(0)), SparsityStats(sae.d_sae)
-    for i in range(0, len(x), 4096):
-        out = sae(x[i : i + 4096])
-        recon.add(x[i : i + 4096], out.x_hat)
-        sparse.add(out.latents)
-    r, sp = recon.result(), sparse.result()
+    """Explained variance, L0 and never-firing fraction of sae on x [n, d_in] (metrics.sae_pass, as evaluate)."""
+    scored = sae_pass(sae.to(x.device).eval(), x)
+    r, sp = scored.reconstruction, scored.sparsity
     return {"ev": r["explained_variance"], "l0": sp["l0"], "dead": sp["dead_fraction"]}
 
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from sae_lens_lite.data.models import edit_hook, generate
-from sae_lens_lite.evaluation.evaluate import next_token_logprobs
+from sae_lens_lite.evaluation.metrics import next_token_logprobs
 from sae_lens_lite.interpret.intervene import ablation_effects, attribution, direction, encode_prompt, load, positions
 
 STEER_PROMPTS = ["The", "In this section, we", "My favourite thing is", "Note that the"]

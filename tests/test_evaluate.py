@@ -12,15 +12,12 @@ from sae_lens_lite.config import from_namespace
 from sae_lens_lite.data.corpus import tokenize_corpus
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.baselines import fit_pca, fit_vae, kl_to_prior, vae_activity
-from sae_lens_lite.evaluation.evaluate import (
-    EvalConfig,
+from sae_lens_lite.evaluation.evaluate import EvalConfig, baseline_sizes, eval_contexts, evaluate
+from sae_lens_lite.evaluation.metrics import (
     ReconStats,
     SparsityStats,
-    baseline_sizes,
     ce_loss,
     ce_loss_recovered,
-    eval_contexts,
-    evaluate,
     kl_div,
     reconstruction_metrics,
     sparsity_metrics,

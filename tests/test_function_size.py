@@ -13,8 +13,6 @@ import sae_lens_lite
 PACKAGE = Path(sae_lens_lite.__file__).parent
 MAX_LINES = 80
 OVER = {  # (module, function): its length today, a ceiling until it is split into named steps
-    ("evaluation/compare.py", "compare"): 136,
-    ("evaluation/evaluate.py", "evaluate"): 167,
 }
 
 

@@ -7,7 +7,7 @@ from conftest import FAMILIES, tiny_model, tiny_tokenizer
 from sae_lens_lite.cli import main
 from sae_lens_lite.data.models import LoadedModel, edit_hook, generate, generate_batch, run_to_hooks
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluation.evaluate import next_token_logprobs
+from sae_lens_lite.evaluation.metrics import next_token_logprobs
 from sae_lens_lite.interpret.intervene import (
     AttributeConfig,
     SteerConfig,

@@ -9,7 +9,8 @@ stages of their own, in the order below; the folders show the same flow):
     corpus        read, tokenise, pack and filter text
     cache         the activation cache on disk (its writers, the sharded one included, and reader)
     harvest       run the model over a corpus into a cache
-    sae           the activations, the SAE module; synthetic data with known features
+    sae           the activations, the SAE module; synthetic data with known features; evaluation's
+                  metrics (below training, whose end-of-run figures use them)
     training      train_config, latents, recipes/ (one per method), loss, distributed (DDP, sharding), train
     evaluation    baselines, report, evaluate, compare; probing, absorption and probe
     analysis      features (the features.json schema), explain, contexts, browser/, analyze, intervene, sweep
@@ -43,7 +44,9 @@ STAGES = [
     ("corpus", {"data.corpus"}),
     ("cache", {"data.cache"}),
     ("harvest", {"data.harvest"}),
-    ("sae", {"training.activations", "training.sae", "training.synthetic"}),
+    # evaluation.metrics (the SAE's figures on activations, once) sits here, below training, because
+    # training's end-of-run figures (train.measure_saved) are measured with it
+    ("sae", {"training.activations", "training.sae", "training.synthetic", "evaluation.metrics"}),
     (
         "training",
         {"training.train_config", "training.latents", "training.recipes", "training.loss", "training.distributed"}

@@ -13,7 +13,7 @@ from test_browser import browser  # noqa: F401  (the Chromium fixture)
 from sae_lens_lite.cli import main
 from sae_lens_lite.data.models import LoadedModel, generate, run_to_hooks
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluation.evaluate import next_token_logprobs
+from sae_lens_lite.evaluation.metrics import next_token_logprobs
 from sae_lens_lite.interpret.intervene import positions
 from sae_lens_lite.interpret.sweep import SweepConfig, best_index, score, sweep
 from sae_lens_lite.training.sae import SAE

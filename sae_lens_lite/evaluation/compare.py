@@ -5,9 +5,9 @@
     forward once, then each SAE, both ablations and each baseline spliced in
     → compare.json, compare.md, frontier.png
 
-Every number is evaluate.py's (definitions: docs/metrics.md); what is new is the sharing. Evaluating
-N SAEs one by one runs the model load, the activation pass, the clean forward and both ablations N
-times; here they run once, and only the spliced forward is paid per SAE.
+Every number is evaluate's, computed by metrics.py (definitions: docs/metrics.md); what is new is
+the sharing. Evaluating N SAEs one by one runs the model load, the activation pass, the clean
+forward and both ablations N times; here they run once, and only the spliced forward is paid per SAE.
 
 Given evaluation reports (report.json) instead of SAE directories, compare lays out their numbers
 if their footings agree, and otherwise says which settings differ.
@@ -31,21 +31,23 @@ from sae_lens_lite.data.models import LoadedModel, hook_point, load_model
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.baselines import fit_baselines, vae_activity
 from sae_lens_lite.evaluation.evaluate import (
-    CHUNK,
     EvalConfig,
-    ReconStats,
-    SparsityStats,
-    ce_kl_sums,
-    ce_summary,
     fit_activations,
     footing,
     footing_differences,
     hook_activations,
-    paired_difference,
     same_corpus,
     split_contexts,
-    standard_error,
     training_text,
+)
+from sae_lens_lite.evaluation.metrics import (
+    ce_kl_sums,
+    ce_summary,
+    labelled,
+    paired_difference,
+    sae_pass,
+    score_reconstruction,
+    standard_error,
 )
 from sae_lens_lite.evaluation.probe import FIRST_LETTER, compare_markdown, compare_probing
 from sae_lens_lite.evaluation.probing import DEFAULT_TASKS
@@ -132,93 +134,35 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
         )
     T = cfg.context_length or (lengths.pop() if lengths else 128)
     out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
-    if lm is None:
-        lm = load_model(model_name, device)
-    hook_point(lm.model, hook)
-    if lm.d_model != d_in:
-        raise UserError(
-            f"the SAEs read {d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model"
-        )
-    check_context_length(lm, T)
-    skip = cfg.skip_tokens
-    if skip is None:  # held out from every SAE's training text
-        took = [
-            t[1] for t in map(training_text, saes.values()) if t and same_corpus(t[0], cfg.dataset, t[2], cfg.split)
-        ]
-        skip = max(took, default=0)
+    lm = _model_for(lm, model_name, hook, d_in, T, device)
+    skip = cfg.skip_tokens if cfg.skip_tokens is not None else _held_out_skip(cfg, saes)
     contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
     times["load"] = time.perf_counter() - t0
 
     # the activations at the hook, once for every SAE
     t = time.perf_counter()
     x, row_ctx, keep = hook_activations(lm, cfg, contexts, hook, filters, device)
-    mean = x.mean(0)  # [d_in], the mean-ablation value (as evaluate's: over every evaluated position)
     xs = x[row_ctx >= n_fit]  # [n_score, d_in], what every row is scored on
-    methods: dict[str, Callable[[Tensor], Tensor]] = {}
-    rows = {}
-    with torch.inference_mode():
-        for name, sae in saes.items():
-            recon, sparse = ReconStats(xs.mean(0)), SparsityStats(sae.d_sae)
-            for i in range(0, len(xs), CHUNK):
-                o = sae(xs[i : i + CHUNK])
-                recon.add(xs[i : i + CHUNK], o.x_hat)
-                sparse.add(o.latents)
-            sp = sparse.result()
-            del sp["firing_frequency"]
-            rows[name] = {
-                "name": name,
-                "kind": "sae",
-                "path": str(paths[name]),
-                **sae.cfg.provenance(),
-                "d_sae": sae.d_sae,
-                "active_dims_per_token": sp["l0"],
-                **recon.result(),
-                "sparsity": sp,
-            }
-            methods[name] = lambda a, s=sae: s(a).x_hat
+    rows = {name: _sae_row(name, paths[name], sae, xs) for name, sae in saes.items()}
+    methods: dict[str, Callable[[Tensor], Tensor]] = {name: lambda a, s=sae: s(a).x_hat for name, sae in saes.items()}
     times["activations_and_saes"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if cfg.baselines:
         fit_x = x[row_ctx < n_fit] if not cfg.acts else fit_activations(cfg.acts, hook, d_in, device)
-        for k, (pca, vae) in fit_baselines(
-            fit_x, curve_sizes([r["active_dims_per_token"] for r in rows.values()], d_in)
-        ).items():
-            methods[f"pca_{k}"], methods[f"vae_{k}"] = pca.reconstruct, vae.reconstruct
-            for name, fn, active in (
-                (f"pca_{k}", pca.reconstruct, {"active_dims_per_token": float(k)}),
-                (f"vae_{k}", vae.reconstruct, vae_activity(vae, xs)),
-            ):
-                recon = ReconStats(xs.mean(0))
-                for i in range(0, len(xs), CHUNK):
-                    recon.add(xs[i : i + CHUNK], fn(xs[i : i + CHUNK]))
-                rows[name] = {"name": name, "kind": name.split("_")[0], **active, **recon.result()}
+        methods |= _baseline_rows(rows, fit_x, xs, d_in)
     times["baselines_fit"] = time.perf_counter() - t
 
     # the model's loss: the clean forward once per batch, then each method spliced in
     t = time.perf_counter()
+    mean = x.mean(0)  # [d_in], the mean-ablation value (as evaluate's: over every evaluated position)
     interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
     saes_in_order = [name for name, row in rows.items() if row["kind"] == "sae"]
     all_sums = ce_kl_sums(
         lm.model, contexts[n_fit:], keep[n_fit:], hook, interventions, 0, cfg.batch_size, device, saes_in_order
     )
-    sums, per_context = all_sums["all"], all_sums["contexts"]
-    first = saes_in_order[0]
-    ce = ce_summary(sums, list(methods))
-    for name, row in rows.items():
-        row.update(
-            ce_loss=ce[name],
-            ce_loss_recovered=ce[f"{name}_recovered"],
-            ce_loss_recovered_vs_mean=ce[f"{name}_recovered_vs_mean"],
-            kl=ce[f"kl_{name}"],
-        )
-        if row["kind"] == "sae":  # every SAE is scored on the same contexts: differences are paired
-            row.update(
-                kl_se=standard_error(per_context[f"kl_{name}"]),
-                kl_vs_first=None
-                if name == first
-                else paired_difference(per_context[f"kl_{name}"], per_context[f"kl_{first}"]),
-            )
+    ce = ce_summary(all_sums["all"], list(methods))
+    _add_ce(rows, ce, all_sums["contexts"], saes_in_order[0])
     times["ce_kl"] = time.perf_counter() - t
 
     result = {
@@ -229,7 +173,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
         if cfg.baselines
         else None,
         "n_scored_activations": len(xs),
-        "n_predictions": int(sums["n"]),
+        "n_predictions": int(all_sums["all"]["n"]),
         "ce": {k: ce[k] for k in ("clean", "zero_ablation", "mean_ablation", "kl_zero_ablation", "kl_mean_ablation")},
         "saes": [r for r in rows.values() if r["kind"] == "sae"],
         "baselines": [r for r in rows.values() if r["kind"] != "sae"],
@@ -244,6 +188,77 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     result["timing_s"] = times
     _write(result, out)
     return result
+
+
+def _model_for(lm: LoadedModel | None, model_name: str, hook: str, d_in: int, T: int, device) -> LoadedModel:
+    """The model the SAEs are spliced into, checked to have their hook, their width and contexts of T tokens."""
+    if lm is None:
+        lm = load_model(model_name, device)
+    hook_point(lm.model, hook)
+    if lm.d_model != d_in:
+        raise UserError(
+            f"the SAEs read {d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model"
+        )
+    check_context_length(lm, T)
+    return lm
+
+
+def _held_out_skip(cfg: CompareConfig, saes: dict[str, SAE]) -> int:
+    """The default --skip-tokens: the most any SAE's training cache took from cfg.dataset, so that
+    the eval text is held out from every SAE's training text."""
+    took = [t[1] for t in map(training_text, saes.values()) if t and same_corpus(t[0], cfg.dataset, t[2], cfg.split)]
+    return max(took, default=0)
+
+
+def _sae_row(name: str, path: str, sae: SAE, xs: Tensor) -> dict:
+    """One SAE's row before its CE and KL: what it is, and its figures (metrics.sae_pass) on xs [n, d_in]."""
+    scored = sae_pass(sae, xs)
+    return {
+        "name": name,
+        "kind": "sae",
+        "path": str(path),
+        **sae.cfg.provenance(),
+        "d_sae": sae.d_sae,
+        "active_dims_per_token": scored.sparsity["l0"],
+        **scored.reconstruction,
+        "sparsity": scored.sparsity_json(),
+    }
+
+
+def _baseline_rows(rows: dict, fit_x: Tensor, xs: Tensor, d_in: int) -> dict[str, Callable[[Tensor], Tensor]]:
+    """PCA and VAE curves spanning the SAEs' L0, fitted on fit_x and scored on xs: their rows are
+    added to `rows`, their reconstruct functions returned."""
+    methods = {}
+    mean = xs.mean(0)  # the SAE rows' mean (sae_pass's), so that every row's EV is relative to the same one
+    for k, (pca, vae) in fit_baselines(
+        fit_x, curve_sizes([r["active_dims_per_token"] for r in rows.values()], d_in)
+    ).items():
+        methods[f"pca_{k}"], methods[f"vae_{k}"] = pca.reconstruct, vae.reconstruct
+        for name, fn, active in (
+            (f"pca_{k}", pca.reconstruct, {"active_dims_per_token": float(k)}),
+            (f"vae_{k}", vae.reconstruct, vae_activity(vae, xs)),
+        ):
+            rows[name] = {"name": name, "kind": name.split("_")[0], **active, **score_reconstruction(fn, xs, mean=mean)}
+    return methods
+
+
+def _add_ce(rows: dict, ce: dict, per_context: dict, first: str) -> None:
+    """Each row's CE loss, CE loss recovered and KL; an SAE's also with its standard error and its
+    paired difference from the first SAE (every SAE is scored on the same contexts)."""
+    for name, row in rows.items():
+        row.update(
+            ce_loss=ce[name],
+            ce_loss_recovered=ce[f"{name}_recovered"],
+            ce_loss_recovered_vs_mean=ce[f"{name}_recovered_vs_mean"],
+            kl=ce[f"kl_{name}"],
+        )
+        if row["kind"] == "sae":
+            row.update(
+                kl_se=standard_error(per_context[f"kl_{name}"]),
+                kl_vs_first=None
+                if name == first
+                else paired_difference(per_context[f"kl_{name}"], per_context[f"kl_{first}"]),
+            )
 
 
 def curve_sizes(l0s: list[float], d_in: int) -> list[int]:
@@ -383,6 +398,7 @@ def result_line(r: dict, table: Path) -> str:
 
 def markdown_table(r: dict) -> str:
     f, ce = r["footing"], r["ce"]
+    added = list(labelled({}, {}))
     lines = [
         "# SAE comparison",
         "",
@@ -395,8 +411,9 @@ def markdown_table(r: dict) -> str:
         f"mean-ablated {ce['mean_ablation']:.4f} nats. Definitions: docs/metrics.md.",
         "",
         "| SAE | source | recipe | architecture | d_sae | L0 | explained variance | CE loss recovered | KL (nats) | "
-        f"KL − {r['saes'][0]['name']}'s (paired) | CE loss | dead on these tokens |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"KL − {r['saes'][0]['name']}'s (paired) | CE loss | dead on these tokens |"
+        + "".join(f" {label} |" for label in added),  # the metrics registered with a label (metrics.py)
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(added),
     ]
     for s in r["saes"]:
         kl = f"{s['kl']:.4f}" + (f" ± {s['kl_se']:.4f}" if s.get("kl_se") is not None else "")
@@ -408,6 +425,7 @@ def markdown_table(r: dict) -> str:
             f"{s['active_dims_per_token']:.1f} | "
             f"{fmt(s['explained_variance'])} | {fmt(s['ce_loss_recovered'])} | {kl} | {vs} | {s['ce_loss']:.4f} | "
             f"{100 * s['sparsity']['dead_fraction']:.1f}% |"
+            + "".join(f" {fmt(v)} |" for v in labelled(s, s["sparsity"]).values())
         )
     lines += [
         "",

@@ -1,6 +1,7 @@
 """Evaluate an SAE on held-out text: reconstruction, sparsity, and the model's loss with it spliced in.
 
-Every number is defined once, in this module, and in words in docs/metrics.md.
+Every number is defined once, in metrics.py, and in words in docs/metrics.md; this module runs
+the evaluation and writes its report.
 
     text → contexts [n_ctx, T]
     pass 1: forward stopped at the hook → activations x [n, d_in] at the evaluated positions
@@ -27,7 +28,6 @@ import hashlib
 import json
 import math
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -50,14 +50,23 @@ from sae_lens_lite.data.harvest import HarvestConfig
 from sae_lens_lite.data.models import LoadedModel, edit_hook, hook_point, load_model, run_to_hooks
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.baselines import fit_baselines, vae_activity
+from sae_lens_lite.evaluation.metrics import (
+    CHUNK,
+    DENSE_FREQ,
+    SAEMetrics,
+    ce_kl_sums,
+    ce_summary,
+    latent_sparsity,
+    sae_pass,
+    score_reconstruction,
+    standard_error,
+)
 from sae_lens_lite.evaluation.report import density_histogram, fmt, markdown_summary, plot_density
 from sae_lens_lite.fsutil import write_json_atomic, write_text_atomic
 from sae_lens_lite.outputs import Output, pct, report_folder
 from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training.sae import SAE
 
-DENSE_FREQ = 0.1  # a latent firing on more than 10% of tokens is "dense"
-CHUNK = 4096  # rows per SAE/baseline call when streaming over activations
 FIT_ROWS = 65536  # activations read from --acts to fit the baselines
 OUR_FILES = ("report.json", "report.md", "density.png", "provenance.json")
 OUTPUT = Output(  # outputs.py
@@ -131,90 +140,7 @@ class EvalConfig:
         )
 
 
-# ---- metrics on activations ---------------------------------------------------------------
-
-
-class ReconStats:
-    """Sums for reconstruction metrics over one set of tokens, added in any number of batches.
-
-    `mean` [d_in] must be that whole set's mean: explained variance is relative to the mean,
-    not to zero (relative to zero it looks near-perfect for any x with a large offset)."""
-
-    def __init__(self, mean: Tensor):
-        self.mean = mean.detach().double()
-        self.sse = self.sst = 0.0
-        self.n = 0
-
-    def add(self, x: Tensor, x_hat: Tensor) -> "ReconStats":
-        x = x.double()  # [n, d_in]
-        self.sse += float((x - x_hat.double()).pow(2).sum())
-        self.sst += float((x - self.mean).pow(2).sum())
-        self.n += x.shape[0]
-        return self
-
-    def result(self) -> dict:
-        d = self.mean.numel()
-        fvu = self.sse / self.sst if self.sst > 0 else None  # undefined if every x is the same
-        return {
-            "mse": self.sse / (self.n * d),  # per element: independent of batch size and d_in
-            "explained_variance": None if fvu is None else 1 - fvu,
-            "fvu": fvu,
-            "n_tokens": self.n,
-        }
-
-
-def reconstruction_metrics(x: Tensor, x_hat: Tensor) -> dict:
-    """mse, explained_variance, fvu of x_hat [n, d_in] against x [n, d_in]."""
-    return ReconStats(x.double().mean(0)).add(x, x_hat).result()
-
-
-class SparsityStats:
-    """Sums for sparsity metrics over latents [n, d_sae], added in any number of batches."""
-
-    def __init__(self, d_sae: int):
-        self.fires = torch.zeros(d_sae, dtype=torch.float64)  # tokens on which each latent is nonzero
-        self.l0 = self.l1 = 0.0
-        self.n = 0
-
-    def add(self, latents: Tensor) -> "SparsityStats":
-        on = latents != 0  # [n, d_sae]
-        self.fires += on.sum(0).double().cpu()
-        self.l0 += float(on.sum())
-        self.l1 += float(latents.double().abs().sum())
-        self.n += latents.shape[0]
-        return self
-
-    def result(self) -> dict:
-        freq = self.fires / self.n  # [d_sae] firing frequency
-        d = freq.numel()
-        dead, dense = int((freq == 0).sum()), int((freq > DENSE_FREQ).sum())
-        return {
-            "l0": self.l0 / self.n,
-            "l1": self.l1 / self.n,
-            "dead": dead,
-            "dead_fraction": dead / d,
-            "dense": dense,
-            "dense_fraction": dense / d,
-            "d_sae": d,
-            "n_tokens": self.n,
-            "firing_frequency": freq,  # tensor; dropped from the JSON report
-        }
-
-
-def sparsity_metrics(latents: Tensor) -> dict:
-    """l0, l1, dead/dense counts and fractions, and per-latent firing frequency of latents [n, d_sae]."""
-    return SparsityStats(latents.shape[1]).add(latents).result()
-
-
-@torch.no_grad()
-def score_reconstruction(reconstruct: Callable[[Tensor], Tensor], x: Tensor, target: Tensor | None = None) -> dict:
-    """reconstruction_metrics of reconstruct(x) against target (default x: an SAE's own input),
-    streamed in chunks (x [n, d_in], target [n, d_out])."""
-    target = x if target is None else target
-    stats = ReconStats(target.double().mean(0))
-    for i in range(0, len(x), CHUNK):
-        stats.add(target[i : i + CHUNK], reconstruct(x[i : i + CHUNK]))
-    return stats.result()
+# ---- the SAE written into the model ------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -232,50 +158,6 @@ def written_by(sae: SAE, model):
 
     with edit_hook(model, sae.cfg.hook, record):
         yield lambda a: sae(held["x"].reshape(-1, sae.d_in)).x_hat
-
-
-# ---- the model's loss with an activation replaced -----------------------------------------
-
-
-def next_token_logprobs(model, input_ids: Tensor, hook: str | None = None, fn=None) -> Tensor:
-    """log p(next token) [b, T-1, vocab] from positions 0..T-2 of input_ids [b, T]. With `hook`,
-    fn(act [b, T, d]) may return a replacement for the activation there (see models.edit_hook)."""
-    with contextlib.ExitStack() as stack, torch.inference_mode():
-        if hook is not None and fn is not None:
-            stack.enter_context(edit_hook(model, hook, fn))
-        logits = model(input_ids=input_ids, use_cache=False).logits  # [b, T, vocab]
-    return logits[:, :-1].float().log_softmax(-1)
-
-
-def token_ce(logp: Tensor, input_ids: Tensor) -> Tensor:
-    """Cross-entropy in nats [b, T-1] of next-token log-probs [b, T-1, vocab]: position t predicts input_ids[:, t+1]."""
-    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
-def ce_loss(model, input_ids: Tensor, hook: str | None = None, fn=None) -> Tensor:
-    """Per-prediction CE [b, T-1] (nats) of the model on input_ids [b, T], optionally edited at `hook`."""
-    return token_ce(next_token_logprobs(model, input_ids, hook, fn), input_ids)
-
-
-def kl_div(logp: Tensor, logq: Tensor) -> Tensor:
-    """KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) per position, in nats; [..., vocab] → [...]."""
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def ce_loss_recovered(clean: float, spliced: float, ablated: float) -> float | None:
-    """(L_ablated − L_spliced) / (L_ablated − L_clean): 1 = as good as clean, 0 = as bad as ablating."""
-    gap = ablated - clean
-    return None if abs(gap) < 1e-9 else (ablated - spliced) / gap
-
-
-def splice(reconstruct: Callable[[Tensor], Tensor], mask: Tensor):
-    """An edit_hook fn replacing act [b, T, d] by reconstruct(act) where mask [b, T] is True."""
-
-    def fn(act: Tensor) -> Tensor:
-        new = reconstruct(act.reshape(-1, act.shape[-1])).reshape(act.shape).to(act.dtype)
-        return torch.where(mask[..., None], new, act)
-
-    return fn
 
 
 # ---- the evaluation run -------------------------------------------------------------------
@@ -343,22 +225,74 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     hook = sae.cfg.hook
     if not hook:
         raise UserError(f'{cfg.sae}/config.json names no hook; set "hook" there to where the SAE was trained')
-    written = sae.cfg.target_hook or hook  # where it is spliced: a transcoder writes the MLP's output
     T = cfg.context_length or sae.cfg.context_length or 128
     # a wrong cache fails before the model runs
     held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
     # the defaults are left out, so that reports written before --text-column and --split existed still match
     defaults = tuple(k for k in ("text_column", "split") if getattr(cfg, k) == getattr(HarvestConfig, k))
-    run = OUTPUT.start(cfg, cfg.out or Path(cfg.sae) / "eval", skip=defaults)
-    if run.done() is not None:  # the rerun rule (outputs.py)
-        return json.loads((run.out / "report.json").read_text())
-    out = run.claim()
+    stage = OUTPUT.start(cfg, cfg.out or Path(cfg.sae) / "eval", skip=defaults)
+    if stage.done() is not None:  # the rerun rule (outputs.py)
+        return json.loads((stage.out / "report.json").read_text())
+    out = stage.claim()
+    run = _prepare(cfg, sae, lm, device, T)
+    times["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    acts = _activations(run)  # pass 1
+    scored = sae_pass(sae, acts.rows)
+    held_out = cache_sparsity(sae, held_cache, device) if held_cache is not None else None
+    times["activations_and_sae"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    base = _fit_baselines(run, acts, scored.sparsity["l0"]) if cfg.baselines else None
+    times["baselines_fit"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sums = _spliced_sums(run, acts, base)  # pass 2
+    times["ce_kl"] = time.perf_counter() - t
+
+    report = _report(run, acts, scored, sums, held_out, base)
+    _write_report(report, out, run, scored.sparsity["firing_frequency"], times, t0)
+    headline = _headline(report)
+    stage.finish(
+        headline,  # last: its presence marks a finished evaluation
+        f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(headline['ce_loss_recovered'], 3)}, EV "
+        f"{fmt(headline['explained_variance'], 3)}, L0 {headline['l0']:.1f}, dead "
+        f"{pct(headline['dead_fraction'])} on {headline['n_tokens']:,} tokens of {cfg.dataset}",
+    )
+    return report
+
+
+@dataclass
+class EvalRun:
+    """What one evaluation reads: its settings, the SAE, the model, the contexts and the positions."""
+
+    cfg: EvalConfig
+    sae: SAE
+    lm: LoadedModel
+    device: torch.device
+    trained_on: tuple[str, int, str] | None  # the SAE's training text (training_text)
+    skip: int  # tokens skipped at the corpus's start
+    contexts: Tensor  # [n_ctx, T]
+    n_fit: int  # the first n_fit contexts fit the baselines, the rest are the score split
+    filters: dict  # the evaluated positions (corpus.position_filters)
+
+    @property
+    def written(self) -> str:
+        """The hook the SAE is spliced at: a transcoder writes the MLP's output."""
+        return self.sae.cfg.target_hook or self.sae.cfg.hook
+
+
+def _prepare(cfg: EvalConfig, sae: SAE, lm: LoadedModel | None, device, T: int) -> EvalRun:
+    """The model to splice the SAE into (cfg.model, else the one its config names), checked to
+    have its hooks, its width and contexts of T tokens; the eval contexts, held out from the
+    SAE's training text by default."""
     if lm is None:
         if not (cfg.model or sae.cfg.model):
             raise UserError(f"{cfg.sae}/config.json names no model; pass --model")
         lm = load_model(cfg.model or sae.cfg.model, device)
-    hook_point(lm.model, hook)
-    hook_point(lm.model, written)
+    hook_point(lm.model, sae.cfg.hook)
+    hook_point(lm.model, sae.cfg.target_hook or sae.cfg.hook)
     if lm.d_model != sae.d_in:
         raise UserError(
             f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model"
@@ -369,117 +303,151 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     if skip is None:  # keep the eval text disjoint from the SAE's training text by default
         skip = trained_on[1] if trained_on and same_corpus(trained_on[0], cfg.dataset, trained_on[2], cfg.split) else 0
     contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
-    filters = position_filters(cfg)
-    times["load"] = time.perf_counter() - t0
+    return EvalRun(cfg, sae, lm, device, trained_on, skip, contexts, n_fit, position_filters(cfg))
 
-    # pass 1: activations at the hook
-    t = time.perf_counter()
-    rows, row_ctx, keep = hook_activations(lm, cfg, contexts, hook, filters, device, sae.cfg.target_hook)
-    x, y = sae.split(rows)  # [n, d_in] read and [n, d_out] written (the same for an SAE); [n], [n_ctx, T]
-    in_score = row_ctx >= n_fit  # [n]
-    mean = y.mean(0)  # [d_out], the mean-ablation value
-    with torch.inference_mode():
-        recon, sparse = ReconStats(mean), SparsityStats(sae.d_sae)
-        for i in range(0, len(x), CHUNK):
-            o = sae(x[i : i + CHUNK])
-            recon.add(y[i : i + CHUNK], o.x_hat)
-            sparse.add(o.latents)
-    recon, sparse = recon.result(), sparse.result()
-    held_out = cache_sparsity(sae, held_cache, device) if held_cache is not None else None
-    times["activations_and_sae"] = time.perf_counter() - t
 
-    # baselines: reconstruct functions, fitted once, scored the same way as the SAE
-    t = time.perf_counter()
-    # Baselines reconstruct the written activation from itself (for a transcoder: a k-dim code of
-    # the MLP's output), the SAE from what it reads.
-    methods: dict[str, Callable[[Tensor], Tensor]] = {}
-    active = {"sae": sparse["l0"]}
-    vae_info = {}
-    if cfg.baselines:
-        fit_x = y[~in_score] if not cfg.acts else fit_activations(cfg.acts, written, sae.d_out, device)
-        for k, (pca, vae) in fit_baselines(fit_x, baseline_sizes(sparse["l0"], sae.d_out)).items():
-            methods[f"pca_{k}"] = pca.reconstruct
-            active[f"pca_{k}"] = float(k)
-            methods[f"vae_{k}"] = vae.reconstruct
-            vae_info[f"vae_{k}"] = vae_activity(vae, y[in_score])
-            active[f"vae_{k}"] = vae_info[f"vae_{k}"]["active_dims_per_token"]
-    times["baselines_fit"] = time.perf_counter() - t
+@dataclass
+class EvalActivations:
+    """Pass 1's activations at the evaluated positions."""
 
-    # pass 2: CE and KL with each method spliced in
-    t = time.perf_counter()
-    with written_by(sae, lm.model) as sae_fn:
-        methods = {"sae": sae_fn, **methods}
-        interventions = {**methods, "zero_ablation": torch.zeros_like, "mean_ablation": lambda a: mean.expand_as(a)}
-        sums = ce_kl_sums(lm.model, contexts, keep, written, interventions, n_fit, cfg.batch_size, device)
-    times["ce_kl"] = time.perf_counter() - t
+    rows: Tensor  # [n, d_in] ([n, d_in + d_out] for a transcoder: read | written)
+    x: Tensor  # [n, d_in] what the SAE reads
+    y: Tensor  # [n, d_out] what it writes (x itself for an SAE)
+    in_score: Tensor  # [n] bool: the row's context is in the score split (contexts n_fit..)
+    keep: Tensor  # [n_ctx, T] bool: the evaluated positions
+    mean: Tensor  # [d_out] the mean-ablation value
 
+
+def _activations(run: EvalRun) -> EvalActivations:
+    """Pass 1: the activations at the SAE's hook (and at its target hook) of every evaluated position."""
+    sae = run.sae
+    rows, row_ctx, keep = hook_activations(
+        run.lm, run.cfg, run.contexts, sae.cfg.hook, run.filters, run.device, sae.cfg.target_hook
+    )
+    x, y = sae.split(rows)  # [n, d_in] read and [n, d_out] written (the same for an SAE)
+    return EvalActivations(rows, x, y, row_ctx >= run.n_fit, keep, y.mean(0))
+
+
+@dataclass
+class Baselines:
+    """The reference methods, fitted once: reconstruct functions, active dims per token, VAE activity."""
+
+    methods: dict[str, Callable[[Tensor], Tensor]]
+    active: dict[str, float]  # the SAE's L0 too
+    vae_info: dict[str, dict]
+
+
+def _fit_baselines(run: EvalRun, acts: EvalActivations, l0: float) -> Baselines:
+    """PCA and VAE of the SAE's L0 and 2x, 4x that. They reconstruct the written activation from
+    itself (for a transcoder: a k-dim code of the MLP's output), the SAE from what it reads."""
+    cfg, sae = run.cfg, run.sae
+    fit_x = acts.y[~acts.in_score] if not cfg.acts else fit_activations(cfg.acts, run.written, sae.d_out, run.device)
+    base = Baselines({}, {"sae": l0}, {})
+    for k, (pca, vae) in fit_baselines(fit_x, baseline_sizes(l0, sae.d_out)).items():
+        base.methods[f"pca_{k}"] = pca.reconstruct
+        base.active[f"pca_{k}"] = float(k)
+        base.methods[f"vae_{k}"] = vae.reconstruct
+        base.vae_info[f"vae_{k}"] = vae_activity(vae, acts.y[acts.in_score])
+        base.active[f"vae_{k}"] = base.vae_info[f"vae_{k}"]["active_dims_per_token"]
+    return base
+
+
+def _spliced_sums(run: EvalRun, acts: EvalActivations, base: Baselines | None) -> dict:
+    """Pass 2: the sums of CE and KL (ce_kl_sums) with the SAE, each baseline and both ablations spliced in."""
+    with written_by(run.sae, run.lm.model) as sae_fn:
+        methods = {"sae": sae_fn, **(base.methods if base else {})}
+        ablations = {"zero_ablation": torch.zeros_like, "mean_ablation": lambda a: acts.mean.expand_as(a)}
+        return ce_kl_sums(
+            run.lm.model,
+            run.contexts,
+            acts.keep,
+            run.written,
+            methods | ablations,
+            run.n_fit,
+            run.cfg.batch_size,
+            run.device,
+        )
+
+
+def _report(
+    run: EvalRun, acts: EvalActivations, scored: SAEMetrics, sums: dict, held_out: dict | None, base: Baselines | None
+) -> dict:
+    """report.json: what was evaluated, the SAE's CE and KL, reconstruction and sparsity, the
+    baselines, the footing and the notes."""
+    cfg, sae = run.cfg, run.sae
     ce_all = ce_summary(sums["all"], ["sae"])
     per_context = dict(sums["contexts"])
     ce_all["kl_sae_se"], ce_all["sae_se"] = (standard_error(per_context[k]) for k in ("kl_sae", "ce_sae"))
     report = {
         "sae": str(cfg.sae),
         **sae.cfg.provenance(),
-        "model": lm.name,
-        "hook": hook,
-        **({"target_hook": written} if written != hook else {}),
+        "model": run.lm.name,
+        "hook": sae.cfg.hook,
+        **({"target_hook": run.written} if run.written != sae.cfg.hook else {}),
         "dataset": cfg.dataset,
-        "skip_tokens": skip,
-        "context_length": T,
-        "positions": filters,
-        "n_contexts": len(contexts),
+        "skip_tokens": run.skip,
+        "context_length": run.contexts.shape[1],
+        "positions": run.filters,
+        "n_contexts": len(run.contexts),
         "n_predictions": int(sums["all"]["n"]),
-        "n_activations": len(x),
+        "n_activations": len(acts.x),
         "ce": ce_all,
         "per_context": per_context,  # each context's mean KL and CE with the SAE spliced in
-        "reconstruction": recon,
-        "sparsity": {k: v for k, v in sparse.items() if k != "firing_frequency"} | _training_dead(sae),
-        "density_histogram": density_histogram(sparse["firing_frequency"]),
+        "reconstruction": scored.reconstruction,
+        "sparsity": scored.sparsity_json() | _training_dead(sae),
+        "density_histogram": density_histogram(scored.sparsity["firing_frequency"]),
     }
     if held_out is not None:
         report["sparsity_on_acts"] = held_out
-    if cfg.baselines:
-        score = sums["score"]
-        table = []
-        for m in methods:
-            ce = ce_summary(score, [m])
-            fit = (lambda a: sae(a).x_hat, x[in_score]) if m == "sae" else (methods[m], y[in_score])
-            row = {"method": m, "active_dims_per_token": active[m], **score_reconstruction(*fit, y[in_score])}
-            row.update(ce_loss=ce[m], ce_loss_recovered=ce[f"{m}_recovered"], kl=ce[f"kl_{m}"])
-            table.append(row | vae_info.get(m, {}))
-        report["baselines"] = {
-            "fit_on": f"activation cache {cfg.acts}" if cfg.acts else f"eval contexts 0..{n_fit - 1}",
-            "scored_on": f"eval contexts {n_fit}..{len(contexts) - 1}",
-            "ce_clean": score["ce/clean"] / score["n"],
-            "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
-            "rows": table,
-        }
+    if base is not None:
+        report["baselines"] = _baseline_table(run, base, sums["score"], acts)
     # the hook it is spliced at: a transcoder's numbers compare with an SAE's at the MLP's output
-    report["footing"] = footing(lm, written, cfg.dataset, skip, contexts, filters, len(x))
-    report["warnings"] = _warnings(cfg.dataset, cfg.split, skip, trained_on, sparse, held_out) + position_warnings(
-        sae, filters
-    )
+    report["footing"] = footing(run.lm, run.written, cfg.dataset, run.skip, run.contexts, run.filters, len(acts.x))
+    report["warnings"] = _warnings(
+        cfg.dataset, cfg.split, run.skip, run.trained_on, scored.sparsity, held_out
+    ) + position_warnings(sae, run.filters)
     report["config"] = asdict(cfg)
+    return report
 
-    plot_density(sparse["firing_frequency"], out / "density.png", f"{Path(cfg.sae).name} at {written}", DENSE_FREQ)
+
+def _baseline_table(run: EvalRun, base: Baselines, score: dict, acts: EvalActivations) -> dict:
+    """report.json's "baselines": the SAE and every baseline scored on the score split."""
+    x, y = acts.x[acts.in_score], acts.y[acts.in_score]
+    table = []
+    for m in ["sae", *base.methods]:
+        ce = ce_summary(score, [m])
+        fit = (lambda a: run.sae(a).x_hat, x) if m == "sae" else (base.methods[m], y)
+        row = {"method": m, "active_dims_per_token": base.active[m], **score_reconstruction(*fit, y)}
+        row.update(ce_loss=ce[m], ce_loss_recovered=ce[f"{m}_recovered"], kl=ce[f"kl_{m}"])
+        table.append(row | base.vae_info.get(m, {}))
+    return {
+        "fit_on": f"activation cache {run.cfg.acts}" if run.cfg.acts else f"eval contexts 0..{run.n_fit - 1}",
+        "scored_on": f"eval contexts {run.n_fit}..{len(run.contexts) - 1}",
+        "ce_clean": score["ce/clean"] / score["n"],
+        "ce_zero_ablation": score["ce/zero_ablation"] / score["n"],
+        "rows": table,
+    }
+
+
+def _write_report(report: dict, out: Path, run: EvalRun, freq: Tensor, times: dict, t0: float) -> None:
+    """density.png of the firing frequencies freq [d_sae], then report.md and report.json."""
+    plot_density(freq, out / "density.png", f"{Path(run.cfg.sae).name} at {run.written}", DENSE_FREQ)
     report["files"] = {"report": "report.json", "summary": "report.md", "density": "density.png"}
     times["total"] = time.perf_counter() - t0
     report["timing_s"] = times
     write_text_atomic(out / "report.md", markdown_summary(report))
     write_json_atomic(out / "report.json", report)
-    headline = {
-        "ce_loss_recovered": ce_all["sae_recovered"],
-        "explained_variance": recon["explained_variance"],
-        "l0": sparse["l0"],
-        "dead_fraction": sparse["dead_fraction"],
-        "n_tokens": sparse["n_tokens"],
+
+
+def _headline(report: dict) -> dict:
+    """evaluate's result in its finish record: CE loss recovered, EV, L0, dead fraction, tokens."""
+    return {
+        "ce_loss_recovered": report["ce"]["sae_recovered"],
+        "explained_variance": report["reconstruction"]["explained_variance"],
+        "l0": report["sparsity"]["l0"],
+        "dead_fraction": report["sparsity"]["dead_fraction"],
+        "n_tokens": report["sparsity"]["n_tokens"],
     }
-    run.finish(
-        headline,  # last: its presence marks a finished evaluation
-        f"evaluate: {out / 'report.md'}: CE loss recovered {fmt(ce_all['sae_recovered'], 3)}, EV "
-        f"{fmt(recon['explained_variance'], 3)}, "
-        f"L0 {sparse['l0']:.1f}, dead {pct(sparse['dead_fraction'])} on {sparse['n_tokens']:,} tokens of {cfg.dataset}",
-    )
-    return report
 
 
 def baseline_sizes(l0: float, d_in: int) -> list[int]:
@@ -615,87 +583,13 @@ def fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
     return torch.cat(rows)[:FIT_ROWS].to(device)
 
 
-@torch.inference_mode()
 def cache_sparsity(sae: SAE, cache, device) -> dict:
-    """Sparsity metrics (SparsityStats) over every activation in an ActivationCache (see
-    _open_cache): with many more tokens than the eval set, a latent that fires once in 100k tokens
-    is not counted as dead."""
-    stats = SparsityStats(sae.d_sae)
+    """Sparsity figures over every activation in an ActivationCache (see _open_cache): with many
+    more tokens than the eval set, a latent that fires once in 100k tokens is not counted as dead."""
     batches = cache.iter_batches(CHUNK, shuffle=False, device=device)
-    for x in tqdm(
-        batches, total=-(-cache.n_tokens // CHUNK), desc="sparsity on --sparsity-acts", unit="batch", leave=False
-    ):
-        stats.add(sae.encode(x))
-    r = stats.result()
-    del r["firing_frequency"]
-    return {"acts": str(cache.path), **r}
-
-
-@torch.inference_mode()
-def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, device, per_context=("sae",)) -> dict:
-    """Sums of CE (clean and per intervention) and KL(clean ‖ intervention) over all predictions,
-    and over the score split (contexts n_fit..). Baselines run on the score split only. Each
-    intervention is spliced at the positions keep [n_ctx, T] marks; the clean pass is shared.
-    sums["contexts"] holds, for the interventions named in per_context, each context's mean KL
-    and CE ("kl_<name>", "ce_<name>": lists in context order), from which a standard error, or a
-    paired difference between two of them, follows."""
-    sums = {"all": defaultdict(float), "score": defaultdict(float), "contexts": defaultdict(list)}
-    always = ("sae", "zero_ablation", "mean_ablation")
-    # batches never straddle the fit/score boundary
-    starts = [*range(0, n_fit, batch_size), *range(n_fit, len(contexts), batch_size)]
-    for b in tqdm(starts, desc="eval: CE/KL", unit="batch", dynamic_ncols=True):
-        e = min(b + batch_size, n_fit if b < n_fit else len(contexts))
-        ids = contexts[b:e].to(device)  # [b, T]
-        mask = keep[b:e].to(device)  # [b, T]
-        scored = b >= n_fit
-        clean = next_token_logprobs(model, ids)  # [b, T-1, vocab]
-        splits = [sums["all"], sums["score"]] if scored else [sums["all"]]
-        for s in splits:
-            s["n"] += ids.shape[0] * (ids.shape[1] - 1)
-            s["ce/clean"] += float(token_ce(clean, ids).double().sum())
-        for name, reconstruct in interventions.items():
-            if name not in always and not scored:
-                continue
-            logp = next_token_logprobs(model, ids, hook, splice(reconstruct, mask))
-            ce_t, kl_t = token_ce(logp, ids).double(), kl_div(clean, logp).double()  # [b, T-1]
-            ce, kl = float(ce_t.sum()), float(kl_t.sum())
-            if name in per_context:
-                sums["contexts"][f"kl_{name}"] += kl_t.mean(1).tolist()
-                sums["contexts"][f"ce_{name}"] += ce_t.mean(1).tolist()
-            for s in splits:
-                s[f"ce/{name}"] += ce
-                s[f"kl/{name}"] += kl
-    return sums
-
-
-def standard_error(values: list[float]) -> float | None:
-    """The standard error of the mean of per-context values (None below two contexts): contexts,
-    not tokens, are the independent draws, since a context's tokens move together."""
-    if len(values) < 2:
-        return None
-    return float(torch.tensor(values, dtype=torch.float64).std() / len(values) ** 0.5)
-
-
-def paired_difference(a: list[float], b: list[float]) -> dict | None:
-    """mean(a − b) and its standard error for per-context values of two methods on the same
-    contexts: the contexts' own spread cancels, so the error is usually far below either's."""
-    if len(a) != len(b) or len(a) < 2:
-        return None
-    diff = [x - y for x, y in zip(a, b)]
-    return {"mean": sum(diff) / len(diff), "se": standard_error(diff)}
-
-
-def ce_summary(s: dict, methods: list[str]) -> dict:
-    n = s["n"]
-    clean, zero, mean = s["ce/clean"] / n, s["ce/zero_ablation"] / n, s["ce/mean_ablation"] / n
-    out = {"clean": clean, "zero_ablation": zero, "mean_ablation": mean}
-    for m in methods:
-        out[m] = s[f"ce/{m}"] / n
-        out[f"{m}_recovered"] = ce_loss_recovered(clean, out[m], zero)
-        out[f"{m}_recovered_vs_mean"] = ce_loss_recovered(clean, out[m], mean)
-    for m in [*methods, "zero_ablation", "mean_ablation"]:
-        out[f"kl_{m}"] = s[f"kl/{m}"] / n
-    return out
+    total = -(-cache.n_tokens // CHUNK)
+    bar = tqdm(batches, total=total, desc="sparsity on --sparsity-acts", unit="batch", leave=False)
+    return {"acts": str(cache.path), **latent_sparsity(sae, bar)}
 
 
 def training_text(sae: SAE) -> tuple[str, int, str] | None:

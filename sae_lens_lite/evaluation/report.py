@@ -1,6 +1,7 @@
 """The evaluation report's human side: report.md, the density plot, the histogram in report.json.
 
-evaluate.py computes every number; this module only lays them out (definitions: docs/metrics.md).
+evaluate.py and metrics.py compute every number; this module only lays them out (definitions:
+docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sae_lens_lite.evaluation.metrics import labelled
 from sae_lens_lite.fsutil import save_figure_atomic
 
 
@@ -115,6 +117,8 @@ def markdown_summary(r: dict) -> str:
             else []
         ),
         f"| dense latents (>10% of tokens) | {sp['dense']} ({100 * sp['dense_fraction']:.1f}%) |",
+        # the metrics registered with a label (metrics.py)
+        *(f"| {label} | {fmt(v)} |" for label, v in labelled(rec, sp).items()),
     ]
     if "sparsity_on_acts" in r:
         h = r["sparsity_on_acts"]

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from sae_lens_lite import runtime
 from sae_lens_lite.config import check_memory
 from sae_lens_lite.errors import UserError
+from sae_lens_lite.evaluation.metrics import CHUNK, sae_pass
 from sae_lens_lite.fsutil import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from sae_lens_lite.outputs import Output, differences, pct, resumable_folder, warn
 from sae_lens_lite.runtime import resolve_device
@@ -835,33 +836,22 @@ def target_l0_missed(cfg: TrainConfig, l0: float) -> str | None:
     )
 
 
-@torch.no_grad()
 def measure_saved(sae: SAE, cache, device: torch.device, n_tokens: int = FINAL_TOKENS) -> dict:
-    """Explained variance, L0 and dead fraction of the SAE as saved, on a random sample of up to
-    n_tokens rows of its cache. The trainer's logged figures are averages over its last log
-    interval, taken while the weights still moved (and its dead count needs dead_window tokens)."""
+    """Explained variance, L0 and dead fraction (metrics.sae_pass) of the SAE as saved, on a random
+    sample of up to n_tokens rows of its cache. The trainer's logged figures are averages over its
+    last log interval, taken while the weights still moved (and its dead count needs dead_window tokens)."""
     rows, n = [], 0
-    for x in cache.iter_batches(4096, seed=1, device=device, targets=sae.cfg.d_out is not None):
+    for x in cache.iter_batches(CHUNK, seed=1, device=device, targets=sae.cfg.d_out is not None):
         rows.append(x)
         n += len(x)
         if n >= n_tokens:
             break
-    rows = torch.cat(rows)[:n_tokens]  # [n, d_in] ([n, d_in + d_out] for a transcoder)
-    mean = sae.split(rows)[1].mean(0)
-    sse = sst = l0 = 0.0
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=rows.device)  # [d_sae]
-    for chunk, target in (sae.split(c) for c in rows.split(4096)):
-        o = sae(chunk)
-        on = o.latents > 0  # [b, d_sae]
-        sse += float((target - o.x_hat).double().pow(2).sum())
-        sst += float((target - mean).double().pow(2).sum())
-        l0 += float(on.sum())
-        fired |= on.any(0)
+    scored = sae_pass(sae, torch.cat(rows)[:n_tokens])  # rows [n, d_in] ([n, d_in + d_out] for a transcoder)
     return {
-        "explained_variance": 1 - sse / sst if sst > 0 else None,
-        "l0": l0 / len(rows),
-        "dead_frac": float((~fired).float().mean()),
-        "n_tokens": len(rows),
+        "explained_variance": scored.reconstruction["explained_variance"],
+        "l0": scored.sparsity["l0"],
+        "dead_frac": scored.sparsity["dead_fraction"],
+        "n_tokens": scored.sparsity["n_tokens"],
     }
 
 
