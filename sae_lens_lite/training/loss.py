@@ -36,17 +36,15 @@ if TYPE_CHECKING:
 
 AUX_COEF = 1 / 32  # AuxK loss weight (Gao et al. 2024)
 PROBE_TOKENS = 64  # tokens whose activity decides between the sparse and dense paths
-# Variable-count recipes: the sparse path runs while at most this share of latents is active
-# (measured on a 2-core CPU, benchmarks.md: it stops paying at ~5% for d_in 256 and 576, at ~2.7%
-# for d_in 128, where its per-entry bookkeeping weighs more against the d_in-long rows it saves).
+# Variable-count recipes: the sparse path runs while at most this share of latents is active. Past
+# it, the per-entry bookkeeping costs more than the rows it saves (where the crossing lies, by d_in,
+# is measured in docs/benchmarks.md, `scripts/bench_sparse_switch.py`).
 SPARSE_MAX_DENSITY = 0.05
-# The same under bf16 autocast on a CPU with AMX, whose bf16 matmuls run several times faster
-# while the sparse kernels do not: at 8x on SmolLM2 the dense L1 step took 83-93 ms at every L0,
-# the sparse one 81 ms at L0 53 (1.1%) and 108-169 ms at L0 86-174 (benchmarks.md).
+# The same under bf16 autocast on a CPU with AMX: its bf16 matmuls run several times faster while
+# the sparse kernels do not, so the dense path wins from a much smaller share (docs/benchmarks.md).
 SPARSE_MAX_DENSITY_AMX = 0.01
-# The sparse path's encoder gradient as a dense bf16 product on such a CPU while n·d_sae is below
-# this: measured at d_in 256 and 576, n 1,024-4,096, 8-32x, k 32, the dense product took 0.42-0.86
-# of the sparse one's time below it and 1.05-1.6 at or above it (docs/training.md).
+# On such a CPU the sparse path's encoder gradient is a dense bf16 product while n·d_sae is below
+# this size, where that product is the faster of the two (docs/training.md has the measurement).
 DENSE_GRAD_MAX = 2**25
 
 

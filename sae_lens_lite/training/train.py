@@ -54,13 +54,13 @@ CLIP_NORM = 1.0  # gradient-norm clipping (Anthropic, April 2024)
 L0_GAIN = 0.01  # --target-l0: per step, λ *= (L0 / target)^gain (the controller's integral term)
 # --target-l0's proportional term: λ also moves by (L0_now / L0_last)^damp, so that it gives back
 # what it gained while L0 was high as soon as L0 falls, instead of overshooting while L0 lags it
-# (training.md: the miss at the end of six runs fell from 35% to 8% on average, log scale).
+# (the runs that chose it are in docs/training.md).
 L0_DAMP = 0.75
 # --target-l0 for recipes whose L0 lags λ (Recipe.l0_lags): the integral term pauses while L0 is
 # on course, i.e. its trend (a moving average of its change per step, rate L0_TREND: ~20 steps)
-# would close L0_COURSE times the remaining gap before the run ends. Chosen on three JumpReLU runs
-# (training.md): with 1 the demo's run ended at 1.66x its target, with 10 a 1,000-step run wound λ
-# up to 2e5 as with no pause (EV 0.60); with 3 they land at 1.03x and 0.99x (EV 0.78).
+# would close L0_COURSE times the remaining gap before the run ends. Too small and the run ends
+# far above its target; too large and λ winds up as if there were no pause (docs/training.md has
+# the JumpReLU runs that chose 3).
 L0_TREND = 0.05
 L0_COURSE = 3.0
 TARGET_START = 0.01  # --target-l0: λ starts at this share of its coefficient (then ×1.04 a step at most L0/target = 50)
