@@ -130,7 +130,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     args, extra = parser.parse_known_args(argv)
     if not extra:
         return args
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    sub: argparse.ArgumentParser = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices[args.command]
     if args.command == "cache":
         sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[args.cache_command]
     flags = [o for a in sub._actions for o in a.option_strings]

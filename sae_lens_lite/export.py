@@ -24,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -36,7 +37,7 @@ from sae_lens_lite.fsutil import prepare_out_dir, save_safetensors_atomic, sha25
 from sae_lens_lite.outputs import Output, read_record, resumable_folder, warn
 from sae_lens_lite.training import activations
 from sae_lens_lite.training.sae import CONFIG_FILE as OUR_CONFIG
-from sae_lens_lite.training.sae import SAE, SAEConfig
+from sae_lens_lite.training.sae import SAE, SAEConfig, Transcoder
 from sae_lens_lite.training.sae import WEIGHTS_FILE as OUR_WEIGHTS
 from sae_lens_lite.transcoder_set import CONFIG as TRANSCODER_SET_CONFIG
 from sae_lens_lite.transcoder_set import find_layers, save_transcoder_set
@@ -160,6 +161,8 @@ def export_transcoder_set(cfg: ExportConfig) -> Path:
     """circuit-tracer's transcoder set from the per-layer transcoders under cfg.sae (transcoder_set.py)."""
     layers = {L: SAE.load(d) for L, d in find_layers(Path(cfg.sae)).items()}
     model = next(iter(layers.values())).cfg.model
+    if model is None:
+        raise UserError(f"{cfg.sae}: its transcoders record no model, which circuit-tracer's config.yaml must name")
     out = prepare_out_dir(cfg.out, cfg.overwrite, TRANSCODER_SET_CONFIG)
     save_transcoder_set(layers, out, HUB_IDS.get(model, model), scan=f"sae_lens_lite:{Path(cfg.sae).name}")
     print(f"export: wrote circuit-tracer transcoder set {out} ({len(layers)} layers, {out / TRANSCODER_SET_CONFIG})")
@@ -240,10 +243,11 @@ def saelens_cfg(sae: SAE, source: Path | None = None) -> dict:
     """The cfg.json SAELens 6.x expects for our SAE (after input_scale has been folded)."""
     meta = dict(sae.cfg.meta.get("saelens_metadata") or {})  # kept from an import, if any
     filters = sae.cfg.meta.get("filters") or {}
+    model = sae.cfg.model
     ours = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,  # not trained by SAELens
-        "model_name": HUB_IDS.get(sae.cfg.model, sae.cfg.model),
+        "model_name": model if model is None else HUB_IDS.get(model, model),
         "hook_name": sae.cfg.hook,
         "hook_head_index": None,
         "context_size": sae.cfg.context_length,
@@ -314,10 +318,11 @@ def save_saelens(sae: SAE, out: Path, freq: Tensor | None = None, source: Path |
     out.mkdir(parents=True, exist_ok=True)
     cfg = saelens_cfg(sae, source)
     f = sae.folded()
-    weights = {"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}
+    weights: dict[str, Tensor] = {"W_enc": f.W_enc, "W_dec": f.W_dec, "b_enc": f.b_enc, "b_dec": f.b_dec}
     if sae.cfg.act.thresholded:
         weights["threshold"] = f.threshold  # SAELens: f = relu(pre) · (pre > threshold)
     if sae.cfg.skip:
+        assert isinstance(f, Transcoder)  # a skip path belongs to a transcoder (SAEConfig refuses it otherwise)
         weights["W_skip"] = f.W_skip.T.contiguous()  # SAELens's [d_out, d_in], applied as x @ W_skip.T
     save_safetensors_atomic(weights, out / SAELENS_WEIGHTS)
     if freq is not None:
@@ -343,7 +348,7 @@ def from_saelens(cfg: dict, state: dict[str, Tensor], origin: dict) -> SAE:
     ours = meta.pop("sae_lens_lite", None) or {}  # present when we wrote the directory
     arch = cfg.get("architecture", "standard")
     act_fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    k: Any = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")  # from JSON
     if arch == "standard" and act_fn == "topk" and k:  # pre-6 topk configs
         arch = "topk"
     if arch not in SAELENS_ARCH.values() or (arch == "standard" and act_fn not in ("relu", None)):

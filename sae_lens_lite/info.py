@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from sae_lens_lite import stages
 from sae_lens_lite.errors import UserError
@@ -64,7 +65,8 @@ def _recorded_stage(p: Path) -> stages.Stage | None:
     """The stage of the registry (stages.py) whose record `p` holds: a folder in no format above
     is described by its stage's result line."""
     rec = read_record(p)
-    return stages.get(rec.get("stage")) if rec else None
+    stage = rec.get("stage") if rec else None
+    return stages.get(stage) if isinstance(stage, str) else None
 
 
 def _size(p: Path) -> str:
@@ -103,6 +105,7 @@ def _per_hook_caches(p: Path) -> list[str]:
     ]
     for h in hooks:
         m = read_manifest(p / h)
+        assert m is not None  # per_hook_caches found its manifest
         lines.append(f"  {h}: {_cache_state(p / h, m)}, {m['n_tokens']:,} rows x {m['d_model']} ({m['dtype']})")
     return lines
 
@@ -111,6 +114,7 @@ def _cache(p: Path) -> list[str]:
     from sae_lens_lite.data.cache import read_manifest
 
     m = read_manifest(p)
+    assert m is not None  # describe() found its manifest
     n_ctx, n_shards = m["n_contexts"], len(m["shards"])
     state = _cache_state(p, m)
     f = m.get("filters") or {}
@@ -158,11 +162,12 @@ def _sae(p: Path) -> list[str]:
         )
     tc = meta.get("train_config") or {}
     if tc:
-        coef = {
+        coefs: dict[Any, str] = {
             "l1": f"l1 {tc.get('l1')}",
             "kl": f"kl_beta {tc.get('kl_beta')}, kl_rho {tc.get('kl_rho')}",
             "jumprelu": f"l0_coef {tc.get('l0_coef')}",
-        }.get(tc.get("penalty"), f"k {tc.get('k')}")  # the top-k family
+        }
+        coef = coefs.get(tc.get("penalty"), f"k {tc.get('k')}")  # the top-k family
         target = f", target_l0 {tc['target_l0']}" if tc.get("target_l0") else ""
         trained = (meta.get("final_metrics") or {}).get("tokens")
         lines.append(

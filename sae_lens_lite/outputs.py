@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sae_lens_lite import __version__
 from sae_lens_lite.errors import UserError
@@ -138,12 +138,12 @@ def finish(out: str | os.PathLike, stage: str, settings: dict, inputs: dict, res
     print(line)
 
 
-def resumable_folder(marker: str, debris: tuple[str, ...] = ()) -> Callable[[Path, object], Path]:
+def resumable_folder(marker: str, debris: tuple[str, ...] = ()) -> Callable[[Path, Any], Path]:
     """The claim of a stage that writes into a folder it may resume: fsutil.prepare_out_dir."""
     return lambda out, cfg: prepare_out_dir(out, cfg.overwrite, marker, debris)
 
 
-def report_folder(report: str, ours: tuple[str, ...], what: str) -> Callable[[Path, object], Path]:
+def report_folder(report: str, ours: tuple[str, ...], what: str) -> Callable[[Path, Any], Path]:
     """The claim of a stage that writes a report: fsutil.claim_out_dir."""
     return lambda out, cfg: claim_out_dir(out, cfg.overwrite, report, ours, what)
 
@@ -171,7 +171,7 @@ class Output:
     """How a stage keeps its output folder, declared once beside its config."""
 
     stage: str  # the stage's name, as in stages.py: its command and the "stage" of its record
-    claim: Callable[[Path, object], Path]  # (folder, config) → the folder made, other work refused
+    claim: Callable[[Path, Any], Path]  # (folder, config) → the folder made, other work refused
     inputs: tuple[str, ...] = ()  # config fields naming what it reads: recorded by content (fingerprint)
     skip: tuple[str, ...] = ()  # config fields that are not settings (beyond NOT_SETTINGS), often its inputs
     record: Record = Provenance()  # how its finished output is recorded, and found finished again
@@ -189,7 +189,7 @@ class StageRun:
     """One run of a stage into its folder: the rerun rule, the claim of the folder and the record."""
 
     output: Output
-    cfg: object
+    cfg: Any  # the stage's config dataclass
     out: Path
     settings: dict
     inputs: dict

@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 from sae_lens_lite import stages
 from sae_lens_lite.config import build
@@ -35,7 +36,9 @@ class _Functions(dict):
     (tests stand in a function that passes a small model)."""
 
     def __missing__(self, name: str):
-        return stages.get(name).run
+        stage = stages.get(name)
+        assert stage is not None  # only the registry's stage names are asked for
+        return stage.run
 
 
 FUNCS = _Functions()
@@ -47,7 +50,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
+def plan(cfg: dict) -> tuple[list[tuple[str, Any, Path]], dict[str, Path]]:
     """Every stage's config built and checked up front: [(stage, config, output dir)], paths."""
     names = [s.name for s in stages.run_file_stages()]
     unknown = set(cfg) - {"out", "stages", *names}
@@ -63,7 +66,7 @@ def plan(cfg: dict) -> tuple[list[tuple[str, object, Path]], dict[str, Path]]:
     bad = set(chosen) - set(names)
     if bad:
         raise UserError(f"unknown stage(s) {', '.join(sorted(bad))}; valid: {', '.join(names)}")
-    paths = {s.run_dir: out / s.run_dir for s in stages.run_file_stages()}
+    paths = {s.run_dir: out / s.run_dir for s in stages.run_file_stages() if s.run_dir}
     made: dict[str, list] = {}  # each stage's configs, for the plans of the stages after it
     for stage in stages.run_file_stages():
         made[stage.name] = PLANS.get(stage.name, _plan_stage)(stage, cfg, paths, chosen, made)
@@ -75,6 +78,7 @@ def _wired(stage: stages.Stage, cfg: dict, paths: dict[str, Path], **values) -> 
     """A stage's run-file values: its inputs from the folders of the stages before it, its own
     folder, `values`, and then its table of the run file, which may set any of them."""
     wired = {field: str(paths[src]) for field, src in stage.reads}
+    assert stage.run_dir is not None  # a stage of the run file
     return {**wired, "out": str(paths[stage.run_dir]), **values, **cfg.get(stage.name, {})}
 
 
@@ -185,7 +189,9 @@ def run_pipeline(cfg: dict) -> dict[str, Path]:
         if changed and hasattr(c, "overwrite"):
             c = replace(c, overwrite=True)  # its input was just made again: its old output is stale
         print(f"== {name}" + (f" {c.format}" if name == "export" else ""))
-        r = _in_run_file_terms(lambda: stages.run(stages.get(name), c, out, FUNCS[name]), name, type(c))
+        stage = stages.get(name)
+        assert stage is not None  # plan() names only the registry's stages
+        r = _in_run_file_terms(lambda: stages.run(stage, c, out, FUNCS[name]), name, type(c))
         changed |= r.did
         rows.append(
             (

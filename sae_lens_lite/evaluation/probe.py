@@ -145,9 +145,10 @@ def headline(s: dict, name: str) -> str:
 def _model_for(sae: SAE, model: str | None, device) -> LoadedModel:
     if not sae.cfg.hook:
         raise UserError('the SAE\'s config.json names no hook; set "hook" there to where it was trained')
-    if not (model or sae.cfg.model):
+    name = model or sae.cfg.model
+    if not name:
         raise UserError("the SAE's config.json names no model; pass --model")
-    lm = load_model(model or sae.cfg.model, device)
+    lm = load_model(name, device)
     hook_point(lm.model, sae.cfg.hook)
     if lm.d_model != sae.d_in:
         raise UserError(f"the SAE reads {sae.d_in}-dim activations but {lm.name} has {lm.d_model}; pass --model")
@@ -203,6 +204,7 @@ def probing_task(lm: LoadedModel, saes: dict[str, SAE], spec: str, cfg: ProbeCon
     if min(len(tr), len(te)) < 4:
         raise UserError(f"task {spec} has too few texts of each class for a train and a test split")
     hook = next(iter(saes.values())).cfg.hook
+    assert hook is not None  # checked with the model: _model_for, compare's _same_model_and_hook
     order = torch.cat([tr, te])
     acts = text_activations(lm, hook, [task.texts[i] for i in order], cfg.max_tokens, cfg.batch_size, 1, device)
     has = torch.bincount(acts.text, minlength=acts.n_texts) > 0  # texts of one token have none left
@@ -234,6 +236,7 @@ def probing_task(lm: LoadedModel, saes: dict[str, SAE], spec: str, cfg: ProbeCon
 def first_letter_task(lm: LoadedModel, saes: dict[str, SAE], cfg: ProbeConfig, device) -> dict:
     """Absorption and splitting for each SAE on the same words and activations."""
     hook = next(iter(saes.values())).cfg.hook
+    assert hook is not None  # checked with the model: _model_for, compare's _same_model_and_hook
     words = vocabulary_words(lm.tokenizer, cfg.words_per_letter, cfg.seed)
     x = word_activations(lm, hook, words, 10, WORDS_PER_DRAW, cfg.seed, device).to(device)
     y = letter_labels(words).to(device)

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ from sae_lens_lite.interpret.features import FEATURES_FILE, FORMAT, VERSION, Ana
 from sae_lens_lite.outputs import Output, resumable_folder
 from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training.sae import SAE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 LOG2_BINS = 6
 N_BINS = 1 << LOG2_BINS  # histogram bins per feature
@@ -151,7 +154,8 @@ class FeatureStats:
         return self.count.double() / max(self.n_rows, 1)
 
     def cpu(self) -> FeatureStats:
-        return FeatureStats(*(t.cpu() if isinstance(t, Tensor) else t for t in vars(self).values()))
+        fields: dict[str, Any] = {k: t.cpu() if isinstance(t, Tensor) else t for k, t in vars(self).items()}
+        return FeatureStats(**fields)
 
 
 def ordered_batches(cache: ActivationCache, batch_size: int, device) -> Iterator[tuple[int, Tensor]]:
@@ -261,7 +265,7 @@ def window_activations(sae: SAE, cache: ActivationCache, win: Tensor, batch_size
 # ---- logit lens -----------------------------------------------------------------------------------
 
 
-def final_norm(model: nn.Module) -> nn.Module:
+def final_norm(model: PreTrainedModel) -> nn.Module:
     """The norm between the last block and the unembedding (Llama model.norm, GPT-2
     transformer.ln_f, NeoX gpt_neox.final_layer_norm): the last norm child of the base model."""
     norms = [m for m in model.base_model.children() if "norm" in type(m).__name__.lower()]
@@ -281,7 +285,7 @@ class LogitLens(NamedTuple):
 
 @torch.no_grad()
 def logit_lens(
-    model: nn.Module, W_dec: Tensor, n: int = N_LENS, n_vocab: int | None = None, chunk: int = 256
+    model: PreTrainedModel, W_dec: Tensor, n: int = N_LENS, n_vocab: int | None = None, chunk: int = 256
 ) -> LogitLens:
     """Tokens each decoder direction promotes and suppresses: W_dec [d_sae, d_model] → LogitLens.
 
@@ -502,7 +506,7 @@ def analyze(cfg: AnalyzeConfig, lm: LoadedModel | None = None) -> dict:
     plots = write_plots(out, st.frequency(), st.l0, explained.detection, st.n_rows)
     summary = _summary(out, plots, analysis, st, order, t0)
     l0_mean = summary["mean_l0"]
-    best = order[0].item()
+    best = int(order[0].item())
     run.finish(
         summary,
         f"analyze: {out / 'index.html'}: {sae.d_sae:,} features on {st.n_rows:,} tokens, "
@@ -874,7 +878,7 @@ def _write_outputs(out: Path, analysis: Analysis, order: Tensor, max_features: i
 
 
 def _steer_samples(
-    cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | None, features: list[dict], ids: list[int]
+    cfg: AnalyzeConfig, lm: LoadedModel, sae: SAE, hook: str | None, features: list[Feature], ids: list[int]
 ) -> dict:
     """Greedy continuations of cfg.steer_prompt with feature j's decoder direction added at the hook
     (strength steer_times x its max activation), at the positions the SAE reads: what
@@ -982,7 +986,12 @@ def model_explanations(
             entry = _explain_and_score(model, lm.tokenizer, rows.tokens, win[j], acts[j], plan[j])
             entry["seconds"], entry["cpu_seconds"] = round(time.time() - t1, 2), round(time.process_time() - c1, 2)
             results.put(j, entry)
-    return {j: results.get(j) for j in heads}
+    done: dict[int, dict] = {}
+    for j in heads:
+        found = results.get(j)
+        assert found is not None  # each of heads was explained (and put) above, or found in results
+        done[j] = found
+    return done
 
 
 class ExplainerSplit(NamedTuple):
@@ -1035,7 +1044,7 @@ def _explain_and_score(
     pos_txt = [text(w) for w in win[n_ex : n_ex + n_po]]
     quiet = [text(w) for w, a in zip(win[n_ex + n_po :], acts[n_ex + n_po :]) if (w >= 0).any() and not (a > 0).any()]
     neg_txt = quiet[: len(pos_txt)]
-    entry = {"explanation": phrase, "balanced_accuracy": None, "auroc": None, "n_scored": 0}
+    entry: dict[str, Any] = {"explanation": phrase, "balanced_accuracy": None, "auroc": None, "n_scored": 0}
     if pos_txt and len(neg_txt) == len(pos_txt):
         margin = model.yes_margin(phrase, pos_txt + neg_txt)
         label = torch.arange(len(margin)) < len(pos_txt)

@@ -102,14 +102,16 @@ def load(
     if not sae.cfg.hook:
         raise UserError(f'{sae_dir}/config.json names no hook; set "hook" there to where the SAE was trained')
     if lm is None:
-        if not (model or sae.cfg.model):
+        name = model or sae.cfg.model
+        if not name:
             raise UserError(f"{sae_dir}/config.json names no model; pass --model")
-        lm = load_model(model or sae.cfg.model, dev)
+        lm = load_model(name, dev)
     check_fit(lm, sae)
     return lm, sae
 
 
 def check_fit(lm: LoadedModel, sae: SAE) -> None:
+    assert sae.cfg.hook is not None  # load() refuses an SAE that names no hook
     hook_point(lm.model, sae.cfg.hook)
     if lm.d_model != sae.d_in:
         raise UserError(
@@ -151,7 +153,9 @@ def _device(lm: LoadedModel) -> torch.device:
 
 def written_hook(sae: SAE) -> str:
     """The hook the SAE's edits are made at: its own, or a transcoder's target (the MLP's output)."""
-    return sae.cfg.target_hook or sae.cfg.hook
+    hook = sae.cfg.target_hook or sae.cfg.hook
+    assert hook is not None  # load() refuses an SAE that names no hook
+    return hook
 
 
 @contextlib.contextmanager
@@ -166,6 +170,7 @@ def reading(model, sae: SAE):
     def record(a: Tensor) -> None:
         held["x"] = a
 
+    assert sae.cfg.hook is not None  # load() refuses an SAE that names no hook
     with edit_hook(model, sae.cfg.hook, record):
         yield lambda act: held["x"]
 

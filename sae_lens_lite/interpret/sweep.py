@@ -212,10 +212,12 @@ def score(lm: LoadedModel, sae: SAE, prompt: Tensor, gen: list[list[int]], feats
         ids[r, T : T + len(g)] = torch.tensor(g, dtype=torch.long)
         new[r, T : T + len(g)] = True
     dev = sae.W_dec.device
+    hook = sae.cfg.hook
+    assert hook is not None  # load() refuses an SAE that names no hook
     act, lens_lp, flu = [], [], []
     for c in range(0, b, SCORE_BATCH):
         x, m = ids[c : c + SCORE_BATCH].to(dev), new[c : c + SCORE_BATCH].to(dev)
-        with capture(lm.model, [sae.cfg.hook], stop=False) as got:
+        with capture(lm.model, [hook], stop=False) as got:
             logits = lm.model(input_ids=x, use_cache=False).logits
         logp = logits[:, :-1].float().log_softmax(-1)  # [r, L-1, V]: position t predicts token t + 1
         pm = m[:, 1:]  # [r, L-1] predictions of generated tokens
@@ -224,7 +226,7 @@ def score(lm: LoadedModel, sae: SAE, prompt: Tensor, gen: list[list[int]], feats
         lse = logp[:, :, lens.to(dev)].logsumexp(-1)  # [r, L-1, n_f]
         lens_lp.append((lse * pm[..., None]).sum(1) / n[:, None])
         read = m & positions(lm, sae, x)
-        h = got[sae.cfg.hook]  # [r, L, d]
+        h = got[hook]  # [r, L, d]
         f = sae.encode(h.flatten(0, 1).to(sae.W_enc.dtype))[:, feats].view(*h.shape[:2], -1)  # [r, L, n_f]
         act.append((f * read[..., None]).sum(1) / read.sum(1, keepdim=True).clamp(min=1))
     return torch.cat(act).cpu().numpy(), torch.cat(lens_lp).cpu().numpy(), torch.cat(flu).cpu().numpy()
