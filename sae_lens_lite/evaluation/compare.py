@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -126,7 +126,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     paths = _names(cfg.saes)
     saes = {name: SAE.load(path, device).eval().requires_grad_(False) for name, path in paths.items()}
     model_name, hook, d_in = _same_model_and_hook(saes, cfg)
-    lengths = {s.cfg.context_length for s in saes.values()} - {None}
+    lengths = {s.cfg.context_length for s in saes.values() if s.cfg.context_length is not None}
     if cfg.context_length is None and len(lengths) > 1:
         raise UserError(
             f"the SAEs were trained on contexts of {sorted(lengths)} tokens; pass --context-length to "
@@ -144,7 +144,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     x, row_ctx, keep = hook_activations(lm, cfg, contexts, hook, filters, device)
     xs = x[row_ctx >= n_fit]  # [n_score, d_in], what every row is scored on
     rows = {name: _sae_row(name, paths[name], sae, xs) for name, sae in saes.items()}
-    methods: dict[str, Callable[[Tensor], Tensor]] = {name: lambda a, s=sae: s(a).x_hat for name, sae in saes.items()}
+    methods = {name: _reconstruct(sae) for name, sae in saes.items()}
     times["activations_and_saes"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -165,7 +165,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     _add_ce(rows, ce, all_sums["contexts"], saes_in_order[0])
     times["ce_kl"] = time.perf_counter() - t
 
-    result = {
+    result: dict[str, Any] = {
         "footing": footing(lm, hook, cfg.dataset, skip, contexts, filters, len(x)),
         "scored_on": f"eval contexts {n_fit}..{len(contexts) - 1}"
         + (f" (0..{n_fit - 1} fitted the baselines)" if n_fit else ""),
@@ -181,7 +181,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
     }
     if cfg.probe:
         t = time.perf_counter()
-        l0s = {r["name"]: r["active_dims_per_token"] for r in result["saes"]}
+        l0s: dict[str, float] = {r["name"]: r["active_dims_per_token"] for r in result["saes"]}
         result["probing"] = compare_probing(lm, saes, l0s, cfg.probe_tasks, out, device)
         times["probing"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
@@ -225,10 +225,14 @@ def _sae_row(name: str, path: str, sae: SAE, xs: Tensor) -> dict:
     }
 
 
+def _reconstruct(sae: SAE) -> Callable[[Tensor], Tensor]:
+    return lambda a: sae(a).x_hat
+
+
 def _baseline_rows(rows: dict, fit_x: Tensor, xs: Tensor, d_in: int) -> dict[str, Callable[[Tensor], Tensor]]:
     """PCA and VAE curves spanning the SAEs' L0, fitted on fit_x and scored on xs: their rows are
     added to `rows`, their reconstruct functions returned."""
-    methods = {}
+    methods: dict[str, Callable[[Tensor], Tensor]] = {}
     mean = xs.mean(0)  # the SAE rows' mean (sae_pass's), so that every row's EV is relative to the same one
     for k, (pca, vae) in fit_baselines(
         fit_x, curve_sizes([r["active_dims_per_token"] for r in rows.values()], d_in)
@@ -365,10 +369,12 @@ def _same_model_and_hook(saes: dict[str, SAE], cfg: CompareConfig) -> tuple[str,
                 f"{a.hook} (d_in {a.d_in}); "
                 "compare SAEs of one model and one hook (pass --model if the names differ for one model)"
             )
-    model = cfg.model or saes[first].cfg.model
+    model, hook = cfg.model or saes[first].cfg.model, saes[first].cfg.hook
     if not model:
         raise UserError(f"{first}/config.json names no model; pass --model")
-    return model, saes[first].cfg.hook, saes[first].d_in
+    if not hook:
+        raise UserError(f'{first}/config.json names no hook; set "hook" there to where the SAE was trained')
+    return model, hook, saes[first].d_in
 
 
 # ---- outputs ------------------------------------------------------------------------------

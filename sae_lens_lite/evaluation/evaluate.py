@@ -156,6 +156,7 @@ def written_by(sae: SAE, model):
     def record(a: Tensor) -> None:
         held["x"] = a
 
+    assert sae.cfg.hook is not None  # evaluate and compare refuse an SAE without one
     with edit_hook(model, sae.cfg.hook, record):
         yield lambda a: sae(held["x"].reshape(-1, sae.d_in)).x_hat
 
@@ -234,7 +235,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     if stage.done() is not None:  # the rerun rule (outputs.py)
         return json.loads((stage.out / "report.json").read_text())
     out = stage.claim()
-    run = _prepare(cfg, sae, lm, device, T)
+    run = _prepare(cfg, sae, hook, lm, device, T)
     times["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -269,6 +270,7 @@ class EvalRun:
 
     cfg: EvalConfig
     sae: SAE
+    hook: str  # the SAE's hook (evaluate refuses an SAE without one)
     lm: LoadedModel
     device: torch.device
     trained_on: tuple[str, int, str] | None  # the SAE's training text (training_text)
@@ -280,19 +282,20 @@ class EvalRun:
     @property
     def written(self) -> str:
         """The hook the SAE is spliced at: a transcoder writes the MLP's output."""
-        return self.sae.cfg.target_hook or self.sae.cfg.hook
+        return self.sae.cfg.target_hook or self.hook
 
 
-def _prepare(cfg: EvalConfig, sae: SAE, lm: LoadedModel | None, device, T: int) -> EvalRun:
+def _prepare(cfg: EvalConfig, sae: SAE, hook: str, lm: LoadedModel | None, device, T: int) -> EvalRun:
     """The model to splice the SAE into (cfg.model, else the one its config names), checked to
     have its hooks, its width and contexts of T tokens; the eval contexts, held out from the
     SAE's training text by default."""
     if lm is None:
-        if not (cfg.model or sae.cfg.model):
+        model = cfg.model or sae.cfg.model
+        if not model:
             raise UserError(f"{cfg.sae}/config.json names no model; pass --model")
-        lm = load_model(cfg.model or sae.cfg.model, device)
-    hook_point(lm.model, sae.cfg.hook)
-    hook_point(lm.model, sae.cfg.target_hook or sae.cfg.hook)
+        lm = load_model(model, device)
+    hook_point(lm.model, hook)
+    hook_point(lm.model, sae.cfg.target_hook or hook)
     if lm.d_model != sae.d_in:
         raise UserError(
             f"the SAE reads {sae.d_in}-dim activations but {lm.name} has d_model {lm.d_model}; pass the right --model"
@@ -303,7 +306,7 @@ def _prepare(cfg: EvalConfig, sae: SAE, lm: LoadedModel | None, device, T: int) 
     if skip is None:  # keep the eval text disjoint from the SAE's training text by default
         skip = trained_on[1] if trained_on and same_corpus(trained_on[0], cfg.dataset, trained_on[2], cfg.split) else 0
     contexts, n_fit = split_contexts(lm, cfg, T, skip)  # [n_ctx, T]
-    return EvalRun(cfg, sae, lm, device, trained_on, skip, contexts, n_fit, position_filters(cfg))
+    return EvalRun(cfg, sae, hook, lm, device, trained_on, skip, contexts, n_fit, position_filters(cfg))
 
 
 @dataclass
@@ -322,7 +325,7 @@ def _activations(run: EvalRun) -> EvalActivations:
     """Pass 1: the activations at the SAE's hook (and at its target hook) of every evaluated position."""
     sae = run.sae
     rows, row_ctx, keep = hook_activations(
-        run.lm, run.cfg, run.contexts, sae.cfg.hook, run.filters, run.device, sae.cfg.target_hook
+        run.lm, run.cfg, run.contexts, run.hook, run.filters, run.device, sae.cfg.target_hook
     )
     x, y = sae.split(rows)  # [n, d_in] read and [n, d_out] written (the same for an SAE)
     return EvalActivations(rows, x, y, row_ctx >= run.n_fit, keep, y.mean(0))
@@ -416,8 +419,11 @@ def _baseline_table(run: EvalRun, base: Baselines, score: dict, acts: EvalActiva
     table = []
     for m in ["sae", *base.methods]:
         ce = ce_summary(score, [m])
-        fit = (lambda a: run.sae(a).x_hat, x) if m == "sae" else (base.methods[m], y)
-        row = {"method": m, "active_dims_per_token": base.active[m], **score_reconstruction(*fit, y)}
+        if m == "sae":
+            scored = score_reconstruction(lambda a: run.sae(a).x_hat, x, y)
+        else:
+            scored = score_reconstruction(base.methods[m], y, y)
+        row = {"method": m, "active_dims_per_token": base.active[m], **scored}
         row.update(ce_loss=ce[m], ce_loss_recovered=ce[f"{m}_recovered"], kl=ce[f"kl_{m}"])
         table.append(row | base.vae_info.get(m, {}))
     return {

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -259,7 +259,7 @@ def ce_kl_sums(model, contexts, keep, hook, interventions, n_fit, batch_size, de
     sums["contexts"] holds, for the interventions named in per_context, each context's mean KL
     and CE ("kl_<name>", "ce_<name>": lists in context order), from which a standard error, or a
     paired difference between two of them, follows."""
-    sums = {"all": defaultdict(float), "score": defaultdict(float), "contexts": defaultdict(list)}
+    sums: dict[str, Any] = {"all": defaultdict(float), "score": defaultdict(float), "contexts": defaultdict(list)}
     always = ("sae", "zero_ablation", "mean_ablation")
     # batches never straddle the fit/score boundary
     starts = [*range(0, n_fit, batch_size), *range(n_fit, len(contexts), batch_size)]
