@@ -28,7 +28,7 @@ from pathlib import Path
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import save_safetensors_atomic, write_text_atomic
 from sae_lens_lite.training import activations
-from sae_lens_lite.training.sae import CONFIG_FILE, SAE
+from sae_lens_lite.training.sae import CONFIG_FILE, SAE, Transcoder
 
 CONFIG = "config.yaml"
 INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out"  # circuit-tracer's names for the MLP's input and output
@@ -76,6 +76,7 @@ def layer_tensors(tc: SAE) -> dict:
         "b_dec": f.b_dec,
     }
     if tc.cfg.skip:
+        assert isinstance(f, Transcoder), "a skip path belongs to a transcoder (SAEConfig checks it)"
         out["W_skip"] = f.W_skip.T.contiguous()
     if tc.cfg.act.thresholded:
         out["activation_function.threshold"] = f.threshold

@@ -277,6 +277,7 @@ def _write_shards(
             )
         if world > 1:
             for w in writers.values():
+                assert isinstance(w, ShardedCacheWriter), "_open_writers opens sharded writers under torchrun"
                 w.sync()  # rank 0 enters this round's shards in the manifest
     bar.close()
 
@@ -320,7 +321,9 @@ def _run_shard(
             kept[h].nonfinite += bad
             kept[h].acts.append(a[keep].to(DTYPES[cfg.dtype]).cpu())
             if target is not None:
-                kept[h].targets.append(target[keep].to(DTYPES[cfg.dtype]).cpu())
+                kept_targets = kept[h].targets
+                assert kept_targets is not None, "a pair cache's rows keep their targets"
+                kept_targets.append(target[keep].to(DTYPES[cfg.dtype]).cpu())
             kept[h].meta.append(torch.stack([ids[keep], doc[keep], pos[keep]]).cpu())
         bar.update(ids.numel() * runtime.world_size())  # rank 0 stands for the group
     return kept
@@ -382,6 +385,7 @@ def _finished(cfg: HarvestConfig, dirs: dict[str, Path], now: dict) -> bool:
     if cfg.overwrite:
         return False
     known = {f.name for f in fields(HarvestConfig)}
+    manifests: list[tuple[Path, dict]] = []
     for d in dirs.values():
         m = read_manifest(d) if d.is_dir() else None
         if m is None or not m.get("complete") or "harvest_config" not in m:
@@ -393,7 +397,8 @@ def _finished(cfg: HarvestConfig, dirs: dict[str, Path], now: dict) -> bool:
                 f"{d} holds a cache made differently (differs in: {'; '.join(diff)}); pass --overwrite to "
                 "redo it, or choose another --out"
             )
-    return all(first_damaged(d, read_manifest(d)) is None for d in dirs.values())
+        manifests.append((d, m))
+    return all(first_damaged(d, m) is None for d, m in manifests)
 
 
 def _result_line(dirs: dict[str, Path]) -> str:
@@ -401,6 +406,7 @@ def _result_line(dirs: dict[str, Path]) -> str:
     parts = []
     for h, d in dirs.items():
         m = read_manifest(d)
+        assert m is not None, "every cache is complete here"
         asked = (m.get("harvest_config") or {}).get("tokens")
         got = m["n_contexts"] * m["context_length"]
         short = (

@@ -96,7 +96,8 @@ class ReLU(Activation):
         return gate(pre, self.floor(sae))
 
     def entries(self, sae: nn.Module, pre: Tensor) -> tuple[Tensor, Tensor]:
-        return (pre > self.floor(sae)).nonzero(as_tuple=True)
+        rows, idx = (pre > self.floor(sae)).nonzero(as_tuple=True)  # pre is [n, d_sae]: two index tensors
+        return rows, idx
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class TopK(Activation):
 
     def entries(self, sae: nn.Module, pre: Tensor) -> tuple[Tensor, Tensor]:
         idx = pre.topk(self.k, dim=-1).indices  # [n, k]: fixed shapes, no host sync
-        return token_rows(*idx.shape, pre.device), idx.reshape(-1)
+        n, k = idx.shape
+        return token_rows(n, k, pre.device), idx.reshape(-1)
 
 
 ACTIVATIONS: dict[str, type[Activation]] = {a.name: a for a in (ReLU, TopK, JumpReLU)}  # config.json's spelling

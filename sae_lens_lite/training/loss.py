@@ -75,7 +75,7 @@ def amx_bf16(x: Tensor) -> bool:
     return x.device.type == "cpu" and "amx_bf16" in runtime.cpu_flags()
 
 
-def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[Latents, Tensor, Tensor]:
+def forward_latents(sae: SAE, x: Tensor, recipe: Recipe, sparse: bool) -> tuple[Latents, Tensor | None, Tensor | None]:
     """(latents, pre [n, d_sae], xc [n, d_in]) of a batch x [n, d_in]. On the sparse path `pre` has
     no gradient (the entries carry it); on the dense path it is the one with the gradient, or None
     (recipe.plain_relu: only the ReLU's output is made)."""
@@ -200,6 +200,7 @@ def _terms(sae: SAE, x: Tensor, recipe: Recipe, cfg: TrainConfig, dead: Tensor, 
         # gives dead latents a gradient again. Zero when nothing is dead. No ReLU here: a latent is
         # dead because its pre-activation stays low, often below 0 on every token, where a ReLU
         # would block the very gradient AuxK exists to give (measured: 5.7% dead at 16x with it).
+        assert pre is not None, "a recipe with AuxK keeps its pre-activations (not plain_relu)"
         t["aux"] = aux_term(sae, pre, xc, err, dead)
     # Activations are >= 0 in every recipe, so a latent fired if its sum is > 0: on the dense path
     # that spares a bool [n, d_sae] (slow to make from bf16 on a CPU).
@@ -226,7 +227,8 @@ def aux_term(sae: SAE, pre: Tensor, xc: Tensor | None, err: Tensor, dead: Tensor
             if len(dead_idx) == 0:
                 return torch.zeros((), device=pre.device)
             idx = dead_idx[pre.index_select(1, dead_idx).topk(min(k, len(dead_idx)), dim=-1).indices]
-    vals = gather_pre(sae, pre, xc, token_rows(*idx.shape, pre.device), idx.reshape(-1)).reshape(idx.shape)
+    n, k_picked = idx.shape  # [n, k_aux] (fewer where fewer are dead)
+    vals = gather_pre(sae, pre, xc, token_rows(n, k_picked, pre.device), idx.reshape(-1)).reshape(idx.shape)
     return auxk(err, sae.W_dec, idx, vals * dead[idx], dead)
 
 

@@ -174,6 +174,9 @@ def top_dead(pre: Tensor, dead: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 class SAE(nn.Module):
+    input_scale: Tensor  # a buffer (register_buffer)
+    threshold: nn.Parameter  # θ [d_sae], only where cfg.act.thresholded
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -383,12 +386,18 @@ class Transcoder(SAE):
     the skip path, and an SAE answers with its input twice and nothing to add.
     """
 
+    # Buffers (register_buffer); W_skip exists only where cfg.skip.
+    output_scale: Tensor
+    _no_center: Tensor
+    W_skip: nn.Parameter
+
     def __init__(self, cfg: SAEConfig):
         assert cfg.d_out is not None, "a transcoder's config names d_out"
         super().__init__(cfg)
 
     def _make_parameters(self) -> None:
         d_in, d_sae, d_out = self.cfg.d_in, self.cfg.d_sae, self.cfg.d_out
+        assert d_out is not None, "a transcoder's config names d_out"
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_out))
@@ -403,6 +412,7 @@ class Transcoder(SAE):
     def reset_parameters(self, dec_norm: float = 1.0, generator: torch.Generator | None = None):
         # Input and output are different spaces, so the encoder cannot start as the decoder's
         # transpose: both start as random directions at the recipe's norm.
+        assert self.cfg.d_out is not None, "a transcoder's config names d_out"
         W_dec = torch.randn(self.cfg.d_sae, self.cfg.d_out, generator=generator)
         W_enc = torch.randn(self.cfg.d_in, self.cfg.d_sae, generator=generator)
         self.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True) * dec_norm)
@@ -422,6 +432,7 @@ class Transcoder(SAE):
 
     @property
     def d_out(self) -> int:
+        assert self.cfg.d_out is not None, "a transcoder's config names d_out"
         return int(self.cfg.d_out)
 
     def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -669,6 +669,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 class _Logger:
     """metrics.jsonl, the tqdm bar and optionally wandb, fed every log_every steps."""
+
+    last: dict[str, Any]  # the last interval's metrics (empty before the first)
 
     def __init__(
         self, cfg: TrainConfig, recipe: recipes.Recipe, out: Path | None, total: int, step: int, progress: bool

@@ -75,7 +75,8 @@ class Recipe:
 
     def entries(self, sae: SAE, pre: Tensor) -> tuple[Tensor, Tensor]:
         """The latents above entry_floor as entries (rows, idx) [nnz] in token order (sparse path)."""
-        return (pre > self.entry_floor(sae)).nonzero(as_tuple=True)
+        rows, idx = (pre > self.entry_floor(sae)).nonzero(as_tuple=True)  # pre is [n, d_sae]: two index tensors
+        return rows, idx
 
     def activate(self, sae: SAE, pre: Tensor, idx: Tensor | None) -> Tensor:
         """The activation of what entered: pre [nnz] at latents idx, or dense [n, d_sae] (idx None).
