@@ -45,6 +45,7 @@ browser-deps:
 test: dev-venv browser-deps
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -rs
 
 clean:
