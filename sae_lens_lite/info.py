@@ -25,19 +25,22 @@ def describe(path: str) -> str:
         raise UserError(f"{path} not found")
     if p.is_file():
         p = p.parent
-    from sae_lens_lite.data.cache import per_hook_caches
+    from sae_lens_lite.data.cache import MANIFEST, per_hook_caches
+    from sae_lens_lite.evaluation.evaluate import REPORT_FILE
     from sae_lens_lite.export import DICT_HEADER, SAELENS_CFG, SAELENS_WEIGHTS
+    from sae_lens_lite.interpret.features import FEATURES_FILE
     from sae_lens_lite.training.sae import CONFIG_FILE, WEIGHTS_FILE
+    from sae_lens_lite.training.train import CHECKPOINT
 
-    if (p / "manifest.json").exists():
+    if (p / MANIFEST).exists():
         lines = _cache(p)
     elif (p / CONFIG_FILE).exists() and (p / WEIGHTS_FILE).exists():
         lines = _sae(p)
-    elif (p / "checkpoint.json").exists():
+    elif (p / CHECKPOINT).exists():
         lines = _training(p)
-    elif (p / "features.json").exists():
+    elif (p / FEATURES_FILE).exists():
         lines = _analysis(p)
-    elif (p / "report.json").exists():
+    elif (p / REPORT_FILE).exists():
         lines = _evaluation(p)
     elif (p / DICT_HEADER).exists():
         lines = _dictionary(p)
@@ -181,7 +184,9 @@ def _sae(p: Path) -> list[str]:
             f"  end of training (saved weights, {fe['n_tokens']:,} cache rows): EV {fe['explained_variance']:.3f}, "
             f"L0 {fe['l0']:.1f}, dead {pct(fe['dead_frac'])}"
         )
-    for report in (p / "eval" / "report.json", p.parent / "eval" / "report.json"):
+    from sae_lens_lite.evaluation.evaluate import REPORT_FILE
+
+    for report in (p / "eval" / REPORT_FILE, p.parent / "eval" / REPORT_FILE):
         if report.exists():
             r = json.loads(report.read_text())
             # its own eval/, or a run's sibling eval/ of this SAE (run files name paths relative to where they ran)
@@ -217,7 +222,9 @@ def _eval_summary(r: dict) -> str:
 
 
 def _training(p: Path) -> list[str]:
-    ck = json.loads((p / "checkpoint.json").read_text())
+    from sae_lens_lite.training.train import CHECKPOINT
+
+    ck = json.loads((p / CHECKPOINT).read_text())
     if not ck.get("step"):  # stopped before its first checkpoint (train marks --out with a step-0 checkpoint.json)
         every = (ck.get("train_config") or {}).get("checkpoint_every")
         return [
@@ -232,7 +239,9 @@ def _training(p: Path) -> list[str]:
 
 
 def _evaluation(p: Path) -> list[str]:
-    r = json.loads((p / "report.json").read_text())
+    from sae_lens_lite.evaluation.evaluate import REPORT_FILE
+
+    r = json.loads((p / REPORT_FILE).read_text())
     lines = [f"evaluation {p} of the SAE {r['sae']} ({r['model']} at {r['hook']})", "  " + _eval_summary(r)]
     if Path(r["sae"]).is_dir() and _evaluated_other_weights(p, Path(r["sae"])):
         lines.append(f"  STALE: {r['sae']} holds other weights now (trained again since this evaluation)")
@@ -240,7 +249,9 @@ def _evaluation(p: Path) -> list[str]:
 
 
 def _analysis(p: Path) -> list[str]:
-    a = json.loads((p / "features.json").read_text())
+    from sae_lens_lite.interpret.features import FEATURES_FILE
+
+    a = json.loads((p / FEATURES_FILE).read_text())
     feats = sorted(a["features"], key=lambda f: f.get("rank") or math.inf)
     vocab = a.get("vocab", {})
     never = sum(1 for f in a["features"] if not f.get("frequency"))

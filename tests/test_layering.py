@@ -50,7 +50,7 @@ STAGES = [
     (
         "training",
         {"training.train_config", "training.latents", "training.recipes", "training.loss", "training.distributed"}
-        | {"training.train"},
+        | {"training.sparse_backward", "training.train"},
     ),
     (
         "evaluation",

@@ -31,6 +31,7 @@ from sae_lens_lite.data.models import LoadedModel, hook_point, load_model
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.baselines import fit_baselines, vae_activity
 from sae_lens_lite.evaluation.evaluate import (
+    REPORT_FILE,
     EvalConfig,
     fit_activations,
     footing,
@@ -54,7 +55,7 @@ from sae_lens_lite.evaluation.probing import DEFAULT_TASKS
 from sae_lens_lite.evaluation.report import fmt, positions_text
 from sae_lens_lite.fsutil import claim_out_dir, save_figure_atomic, write_json_atomic, write_text_atomic
 from sae_lens_lite.runtime import resolve_device
-from sae_lens_lite.training.sae import SAE
+from sae_lens_lite.training.sae import CONFIG_FILE, SAE
 
 OUR_FILES = ("compare.json", "compare.md", "frontier.png", "probing.png", "probing")
 MAX_IN_LINE = 4  # SAEs whose figures the result line spells out
@@ -334,13 +335,13 @@ def compare_reports(cfg: CompareConfig) -> dict:
 def _is_report(p: str) -> bool:
     path = Path(p)
     return (path.is_file() and path.suffix == ".json") or (
-        path.is_dir() and (path / "report.json").exists() and not (path / "config.json").exists()
+        path.is_dir() and (path / REPORT_FILE).exists() and not (path / CONFIG_FILE).exists()
     )
 
 
 def _report_path(p: str) -> Path:
     path = Path(p)
-    return path if path.is_file() else path / "report.json"
+    return path if path.is_file() else path / REPORT_FILE
 
 
 def _names(paths: list[str]) -> dict[str, str]:

@@ -68,10 +68,11 @@ from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training.sae import SAE
 
 FIT_ROWS = 65536  # activations read from --acts to fit the baselines
-OUR_FILES = ("report.json", "report.md", "density.png", "provenance.json")
+REPORT_FILE = "report.json"  # the evaluation's figures; its presence (with the record) marks one done
+OUR_FILES = (REPORT_FILE, "report.md", "density.png", "provenance.json")
 OUTPUT = Output(  # outputs.py
     "evaluate",
-    report_folder("report.json", OUR_FILES, "an evaluation report"),
+    report_folder(REPORT_FILE, OUR_FILES, "an evaluation report"),
     inputs=("sae", "dataset", "acts", "sparsity_acts"),
     skip=("sae", "acts", "sparsity_acts", "batch_size"),
 )
@@ -233,7 +234,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     defaults = tuple(k for k in ("text_column", "split") if getattr(cfg, k) == getattr(HarvestConfig, k))
     stage = OUTPUT.start(cfg, cfg.out or Path(cfg.sae) / "eval", skip=defaults)
     if stage.done() is not None:  # the rerun rule (outputs.py)
-        return json.loads((stage.out / "report.json").read_text())
+        return json.loads((stage.out / REPORT_FILE).read_text())
     out = stage.claim()
     run = _prepare(cfg, sae, hook, lm, device, T)
     times["load"] = time.perf_counter() - t0
@@ -438,11 +439,11 @@ def _baseline_table(run: EvalRun, base: Baselines, score: dict, acts: EvalActiva
 def _write_report(report: dict, out: Path, run: EvalRun, freq: Tensor, times: dict, t0: float) -> None:
     """density.png of the firing frequencies freq [d_sae], then report.md and report.json."""
     plot_density(freq, out / "density.png", f"{Path(run.cfg.sae).name} at {run.written}", DENSE_FREQ)
-    report["files"] = {"report": "report.json", "summary": "report.md", "density": "density.png"}
+    report["files"] = {"report": REPORT_FILE, "summary": "report.md", "density": "density.png"}
     times["total"] = time.perf_counter() - t0
     report["timing_s"] = times
     write_text_atomic(out / "report.md", markdown_summary(report))
-    write_json_atomic(out / "report.json", report)
+    write_json_atomic(out / REPORT_FILE, report)
 
 
 def _headline(report: dict) -> dict:

@@ -7,7 +7,7 @@ The latents of a batch are a `Latents`: either dense [n, d_sae] or the active on
 (token rows[e], latent idx[e], value vals[e]). A recipe writes its penalty once, against that
 interface, and it holds on both paths. The sparse path computes only the encoder's forward
 densely (it chooses the latents); the decoder is a weighted gather of the active rows and the
-encoder's backward a sparse product (sae.GatheredPre): 2·d_in·d_sae FLOPs a token instead of
+encoder's backward a sparse product (sparse_backward.GatheredPre): 2·d_in·d_sae FLOPs a token instead of
 10·d_in·d_sae. Which path runs is decided here (`use_sparse`), never by the recipe.
 
 `step_terms` returns every term as a scalar tensor plus what the metrics need (firing latents,
@@ -28,7 +28,8 @@ from sae_lens_lite import runtime
 from sae_lens_lite.training import latents
 from sae_lens_lite.training.activations import token_rows
 from sae_lens_lite.training.latents import Latents, count_positive
-from sae_lens_lite.training.sae import SAE, GatheredPre, encoder_grads, top_dead, with_ones_row
+from sae_lens_lite.training.sae import SAE
+from sae_lens_lite.training.sparse_backward import GatheredPre, encoder_grads, top_dead, with_ones_row
 
 if TYPE_CHECKING:
     from sae_lens_lite.training.recipes import Recipe
