@@ -4,10 +4,12 @@
     sae-lite run configs/demo.toml out=/tmp/after       # on the new one, same threads
     python scripts/check_same_run.py /tmp/before /tmp/after
 
-Weights, shards and every other binary file must be byte-identical. JSON, JSONL and CSV files
-are compared value by value after dropping what differs between any two runs (wall-clock
-times, the run's own paths, creation dates); a number must be equal, not close. Images are
-skipped (matplotlib stamps them). Prints one line per difference and exits 1 if there is any.
+Tensors in safetensors files must be byte-identical (their header metadata is compared as JSON,
+the order of its keys aside), and so must every other binary file. JSON, JSONL and CSV files are
+compared value by value, Markdown as text, after dropping what differs between any two runs
+(wall-clock times, the run's own paths, when it finished); a number must be equal, not close.
+Images and pages are skipped (matplotlib stamps them). Prints one line per difference and exits 1
+if there is any.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import argparse
 import csv
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
 SKIP_SUFFIXES = {".png", ".html"}  # rendered from the compared data, and stamped
-VOLATILE = {"seconds", "timing_s", "created", "time", "elapsed_s", "cpu_seconds", "date", "version"}
+VOLATILE = {"seconds", "timing_s", "created", "finished", "time", "elapsed_s", "cpu_seconds", "date", "version"}
 
 
 def volatile(key: str) -> bool:
@@ -36,6 +39,7 @@ def scrub(value, roots: tuple[str, str]):
     if isinstance(value, str):
         for root in roots:
             value = value.replace(root, "RUN")
+        value = re.sub(r"\bin [0-9.,]+ s\b", "in N s", value)  # a result line's duration
     return value
 
 
@@ -61,8 +65,19 @@ def first_difference(a, b, where: str = "") -> str | None:
     return None if a == b else f"{where}: {a!r} vs {b!r}"
 
 
+def safetensors_parts(path: Path, roots: tuple[str, str]) -> tuple[dict, bytes]:
+    """(its header, metadata scrubbed, the tensors' bytes) of a safetensors file."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = {k: scrub(v, roots) for k, v in header.pop("__metadata__", {}).items()}
+    return {"metadata": meta, "tensors": header}, data[8 + n :]
+
+
 def load(path: Path, roots: tuple[str, str]):
     text = path.read_text()
+    if path.suffix == ".md":
+        return scrub(text, roots)
     if path.suffix == ".json":
         return scrub(json.loads(text), roots)
     if path.suffix == ".jsonl":
@@ -82,10 +97,15 @@ def compare(before: Path, after: Path) -> list[str]:
             problems.append(f"{name}: only in {'before' if a.exists() else 'after'}")
         elif name.suffix in SKIP_SUFFIXES:
             continue
-        elif name.suffix in (".json", ".jsonl", ".csv"):
+        elif name.suffix in (".json", ".jsonl", ".csv", ".md"):
             found = first_difference(load(a, roots), load(b, roots))
             if found:
                 problems.append(f"{name}{found}")
+        elif name.suffix == ".safetensors":
+            (head_a, tensors_a), (head_b, tensors_b) = safetensors_parts(a, roots), safetensors_parts(b, roots)
+            found = first_difference(head_a, head_b, ":header")
+            if found or tensors_a != tensors_b:
+                problems.append(f"{name}{found or ': tensor bytes differ'}")
         elif hashlib.sha256(a.read_bytes()).digest() != hashlib.sha256(b.read_bytes()).digest():
             problems.append(f"{name}: bytes differ")
     return problems

@@ -439,10 +439,18 @@ def test_analysis_that_is_not_ours_or_does_not_fit_the_sae_is_refused(tmp_path):
     for data, msg in (
         ([{"id": 0, "logit_lens": {}}], "not a features.json written by"),
         ({"d_sae": 5, "features": []}, "not a features.json"),
-        ({"format": "sae_lens_lite.interpret.features", "version": 1}, "lacks"),
+        ({"format": "sae_lens_lite.features", "version": 1}, "lacks"),
     ):
         f.write_text(json.dumps(data))
         with pytest.raises(UserError, match=msg):
             read_analysis(tmp_path, D_SAE)
     with pytest.raises(UserError, match="sae-lite analyze"):
         read_analysis(tmp_path / "nowhere", D_SAE)
+
+
+def test_the_features_format_name_is_the_one_on_disk_not_the_module_path():
+    """features.json files name their format "sae_lens_lite.features" since the first release; the
+    module moving to interpret/ must not make every earlier analysis unreadable."""
+    from sae_lens_lite.interpret.features import FORMAT
+
+    assert FORMAT == "sae_lens_lite.features"

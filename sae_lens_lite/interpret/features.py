@@ -14,7 +14,7 @@ from typing import TypedDict, cast
 
 from sae_lens_lite.errors import UserError
 
-FORMAT = "sae_lens_lite.interpret.features"
+FORMAT = "sae_lens_lite.features"  # on disk: stays as written by earlier releases, wherever this module lives
 VERSION = 1
 FEATURES_FILE = "features.json"
 
