@@ -185,12 +185,13 @@ def test_run_file_is_checked_whole_before_any_stage(tmp_path, capsys):
 
 def _no_stage_runs(monkeypatch):
     import sae_lens_lite.pipeline as pipeline
+    from sae_lens_lite import stages
 
     def refuse(cfg):
         raise AssertionError("a stage ran")
 
-    for name in pipeline.STAGES:
-        monkeypatch.setitem(pipeline.FUNCS, name, refuse)
+    for stage in stages.run_file_stages():
+        monkeypatch.setitem(pipeline.FUNCS, stage.name, refuse)
 
 
 def test_run_refuses_a_harvest_that_leaves_evaluate_no_text_before_any_stage(

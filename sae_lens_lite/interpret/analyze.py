@@ -28,7 +28,7 @@ from sae_lens_lite.config import check_memory, check_numbers
 from sae_lens_lite.data.cache import ActivationCache
 from sae_lens_lite.data.models import LoadedModel, generate, hook_point, load_model
 from sae_lens_lite.errors import UserError
-from sae_lens_lite.evaluation.evaluate import DENSE_FREQ
+from sae_lens_lite.evaluation.metrics import DENSE_FREQ
 from sae_lens_lite.fsutil import save_figure_atomic, write_text_atomic
 from sae_lens_lite.interpret import explain
 from sae_lens_lite.interpret.contexts import RowContext
