@@ -2,8 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import needs_smollm2, tiny_tokenizer
 
-from sae_lens_lite.data.corpus import keep_mask, load_texts
+from sae_lens_lite.data import corpus
+from sae_lens_lite.data.corpus import keep_mask, load_texts, token_ids, tokenize_corpus
 from sae_lens_lite.errors import UserError
 
 
@@ -39,3 +41,84 @@ def test_keep_mask_applies_each_filter_it_is_given():
         True,
         True,
     ]
+
+
+# ---- token_ids with a limit reads a long document only as far as it needs, and gives the same ids
+# as tokenising the whole of it: harvest and evaluate pack exactly the tokens they packed before.
+
+
+class Spy:
+    """A tokenizer that records how many characters it was asked to read."""
+
+    def __init__(self, tok):
+        self.tok, self.read = tok, 0
+        self.eos_token_id = tok.eos_token_id
+
+    def __call__(self, text, **kw):
+        self.read += len(text)
+        return self.tok(text, **kw)
+
+
+def awkward_text(n_lines: int) -> str:
+    """Blank-line runs, indents, trailing spaces and long space runs at every line break: where a
+    cut at a line break splits what tokenising the whole text keeps together."""
+    lines = []
+    for i in range(n_lines):
+        lines.append(("    " * (i % 3)) + f"def f{i}(x):  return x * {i}   " + " " * (i % 17))
+        lines.append("\n" * (i % 4))
+    return "\n".join(lines)
+
+
+def whole(tok, texts):
+    ids = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return ids
+
+
+def check_heads(tok, texts, limits):
+    full = whole(tok, texts)
+    total = sum(map(len, texts))
+    for limit in limits:
+        spy = Spy(tok)
+        ids = token_ids(spy, texts, limit)
+        assert len(ids) >= min(limit, len(full))
+        assert ids == full[: len(ids)], limit  # a head of the whole tokenisation, up to its last id
+        if limit * 20 < total:
+            assert spy.read < total / 2, (limit, spy.read, total)  # a head, not the whole text
+
+
+@needs_smollm2
+def test_smollm2_heads_equal_the_whole_tokenisation():
+    from sae_lens_lite.data.models import local_tokenizer
+
+    tok = local_tokenizer("smollm2-135m")
+    check_heads(tok, [awkward_text(3000)], [1, 100, 1000, 5000])
+    check_heads(tok, ["short one", awkward_text(2000), "tail"], [50, 3000, 10**9])
+    pydoc = load_texts("pydoc")
+    check_heads(tok, pydoc, [2000, 40000])
+
+
+def test_tiny_tokenizer_heads_and_a_text_without_line_breaks():
+    tok = tiny_tokenizer()
+    check_heads(tok, [awkward_text(2000)], [10, 500, 4000])
+    one_line = " ".join(["the cat sat on the mat"] * 3000)
+    spy = Spy(tok)
+    assert token_ids(spy, [one_line], 100) == whole(tok, [one_line])  # nowhere to cut: read it all
+    assert spy.read == len(one_line)
+
+
+def test_packed_contexts_do_not_depend_on_the_cut(monkeypatch):
+    tok = tiny_tokenizer()
+    text = awkward_text(2000)
+    a = tokenize_corpus(tok, [text], 16, 3000)
+    monkeypatch.setattr(corpus, "_head_ids", lambda tokenizer, t, need: (corpus._ids(tokenizer, t), True))
+    b = tokenize_corpus(tok, [text], 16, 3000)
+    assert a.shape == b.shape == (187, 16)
+    assert (a == b).all()
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_tiny_limits(limit):
+    tok = tiny_tokenizer()
+    assert token_ids(tok, [awkward_text(50)], limit)[:limit] == whole(tok, [awkward_text(50)])[:limit]
