@@ -541,3 +541,16 @@ def test_resuming_with_other_settings_names_each_old_and_new_value(tmp_path):
         train_on_batches(sae_cfg, cfg, interrupting(factory, 16 + 7), 30 * 256, out=tmp_path, progress=False)
     with pytest.raises(UserError, match=rf"different settings \(l1 \(was {cfg.l1}, now 2.0\)\); use the same flags"):
         train_on_batches(sae_cfg, replace(cfg, l1=2.0), factory, 30 * 256, out=tmp_path, progress=False)
+
+
+def test_batches_of_another_size_than_batch_size_are_named_not_trained_on():
+    cfg = TrainConfig(penalty="l1", expansion=1, batch_size=256)  # a user who left batch_size alone but yields 64
+    sae_cfg = SAEConfig(d_in=8, d_sae=16)
+
+    def batches(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        for _ in range(8):
+            yield torch.randn(64, 8, generator=g)
+
+    with pytest.raises(UserError, match=r"no batch of exactly 256 rows \(batch_size 256\)"):
+        train_on_batches(sae_cfg, cfg, batches, 1024, progress=False)

@@ -397,7 +397,8 @@ def _train_on_batches(sae_cfg, cfg, batches, total_tokens, out, progress) -> SAE
     _run_steps(run, st, batches, log)
     if st.step < total:
         raise UserError(
-            f"the activation source ran dry after {st.step} of {total} steps (an epoch yielded no full batch)"
+            f"the activation source ran dry after {st.step} of {total} steps: an epoch yielded no batch of "
+            f"exactly {local_batch} rows (batch_size {cfg.batch_size}); yield batches of that size or set it"
         )
     _finish(run, st, log.last)
     return sae
