@@ -109,6 +109,16 @@ def test_partial_absorption_fraction():
     assert not full[0]  # the main latent fired
 
 
+def test_absorption_shared_by_several_children_counts_the_three_largest():
+    # main carries 0.1 of the projection; four children 0.3 each, none past 0.4·a alone: the three
+    # largest together (0.9) are the absorbers, the fourth is not counted
+    W = torch.tensor([[1.0, 0.0, 0.0], *[[0.6, 0.8, 0.0]] * 4])  # children's cosine with p: 0.6
+    x = torch.tensor([[1.3, 0.0, 0.0]])
+    f = torch.tensor([[0.1, 0.5, 0.5, 0.5, 0.5]])  # contributions along p: 0.1, then 0.3 each
+    frac, _ = absorption_fractions(x, f, W, torch.tensor([1.0, 0.0, 0.0]), [0])
+    assert torch.allclose(frac, torch.tensor([0.9 / 1.0]))  # min(A = 0.9, a − m = 1.2) / (0.9 + 0.1)
+
+
 def test_f1():
     assert f1(torch.tensor([True, True, False]), torch.tensor([True, False, False])) == 2 / 3
     assert f1(torch.tensor([False]), torch.tensor([False])) == 0.0
