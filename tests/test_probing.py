@@ -133,3 +133,15 @@ def test_sae_probes_tasks_load_offline():
     task = load_task("113_movie_sent")
     assert len(task.texts) == len(task.labels) > 1000
     assert set(task.labels.tolist()) == {0, 1}
+
+
+def test_a_mistyped_task_is_refused_before_the_model_loads(tmp_path):
+    from sae_lens_lite.evaluation.probe import ProbeConfig
+
+    with pytest.raises(UserError, match="neither a sae-probes task") as e:
+        ProbeConfig(sae=str(tmp_path), tasks=["first_letter", "movie_sent"])
+    if sae_probes_dir() is not None:
+        assert "did you mean 113_movie_sent" in str(e.value)
+    else:
+        assert "pip install --no-deps sae-probes" in str(e.value)
+    ProbeConfig(sae=str(tmp_path), tasks=["first_letter", "owner/dataset"])  # a hub id is checked when read

@@ -38,6 +38,7 @@ from sae_lens_lite.evaluation.probing import (
     KS,
     Encode,
     balanced_split,
+    check_task,
     dense_probe,
     k_sparse_probe,
     load_task,
@@ -86,6 +87,9 @@ class ProbeConfig:
             raise UserError("--tasks is empty: name at least one task")
         if not self.ks or min(self.ks) < 1:
             raise UserError(f"--ks must be positive integers, got {self.ks}")
+        for spec in self.tasks:
+            if spec != FIRST_LETTER:
+                check_task(spec)  # a mistyped name is refused before the model loads
 
 
 def probe(cfg: ProbeConfig, lm: LoadedModel | None = None) -> dict:

@@ -15,6 +15,7 @@ Tasks come from the PyPI package `sae-probes` (Kantamneni et al. 2025: 113 binar
 
 from __future__ import annotations
 
+import difflib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,26 @@ def sae_probes_tasks() -> list[str]:
     return sorted(names, key=lambda s: int(s.split("_")[0]) if s.split("_")[0].isdigit() else 10**9)
 
 
+def is_hub_id(spec: str) -> bool:
+    return not Path(spec).suffix and spec.count("/") == 1
+
+
+def check_task(spec: str) -> None:
+    """Refuse, before any model is loaded, a task that is neither a sae-probes task, a file, nor
+    a hub dataset id ("owner/name"), naming the sae-probes tasks it is closest to."""
+    data = sae_probes_dir()
+    if (data is not None and (data / f"{spec}.csv.zst").exists()) or Path(spec).is_file() or is_hub_id(spec):
+        return
+    if data is None:
+        hint = "; `pip install --no-deps sae-probes` for its 113 tasks"
+    else:
+        tasks = sae_probes_tasks()
+        near = [t for t in tasks if spec and spec in t][:3]  # "movie_sent" → 113_movie_sent
+        near += [t for t in difflib.get_close_matches(spec, tasks, n=3, cutoff=0.6) if t not in near]
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise UserError(f"task {spec!r} is neither a sae-probes task, a file, nor a hub dataset id{hint}")
+
+
 def load_task(spec: str, text_column: str = "text", label_column: str = "label", split: str = "train") -> Task:
     """A binary task: a sae-probes name, a local .csv/.csv.zst/.jsonl/.json/.parquet file, or a hub dataset id."""
     import pandas as pd
@@ -173,9 +194,8 @@ def load_task(spec: str, text_column: str = "text", label_column: str = "label",
             df = readers[path.suffix](path)
         else:
             raise UserError(f"task file {spec}: expected .csv, .csv.zst, .jsonl, .json or .parquet")
-    elif path.suffix or spec.count("/") != 1:
-        known = "; `pip install --no-deps sae-probes` for its 113 tasks" if data is None else ""
-        raise UserError(f"task {spec!r} is neither a sae-probes task, a file, nor a hub dataset id{known}")
+    elif not is_hub_id(spec):
+        check_task(spec)
     else:
         df = _hub_frame(spec, split)
     return _binary_task(path.name.split(".")[0] if path.is_file() else spec, df, text_column, label_column)
