@@ -16,24 +16,24 @@ the call, and hands it to sae-probes' own `ensure_dataset_activations(model=...)
 
 Build the venv (once; about 2.4 GB):
 
-    python3 -m venv /work/saebench-venv
-    /work/saebench-venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-    /work/saebench-venv/bin/pip install sae-bench==0.6.0
+    python3 -m venv .saebench-venv
+    .saebench-venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    .saebench-venv/bin/pip install sae-bench==0.6.0
     # sae-bench's requirements pull a newer CUDA torch and a torchvision built for it: put the
     # CPU torch back, and drop torchvision (transformers imports it when present, and it fails)
-    /work/saebench-venv/bin/pip install --no-deps --force-reinstall torch==2.13.0 \
+    .saebench-venv/bin/pip install --no-deps --force-reinstall torch==2.13.0 \
         --index-url https://download.pytorch.org/whl/cpu
-    /work/saebench-venv/bin/pip uninstall -y torchvision
+    .saebench-venv/bin/pip uninstall -y torchvision
 
 Run (our venv for the first two commands, SAEBench's for the third):
 
     TASKS="5_hist_fig_ismale 21_headline_istrump 92_glue_sst2 105_click_bait 113_movie_sent \
 126_art_type_book 149_twt_emotion_happiness 87_glue_cola"
-    sae-lite export --sae /work/demo-after/sae --format saelens --out /tmp/saebench/export
-    sae-lite probe --sae /work/demo-after/sae --tasks $TASKS --out /tmp/saebench/ours
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 /work/saebench-venv/bin/python scripts/check_saebench.py \
-        --sae /tmp/saebench/export --ours /tmp/saebench/ours/probe.json --tasks $TASKS \
-        --work /tmp/saebench/run --out /tmp/saebench/saebench.json
+    sae-lite export --sae runs/demo/sae --format saelens --out runs/saebench/export
+    sae-lite probe --sae runs/demo/sae --tasks $TASKS --out runs/saebench/ours
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .saebench-venv/bin/python scripts/check_saebench.py \
+        --sae runs/saebench/export --ours runs/saebench/ours/probe.json --tasks $TASKS \
+        --work runs/saebench/run --out runs/saebench/saebench.json
 
 It prints a markdown table (per task and the mean: SAEBench's test accuracy per k and its probe on
 the full residual stream, then ours per k and our ceiling) and writes it all to --out as JSON.
