@@ -32,7 +32,7 @@ Run (our venv for the first two commands, SAEBench's for the third):
     sae-lite export --sae runs/demo/sae --format saelens --out runs/saebench/export
     sae-lite probe --sae runs/demo/sae --tasks $TASKS --out runs/saebench/ours
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .saebench-venv/bin/python scripts/check_saebench.py \
-        --sae runs/saebench/export --ours runs/saebench/ours/probe.json --tasks $TASKS \
+        --sae runs/saebench/export --ours runs/saebench/ours/probe.json \
         --work runs/saebench/run --out runs/saebench/saebench.json
 
 It prints a markdown table (per task and the mean: SAEBench's test accuracy per k and its probe on
@@ -57,16 +57,6 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-DEFAULT_TASKS = [
-    "5_hist_fig_ismale",
-    "21_headline_istrump",
-    "92_glue_sst2",
-    "105_click_bait",
-    "113_movie_sent",
-    "126_art_type_book",
-    "149_twt_emotion_happiness",
-    "87_glue_cola",
-]
 PACKAGES = ["sae-bench", "sae-probes", "sae-lens", "transformer-lens", "transformers", "torch", "scikit-learn"]
 
 
@@ -244,7 +234,9 @@ def main() -> None:
     parser.add_argument("--ours-name", help="which SAE in probe.json (default: the first)")
     parser.add_argument("--model", type=Path, default=None, help="local HF model directory")
     parser.add_argument("--model-label", default="SmolLM2-135M-Instruct", help="name sae-probes files results under")
-    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="sae-probes task names")
+    parser.add_argument(
+        "--tasks", nargs="+", default=None, help="sae-probes task names (default: the probing tasks in --ours)"
+    )
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 2, 5, 20])
     parser.add_argument("--no-baseline", action="store_true", help="skip the probe on the full residual stream")
     parser.add_argument(
@@ -259,10 +251,13 @@ def main() -> None:
     args.sae, args.work = args.sae.resolve(), args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
 
+    ours = read_ours(args.ours, args.ours_name) if args.ours else {"tasks": {}}
+    args.tasks = args.tasks or list(ours["tasks"])
+    if not args.tasks:
+        raise SystemExit("name the tasks: --tasks, or --ours with a probe.json that probed some")
     saebench = run_saebench(args)
     if args.absorption:
         saebench["absorption"] = run_absorption(args)
-    ours = read_ours(args.ours, args.ours_name) if args.ours else {"tasks": {}}
     markdown = table(saebench, ours, args.ks)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
