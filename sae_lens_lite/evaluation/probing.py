@@ -180,6 +180,7 @@ def load_task(spec: str, text_column: str = "text", label_column: str = "label",
     """A binary task: a sae-probes name, a local .csv/.csv.zst/.jsonl/.json/.parquet file, or a hub dataset id."""
     import pandas as pd
 
+    check_task(spec)  # a sae-probes task, a file or an owner/name hub id, or a UserError
     path = Path(spec)
     data = sae_probes_dir()
     if data is not None and (data / f"{spec}.csv.zst").exists():
@@ -194,8 +195,6 @@ def load_task(spec: str, text_column: str = "text", label_column: str = "label",
             df = readers[path.suffix](path)
         else:
             raise UserError(f"task file {spec}: expected .csv, .csv.zst, .jsonl, .json or .parquet")
-    elif not is_hub_id(spec):
-        check_task(spec)
     else:
         df = _hub_frame(spec, split)
     return _binary_task(path.name.split(".")[0] if path.is_file() else spec, df, text_column, label_column)
