@@ -117,8 +117,9 @@ def main():
         c, d = timed_harvest(args, lm, device, n)
         pairs.append((a, c))
         print(f"  pass {len(pairs)}: bare {a:,.0f} tok/s, harvest {c:,.0f} tok/s, c/a {c / a:.3f}", flush=True)
-    ratios = sorted(c / a for a, c in pairs)
-    a, c = sorted(pairs, key=lambda p: p[1] / p[0])[len(pairs) // 2]  # the median pass
+    pairs.sort(key=lambda p: p[1] / p[0])
+    ratios = [c / a for a, c in pairs]
+    a, c = pairs[len(pairs) // 2]  # the median pass
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else runtime.cpu_description()
     print(

@@ -68,9 +68,12 @@ def cpu_name() -> str:
 
 
 def default_model_dir() -> Path:
-    found = sorted((Path.home() / ".cache" / "sae_lens_lite" / "models").glob("SmolLM2-135M*"))
+    """The local HF copy of SmolLM2 that sae-lite made (models.cache_root: $SAE_LITE_CACHE or
+    ~/.cache/sae_lens_lite; this venv cannot import sae_lens_lite, so the rule is restated)."""
+    models = Path(os.environ.get("SAE_LITE_CACHE", Path.home() / ".cache" / "sae_lens_lite")) / "models"
+    found = sorted(models.glob("SmolLM2-135M*"))
     if not found:
-        raise SystemExit("no local SmolLM2 under ~/.cache/sae_lens_lite/models: run any sae-lite command once")
+        raise SystemExit(f"no local SmolLM2 under {models}: run any sae-lite command once")
     return found[0]
 
 
