@@ -92,6 +92,30 @@ def tiny_lm():
     return LoadedModel(model, tiny_tokenizer(), "tiny-llama", "memory", "0" * 16)
 
 
+HOOK = "blocks.1.hook_resid_post"
+
+
+def harvest_config(corpus, out, **kw):
+    """A small harvest of the tiny model (tiny_lm) from `corpus` into `out`: the settings the
+    harvest tests share; each test overrides what it checks."""
+    from sae_lens_lite.data.harvest import HarvestConfig
+
+    base = dict(
+        model="tiny-llama",
+        hooks=[HOOK],
+        dataset=str(corpus),
+        tokens=2000,
+        context_length=32,
+        batch_size=4,
+        out=str(out),
+        dtype="float32",
+        contexts_per_shard=8,
+        drop_first=0,
+        device="cpu",
+    )
+    return HarvestConfig(**{**base, **kw})
+
+
 @pytest.fixture
 def corpus_file(tmp_path):
     p = tmp_path / "corpus.txt"

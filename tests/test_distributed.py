@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import CORPUS_TEXT, tiny_model, tiny_tokenizer
+from conftest import CORPUS_TEXT, HOOK, tiny_model, tiny_tokenizer
+from conftest import harvest_config as shared_config
 
 from sae_lens_lite import runtime
 from sae_lens_lite.data.cache import ActivationCache, CacheWriter
-from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.harvest import harvest
 from sae_lens_lite.data.models import LoadedModel
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.training import distributed, recipes
@@ -300,9 +301,6 @@ def test_torchrun_cli_trains_like_a_single_process(tmp_path):
 # ---- sharded harvest ------------------------------------------------------------------------
 
 
-HOOK = "blocks.1.hook_resid_post"
-
-
 def tiny_lm():
     return LoadedModel(tiny_model("llama"), tiny_tokenizer(), "tiny-llama", "memory", "0" * 16)
 
@@ -310,16 +308,7 @@ def tiny_lm():
 def harvest_config(corpus, out):
     # The corpus packs into 47 contexts of 32 tokens; at 10 per shard, 5 shards: rank 1 sits out the
     # last round, and the last shard is short.
-    return HarvestConfig(
-        hooks=[HOOK, "blocks.0.hook_mlp_out"],
-        dataset=str(corpus),
-        tokens=2000,
-        context_length=32,
-        batch_size=4,
-        out=str(out),
-        dtype="float32",
-        contexts_per_shard=10,
-    )
+    return shared_config(corpus, out, hooks=[HOOK, "blocks.0.hook_mlp_out"], contexts_per_shard=10, drop_first=1)
 
 
 def _sharded_harvest(corpus, out, locked):

@@ -1,28 +1,16 @@
 import pytest
 import torch
+from conftest import HOOK, harvest_config
 
 from sae_lens_lite.data.cache import ActivationCache, CacheWriter
 from sae_lens_lite.data.corpus import load_texts, tokenize_corpus
-from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.harvest import harvest
 from sae_lens_lite.data.models import run_to_hooks
 from sae_lens_lite.errors import UserError
 
-HOOK = "blocks.1.hook_resid_post"
-
 
 def cfg(corpus, out, **kw):
-    base = dict(
-        hooks=[HOOK],
-        dataset=str(corpus),
-        tokens=2000,
-        context_length=32,
-        batch_size=4,
-        out=str(out),
-        dtype="float32",
-        contexts_per_shard=8,
-        drop_first=0,
-    )
-    return HarvestConfig(**{**base, **kw})
+    return harvest_config(corpus, out, **kw)
 
 
 def test_cache_holds_the_models_activations_and_tokens(tiny_lm, corpus_file, tmp_path):

@@ -7,10 +7,11 @@ import os
 
 import pytest
 import torch
+from conftest import HOOK, harvest_config
 
 import sae_lens_lite.data.harvest as harvest_mod
 from sae_lens_lite.data.cache import ActivationCache
-from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.harvest import harvest
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.evaluation.evaluate import EvalConfig, _training_dead, evaluate
 from sae_lens_lite.export import ExportConfig, ImportConfig, export, import_cmd
@@ -19,22 +20,9 @@ from sae_lens_lite.outputs import RECORD, fingerprint
 from sae_lens_lite.training.sae import SAE, SAEConfig
 from sae_lens_lite.training.train import TrainConfig, train
 
-HOOK = "blocks.1.hook_resid_post"
-
 
 def hcfg(tmp_path, corpus_file, **kw):
-    base = dict(
-        model="tiny-llama",
-        hooks=[HOOK],
-        dataset=str(corpus_file),
-        tokens=1024,
-        context_length=32,
-        dtype="float32",
-        out=str(tmp_path / "acts"),
-        contexts_per_shard=8,
-        device="cpu",
-    )
-    return HarvestConfig(**{**base, **kw})
+    return harvest_config(corpus_file, tmp_path / "acts", **{"tokens": 1024, "batch_size": 16, "drop_first": 1, **kw})
 
 
 def tcfg(tmp_path, **kw):

@@ -3,11 +3,11 @@ truth, the spliced evaluation and the exports."""
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, harvest_config, tiny_model
 
 from sae_lens_lite.data.cache import ActivationCache
 from sae_lens_lite.data.corpus import load_texts, tokenize_corpus
-from sae_lens_lite.data.harvest import HarvestConfig, harvest
+from sae_lens_lite.data.harvest import harvest
 from sae_lens_lite.data.models import blocks, edit_hook, run_to_hooks
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.training import recipes
@@ -19,18 +19,7 @@ MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 
 
 def harvest_cfg(corpus, out, **kw):
-    base = dict(
-        dataset=str(corpus),
-        tokens=2000,
-        context_length=32,
-        batch_size=4,
-        out=str(out),
-        dtype="float32",
-        contexts_per_shard=8,
-        drop_first=0,
-        mlp_pairs="1",
-    )
-    return HarvestConfig(**{**base, **kw})
+    return harvest_config(corpus, out, **{"mlp_pairs": "1", **kw})
 
 
 # ---- hooks and the pair harvest -------------------------------------------------------------
