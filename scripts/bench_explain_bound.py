@@ -36,7 +36,7 @@ import torch
 
 from sae_lens_lite.data.cache import ActivationCache
 from sae_lens_lite.data.models import load_model, local_tokenizer
-from sae_lens_lite.interpret.analyze import canonical_ids, ordered_batches, row_context
+from sae_lens_lite.interpret.analyze import canonical_ids, context_windows, ordered_batches, row_context
 from sae_lens_lite.interpret.contexts import RowContext
 from sae_lens_lite.interpret.explain import CONTEXT_KINDS, heldout_rows
 from sae_lens_lite.training.sae import SAE
@@ -67,12 +67,15 @@ def table_keys(cache: ActivationCache, held: np.ndarray) -> tuple[dict[str, np.n
     V = len(tok)
     canon = canonical_ids(tok, V)
     ctx = row_context(tok, ids, canon, doc, pos, torch.from_numpy(held), V)
-    back = np.where(ctx.prev[:, :2] >= 0, ctx.prev[:, :2], V)  # [n, 2] canonical ids, V: none
+    # The previous token as the explainer reads it (analyze._cache_rows): V where the row before is not in the cache
+    prev_row = context_windows(doc, pos, torch.arange(len(ids)), 1, 0)[:, 0].numpy()
+    prev = np.where(prev_row >= 0, ctx.cur[np.maximum(prev_row, 0)], V)
+    back2 = np.where(ctx.prev[:, 1] >= 0, ctx.prev[:, 1], V)
     B = V + 1
     tables = {
         "token": ctx.cur,
-        "pair": back[:, 0] * B + ctx.cur,
-        "triple": (back[:, 1] * B + back[:, 0]) * B + ctx.cur,
+        "pair": prev * B + ctx.cur,
+        "triple": (back2 * B + prev) * B + ctx.cur,
         "token+place": ctx.cur * (1 << 24) + ctx.bits,
     }
     return tables, ctx
@@ -114,8 +117,11 @@ def neighbours(occ: list[dict], E: torch.Tensor, cos: float):
     return widen
 
 
-def explainer_f1(patterns: dict, ctx: RowContext, fire: np.ndarray, held: np.ndarray, j: int) -> float:
-    """Held-out F1 of feature j's built-in explanation at predicting the rows `fire`."""
+def explainer_f1(
+    patterns: dict, ctx: RowContext, pair: np.ndarray, fire: np.ndarray, held: np.ndarray, j: int
+) -> float:
+    """Held-out F1 of feature j's built-in explanation at predicting the rows `fire` (pair: the
+    pair table's keys, which hold the previous token)."""
     pattern = patterns.get(j)
     if pattern is None or not pattern["items"]:
         return 0.0
@@ -124,7 +130,7 @@ def explainer_f1(patterns: dict, ctx: RowContext, fire: np.ndarray, held: np.nda
     if kind in CONTEXT_KINDS:
         hit = ctx.matches(kind, items, rows)
     else:
-        prev = np.where(ctx.prev[rows, 0] >= 0, ctx.prev[rows, 0], ctx.B - 1)
+        prev = pair[rows] // ctx.B
         cur = ctx.cur[rows]
         if kind == "token":
             hit = np.isin(cur, [t for _, t in items])
@@ -174,11 +180,11 @@ def main() -> None:
         out.setdefault("firings under 25 % of max", []).append(float(np.mean(v < 0.25 * v.max())))
         strong = r[v >= a.strong * v.max()]
         if a.analysis:
-            own = explainer_f1(patterns, ctx, r, held, j)
+            own = explainer_f1(patterns, ctx, tables["pair"], r, held, j)
             out.setdefault("built-in explainer, fires > 0", []).append(own)
             agree += abs(own - stored[int(j)]) < 1e-3  # this script's matching is the explainer's
             out.setdefault(f"built-in explainer, fires >= {a.strong:g} x max", []).append(
-                explainer_f1(patterns, ctx, strong, held, j)
+                explainer_f1(patterns, ctx, tables["pair"], strong, held, j)
             )
         for cos in a.neighbours:
             out.setdefault(f"token table + neighbours >= {cos:g}, fires > 0", []).append(
