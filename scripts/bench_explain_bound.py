@@ -38,7 +38,7 @@ from sae_lens_lite.data.cache import ActivationCache
 from sae_lens_lite.data.models import load_model, local_tokenizer
 from sae_lens_lite.interpret.analyze import canonical_ids, context_windows, ordered_batches, row_context
 from sae_lens_lite.interpret.contexts import RowContext
-from sae_lens_lite.interpret.explain import CONTEXT_KINDS, heldout_rows
+from sae_lens_lite.interpret.explain import CONTEXT_KINDS, heldout_rows, token_matches
 from sae_lens_lite.training.sae import SAE
 
 
@@ -130,14 +130,7 @@ def explainer_f1(
     if kind in CONTEXT_KINDS:
         hit = ctx.matches(kind, items, rows)
     else:
-        prev = pair[rows] // ctx.B
-        cur = ctx.cur[rows]
-        if kind == "token":
-            hit = np.isin(cur, [t for _, t in items])
-        elif kind == "after":
-            hit = np.isin(prev, [q for q, _ in items])
-        else:
-            hit = np.isin(prev * ctx.B + cur, [q * ctx.B + t for q, t in items])
+        hit = token_matches(kind, items, pair[rows] // ctx.B, ctx.cur[rows], ctx.B)
     fh = np.isin(rows, fire)
     return 2 * int((hit & fh).sum()) / max(int(hit.sum()) + int(fh.sum()), 1)
 

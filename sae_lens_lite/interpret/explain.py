@@ -276,6 +276,16 @@ def context_patterns(counts: Counts, ctx: RowContext, j: int, total: int) -> lis
     ]
 
 
+def token_matches(kind: str, items: list, prev: np.ndarray, cur: np.ndarray, B: int) -> np.ndarray:
+    """Where a token kind of pattern (items [[previous, token], ...]) holds, for tokens `cur`
+    after `prev` (canonical ids; B - 1: no previous token)."""
+    if kind == "token":
+        return np.isin(cur, [t for _, t in items])
+    if kind == "after":
+        return np.isin(prev, [p for p, _ in items])
+    return np.isin(prev * B + cur, [p * B + t for p, t in items])
+
+
 def detection(counts: Counts, j: int, kind: str, items: list, split: int = 1, ctx: RowContext | None = None) -> dict:
     """Precision, recall and F1 of a pattern as a predictor of 'feature j fires here', over every
     token of a split; `score` is F1 with one imaginary miss each way, 2TP / (2TP + FP + FN + 2),
@@ -287,13 +297,7 @@ def detection(counts: Counts, j: int, kind: str, items: list, split: int = 1, ct
         tp = int(ctx.matches(kind, items, counts.fired_rows(split, j)).sum())
         predicted = ctx.occurrences(split, kind, items)
     else:
-        if kind == "token":
-            hit = np.isin(cur, [t for _, t in items])
-        elif kind == "after":
-            hit = np.isin(prev, [p for p, _ in items])
-        else:
-            hit = np.isin(prev * counts.B + cur, [p * counts.B + t for p, t in items])
-        tp = int(n[hit].sum())
+        tp = int(n[token_matches(kind, items, prev, cur, counts.B)].sum())
         predicted = counts.occurrences(split, kind, items) if items else 0
     return {
         "precision": round(tp / predicted, 4) if predicted else None,
