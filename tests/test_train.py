@@ -329,6 +329,24 @@ def test_wandb_missing_is_a_user_error(tmp_path):
         train_on_batches(small_sae_cfg("l1", 8, 16), cfg, data.batches(64, 640), 640, progress=False)
 
 
+def test_wandb_that_cannot_start_is_one_line_naming_its_reason(tmp_path, monkeypatch, capsys):
+    """wandb installed but not logged in (or offline): its error in one line, exit 2, no traceback."""
+    import sys
+    import types
+
+    from sae_lens_lite.cli import main
+
+    def init(**kw):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    acts = write_cache(tmp_path / "acts")
+    argv = ["train", "--acts", str(acts), "--out", str(tmp_path / "sae"), "--tokens", "1024", "--batch-size", "512"]
+    assert main([*argv, "--wandb", "proj"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No API key configured" in err and "--wandb" in err, err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("penalty", ["l1", "topk"])  # topk: the sparse path, AuxK on (dead_window)
 def test_compiled_loss_trains_like_eager(penalty):
