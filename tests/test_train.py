@@ -312,6 +312,9 @@ def test_user_errors(tmp_path):
     for bad in (dict(expansion=0), dict(penalty="l2"), dict(penalty="topk", target_l0=5.0), dict(kl_rho=1.5)):
         with pytest.raises(UserError):
             train(TrainConfig(acts=str(acts), out=str(tmp_path / "x"), tokens=2048, batch_size=512, **bad))
+    with pytest.raises(UserError, match="--precision"):  # refused before --out is made
+        train(TrainConfig(acts=str(acts), out=str(tmp_path / "p"), tokens=2048, batch_size=512, precision="fp16"))
+    assert not (tmp_path / "p").exists()
     with pytest.raises(UserError, match="less than one batch"):
         train(TrainConfig(acts=str(acts), out=str(tmp_path / "y"), tokens=100, batch_size=512))
 
