@@ -389,7 +389,10 @@ class ActivationCache(_ManifestState):
                 raise UserError(
                     f"{path} holds one cache per hook: {', '.join(hooks)}; pass one of them, e.g. {path / hooks[0]}"
                 )
-            raise UserError(f"{path} has no {MANIFEST}; it is not an activation cache")
+            raise UserError(
+                f"{path} has no {MANIFEST}; it is not an activation cache: pass a directory written by `sae-lite "
+                f"harvest` (`sae-lite info {path}` says what this one holds)"
+            )
         if not m["complete"]:
             raise UserError(
                 f"the cache {path} is incomplete (interrupted harvest); run the same harvest command again to finish it"
