@@ -526,7 +526,7 @@ def import_cmd(cfg: ImportConfig) -> Path:
         sae.cfg.hook = cfg.hook
     out = run.claim()
     sae.save(out)
-    origin = sae.cfg.meta.get("imported_from", {}).get("format", "our")
+    origin = sae.cfg.meta.get("imported_from", {}).get("format", "sae_lens_lite")
     run.finish(
         {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.cfg.activation},
         f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.act.label}"
