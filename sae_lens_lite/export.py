@@ -34,7 +34,7 @@ from sae_lens_lite import __version__
 from sae_lens_lite.config import opt
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import prepare_out_dir, save_safetensors_atomic, sha256_file, write_json_atomic
-from sae_lens_lite.outputs import Output, read_record, resumable_folder, warn
+from sae_lens_lite.outputs import Output, resumable_folder
 from sae_lens_lite.training import activations
 from sae_lens_lite.training.sae import CONFIG_FILE as OUR_CONFIG
 from sae_lens_lite.training.sae import SAE, SAEConfig, Transcoder
@@ -132,6 +132,8 @@ def export(cfg: ExportConfig) -> Path:
         return Path(cfg.out)
     features = read_analysis(cfg.analysis, sae.d_sae) if cfg.analysis else {}  # a damaged file fails here, first
     if cfg.analysis:
+        from sae_lens_lite.interpret.features import check_analysis_source
+
         check_analysis_source(cfg.analysis, run.inputs["sae"], cfg.sae)
     freq = firing_frequency(sae, features, cfg.acts)
     out = run.claim()
@@ -167,20 +169,6 @@ def export_transcoder_set(cfg: ExportConfig) -> Path:
     save_transcoder_set(layers, out, HUB_IDS.get(model, model), scan=f"sae_lens_lite:{Path(cfg.sae).name}")
     print(f"export: wrote circuit-tracer transcoder set {out} ({len(layers)} layers, {out / TRANSCODER_SET_CONFIG})")
     return out
-
-
-def check_analysis_source(analysis: str, sae_sha256: str | None, sae_path: str) -> None:
-    """Refuse the analysis of another SAE: its record names the weights it read, by sha256 (two
-    SAEs of one width look alike by shape). An analysis without a record is used with a warning."""
-    rec = read_record(Path(analysis) if Path(analysis).is_dir() else Path(analysis).parent)
-    made_from = (rec or {}).get("inputs", {}).get("sae") if (rec or {}).get("stage") == "analyze" else None
-    if made_from is None:
-        warn(f"{analysis} does not record which SAE it analysed; cannot check that it is the analysis of {sae_path}")
-    elif made_from != sae_sha256:
-        raise UserError(
-            f"{analysis} is the analysis of another SAE (its weights' sha256 differs from {sae_path}'s); "
-            f"run `sae-lite analyze --sae {sae_path}` or leave out --analysis"
-        )
 
 
 def _provenance(sae: SAE, source: Path | None) -> dict:
@@ -538,7 +526,7 @@ def import_cmd(cfg: ImportConfig) -> Path:
         sae.cfg.hook = cfg.hook
     out = run.claim()
     sae.save(out)
-    origin = sae.cfg.meta.get("imported_from", {}).get("format", "our")
+    origin = sae.cfg.meta.get("imported_from", {}).get("format", "sae_lens_lite")
     run.finish(
         {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.cfg.activation},
         f"import: wrote SAE {out} ({OUR_WEIGHTS}, {OUR_CONFIG}) from the {origin} SAE {cfg.src}: {sae.cfg.act.label}"

@@ -140,3 +140,6 @@ def test_a_directory_of_per_hook_caches_names_them(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty has no manifest.json; it is not an activation cache"):
         ActivationCache.open(tmp_path / "empty")
+    # e.g. an SAE directory given as --acts: say what to pass, and how to see what this one is
+    with pytest.raises(UserError, match=r"written by `sae-lite harvest` \(`sae-lite info .*empty` says what"):
+        ActivationCache.open(tmp_path / "empty")

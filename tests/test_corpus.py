@@ -18,6 +18,20 @@ def test_jsonl_corpus_is_read_with_datasets(tmp_path):
     assert len(load_texts("pydoc")) > 50
 
 
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [("bad.jsonl", "not json\n", "JSON parse error"), ("bad.csv", '"unterminated\n', "EOF inside string")],
+)
+def test_a_malformed_corpus_file_is_named_with_the_parser_s_reason_only(tmp_path, capfd, name, content, reason):
+    """datasets wraps the parser's error in "An error occurred while generating the dataset" and
+    logs it on a line of its own: the user gets the reason, once."""
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(UserError, match=reason):
+        load_texts(str(p))
+    assert capfd.readouterr().err == ""
+
+
 def test_keep_mask_applies_each_filter_it_is_given():
     tokens = torch.tensor([[0, 5, 6, 0, 7, 8]])  # [1, 6]; 0 is the special token
     acts = torch.ones(1, 6, 4)  # [1, 6, 4]

@@ -304,6 +304,13 @@ def test_import_cmd_writes_our_sae_with_overrides(tmp_path):
         import_sae(tmp_path / "other")
 
 
+def test_importing_one_of_our_own_saes_says_so_in_words(tmp_path, capsys):
+    SAE(SAEConfig(d_in=8, d_sae=16, hook="blocks.0.hook_resid_post")).save(tmp_path / "ours")
+    import_cmd(ImportConfig(src=str(tmp_path / "ours"), out=str(tmp_path / "copy")))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"from the sae_lens_lite SAE {tmp_path / 'ours'}:" in line, line
+
+
 def test_hub_import_without_sae_lens_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sae_lens", None)  # makes `import sae_lens` fail
     with pytest.raises(UserError, match=r"pip install"):

@@ -79,6 +79,26 @@ def test_interrupted_harvest_resumes_to_an_identical_cache(tiny_lm, corpus_file,
     assert m["n_tokens"] == ref["n_tokens"]
 
 
+def test_resuming_with_other_settings_names_the_flags_and_both_values(tiny_lm, corpus_file, tmp_path, monkeypatch):
+    """An interrupted cache resumed with another --tokens (or filter) names what the user typed,
+    with the old and new values, and says how to finish it instead."""
+    real_add = CacheWriter.add_shard
+
+    def dying_add(self, *a, **kw):
+        if self.n_shards == 1:
+            raise KeyboardInterrupt
+        return real_add(self, *a, **kw)
+
+    monkeypatch.setattr(CacheWriter, "add_shard", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(cfg(corpus_file, tmp_path / "acts"), lm=tiny_lm)
+    monkeypatch.setattr(CacheWriter, "add_shard", real_add)
+    with pytest.raises(UserError, match=r"contexts, from --tokens \(was 47, now 31\).*run the harvest it was started"):
+        harvest(cfg(corpus_file, tmp_path / "acts", tokens=1000), lm=tiny_lm)
+    with pytest.raises(UserError, match=r"differs in: filters\.drop_first \(was 0, now 2\)\)"):
+        harvest(cfg(corpus_file, tmp_path / "acts", drop_first=2), lm=tiny_lm)
+
+
 def test_bad_input_is_refused_before_anything_is_written(tiny_lm, corpus_file, tmp_path):
     with pytest.raises(UserError, match="unknown hook"):
         harvest(cfg(corpus_file, tmp_path / "a", hooks=["blocks.1.resid_post"]), lm=tiny_lm)

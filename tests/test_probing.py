@@ -121,6 +121,17 @@ def test_tasks_load_from_files_with_two_labels(tmp_path):
         load_task(str(csv))
 
 
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [("bad.csv", '"unterminated\n', "EOF inside string"), ("bad.jsonl", "not json\n", "Unexpected character")],
+)
+def test_a_malformed_task_file_is_a_user_error_naming_the_parser_s_reason(tmp_path, name, content, reason):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(UserError, match=f"cannot read task file .*{name}: .*{reason}"):
+        load_task(str(p))
+
+
 def test_balanced_split_is_disjoint_and_balanced():
     y = torch.tensor([0] * 30 + [1] * 70)
     tr, te = balanced_split(y, 20, 20, seed=0)

@@ -108,6 +108,19 @@ def test_sweep_refuses_bad_settings(tmp_path, analysed):
     assert main(["sweep", "--analysis", str(tmp_path / "nowhere")]) == 2
 
 
+def test_sweep_refuses_the_analysis_of_another_sae_of_the_same_width(tmp_path, analysed):
+    """The sweep writes its best strengths into the analysis: the analysis of another SAE of the
+    same width must be refused, its features.json left as it was."""
+    lm, sae = analysed
+    other = SAE(sae.cfg)  # same width, other weights
+    other.save(tmp_path / "sae2")
+    before = (tmp_path / "out" / "features.json").read_bytes()
+    cfg = SweepConfig(sae=str(tmp_path / "sae2"), analysis=str(tmp_path / "out"), top=1, prompts=["The"], new_tokens=2)
+    with pytest.raises(UserError, match="is the analysis of another SAE"):
+        sweep(cfg, lm=lm)
+    assert (tmp_path / "out" / "features.json").read_bytes() == before
+
+
 def test_the_card_shows_the_sweep_in_chromium(tmp_path, browser):  # noqa: F811
     """A swept feature's card shows its best strength and its curve as a table, the best row marked."""
     from selenium.webdriver.common.by import By

@@ -312,6 +312,9 @@ def test_user_errors(tmp_path):
     for bad in (dict(expansion=0), dict(penalty="l2"), dict(penalty="topk", target_l0=5.0), dict(kl_rho=1.5)):
         with pytest.raises(UserError):
             train(TrainConfig(acts=str(acts), out=str(tmp_path / "x"), tokens=2048, batch_size=512, **bad))
+    with pytest.raises(UserError, match="--precision"):  # refused before --out is made
+        train(TrainConfig(acts=str(acts), out=str(tmp_path / "p"), tokens=2048, batch_size=512, precision="fp16"))
+    assert not (tmp_path / "p").exists()
     with pytest.raises(UserError, match="less than one batch"):
         train(TrainConfig(acts=str(acts), out=str(tmp_path / "y"), tokens=100, batch_size=512))
 
@@ -327,6 +330,24 @@ def test_wandb_missing_is_a_user_error(tmp_path):
     cfg = TrainConfig(batch_size=64, wandb="proj")
     with pytest.raises(UserError, match="pip install wandb"):
         train_on_batches(small_sae_cfg("l1", 8, 16), cfg, data.batches(64, 640), 640, progress=False)
+
+
+def test_wandb_that_cannot_start_is_one_line_naming_its_reason(tmp_path, monkeypatch, capsys):
+    """wandb installed but not logged in (or offline): its error in one line, exit 2, no traceback."""
+    import sys
+    import types
+
+    from sae_lens_lite.cli import main
+
+    def init(**kw):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    acts = write_cache(tmp_path / "acts")
+    argv = ["train", "--acts", str(acts), "--out", str(tmp_path / "sae"), "--tokens", "1024", "--batch-size", "512"]
+    assert main([*argv, "--wandb", "proj"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No API key configured" in err and "--wandb" in err, err
 
 
 @pytest.mark.slow

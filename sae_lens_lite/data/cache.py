@@ -51,6 +51,8 @@ PROVENANCE_KEYS = (
     "filters",
     "max_contexts",
 )
+# The manifest's names where they are not the harvest flag's: a refusal names what the user typed.
+FLAG_OF = {"corpus": "dataset", "max_contexts": "contexts, from --tokens"}
 
 
 def shard_name(i: int) -> str:
@@ -86,6 +88,19 @@ def check_cache_dir(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path} is not empty and is not an activation cache: choose another --out or pass --overwrite")
 
 
+def _differences(old: dict, now: dict) -> list[str]:
+    """Each provenance entry that differs, with both values, by the name of its flag (a dict
+    such as the filters by each entry inside it)."""
+    out = []
+    for k in [*old, *(k for k in now if k not in old)]:
+        a, b = old.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{d}" for d in _differences(a, b)]
+        elif a != b:
+            out.append(f"{FLAG_OF.get(k, k)} (was {a!r}, now {b!r})")
+    return out
+
+
 class CacheWriter(_ManifestState):
     """Appends shards to a cache directory and keeps the manifest in step.
 
@@ -106,12 +121,14 @@ class CacheWriter(_ManifestState):
             ) from None
         self.provenance = {k: provenance.get(k) for k in PROVENANCE_KEYS}
         old = read_manifest(self.path)
-        if old is not None and _provenance(old) != json.loads(json.dumps(self.provenance)):
+        now = json.loads(json.dumps(self.provenance))
+        if old is not None and _provenance(old) != now:
             if not overwrite:
-                diff = [k for k in PROVENANCE_KEYS if old.get(k) != json.loads(json.dumps(self.provenance)).get(k)]
+                diff = _differences({k: old.get(k) for k in PROVENANCE_KEYS}, now)
+                finish = "" if old.get("complete") else "; to finish it instead, run the harvest it was started with"
                 raise UserError(
-                    f"{self.path} holds a cache made differently (differs in: {', '.join(diff)}); "
-                    "choose another --out or pass --overwrite"
+                    f"{self.path} holds a cache made differently (differs in: {'; '.join(diff)}); "
+                    f"choose another --out or pass --overwrite{finish}"
                 )
             old = None
         if old is None:
@@ -372,7 +389,10 @@ class ActivationCache(_ManifestState):
                 raise UserError(
                     f"{path} holds one cache per hook: {', '.join(hooks)}; pass one of them, e.g. {path / hooks[0]}"
                 )
-            raise UserError(f"{path} has no {MANIFEST}; it is not an activation cache")
+            raise UserError(
+                f"{path} has no {MANIFEST}; it is not an activation cache: pass a directory written by `sae-lite "
+                f"harvest` (`sae-lite info {path}` says what this one holds)"
+            )
         if not m["complete"]:
             raise UserError(
                 f"the cache {path} is incomplete (interrupted harvest); run the same harvest command again to finish it"

@@ -46,6 +46,8 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         if path.suffix in builders:
             if not path.is_file():
                 raise UserError(f"corpus file {dataset} not found")
+            # quiet: its logged error would repeat, on a line of its own, the one we raise below
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
             ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
         elif path.is_file():
             raise UserError(
@@ -62,6 +64,11 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
     except UserError:
         raise
     except Exception as e:
+        from datasets.exceptions import DatasetGenerationError
+
+        # its message is only "An error occurred while generating the dataset": the cause says what
+        while isinstance(e, DatasetGenerationError) and (e.__cause__ or e.__context__):
+            e = e.__cause__ or e.__context__
         raise UserError(
             f"cannot load corpus {dataset!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None

@@ -187,14 +187,17 @@ def load_task(spec: str, text_column: str = "text", label_column: str = "label",
         df, text_column, label_column = _read_zst_csv(data / f"{spec}.csv.zst"), "prompt", "target"
     elif path.is_file():
         readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".json": pd.read_json}
-        if path.name.endswith(".csv.zst"):
-            df = _read_zst_csv(path)
-        elif path.suffix == ".jsonl":
-            df = pd.read_json(path, lines=True)
-        elif path.suffix in readers:
-            df = readers[path.suffix](path)
-        else:
+        if not path.name.endswith(".csv.zst") and path.suffix not in (*readers, ".jsonl"):
             raise UserError(f"task file {spec}: expected .csv, .csv.zst, .jsonl, .json or .parquet")
+        try:
+            if path.name.endswith(".csv.zst"):
+                df = _read_zst_csv(path)
+            elif path.suffix == ".jsonl":
+                df = pd.read_json(path, lines=True)
+            else:
+                df = readers[path.suffix](path)
+        except ValueError as e:  # pandas' parser errors, bad JSON, binary data, a damaged parquet file
+            raise UserError(f"cannot read task file {spec}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     else:
         df = _hub_frame(spec, split)
     return _binary_task(path.name.split(".")[0] if path.is_file() else spec, df, text_column, label_column)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypedDict, cast
 
 from sae_lens_lite.errors import UserError
+from sae_lens_lite.outputs import read_record, warn
 
 FORMAT = "sae_lens_lite.features"  # on disk: stays as written by earlier releases, wherever this module lives
 VERSION = 1
@@ -118,3 +119,17 @@ def read_features(path: str | os.PathLike, d_sae: int | None = None) -> Analysis
             f"{f} describes an SAE with {data['d_sae']} features, this one has {d_sae}; pass the matching analysis"
         )
     return cast(Analysis, data)  # its keys checked above
+
+
+def check_analysis_source(analysis: str, sae_sha256: str | None, sae_path: str) -> None:
+    """Refuse the analysis of another SAE: its record names the weights it read, by sha256 (two
+    SAEs of one width look alike by shape). An analysis without a record is used with a warning."""
+    rec = read_record(Path(analysis) if Path(analysis).is_dir() else Path(analysis).parent)
+    made_from = (rec or {}).get("inputs", {}).get("sae") if (rec or {}).get("stage") == "analyze" else None
+    if made_from is None:
+        warn(f"{analysis} does not record which SAE it analysed; cannot check that it is the analysis of {sae_path}")
+    elif made_from != sae_sha256:
+        raise UserError(
+            f"{analysis} is the analysis of another SAE (its weights' sha256 differs from {sae_path}'s); "
+            f"run `sae-lite analyze --sae {sae_path}` and pass that analysis"
+        )

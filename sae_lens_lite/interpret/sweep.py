@@ -36,10 +36,10 @@ from sae_lens_lite.config import opt
 from sae_lens_lite.data.models import LoadedModel, capture, generate_batch
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import save_figure_atomic, write_text_atomic
-from sae_lens_lite.interpret.features import FEATURES_FILE, Analysis, Feature, read_features
+from sae_lens_lite.interpret.features import FEATURES_FILE, Analysis, Feature, check_analysis_source, read_features
 from sae_lens_lite.interpret.intervene import direction, load, positions
-from sae_lens_lite.outputs import read_record
-from sae_lens_lite.training.sae import SAE
+from sae_lens_lite.outputs import fingerprint, read_record
+from sae_lens_lite.training.sae import SAE, WEIGHTS_FILE
 
 DEFAULT_PROMPTS = [  # general text and Python documentation (the demo's corpus), as steer_table.py's four
     "The",
@@ -124,6 +124,8 @@ def sweep(cfg: SweepConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
     check(cfg)
     analysis = read_features(cfg.analysis)
     feats = cfg.feature or [f["id"] for f in sorted(analysis["features"], key=lambda f: f["rank"])[: cfg.top]]
+    if (Path(cfg.sae) / WEIGHTS_FILE).is_file():  # else load() says what --sae lacks
+        check_analysis_source(cfg.analysis, fingerprint(cfg.sae), cfg.sae)  # the sweep writes into it
     lm, sae = load(cfg.sae, cfg.model, cfg.device, lm, feats, sae)
     if analysis["d_sae"] != sae.d_sae:
         raise UserError(f"{cfg.analysis} describes {analysis['d_sae']} features, the SAE has {sae.d_sae}")

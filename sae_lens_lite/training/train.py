@@ -677,6 +677,20 @@ class _Logger:
         self, cfg: TrainConfig, recipe: recipes.Recipe, out: Path | None, total: int, step: int, progress: bool
     ):
         self.cfg, self.recipe, self.out, self.last = cfg, recipe, out, {}
+        self.run = None  # wandb first: a refusal is then one line, not one inside the bar
+        if cfg.wandb and runtime.is_main():
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb") from None
+            try:
+                self.run = wandb.init(project=cfg.wandb, config=asdict(cfg), dir=str(out) if out else None)
+            except Exception as e:  # not logged in, offline, a bad project name: wandb's own message says which
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise UserError(
+                    f"--wandb {cfg.wandb}: Weights & Biases could not start ({first}); "
+                    "fix that (e.g. `wandb login`) or leave out --wandb"
+                ) from None
         self.bar = tqdm(
             total=total,
             initial=step,
@@ -686,13 +700,6 @@ class _Logger:
             disable=not progress,
         )
         self.t0, self.step0 = time.perf_counter(), step
-        self.run = None
-        if cfg.wandb and runtime.is_main():
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb needs the wandb package: pip install wandb") from None
-            self.run = wandb.init(project=cfg.wandb, config=asdict(cfg), dir=str(out) if out else None)
 
     def write(self, step: int, acc: Tensor, lr: float) -> None:
         a = LogSums.read(acc)  # the one host sync per log interval

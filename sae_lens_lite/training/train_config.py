@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from sae_lens_lite.config import check_numbers
 from sae_lens_lite.errors import UserError
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
 
 @dataclass
 class TrainConfig:
@@ -119,6 +121,8 @@ class TrainConfig:
             checkpoint_every="positive",
             log_every="positive",
         )
+        if self.precision not in PRECISIONS:  # here, not at the first step: a refused run leaves no --out behind
+            raise UserError(f"unknown --precision {self.precision!r}: use {', '.join(PRECISIONS)}")
         if self.skip and not self.transcoder:
             raise UserError("--skip adds a transcoder's skip path; pass --transcoder too")
         if self.resample_dead and self.transcoder:
