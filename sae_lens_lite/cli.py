@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+# Commands whose rerun picks up where an interrupted run stopped (shards, checkpoints, finished
+# stages, finished probing tasks); the others start over.
+RESUMES = ("harvest", "train", "run", "probe", "compare")
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parse(parser, argv)
@@ -168,7 +173,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"sae-lite {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sae-lite {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        again = "resume" if args.command in RESUMES else "start it over (nothing was marked finished)"
+        print(f"sae-lite {args.command}: interrupted; run the same command again to {again}", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk or unreadable file deep inside a library
         print(

@@ -347,3 +347,16 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert "Broken pipe" not in p.stderr and "BrokenPipeError" not in p.stderr and "error" not in p.stderr.lower(), (
         p.stderr
     )
+
+
+@pytest.mark.parametrize("command, says", [("train", "to resume"), ("evaluate", "to start it over")])
+def test_ctrl_c_says_whether_the_rerun_resumes(command, says, monkeypatch, capsys):
+    import sae_lens_lite.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "dispatch", interrupted)
+    assert main([command]) == 130
+    err = capsys.readouterr().err
+    assert f"sae-lite {command}: interrupted; run the same command again {says}" in err
