@@ -122,6 +122,16 @@ def test_mixed_model_or_hook_is_refused_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists()  # refused before anything was written
 
 
+def test_an_unused_or_wrong_acts_is_refused_before_anything_is_written(tmp_path, capsys):
+    a, b = _random_sae(tmp_path / "a", 0), _random_sae(tmp_path / "b", 1)
+    base = ["compare", str(a), str(b), "--dataset", "pydoc", "--out", str(tmp_path / "cmp"), "--acts", str(a)]
+    assert main([*base, "--no-baselines"]) == 2
+    assert "--acts only fits the baselines" in capsys.readouterr().err
+    assert main(base) == 2  # no model named here loads: the cache is checked first
+    assert "not an activation cache" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_a_width_sweep_at_one_hook_is_compared_each_sae_on_its_own_latents(tiny_lm, corpus_file, tmp_path):
     """docs/metrics.md: model and hook must match, d_sae may differ; each row is that SAE's evaluate numbers."""
     small, wide = _random_sae(tmp_path / "small", 4, d_sae=64), _random_sae(tmp_path / "wide", 5, d_sae=256)

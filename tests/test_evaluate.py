@@ -360,6 +360,22 @@ def test_sparsity_on_a_held_out_cache_counts_rare_latents_as_alive(tiny_lm, corp
         )
 
 
+def test_a_wrong_or_unused_acts_is_refused_before_the_model_runs(tiny_lm, corpus_file, tmp_path, monkeypatch):
+    import sae_lens_lite.evaluation.evaluate as ev
+
+    path = _sae(tmp_path, "identity")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model ran before --acts was checked")
+
+    monkeypatch.setattr(ev, "_prepare", no_model)
+    with pytest.raises(UserError, match="--acts only fits the baselines, which --no-baselines turns off"):
+        evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), baselines=False, acts=str(path)), lm=tiny_lm)
+    with pytest.raises(UserError, match="not an activation cache"):
+        evaluate(EvalConfig(sae=str(path), dataset=str(corpus_file), acts=str(path)), lm=tiny_lm)
+    assert not (path / "eval").exists()
+
+
 # ---- which positions are spliced and scored -------------------------------------------------
 
 

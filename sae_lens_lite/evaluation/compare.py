@@ -33,6 +33,7 @@ from sae_lens_lite.evaluation.baselines import fit_baselines, vae_activity
 from sae_lens_lite.evaluation.evaluate import (
     REPORT_FILE,
     EvalConfig,
+    check_fit_cache,
     fit_activations,
     footing,
     footing_differences,
@@ -134,6 +135,7 @@ def compare(cfg: CompareConfig, lm: LoadedModel | None = None) -> dict:
             "evaluate all on one"
         )
     T = cfg.context_length or (lengths.pop() if lengths else 128)
+    check_fit_cache(cfg, hook, d_in)
     out = claim_out_dir(cfg.out, cfg.overwrite, "compare.json", OUR_FILES, "a comparison")
     lm = _model_for(lm, model_name, hook, d_in, T, device)
     skip = cfg.skip_tokens if cfg.skip_tokens is not None else _held_out_skip(cfg, saes)

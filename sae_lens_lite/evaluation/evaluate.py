@@ -230,6 +230,7 @@ def evaluate(cfg: EvalConfig, lm: LoadedModel | None = None) -> dict:
     T = cfg.context_length or sae.cfg.context_length or 128
     # a wrong cache fails before the model runs
     held_cache = _open_cache(cfg.sparsity_acts, hook, sae.d_in, "--sparsity-acts") if cfg.sparsity_acts else None
+    check_fit_cache(cfg, sae.cfg.target_hook or hook, sae.d_out)
     # the defaults are left out, so that reports written before --text-column and --split existed still match
     defaults = tuple(k for k in ("text_column", "split") if getattr(cfg, k) == getattr(HarvestConfig, k))
     stage = OUTPUT.start(cfg, cfg.out or Path(cfg.sae) / "eval", skip=defaults)
@@ -576,6 +577,15 @@ def _open_cache(path: str, hook: str, d_in: int, flag: str):
             f"{flag} {path} holds no activations (its harvest filters dropped every row); harvest more text"
         )
     return cache
+
+
+def check_fit_cache(cfg, hook: str, d: int) -> None:
+    """cfg.acts (evaluate's and compare's), checked before the model runs: used only with the
+    baselines on, and a cache of the activation they reconstruct (hook, width d)."""
+    if cfg.acts:
+        if not cfg.baselines:
+            raise UserError("--acts only fits the baselines, which --no-baselines turns off: drop one of the two")
+        _open_cache(cfg.acts, hook, d, "--acts")
 
 
 def fit_activations(path: str, hook: str, d_in: int, device) -> Tensor:
