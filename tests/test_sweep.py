@@ -121,6 +121,20 @@ def test_sweep_refuses_the_analysis_of_another_sae_of_the_same_width(tmp_path, a
     assert (tmp_path / "out" / "features.json").read_bytes() == before
 
 
+def test_an_analysis_of_another_width_says_what_to_pass(tmp_path, analysed):
+    """An analysis without a record of its SAE (copied, say) and an SAE of another width: one line
+    that names both widths and the analysis to pass."""
+    from dataclasses import replace
+
+    lm, sae = analysed
+    (tmp_path / "out" / "provenance.json").unlink()
+    wide = SAE(replace(sae.cfg, d_sae=2 * sae.d_sae))
+    wide.save(tmp_path / "wide")
+    cfg = SweepConfig(sae=str(tmp_path / "wide"), analysis=str(tmp_path / "out"), top=1, prompts=["The"], new_tokens=2)
+    with pytest.raises(UserError, match=rf"with {sae.d_sae} features, .*wide has {2 * sae.d_sae}; pass --analysis of"):
+        sweep(cfg, lm=lm)
+
+
 def test_the_card_shows_the_sweep_in_chromium(tmp_path, browser):  # noqa: F811
     """A swept feature's card shows its best strength and its curve as a table, the best row marked."""
     from selenium.webdriver.common.by import By

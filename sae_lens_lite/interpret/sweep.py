@@ -128,7 +128,10 @@ def sweep(cfg: SweepConfig, lm: LoadedModel | None = None, sae: SAE | None = Non
         check_analysis_source(cfg.analysis, fingerprint(cfg.sae), cfg.sae)  # the sweep writes into it
     lm, sae = load(cfg.sae, cfg.model, cfg.device, lm, feats, sae)
     if analysis["d_sae"] != sae.d_sae:
-        raise UserError(f"{cfg.analysis} describes {analysis['d_sae']} features, the SAE has {sae.d_sae}")
+        raise UserError(
+            f"{cfg.analysis} describes an SAE with {analysis['d_sae']} features, {cfg.sae} has {sae.d_sae}; pass "
+            f"--analysis of this SAE (`sae-lite analyze --sae {cfg.sae}` writes one)"
+        )
     info = [analysis["features"][j] for j in feats]
     if any(not f["max_act"] > 0 for f in info):
         raise UserError("some features never fired in the analysis (max activation 0): nothing to scale; drop them")
