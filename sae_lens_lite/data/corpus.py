@@ -46,9 +46,13 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         if path.suffix in builders:
             if not path.is_file():
                 raise UserError(f"corpus file {dataset} not found")
-            # quiet: its logged error would repeat, on a line of its own, the one we raise below
+            # quiet while it reads: its logged error would repeat, on a line of its own, the one we raise below
+            verbosity = datasets.logging.get_verbosity()
             datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-            ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+            try:
+                ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+            finally:
+                datasets.logging.set_verbosity(verbosity)
         elif path.is_file():
             raise UserError(
                 f"corpus file {dataset} is a {path.suffix or 'extensionless'} file, which sae-lite does not read: "
