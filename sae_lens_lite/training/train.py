@@ -45,7 +45,7 @@ from sae_lens_lite.runtime import resolve_device
 from sae_lens_lite.training import distributed, recipes
 from sae_lens_lite.training.loss import step_terms, total_loss
 from sae_lens_lite.training.sae import CONFIG_FILE, SAE, WEIGHTS_FILE, SAEConfig
-from sae_lens_lite.training.train_config import TrainConfig
+from sae_lens_lite.training.train_config import PRECISIONS, TrainConfig
 
 LAMBDA_WARMUP = 0.05  # fraction of steps over which λ (or β) rises linearly from 0 (Anthropic, April 2024)
 LR_WARMUP = 0.01  # fraction of steps over which the learning rate rises linearly from 0
@@ -141,7 +141,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bfloat16":
         return torch.bfloat16
     if precision != "auto":
-        raise UserError(f"unknown --precision {precision!r}: use auto, float32 or bfloat16")
+        raise UserError(f"unknown --precision {precision!r}: use {', '.join(PRECISIONS)}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
