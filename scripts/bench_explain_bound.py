@@ -27,9 +27,7 @@ share of firings under 10 % and 25 % of the max. docs/analysis.md quotes its out
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +37,7 @@ from sae_lens_lite.data.models import load_model, local_tokenizer
 from sae_lens_lite.interpret.analyze import canonical_ids, context_windows, ordered_batches, row_context
 from sae_lens_lite.interpret.contexts import RowContext
 from sae_lens_lite.interpret.explain import CONTEXT_KINDS, heldout_rows, token_matches
+from sae_lens_lite.interpret.features import read_features
 from sae_lens_lite.training.sae import SAE
 
 
@@ -58,11 +57,12 @@ def firings(sae: SAE, cache: ActivationCache) -> tuple[np.ndarray, np.ndarray, n
     return ptr, torch.cat(rows)[order].numpy(), torch.cat(vals)[order].numpy()
 
 
-def table_keys(cache: ActivationCache, held: np.ndarray) -> tuple[dict[str, np.ndarray], RowContext]:
-    """Per cache row, its cell of each lookup table as one int64 key; and the rows' context, to
-    match the explainer's own patterns."""
+def table_keys(cache: ActivationCache, share: float) -> tuple[dict[str, np.ndarray], RowContext, np.ndarray]:
+    """Per cache row, its cell of each lookup table as one int64 key; the rows' context, to match
+    the explainer's own patterns; and which rows are held out (a `share` of the contexts, as analyze)."""
     meta = cache.load(("tokens", "doc", "pos"))
     ids, doc, pos = meta["tokens"].long(), meta["doc"].long(), meta["pos"].long()
+    held = heldout_rows(doc, share).numpy()
     tok = local_tokenizer(cache.manifest["model"])
     V = len(tok)
     canon = canonical_ids(tok, V)
@@ -78,7 +78,7 @@ def table_keys(cache: ActivationCache, held: np.ndarray) -> tuple[dict[str, np.n
         "triple": (back2 * B + prev) * B + ctx.cur,
         "token+place": ctx.cur * (1 << 24) + ctx.bits,
     }
-    return tables, ctx
+    return tables, ctx, held
 
 
 def fit(keys: np.ndarray, fe: np.ndarray, occ: dict) -> np.ndarray:
@@ -147,12 +147,11 @@ def main() -> None:
     a = p.parse_args()
 
     sae, cache = SAE.load(a.sae).folded(), ActivationCache.open(a.acts)
-    held = heldout_rows(cache.load(("doc",))["doc"], a.heldout).numpy()
     ptr, rows, vals = firings(sae, cache)
-    tables, ctx = table_keys(cache, held)
+    tables, ctx, held = table_keys(cache, a.heldout)
     patterns, every = {}, None
     if a.analysis:
-        feats_json = json.loads((Path(a.analysis) / "features.json").read_text(encoding="utf-8"))["features"]
+        feats_json = read_features(a.analysis, sae.d_sae)["features"]
         patterns = {f["id"]: f["pattern"] for f in feats_json if f.get("pattern")}
         stored = {f["id"]: f["detection"]["f1"] or 0.0 for f in feats_json}
         every = statistics.median(f["detection"]["f1"] or 0.0 for f in feats_json if f["frequency"] > 0)
