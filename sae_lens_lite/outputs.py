@@ -84,12 +84,17 @@ def read_record(out: str | os.PathLike) -> dict | None:
         return None  # a damaged record proves nothing: the stage runs (or refuses) as if absent
 
 
-def differences(recorded: dict, now: dict) -> list[str]:
-    """'key (was A, now B)' for every setting that differs."""
+def differences(recorded: dict, now: dict, names: dict[str, str] | None = None) -> list[str]:
+    """'key (was A, now B)' for every setting that differs; a setting that is a dict on both sides
+    by each entry inside it ('filters.drop_first (was 0, now 2)'). `names` gives a key the name the
+    user knows it by (its flag), where that is not the key."""
     out = []
     for k in sorted(set(recorded) | set(now)):
-        if recorded.get(k) != now.get(k):
-            out.append(f"{k} (was {recorded.get(k)!r}, now {now.get(k)!r})")
+        a, b = recorded.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{d}" for d in differences(a, b)]
+        elif a != b:
+            out.append(f"{(names or {}).get(k, k)} (was {a!r}, now {b!r})")
     return out
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from sae_lens_lite.errors import UserError
 from sae_lens_lite.fsutil import mode_from_umask, sha256_file, write_json_atomic
+from sae_lens_lite.outputs import differences
 from sae_lens_lite.runtime import DTYPES, barrier, broadcast_object, is_main, world_size
 
 FORMAT = "sae_lens_lite.activations"
@@ -88,19 +89,6 @@ def check_cache_dir(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path} is not empty and is not an activation cache: choose another --out or pass --overwrite")
 
 
-def _differences(old: dict, now: dict) -> list[str]:
-    """Each provenance entry that differs, with both values, by the name of its flag (a dict
-    such as the filters by each entry inside it)."""
-    out = []
-    for k in [*old, *(k for k in now if k not in old)]:
-        a, b = old.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k}.{d}" for d in _differences(a, b)]
-        elif a != b:
-            out.append(f"{FLAG_OF.get(k, k)} (was {a!r}, now {b!r})")
-    return out
-
-
 class CacheWriter(_ManifestState):
     """Appends shards to a cache directory and keeps the manifest in step.
 
@@ -124,7 +112,7 @@ class CacheWriter(_ManifestState):
         now = json.loads(json.dumps(self.provenance))
         if old is not None and _provenance(old) != now:
             if not overwrite:
-                diff = _differences({k: old.get(k) for k in PROVENANCE_KEYS}, now)
+                diff = differences({k: old.get(k) for k in PROVENANCE_KEYS}, now, FLAG_OF)
                 finish = "" if old.get("complete") else "; to finish it instead, run the harvest it was started with"
                 raise UserError(
                     f"{self.path} holds a cache made differently (differs in: {'; '.join(diff)}); "
